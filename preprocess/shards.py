@@ -1,0 +1,238 @@
+"""The packed-shard byte layout. This module is the only code that knows it (docs/FORMAT.md specifies it).
+
+A packed dataset folder holds ``meta.json`` and, per shard ``shard_NNNNN``:
+
+- ``.bin``  tokens, little-endian uint16 (uint32 when the vocabulary exceeds 65,535; meta says which)
+- ``.mask`` one uint8 loss weight per token (0 none, 1 normal, >1 up-weighted)
+- ``.idx``  little-endian int64: ``doc_offsets[n_docs + 1]`` (token offset of each document's start,
+  then the token count) followed by ``row_docs[n_rows + 1]`` (index of each packed row's first
+  document, then n_docs). Pretrain shards have no packed rows (n_rows = 0, ``row_docs == [0]``):
+  their training rows are fixed windows over the token stream.
+- ``.json`` the shard's counts, sizes and checksums; written last, so its presence means "finished".
+
+Every binary file starts with a 256-byte header of 32 little-endian int64:
+``[MAGIC, VERSION, kind, itemsize, count, n_docs, n_rows, 0...]`` where ``count`` is the number of
+payload items; so ``file size == 256 + count * itemsize`` is checked before a shard is trusted.
+All writes go to a temporary name and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = int.from_bytes(b"tinylm\x00\x01", "little")
+VERSION = 1
+HEADER_INTS = 32
+HEADER_BYTES = HEADER_INTS * 8
+KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX = 1, 2, 3
+EXTENSIONS = {KIND_TOKENS: ".bin", KIND_WEIGHTS: ".mask", KIND_INDEX: ".idx"}
+UINT16_LIMIT = 65_536
+
+
+class ShardError(Exception):
+    """A shard or meta.json that is missing, truncated, corrupted or mismatched; names the file."""
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= UINT16_LIMIT else "uint32"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+def atomic_write_bytes(path: Path, chunks: list[bytes | memoryview]) -> str:
+    """Write chunks to ``path`` via a temp file + fsync + rename; return the sha256 hex digest."""
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, [(json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()])
+
+
+def _header(kind: int, itemsize: int, count: int, n_docs: int, n_rows: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i8")
+    header[:7] = [MAGIC, VERSION, kind, itemsize, count, n_docs, n_rows]
+    return header.tobytes()
+
+
+def _write_array(path: Path, kind: int, array: np.ndarray, n_docs: int, n_rows: int) -> str:
+    array = np.ascontiguousarray(array)
+    header = _header(kind, array.dtype.itemsize, array.size, n_docs, n_rows)
+    return atomic_write_bytes(path, [header, memoryview(array).cast("B")])
+
+
+@dataclass(frozen=True)
+class ShardArrays:
+    """One shard in memory: the arrays a writer produces and a reader maps."""
+
+    tokens: np.ndarray  # [n_tokens] uint16 / uint32
+    weights: np.ndarray  # [n_tokens] uint8
+    doc_offsets: np.ndarray  # [n_docs + 1] int64, starts at 0, ends at n_tokens
+    row_docs: np.ndarray  # [n_rows + 1] int64, starts at 0, ends at n_docs ([0] when unpacked)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_docs) - 1
+
+
+def write_shard(folder: Path, index: int, shard: ShardArrays, token_dtype: str, stats: dict) -> dict:
+    """Write the three binary files, then ``.json`` (stats + sizes + checksums); return that record."""
+    if token_dtype == "uint16" and shard.tokens.size and int(shard.tokens.max()) >= UINT16_LIMIT:
+        raise ShardError(f"{shard_name(index)}: token id {int(shard.tokens.max())} does not fit uint16")
+    name = shard_name(index)
+    n_docs, n_rows = shard.n_docs, shard.n_rows
+    arrays = {
+        KIND_TOKENS: shard.tokens.astype("<" + np.dtype(token_dtype).str[1:], copy=False),
+        KIND_WEIGHTS: shard.weights.astype(np.uint8, copy=False),
+        KIND_INDEX: np.concatenate([shard.doc_offsets, shard.row_docs]).astype("<i8"),
+    }
+    files = {}
+    for kind, array in arrays.items():
+        path = folder / (name + EXTENSIONS[kind])
+        digest = _write_array(path, kind, array, n_docs, n_rows)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
+    record = {"name": name, "tokens": int(shard.tokens.size), "documents": n_docs, "rows": n_rows,
+              "files": files, **stats}
+    atomic_write_json(folder / f"{name}.json", record)
+    return record
+
+
+def _map(path: Path, kind: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one file after checking its header and size; returns (header, payload)."""
+    if not path.is_file():
+        raise ShardError(f"{path}: missing")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated ({size} bytes, smaller than the header)")
+    header = np.fromfile(path, dtype="<i8", count=HEADER_INTS)
+    if header[0] != MAGIC or header[1] != VERSION or header[2] != kind:
+        raise ShardError(f"{path}: not a tinylm v{VERSION} shard file of this kind (bad header)")
+    itemsize = np.dtype(dtype).itemsize
+    if header[3] != itemsize:
+        raise ShardError(f"{path}: item size {header[3]} in the header, expected {itemsize} ({dtype})")
+    expected = HEADER_BYTES + int(header[4]) * itemsize
+    if size != expected:
+        raise ShardError(f"{path}: {size} bytes, the header promises {expected}")
+    payload = np.memmap(path, dtype="<" + np.dtype(dtype).str[1:], mode="r", offset=HEADER_BYTES,
+                        shape=(int(header[4]),)) if header[4] else np.zeros(0, dtype=dtype)
+    return header, payload
+
+
+def open_shard(folder: Path, name: str, token_dtype: str) -> ShardArrays:
+    """Memory-map a shard's arrays (nothing is read until used), checking headers and sizes."""
+    head, tokens = _map(folder / f"{name}.bin", KIND_TOKENS, token_dtype)
+    _, weights = _map(folder / f"{name}.mask", KIND_WEIGHTS, "uint8")
+    idx_head, index = _map(folder / f"{name}.idx", KIND_INDEX, "int64")
+    n_docs, n_rows = int(idx_head[5]), int(idx_head[6])
+    if len(weights) != len(tokens) or len(index) != n_docs + n_rows + 2:
+        raise ShardError(f"{folder / name}: .bin/.mask/.idx disagree on their sizes")
+    doc_offsets, row_docs = index[: n_docs + 1], index[n_docs + 1:]
+    if doc_offsets[0] != 0 or doc_offsets[-1] != len(tokens) or row_docs[0] != 0 or row_docs[-1] != (
+            n_docs if n_rows else 0):
+        raise ShardError(f"{folder / name}.idx: offsets do not match the token count")
+    return ShardArrays(tokens, weights, doc_offsets, row_docs)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise ShardError(f"{path}: missing — is {folder} a packed dataset (python preprocess/pack.py)?")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format_version") != VERSION:
+        raise ShardError(f"{path}: format_version {meta.get('format_version')!r}, this tinylm reads {VERSION}")
+    return meta
+
+
+def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
+    """Every problem found (empty list = sound): sizes, headers, checksums and the tokenizer fingerprint."""
+    try:
+        meta = read_meta(folder)
+    except ShardError as e:
+        return [str(e)]
+    problems = []
+    if tokenizer_fingerprint and meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
+        problems.append(f"{folder / 'meta.json'}: tokenizer fingerprint {meta['tokenizer']['fingerprint'][:12]}… "
+                        f"differs from the given tokenizer's {tokenizer_fingerprint[:12]}…")
+    for shard in meta["shards"]:
+        try:
+            open_shard(folder, shard["name"], meta["token_dtype"])
+        except ShardError as e:
+            problems.append(str(e))
+            continue
+        for filename, expected in shard["files"].items():
+            if file_sha256(folder / filename) != expected["sha256"]:
+                problems.append(f"{folder / filename}: checksum mismatch (the file was changed or corrupted)")
+    return problems
+
+
+class PackedFolder:
+    """All training rows of a packed folder by global row index; every shard memory-mapped.
+
+    Packed stages: row r is the run of whole documents ``row_docs[r]..row_docs[r+1]`` of its shard.
+    Pretrain: row r is the window of ``seq_len + 1`` tokens starting at ``r * seq_len`` of its shard.
+    """
+
+    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None):
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder)
+        if tokenizer_fingerprint and self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
+            raise ShardError(f"{self.folder / 'meta.json'}: packed with another tokenizer "
+                             f"({self.meta['tokenizer']['path']}) than the one given")
+        self.stage: str = self.meta["stage"]
+        self.seq_len: int = self.meta["seq_len"]
+        self.packed = self.stage != "pretrain"
+        self.shards = [open_shard(self.folder, s["name"], self.meta["token_dtype"]) for s in self.meta["shards"]]
+        counts = [s.n_rows if self.packed else max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards]
+        self.row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n_rows = int(self.row_start[-1])
+
+    def _locate(self, row: int) -> tuple[ShardArrays, int]:
+        if not 0 <= row < self.n_rows:
+            raise IndexError(f"row {row} outside 0..{self.n_rows - 1}")
+        s = int(np.searchsorted(self.row_start, row, side="right")) - 1
+        return self.shards[s], row - int(self.row_start[s])
+
+    def row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, mask bytes, lengths of the documents or document pieces in it) of one row."""
+        shard, local = self._locate(row)
+        if not self.packed:
+            lo = local * self.seq_len
+            hi = lo + self.seq_len + 1
+            cuts = np.asarray(shard.doc_offsets[np.searchsorted(shard.doc_offsets, lo, side="right"):
+                                                np.searchsorted(shard.doc_offsets, hi, side="left")])
+            return shard.tokens[lo:hi], shard.weights[lo:hi], np.diff(np.concatenate([[lo], cuts, [hi]]))
+        d0, d1 = int(shard.row_docs[local]), int(shard.row_docs[local + 1])
+        offsets = np.asarray(shard.doc_offsets[d0:d1 + 1])
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        return shard.tokens[lo:hi], shard.weights[lo:hi], np.diff(offsets)
+
+    def document_lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(np.asarray(s.doc_offsets)) for s in self.shards]) if self.shards else np.zeros(0)

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Train tinylm's byte-level BPE tokenizer from pretrain / chat / DPO records.
+
+    python preprocess/train_tokenizer.py --input 'data/sample/*/*.jsonl' --out data/tokenizer
+
+Any record the packer reads is training text: ``{"text"}`` gives its text, ``{"conversations"}`` each
+turn's content, ``{"chosen", "rejected"}`` the chosen turns plus the rejected final answer (the shared
+prompt is counted once). The special tokens of ``preprocess/chat_template.py`` get ids 0..6 in order and
+are cut out of the training text, so no merge is spent on pieces of them. ``<|endoftext|>``,
+``<|im_start|>`` and ``<|im_end|>`` are *special* (dropped by ``decode(skip_special_tokens=True)``);
+the reasoning tags are plain added tokens, still single ids, that such a decode keeps visible.
+
+The output folder holds ``tokenizer.json`` (the ``tokenizers`` file: no normalizer, ByteLevel
+pre-tokenizer and decoder, no post-processor, so encoding adds nothing and decoding gives the exact
+bytes back), ``tokenizer_config.json`` and ``chat_template.jinja`` for ``transformers.AutoTokenizer``
+(transformers 5 reads the ``.jinja`` file first, older versions the config key; both hold CHAT_TEMPLATE).
+
+Records whose (file name, line) hash falls in one of ``--heldout-every`` buckets are kept out of
+training and used for the chars-per-token summary. A bad record stops the run with one line naming
+``file:line`` (exit 1) unless ``--skip-bad`` is given; bad arguments exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from preprocess.chat_template import (  # noqa: E402
+    CHAT_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    REASONING_TAGS,
+    SPECIAL_TOKENS,
+)
+from preprocess.records import RecordError, decode_payload, parse_pair, parse_text, parse_turns  # noqa: E402
+from preprocess.sources import (  # noqa: E402
+    InputError,
+    Item,
+    SourceSpec,
+    count_items,
+    iter_items,
+    parse_input_args,
+)
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
+HELDOUT_MAX_CHARS = 2_000_000  # held-out text kept in memory for the summary, at most
+SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; the message is the one line the user sees."""
+
+
+def record_texts(obj: dict) -> list[str]:
+    """The training strings of one decoded record (raises RecordError for an unknown or invalid one)."""
+    if "text" in obj:
+        return [parse_text(obj)]
+    if "conversations" in obj:
+        return [turn["content"] for turn in parse_turns(obj)]
+    if "chosen" in obj or "rejected" in obj:
+        pair = parse_pair(obj)
+        return [turn["content"] for turn in pair.chosen] + [pair.rejected[-1]["content"]]
+    raise RecordError("unknown_record", "expected a 'text', 'conversations' or 'chosen'/'rejected' record")
+
+
+def split_special(texts: list[str]) -> list[str]:
+    """The non-empty pieces of ``texts`` between special-token strings."""
+    return [piece for text in texts for piece in SPECIAL_RE.split(text) if piece]
+
+
+def is_heldout(item: Item, every: int) -> bool:
+    """A fixed 1-in-``every`` choice by (file name, line), the same on every run and repetition."""
+    return every > 0 and zlib.crc32(f"{Path(item.source).name}:{item.line}".encode()) % every == 0
+
+
+class Corpus:
+    """Streams training text from the inputs, collecting counts and a held-out slice on the way."""
+
+    def __init__(self, specs: list[SourceSpec], max_chars: int | None, heldout_every: int, skip_bad: bool):
+        self.specs = specs
+        self.max_chars = max_chars
+        self.heldout_every = heldout_every
+        self.skip_bad = skip_bad
+        self.records = 0
+        self.chars = 0
+        self.skipped: Counter[str] = Counter()
+        self.heldout: dict[str, list[str]] = {}
+        self.heldout_chars = 0
+
+    def _texts(self, item: Item) -> list[str] | None:
+        """The record's texts, or None when it is bad and --skip-bad is on."""
+        try:
+            return record_texts(decode_payload(item))
+        except RecordError as e:
+            if not self.skip_bad:
+                raise BadRecord(e.describe(item)) from None
+            self.skipped[e.reason] += 1
+            return None
+
+    def _hold_out(self, item: Item, texts: list[str]) -> bool:
+        """Keep the record for evaluation instead of training, if it is picked and there is room."""
+        if not is_heldout(item, self.heldout_every) or self.heldout_chars >= HELDOUT_MAX_CHARS:
+            return False
+        self.heldout.setdefault(Path(item.source).name, []).extend(texts)
+        self.heldout_chars += sum(len(t) for t in texts)
+        return True
+
+    def _cap(self, pieces: list[str]) -> list[str]:
+        """Cut ``pieces`` so that the total stays within --max-chars."""
+        if self.max_chars is None:
+            return pieces
+        out: list[str] = []
+        for piece in pieces:
+            room = self.max_chars - self.chars - sum(len(p) for p in out)
+            if room <= 0:
+                break
+            out.append(piece[:room])
+        return out
+
+    def __iter__(self) -> Iterator[list[str]]:
+        total = count_items(self.specs)
+        with tqdm(total=total, unit="rec", desc="tokenizer text", disable=None, file=sys.stderr) as bar:
+            for item in iter_items(self.specs):
+                bar.update(1)
+                texts = self._texts(item)
+                if texts is None or self._hold_out(item, texts):
+                    continue
+                pieces = self._cap(split_special(texts))
+                self.records += 1
+                self.chars += sum(len(p) for p in pieces)
+                if pieces:
+                    yield pieces
+                if self.max_chars is not None and self.chars >= self.max_chars:
+                    return
+
+
+def new_tokenizer() -> Tokenizer:
+    """An empty byte-level BPE: GPT-2 split regex, no prefix space, no normalizer, no post-processor."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train(corpus: Corpus, vocab_size: int) -> Tokenizer:
+    """Train on the corpus stream; special tokens take ids 0..len(SPECIAL_TOKENS)-1 in order."""
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return unmark_reasoning_tags(tok)
+
+
+def unmark_reasoning_tags(tok: Tokenizer) -> Tokenizer:
+    """Make the reasoning tags plain added tokens (single ids, kept by a skip-special decode)."""
+    data = json.loads(tok.to_str())
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] not in REASONING_TAGS
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+
+def check_special_ids(tok: Tokenizer) -> None:
+    """Fail loudly if a special token is not the single id the rest of tinylm expects."""
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        ids = tok.encode(token, add_special_tokens=False).ids
+        if ids != [expected]:
+            raise RuntimeError(f"special token {token!r} encodes to {ids}, expected [{expected}]")
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json for transformers (PreTrainedTokenizerFast over tokenizer.json)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": IM_START,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _temp_in(out_dir: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shareable files
+    return Path(tmp)
+
+
+def save(tok: Tokenizer, out_dir: Path, model_max_length: int) -> list[Path]:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2) + "\n"
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            tmp = _temp_in(out_dir, name)
+            staged.append((tmp, out_dir / name))
+            if name == "tokenizer.json":
+                tok.save(str(tmp), pretty=True)
+            else:
+                tmp.write_text(config if name == "tokenizer_config.json" else CHAT_TEMPLATE, encoding="utf-8")
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [final for _, final in staged]
+
+
+def chars_per_token(tok: Tokenizer, texts: list[str]) -> float:
+    """Characters per token over ``texts`` (0 when there is no text)."""
+    if not texts:
+        return 0.0
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    tokens = sum(len(e.ids) for e in encodings)
+    return sum(len(t) for t in texts) / max(tokens, 1)
+
+
+def summary(tok: Tokenizer, corpus: Corpus, files: list[Path]) -> str:
+    """The closing report: vocabulary, what was read, compression on the held-out slice."""
+    lines = [
+        f"vocab size {tok.get_vocab_size()} (special ids: "
+        + ", ".join(f"{t}={tok.token_to_id(t)}" for t in SPECIAL_TOKENS)
+        + ")",
+        f"trained on {corpus.records} records, {corpus.chars:,} characters",
+    ]
+    if corpus.skipped:
+        lines.append("skipped bad records: " + ", ".join(f"{k}={v}" for k, v in sorted(corpus.skipped.items())))
+    if corpus.heldout:
+        every = [t for texts in corpus.heldout.values() for t in texts]
+        lines.append(
+            f"held-out slice ({sum(len(t) for t in every):,} chars): {chars_per_token(tok, every):.2f} chars/token"
+        )
+        for name, texts in sorted(corpus.heldout.items()):
+            lines.append(f"  {name}: {chars_per_token(tok, texts):.2f} chars/token")
+    lines.extend(f"wrote {path}" for path in files)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (special tokens at ids 0..6).")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH_OR_GLOB[:WEIGHT]",
+        help="JSONL, .jsonl.zst or Parquet files / globs, optionally with a mixing weight",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--max-chars", type=int, default=None, help="stop after this many training characters")
+    p.add_argument(
+        "--heldout-every",
+        type=int,
+        default=100,
+        help="hold out 1 record in N for the chars/token summary (0: none)",
+    )
+    p.add_argument("--model-max-length", type=int, default=32768, help="model_max_length in tokenizer_config")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    args = p.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB:
+        p.error(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    if args.max_chars is not None and args.max_chars <= 0:
+        p.error("--max-chars must be positive")
+    if args.heldout_every < 0:
+        p.error("--heldout-every must be 0 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        specs = parse_input_args(args.input)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    corpus = Corpus(specs, args.max_chars, args.heldout_every, args.skip_bad)
+    try:
+        tok = train(corpus, args.vocab_size)
+    except BadRecord as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if corpus.chars == 0:
+        print("error: no training text in the inputs", file=sys.stderr)
+        return 1
+    check_special_ids(tok)
+    files = save(tok, args.out, args.model_max_length)
+    print(summary(tok, corpus, files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: the shipped sample and tokenizer, and a helper that runs pack.py as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+TOKENIZER = REPO / "data" / "tokenizer"
+
+
+def run_pack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python preprocess/pack.py ARGS --quiet`` in a subprocess; returns the completed process."""
+    proc = subprocess.run([sys.executable, str(REPO / "preprocess" / "pack.py"), *args, "--quiet"],
+                          capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pack.py failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def packed_sample(tmp_path_factory) -> dict[str, Path]:
+    """Every stage of the shipped sample packed once (seq-len 256, 30k-token shards so there are several)."""
+    root = tmp_path_factory.mktemp("packed")
+    inputs = {"pretrain": "pretrain", "sft": "sft", "reason": "reasoning", "dpo": "dpo"}
+    out = {}
+    for stage, folder in inputs.items():
+        out[stage] = root / stage
+        run_pack("--stage", stage, "--input", str(SAMPLE / folder / "*.jsonl"), "--out", str(out[stage]),
+                 "--seq-len", "256", "--shard-tokens", "30000", "--workers", "2")
+    return out

@@ -1,0 +1,338 @@
+"""The tokenizer trainer (CLI), the shipped data/tokenizer and its agreement with chat_template.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from preprocess.chat_template import (
+    CHAT_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    SPECIAL_TOKENS,
+    render_segments,
+    render_text,
+)
+from preprocess.train_tokenizer import record_texts, split_special
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "preprocess" / "train_tokenizer.py"
+SAMPLE = REPO / "data" / "sample"
+SHIPPED = REPO / "data" / "tokenizer"
+# The licensed development data (not part of a clone); TINYLM_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("TINYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+REFERENCE = SHARED_DATA / "reference_tokenizer"
+
+
+def run_trainer(*args: str | Path) -> subprocess.CompletedProcess:
+    """Run the trainer as a user would, from the repository root."""
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    """Copy the first ``n`` lines of ``src`` to ``dst``."""
+    with src.open("rb") as f:
+        dst.write_bytes(b"".join(islice(f, n)))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few records of every stage of data/sample (pretrain, sft, dpo, reasoning, lora)."""
+    folder = tmp_path_factory.mktemp("slice")
+    picks = {
+        "pretrain/wiki_zh_cmrc2018.jsonl": 40,
+        "pretrain/chinese_poetry_quantangshi.jsonl": 100,
+        "pretrain/wiki_en_demo.jsonl": 1,
+        "sft/alpaca_zh_demo.jsonl": 40,
+        "dpo/hh_rlhf_helpful_base_en.jsonl": 10,
+        "reasoning/gsm8k_en_think.jsonl": 30,
+        "lora/identity_llamafactory.jsonl": 20,
+    }
+    for rel, n in picks.items():
+        head_lines(SAMPLE / rel, folder / rel.replace("/", "__"), n)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fresh_dir(small_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer trained by the CLI on the small slice with a 512-token vocabulary."""
+    out = tmp_path_factory.mktemp("fresh") / "tok"
+    result = run_trainer("--input", f"{small_slice}/*.jsonl", "--out", out, "--vocab-size", "512")
+    assert result.returncode == 0, result.stderr
+    assert "vocab size 512" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module", params=["shipped", "fresh"])
+def tok_dir(request: pytest.FixtureRequest) -> Path:
+    return SHIPPED if request.param == "shipped" else request.getfixturevalue("fresh_dir")
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+# ---------------------------------------------------------------- trainer output
+
+
+def test_cli_writes_the_three_files(fresh_dir: Path) -> None:
+    names = sorted(p.name for p in fresh_dir.iterdir())
+    assert names == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert Tokenizer.from_file(str(fresh_dir / "tokenizer.json")).get_vocab_size() == 512
+
+
+def test_special_tokens_are_single_ids_in_order(tok_dir: Path) -> None:
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(token) == expected
+        assert tok.encode(token).ids == [expected]
+    ids = tok.encode("x" + "".join(SPECIAL_TOKENS) + "y").ids
+    assert ids[1:-1] == list(range(len(SPECIAL_TOKENS)))
+
+
+def test_encoding_adds_no_tokens(tok_dir: Path) -> None:
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    assert tok.encode("").ids == []
+    assert tok.encode("a").ids == [tok.token_to_id("a")]
+    assert json.loads((tok_dir / "tokenizer.json").read_text())["post_processor"] is None
+
+
+ROUND_TRIP = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "漢字（繁體）與简体字混排：臺灣、台湾。",
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 — isn't it?",
+    "emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇨🇳🇺🇸 and ❤️",
+    "  leading spaces\n\n\ttabs\t\tand   runs of   spaces  \r\n trailing \n\n",
+    "\n",
+    "   ",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n",
+    "combining é vs é, zero-width\u200bjoiner, NBSP\u00a0here, BOM\ufeff",
+    "<think>\n推理过程\n</think>\n<answer>\n42\n</answer><|im_end|>\n<|endoftext|>",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_is_exact(tok_dir: Path, text: str) -> None:
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_through_transformers(hf_tok, text: str) -> None:
+    ids = hf_tok(text)["input_ids"]
+    assert hf_tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_skip_special_decode_keeps_reasoning_tags(hf_tok) -> None:
+    text = "<think>\nx\n</think>\n<answer>\ny\n</answer>"
+    ids = hf_tok(text + IM_END)["input_ids"]
+    assert hf_tok.decode(ids, skip_special_tokens=True) == text
+
+
+# ---------------------------------------------------------------- transformers config
+
+
+def test_transformers_loads_the_config(tok_dir: Path, hf_tok) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    assert isinstance(hf_tok, PreTrainedTokenizerFast)
+    assert hf_tok.chat_template == CHAT_TEMPLATE
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == (
+        IM_START,
+        IM_END,
+        ENDOFTEXT,
+        ENDOFTEXT,
+    )
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (2, 0)
+    assert hf_tok.clean_up_tokenization_spaces is False
+    assert hf_tok.model_max_length == 32768
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False and config["chat_template"] == CHAT_TEMPLATE
+    assert (tok_dir / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+
+
+def test_config_key_alone_is_enough(tok_dir: Path, tmp_path: Path) -> None:
+    """transformers versions that ignore chat_template.jinja still get the template."""
+    transformers = pytest.importorskip("transformers")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, tmp_path / name)
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == CHAT_TEMPLATE
+
+
+CONVERSATIONS = {
+    "single": [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+    ],
+    "system_multi_turn": [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "再说一遍，用中文。"},
+        {"role": "assistant", "content": "四"},
+    ],
+    "whitespace_edges": [
+        {"role": "user", "content": "\n\n  leading newlines and spaces"},
+        {"role": "assistant", "content": "trailing newlines and spaces  \n\n"},
+        {"role": "user", "content": " \t mixed \r\n "},
+        {"role": "assistant", "content": "\n"},
+    ],
+    "reasoning": [
+        {"role": "user", "content": "1+1=?"},
+        {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>"},
+    ],
+    "prompt_only": [
+        {"role": "system", "content": "简洁回答。"},
+        {"role": "user", "content": "天空为什么是蓝色的？"},
+    ],
+}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_chat_template_matches_render_text(hf_tok, name: str, add_generation_prompt: bool) -> None:
+    turns = CONVERSATIONS[name]
+    rendered = hf_tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert rendered == render_text(turns, add_generation_prompt=add_generation_prompt)
+    if not add_generation_prompt:
+        assert rendered == "".join(text for text, _ in render_segments(turns))
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_chat_ids_match_the_packer_encoding(tok_dir: Path, hf_tok, name: str) -> None:
+    """Inference (apply_chat_template) and training (tokenizers on render_text) see the same ids."""
+    turns = CONVERSATIONS[name]
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    ids = hf_tok.apply_chat_template(turns, tokenize=True, return_dict=False)
+    assert list(ids) == tok.encode(render_text(turns)).ids
+
+
+# ---------------------------------------------------------------- training text
+
+
+def test_record_texts_per_format() -> None:
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert record_texts({"text": "t"}) == ["t"]
+    assert record_texts({"conversations": turns}) == ["q", "a"]
+    rejected = [turns[0], {"role": "assistant", "content": "b"}]
+    assert record_texts({"chosen": turns, "rejected": rejected}) == ["q", "a", "b"]
+
+
+def test_special_token_strings_are_cut_out_of_training_text() -> None:
+    assert split_special(["<think>\nx\n</think>\n<answer>\n1\n</answer>", "<|im_end|>"]) == [
+        "\nx\n",
+        "\n",
+        "\n1\n",
+    ]
+
+
+def test_max_chars_caps_the_training_text(small_slice: Path, tmp_path: Path) -> None:
+    result = run_trainer(
+        "--input", f"{small_slice}/*.jsonl", "--out", tmp_path, "--vocab-size", "300", "--max-chars", "5000"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5,000 characters" in result.stdout
+
+
+def test_zst_and_weighted_inputs(small_slice: Path, tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    src = small_slice / "sft__alpaca_zh_demo.jsonl"
+    packed = tmp_path / "alpaca.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(src.read_bytes()))
+    result = run_trainer("--input", f"{packed}:2", "--out", tmp_path / "tok", "--vocab-size", "300")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, where: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert where in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_json_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    result = run_trainer("--input", bad, "--out", tmp_path / "tok", "--vocab-size", "300")
+    assert_one_line_error(result, f"{bad}:3:")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    result = run_trainer("--input", empty, "--out", tmp_path / "tok", "--vocab-size", "300")
+    assert_one_line_error(result, str(empty))
+
+
+def test_unknown_record_and_bad_turns(tmp_path: Path) -> None:
+    bad = tmp_path / "odd.jsonl"
+    bad.write_text('{"text": "ok"}\n{"prompt": "no such format"}\n', encoding="utf-8")
+    assert_one_line_error(run_trainer("--input", bad, "--out", tmp_path / "t1"), f"{bad}:2:")
+    bad.write_text('{"conversations": [{"role": "user", "content": "q"}]}\n', encoding="utf-8")
+    assert_one_line_error(run_trainer("--input", bad, "--out", tmp_path / "t2"), f"{bad}:1:")
+
+
+def test_missing_input_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    result = run_trainer("--input", missing, "--out", tmp_path / "tok")
+    assert_one_line_error(result, str(missing))
+
+
+def test_skip_bad_counts_and_continues(small_slice: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": oops}\n{"text": ""}\n', encoding="utf-8")
+    good = small_slice / "pretrain__wiki_zh_cmrc2018.jsonl"
+    result = run_trainer("--input", good, bad, "--out", tmp_path / "tok", "--vocab-size", "300", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert "skipped bad records: empty_content=1, invalid_json=1" in result.stdout
+
+
+# ---------------------------------------------------------------- MiniMind's reference tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference() -> Tokenizer:
+    if not (REFERENCE / "tokenizer.json").is_file():
+        pytest.skip(
+            f"MiniMind's reference tokenizer is not at {REFERENCE} (only in the development checkout)"
+        )
+    return Tokenizer.from_file(str(REFERENCE / "tokenizer.json"))
+
+
+def test_chatml_ids_match_minimind(reference: Tokenizer) -> None:
+    ours = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
+    for token in (ENDOFTEXT, IM_START, IM_END):
+        assert ours.token_to_id(token) == reference.token_to_id(token)
+    assert ours.get_vocab_size() == reference.get_vocab_size() == 6400
+
+
+def test_compression_close_to_minimind(reference: Tokenizer) -> None:
+    """On text outside data/sample the shipped tokenizer compresses about as well as MiniMind's."""
+    ours = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
+    for rel in ("pretrain/wiki_zh_cmrc2018.jsonl", "sft/oasst1_zh.jsonl", "reasoning/gsm8k_en_think.jsonl"):
+        if not (SHARED_DATA / rel).is_file():
+            pytest.skip(f"{SHARED_DATA / rel} is absent")
+        lines = (SHARED_DATA / rel).read_text(encoding="utf-8").splitlines()[-20:]
+        texts = [t for line in lines for t in record_texts(json.loads(line))]
+        ours_n = sum(len(e.ids) for e in ours.encode_batch(texts))
+        ref_n = sum(len(e.ids) for e in reference.encode_batch(texts))
+        assert ours_n <= 1.25 * ref_n, f"{rel}: {ours_n} tokens vs MiniMind's {ref_n}"
