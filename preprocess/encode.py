@@ -81,9 +81,9 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
             chunk.outcomes.append(f"bad:{e.reason}")
             chunk.messages.append(e.describe(item))
     segments = [seg for docs in docs_of_item for doc in docs for seg in doc]
-    encodings = tok.tokenizer.encode_batch([text for text, _ in segments], add_special_tokens=False)
-    seg_lens = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.uint32, count=int(seg_lens.sum()))
+    id_lists = [e.ids for e in tok.tokenizer.encode_batch([text for text, _ in segments], add_special_tokens=False)]
+    seg_lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(seg_lens.sum()))
     weights = np.repeat(np.array([w for _, w in segments], dtype=np.uint8), seg_lens)
     if opts.stage == "reason" and opts.tag_weight != 1:
         tag_ids = [tok.special_ids[t] for t in REASONING_TAGS]

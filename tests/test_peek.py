@@ -1,0 +1,55 @@
+"""bin/peek: summary, --json, --row with the loss mask, --verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def peek(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bin" / "peek"), *map(str, args)], capture_output=True, text=True)
+
+
+def test_summary_and_json(packed_sample):
+    proc = peek(packed_sample["sft"])
+    assert proc.returncode == 0 and "packing efficiency" in proc.stdout and "sft dataset" in proc.stdout
+    summary = json.loads(peek(packed_sample["sft"], "--json").stdout)
+    meta = json.loads((packed_sample["sft"] / "meta.json").read_text())
+    assert summary["counts"] == meta["counts"] and summary["stage"] == "sft"
+    assert sum(summary["document_length_histogram"].values()) == meta["counts"]["documents"]
+
+
+def test_row_shows_mask_with_brackets_when_piped(packed_sample):
+    proc = peek(packed_sample["sft"], "--row", 0)
+    assert proc.returncode == 0
+    assert "── document 0" in proc.stdout and "[" in proc.stdout and "<|im_end|>]" in proc.stdout
+    assert "\033[" not in proc.stdout
+    coloured = peek(packed_sample["sft"], "--row", 0, "--color", "always").stdout
+    assert "\033[32m" in coloured
+    reason = peek(packed_sample["reason"], "--row", 0).stdout
+    assert "[w=10:<think>]" in reason
+    bad = peek(packed_sample["sft"], "--row", 10**6)
+    assert bad.returncode == 1 and "out of range" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_verify_names_the_broken_file(packed_sample, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(packed_sample["sft"], folder)
+    ok = peek(folder, "--verify")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    victim = folder / "shard_00000.mask"
+    data = bytearray(victim.read_bytes())
+    data[300] ^= 1
+    victim.write_bytes(bytes(data))
+    failed = peek(folder, "--verify")
+    assert failed.returncode == 1 and str(victim) in failed.stdout
+    ref = REPO.parent / "shared" / "data" / "reference_tokenizer"
+    if ref.is_dir():
+        other = peek(packed_sample["pretrain"], "--verify", "--tokenizer", ref)
+        assert other.returncode == 1 and "tokenizer fingerprint" in other.stdout
+    missing = peek(tmp_path / "nothing", "--verify")
+    assert missing.returncode == 1 and "meta.json: missing" in missing.stdout
