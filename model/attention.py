@@ -1,0 +1,125 @@
+"""Causal self-attention kernels for plain rows and for packed rows (several documents per row).
+
+A packed row carries ``doc_ids`` [B, T]: query t may attend to key s iff ``s <= t`` and
+``doc_ids[b, s] == doc_ids[b, t]`` (block-diagonal causal). Padding carries doc id -1, so padding
+attends among itself: no row of the mask is empty, hence no NaN. Within a row every document has its
+own id (ids are compared, not boundaries, so an id must not be reused by two documents of one row).
+
+Two interchangeable backends for packed rows:
+
+- ``"flex"``: FlexAttention with a ``BlockMask`` built from a document ``mask_mod``; fully masked
+  128x128 tiles are skipped. On CUDA the call is ``torch.compile``-d (fused kernel). On CPU (torch
+  2.13) FlexAttention has **no backward**: it serves inference only.
+- ``"sdpa"``: ``scaled_dot_product_attention`` with a dense boolean [B, 1, T, T] mask: works
+  everywhere with autograd, but costs O(T^2) mask memory and loses the CUDA flash kernel.
+
+``"auto"`` resolves to flex on CUDA and sdpa elsewhere. On CPU sdpa is the only backend that trains,
+and it is also the fastest forward: ``bench/attention.py`` (small preset, B=4, T=512, 1 thread, CPU
+seconds) measured one layer's attention forward at 40 ms for the dense mask vs 138 ms eager flex and
+49 ms compiled flex (plus ~4 s compile), and a packed training step within ~1 % of a plain causal one.
+
+The mask is built once per forward pass, with shapes fixed by (B, T) only, and is shared by all
+layers; the BlockMask construction is kept out of ``torch.compile`` graphs (``torch.compiler.disable``),
+so new doc_ids of the same shape cause no recompilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+AttentionMask = BlockMask | Tensor | None
+"""None: plain causal rows; Tensor: dense bool [B, 1, T, T] (True = attend); BlockMask: flex."""
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Map "auto" to the measured default for ``device``: "flex" on CUDA, "sdpa" otherwise."""
+    if name not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"attn_backend must be 'auto', 'flex' or 'sdpa', got {name!r}")
+    if name != "auto":
+        return name
+    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:
+    """Position of each token inside its document: 0 at every change of doc id along a row."""
+    _, t = doc_ids.shape
+    idx = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def dense_document_mask(doc_ids: Tensor) -> Tensor:
+    """Bool [B, 1, T, T]: same document and causal."""
+    t = doc_ids.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+@torch.compiler.disable
+def document_block_mask(doc_ids: Tensor) -> BlockMask:
+    """FlexAttention BlockMask for block-diagonal causal attention (heads broadcast)."""
+    docs = doc_ids
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+
+    b, t = doc_ids.shape
+    return create_block_mask(mask_mod, b, None, t, t, device=doc_ids.device)
+
+
+def build_attention_mask(doc_ids: Tensor | None, backend: str) -> AttentionMask:
+    """The mask for one forward pass (shared by all layers). ``backend`` is "flex" or "sdpa"."""
+    if doc_ids is None:
+        return None
+    if backend == "flex":
+        return document_block_mask(doc_ids)
+    if backend == "sdpa":
+        return dense_document_mask(doc_ids)
+    raise ValueError(f"unresolved attention backend {backend!r}")
+
+
+@functools.cache
+def _flex_fn(device_type: str, compiled: bool) -> Callable[..., Tensor]:
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+FLEX_COMPILE: bool | None = None
+"""Wrap flex_attention in torch.compile? None = auto: on CUDA yes (fused kernel), on CPU no
+(inference only there; see bench/attention.py for the measurement)."""
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """Causal attention; q [B, H, T, D], k/v [B, Hkv, T, D] with H a multiple of Hkv (GQA) -> [B, H, T, D].
+
+    No attention-probability dropout (FlexAttention has none; every backend must compute the same
+    function): the model applies dropout to the embeddings and the residual branches instead.
+    """
+    gqa = q.size(1) != k.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):
+        cpu = q.device.type == "cpu"
+        if cpu and (q.requires_grad or k.requires_grad or v.requires_grad):
+            if torch.is_grad_enabled():
+                raise NotImplementedError(
+                    f"FlexAttention has no backward on CPU in torch {torch.__version__}; "
+                    "train on CPU with attn_backend='sdpa' (or 'auto'), or run under torch.no_grad()")
+            q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses leaves that require grad
+        compiled = not cpu if FLEX_COMPILE is None else FLEX_COMPILE
+        fn = _flex_fn(q.device.type, compiled)
+        if compiled or torch.compiler.is_compiling():
+            return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
+        with warnings.catch_warnings():  # eager (unfused) flex is a deliberate choice on CPU
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,227 @@
+"""Model hyper-parameters: one dataclass, named presets, command-line overrides, size and FLOP estimates.
+
+Field names follow transformers' ``LlamaConfig`` so that a config maps onto it field by field
+(``head_dim`` is derived: ``hidden_size // num_attention_heads``). ``num_experts == 0`` means a
+dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+ATTN_BACKENDS = ("auto", "flex", "sdpa")
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """MiniMind's SwiGLU width: int(8/3 * hidden) rounded up to a multiple of 64."""
+    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only Llama-style Transformer (RMSNorm, rotate-half RoPE, GQA, SwiGLU, optional MoE).
+
+    ``intermediate_size=None`` is replaced by :func:`default_intermediate_size` of ``hidden_size``.
+    ``attn_backend`` picks the attention kernel for packed rows (``doc_ids`` given): "flex"
+    (FlexAttention block mask), "sdpa" (dense block-diagonal causal mask) or "auto" (flex on CUDA,
+    sdpa elsewhere: FlexAttention has no backward on CPU).
+    """
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    # mixture of experts (num_experts == 0: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    moe_aux_loss_coef: float = 0.01
+    norm_topk_prob: bool = True
+    attn_backend: str = "auto"
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None or self.intermediate_size <= 0:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        self.validate()
+
+    # ---- invariants -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        problems = []
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by "
+                            f"num_attention_heads {self.num_attention_heads}")
+        elif self.num_attention_heads > 0 and self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads {self.num_key_value_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            problems.append(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.num_experts < 0 or self.n_shared_experts < 0:
+            problems.append("num_experts and n_shared_experts must be >= 0")
+        if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            problems.append(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                            f"got {self.num_experts_per_tok}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    # ---- presets and overrides ----------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The named preset with keyword overrides applied (unknown names/fields raise ValueError)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        _check_fields(overrides)
+        return cls(**{**PRESETS[name], **overrides})
+
+    def override(self, items: list[str] | dict[str, Any]) -> ModelConfig:
+        """A new config with ``["key=value", ...]`` (strings converted to the field's type) applied.
+
+        If ``hidden_size`` changes and ``intermediate_size`` is not given and was the derived
+        default, it is derived again from the new ``hidden_size``.
+        """
+        changes = parse_overrides(items) if isinstance(items, list) else dict(items)
+        _check_fields(changes)
+        values = self.to_dict()
+        if ("hidden_size" in changes and "intermediate_size" not in changes
+                and self.intermediate_size == default_intermediate_size(self.hidden_size)):
+            values["intermediate_size"] = None
+        values.update(changes)
+        return ModelConfig(**values)
+
+    # ---- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError (a checkpoint from another model)."""
+        _check_fields(values)
+        return cls(**values)
+
+    # ---- size and cost ----------------------------------------------------------------------------
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count computed from the shapes (a tied head counts once).
+
+        ``active=True`` counts, for MoE, only the ``num_experts_per_tok`` routed experts a token uses.
+        """
+        h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+        attn = 2 * h * h + 2 * h * kv
+        swiglu = 3 * h * i
+        if self.is_moe:
+            routed = self.num_experts_per_tok if active else self.num_experts
+            mlp = h * self.num_experts + routed * swiglu + self.n_shared_experts * swiglu
+        else:
+            mlp = swiglu
+        layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return embed + self.num_hidden_layers * layer + h + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM/nanoGPT style: ``6 * N + 12 * L * H * Q * T``.
+
+        N counts parameters that take part in a matmul per token (MoE: active experts; the input
+        embedding is a lookup, so it is excluded unless it is tied to the output head). The attention
+        term is for a full (non-causal, unpacked) window of ``seq_len``, as in the PaLM appendix.
+        """
+        n = self.num_params(active=True)
+        if not self.tie_word_embeddings:
+            n -= self.vocab_size * self.hidden_size
+        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6.0 * n + attn
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ModelConfig)
+
+
+def _check_fields(values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - set(_field_types()))
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {', '.join(unknown)}; "
+                         f"known fields: {', '.join(_field_types())}")
+
+
+def _convert(name: str, text: str, kind: Any) -> Any:
+    """Convert one command-line string to the annotated type of field ``name``."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # Optional[X]
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            as_float = float(text)
+            if not as_float.is_integer():
+                raise ValueError(text)
+            return int(as_float)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"model override {name}={text!r}: expected {kind.__name__}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["hidden_size=256", "dropout=0.1"]`` -> ``{"hidden_size": 256, "dropout": 0.1}``.
+
+    Values are converted to each field's type (bool accepts true/false/1/0/yes/no; int accepts
+    ``1e3``; optional fields accept ``none``). Unknown fields and malformed items raise ValueError.
+    """
+    types = _field_types()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"model override {item!r} is not of the form key=value")
+        _check_fields({key: None})
+        out[key] = _convert(key, text.strip(), types[key])
+    return out
+
+
+_SMALL = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=32768)
+_TINY = dict(vocab_size=6400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _TINY,  # ~0.5M params, for tests
+    "tiny-moe": {**_TINY, **_MOE},
+    "small": _SMALL,  # MiniMind2-small, ~25.8M params
+    "small-moe": {**_SMALL, **_MOE},
+    "base": dict(_SMALL, hidden_size=768, num_hidden_layers=16),  # MiniMind2, ~104M params
+}

@@ -1,0 +1,275 @@
+"""TinyLM: a Llama-style decoder whose parameter names map 1:1 onto transformers' LlamaForCausalLM.
+
+    x = dropout(embed_tokens(ids))
+    per layer:  x = x + dropout(o_proj(attn(rope(q), rope(k), v)))      on input_layernorm(x)
+                x = x + dropout(mlp(.))                                  on post_attention_layernorm(x)
+    logits = lm_head(norm(x)).float()
+
+RMSNorm is computed in fp32 and cast back before the weight multiply; RoPE uses the rotate-half
+convention with cos/sin tables precomputed in fp32 exactly as transformers does and indexed by
+``position_ids`` (so a later KV cache only has to pass positions). Attention is grouped-query, no
+biases anywhere. With ``num_experts > 0`` each ``mlp`` is a :class:`MoE` block (DeepSeek/MiniMind
+style: softmax router, top-k routed experts plus always-on shared experts).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import AttentionMask, attend, build_attention_mask, positions_from_doc_ids, resolve_backend
+from model.config import ModelConfig
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # float32 [B, T, V]
+    aux_loss: Tensor  # scalar; MoE load-balance loss already scaled by moe_aux_loss_coef, 0 for dense
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_pos, head_dim] (frequencies repeated twice: rotate-half layout).
+
+    Buffers are non-persistent: they are not in the state dict and are rebuilt from the config.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """position_ids [B or 1, T] -> cos, sin [B or 1, 1, T, head_dim] (broadcast over heads)."""
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: num_key_value_heads k/v heads shared by groups of q heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts: y = sum_k w_k * expert_{i_k}(x) + shared_experts(x).
+
+    Router ``gate``: p = softmax(gate(x)) in fp32; (w, i) = top-k of p; w is renormalised to sum 1
+    when ``norm_topk_prob`` and k > 1 (for k = 1 renormalising would make w == 1 and cut the router's
+    gradient). Because w multiplies the expert outputs the router learns from the LM loss itself.
+    The ``n_shared_experts`` always-on experts are one SwiGLU of width n_shared * intermediate_size
+    (the sum of n equal-width experts). Load-balance loss (Switch Transformer / MiniMind):
+    ``coef * E * sum_e f_e * P_e`` with f_e the fraction of routed slots sent to expert e and P_e its
+    mean router probability; it equals ``coef`` under perfectly uniform routing.
+    Tokens are grouped per expert (sort by expert id) so each expert runs one matmul on its tokens;
+    the per-expert counts are read on the host (one sync and one graph break under torch.compile).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_experts
+        self.norm_topk = cfg.norm_topk_prob and self.top_k > 1
+        self.aux_coef = cfg.moe_aux_loss_coef
+        self.gate = nn.Linear(h, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(h, i) for _ in range(cfg.num_experts))
+        self.shared_experts = MLP(h, i * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = self.gate(flat).float().softmax(dim=-1)  # [N, E]
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        slot_expert = experts.reshape(-1)  # [N * k]
+        order = slot_expert.argsort(stable=True)
+        per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        per_expert.scatter_add_(0, slot_expert, torch.ones_like(slot_expert))  # fixed shape [E]
+        counts = per_expert.tolist()
+        token = order // self.top_k
+        outs = [e(chunk) for e, chunk in zip(self.experts, flat[token].split(counts), strict=True)]
+        routed = torch.cat(outs) * weights.reshape(-1)[order, None].to(outs[0].dtype)
+        y = torch.zeros_like(flat).index_add_(0, token, routed.to(flat.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat).to(flat.dtype)
+
+        frac = per_expert.float() / slot_expert.numel()
+        aux = self.aux_coef * self.num_experts * (frac * probs.mean(dim=0)).sum()
+        return y.view(shape), aux
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor]:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, aux = self.mlp(h)
+        else:
+            out, aux = self.mlp(h), None
+        return x + self.dropout(out), aux
+
+
+class Backbone(nn.Module):
+    """transformers' ``LlamaModel`` layout: embed_tokens, layers, norm (+ non-persistent rotary_emb)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+class TinyLM(nn.Module):
+    """Causal LM. ``forward(input_ids, position_ids=None, doc_ids=None) -> ModelOutput(logits, aux_loss)``.
+
+    Plain rows (``doc_ids is None``): causal SDPA (flash on CUDA), positions 0..T-1 unless given.
+    Packed rows: ``doc_ids`` [B, T] int (padding = -1); a token attends only to earlier tokens of its
+    document, ``position_ids`` restart at 0 per document (derived from ``doc_ids`` if not given).
+    The caller computes the loss; for MoE add ``aux_loss`` (0-dim tensor, zero for dense models).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, std) for every matrix; o_proj/down_proj (residual outputs) get std / sqrt(2 * layers)."""
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=resid_std if scaled else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> ModelOutput:
+        b, t = input_ids.shape
+        if position_ids is None:
+            if doc_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device)[None]
+            else:
+                position_ids = positions_from_doc_ids(doc_ids)
+        backend = resolve_backend(self.config.attn_backend, input_ids.device)
+        mask = build_attention_mask(doc_ids, backend)  # once per forward, shared by all layers
+        body = self.model
+        cos, sin = body.rotary_emb(position_ids)
+        x = body.dropout(body.embed_tokens(input_ids))
+        aux = torch.zeros((), device=input_ids.device)
+        for layer in body.layers:
+            x, layer_aux = layer(x, cos, sin, mask)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+        logits = self.lm_head(body.norm(x)).float()
+        return ModelOutput(logits, aux)
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied embedding/head counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def param_breakdown(self) -> dict[str, int]:
+        """Parameters by component: embedding, attention, mlp (router + experts), norms, head."""
+        out = dict.fromkeys(("embedding", "attention", "mlp", "norm", "lm_head"), 0)
+        seen: set[int] = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = ("embedding" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head")
+                   else "attention" if ".self_attn." in name else "mlp" if ".mlp." in name else "norm")
+            out[key] += p.numel()
+        return out
+
+    def summary(self, seq_len: int | None = None) -> str:
+        """A few human-readable lines: shape, parameter counts, FLOPs per token."""
+        c = self.config
+        seq_len = seq_len or c.max_position_embeddings
+        parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.param_breakdown().items() if v)
+        lines = [
+            f"TinyLM: {c.num_hidden_layers} layers, hidden {c.hidden_size}, ffn {c.intermediate_size}, "
+            f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, head_dim {c.head_dim}, "
+            f"vocab {c.vocab_size}, tied {c.tie_word_embeddings}",
+            f"params: {self.num_params() / 1e6:.2f}M ({parts})",
+        ]
+        if c.is_moe:
+            lines.append(f"moe: {c.num_experts} experts top-{c.num_experts_per_tok} + {c.n_shared_experts} "
+                         f"shared; active params/token {c.num_params(active=True) / 1e6:.2f}M")
+        lines.append(f"train FLOPs/token @ T={seq_len}: {c.flops_per_token(seq_len) / 1e6:.1f} MFLOP")
+        return "\n".join(lines)

@@ -1,0 +1,342 @@
+"""train/: exact kill/resume, DDP == single process, loss falls, MoE aux + router gradient, all-masked
+steps, strict checkpoint loading, and the small pieces (schedule, parameter groups, bits per byte)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import ModelConfig, TinyLM
+from model.generate import generate
+from train import checkpoint
+from train.checkpoint import CheckpointError
+from train.data import PackedDataset
+from train.loop import format_line
+from train.metrics import METRICS_FILE, read_metrics, token_byte_lengths
+from train.optim import CosineSchedule, param_groups
+from train.run import main
+from train.stages import SFTStage, StepNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+TOKENIZER = ROOT / "data" / "tokenizer"
+PY = sys.executable
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: 1 thread is as fast and immune to busy cores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pack(stage: str, out: Path, seq_len: int) -> Path:
+    subprocess.run([PY, str(ROOT / "preprocess" / "pack.py"), "--stage", stage, "--input",
+                    str(SAMPLE / stage / "*.jsonl"), "--out", str(out), "--tokenizer", str(TOKENIZER),
+                    "--seq-len", str(seq_len), "--quiet"], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packed")
+    return {"pretrain": pack("pretrain", root / "pretrain", 64), "sft": pack("sft", root / "sft", 128)}
+
+
+def args(data_dir: Path, out: Path, *extra: str, stage: str = "pretrain") -> list[str]:
+    """A tiny CPU run: 8 rows of 64 tokens per step in 2 micro-batches, a log line every step."""
+    return ["--stage", stage, "--data", str(data_dir), "--out", str(out), "--model", "tiny", "--batch-size", "4",
+            "--grad-accum", "2", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "8",
+            "--no-progress", *extra]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in read_metrics(run):
+        if "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"
+            out[r["step"]] = r["loss"]
+    return out
+
+
+# ---- exact resume ---------------------------------------------------------------------------------------
+
+STEPS = 30
+RESUME = ("--max-steps", str(STEPS), "--model-arg", "dropout=0.1")  # dropout: resuming must restore the RNG
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted run with a checkpoint every 10 steps."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert main(args(data["pretrain"], out, *RESUME, "--save-every", "10", "--keep-last", "0")) == 0
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == [checkpoint.checkpoint_name(s) for s in (10, 20, 30)]
+    return out
+
+
+def test_stop_and_resume_is_bit_exact(data, reference, tmp_path):
+    out = tmp_path / "resumed"
+    assert main(args(data["pretrain"], out, *RESUME, "--save-every", "10", "--stop-after", "10")) == 0
+    assert checkpoint.latest(out).name == checkpoint.checkpoint_name(10)
+    assert main(args(data["pretrain"], out, *RESUME, "--save-every", "10", "--resume")) == 0
+    ref, got = losses(reference), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == ref  # exactly equal floats, every step
+    a, b = checkpoint.load(reference), checkpoint.load(out)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(),
+                                                 b["optimizer"]["state"][0].values(), strict=True))
+    rows = 8 * STEPS
+    assert (a["samples_seen"], a["tokens_seen"], a["supervised_seen"]) == (
+        b["samples_seen"], b["tokens_seen"], b["supervised_seen"]) == (rows, rows * 64, rows * 64)
+
+
+def test_kill_9_then_resume_matches(data, reference, tmp_path):
+    """A checkpoint after every step (so the kill may land inside a save); kill -9 after >= 12 steps."""
+    out = tmp_path / "killed"
+    run = [*args(data["pretrain"], out, *RESUME, "--save-every", "1", "--keep-last", "2")]
+    proc = subprocess.Popen([PY, str(ROOT / "train" / "run.py"), *run],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=ONE_THREAD)
+    metrics, last = out / METRICS_FILE, 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            last = len(lines)
+            if last >= 12:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"run was not killed mid-way (rc {proc.returncode}, {last} lines)"
+    killed_at = checkpoint.latest(out)
+    assert killed_at is not None and 10 <= checkpoint.load(killed_at)["step"] < STEPS
+    assert main([*run, "--resume"]) == 0
+    assert losses(out) == losses(reference)
+
+
+def test_resume_refuses_another_model(data, reference, tmp_path, capsys):
+    out = tmp_path / "other"
+    assert main(args(data["pretrain"], out, *RESUME, "--stop-after", "1")) == 0
+    assert main(args(data["pretrain"], out, *RESUME, "--resume", "--model", "tiny-moe")) == 1
+    assert "--model was 'tiny', now 'tiny-moe'" in capsys.readouterr().err
+    assert main(args(data["pretrain"], out, *RESUME)) == 1  # checkpoints there and no --resume
+    assert "pass --resume" in capsys.readouterr().err
+
+
+# ---- data parallel ------------------------------------------------------------------------------------------
+
+def test_ddp_two_processes_match_one(data, tmp_path):
+    common = ("--max-steps", "4", "--save-every", "0", "--batch-size", "2")
+    single = tmp_path / "single"
+    assert main(args(data["pretrain"], single, *common, "--grad-accum", "4")) == 0
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train" / "run.py"), *args(data["pretrain"], ddp, *common, "--grad-accum", "2")],
+                          cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(single), losses(ddp)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    # and the same global batch as 1 micro-batch x 8 rows
+    whole = tmp_path / "whole"
+    assert main(args(data["pretrain"], whole, *common[:4], "--batch-size", "8", "--grad-accum", "1")) == 0
+    for step, value in losses(whole).items():
+        assert abs(one[step] - value) < 1e-5
+
+
+# ---- learning --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    assert main(args(data["pretrain"], out, "--max-steps", "40", "--batch-size", "8", "--grad-accum", "1",
+                     "--eval-every", "20", "--val-rows", "32")) == 0
+    return out
+
+
+def test_loss_falls_on_sample(pretrained):
+    records = read_metrics(pretrained)
+    train = [r["loss"] for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert len(train) == 40 and all(math.isfinite(x) for x in train)
+    assert np.mean(train[-5:]) < train[0] - 0.8, (train[0], train[-5:])
+    assert [r["step"] for r in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert 0 < val[1]["val_bpb"] < val[0]["val_bpb"]
+    assert (pretrained / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_sft_starts_from_pretrain(data, pretrained, tmp_path):
+    out = tmp_path / "sft"
+    assert main(args(data["sft"], out, "--max-steps", "3", "--init-from", str(pretrained), stage="sft")) == 0
+    ckpt, base = checkpoint.load(out), checkpoint.load(pretrained)
+    assert ckpt["stage"] == "sft" and ckpt["init_from"]["path"] == base["path"]
+    assert ckpt["model_config"] == base["model_config"]
+    first = read_metrics(out)[0]
+    assert first["supervised_per_s"] < first["tokens_per_s"]  # only assistant tokens are supervised
+    fresh = tmp_path / "fresh"
+    assert main(args(data["sft"], fresh, "--max-steps", "3", stage="sft")) == 0
+    assert first["loss"] < read_metrics(fresh)[0]["loss"] - 0.1  # the pretrained start is better
+    answer = generate(TinyLM(ModelConfig.from_dict(ckpt["model_config"])), [1, 2, 3], max_new_tokens=5)
+    assert len(answer) <= 5
+
+
+def test_moe_aux_loss_and_router_gradient(data, tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig.from_preset("tiny-moe"))
+    stage = SFTStage()
+    stage.prepare(model)
+    batch = stage.open_dataset(str(data["sft"])).collate(np.arange(4))
+    norm = StepNorm(stage.count(batch).float().clamp(min=1), micro_batches=1)
+    loss, parts = stage.loss(model, batch, norm)
+    assert parts["aux"] > 0 and torch.isclose(loss, parts["ce"] + parts["aux"])
+    loss.backward()
+    for layer in model.model.layers:
+        assert layer.mlp.gate.weight.grad is not None and layer.mlp.gate.weight.grad.abs().sum() > 0
+    out = tmp_path / "moe"
+    assert main(args(data["sft"], out, "--max-steps", "2", "--model", "tiny-moe", stage="sft")) == 0
+    assert all(r["aux"] > 0 for r in read_metrics(out) if "loss" in r)
+
+
+def test_all_masked_step_is_finite(data, tmp_path, monkeypatch):
+    collate = PackedDataset.collate
+
+    def no_supervision(self, rows):
+        batch = collate(self, rows)
+        batch.weights.zero_()
+        return batch
+
+    monkeypatch.setattr(PackedDataset, "collate", no_supervision)
+    out = tmp_path / "masked"
+    assert main(args(data["sft"], out, "--max-steps", "2", "--model", "tiny-moe", "--eval-every", "1",
+                     stage="sft")) == 0
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert len(records) == 2
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["ce"] == 0.0 and r["loss"] == pytest.approx(r["aux"])
+    state = checkpoint.load(out)["model"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+def test_load_refuses_missing_unexpected_and_misshaped(pretrained):
+    ckpt = checkpoint.load(pretrained)
+    model = TinyLM(ModelConfig.from_dict(ckpt["model_config"]))
+    missing = {k: v for k, v in ckpt["model"].items() if k != "model.norm.weight"}
+    with pytest.raises(CheckpointError, match=r"missing keys model\.norm\.weight"):
+        checkpoint.load_model_state(model, missing, "ckpt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys extra\.weight"):
+        checkpoint.load_model_state(model, {**ckpt["model"], "extra.weight": torch.zeros(1)}, "ckpt")
+    narrow = TinyLM(ModelConfig.from_preset("tiny", hidden_size=32))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        checkpoint.load_model_state(narrow, ckpt["model"], "ckpt")
+    checkpoint.load_model_state(model, ckpt["model"], "ckpt")  # the real thing loads
+
+
+def test_refuses_tokenizer_fingerprint_mismatch(data, pretrained, tmp_path, capsys):
+    payload = torch.load(checkpoint.resolve(pretrained), weights_only=True)
+    payload["tokenizer"]["fingerprint"] = "f" * 64
+    payload["tokenizer"]["path"] = "/elsewhere/tokenizer.json"
+    foreign = tmp_path / "foreign" / "ckpt_00000040.pt"
+    foreign.parent.mkdir()
+    torch.save(payload, foreign)
+    assert main(args(data["sft"], tmp_path / "sft", "--max-steps", "1", "--init-from", str(foreign),
+                     stage="sft")) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and str(foreign) in err and str(data["sft"]) in err
+    assert "/elsewhere/tokenizer.json" in err and "ffffffffffff" in err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
+def test_saved_state_has_no_wrapper_prefixes(tmp_path):
+    model = TinyLM(ModelConfig.from_preset("tiny"))
+    compiled = torch.compile(model)  # wrapping only; nothing is compiled until it runs
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    state = checkpoint.model_state(compiled)
+    assert set(state) == set(model.state_dict())
+    path = checkpoint.save(tmp_path, 3, {"model": state}, keep_last=1)
+    checkpoint.save(tmp_path, 5, {"model": state}, keep_last=1)
+    assert not path.exists() and checkpoint.latest(tmp_path).name == "ckpt_00000005.pt"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_checkpoint_message(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"no checkpoint \(ckpt_\*\.pt\) in this folder"):
+        checkpoint.load(tmp_path)
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------------
+
+def test_schedule_warmup_then_cosine():
+    s = CosineSchedule(peak_lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(19) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
+    assert all(s(i) >= s(i + 1) for i in range(4, 30))
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    model = TinyLM(ModelConfig.from_preset("tiny"))
+    decay, plain = param_groups(model.named_parameters(), 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "embed_tokens" not in names[id(p)] for p in decay["params"])
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert "model.embed_tokens.weight" in plain_names and "model.norm.weight" in plain_names
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(plain["params"]) == n_unique  # the tied head is counted once
+
+
+def test_byte_table_counts_utf8_bytes():
+    table = token_byte_lengths(TOKENIZER / "tokenizer.json", 6400)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    text = "Hello, 世界! naïve 🙂"
+    assert table[tok.encode(text).ids].sum() == len(text.encode("utf-8"))
+    assert table[tok.token_to_id("<|im_end|>")] == 0
+
+
+def test_progress_line():
+    line = format_line({"step": 5, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 12345.0, "supervised_per_s": 4000.0,
+                        "eta_s": 80.0}, 100)
+    assert line == "step   5/100 | loss 2.5000 | lr 1.00e-03 | 12.3k tok/s | 4.0k sup/s | eta 1m20s"
+
+
+def test_fp16_autocast_with_grad_scaler(data, tmp_path):
+    """The CUDA mixed-precision path (autocast + GradScaler) exercised on the CPU."""
+    out = tmp_path / "fp16"
+    assert main(args(data["sft"], out, "--max-steps", "2", "--dtype", "fp16", stage="sft")) == 0
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
+    scaler = checkpoint.load(out)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+
+
+def test_chat_errors_are_one_line(pretrained, tmp_path):
+    chat = [PY, str(ROOT / "bin" / "chat"), "--prompt", "hi", "--max-new-tokens", "2"]
+    missing = subprocess.run([*chat, "--ckpt", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope'}: no such checkpoint file or run folder"
+    payload = torch.load(checkpoint.resolve(pretrained), weights_only=True)
+    payload["tokenizer"]["path"] = str(tmp_path / "gone" / "tokenizer.json")
+    lonely = tmp_path / "lonely" / "ckpt_00000001.pt"
+    lonely.parent.mkdir()
+    torch.save(payload, lonely)
+    proc = subprocess.run([*chat, "--ckpt", str(lonely.parent)], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "tokenizer" in proc.stderr and "was not found" in proc.stderr
+    ok = subprocess.run([*chat, "--ckpt", str(pretrained), "--temperature", "0"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr

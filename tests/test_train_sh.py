@@ -1,0 +1,46 @@
+"""train.sh: the README's main command runs the whole chain (--smoke) and ends with a chat answer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from train import checkpoint
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bash(*argv: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "train.sh"), *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    # OMP_NUM_THREADS=1: a tiny model gains nothing from 2 threads and loses a lot when a core is busy.
+    proc = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    for n, what in enumerate(("tokenizer", "pack", "pretrain", "SFT", "chat"), start=1):
+        assert f"[{n}/5] {what}" in text
+    answer = next(line for line in text.splitlines() if line.startswith("answer: "))
+    assert answer.removeprefix("answer: ").strip(), "empty chat answer"
+    assert "done in" in text
+    pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
+    assert sft["init_from"]["path"] == pre["path"]
+    assert pre["tokenizer"]["fingerprint"] == sft["tokenizer"]["fingerprint"]
+    assert any("val_loss" in r for r in read_metrics(out / "sft"))
+
+    again = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                                 "SKIP_PACK": "1", "SKIP_CHAT": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout and "skipped (SKIP_CHAT=1)" in again.stdout
+
+
+def test_help_and_bad_argument():
+    assert "--smoke" in bash("--help").stdout
+    bad = bash("--fast")
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr

@@ -1,0 +1,192 @@
+"""Checkpoints: atomic files ``OUT/ckpt_<step>.pt``, keep-last-K, strict loading, RNG capture.
+
+A checkpoint is one ``torch.save`` dict readable with ``torch.load(weights_only=True)`` (tensors and
+plain Python values only; numpy's RNG state is stored as a tensor). Keys written by the loop:
+``format, step, samples_seen, tokens_seen, supervised_seen, model, model_config, stage, stage_state,
+optimizer, schedule, scaler, rng (one entry per rank), tokenizer {fingerprint, path}, data, args``.
+
+Invariants:
+- a file named ``ckpt_*.pt`` is always complete: it is written to a hidden temp name, fsync-ed and
+  renamed into place (the folder is fsync-ed too), so a kill at any instant leaves the previous one;
+- ``model`` is the state dict of the *unwrapped* module: neither DDP's ``module.`` nor
+  ``torch.compile``'s ``_orig_mod.`` prefix ever reaches a file;
+- loading into a model refuses missing or unexpected keys and shape mismatches, naming them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "tinylm-checkpoint-1"
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A missing, unreadable or incompatible checkpoint; the message names the file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(folder: str | Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's latest checkpoint; CheckpointError if there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint (ckpt_*.pt) in this folder")
+        return found
+    raise CheckpointError(f"{path}: no such checkpoint file or run folder")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    state = unwrap(module).state_dict()
+    bad = [k for k in state if "_orig_mod." in k or k.startswith("module.")]
+    if bad:
+        raise CheckpointError(f"wrapper prefixes in the state dict: {bad[:3]}")
+    return state
+
+
+def save(folder: str | Path, step: int, payload: dict[str, Any], keep_last: int = 0) -> Path:
+    """Write ``payload`` atomically as ``folder/ckpt_<step>.pt``; then keep only the newest ``keep_last``
+    (all when ``keep_last <= 0``). Returns the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / checkpoint_name(step)
+    tmp = folder / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+    if keep_last > 0:
+        for old in list_checkpoints(folder)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (or a run folder's latest) onto the CPU."""
+    path = resolve(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors come in many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tinylm checkpoint (format {FORMAT!r} expected)")
+    payload["path"] = str(path)
+    return payload
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` (unwrapped); refuse any missing, unexpected or mis-shaped key."""
+    target = unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if shapes:
+        problems.append(f"shape mismatch {_short(shapes)}")
+    if problems:
+        raise CheckpointError(f"{source}: the checkpoint does not fit this model: " + "; ".join(problems))
+    target.load_state_dict(state, strict=True)
+
+
+def _short(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_tokenizer(ckpt: dict[str, Any], fingerprint: str, dataset: str) -> None:
+    """Refuse a dataset packed with another tokenizer than the checkpoint's model was trained with."""
+    tok = ckpt.get("tokenizer") or {}
+    if tok.get("fingerprint") and tok["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"tokenizer mismatch: checkpoint {ckpt.get('path', '?')} was trained with tokenizer "
+            f"{tok.get('path')} (fingerprint {tok['fingerprint'][:12]}), but dataset {dataset} was packed "
+            f"with fingerprint {fingerprint[:12]}; re-pack the data with the checkpoint's tokenizer")
+
+
+# ---- RNG state ---------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch / numpy / python (and CUDA when present) generator states."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,285 @@
+"""The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
+evaluation, logging and exact checkpoint/resume. The stage (``train/stages.py``) supplies the loss.
+
+One optimizer step s (0-based) on every rank:
+  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``);
+  2. ``N = all_reduce(sum of stage.count(micro-batch))`` once, clamped to >= 1;
+  3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
+     ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
+     ranks' contributions, i.e. the gradient of the single-process objective), DDP ``no_sync`` on all
+     but the last micro-batch;
+  4. unscale (fp16), clip the global grad norm, optimizer step at ``lr(s)``, zero grads;
+  5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log / eval / save.
+
+Exact resume: a checkpoint after step s holds the model, optimizer, grad scaler, stage state, counters
+and every rank's RNG states; the schedule is a pure function of s and the data order a pure function
+of ``samples_seen``. So a run resumed from it repeats the uninterrupted run's steps s+1, s+2, ...
+(bit-identical on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from train import checkpoint, dist
+from train.data import BatchLoader
+from train.dist import DistInfo
+from train.metrics import MetricsLogger
+from train.optim import CosineSchedule, build_adamw, set_lr
+from train.stages import Stage, StepNorm
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    max_steps: int
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    compile: bool = False
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    stop_after: int | None = None  # end (with a checkpoint) after this step; the schedule keeps max_steps
+    progress: bool = True  # tqdm bar on rank 0 (shown only on a terminal)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0  # input positions processed (padding included)
+    supervised_seen: int = 0  # positions with loss weight > 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # logged records of this process
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA when supported, else fp16 there; fp32 elsewhere (CPU bf16 is ~40x slower)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype])
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, info: DistInfo, out: Path,
+          logger: MetricsLogger, ckpt_meta: dict[str, Any], resume: dict[str, Any] | None = None) -> TrainState:
+    """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
+
+    ``ckpt_meta`` is stored in every checkpoint (model config, stage, tokenizer, data, args).
+    ``resume`` is a loaded checkpoint whose optimizer, scaler, counters and RNG are restored.
+    """
+    device = info.device
+    model.to(device)
+    model.train()
+    for extra in stage.extra_models().values():
+        extra.to(device).eval().requires_grad_(False)
+    named = list(stage.trainable(model))
+    params = [p for _, p in named if p.requires_grad]
+    optimizer = build_adamw(named, cfg.lr, cfg.weight_decay, device=device)
+    schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    state = TrainState()
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        stage.load_state_dict(resume.get("stage_state", {}))
+        state = TrainState(resume["step"], resume["samples_seen"], resume["tokens_seen"], resume["supervised_seen"])
+        rngs = resume["rng"]
+        if len(rngs) != info.world and info.is_main:
+            print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
+                  "random streams (dropout) differ from an uninterrupted run", file=sys.stderr)
+        checkpoint.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+
+    fwd = torch.compile(model) if cfg.compile else model
+    ddp = None
+    if info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=stage.find_unused_parameters)
+    train_model = ddp if ddp is not None else fwd
+
+    seq_len = loader.split.dataset.seq_len
+    global_batch = loader.global_batch(cfg.grad_accum)
+    peak = peak_flops(device)
+    flops_per_token = model.config.flops_per_token(seq_len) if peak and hasattr(model, "config") else None
+    amp = autocast(device, cfg.dtype)
+    micro_total = cfg.grad_accum * info.world
+
+    def save() -> None:
+        rng = dist.gather_objects(checkpoint.rng_state())
+        if info.is_main:
+            payload = {
+                "step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+                "supervised_seen": state.supervised_seen, "model": checkpoint.model_state(model),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "stage_state": stage.state_dict(), "rng": rng, "world": info.world, **ckpt_meta,
+            }
+            checkpoint.save(out, state.step, payload, cfg.keep_last)
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, unit="step", dynamic_ncols=True,
+               disable=None if (cfg.progress and info.is_main) else True, file=sys.stderr)
+    steps: Iterator = loader.steps(state.samples_seen, cfg.grad_accum)
+    supervised_base = state.supervised_seen
+    supervised_acc = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: no per-step sync
+    window_start, window_tokens, window_steps, window_sup = time.perf_counter(), 0, 0, state.supervised_seen
+    run_start, run_start_step = window_start, state.step
+    end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
+    try:
+        while state.step < end:
+            micro = next(steps)
+            lr = schedule(state.step)
+            set_lr(optimizer, lr)
+            count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
+            dist.all_reduce_sum(count)  # the one collective before the forward passes
+            supervised_acc += count
+            norm = StepNorm(count.float().clamp(min=1.0), micro_total)
+            sums: torch.Tensor | None = None
+            names: list[str] = []
+            for i, batch in enumerate(micro):
+                batch = batch.to(device, non_blocking=True)
+                sync = ddp is None or i == len(micro) - 1
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    with amp:
+                        loss, parts = stage.loss(train_model, batch, norm)
+                    scaler.scale(loss * info.world).backward()
+                names = ["loss", *parts]
+                vals = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
+                sums = vals if sums is None else sums + vals
+            dist.all_reduce_sum(sums)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.samples_seen += global_batch
+            state.tokens_seen += global_batch * seq_len
+            window_tokens += global_batch * seq_len
+            window_steps += 1
+            bar.update(1)
+            last = state.step == end
+
+            if state.step % cfg.log_every == 0 or last or state.step == run_start_step + 1:
+                state.supervised_seen = supervised_base + int(supervised_acc.item())
+                now = time.perf_counter()
+                elapsed = max(now - window_start, 1e-9)
+                record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)), "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / elapsed,
+                          "supervised_per_s": (state.supervised_seen - window_sup) / elapsed,
+                          "step_time_s": elapsed / window_steps, "tokens_seen": state.tokens_seen,
+                          "supervised_seen": state.supervised_seen, "samples_seen": state.samples_seen}
+                if flops_per_token:
+                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * info.world)
+                record["eta_s"] = (now - run_start) / (state.step - run_start_step) * (end - state.step)
+                if info.is_main:
+                    logger.log(record)
+                    bar.write(format_line(record, cfg.max_steps))
+                state.history.append(record)
+                window_start, window_tokens, window_steps, window_sup = now, 0, 0, state.supervised_seen
+
+            paused = time.perf_counter()  # evaluation and saving are not training throughput
+            if loader.split.val_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
+                record = {"step": state.step, **evaluate(fwd, stage, loader, device, amp)}
+                if info.is_main:
+                    logger.log(record)
+                    bar.write(format_line(record, cfg.max_steps))
+                state.history.append(record)
+            if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last:
+                state.supervised_seen = supervised_base + int(supervised_acc.item())
+                save()
+            pause = time.perf_counter() - paused
+            window_start += pause
+            run_start += pause
+    finally:
+        steps.close()
+        bar.close()
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stage: Stage, loader: BatchLoader, device: torch.device,
+             amp: contextlib.AbstractContextManager) -> dict[str, float]:
+    """The stage's validation metrics over the whole validation split (sums all-reduced over ranks)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    for batch in loader.val_batches():
+        with amp:
+            sums = stage.eval_sums(model, batch.to(device))
+        for k, v in sums.items():
+            totals[k] = totals[k] + v.to(acc) if k in totals else v.to(acc)
+    keys = sorted(totals)
+    packed = dist.all_reduce_sum(torch.stack([totals[k] for k in keys])) if keys else torch.zeros(0)
+    model.train(was_training)
+    return stage.eval_metrics(dict(zip(keys, packed.tolist(), strict=True)))
+
+
+def format_line(record: dict[str, Any], max_steps: int) -> str:
+    """One human line: ``step 20/200 | loss 5.1234 | lr 4.2e-04 | 12.3k tok/s | mfu 31.0% | eta 1m20s``."""
+    width = len(str(max_steps))
+    parts = [f"step {record['step']:>{width}}/{max_steps}"]
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+        if "val_bpb" in record:
+            parts.append(f"val_bpb {record['val_bpb']:.4f}")
+        return " | ".join(parts)
+    parts.append(f"loss {record['loss']:.4f}")
+    if "aux" in record:
+        parts.append(f"aux {record['aux']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{_si(record['tokens_per_s'])} tok/s")
+    if record.get("supervised_per_s", math.inf) < 0.99 * record["tokens_per_s"]:  # packed data: show both
+        parts.append(f"{_si(record['supervised_per_s'])} sup/s")
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    parts.append(f"eta {_duration(record['eta_s'])}")
+    return " | ".join(parts)
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -1,0 +1,173 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, optional TensorBoard / W&B, the loss-curve PNG, and the
+per-token byte lengths that bits-per-byte needs.
+
+``metrics.jsonl`` holds one JSON object per line, flushed as written (a ``kill -9`` loses at most the
+line being written). Training lines carry ``step`` and ``loss``; evaluation lines ``step``, ``val_loss``
+and ``val_bpb``. On resume from step s the file is first rewritten without the lines of steps > s,
+so it always describes one unbroken run.
+
+(Named ``metrics`` rather than ``logging``: ``python train/run.py`` puts ``train/`` first on sys.path,
+where a ``logging.py`` would shadow the standard library for torch itself.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLogger:
+    """Appends JSON lines; mirrors numeric values to TensorBoard / W&B when those were asked for."""
+
+    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = False, wandb: dict | None = None):
+        self.path = out / METRICS_FILE
+        self.enabled = enabled
+        self._file = None
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                print("note: --tensorboard asked for but tensorboard is not installed (pip install tensorboard)",
+                      file=sys.stderr)
+        if wandb is not None:
+            try:
+                import wandb as wandb_lib
+                self._wandb = wandb_lib.init(**wandb)
+            except ImportError:
+                print("note: --wandb asked for but wandb is not installed (pip install wandb)", file=sys.stderr)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines of steps > ``step`` (left by a run killed after its last checkpoint)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _line_step(line) is not None and _line_step(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        step = record.get("step", 0)
+        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out: Path) -> Path | None:
+    """Write ``out/loss.png`` (train loss, and validation loss when present); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(out / METRICS_FILE)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / supervised token)")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / PLOT_FILE
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- bits per byte ------------------------------------------------------------------------------
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes -> printable-characters map used by ByteLevel tokenizers."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def token_byte_lengths(tokenizer_file: str | Path, vocab_size: int) -> np.ndarray:
+    """UTF-8 byte length of every token id's text (int64 [vocab_size]); 0 for special/added tokens and
+    for ids the tokenizer does not have (they are left out of bits-per-byte).
+
+    ByteLevel tokenizers: the token string maps char-by-char onto bytes, so a token that holds part of
+    a multi-byte character still counts its own bytes. Other tokenizers: length of the decoded text.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_file)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    added = {t["id"] for t in spec.get("added_tokens", [])}
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    inverse = _byte_level_decoder() if byte_level else {}
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for token, tid in tok.get_vocab(with_added_tokens=True).items():
+        if tid >= vocab_size or tid in added:
+            continue
+        if byte_level and all(c in inverse for c in token):
+            out[tid] = len(token)
+        else:
+            out[tid] = len(tok.decode([tid]).encode("utf-8"))
+    return out
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")

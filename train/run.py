@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Train a tinylm model on a packed dataset: one loop for every stage.
+
+  python train/run.py --stage pretrain --data data/packed/pretrain --out out/pretrain --model small
+  python train/run.py --stage sft --data data/packed/sft --out out/sft --init-from out/pretrain
+  torchrun --nproc_per_node 2 train/run.py --stage pretrain ...      (DDP; multi-node: torchrun's flags)
+  python train/run.py ... --resume       (continue from the latest checkpoint in --out, exactly)
+
+A run folder receives ckpt_<step>.pt (atomic, the last --keep-last kept), metrics.jsonl (one JSON
+object per logged step / evaluation), loss.png (when matplotlib is installed) and a copy of the
+tokenizer. Pack data first with preprocess/pack.py (or run `bash train.sh`, which does everything).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+REPO_ROOT = _HERE.parent
+# `python train/run.py` puts train/ first on sys.path; replace it by the repo root so `import train...` works
+# and train/*.py modules never shadow top-level modules.
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path[0] = str(REPO_ROOT)
+elif str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model import ModelConfig, TinyLM  # noqa: E402
+from preprocess.shards import ShardError  # noqa: E402
+from train import checkpoint, dist  # noqa: E402
+from train.checkpoint import CheckpointError  # noqa: E402
+from train.data import PackedDataset, Split  # noqa: E402
+from train.loop import LoopConfig, resolve_dtype, train  # noqa: E402
+from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
+from train.stages import STAGES, Stage, StageError, build_stage  # noqa: E402
+
+DEFAULT_MODEL = "small"
+
+
+class UsageError(Exception):
+    """A problem with the command line or the inputs: printed as one line, exit status 1."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--stage", required=True, choices=sorted(STAGES),
+                   help="pretrain: next-token loss on document windows; sft: loss on assistant tokens of "
+                        "packed conversations")
+    g.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="packed dataset folder (preprocess/pack.py --stage STAGE --out DIR)")
+    g.add_argument("--out", required=True, type=Path, metavar="DIR", help="run folder (checkpoints, metrics)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (starts fresh if there is none)")
+    g.add_argument("--init-from", type=Path, metavar="CKPT",
+                   help="start from this checkpoint's weights and model config (a file, or a run folder: its "
+                        "latest checkpoint), e.g. SFT from the pretrain run")
+    g.add_argument("--seed", type=int, default=1337, help="model init and data order seed (default 1337)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="PRESET",
+                   help="preset: tiny (0.5M), tiny-moe, small (26M, default), small-moe, base (104M); with "
+                        "--init-from / --resume the checkpoint's config is used instead")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ModelConfig field, repeatable (e.g. num_hidden_layers=4, dropout=0.1); "
+                        "also applied on top of an --init-from config")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=200, metavar="N", help="optimizer steps (default 200)")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="end after step N (with a checkpoint) while keeping the --max-steps schedule, e.g. for "
+                        "time-sliced jobs; continue later with --resume")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="micro-batch rows per process (default 8)")
+    g.add_argument("--grad-accum", type=int, default=2, metavar="A",
+                   help="micro-batches per step; global batch = B x A x processes rows (default 2)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: pretrain 5e-4, sft 2e-4)")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of --max-steps)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off (default 1.0)")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK, else mps, else cpu), cpu, cuda, ...")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype; auto = bf16 on CUDA (fp16 + GradScaler if bf16 is unsupported), fp32 "
+                        "on CPU (bf16 autocast is ~40x slower on CPUs without AVX512-BF16)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off for CPU: ~40 s compile, 2-5%% gain)")
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-every", type=int, default=100, metavar="N",
+                   help="validation loss and bits-per-byte every N steps and at the end; 0 = never (default 100)")
+    g.add_argument("--val-rows", type=int, metavar="R",
+                   help="rows held out for validation (default min(64, 5%% of rows); 0 = none)")
+    g.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="checkpoint every N steps (and always at the end); 0 = only at the end (default 100)")
+    g.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints kept, 0 = all (default 2)")
+    g.add_argument("--log-every", type=int, default=10, metavar="N", help="metrics line every N steps (default 10)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
+    g.add_argument("--wandb", nargs="?", const="tinylm", metavar="PROJECT",
+                   help="also log to Weights & Biases project PROJECT (default tinylm; needs wandb)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = p.parse_args(argv)
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("eval_every", "save_every", "keep_last"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def default_val_rows(n_rows: int) -> int:
+    return min(64, n_rows * 5 // 100)
+
+
+def model_config(args: argparse.Namespace, vocab_size: int, init: dict | None) -> ModelConfig:
+    """The checkpoint's config (``--init-from``) or the preset, with ``--model-arg`` applied; a fresh model
+    takes the dataset's vocabulary size unless it is overridden."""
+    try:
+        if init is not None:
+            return ModelConfig.from_dict(init["model_config"]).override(args.model_arg)
+        cfg = ModelConfig.from_preset(args.model or DEFAULT_MODEL)
+        if not any(item.split("=", 1)[0].strip() == "vocab_size" for item in args.model_arg):
+            cfg = cfg.override({"vocab_size": vocab_size})
+        return cfg.override(args.model_arg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_resume_compatible(args: argparse.Namespace, ckpt: dict) -> None:
+    """A resumed run must be the same run: stage, model and data (the tokenizer is checked separately)."""
+    old = ckpt.get("args", {})
+    if ckpt.get("stage") != args.stage:
+        raise UsageError(f"{ckpt['path']}: a {ckpt.get('stage')} run, but --stage {args.stage}; "
+                         "choose another --out or drop --resume")
+    for key in ("model", "model_arg", "init_from"):
+        now = [str(v) for v in args.model_arg] if key == "model_arg" else getattr(args, key)
+        now = str(now) if isinstance(now, Path) else now
+        if key == "model":
+            now, old[key] = now or DEFAULT_MODEL, old.get(key) or DEFAULT_MODEL
+        if key in old and old[key] != now and not (key == "init_from" and now is None):
+            raise UsageError(f"{ckpt['path']}: --{key.replace('_', '-')} was {old[key]!r}, now {now!r}; "
+                             "a resumed run keeps its model — choose another --out or drop --resume")
+
+
+def tokenizer_record(meta: dict) -> dict[str, Any]:
+    tok = meta["tokenizer"]
+    return {"fingerprint": tok["fingerprint"], "path": tok["path"], "vocab_size": tok["vocab_size"],
+            "special_ids": tok.get("special_ids", {})}
+
+
+def byte_table(meta: dict, vocab_size: int, quiet: bool) -> torch.Tensor | None:
+    """Bytes per token id from the tokenizer recorded in the dataset (None, said once, if it is gone)."""
+    path = Path(meta["tokenizer"]["path"])
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != meta["tokenizer"]["fingerprint"]:
+        if not quiet:
+            print(f"note: tokenizer {path} (recorded in the dataset) is missing or changed: no val_bpb",
+                  file=sys.stderr)
+        return None
+    return torch.from_numpy(token_byte_lengths(path, vocab_size))
+
+
+def copy_tokenizer(meta: dict, out: Path) -> None:
+    """Copy the dataset's tokenizer files into OUT/tokenizer so the run folder is self-contained."""
+    src = Path(meta["tokenizer"]["path"])
+    if not src.is_file():
+        return
+    dst = out / "tokenizer"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src.parent / name).is_file():
+            shutil.copyfile(src.parent / name, dst / name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
+    say = print if info.is_main else (lambda *a, **k: None)
+    device = info.device
+    dtype = resolve_dtype(args.dtype, device)
+    compile_model = device.type == "cuda" if args.compile is None else args.compile
+    stage: Stage = build_stage(args.stage)
+    dataset: PackedDataset = stage.open_dataset(str(args.data))
+    meta = dataset.meta
+    fingerprint = meta["tokenizer"]["fingerprint"]
+
+    resume = init = None
+    if args.resume:
+        found = checkpoint.latest(args.out)
+        if found is None:
+            say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
+        else:
+            resume = checkpoint.load(found)
+            checkpoint.check_tokenizer(resume, fingerprint, str(args.data))
+            check_resume_compatible(args, resume)
+    elif checkpoint.latest(args.out) is not None:
+        raise UsageError(f"{args.out} already holds checkpoints (latest {checkpoint.latest(args.out).name}); "
+                         "pass --resume to continue that run, or choose another --out")
+    if resume is None and args.init_from is not None:
+        init = checkpoint.load(args.init_from)
+        checkpoint.check_tokenizer(init, fingerprint, str(args.data))
+        if args.model is not None:
+            say(f"note: --model {args.model} ignored: the model config comes from {init['path']}")
+    source = resume or init
+    cfg = (ModelConfig.from_dict(resume["model_config"]) if resume is not None
+           else model_config(args, meta["tokenizer"]["vocab_size"], init))
+    if cfg.vocab_size < meta["tokenizer"]["vocab_size"]:
+        raise UsageError(f"model vocab_size {cfg.vocab_size} < the dataset tokenizer's "
+                         f"{meta['tokenizer']['vocab_size']}")
+    if dataset.seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"dataset seq_len {dataset.seq_len} > model max_position_embeddings "
+                         f"{cfg.max_position_embeddings} (--model-arg max_position_embeddings=...)")
+
+    seed_everything(args.seed)  # identical initial weights on every rank
+    model = TinyLM(cfg)
+    if init is not None:
+        checkpoint.load_model_state(model, init["model"], init["path"])
+    model = stage.prepare(model)
+    if resume is not None:
+        checkpoint.load_model_state(model, resume["model"], resume["path"])
+    seed_everything(args.seed + 1000 * info.rank)  # per-rank streams (dropout); restored on resume
+
+    val_rows = default_val_rows(dataset.n_rows) if args.val_rows is None else args.val_rows
+    if val_rows >= dataset.n_rows:
+        raise UsageError(f"--val-rows {val_rows}: {args.data} has only {dataset.n_rows} rows")
+    split = Split(dataset, val_rows)
+    loader = stage.loader(split, args.batch_size, info.rank, info.world, args.seed, device.type == "cuda")
+    if val_rows and args.eval_every:
+        stage.byte_lengths = byte_table(meta, cfg.vocab_size, quiet=not info.is_main)
+
+    lr = stage.default_lr if args.lr is None else args.lr
+    loop_cfg = LoopConfig(
+        max_steps=args.max_steps, grad_accum=args.grad_accum, lr=lr,
+        min_lr=lr / 10 if args.min_lr is None else args.min_lr,
+        warmup_steps=max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=dtype, compile=compile_model,
+        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
+        log_every=args.log_every, stop_after=args.stop_after, progress=not args.no_progress)
+
+    out: Path = args.out
+    wandb = {"project": args.wandb, "name": out.name, "config": jsonable(args)} if args.wandb else None
+    logger = MetricsLogger(out, enabled=info.is_main, tensorboard=args.tensorboard, wandb=wandb)
+    if info.is_main:
+        logger.truncate_after(resume["step"] if resume is not None else 0)
+        copy_tokenizer(meta, out)
+    dist.barrier()
+
+    global_batch = loader.global_batch(args.grad_accum)
+    n_train = split.n_train
+    say(f"== {stage.name}: {args.data} -> {out}")
+    say(model.summary(dataset.seq_len))
+    say(f"data: {dataset.n_rows:,} rows x {dataset.seq_len} ({n_train:,} train, {val_rows} val); global batch "
+        f"{global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
+        f"{global_batch * dataset.seq_len:,} tokens/step; {args.max_steps} steps = "
+        f"{args.max_steps * global_batch / max(n_train, 1):.2f} epochs")
+    say(f"device {device} | dtype {dtype} | compile {compile_model} | lr {loop_cfg.lr:g} -> {loop_cfg.min_lr:g}, "
+        f"warmup {loop_cfg.warmup_steps} | seed {args.seed}")
+    if source is not None:
+        what = "resuming" if resume is not None else "initialised from"
+        say(f"{what} {source['path']} (step {source['step']})")
+
+    ckpt_meta = {"model_config": cfg.to_dict(), "stage": stage.name, "tokenizer": tokenizer_record(meta),
+                 "data": {"folder": str(args.data), "stage": dataset.stage, "seq_len": dataset.seq_len,
+                          "rows": dataset.n_rows, "val_rows": val_rows, "global_batch": global_batch},
+                 "args": jsonable(args)}
+    if init is not None:
+        ckpt_meta["init_from"] = {"path": init["path"], "step": init["step"], "stage": init.get("stage")}
+    start = time.perf_counter()
+    state = train(model, stage, loader, loop_cfg, info, out, logger, ckpt_meta, resume)
+    logger.close()
+    if info.is_main:
+        took = time.perf_counter() - start
+        last_loss = next((r["loss"] for r in reversed(state.history) if "loss" in r), None)
+        last_val = next((r for r in reversed(state.history) if "val_loss" in r), None)
+        plot = plot_losses(out)
+        say(f"done: step {state.step}/{args.max_steps} in {took:.1f} s"
+            + (f" | loss {last_loss:.4f}" if last_loss is not None else "")
+            + (f" | val_loss {last_val['val_loss']:.4f}" if last_val else "")
+            + (f" | val_bpb {last_val['val_bpb']:.4f}" if last_val and "val_bpb" in last_val else ""))
+        found = checkpoint.latest(out)
+        say(f"checkpoint {found}" if found else "no checkpoint written")
+        say(f"metrics    {logger.path}")
+        say(f"plot       {plot}" if plot else "plot       skipped (pip install matplotlib for loss.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = dist.setup(args.device)
+    try:
+        run(args, info)
+    except (UsageError, CheckpointError, StageError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

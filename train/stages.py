@@ -1,0 +1,173 @@
+"""Training stages: the only stage-specific code the loop calls.
+
+A :class:`Stage` chooses (1) the dataset view (which packed folders it accepts, how they are opened
+and batched), (2) the loss of one micro-batch, (3) the trainable parameters (and any change to the
+model, e.g. adapters, in :meth:`Stage.prepare`), (4) extra frozen models (DPO reference, distillation
+teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in :data:`STAGES`. DDP,
+accumulation, compile, autocast, schedule, clipping, logging and checkpoints live in ``train/loop.py``
+and are written once.
+
+Loss contract. For a step the loop hands every micro-batch the same :class:`StepNorm`: the global
+number ``tokens`` of supervised units (summed over all micro-batches of all ranks, clamped to >= 1) and
+the global number of micro-batches ``micro_batches`` (accum x world). ``Stage.loss`` returns this
+micro-batch's *contribution*: the step objective is the sum of the contributions of all micro-batches
+of all ranks. For the cross-entropy stages (pretrain, SFT)::
+
+    contribution = sum(w * ce) / tokens + aux_loss / micro_batches
+
+so the step loss is ``sum_all(w * ce) / N`` (N = supervised tokens of the whole step) plus the mean
+MoE load-balance loss, independent of how the global batch is split into micro-batches and ranks. An
+all-masked step has N clamped to 1 and a finite loss of 0 (+ aux). The metrics dict follows the same
+rule (values are summed over micro-batches and ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train.data import Batch, BatchLoader, PackedDataset, Split
+from train.metrics import bits_per_byte
+
+
+@dataclass(frozen=True)
+class StepNorm:
+    tokens: Tensor  # 0-dim float32 on the device: global supervised units of the step, >= 1
+    micro_batches: int  # global micro-batches of the step: grad_accum * world
+
+
+class StageError(Exception):
+    pass
+
+
+class Stage:
+    """Base stage: every parameter trains, no extra model, the loss is left to subclasses."""
+
+    name: ClassVar[str] = ""
+    dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
+    default_lr: ClassVar[float] = 5e-4
+    find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
+
+    def __init__(self, byte_lengths: Tensor | None = None):
+        self.byte_lengths = byte_lengths  # int64 [vocab]: UTF-8 bytes per token id (for bits per byte)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> PackedDataset:
+        dataset = PackedDataset(folder, tokenizer_fingerprint)
+        if dataset.stage not in self.dataset_stages:
+            raise StageError(f"{folder}: packed for stage {dataset.stage!r}, but --stage {self.name} reads "
+                             f"{' / '.join(self.dataset_stages)} data (python preprocess/pack.py --stage "
+                             f"{self.dataset_stages[0]} ...)")
+        return dataset
+
+    def loader(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
+               pin_memory: bool) -> BatchLoader:
+        """The training/validation batches over ``split`` (DPO would keep chosen/rejected pairs together)."""
+        return BatchLoader(split, micro_batch, rank, world, seed=seed, prefetch=2, pin_memory=pin_memory)
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Change the model before the optimizer sees it (LoRA inserts adapters here); default: as is."""
+        return model
+
+    def trainable(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+        """Named parameters the optimizer updates; the rest must have ``requires_grad = False``."""
+        return model.named_parameters()
+
+    def extra_models(self) -> dict[str, nn.Module]:
+        """Frozen models the loss needs (moved to the device and set to eval by the loop)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---- objective --------------------------------------------------------------------------------------
+    def count(self, batch: Batch) -> Tensor:
+        """Supervised units of a micro-batch (the loss normaliser), computed on the CPU batch."""
+        return (batch.weights > 0).sum()
+
+    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-position cross-entropy in nats, [B, T] float32."""
+    b, t, v = logits.shape
+    return F.cross_entropy(logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none").view(b, t)
+
+
+class CrossEntropyStage(Stage):
+    """Next-token prediction weighted by the mask: ``sum(w * ce) / N`` (+ MoE aux loss)."""
+
+    with_aux = False  # report the aux loss as a metric (MoE models)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.with_aux = bool(getattr(getattr(model, "config", None), "is_moe", False))
+        return model
+
+    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, aux = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+        ce = (token_cross_entropy(logits, batch.targets) * batch.weights).sum() / norm.tokens
+        aux = aux.float() / norm.micro_batches
+        metrics = {"ce": ce.detach(), "aux": aux.detach()} if self.with_aux else {}
+        return ce + aux, metrics
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """Weighted nats and supervised tokens (val loss); unweighted nats and bytes of the supervised
+        tokens that have bytes (special tokens have none) for bits per byte."""
+        logits, _ = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+        ce = token_cross_entropy(logits, batch.targets)
+        sup = batch.weights > 0
+        sums = {"nats": (ce * batch.weights).sum(), "tokens": sup.sum().float()}
+        if self.byte_lengths is not None:
+            table = self.byte_lengths.to(batch.targets.device)
+            nbytes = table[batch.targets] * sup
+            sums["bpb_nats"] = (ce * (nbytes > 0)).sum()
+            sums["bytes"] = nbytes.sum().float()
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        out = {"val_loss": sums["nats"] / max(sums["tokens"], 1.0), "val_tokens": int(sums["tokens"])}
+        if "bytes" in sums:
+            out["val_bpb"] = bits_per_byte(sums["bpb_nats"], sums["bytes"])
+        return out
+
+
+class PretrainStage(CrossEntropyStage):
+    """Next-token loss on fixed windows of the document stream (plain causal attention)."""
+
+    name = "pretrain"
+    dataset_stages = ("pretrain",)
+    default_lr = 5e-4
+
+
+class SFTStage(CrossEntropyStage):
+    """Loss on assistant tokens of packed conversations (per-document attention, positions restart)."""
+
+    name = "sft"
+    dataset_stages = ("sft",)
+    default_lr = 2e-4
+
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTStage)}
+
+
+def build_stage(name: str, **kwargs: Any) -> Stage:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    return STAGES[name](**kwargs)
