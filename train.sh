@@ -14,11 +14,24 @@
 #   PACK_ARGS       extra arguments for preprocess/pack.py (both stages)
 #   MODEL           model preset                                                 [small; smoke tiny]
 #   MODEL_ARGS      space-separated key=value model overrides   [hidden_size=256 num_hidden_layers=4]
-#   PRETRAIN_STEPS / SFT_STEPS                                          [120 / 40; smoke 30 / 20]
+#   PRETRAIN_STEPS / SFT_STEPS                                         [200 / 120; smoke 30 / 20]
+#   PRETRAIN_LR / SFT_LR                                         [2e-3 / 1e-3; smoke 3e-3 / 3e-3]
 #   PRETRAIN_ARGS / SFT_ARGS   extra arguments for train/run.py (they win over the defaults above)
 #   NPROC           processes per node; > 1 launches torchrun (DDP)                              [1]
 #   SKIP_PACK=1 SKIP_PRETRAIN=1 SKIP_SFT=1 SKIP_CHAT=1   skip a step (its outputs must exist)
+#   HELDOUT_EVERY   1 record in N of every pretrain/sft source is kept out of training (in
+#                   OUT_DIR/data/heldout) and bin/eval scores pretrain and SFT on it   [50; 0 = no split]
+#   SKIP_EVAL=1     skip those two evaluations (results: OUT_DIR/{pretrain,sft}/eval_results.jsonl)
 #   PROMPT          the chat prompt at the end
+#
+# Optional stages after SFT, off by default; each packs its DATA_DIR folder into rows of OPT_SEQ_LEN
+# [2 x SEQ_LEN] and starts from OUT_DIR/sft (steps: [40; smoke 5] each, *_ARGS win over the defaults):
+#   REASON=1   reasoning SFT on DATA_DIR/reasoning (<think>/<answer> tags up-weighted) -> OUT_DIR/reason
+#   DPO=1      DPO on DATA_DIR/dpo, reference = the SFT model (log-probs stored once) -> OUT_DIR/dpo
+#   LORA=1     rank-8 LoRA SFT on DATA_DIR/lora, then merged into a dense model      -> OUT_DIR/lora/merged
+#   DISTILL=1  distil the SFT model into a student of DISTILL_MODEL_ARGS on the SFT data -> OUT_DIR/distill
+#              [num_hidden_layers=2; smoke num_hidden_layers=1]
+#   REASON_STEPS DPO_STEPS LORA_STEPS DISTILL_STEPS / REASON_ARGS DPO_ARGS LORA_ARGS DISTILL_ARGS
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -31,7 +44,7 @@ SMOKE=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit 0 ;;
     *) echo "train.sh: unknown argument '$arg' (use --smoke or --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,11 +61,13 @@ PROMPT="${PROMPT:-请介绍一下你自己。}"
 if [[ "$SMOKE" == 1 ]]; then
   OUT_DIR="${OUT_DIR:-out/smoke}"; SEQ_LEN="${SEQ_LEN:-128}"; MODEL="${MODEL:-tiny}"
   MODEL_ARGS="${MODEL_ARGS-}"; PRETRAIN_STEPS="${PRETRAIN_STEPS:-30}"; SFT_STEPS="${SFT_STEPS:-20}"
+  PRETRAIN_LR="${PRETRAIN_LR:-3e-3}"; SFT_LR="${SFT_LR:-3e-3}"
   COMMON=(--batch-size 8 --grad-accum 1 --lr 3e-3 --log-every 10 --eval-every 10 --save-every 10 --val-rows 16)
 else
   OUT_DIR="${OUT_DIR:-out}"; SEQ_LEN="${SEQ_LEN:-512}"; MODEL="${MODEL:-small}"
   MODEL_ARGS="${MODEL_ARGS-hidden_size=256 num_hidden_layers=4}"
-  PRETRAIN_STEPS="${PRETRAIN_STEPS:-120}"; SFT_STEPS="${SFT_STEPS:-40}"
+  PRETRAIN_STEPS="${PRETRAIN_STEPS:-200}"; SFT_STEPS="${SFT_STEPS:-120}"
+  PRETRAIN_LR="${PRETRAIN_LR:-2e-3}"; SFT_LR="${SFT_LR:-1e-3}"
   COMMON=(--batch-size 8 --grad-accum 1 --lr 1e-3 --log-every 10 --eval-every 50 --save-every 50)
 fi
 PACKED="$OUT_DIR/packed"
@@ -66,6 +81,10 @@ else
 fi
 # shellcheck disable=SC2206  # word splitting of the *_ARGS variables is intended
 PACK_EXTRA=(${PACK_ARGS:-}); PRETRAIN_EXTRA=(${PRETRAIN_ARGS:-}); SFT_EXTRA=(${SFT_ARGS:-})
+OPT_SEQ_LEN="${OPT_SEQ_LEN:-$((2 * SEQ_LEN))}"; OPT_STEPS=$([[ "$SMOKE" == 1 ]] && echo 5 || echo 40)
+# shellcheck disable=SC2206
+REASON_EXTRA=(${REASON_ARGS:-}); DPO_EXTRA=(${DPO_ARGS:-}); LORA_EXTRA=(${LORA_ARGS:-}); DISTILL_EXTRA=(${DISTILL_ARGS:-})
+DISTILL_MODEL_ARGS="${DISTILL_MODEL_ARGS-$([[ "$SMOKE" == 1 ]] && echo num_hidden_layers=1 || echo num_hidden_layers=2)}"
 
 step() { printf '\n\033[1m== [%s] %s\033[0m\n' "$1" "$2"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
@@ -82,12 +101,34 @@ else
   echo "using the shipped tokenizer $TOKENIZER_DIR (TRAIN_TOKENIZER=1 trains a new one)"
 fi
 
+HELDOUT_EVERY="${HELDOUT_EVERY:-50}"; HELDOUT="$OUT_DIR/data/heldout"; TRAIN_DATA="$DATA_DIR"
+split_heldout() {  # split_heldout STAGE: record k of each source goes to HELDOUT/STAGE.jsonl when k % N == 0
+  local src dst="$OUT_DIR/data/train/$1"
+  [[ -f "$HELDOUT/$1.jsonl" ]] && return 0  # split once: the packed data records its inputs' mtimes
+  mkdir -p "$dst" "$HELDOUT"
+  rm -f "$HELDOUT/$1.part"; touch "$HELDOUT/$1.part"
+  for src in "$DATA_DIR/$1"/*.jsonl; do
+    awk -v n="$HELDOUT_EVERY" -v out="$HELDOUT/$1.part" 'NR % n == 0 { print >> out; next } { print }' \
+      "$src" > "$dst/$(basename "$src")"
+  done
+  mv "$HELDOUT/$1.part" "$HELDOUT/$1.jsonl"
+}
+evaluate() {  # evaluate RUN STAGE: held-out loss / perplexity / bits per byte of OUT_DIR/RUN
+  if [[ "${SKIP_EVAL:-0}" == 1 || ! -s "$HELDOUT/$2.jsonl" ]]; then echo "eval skipped (SKIP_EVAL=1 or no held-out $2 data)"; return 0; fi
+  run "$PYTHON" bin/eval --ckpt "$OUT_DIR/$1" --data "$HELDOUT/$2.jsonl" --stage "$2" --seq-len "$SEQ_LEN" \
+    --overlong truncate --quiet
+}
+
 step 2/5 "pack $DATA_DIR/{pretrain,sft} into $PACKED (rows of $SEQ_LEN tokens)"
 if [[ "${SKIP_PACK:-0}" == 1 ]]; then
   echo "skipped (SKIP_PACK=1)"
 else
   for stage in pretrain sft; do
-    run "$PYTHON" preprocess/pack.py --stage "$stage" --input "$DATA_DIR/$stage/*.jsonl" --out "$PACKED/$stage" \
+    if [[ "$HELDOUT_EVERY" -gt 0 ]]; then
+      split_heldout "$stage"; TRAIN_DATA="$OUT_DIR/data/train"
+      echo "held out 1 record in $HELDOUT_EVERY of $DATA_DIR/$stage for bin/eval: $HELDOUT/$stage.jsonl"
+    fi
+    run "$PYTHON" preprocess/pack.py --stage "$stage" --input "$TRAIN_DATA/$stage/*.jsonl" --out "$PACKED/$stage" \
       --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${PACK_EXTRA[@]}"
   done
 fi
@@ -97,7 +138,8 @@ if [[ "${SKIP_PRETRAIN:-0}" == 1 ]]; then
   echo "skipped (SKIP_PRETRAIN=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage pretrain --data "$PACKED/pretrain" --out "$OUT_DIR/pretrain" --resume \
-    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" "${PRETRAIN_EXTRA[@]}"
+    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" --lr "$PRETRAIN_LR" "${PRETRAIN_EXTRA[@]}"
+  evaluate pretrain pretrain
 fi
 
 step 4/5 "SFT from the pretrained weights for $SFT_STEPS steps -> $OUT_DIR/sft"
@@ -105,7 +147,40 @@ if [[ "${SKIP_SFT:-0}" == 1 ]]; then
   echo "skipped (SKIP_SFT=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/sft" --out "$OUT_DIR/sft" --resume \
-    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" "${SFT_EXTRA[@]}"
+    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" --lr "$SFT_LR" "${SFT_EXTRA[@]}"
+  evaluate sft sft
+fi
+
+opt_pack() {  # opt_pack PACK_STAGE DATA_SUBFOLDER NAME: pack an optional stage's data (a no-op when done)
+  run "$PYTHON" preprocess/pack.py --stage "$1" --input "$DATA_DIR/$2/*.jsonl" --out "$PACKED/$3" \
+    --tokenizer "$TOKENIZER_DIR" --seq-len "$OPT_SEQ_LEN" --quiet "${PACK_EXTRA[@]}"
+}
+if [[ "${REASON:-0}" == 1 ]]; then
+  step + "reasoning SFT from $OUT_DIR/sft for ${REASON_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/reason"
+  opt_pack reason reasoning reason
+  run "${LAUNCH[@]}" train/run.py --stage reason --data "$PACKED/reason" --out "$OUT_DIR/reason" --resume \
+    --init-from "$OUT_DIR/sft" --max-steps "${REASON_STEPS:-$OPT_STEPS}" "${COMMON[@]}" "${REASON_EXTRA[@]}"
+fi
+if [[ "${DPO:-0}" == 1 ]]; then
+  step + "DPO from $OUT_DIR/sft (also the reference) for ${DPO_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/dpo"
+  opt_pack dpo dpo dpo
+  run "${LAUNCH[@]}" train/run.py --stage dpo --data "$PACKED/dpo" --out "$OUT_DIR/dpo" --resume \
+    --init-from "$OUT_DIR/sft" --max-steps "${DPO_STEPS:-$OPT_STEPS}" "${COMMON[@]}" --lr 1e-4 "${DPO_EXTRA[@]}"
+fi
+if [[ "${LORA:-0}" == 1 ]]; then
+  step + "LoRA SFT on $DATA_DIR/lora from $OUT_DIR/sft for ${LORA_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/lora"
+  opt_pack sft lora lora
+  run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/lora" --out "$OUT_DIR/lora" --resume \
+    --init-from "$OUT_DIR/sft" --max-steps "${LORA_STEPS:-$OPT_STEPS}" "${COMMON[@]}" --lora-rank 8 --merge \
+    "${LORA_EXTRA[@]}"
+fi
+if [[ "${DISTILL:-0}" == 1 ]]; then
+  step + "distil $OUT_DIR/sft into a $MODEL $DISTILL_MODEL_ARGS student for ${DISTILL_STEPS:-$OPT_STEPS} steps"
+  STUDENT_FLAGS=("${MODEL_FLAGS[@]}")
+  for kv in $DISTILL_MODEL_ARGS; do STUDENT_FLAGS+=(--model-arg "$kv"); done
+  run "${LAUNCH[@]}" train/run.py --stage distill --data "$PACKED/sft" --out "$OUT_DIR/distill" --resume \
+    --teacher "$OUT_DIR/sft" "${STUDENT_FLAGS[@]}" --max-steps "${DISTILL_STEPS:-$OPT_STEPS}" "${COMMON[@]}" \
+    "${DISTILL_EXTRA[@]}"
 fi
 
 step 5/5 "chat: one greedy answer from $OUT_DIR/sft"
@@ -114,7 +189,8 @@ if [[ "${SKIP_CHAT:-0}" == 1 ]]; then
 else
   echo "prompt: $PROMPT"
   printf 'answer: '
-  "$PYTHON" bin/chat --ckpt "$OUT_DIR/sft" --prompt "$PROMPT" --temperature 0 --max-new-tokens 64
+  "$PYTHON" bin/chat --ckpt "$OUT_DIR/sft" --prompt "$PROMPT" --temperature 0 --repetition-penalty 1.3 \
+    --max-new-tokens 64
 fi
 echo
 echo "done in $((SECONDS - START)) s. Runs: $OUT_DIR/pretrain $OUT_DIR/sft (metrics.jsonl, loss.png, ckpt_*.pt)"

@@ -28,14 +28,27 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-AttentionMask = BlockMask | Tensor | None
-"""None: plain causal rows; Tensor: dense bool [B, 1, T, T] (True = attend); BlockMask: flex."""
+
+class InferenceMask(NamedTuple):
+    """Mask of a generation step (queries are the T newest of S = past + T positions).
+
+    ``mask`` is bool [B or 1, 1, T, S] (True = attend), or None when every query may see every key
+    (one new token, no padding): then SDPA runs without a mask.
+    """
+
+    mask: Tensor | None
+
+
+AttentionMask = BlockMask | Tensor | InferenceMask | None
+"""None: plain causal rows; Tensor: dense bool [B, 1, T, T] (True = attend); BlockMask: flex;
+InferenceMask: a KV-cache / padded generation step."""
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -86,6 +99,46 @@ def build_attention_mask(doc_ids: Tensor | None, backend: str) -> AttentionMask:
     if backend == "sdpa":
         return dense_document_mask(doc_ids)
     raise ValueError(f"unresolved attention backend {backend!r}")
+
+
+def inference_mask(attention_mask: Tensor | None, past: int, t: int, device: torch.device) -> InferenceMask:
+    """Causal mask of T new queries over S = past + T keys, AND the key-padding ``attention_mask`` [B, S].
+
+    Query i (absolute slot past + i) may see key j iff j <= past + i and ``attention_mask[b, j]``;
+    it always sees itself, so a padding query has a non-empty row (finite output, no NaN) while no
+    real query ever sees a padding key.
+    """
+    if attention_mask is None and t == 1:
+        return InferenceMask(None)
+    s = past + t
+    key = torch.arange(s, device=device)
+    query = past + torch.arange(t, device=device)
+    allowed = key[None, :] <= query[:, None]  # [T, S]
+    if attention_mask is None:
+        return InferenceMask(allowed[None, None])
+    own = key[None, :] == query[:, None]
+    return InferenceMask((allowed[None] & attention_mask.bool()[:, None, :] | own[None])[:, None])
+
+
+def attend_inference(q: Tensor, k: Tensor, v: Tensor, mask: InferenceMask) -> Tensor:
+    """q [B, H, T, D] over cached k/v [B, Hkv, S, D] with an :class:`InferenceMask` -> [B, H, T, D].
+
+    Few queries (decode steps, T <= 8): explicit grouped matmuls, softmax in fp32 -- the query heads of
+    one kv head are stacked as rows ([B, Hkv, G*T, D]), so k/v are neither copied nor repeated. On CPU
+    this is ~10x faster than SDPA's flash kernel for one query over strided cache views. Longer
+    prefills go to SDPA.
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.size(1), k.size(2)
+    if t > 8:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, enable_gqa=h != hkv)
+    g = h // hkv
+    scores = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, G*T, S]
+    if mask.mask is not None:
+        keep = mask.mask[:, :, None]  # [B or 1, 1, 1, T, S] over [B, Hkv, G, T, S]
+        scores = scores.view(b, hkv, g, t, s).masked_fill(~keep, float("-inf")).view(b, hkv, g * t, s)
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return (probs @ v).view(b, h, t, d)
 
 
 @functools.cache

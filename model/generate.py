@@ -1,19 +1,35 @@
-"""Autoregressive sampling without a KV cache (each new token re-runs the whole, cropped, sequence).
+"""Autoregressive generation with a preallocated KV cache, for one prompt or a batch of prompts.
 
-Per step: logits of the last position; temperature 0 -> argmax (greedy, deterministic); otherwise
-softmax(logits / temperature), optionally restricted to the ``top_k`` most likely tokens and/or the
-smallest set whose probability reaches ``top_p``, sampled with ``generator``. Generation stops after
-``max_new_tokens`` or at the first id in ``stop_ids`` (which is not returned). The context is cropped
-to the model's ``max_position_embeddings`` most recent tokens. Cost is O(n^2) in the sequence length:
-fine for one-shot answers; a cached version replaces it for interactive chat.
+Algorithm (:class:`Generation`):
+1. prompts of different lengths are left-padded to the longest (L) with a key-padding mask; each row's
+   positions count its real tokens only, so a padded row computes what it computes alone;
+2. prefill: one forward over [B, L] fills slots 0..L-1 of a :class:`~model.kv_cache.KVCache` of
+   L + budget slots (budget = min(max_new_tokens, max_position_embeddings - L)), logits of the last slot;
+3. decode: per step one token per row is sampled (:func:`sample_next` after
+   :func:`apply_repetition_penalty`), yielded, and fed back as a [B, 1] forward that writes one slot.
+   A row stops at its first id in ``stop_ids`` (not returned; finish reason "stop") or when the budget
+   is spent ("length"); finished rows keep decoding a pad id (masked out of nothing that matters) until
+   every row has finished.
+``use_cache=False`` recomputes the whole sequence each step (O(n^2)): the reference the cache is tested
+against and the baseline of ``bench/bench_generate.py``.
+
+Sampling: temperature 0 -> argmax (greedy, deterministic); otherwise softmax(logits / temperature),
+optionally restricted to the ``top_k`` most likely tokens and/or the smallest set whose probability
+reaches ``top_p``, drawn with ``generator``. Repetition penalty (CTRL): the logit of every token already
+in the row (prompt or answer) is divided by ``penalty`` when positive, multiplied when negative.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from model.kv_cache import KVCache
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -34,33 +50,126 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
-def stream(model: nn.Module, prompt_ids: Iterable[int], max_new_tokens: int = 256, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None, stop_ids: Iterable[int] = (),
-           generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time (single sequence)."""
-    device = next(model.parameters()).device
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    if ids.numel() == 0:
-        raise ValueError("generation needs at least one prompt token")
-    stops = set(stop_ids)
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            context = ids[:, -limit:] if limit else ids
-            logits = model(context)[0][:, -1, :]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            token = int(nxt.item())
-            if token in stops:
+def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float) -> Tensor:
+    """CTRL penalty on logits [B, V] for tokens marked in ``seen`` [B, V] bool (no-op when penalty == 1)."""
+    if seen is None or penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+class Generation:
+    """Iterate to decode: each step yields one entry per prompt, the new token id or None (row finished).
+
+    After the iteration ``tokens[i]`` holds row i's new ids and ``finish_reasons[i]`` is "stop" or "length".
+    An all-None step is never yielded. The model is put in eval mode for the duration.
+    """
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
+                 generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0) -> None:
+        self.prompts = [list(p) for p in prompts]
+        if not self.prompts or any(len(p) == 0 for p in self.prompts):
+            raise ValueError("generation needs at least one prompt, each with at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        limit = model.config.max_position_embeddings
+        longest = max(len(p) for p in self.prompts)
+        if longest > limit:
+            raise ValueError(f"prompt of {longest} tokens exceeds the model's context of {limit}")
+        self.model, self.use_cache, self.pad_id = model, use_cache, pad_id
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty, self.generator = repetition_penalty, generator
+        self.stop_ids = frozenset(stop_ids)
+        self.budget = min(max_new_tokens, limit - longest)
+        self.tokens: list[list[int]] = [[] for _ in self.prompts]
+        self.finish_reasons: list[str | None] = [None] * len(self.prompts)
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield from self._steps()
+        finally:
+            self.model.train(was_training)
+
+    def _steps(self) -> Iterator[list[int | None]]:
+        model, prompts = self.model, self.prompts
+        param = next(model.parameters())
+        device, b = param.device, len(prompts)
+        longest = max(len(p) for p in prompts)
+        total = longest + self.budget
+        ids = torch.full((b, longest), self.pad_id, dtype=torch.long, device=device)
+        full_mask = torch.zeros((b, total), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            full_mask[i, longest - len(p):] = True
+        padded = any(len(p) != longest for p in prompts)
+        seen = None
+        if self.repetition_penalty != 1.0:
+            seen = torch.zeros((b, model.config.vocab_size), dtype=torch.bool, device=device)
+            seen.scatter_(1, ids, full_mask[:, :longest])
+        if self.budget == 0:
+            self.finish_reasons = [FINISH_LENGTH] * b
+            return
+        cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
+        seq = ids
+        logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,
+                       last_only=True).logits[:, -1]
+        done = [False] * b
+        for step in range(self.budget):
+            logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
+            nxt = sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
+            out: list[int | None] = []
+            for i, tok in enumerate(nxt.tolist()):
+                if done[i]:
+                    out.append(None)
+                elif tok in self.stop_ids:
+                    done[i], self.finish_reasons[i] = True, FINISH_STOP
+                    out.append(None)
+                else:
+                    self.tokens[i].append(tok)
+                    out.append(tok)
+            if any(t is not None for t in out):
+                yield out
+            if all(done):
                 return
-            yield token
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-    finally:
-        model.train(was_training)
+            if step == self.budget - 1:
+                break
+            live = torch.tensor([not d for d in done], device=device)
+            nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
+            if seen is not None:
+                seen[torch.arange(b, device=device), nxt] |= live
+            width = longest + step + 1  # slots filled after this step's token is written
+            if padded:
+                full_mask[:, width - 1] = True
+            mask = full_mask[:, :width] if padded else None
+            if cache is not None:
+                logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                logits = model(seq, attention_mask=mask, last_only=True).logits[:, -1]
+        self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
+
+
+def stream(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are produced (arguments: :class:`Generation`)."""
+    for step in Generation(model, [list(prompt_ids)], **kwargs):
+        yield step[0]
 
 
 def generate(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> list[int]:
-    """All new token ids (see :func:`stream` for the arguments)."""
+    """All new token ids of one prompt (see :class:`Generation` for the arguments)."""
     return list(stream(model, prompt_ids, **kwargs))
+
+
+def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+    """New token ids of each prompt, decoded together in one left-padded batch."""
+    gen = Generation(model, prompts, **kwargs)
+    for _ in gen:
+        pass
+    return gen.tokens

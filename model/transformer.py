@@ -7,7 +7,9 @@
 
 RMSNorm is computed in fp32 and cast back before the weight multiply; RoPE uses the rotate-half
 convention with cos/sin tables precomputed in fp32 exactly as transformers does and indexed by
-``position_ids`` (so a later KV cache only has to pass positions). Attention is grouped-query, no
+``position_ids``. Generation passes a preallocated :class:`KVCache` (k/v written in place per layer)
+and, for left-padded batches, a key-padding ``attention_mask``; the training path (no cache, no
+attention_mask) is untouched by either. Attention is grouped-query, no
 biases anywhere. With ``num_experts > 0`` each ``mlp`` is a :class:`MoE` block (DeepSeek/MiniMind
 style: softmax router, top-k routed experts plus always-on shared experts).
 """
@@ -21,8 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.attention import AttentionMask, attend, build_attention_mask, positions_from_doc_ids, resolve_backend
+from model.attention import (
+    AttentionMask,
+    InferenceMask,
+    attend,
+    attend_inference,
+    build_attention_mask,
+    inference_mask,
+    positions_from_doc_ids,
+    resolve_backend,
+)
 from model.config import ModelConfig
+from model.kv_cache import KVCache
 
 
 class ModelOutput(NamedTuple):
@@ -85,13 +97,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, mask)
+        if cache is None and not isinstance(mask, InferenceMask):
+            y = attend(q, k, v, mask)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            y = attend_inference(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -166,8 +184,9 @@ class DecoderLayer(nn.Module):
         self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor]:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
@@ -190,6 +209,8 @@ class Backbone(nn.Module):
 
 class TinyLM(nn.Module):
     """Causal LM. ``forward(input_ids, position_ids=None, doc_ids=None) -> ModelOutput(logits, aux_loss)``.
+
+    Generation adds ``attention_mask`` (left padding) and ``cache`` (a :class:`KVCache`); see ``forward``.
 
     Plain rows (``doc_ids is None``): causal SDPA (flash on CUDA), positions 0..T-1 unless given.
     Packed rows: ``doc_ids`` [B, T] int (padding = -1); a token attends only to earlier tokens of its
@@ -218,24 +239,52 @@ class TinyLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, doc_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Logits for ``input_ids`` [B, T] (``last_only``: for the last position only, [B, 1, V]).
+
+        Training / scoring: ``doc_ids`` and ``position_ids`` as in the class docstring. Generation:
+        ``cache`` holds the k/v of the earlier ``cache.length`` positions (the T new ones are written
+        into it and ``cache.length`` advances by T); ``attention_mask`` [B, past + T] (1 = real token,
+        0 = left padding) covers past and new slots. Without ``position_ids``, a row's positions count
+        its real tokens only (``cumsum(attention_mask) - 1``), so a padded prompt gets the same
+        positions as when run alone.
+        """
         b, t = input_ids.shape
-        if position_ids is None:
-            if doc_ids is None:
-                position_ids = torch.arange(t, device=input_ids.device)[None]
-            else:
-                position_ids = positions_from_doc_ids(doc_ids)
-        backend = resolve_backend(self.config.attn_backend, input_ids.device)
-        mask = build_attention_mask(doc_ids, backend)  # once per forward, shared by all layers
+        if cache is None and attention_mask is None:
+            if position_ids is None:
+                if doc_ids is None:
+                    position_ids = torch.arange(t, device=input_ids.device)[None]
+                else:
+                    position_ids = positions_from_doc_ids(doc_ids)
+            backend = resolve_backend(self.config.attn_backend, input_ids.device)
+            mask: AttentionMask = build_attention_mask(doc_ids, backend)  # once per forward, shared by all layers
+        else:
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed rows) cannot be combined with a KV cache or attention_mask")
+            past = cache.length if cache is not None else 0
+            if attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
+                raise ValueError(f"attention_mask must be [B, past + T] = {[b, past + t]}, "
+                                 f"got {list(attention_mask.shape)}")
+            if position_ids is None:
+                if attention_mask is None:
+                    position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
+                else:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            mask = inference_mask(attention_mask, past, t, input_ids.device)
         body = self.model
         cos, sin = body.rotary_emb(position_ids)
         x = body.dropout(body.embed_tokens(input_ids))
         aux = torch.zeros((), device=input_ids.device)
-        for layer in body.layers:
-            x, layer_aux = layer(x, cos, sin, mask)
+        for i, layer in enumerate(body.layers):
+            x, layer_aux = layer(x, cos, sin, mask, cache, i)
             if layer_aux is not None:
                 aux = aux + layer_aux
+        if cache is not None:
+            cache.length += t
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(body.norm(x)).float()
         return ModelOutput(logits, aux)
 

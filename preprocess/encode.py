@@ -84,29 +84,40 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
     id_lists = [e.ids for e in tok.tokenizer.encode_batch([text for text, _ in segments], add_special_tokens=False)]
     seg_lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(seg_lens.sum()))
-    weights = np.repeat(np.array([w for _, w in segments], dtype=np.uint8), seg_lens)
+    weights = np.repeat(np.fromiter((w for _, w in segments), dtype=np.uint8, count=len(segments)), seg_lens)
     if opts.stage == "reason" and opts.tag_weight != 1:
         tag_ids = [tok.special_ids[t] for t in REASONING_TAGS]
         weights[(weights > 0) & np.isin(ids, tag_ids)] = opts.tag_weight
 
+    # Token length of every document: segment lengths summed per document (vectorised).
+    segs_per_doc = np.fromiter((len(doc) for docs in docs_of_item for doc in docs), dtype=np.int64)
+    doc_lens = (np.add.reduceat(seg_lens, np.cumsum(segs_per_doc) - segs_per_doc) if segs_per_doc.size
+                else np.zeros(0, np.int64))
+    docs_per_item = [len(docs) for docs in docs_of_item]
+    if opts.stage not in PACKED_STAGES:  # pretrain: every document kept whole
+        chunk.tokens, chunk.weights, chunk.doc_lens = ids, weights, doc_lens
+        chunk.unit_docs = docs_per_item
+        return chunk
+
     keep = np.ones(len(ids), dtype=bool)
-    doc_lens: list[int] = []
-    seg_pos = tok_pos = 0
-    for i, docs in enumerate(docs_of_item):
-        lens = []
-        for doc in docs:
-            lens.append(int(seg_lens[seg_pos:seg_pos + len(doc)].sum()))
-            seg_pos += len(doc)
-        outcome, kept = (OK, lens) if opts.stage not in PACKED_STAGES else _fit(lens, opts.seq_len, opts.overlong)
-        if docs:
+    kept_lens: list[int] = []
+    doc_pos = tok_pos = 0
+    for i, n_docs in enumerate(docs_per_item):
+        lens = doc_lens[doc_pos:doc_pos + n_docs].tolist()
+        doc_pos += n_docs
+        outcome, kept = _fit(lens, opts.seq_len, opts.overlong)
+        if n_docs:
             chunk.outcomes[i] = outcome
-        for full, k in zip(lens, kept + [0] * (len(lens) - len(kept)), strict=True):
-            keep[tok_pos + k: tok_pos + full] = False
-            tok_pos += full
-        doc_lens.extend(kept)
+        if outcome == OK:
+            tok_pos += sum(lens)
+        else:
+            for full, k in zip(lens, kept + [0] * (len(lens) - len(kept)), strict=True):
+                keep[tok_pos + k: tok_pos + full] = False
+                tok_pos += full
+        kept_lens.extend(kept)
         chunk.unit_docs.append(len(kept))
     chunk.tokens, chunk.weights = ids[keep], weights[keep]
-    chunk.doc_lens = np.array(doc_lens, dtype=np.int64)
+    chunk.doc_lens = np.array(kept_lens, dtype=np.int64)
     return chunk
 
 

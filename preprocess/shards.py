@@ -10,6 +10,11 @@ A packed dataset folder holds ``meta.json`` and, per shard ``shard_NNNNN``:
   their training rows are fixed windows over the token stream.
 - ``.json`` the shard's counts, sizes and checksums; written last, so its presence means "finished".
 
+DPO reference log-probabilities live beside the shards in ``ref_<fingerprint16>/`` (the first 16 hex digits
+of the reference checkpoint's weight fingerprint): one ``shard_NNNNN.ref`` per shard (float32, one value
+per document: the summed log-probability of its supervised tokens under the reference model) and a
+``meta.json`` naming the checkpoint and the dataset they were computed for, written last.
+
 Every binary file starts with a 256-byte header of 32 little-endian int64:
 ``[MAGIC, VERSION, kind, itemsize, count, n_docs, n_rows, 0...]`` where ``count`` is the number of
 payload items; so ``file size == 256 + count * itemsize`` is checked before a shard is trusted.
@@ -30,8 +35,9 @@ MAGIC = int.from_bytes(b"tinylm\x00\x01", "little")
 VERSION = 1
 HEADER_INTS = 32
 HEADER_BYTES = HEADER_INTS * 8
-KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX = 1, 2, 3
-EXTENSIONS = {KIND_TOKENS: ".bin", KIND_WEIGHTS: ".mask", KIND_INDEX: ".idx"}
+KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX, KIND_REF_LOGPS = 1, 2, 3, 4
+EXTENSIONS = {KIND_TOKENS: ".bin", KIND_WEIGHTS: ".mask", KIND_INDEX: ".idx", KIND_REF_LOGPS: ".ref"}
+REF_PREFIX = "ref_"
 UINT16_LIMIT = 65_536
 
 
@@ -215,10 +221,25 @@ class PackedFolder:
         self.n_rows = int(self.row_start[-1])
 
     def _locate(self, row: int) -> tuple[ShardArrays, int]:
+        s, local = self.shard_of(row)
+        return self.shards[s], local
+
+    def shard_of(self, row: int) -> tuple[int, int]:
+        """(shard index, row index inside that shard) of a global row."""
         if not 0 <= row < self.n_rows:
             raise IndexError(f"row {row} outside 0..{self.n_rows - 1}")
         s = int(np.searchsorted(self.row_start, row, side="right")) - 1
-        return self.shards[s], row - int(self.row_start[s])
+        return s, row - int(self.row_start[s])
+
+    def row_documents(self, row: int) -> tuple[int, int, int]:
+        """(shard index, first document, end document) of a packed row: documents ``d0 .. d1 - 1``."""
+        s, local = self.shard_of(row)
+        row_docs = self.shards[s].row_docs
+        return s, int(row_docs[local]), int(row_docs[local + 1])
+
+    def max_row_documents(self) -> int:
+        """The most documents any packed row holds (0 for pretrain)."""
+        return max((int(np.diff(np.asarray(s.row_docs)).max()) for s in self.shards if s.n_rows), default=0)
 
     def row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, mask bytes, lengths of the documents or document pieces in it) of one row."""
@@ -236,3 +257,64 @@ class PackedFolder:
 
     def document_lengths(self) -> np.ndarray:
         return np.concatenate([np.diff(np.asarray(s.doc_offsets)) for s in self.shards]) if self.shards else np.zeros(0)
+
+
+# ---- DPO reference log-probabilities -------------------------------------------------------------------
+
+def ref_folder(folder: str | Path, fingerprint: str) -> Path:
+    """Where the reference log-probs of the checkpoint with weight ``fingerprint`` live for this dataset."""
+    return Path(folder) / f"{REF_PREFIX}{fingerprint[:16]}"
+
+
+def write_ref_logps(ref_dir: Path, name: str, values: np.ndarray, n_rows: int) -> dict:
+    """Write one shard's per-document reference log-probs (float32) atomically; returns its file record."""
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    path = ref_dir / (name + EXTENSIONS[KIND_REF_LOGPS])
+    values = np.asarray(values, dtype="<f4")
+    digest = _write_array(path, KIND_REF_LOGPS, values, values.size, n_rows)
+    return {"name": name, "file": path.name, "documents": int(values.size), "bytes": path.stat().st_size,
+            "sha256": digest}
+
+
+def write_ref_meta(ref_dir: Path, reference: dict, dataset_meta: dict, shard_records: list[dict]) -> None:
+    """``ref_dir/meta.json`` (written last): the checkpoint, the dataset and every shard's file record."""
+    atomic_write_json(ref_dir / "meta.json", {
+        "format_version": VERSION, "kind": "dpo_reference_logps", "dtype": "float32",
+        "definition": "per document: sum over its supervised target tokens of log p_ref(token | prefix), nats",
+        "reference": reference, "dataset": {"plan_fingerprint": dataset_meta.get("plan_fingerprint"),
+                                            "tokenizer_fingerprint": dataset_meta["tokenizer"]["fingerprint"]},
+        "shards": shard_records})
+
+
+def open_ref_logps(ref_dir: Path, fingerprint: str, dataset_meta: dict) -> list[np.ndarray]:
+    """Every shard's reference log-probs, checked against the checkpoint fingerprint, the dataset (plan
+    fingerprint, shard names, document counts) and the files' sizes and checksums. ShardError names the file."""
+    meta_path = ref_dir / "meta.json"
+    if not meta_path.is_file():
+        raise ShardError(f"{meta_path}: missing — the reference log-probs in {ref_dir} were never finished")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{meta_path}: not valid JSON ({e})") from None
+    stale = "stale reference log-probs; delete the folder to recompute them"
+    if meta.get("kind") != "dpo_reference_logps" or meta.get("format_version") != VERSION:
+        raise ShardError(f"{meta_path}: not tinylm v{VERSION} DPO reference log-probs")
+    if meta["reference"].get("fingerprint") != fingerprint:
+        made_by = meta["reference"]
+        raise ShardError(f"{meta_path}: computed with checkpoint {made_by.get('path')} (weights "
+                         f"{str(made_by.get('fingerprint'))[:12]}), not the reference {fingerprint[:12]}: {stale}")
+    if meta["dataset"].get("plan_fingerprint") != dataset_meta.get("plan_fingerprint"):
+        raise ShardError(f"{meta_path}: computed for another packing of this folder (re-packed since): {stale}")
+    names = [s["name"] for s in dataset_meta["shards"]]
+    if [s["name"] for s in meta["shards"]] != names:
+        raise ShardError(f"{meta_path}: lists other shards than the dataset: {stale}")
+    out = []
+    for record, shard in zip(meta["shards"], dataset_meta["shards"], strict=True):
+        path = ref_dir / record["file"]
+        _, values = _map(path, KIND_REF_LOGPS, "float32")
+        if len(values) != shard["documents"]:
+            raise ShardError(f"{path}: {len(values)} documents, the shard has {shard['documents']}: {stale}")
+        if file_sha256(path) != record["sha256"]:
+            raise ShardError(f"{path}: checksum mismatch (the file was changed or corrupted): {stale}")
+        out.append(values)
+    return out

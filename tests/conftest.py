@@ -24,12 +24,17 @@ def run_pack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def packed_sample(tmp_path_factory) -> dict[str, Path]:
-    """Every stage of the shipped sample packed once (seq-len 256, 30k-token shards so there are several)."""
+    """Every stage of the shipped sample packed once (seq-len 256, 30k-token shards so there are several).
+
+    Keys: pretrain, sft, reason, dpo, plus ``lora`` (the sample's LoRA conversations, packed as sft) and
+    ``dpo_shards`` (the DPO sample in 3k-token shards: several shards of pairs)."""
     root = tmp_path_factory.mktemp("packed")
-    inputs = {"pretrain": "pretrain", "sft": "sft", "reason": "reasoning", "dpo": "dpo"}
+    inputs = {"pretrain": ("pretrain", "pretrain", "30000"), "sft": ("sft", "sft", "30000"),
+              "reason": ("reason", "reasoning", "30000"), "dpo": ("dpo", "dpo", "30000"),
+              "lora": ("sft", "lora", "30000"), "dpo_shards": ("dpo", "dpo", "3000")}
     out = {}
-    for stage, folder in inputs.items():
-        out[stage] = root / stage
-        run_pack("--stage", stage, "--input", str(SAMPLE / folder / "*.jsonl"), "--out", str(out[stage]),
-                 "--seq-len", "256", "--shard-tokens", "30000", "--workers", "2")
+    for key, (stage, folder, shard_tokens) in inputs.items():
+        out[key] = root / key
+        run_pack("--stage", stage, "--input", str(SAMPLE / folder / "*.jsonl"), "--out", str(out[key]),
+                 "--seq-len", "256", "--shard-tokens", shard_tokens, "--workers", "2")
     return out

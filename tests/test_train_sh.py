@@ -34,10 +34,16 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert pre["tokenizer"]["fingerprint"] == sft["tokenizer"]["fingerprint"]
     assert any("val_loss" in r for r in read_metrics(out / "sft"))
 
+    # the re-run also takes two optional stages (2 steps each): DPO from the SFT model, LoRA + merge
     again = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-                                 "SKIP_PACK": "1", "SKIP_CHAT": "1"})
-    assert again.returncode == 0, again.stderr[-3000:]
+                                 "SKIP_PACK": "1", "SKIP_CHAT": "1", "DPO": "1", "DPO_STEPS": "2", "LORA": "1",
+                                 "LORA_STEPS": "2"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout and "skipped (SKIP_CHAT=1)" in again.stdout
+    dpo, lora = checkpoint.load(out / "dpo"), checkpoint.load(out / "lora")
+    assert dpo["stage"] == "dpo" and dpo["reference"]["path"] == sft["path"] and dpo["step"] == 2
+    assert lora["base"]["path"] == sft["path"] and lora["lora"]["rank"] == 8
+    assert checkpoint.load(out / "lora" / "merged")["merged_from"]["adapter"] == lora["path"]
 
 
 def test_help_and_bad_argument():

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from preprocess.tokenizer_io import TokenizerError, TokenizerInfo, load_tokenizer
 
 FORMAT = "tinylm-checkpoint-1"
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -132,6 +135,9 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     """Copy ``state`` into ``model`` (unwrapped); refuse any missing, unexpected or mis-shaped key."""
     target = unwrap(model)
     own = target.state_dict()
+    if state and all(k.endswith((".lora_A", ".lora_B")) for k in state) and not any("lora_" in k for k in own):
+        raise CheckpointError(f"{source}: holds only a LoRA adapter, not a whole model; fold it into its base "
+                              f"first: bin/merge --ckpt {source} --out DIR")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     problems = []
@@ -148,9 +154,46 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     target.load_state_dict(state, strict=True)
 
 
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict: names the weights (not the
+    file), so a reference or a LoRA base is recognised wherever its checkpoint was copied to."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def source_record(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``{path, step, stage, fingerprint}`` of a loaded checkpoint, as stored in the runs that use it."""
+    return {"path": ckpt["path"], "step": ckpt.get("step"), "stage": ckpt.get("stage"),
+            "fingerprint": state_fingerprint(ckpt["model"])}
+
+
 def _short(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def find_tokenizer(ckpt: dict[str, Any]) -> TokenizerInfo:
+    """The tokenizer a loaded checkpoint was trained with: ``<run folder>/tokenizer/tokenizer.json``, then
+    the recorded ``tokenizer.path``; the first whose sha256 equals the recorded fingerprint (any file when
+    none is recorded). CheckpointError (one line naming what was tried) when none fits."""
+    record = ckpt.get("tokenizer") or {}
+    want = record.get("fingerprint")
+    candidates = [Path(ckpt["path"]).parent / "tokenizer" / "tokenizer.json"]
+    if record.get("path"):
+        candidates.append(Path(record["path"]))
+    for file in candidates:
+        if file.is_file() and (not want or hashlib.sha256(file.read_bytes()).hexdigest() == want):
+            try:
+                return load_tokenizer(file)
+            except TokenizerError as e:
+                raise CheckpointError(str(e)) from None
+    tried = ", ".join(str(c) for c in candidates)
+    raise CheckpointError(f"{ckpt['path']}: its tokenizer (fingerprint {str(want)[:12]}) was not found "
+                          f"(tried {tried})")
 
 
 def check_tokenizer(ckpt: dict[str, Any], fingerprint: str, dataset: str) -> None:

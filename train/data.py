@@ -70,6 +70,7 @@ class Batch:
     weights: torch.Tensor  # [B, T] float32 loss weights (0 = no loss)
     doc_ids: torch.Tensor | None = None  # [B, T] int32, packed rows only
     position_ids: torch.Tensor | None = None  # [B, T] int64, packed rows only
+    ref_logps: torch.Tensor | None = None  # [B, D] float32, DPO: reference log-prob of each row's documents
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking)

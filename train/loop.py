@@ -145,7 +145,7 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
         if info.is_main:
             payload = {
                 "step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-                "supervised_seen": state.supervised_seen, "model": checkpoint.model_state(model),
+                "supervised_seen": state.supervised_seen, "model": stage.model_state(model),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "stage_state": stage.state_dict(), "rng": rng, "world": info.world, **ckpt_meta,
@@ -210,7 +210,7 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
                 record["eta_s"] = (now - run_start) / (state.step - run_start_step) * (end - state.step)
                 if info.is_main:
                     logger.log(record)
-                    bar.write(format_line(record, cfg.max_steps))
+                    bar.write(format_line(record, cfg.max_steps, names[1:]))
                 state.history.append(record)
                 window_start, window_tokens, window_steps, window_sup = now, 0, 0, state.supervised_seen
 
@@ -252,26 +252,31 @@ def evaluate(model: nn.Module, stage: Stage, loader: BatchLoader, device: torch.
     return stage.eval_metrics(dict(zip(keys, packed.tolist(), strict=True)))
 
 
-def format_line(record: dict[str, Any], max_steps: int) -> str:
-    """One human line: ``step 20/200 | loss 5.1234 | lr 4.2e-04 | 12.3k tok/s | mfu 31.0% | eta 1m20s``."""
+def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple[str, ...] = ()) -> str:
+    """One human line: ``step 20/200 | loss 5.1234 | lr 4.2e-04 | 12.3k tok/s | mfu 31.0% | eta 1m20s``.
+
+    ``parts`` are the stage's own metrics (e.g. DPO ``margin``, ``acc``), printed after the loss; an
+    evaluation record prints every ``val_*`` value the stage reported."""
     width = len(str(max_steps))
-    parts = [f"step {record['step']:>{width}}/{max_steps}"]
+    out = [f"step {record['step']:>{width}}/{max_steps}"]
     if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f}")
-        if "val_bpb" in record:
-            parts.append(f"val_bpb {record['val_bpb']:.4f}")
-        return " | ".join(parts)
-    parts.append(f"loss {record['loss']:.4f}")
-    if "aux" in record:
-        parts.append(f"aux {record['aux']:.4f}")
-    parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{_si(record['tokens_per_s'])} tok/s")
+        out.append(f"val_loss {record['val_loss']:.4f}")
+        for key, value in record.items():
+            if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
+                out.append(f"{key} {value:.4f}")
+        return " | ".join(out)
+    out.append(f"loss {record['loss']:.4f}")
+    for key in (*parts, *(() if "aux" in parts else ("aux",))):
+        if key in record:
+            out.append(f"{key} {record[key]:.4f}")
+    out.append(f"lr {record['lr']:.2e}")
+    out.append(f"{_si(record['tokens_per_s'])} tok/s")
     if record.get("supervised_per_s", math.inf) < 0.99 * record["tokens_per_s"]:  # packed data: show both
-        parts.append(f"{_si(record['supervised_per_s'])} sup/s")
+        out.append(f"{_si(record['supervised_per_s'])} sup/s")
     if "mfu" in record:
-        parts.append(f"mfu {100 * record['mfu']:.1f}%")
-    parts.append(f"eta {_duration(record['eta_s'])}")
-    return " | ".join(parts)
+        out.append(f"mfu {100 * record['mfu']:.1f}%")
+    out.append(f"eta {_duration(record['eta_s'])}")
+    return " | ".join(out)
 
 
 def _si(x: float) -> str:

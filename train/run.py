@@ -5,6 +5,10 @@
   python train/run.py --stage sft --data data/packed/sft --out out/sft --init-from out/pretrain
   torchrun --nproc_per_node 2 train/run.py --stage pretrain ...      (DDP; multi-node: torchrun's flags)
   python train/run.py ... --resume       (continue from the latest checkpoint in --out, exactly)
+  python train/run.py --stage dpo --data data/packed/dpo --out out/dpo --init-from out/sft --beta 0.1
+  python train/run.py --stage reason --data data/packed/reason --out out/reason --init-from out/sft
+  python train/run.py --stage distill --data data/packed/sft --out out/student --model tiny --teacher out/sft
+  python train/run.py --stage sft --data data/packed/lora --out out/lora --init-from out/sft --lora-rank 8 --merge
 
 A run folder receives ckpt_<step>.pt (atomic, the last --keep-last kept), metrics.jsonl (one JSON
 object per logged step / evaluation), loss.png (when matplotlib is installed) and a copy of the
@@ -36,15 +40,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model import ModelConfig, TinyLM  # noqa: E402
+from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
 from preprocess.shards import ShardError  # noqa: E402
 from train import checkpoint, dist  # noqa: E402
 from train.checkpoint import CheckpointError  # noqa: E402
 from train.data import PackedDataset, Split  # noqa: E402
 from train.loop import LoopConfig, resolve_dtype, train  # noqa: E402
+from train.merge import merge_checkpoint  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
-from train.stages import STAGES, Stage, StageError, build_stage  # noqa: E402
+from train.stages import STAGES, Stage, StageContext, StageError, build_stage  # noqa: E402
 
 DEFAULT_MODEL = "small"
+# stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
+STAGE_FLAGS = {"beta": "--beta", "online_ref": "--online-ref", "ref_from": "--ref-from", "teacher": "--teacher",
+               "alpha": "--alpha", "temperature": "--temperature"}
+LORA_FLAGS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "merge": "--merge"}
 
 
 class UsageError(Exception):
@@ -57,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--stage", required=True, choices=sorted(STAGES),
                    help="pretrain: next-token loss on document windows; sft: loss on assistant tokens of "
-                        "packed conversations")
+                        "packed conversations; reason: sft on <think>/<answer> data, tag tokens up-weighted by the "
+                        "mask; dpo: preference loss on (chosen, rejected) pairs; distill: CE + KL to a --teacher")
     g.add_argument("--data", required=True, type=Path, metavar="DIR",
                    help="packed dataset folder (preprocess/pack.py --stage STAGE --out DIR)")
     g.add_argument("--out", required=True, type=Path, metavar="DIR", help="run folder (checkpoints, metrics)")
@@ -84,11 +95,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="micro-batch rows per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=2, metavar="A",
                    help="micro-batches per step; global batch = B x A x processes rows (default 2)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: pretrain 5e-4, sft 2e-4)")
+    g.add_argument("--lr", type=float,
+                   help="peak learning rate (default: pretrain 5e-4, sft / reason / distill 2e-4, dpo 1e-5)")
     g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of --max-steps)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off (default 1.0)")
+
+    g = p.add_argument_group("dpo (--stage dpo)")
+    g.add_argument("--beta", type=float, metavar="B",
+                   help="DPO temperature: loss -log sigmoid(B * ((pi_c - ref_c) - (pi_r - ref_r))) (default 0.1)")
+    g.add_argument("--ref-from", type=Path, metavar="CKPT",
+                   help="reference model (default: the --init-from checkpoint); its log-probs are computed once into "
+                        "DATA/ref_<fingerprint>/ and reused by later runs")
+    g.add_argument("--online-ref", action="store_true",
+                   help="keep the frozen reference model in memory and score every batch with it instead of using "
+                        "stored log-probs (same loss, more memory and compute)")
+    g = p.add_argument_group("distillation (--stage distill)")
+    g.add_argument("--teacher", type=Path, metavar="CKPT",
+                   help="frozen teacher checkpoint or run folder (any size, same tokenizer)")
+    g.add_argument("--alpha", type=float, metavar="A",
+                   help="loss = A * CE + (1 - A) * T^2 * KL(teacher || student) (default 0.5)")
+    g.add_argument("--temperature", type=float, metavar="T", help="softmax temperature of the KL term (default 2.0)")
+    g = p.add_argument_group("LoRA (any stage)")
+    g.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train rank-R adapters on a frozen --init-from base instead of all weights; checkpoints "
+                        "then hold only the adapter (and name the base)")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="adapter scaling ALPHA / R (default ALPHA = R, i.e. scaling 1)")
+    g.add_argument("--lora-targets", metavar="NAMES",
+                   help=f"comma-separated projections to adapt (default all: {','.join(ALL_TARGETS)})")
+    g.add_argument("--merge", action="store_true",
+                   help="after training, fold the adapter into the base: a dense checkpoint in OUT/merged "
+                        "(same as bin/merge --ckpt OUT --out OUT/merged)")
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK, else mps, else cpu), cpu, cuda, ...")
@@ -118,7 +157,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("eval_every", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    takes = STAGES[args.stage].options
+    for dest, flag in STAGE_FLAGS.items():
+        if getattr(args, dest) not in (None, False) and dest not in takes:
+            users = [name for name, cls in STAGES.items() if dest in cls.options]
+            p.error(f"{flag} applies to --stage {' / '.join(users)} only, not --stage {args.stage}")
+    if args.lora_rank is None:
+        for dest, flag in LORA_FLAGS.items():
+            if getattr(args, dest) not in (None, False):
+                p.error(f"{flag} needs --lora-rank")
+    elif args.lora_rank < 1:
+        p.error("--lora-rank must be >= 1")
+    try:
+        args.lora = lora_config(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    if args.lora_rank is None:
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else ALL_TARGETS
+    alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
+    return LoRAConfig(args.lora_rank, alpha, targets)
 
 
 def default_val_rows(n_rows: int) -> int:
@@ -191,7 +253,7 @@ def seed_everything(seed: int) -> None:
 
 
 def jsonable(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "lora"}
 
 
 def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
@@ -199,7 +261,8 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     device = info.device
     dtype = resolve_dtype(args.dtype, device)
     compile_model = device.type == "cuda" if args.compile is None else args.compile
-    stage: Stage = build_stage(args.stage)
+    options = {dest: getattr(args, dest) for dest in STAGES[args.stage].options}
+    stage: Stage = build_stage(args.stage, lora=args.lora, **options)
     dataset: PackedDataset = stage.open_dataset(str(args.data))
     meta = dataset.meta
     fingerprint = meta["tokenizer"]["fingerprint"]
@@ -221,6 +284,22 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
         checkpoint.check_tokenizer(init, fingerprint, str(args.data))
         if args.model is not None:
             say(f"note: --model {args.model} ignored: the model config comes from {init['path']}")
+    base = None  # a LoRA run's frozen base checkpoint
+    if args.lora is not None:
+        if resume is not None:
+            if resume.get("lora") != args.lora.to_dict():
+                raise UsageError(f"{resume['path']}: LoRA config {resume.get('lora')}, now {args.lora.to_dict()}; "
+                                 "a resumed run keeps its adapter shape")
+            base = checkpoint.load(resume["base"]["path"])
+            if checkpoint.state_fingerprint(base["model"]) != resume["base"]["fingerprint"]:
+                raise UsageError(f"{base['path']}: the base model of this LoRA run has changed since it started")
+        elif init is None:
+            raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
+        else:
+            base = init
+    elif resume is not None and resume.get("lora"):
+        raise UsageError(f"{resume['path']}: a LoRA run (rank {resume['lora']['rank']}); resume it with the same "
+                         "--lora-* flags")
     source = resume or init
     cfg = (ModelConfig.from_dict(resume["model_config"]) if resume is not None
            else model_config(args, meta["tokenizer"]["vocab_size"], init))
@@ -233,11 +312,14 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
 
     seed_everything(args.seed)  # identical initial weights on every rank
     model = TinyLM(cfg)
-    if init is not None:
-        checkpoint.load_model_state(model, init["model"], init["path"])
+    if base is not None or init is not None:
+        weights = base if base is not None else init
+        checkpoint.load_model_state(model, weights["model"], weights["path"])
     model = stage.prepare(model)
     if resume is not None:
-        checkpoint.load_model_state(model, resume["model"], resume["path"])
+        stage.load_model_state(model, resume["model"], resume["path"])
+    stage.setup(StageContext(dataset, device, info.rank, info.world, args.batch_size, init, resume, say,
+                             dist.barrier))
     seed_everything(args.seed + 1000 * info.rank)  # per-rank streams (dropout); restored on resume
 
     val_rows = default_val_rows(dataset.n_rows) if args.val_rows is None else args.val_rows
@@ -269,6 +351,10 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     n_train = split.n_train
     say(f"== {stage.name}: {args.data} -> {out}")
     say(model.summary(dataset.seq_len))
+    if args.lora is not None:
+        n_adapter = sum(p.numel() for _, p in stage.trainable(model))
+        say(f"lora: rank {args.lora.rank}, alpha {args.lora.alpha:g} on {','.join(args.lora.targets)}: "
+            f"{n_adapter:,} trainable params ({100 * n_adapter / model.num_params():.2f}%), base {base['path']} frozen")
     say(f"data: {dataset.n_rows:,} rows x {dataset.seq_len} ({n_train:,} train, {val_rows} val); global batch "
         f"{global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
         f"{global_batch * dataset.seq_len:,} tokens/step; {args.max_steps} steps = "
@@ -285,6 +371,9 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
                  "args": jsonable(args)}
     if init is not None:
         ckpt_meta["init_from"] = {"path": init["path"], "step": init["step"], "stage": init.get("stage")}
+    if base is not None:
+        ckpt_meta["base"] = resume["base"] if resume is not None else checkpoint.source_record(base)
+    ckpt_meta.update(stage.checkpoint_meta())
     start = time.perf_counter()
     state = train(model, stage, loader, loop_cfg, info, out, logger, ckpt_meta, resume)
     logger.close()
@@ -296,11 +385,14 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
         say(f"done: step {state.step}/{args.max_steps} in {took:.1f} s"
             + (f" | loss {last_loss:.4f}" if last_loss is not None else "")
             + (f" | val_loss {last_val['val_loss']:.4f}" if last_val else "")
-            + (f" | val_bpb {last_val['val_bpb']:.4f}" if last_val and "val_bpb" in last_val else ""))
+            + "".join(f" | {k} {v:.4f}" for k, v in (last_val or {}).items()
+                      if k.startswith("val_") and k != "val_loss" and isinstance(v, float)))
         found = checkpoint.latest(out)
         say(f"checkpoint {found}" if found else "no checkpoint written")
         say(f"metrics    {logger.path}")
         say(f"plot       {plot}" if plot else "plot       skipped (pip install matplotlib for loss.png)")
+        if args.merge and found is not None:
+            say(f"merged     {merge_checkpoint(found, out / 'merged')}  (adapter folded into the base)")
 
 
 def main(argv: list[str] | None = None) -> int:

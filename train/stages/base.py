@@ -1,36 +1,49 @@
-"""Training stages: the only stage-specific code the loop calls.
+"""The stage interface and the cross-entropy stages (pretrain, SFT, reasoning).
 
 A :class:`Stage` chooses (1) the dataset view (which packed folders it accepts, how they are opened
 and batched), (2) the loss of one micro-batch, (3) the trainable parameters (and any change to the
-model, e.g. adapters, in :meth:`Stage.prepare`), (4) extra frozen models (DPO reference, distillation
-teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in :data:`STAGES`. DDP,
-accumulation, compile, autocast, schedule, clipping, logging and checkpoints live in ``train/loop.py``
-and are written once.
+model, e.g. LoRA adapters, in :meth:`Stage.prepare`), (4) extra frozen models (DPO reference,
+distillation teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in
+``train.stages.STAGES``. DDP, accumulation, compile, autocast, schedule, clipping, logging and
+checkpoints live in ``train/loop.py`` and are written once.
+
+Generic hooks the runner calls, all optional: ``options`` (the stage-specific command-line flags it
+accepts; any other stage flag is a usage error), :meth:`Stage.setup` (after the model is built: load a
+teacher, compute reference log-probs), :meth:`Stage.checkpoint_meta` (extra records stored in every
+checkpoint), :meth:`Stage.model_state` / :meth:`Stage.load_model_state` (what of the model a checkpoint
+holds: everything, or only the LoRA adapter over a recorded base).
+
+LoRA (``Stage(lora=LoRAConfig(...))``, any stage): :meth:`Stage.prepare` freezes the model and inserts
+adapters (``model/lora.py``), :meth:`Stage.trainable` returns the adapter parameters only, and a
+checkpoint's ``model`` holds only the adapter tensors; the frozen base is named by the checkpoint's
+``base`` record (path + weight fingerprint).
 
 Loss contract. For a step the loop hands every micro-batch the same :class:`StepNorm`: the global
 number ``tokens`` of supervised units (summed over all micro-batches of all ranks, clamped to >= 1) and
 the global number of micro-batches ``micro_batches`` (accum x world). ``Stage.loss`` returns this
 micro-batch's *contribution*: the step objective is the sum of the contributions of all micro-batches
-of all ranks. For the cross-entropy stages (pretrain, SFT)::
+of all ranks. For the cross-entropy stages (pretrain, SFT, reason)::
 
     contribution = sum(w * ce) / tokens + aux_loss / micro_batches
 
 so the step loss is ``sum_all(w * ce) / N`` (N = supervised tokens of the whole step) plus the mean
 MoE load-balance loss, independent of how the global batch is split into micro-batches and ranks. An
 all-masked step has N clamped to 1 and a finite loss of 0 (+ aux). The metrics dict follows the same
-rule (values are summed over micro-batches and ranks).
+rule (values are summed over micro-batches and ranks). Other stages define their own unit (DPO: pairs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from train import checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
 from train.metrics import bits_per_byte
 
@@ -42,7 +55,22 @@ class StepNorm:
 
 
 class StageError(Exception):
-    pass
+    """A stage cannot run on these inputs (wrong data, missing reference, foreign teacher): one line."""
+
+
+@dataclass
+class StageContext:
+    """What :meth:`Stage.setup` may use: the run's data, device, processes and source checkpoints."""
+
+    dataset: PackedDataset
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    batch_size: int = 8
+    init: dict[str, Any] | None = None  # the loaded --init-from checkpoint
+    resume: dict[str, Any] | None = None  # the loaded checkpoint being resumed
+    say: Callable[..., None] = field(default=print)
+    barrier: Callable[[], None] = field(default=lambda: None)
 
 
 class Stage:
@@ -52,9 +80,11 @@ class Stage:
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
     default_lr: ClassVar[float] = 5e-4
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
+    options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
 
-    def __init__(self, byte_lengths: Tensor | None = None):
+    def __init__(self, byte_lengths: Tensor | None = None, lora: LoRAConfig | None = None):
         self.byte_lengths = byte_lengths  # int64 [vocab]: UTF-8 bytes per token id (for bits per byte)
+        self.lora = lora
 
     # ---- data ---------------------------------------------------------------------------------------
     def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> PackedDataset:
@@ -72,16 +102,41 @@ class Stage:
 
     # ---- model ----------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Change the model before the optimizer sees it (LoRA inserts adapters here); default: as is."""
+        """Change the model before the optimizer sees it: with LoRA, freeze it and insert adapters."""
+        if self.lora is not None:
+            apply_lora(model, self.lora)
         return model
 
     def trainable(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-        """Named parameters the optimizer updates; the rest must have ``requires_grad = False``."""
-        return model.named_parameters()
+        """Named parameters the optimizer updates (LoRA: the adapters); the rest have ``requires_grad = False``."""
+        return lora_parameters(model) if self.lora is not None else model.named_parameters()
 
     def extra_models(self) -> dict[str, nn.Module]:
         """Frozen models the loss needs (moved to the device and set to eval by the loop)."""
         return {}
+
+    def setup(self, ctx: StageContext) -> None:
+        """Runtime preparation after the model is built (load a teacher, precompute reference data)."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Records stored in every checkpoint of the run (LoRA config, reference, teacher)."""
+        return {"lora": self.lora.to_dict()} if self.lora is not None else {}
+
+    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """What a checkpoint stores of the model: the whole state dict, or only the LoRA adapter."""
+        if self.lora is not None:
+            return lora_state_dict(checkpoint.unwrap(model))
+        return checkpoint.model_state(model)
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+        """Inverse of :meth:`model_state` (strict: missing, unexpected or mis-shaped keys are refused)."""
+        if self.lora is None:
+            checkpoint.load_model_state(model, state, source)
+            return
+        try:
+            load_lora_state_dict(checkpoint.unwrap(model), state)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{source}: {e}") from None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -117,7 +172,7 @@ class CrossEntropyStage(Stage):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.with_aux = bool(getattr(getattr(model, "config", None), "is_moe", False))
-        return model
+        return super().prepare(model)
 
     def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         logits, aux = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
@@ -131,7 +186,10 @@ class CrossEntropyStage(Stage):
         """Weighted nats and supervised tokens (val loss); unweighted nats and bytes of the supervised
         tokens that have bytes (special tokens have none) for bits per byte."""
         logits, _ = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-        ce = token_cross_entropy(logits, batch.targets)
+        return self.ce_sums(token_cross_entropy(logits, batch.targets), batch)
+
+    def ce_sums(self, ce: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """The evaluation sums of :meth:`eval_sums` from per-position cross-entropy ``ce`` [B, T]."""
         sup = batch.weights > 0
         sums = {"nats": (ce * batch.weights).sum(), "tokens": sup.sum().float()}
         if self.byte_lengths is not None:
@@ -164,10 +222,19 @@ class SFTStage(CrossEntropyStage):
     default_lr = 2e-4
 
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTStage)}
+class ReasonStage(CrossEntropyStage):
+    """SFT on ``<think>..</think><answer>..</answer>`` conversations: the mask's up-weighted tag bytes
+    (``pack.py --stage reason --tag-weight``) multiply those tokens' cross-entropy, N counts tokens."""
+
+    name = "reason"
+    dataset_stages = ("reason",)
+    default_lr = 2e-4
 
 
-def build_stage(name: str, **kwargs: Any) -> Stage:
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
-    return STAGES[name](**kwargs)
+def frozen_model(ckpt: dict[str, Any]) -> nn.Module:
+    """A loaded checkpoint as an eval-mode model with every parameter frozen (reference, teacher)."""
+    from model import ModelConfig, TinyLM  # model/ is imported lazily: stages are also used without it
+
+    model = TinyLM(ModelConfig.from_dict(ckpt["model_config"]))
+    checkpoint.load_model_state(model, ckpt["model"], ckpt["path"])
+    return model.eval().requires_grad_(False)

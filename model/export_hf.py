@@ -1,0 +1,166 @@
+"""Write a TinyLM as a transformers ``LlamaForCausalLM`` directory (config, safetensors, tokenizer files).
+
+Our parameter names are transformers' names, so the weights go out unchanged:
+
+    config.json              LlamaForCausalLM config; transformers 5 fields (``rope_parameters``,
+                             ``dtype``) plus ``rope_theta`` / ``torch_dtype`` so 4.x reads the same model
+    model.safetensors        the state dict; a tied model has no ``lm_head.weight`` (transformers
+                             re-ties it from ``embed_tokens``), an untied one always has it
+    generation_config.json   bos / eos / pad ids; eos lists every id that ends a chat answer
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer and its chat template
+
+Invariants: every file is written into a hidden temporary folder next to ``out`` that is renamed into
+place only when complete, so ``out`` is either absent, the previous export, or the whole new export.
+The caller hands over the tokenizer's bytes and settings; this module knows weights, not where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExportError(Exception):
+    """The model cannot be exported in this format (the message says why, in one line)."""
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What an export needs of a tokenizer: its ``tokenizer.json`` text, chat template and special tokens."""
+
+    tokenizer_json: str
+    chat_template: str
+    bos_token: str | None
+    eos_token: str
+    pad_token: str | None
+    token_ids: dict[str, int]  # id of every token named above (and of the extra stop tokens)
+    extra_stop_tokens: tuple[str, ...] = ()  # more ids that end generation (e.g. <|endoftext|>)
+    model_max_length: int | None = None
+    extra_config: dict = field(default_factory=dict)  # further tokenizer_config.json keys to keep
+
+    @property
+    def eos_ids(self) -> list[int]:
+        names = [self.eos_token, *(t for t in self.extra_stop_tokens if t != self.eos_token)]
+        return [self.token_ids[t] for t in names]
+
+
+def check_exportable(cfg: ModelConfig, fmt: str) -> None:
+    """Refuse what a Llama architecture cannot express (a mixture-of-experts model)."""
+    if cfg.is_moe:
+        raise ExportError(
+            f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
+            f"{fmt} export writes a dense Llama, which has no MoE layers (transformers' LlamaForCausalLM has none; "
+            "llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
+
+
+def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
+    """The ``config.json`` of a ``LlamaForCausalLM`` equal to ``cfg``."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_theta": float(cfg.rope_theta),  # transformers 4.x reads this key (default 10000 otherwise)
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_cache": True,
+        "bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
+        "eos_token_id": tok.token_ids[tok.eos_token],
+        "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``: contiguous copies in ``dtype``, no tied ``lm_head.weight``."""
+    out = {}
+    for name, tensor in state.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        out[name] = tensor.detach().to("cpu", DTYPES[dtype]).contiguous().clone()
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in out:
+        raise ExportError("untied model without lm_head.weight: transformers would load a random head")
+    return out
+
+
+def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFiles, out: str | Path,
+              dtype: str = "float32") -> Path:
+    """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``."""
+    from safetensors.torch import save_file
+
+    check_exportable(cfg, "hf")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        save_file(export_state(state, cfg, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config(cfg, tok, dtype))
+        generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
+                      "eos_token_id": tok.eos_ids,
+                      "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
+        _write_json(tmp / "generation_config.json", generation)
+        (tmp / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+        (tmp / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, cfg))
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def tokenizer_config(tok: TokenizerFiles, cfg: ModelConfig) -> dict:
+    """``tokenizer_config.json``: a fast tokenizer that adds no tokens, with the special tokens and the
+    chat template (also as a key, for transformers 4.x; 5.x reads ``chat_template.jinja``)."""
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.extra_config,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "add_bos_token": False, "add_eos_token": False,
+            "model_max_length": min(tok.model_max_length or cfg.max_position_embeddings, cfg.max_position_embeddings),
+            "chat_template": tok.chat_template}
+    return conf
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is renamed aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old.{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

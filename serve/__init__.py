@@ -1,0 +1,1 @@
+"""HTTP serving: the OpenAI-compatible API and the web chat page (see serve/app.py)."""

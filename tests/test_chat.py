@@ -1,0 +1,96 @@
+"""bin/chat (one-shot and interactive over piped stdin, think hiding, one-line errors) and the incremental
+detokenizer that keeps streamed CJK text whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scripted import SCRIPTED_ANSWER, TOKENIZER, random_checkpoint, scripted_checkpoint
+
+from model.generate import generate
+from preprocess.chat_template import render_text
+from preprocess.detokenize import IncrementalDecoder, ThinkFilter
+from preprocess.tokenizer_io import load_tokenizer
+from train.inference import load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = [sys.executable, str(ROOT / "bin" / "chat")]
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CHAT, *args], input=stdin, capture_output=True, text=True, env=ENV, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chat")
+    return {"scripted": scripted_checkpoint(root / "scripted").parent, "random": random_checkpoint(root / "random")}
+
+
+def test_detokenizer_holds_split_cjk_characters():
+    tok = load_tokenizer(TOKENIZER).tokenizer
+    ids = tok.encode("龘靐齉 ok 鬱", add_special_tokens=False).ids
+    assert "\ufffd" in tok.decode(ids[:1])  # the premise: the first character is split across ids
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == "龘靐齉 ok 鬱" == tok.decode(ids)
+    assert pieces[0] == "" and pieces[1] == "龘" and not any("\ufffd" in p for p in pieces)
+    half = IncrementalDecoder(tok)
+    assert half.push_many(ids[:-1]) == "龘靐齉 ok " and half.flush() == ""  # a dangling half character is dropped
+
+
+def test_think_filter():
+    info = load_tokenizer(TOKENIZER)
+    ids = info.tokenizer.encode("<think>\nhmm\n</think>\n<answer>\n42\n</answer>", add_special_tokens=False).ids
+    shown = [i for i in ids if ThinkFilter(info.special_ids, hide=False).keep(i)]
+    assert shown == ids
+    hide = ThinkFilter(info.special_ids, hide=True)
+    assert info.tokenizer.decode([i for i in ids if hide.keep(i)]).strip() == "42"
+
+
+def test_one_shot_prints_only_the_answer(ckpts):
+    ok = run("--ckpt", str(ckpts["scripted"]), "--prompt", "hi", "--temperature", "0")
+    assert ok.returncode == 0 and ok.stdout == SCRIPTED_ANSWER + "\n", ok.stderr
+
+
+def test_interactive_history_reset_system_quit(ckpts):
+    """Piped turns: the answers equal generate() on the same rendered history; /reset and /system restart it."""
+    lm = load_for_inference(ckpts["random"])
+    tok = lm.tokenizer.tokenizer
+
+    def reply(turns: list[dict]) -> tuple[str, str]:
+        ids = tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
+        out = generate(lm.model, ids, max_new_tokens=12, stop_ids=lm.stop_ids)
+        dec = IncrementalDecoder(tok)
+        shown = (dec.push_many(out) + dec.flush()).lstrip()
+        return shown, tok.decode(out, skip_special_tokens=True).strip()
+
+    torch.set_num_threads(1)
+    a1, h1 = reply([{"role": "user", "content": "hi"}])
+    a2, _ = reply([{"role": "user", "content": "hi"}, {"role": "assistant", "content": h1},
+                   {"role": "user", "content": "more"}])
+    a3, _ = reply([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert len({a1, a2, a3}) == 3
+    proc = run("--ckpt", str(ckpts["random"]), "--temperature", "0", "--max-new-tokens", "12",
+               stdin="hi\nmore\n/reset\nhi\n/system be brief\nhi\n/quit\nnever answered\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{a1}\n{a2}\n{a1}\n{a3}\n"
+    assert "history cleared" in proc.stderr and "system message set" in proc.stderr
+
+
+def test_errors_are_one_line(ckpts, tmp_path):
+    missing = run("--ckpt", str(tmp_path / "nope"), "--prompt", "hi")
+    assert missing.returncode == 1
+    assert missing.stderr == f"error: {tmp_path / 'nope'}: no such checkpoint file or run folder\n"
+    payload = torch.load(next(ckpts["scripted"].glob("ckpt_*.pt")), weights_only=True)
+    payload["tokenizer"]["fingerprint"] = "0" * 64  # recorded tokenizer no longer matches any file
+    (tmp_path / "foreign").mkdir()
+    torch.save(payload, tmp_path / "foreign" / "ckpt_00000001.pt")
+    foreign = run("--ckpt", str(tmp_path / "foreign"), stdin="hi\n")
+    assert foreign.returncode == 1 and len(foreign.stderr.splitlines()) == 1
+    assert "tokenizer (fingerprint 000000000000) was not found" in foreign.stderr and not foreign.stdout

@@ -1,0 +1,150 @@
+"""bin/eval: held-out SFT loss / bpb equal an independent per-conversation computation, DPO against itself
+is exactly log 2, prompts are answered greedily into JSONL, results are appended, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_export import make_checkpoint
+
+from model.generate import generate
+from preprocess.chat_template import render_segments, render_text
+from train.evaluate import DataOptions, append_result, held_out_metrics, read_prompts, run_eval
+from train.export import ToolError, load_trained
+from train.metrics import token_byte_lengths
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "sft"
+    make_checkpoint(folder)
+    return load_trained(folder)
+
+
+def short_records(file: Path, key: str, n: int, max_chars: int) -> list[dict]:
+    out = []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if len(json.dumps(record[key] if key else record, ensure_ascii=False)) < max_chars:
+            out.append(record)
+        if len(out) == n:
+            return out
+    raise AssertionError(f"not enough short records in {file}")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_sft_metrics_equal_each_conversation_alone(trained, tmp_path):
+    records = short_records(SAMPLE / "sft" / "oasst1_zh.jsonl", "conversations", 6, 300)
+    data = write_jsonl(tmp_path / "held.jsonl", records)
+    got = held_out_metrics(trained, [str(data)], DataOptions("sft", 256, batch_size=4), CPU, quiet=True)
+    assert got["records"]["records_kept"] == 6 and got["rows"] >= 1
+
+    tok, model = trained.tokenizer.tokenizer, trained.model()
+    table = token_byte_lengths(trained.tokenizer.path, trained.config.vocab_size)
+    nats = bpb_nats = count = n_bytes = 0.0
+    for record in records:  # reference: each conversation alone, masks from the template's segments
+        ids, mask = [], []
+        for text, supervised in render_segments(record["conversations"]):
+            piece = tok.encode(text, add_special_tokens=False).ids
+            ids += piece
+            mask += [supervised] * len(piece)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        ce = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+        for j in range(1, len(ids)):
+            if mask[j]:
+                nats, count = nats + ce[j - 1].item(), count + 1
+                if table[ids[j]] > 0:
+                    bpb_nats, n_bytes = bpb_nats + ce[j - 1].item(), n_bytes + table[ids[j]]
+    m = got["metrics"]
+    assert m["tokens"] == count
+    assert m["loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert m["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
+    assert m["bpb"] == pytest.approx(bpb_nats / (math.log(2) * n_bytes), rel=1e-5)
+
+
+def test_dpo_against_itself_is_log_2(trained, tmp_path):
+    records = short_records(SAMPLE / "dpo" / "dpo_en_zh_20k_zh.jsonl", None, 3, 600)
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    got = held_out_metrics(trained, [str(data)], DataOptions("dpo", 512, ref=trained.ckpt["path"]), CPU, quiet=True)
+    m = got["metrics"]
+    assert m["pairs"] == 3 and m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["margin"] == pytest.approx(0.0, abs=1e-6) and m["acc"] == 0.0
+    with pytest.raises(ToolError, match="dpo evaluation needs a reference model: --ref"):
+        held_out_metrics(trained, [str(data)], DataOptions("dpo", 512), CPU, quiet=True)
+
+
+def test_cli_answers_and_appends_results(trained, tmp_path):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 20},
+                                                 {"text": "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 5}])
+    prompts = write_jsonl(tmp_path / "q.jsonl", [
+        {"prompt": "What is 2 + 2?"},
+        {"conversations": [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"},
+                           {"role": "assistant", "content": "你好！"}]}])
+    results = tmp_path / "results.jsonl"
+    append_result(results, {"earlier": True})
+    cmd = [sys.executable, str(ROOT / "bin" / "eval"), "--ckpt", trained.ckpt["path"], "--data", str(data),
+           "--stage", "pretrain", "--seq-len", "32", "--prompts", str(prompts), "--max-new-tokens", "6",
+           "--results", str(results), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[0] == {"earlier": True} and len(lines) == 2
+    record = lines[1]
+    assert json.loads(proc.stdout) == record
+    assert record["ckpt"] == trained.ckpt["path"] and record["stage"] == "pretrain" and record["data"] == [str(data)]
+    assert record["rows"] > 2 and record["metrics"]["tokens"] == record["rows"] * 32
+    assert set(record["metrics"]) == {"loss", "perplexity", "bpb", "tokens"} and "time" in record
+    answers = [json.loads(line) for line in Path(record["answers"]).read_text().splitlines()]
+    assert Path(record["answers"]) == trained.run_folder / "answers_q.jsonl"
+    assert [a["conversations"][-1]["content"] for a in answers] == ["What is 2 + 2?", "你好"]
+    assert answers[1]["reference"] == "你好！" and "reference" not in answers[0]
+    model, tok = trained.model(), trained.tokenizer.tokenizer
+    for a in answers:
+        ids = tok.encode(render_text(a["conversations"], True), add_special_tokens=False).ids
+        greedy = generate(model, ids, max_new_tokens=6, temperature=0.0, stop_ids=[2, 0])
+        assert a["answer"] == tok.decode(greedy, skip_special_tokens=True).strip()
+        assert a["answer_tokens"] == len(greedy)
+
+
+def test_errors_name_the_file_and_write_nothing(trained, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(ToolError, match=rf"{bad}:2: not valid JSON"):
+        read_prompts(bad)
+    bad.write_text('{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
+                   ' {"role": "assistant", "content": "c"}]}\n')
+    with pytest.raises(ToolError, match=rf"{bad}:1: field 'conversations': the conversation must end with a user"):
+        read_prompts(bad)
+    results = tmp_path / "r.jsonl"
+    with pytest.raises(ToolError, match=r"missing.jsonl: no such data file"):
+        run_eval(trained, [str(tmp_path / "missing.jsonl")], DataOptions("sft", 64), None, None, results, CPU)
+    bad.write_text('{"conversations": "nope"}\n')
+    with pytest.raises(ToolError, match=r"bad.jsonl"):
+        run_eval(trained, [str(bad)], DataOptions("sft", 64), None, None, results, CPU)
+    with pytest.raises(ToolError, match="--seq-len 4096 > the model's max_position_embeddings 1024"):
+        run_eval(trained, [str(bad)], DataOptions("sft", 4096), None, None, results, CPU)
+    assert not results.exists()

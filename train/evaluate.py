@@ -1,0 +1,252 @@
+"""Evaluate a checkpoint on any JSONL of any stage, and answer a file of prompts (``bin/eval``).
+
+Held-out metrics: the JSONL files are packed into a temporary folder with ``preprocess/pack.py``'s own
+``pack()`` (same rendering, masks and rows as training, with the checkpoint's tokenizer), every row of
+that folder becomes a validation row, and ``train.loop.evaluate`` runs the stage's ``eval_sums`` /
+``eval_metrics`` over them: the numbers are computed exactly as the training run's ``val_*`` lines.
+Cross-entropy stages (pretrain, sft, reason) give ``loss`` (nats per supervised token, weighted by the
+mask), ``perplexity = exp(loss)``, ``bpb`` (bits per UTF-8 byte of the supervised tokens) and
+``tokens``; dpo gives the DPO loss, margin and accuracy against a reference model.
+
+Prompts: each JSONL line is ``{"prompt": str, "system"?: str}`` or ``{"conversations" | "messages":
+[{role, content}, ...]}`` (a final assistant turn is kept as ``reference`` and not shown to the model);
+answers are generated (greedy by default) and written, one line per prompt, to a JSONL file that
+appears only when complete. Each evaluation appends one JSON line to the results file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model.generate import generate
+from preprocess.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
+from train import checkpoint
+from train.data import PackedDataset, Split
+from train.export import ToolError, Trained
+from train.loop import evaluate
+from train.metrics import token_byte_lengths
+
+EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
+RESULTS_FILE = "eval_results.jsonl"
+
+
+class AllRows(Split):
+    """Every row of a dataset is a validation row (no training rows)."""
+
+    def __init__(self, dataset: PackedDataset) -> None:  # Split itself refuses val_rows == n_rows
+        self.dataset, self.val_rows, self.n_train = dataset, dataset.n_rows, 0
+
+
+@dataclass
+class DataOptions:
+    stage: str
+    seq_len: int
+    batch_size: int = 8
+    overlong: str = "drop"
+    skip_bad: bool = False
+    tag_weight: int = 10
+    ref: str | None = None  # dpo: the reference checkpoint
+
+
+def default_stage(trained: Trained) -> str | None:
+    """The checkpoint's own stage when it is one that packed data can be evaluated for."""
+    stage = trained.ckpt.get("stage")
+    return stage if stage in EVAL_STAGES else None
+
+
+def default_seq_len(trained: Trained) -> int:
+    """The row length the checkpoint was trained on, else 512 (capped by the model's context)."""
+    seq = (trained.ckpt.get("data") or {}).get("seq_len") or 512
+    return min(int(seq), trained.config.max_position_embeddings)
+
+
+def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: DataOptions, quiet: bool) -> dict:
+    """Pack ``files`` for ``stage`` into ``out`` with pack.py's pipeline; returns its meta.json."""
+    from preprocess import pack, shards
+    from preprocess.sources import InputError
+    from preprocess.tokenizer_io import TokenizerError
+
+    for f in files:
+        if not Path(f).is_file():
+            raise ToolError(f"{f}: no such data file")
+    argv = ["--stage", stage, "--input", *files, "--out", str(out), "--tokenizer", str(tokenizer),
+            "--seq-len", str(opts.seq_len), "--workers", "1", "--overlong", opts.overlong,
+            "--tag-weight", str(opts.tag_weight), "--quiet"]
+    if opts.skip_bad:
+        argv.append("--skip-bad")
+    try:
+        return pack.pack(pack.parse_args(argv))
+    except (pack.PackError, InputError, TokenizerError, shards.ShardError) as e:
+        raise ToolError(str(e)) from None
+
+
+def held_out_metrics(trained: Trained, files: list[str], opts: DataOptions, device: torch.device,
+                     quiet: bool = False) -> dict[str, Any]:
+    """Pack ``files`` and evaluate every row with the stage's eval sums; returns the results record part."""
+    from train.stages import build_stage
+    from train.stages.base import StageContext, StageError
+
+    if opts.stage not in EVAL_STAGES:
+        raise ToolError(f"--stage {opts.stage}: must be one of {', '.join(EVAL_STAGES)}")
+    if opts.seq_len > trained.config.max_position_embeddings:
+        raise ToolError(f"--seq-len {opts.seq_len} > the model's max_position_embeddings "
+                        f"{trained.config.max_position_embeddings}")
+    model = trained.model(device)
+    with tempfile.TemporaryDirectory(prefix="tinylm-eval-") as tmp:
+        meta = pack_jsonl(files, opts.stage, trained.tokenizer.path, Path(tmp) / "packed", opts, quiet)
+        try:
+            if opts.stage == "dpo":
+                ref = opts.ref or _recorded_reference(trained)
+                if ref is None:
+                    raise ToolError("dpo evaluation needs a reference model: --ref CKPT (usually the SFT run)")
+                stage = build_stage("dpo", online_ref=True, ref_from=ref)
+            else:
+                table = torch.from_numpy(token_byte_lengths(trained.tokenizer.path, trained.config.vocab_size))
+                stage = build_stage(opts.stage, byte_lengths=table)
+            dataset = stage.open_dataset(str(Path(tmp) / "packed"), trained.tokenizer.fingerprint)
+            if dataset.n_rows == 0:
+                raise ToolError(f"{', '.join(files)}: no rows of {opts.seq_len} tokens (too little data for "
+                                f"--seq-len {opts.seq_len})")
+            model = stage.prepare(model)
+            stage.setup(StageContext(dataset=dataset, device=device, say=lambda *a, **k: None))
+            for extra in stage.extra_models().values():
+                extra.to(device).eval()
+            loader = stage.loader(AllRows(dataset), opts.batch_size, 0, 1, 0, False)
+            started = time.perf_counter()
+            raw = evaluate(model, stage, loader, device, contextlib.nullcontext())
+        except (StageError, checkpoint.CheckpointError) as e:
+            raise ToolError(str(e)) from None
+        metrics = {k.removeprefix("val_"): v for k, v in raw.items()}
+        if opts.stage != "dpo":
+            metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
+        counts = meta.get("counts", {})
+        return {"data": [str(f) for f in files], "stage": opts.stage, "seq_len": opts.seq_len,
+                "rows": int(dataset.n_rows), "records": {k: v for k, v in counts.items() if k != "tokens"},
+                "metrics": metrics, "eval_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _recorded_reference(trained: Trained) -> str | None:
+    for key in ("reference", "init_from"):
+        record = trained.ckpt.get(key) or {}
+        if record.get("path"):
+            return record["path"]
+    return None
+
+
+# ---- prompts -------------------------------------------------------------------------------------------
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """``[{"turns": [...], "reference": str | None}]`` from a prompts JSONL (ToolError names line and field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"{path}: no such prompts file")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ToolError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ToolError(f"{where}: expected a JSON object")
+        reference = None
+        if isinstance(record.get("prompt"), str):
+            turns = [{"role": "user", "content": record["prompt"]}]
+            if isinstance(record.get("system"), str):
+                turns.insert(0, {"role": "system", "content": record["system"]})
+        else:
+            key = next((k for k in ("conversations", "messages") if k in record), None)
+            if key is None:
+                raise ToolError(f"{where}: needs a 'prompt' string or a 'conversations' / 'messages' list")
+            turns = record[key]
+            if not isinstance(turns, list) or not turns or not all(
+                    isinstance(t, dict) and t.get("role") in ROLES and isinstance(t.get("content"), str)
+                    for t in turns):
+                raise ToolError(f"{where}: field {key!r}: expected a list of {{role: system|user|assistant, "
+                                "content: string}}")
+            if turns[-1]["role"] == "assistant":
+                reference, turns = turns[-1]["content"], turns[:-1]
+            if not turns or turns[-1]["role"] != "user":
+                raise ToolError(f"{where}: field {key!r}: the conversation must end with a user turn")
+        out.append({"turns": turns, "reference": reference})
+    if not out:
+        raise ToolError(f"{path}: no prompts in this file")
+    return out
+
+
+def answer_prompts(trained: Trained, prompts_file: str | Path, answers: Path, device: torch.device,
+                   max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+                   quiet: bool = False) -> dict[str, Any]:
+    """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part."""
+    prompts = read_prompts(prompts_file)
+    model = trained.model(device)
+    info = trained.tokenizer
+    stops = [info.special_ids[t] for t in (IM_END, ENDOFTEXT) if t in info.special_ids]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    lines, new_tokens, started = [], 0, time.perf_counter()
+    for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
+        ids = info.tokenizer.encode(render_text(p["turns"], add_generation_prompt=True), add_special_tokens=False).ids
+        out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
+                       generator=generator)
+        new_tokens += len(out)
+        record = {"conversations": p["turns"], "answer": info.tokenizer.decode(out, skip_special_tokens=True).strip(),
+                  "answer_tokens": len(out)}
+        if p["reference"] is not None:
+            record["reference"] = p["reference"]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write(answers, "".join(line + "\n" for line in lines))
+    return {"prompts": str(prompts_file), "answers": str(answers), "n_prompts": len(prompts),
+            "answer_tokens": new_tokens, "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "answer_seconds": round(time.perf_counter() - started, 3)}
+
+
+# ---- results -------------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line with a single write (a reader never sees half a line from this process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def run_eval(trained: Trained, data: list[str] | None, opts: DataOptions | None, prompts: str | None,
+             answers: Path | None, results: Path, device: torch.device, gen: dict[str, Any] | None = None,
+             quiet: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Held-out metrics and/or prompt answers for one checkpoint; appends and returns the results record."""
+    record: dict[str, Any] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "ckpt": trained.ckpt["path"], "step": trained.ckpt.get("step"),
+                              "ckpt_stage": trained.ckpt.get("stage")}
+    if data:
+        assert opts is not None
+        record.update(held_out_metrics(trained, data, opts, device, quiet))
+    if prompts:
+        answers = answers or trained.run_folder / f"answers_{Path(prompts).stem}.jsonl"
+        record.update(answer_prompts(trained, prompts, answers, device, quiet=quiet, **(gen or {})))
+    append_result(results, record)
+    return record

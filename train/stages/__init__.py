@@ -1,0 +1,36 @@
+"""Training stages: the only stage-specific code the loop calls (interface and contract: ``base.py``).
+
+One module per job: ``base`` (the interface, LoRA handling, pretrain / SFT / reasoning cross-entropy),
+``dpo`` (preference pairs against a reference), ``distill`` (a frozen teacher's soft targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from train.stages.base import (
+    CrossEntropyStage,
+    PretrainStage,
+    ReasonStage,
+    SFTStage,
+    Stage,
+    StageContext,
+    StageError,
+    StepNorm,
+    token_cross_entropy,
+)
+from train.stages.distill import DistillStage
+from train.stages.dpo import DPOStage
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTStage, ReasonStage, DPOStage,
+                                                            DistillStage)}
+
+
+def build_stage(name: str, **kwargs: Any) -> Stage:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    return STAGES[name](**kwargs)
+
+
+__all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "PretrainStage", "ReasonStage", "SFTStage",
+           "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "token_cross_entropy"]

@@ -1,0 +1,227 @@
+"""DPO (Rafailov et al. 2023): the sigmoid preference loss on packed (chosen, rejected) pairs.
+
+Data. ``pack.py --stage dpo`` stores each pair as two consecutive documents (chosen at an even index,
+rejected right after) and never splits a pair across rows, so a row's documents 2p and 2p+1 are pair p
+and both sides of a pair are always in the same micro-batch. The mask is 1 on the final assistant turn.
+
+Sequence log-prob of a document = sum over its supervised target tokens of ``log p(token | prefix)``
+(one forward pass per packed row gives every document's value; attention never crosses documents).
+With ``d = beta * ((pi_c - ref_c) - (pi_r - ref_r))`` the loss of a pair is ``-log sigmoid(d)``; ``d`` is
+the *reward margin*, ``d > 0`` a correctly ranked pair (*accuracy*). A pair counts (the loss unit N of
+the loss contract) when both sides have at least one supervised token.
+
+Reference. By default ``ref_*`` come from files computed once, in one pass over the whole dataset
+(train and validation rows), and stored beside the shards in ``ref_<fingerprint16>/``
+(``preprocess/shards.py``), so training holds no reference model; ``online_ref=True`` keeps the frozen
+model instead and computes them per batch. Both give the same loss (up to float summation order).
+The reference is the ``--init-from`` checkpoint unless ``--ref-from`` names another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from preprocess import shards
+from train import checkpoint
+from train.data import Batch, PackedDataset
+from train.stages.base import Stage, StageContext, StageError, StepNorm, frozen_model, token_cross_entropy
+
+
+class DPODataset(PackedDataset):
+    """A dpo folder whose batches carry ``ref_logps`` [B, D] once reference values are attached
+    (D = the most documents any row holds; absent documents and padding rows get 0)."""
+
+    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None):
+        super().__init__(folder, tokenizer_fingerprint)
+        self.width = self.max_row_documents()
+        self.ref: list[np.ndarray] | None = None
+
+    def collate(self, rows: np.ndarray) -> Batch:
+        batch = super().collate(rows)
+        if self.ref is not None:
+            ref = np.zeros((len(rows), self.width), dtype=np.float32)
+            for i, r in enumerate(rows):
+                if r >= 0:
+                    s, d0, d1 = self.row_documents(int(r))
+                    ref[i, :d1 - d0] = self.ref[s][d0:d1]
+            batch.ref_logps = torch.from_numpy(ref)
+        return batch
+
+
+def document_logps(logits: Tensor, batch: Batch, width: int) -> Tensor:
+    """[B, width] float32: per document of each row, the summed log-prob of its supervised targets."""
+    logp = -token_cross_entropy(logits, batch.targets) * (batch.weights > 0)
+    return torch.zeros(logp.shape[0], width, device=logp.device).scatter_add_(1, _doc_index(batch), logp)
+
+
+def _doc_index(batch: Batch) -> Tensor:
+    return batch.doc_ids.long().clamp(min=0)  # padding (-1) has weight 0, so any slot works
+
+
+def valid_pairs(batch: Batch, width: int) -> Tensor:
+    """[B, width // 2] bool: pair p of the row exists and both of its documents have supervised tokens."""
+    sup = (batch.weights > 0).float()
+    counts = torch.zeros(sup.shape[0], width, device=sup.device).scatter_add_(1, _doc_index(batch), sup)
+    return (counts[:, 0::2] > 0) & (counts[:, 1::2] > 0)
+
+
+def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Per pair (columns 2p, 2p+1 of [B, D] log-probs): the loss ``-log sigmoid(d)`` and the margin ``d``."""
+    margin = beta * ((policy[:, 0::2] - reference[:, 0::2]) - (policy[:, 1::2] - reference[:, 1::2]))
+    return -F.logsigmoid(margin), margin
+
+
+class DPOStage(Stage):
+    """Direct preference optimisation on packed (chosen, rejected) pairs against a frozen reference."""
+
+    name = "dpo"
+    dataset_stages = ("dpo",)
+    default_lr = 1e-5  # small steps: the policy should stay near the reference
+    options = ("beta", "online_ref", "ref_from")
+
+    def __init__(self, byte_lengths: Tensor | None = None, lora: Any = None, beta: float | None = None,
+                 online_ref: bool = False, ref_from: str | Path | None = None):
+        super().__init__(byte_lengths, lora)
+        self.beta = 0.1 if beta is None else float(beta)
+        if self.beta <= 0:
+            raise StageError(f"--beta must be > 0, got {self.beta}")
+        self.online_ref = bool(online_ref)
+        self.ref_from = ref_from
+        self.width = 0
+        self.reference: dict[str, Any] | None = None  # {path, step, stage, fingerprint}
+        self.ref_model: nn.Module | None = None
+        self.with_aux = False
+
+    # ---- data ------------------------------------------------------------------------------------------
+    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> DPODataset:
+        dataset = DPODataset(folder, tokenizer_fingerprint)
+        if dataset.stage != "dpo":
+            raise StageError(f"{folder}: packed for stage {dataset.stage!r}, but --stage dpo reads (chosen, "
+                             "rejected) pairs (python preprocess/pack.py --stage dpo ...)")
+        self.width = dataset.width
+        return dataset
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.with_aux = bool(getattr(getattr(model, "config", None), "is_moe", False))
+        return super().prepare(model)
+
+    def extra_models(self) -> dict[str, nn.Module]:
+        return {"reference": self.ref_model} if self.ref_model is not None else {}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "reference": self.reference, "dpo": {"beta": self.beta}}
+
+    def setup(self, ctx: StageContext) -> None:
+        """Find the reference; load it (online) or attach its stored log-probs, computing them if absent."""
+        dataset: DPODataset = ctx.dataset  # type: ignore[assignment]
+        ref_ckpt = None
+        if ctx.resume is not None and ctx.resume.get("reference"):
+            self.reference = dict(ctx.resume["reference"])
+        else:
+            source = self.ref_from
+            if source is None and ctx.init is None:
+                raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
+                                 "usually the SFT run) or --ref-from CKPT")
+            ref_ckpt = checkpoint.load(source) if source is not None else ctx.init
+            checkpoint.check_tokenizer(ref_ckpt, dataset.meta["tokenizer"]["fingerprint"], str(dataset.folder))
+            self.reference = checkpoint.source_record(ref_ckpt)
+        fingerprint = self.reference["fingerprint"]
+        ref_dir = shards.ref_folder(dataset.folder, fingerprint)
+        need_model = self.online_ref or not (ref_dir / "meta.json").is_file()
+        if need_model and ref_ckpt is None:
+            ref_ckpt = checkpoint.load(self.reference["path"])
+            if checkpoint.state_fingerprint(ref_ckpt["model"]) != fingerprint:
+                raise StageError(f"{ref_ckpt['path']}: the reference checkpoint of this run has changed since it "
+                                 f"started (weights fingerprint {fingerprint[:12]} expected)")
+        if self.online_ref:
+            self.ref_model = frozen_model(ref_ckpt)
+            ctx.say(f"dpo: beta {self.beta} | online reference {self.reference['path']} (kept in memory)")
+            return
+        if need_model:
+            compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+        dataset.ref = shards.open_ref_logps(ref_dir, fingerprint, dataset.meta)
+        ctx.say(f"dpo: beta {self.beta} | reference log-probs {ref_dir} (of {self.reference['path']})")
+
+    # ---- objective -----------------------------------------------------------------------------------------
+    def count(self, batch: Batch) -> Tensor:
+        """Pairs with supervised tokens on both sides."""
+        return valid_pairs(batch, self.width).sum()
+
+    def _reference_logps(self, batch: Batch) -> Tensor:
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logits, _ = self.ref_model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+                return document_logps(logits, batch, self.width)
+        if batch.ref_logps is None:
+            raise StageError("DPO batch without reference log-probs (setup() was not run)")
+        return batch.ref_logps
+
+    def _terms(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        logits, aux = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+        losses, margin = dpo_terms(document_logps(logits, batch, self.width), self._reference_logps(batch), self.beta)
+        return losses, margin, valid_pairs(batch, self.width).float(), aux
+
+    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum(-log sigmoid(d)) / N_pairs`` (+ MoE aux); metrics margin = mean d, acc = share of d > 0."""
+        losses, margin, valid, aux = self._terms(model, batch)
+        dpo = (losses * valid).sum() / norm.tokens
+        metrics = {"margin": ((margin * valid).sum() / norm.tokens).detach(),
+                   "acc": (((margin > 0).float() * valid).sum() / norm.tokens).detach()}
+        if self.with_aux:
+            aux = aux.float() / norm.micro_batches
+            metrics["aux"] = aux.detach()
+            return dpo + aux, metrics
+        return dpo, metrics
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        losses, margin, valid, _ = self._terms(model, batch)
+        return {"loss": (losses * valid).sum(), "margin": (margin * valid).sum(),
+                "correct": ((margin > 0).float() * valid).sum(), "pairs": valid.sum()}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["pairs"], 1.0)
+        return {"val_loss": sums["loss"] / n, "val_margin": sums["margin"] / n, "val_acc": sums["correct"] / n,
+                "val_pairs": int(sums["pairs"])}
+
+
+@torch.no_grad()
+def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx: StageContext,
+                      reference: dict[str, Any]) -> None:
+    """One forward pass of the reference over every row; rank r writes shards r, r + world, ...; rank 0
+    writes ``meta.json`` after all ranks finished (written last: its presence means complete)."""
+    mine = range(ctx.rank, len(dataset.shards), ctx.world)
+    total = sum(int(dataset.row_start[s + 1] - dataset.row_start[s]) for s in mine)
+    ctx.say(f"dpo: computing reference log-probs of {reference['path']} over {dataset.n_rows:,} rows -> {ref_dir}")
+    model.eval()
+    with tqdm(total=total, desc="reference", unit="row", disable=None if ctx.rank == 0 else True) as bar:
+        for s in mine:
+            values = np.zeros(dataset.shards[s].n_docs, dtype=np.float32)
+            rows = np.arange(dataset.row_start[s], dataset.row_start[s + 1])
+            for lo in range(0, len(rows), ctx.batch_size):
+                chunk = rows[lo:lo + ctx.batch_size]
+                batch = dataset.collate(chunk).to(ctx.device)
+                logits, _ = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+                sums = document_logps(logits, batch, dataset.width).cpu().numpy()
+                for i, r in enumerate(chunk):
+                    _, d0, d1 = dataset.row_documents(int(r))
+                    values[d0:d1] = sums[i, :d1 - d0]
+                bar.update(len(chunk))
+            shards.write_ref_logps(ref_dir, shards.shard_name(s), values, dataset.shards[s].n_rows)
+    ctx.barrier()
+    if ctx.rank == 0:
+        records = []
+        for shard_meta in dataset.meta["shards"]:
+            path = ref_dir / (shard_meta["name"] + shards.EXTENSIONS[shards.KIND_REF_LOGPS])
+            records.append({"name": shard_meta["name"], "file": path.name, "documents": shard_meta["documents"],
+                            "bytes": path.stat().st_size, "sha256": shards.file_sha256(path)})
+        shards.write_ref_meta(ref_dir, reference, dataset.meta, records)
+    ctx.barrier()
