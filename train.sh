@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tinylm end to end on this machine: tokenizer -> pack -> pretrain -> SFT -> one chat answer.
 #
-#   bash train.sh            CPU-sized run (a ~5M-parameter model, a few minutes on 2 cores)
+#   bash train.sh            CPU-sized run (a 4.5M-parameter model, ~10 minutes on 2 cores)
 #   bash train.sh --smoke    the whole chain in about a minute (tiny model, few steps, short rows)
 #
 # Every step can be tuned or skipped with environment variables (defaults in brackets):

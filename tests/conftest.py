@@ -38,3 +38,14 @@ def packed_sample(tmp_path_factory) -> dict[str, Path]:
         run_pack("--stage", stage, "--input", str(SAMPLE / folder / "*.jsonl"), "--out", str(out[key]),
                  "--seq-len", "256", "--shard-tokens", shard_tokens, "--workers", "2")
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (tiny models gain nothing from more, and lose on busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

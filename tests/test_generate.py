@@ -9,13 +9,7 @@ from model import ModelConfig, TinyLM
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation, apply_repetition_penalty, generate, generate_batch
 from model.kv_cache import KVCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is faster, immune to busy cores
 
 
 def model(preset: str = "tiny", **overrides) -> TinyLM:

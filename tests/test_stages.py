@@ -32,12 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is faster, immune to busy cores
 
 
 def args(stage: str, data: Path, out: Path, *extra: str) -> list[str]:

@@ -33,12 +33,7 @@ PY = sys.executable
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: 1 thread is as fast and immune to busy cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is faster, immune to busy cores
 
 
 def pack(stage: str, out: Path, seq_len: int) -> Path:
