@@ -38,9 +38,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from model import ModelConfig, TinyLM  # noqa: E402
+from model.export_hf import export_hf  # noqa: E402
 from model.generate import generate_batch  # noqa: E402
-from preprocess.tokenizer_io import load_tokenizer  # noqa: E402
+from preprocess.tokenizer_io import TokenizerInfo, load_tokenizer  # noqa: E402
 from train import checkpoint  # noqa: E402
+from train.export import tokenizer_files  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -57,28 +59,20 @@ def decode_rate(run, batch: int, n: int, repeat: int) -> float:
     return batch * (n - 1) / max(tn - t1, 1e-9)
 
 
-def hf_model(model: TinyLM):
+def hf_model(model: TinyLM, info: TokenizerInfo, folder: Path):
+    """transformers' ``LlamaForCausalLM`` loaded from ``bin/export --format hf`` output of ``model``."""
     import transformers
 
-    cfg = model.config
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        attn_implementation="sdpa")
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    hf.load_state_dict(model.state_dict(), strict=True)
-    return hf
+    export_hf(model.state_dict(), model.config, tokenizer_files(info), folder)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
 
 
-def bench_decode(model: TinyLM, args: argparse.Namespace) -> list[tuple[str, int, float]]:
+def bench_decode(model: TinyLM, info: TokenizerInfo, args: argparse.Namespace,
+                 scratch: Path) -> list[tuple[str, int, float]]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(7, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
     rows = []
-    hf = hf_model(model) if args.hf else None
+    hf = hf_model(model, info, scratch / "hf") if args.hf else None
     for batch in (1, 8):
         prompts = [prompt] * batch
         for name, cache in (("tinylm, KV cache", True), ("tinylm, no cache", False)):
@@ -171,7 +165,8 @@ def main() -> int:
         from train.inference import load_for_inference
 
         lm = load_for_inference(args.ckpt)
-        model, ckpt, weights = lm.model, Path(lm.ckpt["path"]), f"trained weights {lm.ckpt['path']}"
+        model, info, ckpt = lm.model, lm.tokenizer, Path(lm.ckpt["path"])
+        weights = f"trained weights {ckpt}"
     else:
         torch.manual_seed(0)
         model = TinyLM(ModelConfig.from_preset(args.model)).eval()
@@ -183,7 +178,7 @@ def main() -> int:
     print(f"{weights}: {model.num_params() / 1e6:.1f}M params; CPU, {args.threads} threads, torch "
           f"{torch.__version__}; prompt {args.prompt_len} ids, {args.new_tokens} new tokens, greedy",
           file=sys.stderr, flush=True)
-    rows = bench_decode(model, args)
+    rows = bench_decode(model, info, args, Path(tmp.name))
     print(f"\nDecode throughput ({weights}; CPU {args.threads} threads; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, prefill excluded)\n")
     print(f"| {'implementation':<30} | batch | decode tok/s |")

@@ -164,14 +164,19 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_meta(folder: Path) -> dict:
-    path = folder / "meta.json"
+def _read_json(path: Path, if_missing: str) -> dict:
+    """A JSON metadata file; ShardError naming it when it is missing (with ``if_missing``) or not JSON."""
     if not path.is_file():
-        raise ShardError(f"{path}: missing — is {folder} a packed dataset (python preprocess/pack.py)?")
+        raise ShardError(f"{path}: missing — {if_missing}")
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    meta = _read_json(path, f"is {folder} a packed dataset (python preprocess/pack.py)?")
     if meta.get("format_version") != VERSION:
         raise ShardError(f"{path}: format_version {meta.get('format_version')!r}, this tinylm reads {VERSION}")
     return meta
@@ -290,12 +295,7 @@ def open_ref_logps(ref_dir: Path, fingerprint: str, dataset_meta: dict) -> list[
     """Every shard's reference log-probs, checked against the checkpoint fingerprint, the dataset (plan
     fingerprint, shard names, document counts) and the files' sizes and checksums. ShardError names the file."""
     meta_path = ref_dir / "meta.json"
-    if not meta_path.is_file():
-        raise ShardError(f"{meta_path}: missing — the reference log-probs in {ref_dir} were never finished")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = _read_json(meta_path, f"the reference log-probs in {ref_dir} were never finished")
     stale = "stale reference log-probs; delete the folder to recompute them"
     if meta.get("kind") != "dpo_reference_logps" or meta.get("format_version") != VERSION:
         raise ShardError(f"{meta_path}: not tinylm v{VERSION} DPO reference log-probs")

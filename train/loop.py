@@ -266,9 +266,7 @@ def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple
                 out.append(f"{key} {value:.4f}")
         return " | ".join(out)
     out.append(f"loss {record['loss']:.4f}")
-    for key in (*parts, *(() if "aux" in parts else ("aux",))):
-        if key in record:
-            out.append(f"{key} {record[key]:.4f}")
+    out.extend(f"{key} {record[key]:.4f}" for key in parts)
     out.append(f"lr {record['lr']:.2e}")
     out.append(f"{_si(record['tokens_per_s'])} tok/s")
     if record.get("supervised_per_s", math.inf) < 0.99 * record["tokens_per_s"]:  # packed data: show both
