@@ -175,7 +175,10 @@ class BatchLoader:
 
 
 def _prefetched(produce, depth: int) -> Iterator:
-    """Yield produce(0), produce(1), ... computed ``depth`` ahead by a daemon thread; errors re-raise here."""
+    """Yield produce(0), produce(1), ... computed ``depth`` ahead by a daemon thread; errors re-raise here.
+
+    Closing the generator stops the thread and waits for it, so no batch is being built (torch ops in a
+    background thread) while the interpreter or a process group shuts down."""
     if depth <= 0:
         step = 0
         while True:
@@ -211,3 +214,4 @@ def _prefetched(produce, depth: int) -> Iterator:
             yield value
     finally:
         stop.set()
+        thread.join()
