@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from core.tokenizer import TokenizerInfo, load_tokenizer  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.export_hf import export_hf  # noqa: E402
 from model.generate import generate_batch  # noqa: E402
-from preprocess.tokenizer_io import TokenizerInfo, load_tokenizer  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.export import tokenizer_files  # noqa: E402
 

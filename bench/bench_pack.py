@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from preprocess.chat_template import render_segments, render_text  # noqa: E402
-from preprocess.tokenizer_io import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
+from core.chat_template import render_segments, render_text  # noqa: E402
+from core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

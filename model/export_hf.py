@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from core.errors import TinyLMError
 from model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ExportError(Exception):
+class ExportError(TinyLMError):
     """The model cannot be exported in this format (the message says why, in one line)."""
 
 

@@ -21,10 +21,10 @@ from itertools import chain
 
 import numpy as np
 
-from preprocess.chat_template import ENDOFTEXT, REASONING_TAGS, render_segments
+from core.chat_template import ENDOFTEXT, REASONING_TAGS, render_segments
+from core.tokenizer import TokenizerInfo, load_tokenizer
 from preprocess.records import Pair, RecordError, parse_record
 from preprocess.sources import Item
-from preprocess.tokenizer_io import TokenizerInfo, load_tokenizer
 
 PACKED_STAGES = ("sft", "reason", "dpo")
 OK, TRUNCATED, DROPPED = "ok", "truncated", "dropped_overlong"

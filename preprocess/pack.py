@@ -29,6 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from core.errors import TinyLMError  # noqa: E402
+from core.files import atomic_write_json  # noqa: E402
+from core.tokenizer import (  # noqa: E402
+    DEFAULT_TOKENIZER,
+    REPO_ROOT,
+    TokenizerError,
+    TokenizerInfo,
+    load_tokenizer,
+)
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
     DROPPED,
@@ -44,19 +53,12 @@ from preprocess.encode import (  # noqa: E402
 from preprocess.packing import assemble_shard  # noqa: E402
 from preprocess.records import STAGES  # noqa: E402
 from preprocess.sources import InputError, Item, SourceSpec, count_items, iter_items, parse_input_args  # noqa: E402
-from preprocess.tokenizer_io import (  # noqa: E402
-    DEFAULT_TOKENIZER,
-    REPO_ROOT,
-    TokenizerError,
-    TokenizerInfo,
-    load_tokenizer,
-)
 
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512
 
 
-class PackError(Exception):
+class PackError(TinyLMError):
     """A fatal, user-facing problem: printed as one line, exit status 1."""
 
 
@@ -156,7 +158,7 @@ def prepare_out(args: argparse.Namespace, fingerprint: str) -> list[dict]:
                   file=sys.stderr)
         done = []
     clear_outputs(out, keep=len(done))
-    shards.atomic_write_json(state_path, {"plan_fingerprint": fingerprint})
+    atomic_write_json(state_path, {"plan_fingerprint": fingerprint})
     return done
 
 
@@ -305,7 +307,7 @@ def pack(args: argparse.Namespace) -> dict:
         clear_outputs(args.out, keep=0)
         raise PackError(f"no record was kept from {len(specs)} source(s): {meta['counts']}")
     meta_seconds = time.perf_counter() - start
-    shards.atomic_write_json(args.out / "meta.json", meta)
+    atomic_write_json(args.out / "meta.json", meta)
     (args.out / STATE_FILE).unlink(missing_ok=True)
     meta["_seconds"] = meta_seconds
     return meta

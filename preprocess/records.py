@@ -15,22 +15,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from core.errors import TinyLMError
 from preprocess.sources import Item
 
 STAGES = ("pretrain", "sft", "reason", "dpo")
 
 
-class RecordError(ValueError):
+class RecordError(TinyLMError):
     def __init__(self, reason: str, message: str, field: str | None = None):
-        super().__init__(message)
+        super().__init__(message, field=field)
         self.reason = reason
-        self.field = field
 
     def describe(self, item: Item) -> str:
         """``file:line: field 'x': message`` — the one line a user sees."""
         where = f"{item.source}:{item.line}" if item.line else item.source
         field = f" field '{self.field}':" if self.field else ""
-        return f"{where}:{field} {self}"
+        return f"{where}:{field} {self.message}"
 
 
 @dataclass(frozen=True)

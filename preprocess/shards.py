@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from core.errors import TinyLMError
+from core.files import atomic_write_bytes, atomic_write_json
 
 MAGIC = int.from_bytes(b"tinylm\x00\x01", "little")
 VERSION = 1
@@ -41,7 +43,7 @@ REF_PREFIX = "ref_"
 UINT16_LIMIT = 65_536
 
 
-class ShardError(Exception):
+class ShardError(TinyLMError):
     """A shard or meta.json that is missing, truncated, corrupted or mismatched; names the file."""
 
 
@@ -51,24 +53,6 @@ def token_dtype_for(vocab_size: int) -> str:
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
-
-
-def atomic_write_bytes(path: Path, chunks: list[bytes | memoryview]) -> str:
-    """Write chunks to ``path`` via a temp file + fsync + rename; return the sha256 hex digest."""
-    digest = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            digest.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return digest.hexdigest()
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, [(json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()])
 
 
 def _header(kind: int, itemsize: int, count: int, n_docs: int, n_rows: int) -> bytes:

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import TinyLMError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".parquet")
 
 
-class InputError(Exception):
+class InputError(TinyLMError):
     """A problem with the input arguments themselves (missing file, bad weight, unknown format)."""
 
 

@@ -5,7 +5,7 @@
 
 Any record the packer reads is training text: ``{"text"}`` gives its text, ``{"conversations"}`` each
 turn's content, ``{"chosen", "rejected"}`` the chosen turns plus the rejected final answer (the shared
-prompt is counted once). The special tokens of ``preprocess/chat_template.py`` get ids 0..6 in order and
+prompt is counted once). The special tokens of ``core/chat_template.py`` get ids 0..6 in order and
 are cut out of the training text, so no merge is spent on pieces of them. ``<|endoftext|>``,
 ``<|im_start|>`` and ``<|im_end|>`` are *special* (dropped by ``decode(skip_special_tokens=True)``);
 the reasoning tags are plain added tokens, still single ids, that such a decode keeps visible.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from preprocess.chat_template import (  # noqa: E402
+from core.chat_template import (  # noqa: E402
     CHAT_TEMPLATE,
     ENDOFTEXT,
     IM_END,

@@ -8,7 +8,7 @@ generation worker thread that owns the model; /health and validation stay respon
 The worker sends events to the request's asyncio queue with ``call_soon_threadsafe``. A streaming
 client that disconnects cancels its job at the next token.
 
-Text: token ids go through :class:`~preprocess.detokenize.IncrementalDecoder` (a chunk never splits a
+Text: token ids go through :class:`~core.detokenize.IncrementalDecoder` (a chunk never splits a
 UTF-8 character), then through the ``stop`` strings filter: text that could be the start of a stop
 string is held back until it is decided; at a stop string the answer ends there (finish "stop").
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
@@ -34,10 +34,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
+from core.chat_template import render_text
+from core.detokenize import IncrementalDecoder
+from core.tokenizer import TokenizerInfo
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
-from preprocess.chat_template import render_text
-from preprocess.detokenize import IncrementalDecoder
-from preprocess.tokenizer_io import TokenizerInfo
 
 STATIC = Path(__file__).resolve().parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
-from preprocess.tokenizer_io import load_tokenizer
 from train import checkpoint
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"

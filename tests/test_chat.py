@@ -11,10 +11,10 @@ import pytest
 import torch
 from scripted import SCRIPTED_ANSWER, TOKENIZER, random_checkpoint, scripted_checkpoint
 
+from core.chat_template import render_text
+from core.detokenize import IncrementalDecoder, ThinkFilter
+from core.tokenizer import load_tokenizer
 from model.generate import generate
-from preprocess.chat_template import render_text
-from preprocess.detokenize import IncrementalDecoder, ThinkFilter
-from preprocess.tokenizer_io import load_tokenizer
 from train.inference import load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]

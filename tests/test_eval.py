@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from test_export import make_checkpoint
 
+from core.chat_template import render_segments, render_text
 from model.generate import generate
-from preprocess.chat_template import render_segments, render_text
 from train.evaluate import DataOptions, append_result, held_out_metrics, read_prompts, run_eval
 from train.export import ToolError, load_trained
 from train.metrics import token_byte_lengths

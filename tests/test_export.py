@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.chat_template import render_text
 from model import ModelConfig, TinyLM
 from model.export_gguf import permute_rotary
 from model.generate import generate
-from preprocess.chat_template import render_text
 from train import checkpoint
 from train.export import ToolError, export, load_trained
 

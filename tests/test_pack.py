@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import REPO, SAMPLE, TOKENIZER, run_pack
 
+from core.chat_template import REASONING_TAGS, render_text
+from core.tokenizer import load_tokenizer
 from preprocess import shards
-from preprocess.chat_template import REASONING_TAGS, render_text
 from preprocess.packing import best_fit
-from preprocess.tokenizer_io import load_tokenizer
 
 TOK = load_tokenizer(TOKENIZER)
 
@@ -133,7 +133,7 @@ def test_mask_rules_hand_written(tmp_path):
 
 def test_segment_tokenization_matches_whole_string_on_sample():
     """Tokenizing the rendered prompt/answer pieces separately gives the ids of the whole string."""
-    from preprocess.chat_template import render_segments
+    from core.chat_template import render_segments
     for conv in [r["conversations"] for r in records("sft")][:300]:
         pieces = [TOK.tokenizer.encode(t, add_special_tokens=False).ids for t, _ in render_segments(conv)]
         whole = TOK.tokenizer.encode(render_text(conv), add_special_tokens=False).ids

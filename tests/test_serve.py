@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from scripted import SCRIPTED_ANSWER, random_checkpoint, scripted_checkpoint
 
-from preprocess.chat_template import render_text
-from preprocess.tokenizer_io import load_tokenizer
+from core.chat_template import render_text
+from core.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from preprocess.chat_template import (
+from core.chat_template import (
     CHAT_TEMPLATE,
     ENDOFTEXT,
     IM_END,

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.tokenizer_io import TokenizerError, TokenizerInfo, load_tokenizer
+from core.errors import TinyLMError
+from core.tokenizer import TokenizerError, TokenizerInfo, load_tokenizer
 
 FORMAT = "tinylm-checkpoint-1"
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(TinyLMError):
     """A missing, unreadable or incompatible checkpoint; the message names the file."""
 
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from core.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
 from model.generate import generate
-from preprocess.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
 from train import checkpoint
 from train.data import PackedDataset, Split
 from train.export import ToolError, Trained
@@ -75,9 +75,9 @@ def default_seq_len(trained: Trained) -> int:
 
 def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: DataOptions, quiet: bool) -> dict:
     """Pack ``files`` for ``stage`` into ``out`` with pack.py's pipeline; returns its meta.json."""
+    from core.tokenizer import TokenizerError
     from preprocess import pack, shards
     from preprocess.sources import InputError
-    from preprocess.tokenizer_io import TokenizerError
 
     for f in files:
         if not Path(f).is_file():

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from core.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from core.errors import TinyLMError
+from core.tokenizer import TokenizerInfo
 from model import ModelConfig, TinyLM
 from model.export_hf import ExportError, TokenizerFiles, export_hf
-from preprocess.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
-from preprocess.tokenizer_io import TokenizerInfo
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.inference import load_for_inference
@@ -28,7 +29,7 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 
-class ToolError(Exception):
+class ToolError(TinyLMError):
     """A user-facing problem of bin/export or bin/eval: one line naming the file or field."""
 
 

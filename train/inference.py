@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from core.chat_template import ENDOFTEXT, IM_END
+from core.tokenizer import TokenizerInfo
 from model import ModelConfig, TinyLM
-from preprocess.chat_template import ENDOFTEXT, IM_END
-from preprocess.tokenizer_io import TokenizerInfo
 from train import checkpoint
 from train.checkpoint import CheckpointError
 

@@ -39,6 +39,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.errors import TinyLMError  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
 from preprocess.shards import ShardError  # noqa: E402
@@ -57,7 +58,7 @@ STAGE_FLAGS = {"beta": "--beta", "online_ref": "--online-ref", "ref_from": "--re
 LORA_FLAGS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "merge": "--merge"}
 
 
-class UsageError(Exception):
+class UsageError(TinyLMError):
     """A problem with the command line or the inputs: printed as one line, exit status 1."""
 
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
-from preprocess.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.export import load_trained  # noqa: E402
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import TinyLMError
 from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from train import checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
@@ -54,7 +55,7 @@ class StepNorm:
     micro_batches: int  # global micro-batches of the step: grad_accum * world
 
 
-class StageError(Exception):
+class StageError(TinyLMError):
     """A stage cannot run on these inputs (wrong data, missing reference, foreign teacher): one line."""
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from preprocess.chat_template import ENDOFTEXT, IM_END, IM_START, REASONING_TAGS
+from core.chat_template import ENDOFTEXT, IM_END, IM_START, REASONING_TAGS
+from core.errors import TinyLMError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / "data" / "tokenizer"
 REQUIRED_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
 
 
-class TokenizerError(Exception):
+class TokenizerError(TinyLMError):
     pass
 
 
