@@ -32,6 +32,7 @@
 #   DISTILL=1  distil the SFT model into a student of DISTILL_MODEL_ARGS on the SFT data -> OUT_DIR/distill
 #              [num_hidden_layers=2; smoke num_hidden_layers=1]
 #   REASON_STEPS DPO_STEPS LORA_STEPS DISTILL_STEPS / REASON_ARGS DPO_ARGS LORA_ARGS DISTILL_ARGS
+#   REASON_LR DPO_LR LORA_LR DISTILL_LR   [unset: the stage's own default, shown by train/run.py --help]
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -62,13 +63,13 @@ if [[ "$SMOKE" == 1 ]]; then
   OUT_DIR="${OUT_DIR:-out/smoke}"; SEQ_LEN="${SEQ_LEN:-128}"; MODEL="${MODEL:-tiny}"
   MODEL_ARGS="${MODEL_ARGS-}"; PRETRAIN_STEPS="${PRETRAIN_STEPS:-30}"; SFT_STEPS="${SFT_STEPS:-20}"
   PRETRAIN_LR="${PRETRAIN_LR:-3e-3}"; SFT_LR="${SFT_LR:-3e-3}"
-  COMMON=(--batch-size 8 --grad-accum 1 --lr 3e-3 --log-every 10 --eval-every 10 --save-every 10 --val-rows 16)
+  COMMON=(--batch-size 8 --grad-accum 1 --log-every 10 --eval-every 10 --save-every 10 --val-rows 16)
 else
   OUT_DIR="${OUT_DIR:-out}"; SEQ_LEN="${SEQ_LEN:-512}"; MODEL="${MODEL:-small}"
   MODEL_ARGS="${MODEL_ARGS-hidden_size=256 num_hidden_layers=4}"
   PRETRAIN_STEPS="${PRETRAIN_STEPS:-200}"; SFT_STEPS="${SFT_STEPS:-120}"
   PRETRAIN_LR="${PRETRAIN_LR:-2e-3}"; SFT_LR="${SFT_LR:-1e-3}"
-  COMMON=(--batch-size 8 --grad-accum 1 --lr 1e-3 --log-every 10 --eval-every 50 --save-every 50)
+  COMMON=(--batch-size 8 --grad-accum 1 --log-every 10 --eval-every 50 --save-every 50)
 fi
 PACKED="$OUT_DIR/packed"
 
@@ -159,19 +160,19 @@ if [[ "${REASON:-0}" == 1 ]]; then
   step + "reasoning SFT from $OUT_DIR/sft for ${REASON_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/reason"
   opt_pack reason reasoning reason
   run "${LAUNCH[@]}" train/run.py --stage reason --data "$PACKED/reason" --out "$OUT_DIR/reason" --resume \
-    --init-from "$OUT_DIR/sft" --max-steps "${REASON_STEPS:-$OPT_STEPS}" "${COMMON[@]}" "${REASON_EXTRA[@]}"
+    --init-from "$OUT_DIR/sft" --max-steps "${REASON_STEPS:-$OPT_STEPS}" "${COMMON[@]}" ${REASON_LR:+--lr "$REASON_LR"} "${REASON_EXTRA[@]}"
 fi
 if [[ "${DPO:-0}" == 1 ]]; then
   step + "DPO from $OUT_DIR/sft (also the reference) for ${DPO_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/dpo"
   opt_pack dpo dpo dpo
   run "${LAUNCH[@]}" train/run.py --stage dpo --data "$PACKED/dpo" --out "$OUT_DIR/dpo" --resume \
-    --init-from "$OUT_DIR/sft" --max-steps "${DPO_STEPS:-$OPT_STEPS}" "${COMMON[@]}" --lr 1e-4 "${DPO_EXTRA[@]}"
+    --init-from "$OUT_DIR/sft" --max-steps "${DPO_STEPS:-$OPT_STEPS}" "${COMMON[@]}" ${DPO_LR:+--lr "$DPO_LR"} "${DPO_EXTRA[@]}"
 fi
 if [[ "${LORA:-0}" == 1 ]]; then
   step + "LoRA SFT on $DATA_DIR/lora from $OUT_DIR/sft for ${LORA_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/lora"
   opt_pack sft lora lora
   run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/lora" --out "$OUT_DIR/lora" --resume \
-    --init-from "$OUT_DIR/sft" --max-steps "${LORA_STEPS:-$OPT_STEPS}" "${COMMON[@]}" --lora-rank 8 --merge \
+    --init-from "$OUT_DIR/sft" --max-steps "${LORA_STEPS:-$OPT_STEPS}" "${COMMON[@]}" ${LORA_LR:+--lr "$LORA_LR"} --lora-rank 8 --merge \
     "${LORA_EXTRA[@]}"
 fi
 if [[ "${DISTILL:-0}" == 1 ]]; then
@@ -180,7 +181,7 @@ if [[ "${DISTILL:-0}" == 1 ]]; then
   for kv in $DISTILL_MODEL_ARGS; do STUDENT_FLAGS+=(--model-arg "$kv"); done
   run "${LAUNCH[@]}" train/run.py --stage distill --data "$PACKED/sft" --out "$OUT_DIR/distill" --resume \
     --teacher "$OUT_DIR/sft" "${STUDENT_FLAGS[@]}" --max-steps "${DISTILL_STEPS:-$OPT_STEPS}" "${COMMON[@]}" \
-    "${DISTILL_EXTRA[@]}"
+    ${DISTILL_LR:+--lr "$DISTILL_LR"} "${DISTILL_EXTRA[@]}"
 fi
 
 step 5/5 "chat: one greedy answer from $OUT_DIR/sft"
