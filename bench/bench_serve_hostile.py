@@ -9,6 +9,8 @@ sequentially (one connection per poll, --gap seconds apart) in four situations:
 - idle: nothing else runs (--polls polls);
 - big body: a client POSTs a --body-mb MB chat request (one huge user message, valid JSON) as a normal
   client does (whole body, then read the answer); polls run from its first byte until its answer;
+- 1 MB prompt: the same with a body just under the default 1 MiB limit (0.96 MB of text: it is read,
+  parsed and refused as too long for the context);
 - stalled body: a client sends headers with Content-Length 100000 and 100 bytes, then nothing;
 - generation: one streaming request with max_tokens --tokens and temperature 0 is being generated.
 Every loop is bounded in count and time, and only 127.0.0.1 is contacted. Numbers depend on the
@@ -94,7 +96,7 @@ def in_background(fn) -> tuple[threading.Thread, threading.Event, dict]:
 
 
 def big_body(port: int, mb: float):
-    content = "hello world " * int(mb * 1e6 / 12)
+    content = "hello world " * int(mb * 1e6 / 12)  # 12 bytes each
     body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 8}).encode()
 
     def send(result: dict) -> None:
@@ -189,6 +191,11 @@ def main() -> int:
         lat = poll_while(port, busy, args.polls, args.gap, 300)
         thread.join(300)
         rows.append(row(f"{args.body_mb:g} MB body", lat, outcome(result)))
+
+        thread, busy, result = in_background(big_body(port, 0.96))
+        lat = poll_while(port, busy, args.polls, args.gap, 300)
+        thread.join(300)
+        rows.append(row("1 MB prompt", lat, outcome(result)))
 
         hold = threading.Event()
         thread, busy, result = in_background(stalled_body(port, hold))

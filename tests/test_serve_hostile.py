@@ -15,6 +15,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ from test_serve import HI, KEY, ROOT, Server, request
 from core.chat_template import render_text
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
-from serve.app import APIError, encode_prompt, max_token_bytes, parse_body
+from serve.app import APIError, ReleasingTokenizer, encode_prompt, max_token_bytes, parse_body
 
 openai = pytest.importorskip("openai")
 
@@ -325,11 +326,47 @@ def test_token_byte_bound_holds_for_the_shipped_tokenizer():
         assert len(ids) * bound >= len(text.encode("utf-8")), text
 
 
+def test_releasing_tokenizer_gives_the_same_ids():
+    tok = load_tokenizer(TOKENIZER).tokenizer
+    text = render_text([{"role": "user", "content": "hello 你好 鬱 <think>x</think> <|im_end|>"}], True)
+    for special in (False, True):
+        assert ReleasingTokenizer(tok).encode(text, add_special_tokens=special).ids == \
+            tok.encode(text, add_special_tokens=special).ids
+    assert ReleasingTokenizer(tok).token_to_id("a") == tok.token_to_id("a")
+
+
+def test_prompt_tokenization_lets_other_threads_run():
+    """While a parser thread tokenizes a long prompt, Python code on other threads (the event loop) runs:
+    a ticker thread advances many times during ReleasingTokenizer.encode, not during a plain encode."""
+    tok = load_tokenizer(TOKENIZER).tokenizer
+    text = "hello world 你好 " * 20_000
+    ticks, stop = [0], threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0)
+
+    def ticks_during(encode) -> int:
+        before = ticks[0]
+        encode(text, add_special_tokens=False)
+        return ticks[0] - before
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        held, released = ticks_during(tok.encode), ticks_during(ReleasingTokenizer(tok).encode)
+    finally:
+        stop.set()
+        thread.join()
+    assert released > 20 and released > 10 * max(held, 1), (held, released)
+
+
 def test_text_the_tokenizer_refuses_is_400_on_messages():
     def refuse(*args, **kwargs):
         raise Exception("unencodable\ninput")
 
-    engine = SimpleNamespace(tokenizer=SimpleNamespace(tokenizer=SimpleNamespace(encode=refuse)))
+    engine = SimpleNamespace(encoder=SimpleNamespace(encode=refuse))
     with pytest.raises(APIError) as e:
         encode_prompt(engine, HI)
     assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "invalid_value")
