@@ -8,6 +8,9 @@ connection, or after a finished request), a timer of ``timeout`` seconds runs fr
 that arrive do not restart it); if it fires while still waiting, the connection gets a 408 with an
 OpenAI-style JSON body when part of a head had arrived, and is closed. The timer is cancelled as soon
 as a head is complete (the body then has the app's own deadline, ``create_app(body_timeout=)``).
+
+It also answers what h11 cannot parse (a bad request line, a malformed chunk, conflicting lengths) with
+the same OpenAI-style JSON body instead of uvicorn's plain text, then closes the connection.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
+def error_body(message: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+
+
 def _timeout_response(timeout: float) -> bytes:
-    body = json.dumps({"error": {"message": f"the request head did not arrive within {timeout:g} s "
-                                 "(bin/serve --body-timeout)", "type": "invalid_request_error",
-                                 "param": None, "code": "request_timeout"}}).encode()
+    body = error_body(f"the request head did not arrive within {timeout:g} s (bin/serve --body-timeout)",
+                      "request_timeout")
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body))
 
@@ -51,6 +58,16 @@ def head_timeout_protocol(timeout: float) -> type[H11Protocol]:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._watch_head()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request h11 cannot parse, as JSON (then the connection is closed)."""
+            body = error_body(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})", "invalid_http_request")
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _watch_head(self) -> None:
             """Arm the timer on entering 'waiting for a head'; cancel it once a head is complete."""

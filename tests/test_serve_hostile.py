@@ -258,6 +258,20 @@ def test_odd_authorization_headers_are_401(server, header):
     assert_error(status, body, 401, None, "invalid_api_key")
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\nzz\r\n",
+])
+def test_unparsable_http_is_json_400(server, data):
+    with connect(server, data) as s:
+        status, headers, body = answer(s)
+        assert_error(status, body, 400, None, "invalid_http_request")
+        assert s.recv(1) == b""
+    assert health(server)["status"] == "ok"
+
+
 def test_bearer_scheme_is_case_insensitive(server):
     head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: bearer " + KEY.encode() + b"\r\n\r\n"
     with connect(server, head) as s:
