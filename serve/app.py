@@ -1,12 +1,29 @@
 """OpenAI-compatible chat API and web chat page over one loaded model.
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE streaming), ``GET /v1/models``, ``GET /health``,
-``GET /`` (the static chat page). With an API key, ``/v1/*`` requires ``Authorization: Bearer KEY``.
+``GET /`` (the static chat page). With an API key, ``/v1/*`` requires ``Authorization: Bearer KEY``
+(compared as bytes in constant time: any header a client sends is a 401 or a pass, never a 500).
 
-Concurrency: requests are validated on the event loop, then queued (bounded, FIFO) for **one**
-generation worker thread that owns the model; /health and validation stay responsive while it runs.
-The worker sends events to the request's asyncio queue with ``call_soon_threadsafe``. A streaming
-client that disconnects cancels its job at the next token.
+A request's life, and the invariant at each step (no client can stall the event loop or the worker):
+1. the body is read on the event loop under two limits: a declared ``Content-Length`` over
+   ``max_body_bytes`` is a 413 before any body byte is read; a chunked body is counted as it arrives
+   and refused (413) the moment it passes the limit; the whole body must arrive within
+   ``body_timeout`` seconds (else 408, connection closed). uvicorn discards what a refused client
+   still sends, so the client reads its 413;
+2. JSON parsing, validation and prompt tokenization run in a small thread pool (``PARSE_THREADS``),
+   never on the event loop; tokenization goes through :class:`ReleasingTokenizer`, which releases the
+   GIL, so the loop keeps running meanwhile. A prompt that cannot fit the context by a byte count (each
+   token covers at most ``Engine.max_token_bytes`` bytes) is refused before it is tokenized;
+3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for **one** generation worker
+   thread that owns the model. It sends events to the request's asyncio queue with
+   ``call_soon_threadsafe``. A client that disconnects, streaming or not, cancels its job: a queued job
+   is skipped, a running one stops at its next token (``/health`` counts them as ``cancelled``).
+
+Untrusted JSON: ``NaN``, ``Infinity``, floats that overflow to infinity and integers over
+``MAX_INT_DIGITS`` digits parse to a marker that is refused with ``param`` naming where it was; a lone
+UTF-16 surrogate in any string or key, nesting deeper than ``MAX_DEPTH`` (or deep enough to exhaust the
+parser's recursion), a wrong type (booleans are not numbers), an out-of-range value and a feature this
+server does not implement are all 400 with ``param``. Text the tokenizer refuses is a 400 on ``messages``.
 
 Text: token ids go through :class:`~core.detokenize.IncrementalDecoder` (a chunk never splits a
 UTF-8 character), then through the ``stop`` strings filter: text that could be the start of a stop
@@ -17,12 +34,16 @@ Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "co
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import math
 import queue
+import re
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +53,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
 from torch import nn
 
 from core.chat_template import render_text
@@ -41,24 +65,35 @@ from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
 
 STATIC = Path(__file__).resolve().parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+BODY_TIMEOUT = 30.0  # seconds for the whole request body
+PARSE_THREADS = 2  # JSON parsing + validation + tokenization threads
+MAX_DEPTH = 32  # nesting of arrays/objects in a request body
+MAX_INT_DIGITS = 40  # longer integer literals are refused without converting them
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop string (the filter's hold-back is O(length) per token)
+SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63)
+CLIENT_CLOSED = 499  # status of a request whose client went away (never seen by anyone)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+    """An error answered as ``{"error": {...}}`` with an HTTP status (and optional extra headers)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-@dataclass
-class Job:
-    """One validated request: prompt ids and sampling settings; events flow back through ``events``."""
+@dataclass(frozen=True)
+class Sampling:
+    """A validated request: prompt ids and sampling settings."""
 
     prompt: list[int]
     max_tokens: int
@@ -68,6 +103,13 @@ class Job:
     repetition_penalty: float
     stop: list[str]
     seed: int
+
+
+@dataclass
+class Job:
+    """One queued request; events flow back to its event loop through ``events``."""
+
+    sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -104,15 +146,49 @@ class StopFilter:
         return text
 
 
+def max_token_bytes(tokenizer: Tokenizer) -> int | None:
+    """Most UTF-8 bytes of text one token can stand for, or None when no such bound holds.
+
+    For a BPE model without an unknown token and without a normalizer, every token covers a substring
+    of the text whose byte length is at most the UTF-8 length of its vocabulary string (a byte-level
+    symbol is one byte written as one character of up to 2 bytes), so a text of B bytes needs at least
+    ceil(B / bound) tokens. A normalizer (which may shrink text) or an unknown token voids the bound."""
+    model = tokenizer.model
+    if tokenizer.normalizer is not None or not isinstance(model, BPE) or model.unk_token is not None:
+        return None
+    return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab(with_added_tokens=True))
+
+
+class ReleasingTokenizer:
+    """A tokenizer whose ``encode(text)`` runs as ``encode_batch([text])``: the same ids, but the Rust code
+    releases the GIL while it works (``encode`` holds it: 0.5 s for 1 MB of text), so the event loop keeps
+    answering while a parser thread tokenizes a long prompt. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.wrapped = tokenizer
+
+    def encode(self, sequence: str, pair: str | None = None, is_pretokenized: bool = False,
+               add_special_tokens: bool = True) -> Any:
+        if pair is not None or is_pretokenized:
+            return self.wrapped.encode(sequence, pair, is_pretokenized, add_special_tokens)
+        return self.wrapped.encode_batch([sequence], add_special_tokens=add_special_tokens)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
 class Engine:
     """The model, its tokenizer and the single generation worker thread with its bounded queue."""
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerInfo, stop_ids: list[int], max_queue: int = 64) -> None:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.context = model.config.max_position_embeddings
+        self.max_token_bytes = max_token_bytes(tokenizer.tokenizer)
+        self.encoder = ReleasingTokenizer(tokenizer.tokenizer)  # for prompts, in parser threads
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
         self.served = 0
+        self.cancelled = 0
         self.thread = threading.Thread(target=self._work, name="tinylm-generate", daemon=True)
         self.thread.start()
 
@@ -121,7 +197,7 @@ class Engine:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise APIError(503, "the server is busy (generation queue full); retry later", code="server_busy",
-                           kind="server_error") from None
+                           kind="server_error", headers={"Retry-After": "1"}) from None
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -130,26 +206,29 @@ class Engine:
         while (job := self.jobs.get()) is not None:
             self.busy = True
             try:
-                self._run(job)
+                if not self._run(job):
+                    self.cancelled += 1
             except Exception as e:  # report, never kill the worker
                 job.send("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
                 self.busy = False
                 self.served += 1
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Generate ``job``; False when it was cancelled (before it started or at a token)."""
         if job.cancelled.is_set():
-            return
-        generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(job.seed)
-        gen = Generation(self.model, [job.prompt], max_new_tokens=job.max_tokens, temperature=job.temperature,
-                         top_k=job.top_k, top_p=job.top_p, repetition_penalty=job.repetition_penalty,
+            return False
+        s = job.sampling
+        generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(s.seed)
+        gen = Generation(self.model, [s.prompt], max_new_tokens=s.max_tokens, temperature=s.temperature,
+                         top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                          stop_ids=self.stop_ids, generator=generator)
         decoder = IncrementalDecoder(self.tokenizer.tokenizer)
-        stops = StopFilter(job.stop)
+        stops = StopFilter(s.stop)
         finish = None
         for (token,) in gen:
             if job.cancelled.is_set():
-                return
+                return False
             text, hit = stops.push(decoder.push(token))
             if text:
                 job.send("text", text)
@@ -162,31 +241,124 @@ class Engine:
             if text:
                 job.send("text", text)
             finish = FINISH_STOP if hit else gen.finish_reasons[0] or FINISH_LENGTH
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": len(gen.tokens[0]),
-                 "total_tokens": len(job.prompt) + len(gen.tokens[0])}
+        usage = {"prompt_tokens": len(s.prompt), "completion_tokens": len(gen.tokens[0]),
+                 "total_tokens": len(s.prompt) + len(gen.tokens[0])}
         job.send("done", (finish, usage))
+        return True
+
+
+# ---- untrusted JSON -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refused:
+    """What the parser puts in place of a number the server will not take (NaN, Infinity, 1e999, 10**99)."""
+
+    text: str
+    why: str
+
+
+def _parse_float(text: str) -> float | Refused:
+    value = float(text)
+    return value if math.isfinite(value) else Refused(text, "overflows a 64-bit float")
+
+
+def _parse_int(text: str) -> int | Refused:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        return Refused(f"{text[:12]}...", f"has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Refused:
+    return Refused(text, "is not a finite number")
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def check_tree(body: Any) -> None:
+    """Walk the parsed body (iteratively: depth is bounded here, not by the C stack) and refuse the first
+    Refused number, lone surrogate (in a string or a key) or nesting deeper than MAX_DEPTH, naming its path."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, Refused):
+            raise APIError(400, f"'{path}' {value.why}: {value.text}", path, "invalid_value")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise APIError(400, f"'{path}' contains a lone UTF-16 surrogate, which is not text", path,
+                               "invalid_value")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise APIError(400, f"'{path}' is nested deeper than {MAX_DEPTH} levels", path, "invalid_value")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in reversed(list(items)):  # reversed: the first item is checked first
+            where = _join(path, key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise APIError(400, f"a key in '{path or 'the body'}' contains a lone UTF-16 surrogate",
+                               path or None, "invalid_value")
+            stack.append((item, where, depth + 1))
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object whose every number is finite and every string is valid text."""
+    try:
+        body = json.loads(raw, parse_float=_parse_float, parse_int=_parse_int, parse_constant=_parse_constant)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (bytes that are not UTF-8)
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_tree(body)
+    return body
 
 
 # ---- request validation ------------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a client's value for an error message."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number, got {json.dumps(value)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be a number, got {_show(value)}", name, "invalid_type")
     if value < low or (low_open and value == low) or value > high:
         span = f"{'(' if low_open else '['}{low}, {high}]"
-        raise APIError(400, f"'{name}' must be in {span}, got {value}", name, "invalid_value")
+        raise APIError(400, f"'{name}' must be in {span}, got {_show(value)}", name, "invalid_value")
     return float(value)
 
 
-def _integer(body: dict, name: str) -> int | None:
+def _integer(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {json.dumps(value)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be an integer, got {_show(value)}", name, "invalid_type")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise APIError(400, f"'{name}' must be in {span}, got {_show(value)}", name, "invalid_value")
+    return value
+
+
+def _flag(body: dict, name: str, param: str | None = None) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        param = param or name
+        raise APIError(400, f"'{param}' must be a boolean, got {_show(value)}", param, "invalid_type")
     return value
 
 
@@ -217,8 +389,8 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = m.get("role")
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role {json.dumps(role)} is not supported; use one of "
+        if not (isinstance(role, str) and role in ROLES):
+            raise APIError(400, f"messages[{i}].role {_show(role)} is not supported; use one of "
                            "system, developer, user, assistant", f"messages[{i}].role", "invalid_value")
         turns.append({"role": ROLES[role], "content": _content(m, i)})
     return turns
@@ -230,18 +402,136 @@ def parse_stop(body: dict) -> list[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, "'stop' must be a non-empty string or an array of up to 4 non-empty strings",
-                       "stop", "invalid_value")
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOP
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise APIError(400, f"'stop' must be a non-empty string or an array of up to {MAX_STOP} non-empty "
+                       f"strings of at most {MAX_STOP_CHARS} characters", "stop", "invalid_value")
     return stop
+
+
+# Request fields for features this server does not implement, with the values that ask for nothing.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+               "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+               "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """400 for a request that asks for a feature this server would otherwise silently ignore."""
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == h and type(value) is type(h) for h in harmless):
+            raise APIError(400, f"'{name}' is not supported by this server, got {_show(value)}", name,
+                           "unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise APIError(400, f"'{name}' is not supported (use 'repetition_penalty')", name,
+                           "unsupported_parameter")
+    if not isinstance(body.get("model", ""), str):
+        raise APIError(400, f"'model' must be a string, got {_show(body['model'])}", "model", "invalid_type")
+
+
+def check_prompt_size(engine: Engine, turns: list[dict]) -> None:
+    """Refuse, without tokenizing, messages whose byte count alone proves they cannot fit the context."""
+    if engine.max_token_bytes is None:
+        return
+    size = sum(len(t["content"].encode("utf-8")) for t in turns)
+    least = -(-size // engine.max_token_bytes)
+    if least >= engine.context:
+        raise APIError(400, f"the messages are {size} bytes, so at least {least} tokens; this model's context is "
+                       f"{engine.context} tokens", "messages", "context_length_exceeded")
+
+
+def encode_prompt(engine: Engine, turns: list[dict]) -> list[int]:
+    """Prompt ids of ``turns`` plus the generation prompt; text the tokenizer refuses is a 400 on messages."""
+    tok = engine.encoder
+    try:
+        return tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
+    except APIError:
+        raise
+    except Exception as e:  # the tokenizer's own errors have no common type
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise APIError(400, f"the tokenizer refused the messages ({reason})", "messages", "invalid_value") from None
+
+
+def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampling, bool, bool]:
+    """(sampling settings, stream?, include_usage?) of a parsed body, or an APIError naming the param."""
+    turns = parse_messages(body)
+    n = _integer(body, "n")
+    if n not in (None, 1):
+        raise APIError(400, f"only n=1 is supported, got n={_show(n)}", "n", "invalid_value")
+    refuse_unsupported(body)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
+    top_k = _integer(body, "top_k", 0)
+    stream = _flag(body, "stream")
+    options = {} if body.get("stream_options") is None else body["stream_options"]
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
+    stop = parse_stop(body)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, 1)
+    check_prompt_size(engine, turns)
+    prompt = encode_prompt(engine, turns)
+    room = engine.context - len(prompt)
+    if room < 1:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
+                       "tokens, so nothing is left for the answer", "messages", "context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise APIError(400, f"'{name}' is {max_tokens}, but the prompt uses {len(prompt)} of the "
+                       f"{engine.context}-token context: at most {room} tokens are left", name,
+                       "context_length_exceeded")
+    sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
+                        secrets.randbits(63) if seed is None else seed)
+    return sampling, stream, include_usage
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 512) -> FastAPI:
-    """The FastAPI app over ``engine``; ``default_max_tokens`` caps answers when the request sets no limit."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, read as it arrives: 413 as soon as it is known to exceed ``limit`` bytes (from
+    Content-Length, before reading, or from the running count of a chunked body), 408 when it has not
+    all arrived within ``timeout`` seconds."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                       "(bin/serve --max-body-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (bin/serve --body-timeout)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed") from None
+    return b"".join(chunks)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client has gone (the body is already read, so only ``http.disconnect`` can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 512,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+    """The FastAPI app over ``engine``; ``default_max_tokens`` caps answers when the request sets no limit;
+    request bodies over ``max_body_bytes`` are 413, bodies not in after ``body_timeout`` seconds 408."""
     app = FastAPI(title="tinylm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    key = None if api_key is None else api_key.encode("utf-8")
+    parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="tinylm-parse")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -261,12 +551,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        """Bearer token check on the header's raw bytes (latin-1 round-trips them), in constant time."""
+        if key is None:
             return
-        header = request.headers.get("authorization", "")
-        if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:].strip(), api_key)):
+        scheme, _, token = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
+        if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+    def prepare(raw: bytes) -> tuple[Sampling, bool, bool]:
+        return validate(engine, parse_body(raw), default_max_tokens)
 
     @app.get("/")
     async def index() -> FileResponse:
@@ -275,7 +569,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "busy": engine.busy, "queued": engine.jobs.qsize(),
-                "served": engine.served}
+                "served": engine.served, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -286,13 +580,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        job, stream, include_usage = validate(body, request)
+        raw = await read_body(request, max_body_bytes, body_timeout)
+        loop = asyncio.get_running_loop()
+        sampling, stream, include_usage = await loop.run_in_executor(parsers, prepare, raw)
+        job = Job(sampling, loop, asyncio.Queue())
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         now = int(time.time())
         engine.submit(job)
@@ -300,67 +591,35 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             return StreamingResponse(sse(job, completion_id, now, include_usage, request),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, finish, usage = await collect(job, request)
+        return JSONResponse({
+            "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": usage})
+
+    async def collect(job: Job, request: Request) -> tuple[str, str, dict]:
+        """(text, finish reason, usage) of a non-streaming job; the job is cancelled if the client goes."""
+        gone = asyncio.ensure_future(until_disconnected(request))
         pieces = []
         try:
             while True:
-                kind, value = await job.events.get()
+                event = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
+                kind, value = event.result()
                 if kind == "text":
                     pieces.append(value)
                 elif kind == "error":
                     raise APIError(500, value, kind="server_error")
                 else:
-                    finish, usage = value
-                    break
+                    return "".join(pieces), *value
         finally:
+            gone.cancel()
             job.cancelled.set()
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage})
-
-    def validate(body: dict, request: Request) -> tuple[Job, bool, bool]:
-        turns = parse_messages(body)
-        n = _integer(body, "n")
-        if n is not None and n != 1:
-            raise APIError(400, f"only n=1 is supported, got n={n}", "n", "invalid_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-                raise APIError(400, f"'{name}' is not supported (use 'repetition_penalty')", name, "unsupported")
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-        repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
-        top_k = _integer(body, "top_k")
-        if top_k is not None and top_k < 0:
-            raise APIError(400, f"'top_k' must be >= 0, got {top_k}", "top_k", "invalid_value")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be a boolean", "stream", "invalid_type")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-        seed = _integer(body, "seed")
-        stop = parse_stop(body)
-        tok = engine.tokenizer.tokenizer
-        prompt = tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
-        room = engine.context - len(prompt)
-        if room < 1:
-            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
-                           "tokens, so nothing is left for the answer", "messages", "context_length_exceeded")
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _integer(body, name)
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens, room)
-        elif max_tokens < 1:
-            raise APIError(400, f"'{name}' must be >= 1, got {max_tokens}", name, "invalid_value")
-        elif max_tokens > room:
-            raise APIError(400, f"'{name}' is {max_tokens}, but the prompt uses {len(prompt)} of the "
-                           f"{engine.context}-token context: at most {room} tokens are left", name,
-                           "context_length_exceeded")
-        job = Job(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                  secrets.randbits(63) if seed is None else seed, asyncio.get_running_loop(), asyncio.Queue())
-        return job, stream, bool(options.get("include_usage"))
 
     async def sse(job: Job, completion_id: str, now: int, include_usage: bool,
                   request: Request) -> AsyncIterator[str]:
