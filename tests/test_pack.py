@@ -64,15 +64,23 @@ def test_sft_round_trip_and_mask(packed_sample):
     meta = shards.read_meta(packed_sample["sft"])
     docs = documents(packed_sample["sft"])
     convs = [r["conversations"] for r in records("sft")]
-    assert meta["counts"]["records_read"] == len(convs)
-    assert meta["counts"]["records_kept"] == len(docs) == len(convs) - meta["counts"]["dropped_overlong"]
-    rendered = Counter(render_text(c) for c in convs)
-    decoded = Counter(decode(t) for t, _ in docs)
-    assert not decoded - rendered, "every stored document is the exact rendering of an input record"
+    c = meta["counts"]
+    assert c["records_read"] == len(convs) and c["truncated"] > 0, "the default --overlong is truncate"
+    assert c["records_kept"] == len(docs) == len(convs) - sum(c["dropped"].values())
+    rendered = Counter(render_text(conv) for conv in convs)
+    whole = [(t, w) for t, w in docs if decode(t) in rendered]
+    assert len(docs) - len(whole) == c["truncated"]
+    assert not Counter(decode(t) for t, _ in whole) - rendered, "every whole document is the exact rendering"
+    ids_of = [TOK.tokenizer.encode(text, add_special_tokens=False).ids for text in rendered]
+    for tokens, weights in docs:
+        if len(tokens) == 256 and decode(tokens) not in rendered:  # truncated: a prefix of some rendering
+            assert any(ids[:256] == tokens.tolist() for ids in ids_of)
+            assert weights[1:].any(), "a truncated conversation keeps at least one supervised token"
     expected_mask = {render_text(c): "".join(t["content"] + "<|im_end|>" for t in c if t["role"] == "assistant")
                      for c in convs}
-    for tokens, weights in docs:
+    for tokens, weights in whole:
         assert supervised_text(tokens, weights) == expected_mask[decode(tokens)]
+    for tokens, weights in docs:
         assert set(np.unique(weights)) <= {0, 1} and len(tokens) <= 256
 
 
@@ -81,19 +89,26 @@ def test_dpo_pairs_stay_together(packed_sample):
     f = shards.PackedFolder(packed_sample["dpo"])
     for s in f.shards:  # every row holds whole pairs: an even number of documents, starting on an even one
         assert (np.asarray(s.row_docs) % 2 == 0).all()
-    pairs = {(render_text(r["chosen"]), render_text(r["rejected"])): r for r in records("dpo")}
+    pairs = {(r["chosen"][-1]["content"] + "<|im_end|>", r["rejected"][-1]["content"] + "<|im_end|>"): r
+             for r in records("dpo")}
     assert len(docs) % 2 == 0
+    cut = 0
     for (ct, cw), (rt, rw) in zip(docs[::2], docs[1::2], strict=True):
-        record = pairs[(decode(ct), decode(rt))]
-        assert supervised_text(ct, cw) == record["chosen"][-1]["content"] + "<|im_end|>"
-        assert supervised_text(rt, rw) == record["rejected"][-1]["content"] + "<|im_end|>"
+        record = pairs[(supervised_text(ct, cw), supervised_text(rt, rw))]  # both final answers whole
+        full_c, full_r = (TOK.tokenizer.encode(render_text(record[k]), add_special_tokens=False).ids
+                          for k in ("chosen", "rejected"))
+        assert full_c[-len(ct):] == ct.tolist() and full_r[-len(rt):] == rt.tolist(), "only the prompt's start is cut"
+        assert len(full_c) - len(ct) == len(full_r) - len(rt), "the same prompt tokens kept on both sides"
+        cut += len(ct) < len(full_c)
+    assert cut == shards.read_meta(packed_sample["dpo"])["counts"]["truncated"] > 0
 
 
 def test_reason_tags_upweighted(packed_sample):
     tag_ids = [TOK.special_ids[t] for t in REASONING_TAGS]
     for tokens, weights in documents(packed_sample["reason"])[:200]:
         is_tag = np.isin(tokens, tag_ids)
-        assert is_tag.sum() == 4, "each answer has exactly one of each tag, each a single token"
+        whole = len(tokens) < 256  # (a truncated one keeps the tags before its cut)
+        assert is_tag.sum() == 4 or not whole, "each answer has exactly one of each tag, each a single token"
         assert (weights[is_tag] == 10).all()
         assert set(np.unique(weights[~is_tag])) <= {0, 1}
 
@@ -238,14 +253,23 @@ def test_mixing_weights_repeat_and_subsample(tmp_path):
 
 def test_overlong_drop_and_truncate_are_counted(tmp_path):
     src = SAMPLE / "sft" / "oasst1_zh.jsonl"
-    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "drop"), "--seq-len", "64")
-    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "trunc"), "--seq-len", "64",
-             "--overlong", "truncate")
+    drop_run = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "drop"), "--seq-len", "64",
+                        "--overlong", "drop")
+    trunc_run = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "trunc"), "--seq-len", "64")
     drop, trunc = (shards.read_meta(tmp_path / x)["counts"] for x in ("drop", "trunc"))
-    assert drop["dropped_overlong"] > 0 and drop["truncated"] == 0
-    assert trunc["truncated"] == drop["dropped_overlong"] and trunc["dropped_overlong"] == 0
-    assert trunc["records_kept"] == trunc["records_read"]
+    assert drop["dropped"]["overlong"] > 0 and drop["truncated"] == 0
+    no_loss = trunc["dropped"].get("no_supervised_left", 0)
+    assert trunc["truncated"] + no_loss == drop["dropped"]["overlong"] and "overlong" not in trunc["dropped"]
+    assert trunc["records_kept"] + no_loss == trunc["records_read"]
     assert max(len(t) for t, _ in documents(tmp_path / "trunc")) == 64
+    # more than 1 % cut: one warning line each (even with --quiet), naming the count and the flag
+    share = drop["dropped"]["overlong"] / drop["records_read"]
+    assert drop_run.stderr.count("\n") == 1 and f"{share:.1%} of the records" in drop_run.stderr
+    assert "--overlong truncate" in drop_run.stderr and f"{drop['dropped']['overlong']:,} dropped" in drop_run.stderr
+    assert trunc_run.stderr.count("\n") == 1 and f"{trunc['truncated']:,} truncated" in trunc_run.stderr
+    assert "--overlong drop" in trunc_run.stderr and "warning" in trunc_run.stderr
+    quiet = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "long"), "--seq-len", "4096")
+    assert quiet.stderr == "", "nothing cut: no warning"
 
 
 # ---------------------------------------------------------------- bad input
@@ -290,7 +314,10 @@ def test_non_utf8_and_empty_file(tmp_path):
     empty.write_text("")
     proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), check=False)
     assert proc.returncode == 1 and f"{empty}: the file contains no records" in proc.stderr
-    proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), "--skip-bad")
+    src.write_bytes(b'{"text": "ok, a text long enough for one row of eight tokens"}\n' +
+                    '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), "--skip-bad",
+                    "--seq-len", "8")
     assert shards.read_meta(tmp_path / "e")["counts"]["skipped"] == {"empty_file": 1, "not_utf8": 1}
 
 
