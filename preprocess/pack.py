@@ -208,7 +208,9 @@ def finished_shards(out: Path, opts: PackOptions, listed: list[dict] | None = No
         if record is None:
             break
         if not shard_intact(out, record):
-            say(opts, f"{out / name}: its files do not match their recorded checksums; packing it again")
+            print(f"pack.py: warning: {out / name}: its files do not match their recorded checksums "
+                  "(changed or corrupted since it was written); packing it and the shards after it again",
+                  file=sys.stderr)
             break
         done.append(record)
     return done
@@ -315,7 +317,11 @@ class ShardBuilder:
             "row_slots": train_rows * seq,
             "row_tokens": len(tokens) if packed else train_rows * seq,
         }
-        self.written.append(shards.write_shard(self.opts.out, self.index, shard, self.token_dtype, stats))
+        try:
+            self.written.append(shards.write_shard(self.opts.out, self.index, shard, self.token_dtype, stats))
+        except BaseException:
+            clear_outputs(self.opts.out, keep=self.index)  # no shard is left with only some of its files
+            raise
         self.index += 1
         self._reset()
 

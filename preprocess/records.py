@@ -54,9 +54,6 @@ def decode_payload(item: Item) -> dict:
     """The JSON object of an item (UTF-8 strict); Parquet rows are already objects."""
     if item.payload is None:
         raise RecordError("empty_file", "the file contains no records")
-    if item.oversize:
-        raise RecordError("too_long", f"the line has {item.oversize:,} bytes, more than any record within "
-                          "--max-record-chars can have")
     if isinstance(item.payload, dict):
         return item.payload
     try:
@@ -174,9 +171,9 @@ def parse_record(item: Item, stage: str, max_chars: int = DEFAULT_MAX_RECORD_CHA
     Raises RecordError for every way a record can be bad; a failure this module did not foresee (an
     exception from an odd value) is still a bad record (``unreadable``), never a crash of the whole pack.
     """
-    if item.payload is not None and not isinstance(item.payload, dict) and \
-            len(item.payload) > BYTES_PER_CHAR_MAX * max_chars:
-        raise RecordError("too_long", f"the line has {len(item.payload):,} bytes, more than any record within "
+    size = item.oversize or (len(item.payload) if isinstance(item.payload, bytes) else 0)
+    if size > BYTES_PER_CHAR_MAX * max_chars:
+        raise RecordError("too_long", f"the line has {size:,} bytes, more than any record within "
                           f"--max-record-chars {max_chars:,} can have")
     try:
         record = _parse(item, stage)

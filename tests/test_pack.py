@@ -64,23 +64,15 @@ def test_sft_round_trip_and_mask(packed_sample):
     meta = shards.read_meta(packed_sample["sft"])
     docs = documents(packed_sample["sft"])
     convs = [r["conversations"] for r in records("sft")]
-    c = meta["counts"]
-    assert c["records_read"] == len(convs) and c["truncated"] > 0, "the default --overlong is truncate"
-    assert c["records_kept"] == len(docs) == len(convs) - sum(c["dropped"].values())
-    rendered = Counter(render_text(conv) for conv in convs)
-    whole = [(t, w) for t, w in docs if decode(t) in rendered]
-    assert len(docs) - len(whole) == c["truncated"]
-    assert not Counter(decode(t) for t, _ in whole) - rendered, "every whole document is the exact rendering"
-    ids_of = [TOK.tokenizer.encode(text, add_special_tokens=False).ids for text in rendered]
-    for tokens, weights in docs:
-        if len(tokens) == 256 and decode(tokens) not in rendered:  # truncated: a prefix of some rendering
-            assert any(ids[:256] == tokens.tolist() for ids in ids_of)
-            assert weights[1:].any(), "a truncated conversation keeps at least one supervised token"
+    assert meta["counts"]["records_read"] == len(convs)
+    assert meta["counts"]["records_kept"] == len(docs) == len(convs) - meta["counts"]["dropped"]["overlong"]
+    rendered = Counter(render_text(c) for c in convs)
+    decoded = Counter(decode(t) for t, _ in docs)
+    assert not decoded - rendered, "every stored document is the exact rendering of an input record"
     expected_mask = {render_text(c): "".join(t["content"] + "<|im_end|>" for t in c if t["role"] == "assistant")
                      for c in convs}
-    for tokens, weights in whole:
-        assert supervised_text(tokens, weights) == expected_mask[decode(tokens)]
     for tokens, weights in docs:
+        assert supervised_text(tokens, weights) == expected_mask[decode(tokens)]
         assert set(np.unique(weights)) <= {0, 1} and len(tokens) <= 256
 
 
@@ -89,26 +81,19 @@ def test_dpo_pairs_stay_together(packed_sample):
     f = shards.PackedFolder(packed_sample["dpo"])
     for s in f.shards:  # every row holds whole pairs: an even number of documents, starting on an even one
         assert (np.asarray(s.row_docs) % 2 == 0).all()
-    pairs = {(r["chosen"][-1]["content"] + "<|im_end|>", r["rejected"][-1]["content"] + "<|im_end|>"): r
-             for r in records("dpo")}
+    pairs = {(render_text(r["chosen"]), render_text(r["rejected"])): r for r in records("dpo")}
     assert len(docs) % 2 == 0
-    cut = 0
     for (ct, cw), (rt, rw) in zip(docs[::2], docs[1::2], strict=True):
-        record = pairs[(supervised_text(ct, cw), supervised_text(rt, rw))]  # both final answers whole
-        full_c, full_r = (TOK.tokenizer.encode(render_text(record[k]), add_special_tokens=False).ids
-                          for k in ("chosen", "rejected"))
-        assert full_c[-len(ct):] == ct.tolist() and full_r[-len(rt):] == rt.tolist(), "only the prompt's start is cut"
-        assert len(full_c) - len(ct) == len(full_r) - len(rt), "the same prompt tokens kept on both sides"
-        cut += len(ct) < len(full_c)
-    assert cut == shards.read_meta(packed_sample["dpo"])["counts"]["truncated"] > 0
+        record = pairs[(decode(ct), decode(rt))]
+        assert supervised_text(ct, cw) == record["chosen"][-1]["content"] + "<|im_end|>"
+        assert supervised_text(rt, rw) == record["rejected"][-1]["content"] + "<|im_end|>"
 
 
 def test_reason_tags_upweighted(packed_sample):
     tag_ids = [TOK.special_ids[t] for t in REASONING_TAGS]
     for tokens, weights in documents(packed_sample["reason"])[:200]:
         is_tag = np.isin(tokens, tag_ids)
-        whole = len(tokens) < 256  # (a truncated one keeps the tags before its cut)
-        assert is_tag.sum() == 4 or not whole, "each answer has exactly one of each tag, each a single token"
+        assert is_tag.sum() == 4, "each answer has exactly one of each tag, each a single token"
         assert (weights[is_tag] == 10).all()
         assert set(np.unique(weights[~is_tag])) <= {0, 1}
 
