@@ -168,14 +168,14 @@ def plan_fingerprint(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerI
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def own_json(path: Path, what: str, opts: PackOptions, keys: tuple[str, ...]) -> dict | None:
-    """A JSON object pack.py wrote into --out, or None when absent; a corrupt one is refused in one line,
-    or ignored (None) with ``--overwrite``."""
+def own_json(path: Path, what: str, opts: PackOptions, keys: dict[str, type]) -> dict | None:
+    """A JSON object pack.py wrote into --out (with ``keys`` of those types), or None when absent; a corrupt
+    one is refused in one line, or ignored (None) with ``--overwrite``."""
     if not path.exists():
         return None
     try:
         obj = read_json(path, what)
-        if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), t) for k, t in keys.items()):
             raise TinyLMError(f"the {what} is corrupt: not the object pack.py writes", path=path)
     except TinyLMError as e:
         if opts.overwrite:
@@ -204,7 +204,7 @@ def finished_shards(out: Path, opts: PackOptions, listed: list[dict] | None = No
         if listed is not None:
             record = listed[index] if index < len(listed) else None
         else:
-            record = own_json(out / f"{name}.json", "shard record", opts, ("files", "records_end"))
+            record = own_json(out / f"{name}.json", "shard record", opts, {"files": dict, "records_end": int})
         if record is None:
             break
         if not shard_intact(out, record):
@@ -228,17 +228,17 @@ def prepare_out(opts: PackOptions, fingerprint: str) -> tuple[list[dict], bool]:
     """Inspect --out (already created and locked): (the finished shards this run keeps, complete?)."""
     out = opts.out
     meta_path, state_path = out / "meta.json", out / STATE_FILE
-    meta = own_json(meta_path, "meta.json", opts, ("plan_fingerprint", "shards"))
+    meta = own_json(meta_path, "meta.json", opts, {"plan_fingerprint": str, "shards": list})
     done: list[dict] = []
     if meta is not None and meta["plan_fingerprint"] == fingerprint:
-        done = finished_shards(out, opts, listed=meta["shards"] if isinstance(meta["shards"], list) else [])
+        done = finished_shards(out, opts, listed=meta["shards"])
         if len(done) == len(meta["shards"]):
             return done, True
     elif meta is not None and not opts.overwrite:
         raise PackError(f"{meta_path}: {out} already holds a packed dataset of other inputs or options; "
                         "pass --overwrite or choose another --out")
     else:
-        state = own_json(state_path, "pack state file", opts, ("plan_fingerprint",))
+        state = own_json(state_path, "pack state file", opts, {"plan_fingerprint": str})
         if state is not None and state["plan_fingerprint"] == fingerprint:
             done = finished_shards(out, opts)
         elif state is not None:
@@ -406,10 +406,12 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
     cut = c["truncated"] + sum(c["dropped"].values())
     if not c["records_read"] or cut / c["records_read"] <= WARN_SHARE:
         return None
-    other = "drop" if opts.records.overlong == "truncate" else "truncate"
+    dropped = sum(c["dropped"].values())
+    fix = ("pass --overlong drop to drop them instead" if opts.records.overlong == "truncate"
+           else "pass --overlong truncate to keep them, truncated")
     return (f"pack.py: warning: {cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "
-            f"did not fit --seq-len {opts.seq_len}: {c['truncated']:,} truncated, {sum(c['dropped'].values()):,} "
-            f"dropped; a larger --seq-len keeps more, --overlong {other} treats them the other way")
+            f"are longer than --seq-len {opts.seq_len}: {c['truncated']:,} truncated, {dropped:,} dropped; "
+            f"raise --seq-len to keep them whole, or {fix}")
 
 
 def pack(opts: PackOptions) -> dict:

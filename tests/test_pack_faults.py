@@ -427,7 +427,8 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("victim", ["meta.json", ".pack_state.json", "shard_00000.json"])
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe",
+                                     b'{"plan_fingerprint": 7, "shards": {}, "files": 1, "records_end": "x"}'])
 def test_corrupt_json_in_out_is_one_line(tmp_path, capsys, victim, content):
     out = tmp_path / "o"
     argv = [*SFT, "--shard-tokens", "10000", "--out", str(out)]
