@@ -21,8 +21,10 @@ import os
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,7 +350,7 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
         "truncated": total("truncated"), "dropped": dict(sorted(dropped.items())),
         "skipped": dict(sorted(skipped.items())), "tokens": total("tokens"),
         "supervised_tokens": total("supervised_tokens"), "documents": total("documents"),
-        "rows": total("train_rows"),
+        "rows": total("train_rows"), "unused_tokens": unused_tokens(opts, records),
     }
     accounted = counts["records_kept"] + sum(dropped.values()) + sum(skipped.values())
     if accounted != counts["records_read"]:
@@ -371,14 +373,38 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
     }
 
 
+def unused_tokens(opts: PackOptions, records: list[dict]) -> int:
+    """Pretrain: tokens that are in no training window (a shard of n tokens has (n - 1) // L windows of
+    L + 1 tokens, the last one ending at token rows * L). Packed stages use every stored token: 0."""
+    if opts.stage in PACKED_STAGES:
+        return 0
+    return sum(r["tokens"] - (r["train_rows"] * opts.seq_len + 1 if r["train_rows"] else 0) for r in records)
+
+
 def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item],
                    workers: int) -> Iterator[EncodedChunk]:
+    """Encoded chunks in input order. With several workers at most ``2 x workers`` chunks are in flight
+    (memory stays bounded), and a worker that dies (killed, out of memory) is an error naming the
+    records it held, never a hang: ``concurrent.futures`` notices a dead worker, ``multiprocessing.Pool``
+    would wait for its lost task forever."""
     batches = chunks(items, CHUNK_RECORDS)
     if workers == 1:
         yield from (encode_items(b, enc, tok) for b in batches)
         return
-    with mp.get_context().Pool(workers, init_worker, (str(tok.path), enc, True)) as pool:
-        yield from pool.imap(encode_in_worker, batches)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=init_worker,
+                             initargs=(str(tok.path), enc, True)) as pool:
+        in_flight: deque[tuple[Item, Future]] = deque()
+        for batch in itertools.chain(batches, [None]):
+            if batch is not None:
+                in_flight.append((batch[0], pool.submit(encode_in_worker, batch)))
+            while in_flight and (batch is None or len(in_flight) >= 2 * workers):
+                first, future = in_flight.popleft()
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    raise PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding "
+                                    f"the {CHUNK_RECORDS} records from {first.source}:{first.line} on; lower "
+                                    "--workers or --max-record-chars and re-run to resume") from None
 
 
 def check_has_rows(opts: PackOptions, counts: dict) -> None:
@@ -412,6 +438,15 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
     return (f"pack.py: warning: {cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "
             f"are longer than --seq-len {opts.seq_len}: {c['truncated']:,} truncated, {dropped:,} dropped; "
             f"raise --seq-len to keep them whole, or {fix}")
+
+
+def unused_warning(opts: PackOptions, c: dict) -> str | None:
+    """One warning line when more than WARN_SHARE of the pretrain tokens fall in no training window."""
+    if not c["tokens"] or c["unused_tokens"] / c["tokens"] <= WARN_SHARE:
+        return None
+    return (f"pack.py: warning: {c['unused_tokens'] / c['tokens']:.1%} of the tokens ({c['unused_tokens']:,} of "
+            f"{c['tokens']:,}) are in no training window of --seq-len {opts.seq_len} + 1 (the tail of each "
+            "shard); a smaller --seq-len or a larger --shard-tokens uses them")
 
 
 def pack(opts: PackOptions) -> dict:
@@ -461,8 +496,9 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
         clear_outputs(opts.out, keep=0)
         (opts.out / STATE_FILE).unlink(missing_ok=True)
         raise
-    if warning := overlong_warning(opts, meta["counts"]):
-        print(warning, file=sys.stderr)
+    for warning in (overlong_warning(opts, meta["counts"]), unused_warning(opts, meta["counts"])):
+        if warning:
+            print(warning, file=sys.stderr)
     atomic_write_json(opts.out / "meta.json", meta)
     (opts.out / STATE_FILE).unlink(missing_ok=True)
     meta["_seconds"] = time.perf_counter() - start

@@ -61,7 +61,7 @@ def decode_payload(item: Item) -> dict:
     except UnicodeDecodeError as e:
         raise RecordError("not_utf8", f"invalid UTF-8 byte at column {e.start + 1}") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark (first line of some exports)
     except json.JSONDecodeError as e:
         if item.unterminated:
             raise RecordError("truncated_record", f"the file ends inside this record ({e.msg} at column "
@@ -70,7 +70,8 @@ def decode_payload(item: Item) -> dict:
     except RecursionError:
         raise RecordError("too_deep", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
-        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        hint = " (pack.py reads JSON Lines: one object per line, not one array)" if isinstance(obj, list) else ""
+        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}{hint}")
     return obj
 
 
@@ -105,7 +106,9 @@ def parse_text(obj: dict) -> str:
 def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
     turns = obj.get(key)
     if turns is None:
-        raise RecordError("missing_field", "missing", key)
+        renamed = key == "conversations" and "messages" in obj
+        hint = " (this record has 'messages': rename it to 'conversations')" if renamed else ""
+        raise RecordError("missing_field", f"missing{hint}", key)
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_type", "expected a non-empty list of turns", key)
     out: list[dict] = []

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,33 @@ def test_a_huge_line_is_never_held_in_memory(tmp_path):
     assert items[2].unterminated and not items[0].unterminated
 
 
+def test_common_near_misses_are_read_or_explained(tmp_path, capsys):
+    src = tmp_path / "bom.jsonl"  # a byte-order mark is not a broken first record
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"))
+    assert rc == 0 and shards.read_meta(tmp_path / "o")["counts"]["records_kept"] == 2, err
+    array = jsonl(tmp_path / "array.jsonl", [json.dumps([GOOD, GOOD])])
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(array), "--out", str(tmp_path / "a"))
+    assert rc == 1
+    one_line_error(err, f"{array}:1: expected a JSON object, got list (pack.py reads JSON Lines")
+    messages = jsonl(tmp_path / "messages.jsonl", [{"messages": GOOD["conversations"]}])
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(messages), "--out", str(tmp_path / "m"))
+    assert rc == 1
+    one_line_error(err, f"{messages}:1: field 'conversations': missing (this record has 'messages'")
+
+
+def test_pretrain_tokens_in_no_window_are_counted_and_warned(tmp_path, capsys):
+    src = str(SAMPLE / "pretrain" / "wiki_en_demo.jsonl")
+    rc, _, err = run(capsys, "--stage", "pretrain", "--input", src, "--out", str(tmp_path / "o"), "--seq-len", "1000",
+                     "--shard-tokens", "1500")
+    assert rc == 0
+    meta = shards.read_meta(tmp_path / "o")
+    c = meta["counts"]
+    expected = sum(s["tokens"] - (s["train_rows"] * 1000 + 1 if s["train_rows"] else 0) for s in meta["shards"])
+    assert c["unused_tokens"] == expected > 0.01 * c["tokens"]
+    assert err.count("\n") == 1 and f"({c['unused_tokens']:,} of {c['tokens']:,}) are in no training window" in err
+
+
 # ---------------------------------------------------------------- truncation rules
 
 def weights(prompt: int, answer: int) -> np.ndarray:
@@ -347,6 +375,25 @@ def test_workers_capped_at_usable_cores(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0 and "pack.py: note: --workers 64 capped at the 1 usable core(s)" in err
     assert "read 120 = kept" in out
+
+
+def _encode_or_die(items):
+    """A worker that is killed (as by the OOM killer) on the second pass over the file."""
+    if items[-1].line != 370:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode.encode_in_worker(items)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pack, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pack, "encode_in_worker", _encode_or_die)
+    src = SAMPLE / "sft" / "alpaca_zh_demo.jsonl"  # 370 records, twice: 512-record chunks end at lines 142, 370
+    out = tmp_path / "o"
+    rc = pack.main(["--stage", "sft", "--input", f"{src}:2", "--out", str(out), "--workers", "2", "--quiet"])
+    _, err = capsys.readouterr()
+    assert rc == 1
+    one_line_error(err, "a tokenizer worker process died", "the 512 records from", f"{src}:1 on", "--workers")
+    assert_nothing_left(out)
 
 
 # ---------------------------------------------------------------- the output folder
