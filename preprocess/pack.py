@@ -61,7 +61,7 @@ from preprocess.sources import (  # noqa: E402
 
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512
-WARN_SHARE = 0.01  # warn when more than this share of records is truncated or dropped
+WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
 SHARD_FILE = re.compile(r"shard_(\d{5})\.")
 
 

@@ -508,6 +508,35 @@ def test_second_pack_into_the_same_out_is_refused(tmp_path, capsys):
     assert (out / ".lock").read_text() == ""
 
 
+def test_two_real_packs_at_once_and_a_killed_one_leaves_no_stale_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "o"
+    slow = ["--stage", "pretrain", "--input", f"{SAMPLE / 'pretrain' / '*.jsonl'}:50", "--workers", "1",
+            "--seq-len", "128", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, str(REPO / "preprocess" / "pack.py"), *slow, "--quiet"],
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / ".pack_state.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # the state file is written while the lock is held
+        second = run_pack(*slow, check=False)
+        assert first.poll() is None, "the first pack must still be running for this test to mean anything"
+        assert second.returncode == 1
+        one_line_error(second.stderr, f"{out}: another pack (pid {first.pid}) is using this folder")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (out / "meta.json").exists()
+    rc = run_pack("--stage", "pretrain", "--input", str(SAMPLE / "pretrain" / "wiki_en_demo.jsonl"),
+                  "--seq-len", "128", "--out", str(out), check=False)
+    assert rc.returncode == 0, rc.stderr  # the kernel dropped the dead holder's lock
+
+
 # ---------------------------------------------------------------- resume checks shard checksums
 
 @pytest.mark.parametrize("interrupted", [False, True])
