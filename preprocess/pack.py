@@ -329,7 +329,7 @@ class ShardBuilder:
 
 
 def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, records: list[dict],
-              fingerprint: str) -> dict:
+              fingerprint: str, per_source: Counter) -> dict:
     """meta.json: the dataset's description, totals summed from the shard records.
 
     Invariant (checked): records_read == records_kept + sum(dropped) + sum(skipped), where the
@@ -368,7 +368,8 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
             "efficiency": round(filled / slots, 6) if slots else 0.0,
             "pad_to_max_efficiency": round(total("tokens") / (units * opts.seq_len), 6) if units else 0.0,
         },
-        "sources": [{"path": str(s.path), "bytes": s.path.stat().st_size, "weight": s.weight} for s in specs],
+        "sources": [{"path": str(s.path), "bytes": s.path.stat().st_size, "weight": s.weight,
+                     "records": per_source[str(s.path)]} for s in specs],
         "shards": records,
     }
 
@@ -440,6 +441,20 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
             f"raise --seq-len to keep them whole, or {fix}")
 
 
+def counted(items: Iterator[Item], per_source: Counter) -> Iterator[Item]:
+    """``items`` unchanged, counting the real records of each source (an empty file's marker counts 0, so
+    a source absent from ``per_source`` is one whose weight kept none of its records)."""
+    for item in items:
+        per_source[item.source] += 1 if item.line else 0
+        yield item
+
+
+def unmixed_warnings(sources: list[dict], per_source: Counter) -> list[str]:
+    """A warning per non-empty source whose mixing weight kept none of its records (a silent loss otherwise)."""
+    return [f"pack.py: warning: {s['path']}:{s['weight']:g} contributed no record: its weight keeps none of its "
+            "records; raise the weight" for s in sources if s["path"] not in per_source]
+
+
 def unused_warning(opts: PackOptions, c: dict) -> str | None:
     """One warning line when more than WARN_SHARE of the pretrain tokens fall in no training window."""
     if not c["tokens"] or c["unused_tokens"] / c["tokens"] <= WARN_SHARE:
@@ -475,7 +490,8 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
     r = opts.records
     enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars)
-    items = itertools.islice(iter_items(specs, max_line), records_before, None)
+    per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
+    items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
     with tqdm(total=total_items, initial=records_before, unit="rec", disable=opts.quiet,
               desc=f"pack {opts.stage}", dynamic_ncols=True) as bar:
@@ -489,14 +505,15 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
             bar.update(len(chunk.outcomes))
             bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}", refresh=False)
         builder.flush()
-    meta = summarize(opts, specs, tok, done + builder.written, fingerprint)
+    meta = summarize(opts, specs, tok, done + builder.written, fingerprint, per_source)
     try:
         check_has_rows(opts, meta["counts"])
     except PackError:
         clear_outputs(opts.out, keep=0)
         (opts.out / STATE_FILE).unlink(missing_ok=True)
         raise
-    for warning in (overlong_warning(opts, meta["counts"]), unused_warning(opts, meta["counts"])):
+    for warning in (overlong_warning(opts, meta["counts"]), unused_warning(opts, meta["counts"]),
+                    *unmixed_warnings(meta["sources"], per_source)):
         if warning:
             print(warning, file=sys.stderr)
     atomic_write_json(opts.out / "meta.json", meta)

@@ -240,6 +240,17 @@ def test_pretrain_tokens_in_no_window_are_counted_and_warned(tmp_path, capsys):
     assert err.count("\n") == 1 and f"({c['unused_tokens']:,} of {c['tokens']:,}) are in no training window" in err
 
 
+def test_a_source_its_weight_empties_is_warned_and_every_source_counted(tmp_path, capsys):
+    big, small = SAMPLE / "sft" / "kdconv_zh.jsonl", jsonl(tmp_path / "small.jsonl", [GOOD, GOOD])
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(big), f"{small}:0.01", "--out", str(tmp_path / "o"),
+                     "--seq-len", "4096")
+    assert rc == 0
+    assert err == f"pack.py: warning: {small}:0.01 contributed no record: its weight keeps none of its records; " \
+                  "raise the weight\n"
+    sources = shards.read_meta(tmp_path / "o")["sources"]
+    assert [(s["path"], s["records"]) for s in sources] == [(str(big), 120), (str(small), 0)]
+
+
 # ---------------------------------------------------------------- truncation rules
 
 def weights(prompt: int, answer: int) -> np.ndarray:
