@@ -441,6 +441,16 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
             f"raise --seq-len to keep them whole, or {fix}")
 
 
+def skipped_warning(c: dict) -> str | None:
+    """One warning line when --skip-bad skipped more than WARN_SHARE of the records."""
+    skipped = sum(c["skipped"].values())
+    if not c["records_read"] or skipped / c["records_read"] <= WARN_SHARE:
+        return None
+    reasons = ", ".join(f"{k} {v:,}" for k, v in c["skipped"].items())
+    return (f"pack.py: warning: {skipped / c['records_read']:.1%} of the records ({skipped:,} of "
+            f"{c['records_read']:,}) were bad and skipped (--skip-bad): {reasons}")
+
+
 def counted(items: Iterator[Item], per_source: Counter) -> Iterator[Item]:
     """``items`` unchanged, counting the real records of each source (an empty file's marker counts 0, so
     a source absent from ``per_source`` is one whose weight kept none of its records)."""
@@ -512,7 +522,8 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
         clear_outputs(opts.out, keep=0)
         (opts.out / STATE_FILE).unlink(missing_ok=True)
         raise
-    for warning in (overlong_warning(opts, meta["counts"]), unused_warning(opts, meta["counts"]),
+    for warning in (overlong_warning(opts, meta["counts"]), skipped_warning(meta["counts"]),
+                    unused_warning(opts, meta["counts"]),
                     *unmixed_warnings(meta["sources"], per_source)):
         if warning:
             print(warning, file=sys.stderr)

@@ -322,6 +322,11 @@ def test_accounting_identity_on_mixed_bad_input(tmp_path, capsys):
                             "too_long": 1, "unsupported_field": 1}
     assert ("read 11 = kept 3 (1 truncated) + dropped 1 (no_supervised_left 1) + skipped 7 (bad_unicode 1, "
             "empty_file 1, invalid_json 1, not_object 1, too_deep 1, too_long 1, unsupported_field 1)") in out
+    warnings = [line for line in err.splitlines() if line.startswith("pack.py:")]  # (not --quiet: a tqdm bar too)
+    assert len(warnings) == 2 and "18.2% of the records (2 of 11) are longer than --seq-len 64" in warnings[0]
+    assert warnings[1] == ("pack.py: warning: 63.6% of the records (7 of 11) were bad and skipped (--skip-bad): "
+                           "bad_unicode 1, empty_file 1, invalid_json 1, not_object 1, too_deep 1, too_long 1, "
+                           "unsupported_field 1")
 
 
 def corrupt_line(rng: random.Random, line: str) -> bytes:
