@@ -217,7 +217,8 @@ def _records(path: Path, max_line_bytes: int | None = None) -> Iterator[Record]:
             elif line.strip():
                 yield Record(number, line.rstrip(b"\r"), unterminated=not terminated)
     except _ZstBroken as e:
-        raise SourceError(f"{e}; the last complete line read was line {number}", path=path) from None
+        where = f"the last complete line read was line {number}" if number else "no complete line was read"
+        raise SourceError(f"{e}; {where}", path=path) from None
     except OSError as e:
         raise SourceError(f"cannot read ({os_reason(e)}) after line {number}", path=path) from None
 

@@ -76,7 +76,7 @@ def two_frame_zst(tmp_path: Path) -> tuple[Path, bytes, bytes, int]:
 
 
 def test_multi_frame_zst_is_read_whole(tmp_path, capsys):
-    path, _, _, lines = two_frame_zst(tmp_path)  # zstandard's stream_reader stopped after the first frame
+    path, _, _, lines = two_frame_zst(tmp_path)  # every frame is read, none lost
     rc, _, err = run(capsys, "--stage", "sft", "--input", str(path), "--out", str(tmp_path / "o"))
     assert rc == 0, err
     assert shards.read_meta(tmp_path / "o")["counts"]["records_read"] == lines
@@ -108,6 +108,17 @@ def test_truncated_or_corrupt_zst_is_refused(tmp_path, capsys, cut):
     if cut == "frame_boundary":
         rc, _, err = run(capsys, "--stage", "sft", "--input", str(path), "--out", str(out), "--skip-bad")
         assert rc == 0 and shards.read_meta(out)["counts"]["skipped"] == {"truncated_record": 1}
+
+
+def test_single_frame_zst_cut_short(tmp_path, capsys):
+    import zstandard
+
+    path = tmp_path / "in.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress((SAMPLE / "sft" / "oasst1_zh.jsonl").read_bytes())[:3000])
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(path), "--out", str(tmp_path / "o"), "--skip-bad")
+    assert rc == 1
+    one_line_error(err, f"{path}: truncated zstd stream: the frame starting at byte 0 is cut off at byte 3000",
+                   "no complete line was read")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "not_parquet"])
