@@ -186,9 +186,18 @@ def own_json(path: Path, what: str, opts: PackOptions, keys: dict[str, type]) ->
     return obj
 
 
+# The keys (and types) of a shard record that a resume sums into meta.json.
+SHARD_RECORD_KEYS = {"files": dict, "records_end": int, "records_read": int, "records_kept": int, "truncated": int,
+                     "dropped": dict, "skipped": dict, "tokens": int, "documents": int, "supervised_tokens": int,
+                     "train_rows": int, "row_slots": int, "row_tokens": int}
+
+
 def shard_intact(out: Path, record: dict) -> bool:
-    """Every file of a finished shard is there with its recorded size and sha256."""
+    """The record has every key a resume needs, and every file of the shard is there with its recorded size
+    and sha256."""
     try:
+        if any(not isinstance(record.get(k), t) for k, t in SHARD_RECORD_KEYS.items()):
+            return False
         files = list(record["files"].items())
         return bool(files) and all((out / f).is_file() and (out / f).stat().st_size == v["bytes"]
                                    and shards.file_sha256(out / f) == v["sha256"] for f, v in files)
@@ -206,7 +215,7 @@ def finished_shards(out: Path, opts: PackOptions, listed: list[dict] | None = No
         if listed is not None:
             record = listed[index] if index < len(listed) else None
         else:
-            record = own_json(out / f"{name}.json", "shard record", opts, {"files": dict, "records_end": int})
+            record = own_json(out / f"{name}.json", "shard record", opts, SHARD_RECORD_KEYS)
         if record is None:
             break
         if not shard_intact(out, record):
