@@ -145,9 +145,9 @@ def main() -> None:
     for stage, meta in metas.items():
         c, pk = meta["counts"], meta["packing"]
         rows.append([stage, f"{c['tokens']:,}", f"{c['documents']:,}", f"{c['rows']:,}", f"{pk['efficiency']:.1%}",
-                     f"{pk['pad_to_max_efficiency']:.1%}", f"{c['dropped_overlong']:,}"])
+                     f"{pk['pad_to_max_efficiency']:.1%}", f"{c['truncated']:,}", f"{sum(c['dropped'].values()):,}"])
     table(f"3. packing efficiency at seq_len {args.seq_len} (real tokens / row slots)",
-          ["stage", "tokens", "documents", "rows", "packed", "pad-to-max", "dropped overlong"], rows)
+          ["stage", "tokens", "documents", "rows", "packed", "pad-to-max", "truncated", "dropped"], rows)
     print(f"\n(peak RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
           f"scratch in {work})")
 

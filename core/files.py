@@ -12,6 +12,7 @@ Every OS failure becomes a :class:`~core.errors.TinyLMError` naming the path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -146,6 +147,8 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):  # a released lock names no holder (the folder stays reproducible)
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

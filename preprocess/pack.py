@@ -18,10 +18,14 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,17 +34,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core.errors import TinyLMError  # noqa: E402
-from core.files import atomic_write_json  # noqa: E402
-from core.tokenizer import (  # noqa: E402
-    DEFAULT_TOKENIZER,
-    REPO_ROOT,
-    TokenizerError,
-    TokenizerInfo,
-    load_tokenizer,
-)
+from core.files import FolderLock, atomic_write_json, is_temp_file, make_dir, read_json  # noqa: E402
+from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
-    DROPPED,
     OK,
     PACKED_STAGES,
     TRUNCATED,
@@ -50,19 +47,65 @@ from preprocess.encode import (  # noqa: E402
     encode_items,
     init_worker,
 )
+from preprocess.options import RecordOptions, add_record_arguments  # noqa: E402
 from preprocess.packing import assemble_shard  # noqa: E402
 from preprocess.records import STAGES  # noqa: E402
-from preprocess.sources import InputError, Item, SourceSpec, count_items, iter_items, parse_input_args  # noqa: E402
+from preprocess.sources import (  # noqa: E402
+    BYTES_PER_CHAR_MAX,
+    Item,
+    SourceSpec,
+    count_items,
+    iter_items,
+    parse_input_args,
+)
 
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512
+WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
+SHARD_FILE = re.compile(r"shard_(\d{5})\.")
 
 
 class PackError(TinyLMError):
     """A fatal, user-facing problem: printed as one line, exit status 1."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything one pack run needs; filled by :func:`parse_args` or by a caller (``bin/eval``)."""
+
+    stage: str
+    inputs: list[str]
+    out: Path
+    tokenizer: str = str(DEFAULT_TOKENIZER)
+    seq_len: int = 512
+    workers: int = 0  # 0: every usable core
+    shard_tokens: int = 1 << 24
+    overwrite: bool = False
+    quiet: bool = False
+    records: RecordOptions = field(default_factory=RecordOptions)
+
+    def problem(self) -> str | None:
+        """The first invalid option as a message naming its flag, or None."""
+        if self.stage not in STAGES:
+            return f"--stage must be one of {', '.join(STAGES)}"
+        if self.seq_len < 8:
+            return "--seq-len must be at least 8"
+        if self.workers < 0:
+            return "--workers must be at least 1"
+        if self.shard_tokens < self.seq_len + 1:
+            return "--shard-tokens must be larger than --seq-len"
+        return self.records.problem()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> PackOptions:
     p = argparse.ArgumentParser(
         prog="pack.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\nExample:\n  python preprocess/pack.py --stage sft "
@@ -77,38 +120,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokenizer directory or tokenizer.json (default: the shipped data/tokenizer)")
     p.add_argument("--seq-len", type=int, default=512,
                    help="row length in tokens: packed rows for sft/reason/dpo, windows for pretrain (default 512)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes (default: all cores); the output does not depend on it")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed records, counted per reason, instead of stopping at the first one")
-    p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
-                   help="records longer than --seq-len (sft/reason/dpo): drop or truncate, counted (default drop)")
-    p.add_argument("--tag-weight", type=int, default=10,
-                   help="reason stage: loss weight of <think> </think> <answer> </answer> (default 10)")
+    p.add_argument("--workers", type=int,
+                   help="tokenizer processes (default: every usable core; more are capped to them); "
+                        "the output does not depend on it")
+    add_record_arguments(p)
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished dataset of other inputs in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset of other inputs (or a damaged one) in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, notes or summary (warnings still print)")
     args = p.parse_args(argv)
     if args.input is None:
         sample = {"reason": "reasoning"}.get(args.stage, args.stage)
         args.input = [str(REPO_ROOT / "data" / "sample" / sample / "*.jsonl")]
-    args.out = args.out or REPO_ROOT / "data" / "packed" / args.stage
-    if args.seq_len < 8:
-        p.error("--seq-len must be at least 8")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         p.error("--workers must be at least 1")
-    if not 1 <= args.tag_weight <= 255:
-        p.error("--tag-weight must be in 1..255 (it is stored as uint8)")
-    if args.shard_tokens < args.seq_len + 1:
-        p.error("--shard-tokens must be larger than --seq-len")
-    return args
+    opts = PackOptions(args.stage, args.input, args.out or REPO_ROOT / "data" / "packed" / args.stage,
+                       args.tokenizer, args.seq_len, args.workers or 0, args.shard_tokens, args.overwrite, args.quiet,
+                       RecordOptions.from_args(args))
+    if message := opts.problem():
+        p.error(message)
+    return opts
 
 
-def plan_fingerprint(args: argparse.Namespace, specs: list[SourceSpec], tok: TokenizerInfo) -> str:
+def say(opts: PackOptions, line: str) -> None:
+    """A note on stderr (not with --quiet)."""
+    if not opts.quiet:
+        print(f"pack.py: note: {line}", file=sys.stderr)
+
+
+def worker_count(opts: PackOptions) -> int:
+    """--workers, or every usable core; never more than the usable cores (capping is noted)."""
+    cores = usable_cores()
+    if opts.workers > cores:
+        say(opts, f"--workers {opts.workers} capped at the {cores} usable core(s)")
+    return min(opts.workers, cores) if opts.workers else cores
+
+
+def plan_fingerprint(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo) -> str:
     """Everything the output bytes depend on (not --workers): a re-run must match it to resume."""
+    r = opts.records
     plan = {
-        "format": shards.VERSION, "stage": args.stage, "seq_len": args.seq_len, "overlong": args.overlong,
-        "tag_weight": args.tag_weight if args.stage == "reason" else None, "shard_tokens": args.shard_tokens,
+        "format": shards.VERSION, "stage": opts.stage, "seq_len": opts.seq_len, "overlong": r.overlong,
+        "tag_weight": r.tag_weight if opts.stage == "reason" else None, "shard_tokens": opts.shard_tokens,
+        "max_record_chars": r.max_record_chars, "parse_special": r.parse_special,
         "tokenizer": tok.fingerprint,
         "sources": [[str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.weight]
                     for s in specs],
@@ -116,15 +170,58 @@ def plan_fingerprint(args: argparse.Namespace, specs: list[SourceSpec], tok: Tok
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def finished_shards(out: Path) -> list[dict]:
-    """The contiguous run of finished shards 0..k-1 left by an earlier run (their .json records)."""
+def own_json(path: Path, what: str, opts: PackOptions, keys: dict[str, type]) -> dict | None:
+    """A JSON object pack.py wrote into --out (with ``keys`` of those types), or None when absent; a corrupt
+    one is refused in one line, or ignored (None) with ``--overwrite``."""
+    if not path.exists():
+        return None
+    try:
+        obj = read_json(path, what)
+        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), t) for k, t in keys.items()):
+            raise TinyLMError(f"the {what} is corrupt: not the object pack.py writes", path=path)
+    except TinyLMError as e:
+        if opts.overwrite:
+            return None
+        raise PackError(f"{e}; pass --overwrite to repack {opts.out} from scratch") from None
+    return obj
+
+
+# The keys (and types) of a shard record that a resume sums into meta.json.
+SHARD_RECORD_KEYS = {"files": dict, "records_end": int, "records_read": int, "records_kept": int, "truncated": int,
+                     "dropped": dict, "skipped": dict, "tokens": int, "documents": int, "supervised_tokens": int,
+                     "train_rows": int, "row_slots": int, "row_tokens": int}
+
+
+def shard_intact(out: Path, record: dict) -> bool:
+    """The record has every key a resume needs, and every file of the shard is there with its recorded size
+    and sha256."""
+    try:
+        if any(not isinstance(record.get(k), t) for k, t in SHARD_RECORD_KEYS.items()):
+            return False
+        files = list(record["files"].items())
+        return bool(files) and all((out / f).is_file() and (out / f).stat().st_size == v["bytes"]
+                                   and shards.file_sha256(out / f) == v["sha256"] for f, v in files)
+    except (KeyError, TypeError, AttributeError, OSError):
+        return False
+
+
+def finished_shards(out: Path, opts: PackOptions, listed: list[dict] | None = None) -> list[dict]:
+    """The contiguous run of intact finished shards 0..k-1 (checksums verified): from ``listed`` (a
+    meta.json's list) or from the shard .json records an earlier run left. A shard whose files no longer
+    match their checksums, and every shard after it, is left out (so it is packed again)."""
     done = []
     for index in itertools.count():
-        record_path = out / f"{shards.shard_name(index)}.json"
-        if not record_path.is_file():
+        name = shards.shard_name(index)
+        if listed is not None:
+            record = listed[index] if index < len(listed) else None
+        else:
+            record = own_json(out / f"{name}.json", "shard record", opts, SHARD_RECORD_KEYS)
+        if record is None:
             break
-        record = json.loads(record_path.read_text())
-        if any(not (out / f).is_file() or (out / f).stat().st_size != v["bytes"] for f, v in record["files"].items()):
+        if not shard_intact(out, record):
+            print(f"pack.py: warning: {out / name}: its files do not match their recorded checksums "
+                  "(changed or corrupted since it was written); packing it and the shards after it again",
+                  file=sys.stderr)
             break
         done.append(record)
     return done
@@ -133,33 +230,34 @@ def finished_shards(out: Path) -> list[dict]:
 def clear_outputs(out: Path, keep: int) -> None:
     """Remove temp files and every shard file numbered >= keep (left half-done by a killed run)."""
     for path in out.iterdir():
-        if path.name.endswith(".tmp") or path.name.startswith("shard_") and int(path.name[6:11]) >= keep:
+        match = SHARD_FILE.match(path.name)
+        if is_temp_file(path.name) or match and int(match.group(1)) >= keep:
             path.unlink()
 
 
-def prepare_out(args: argparse.Namespace, fingerprint: str) -> list[dict]:
-    """Create/inspect --out; returns the finished shards that this run can keep."""
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out(opts: PackOptions, fingerprint: str) -> tuple[list[dict], bool]:
+    """Inspect --out (already created and locked): (the finished shards this run keeps, complete?)."""
+    out = opts.out
     meta_path, state_path = out / "meta.json", out / STATE_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("plan_fingerprint") == fingerprint:
-            return meta["shards"]
-        if not args.overwrite:
-            raise PackError(f"{meta_path}: {out} already holds a packed dataset of other inputs or options; "
-                            "pass --overwrite or choose another --out")
-        meta_path.unlink()
-    if state_path.is_file() and json.loads(state_path.read_text()).get("plan_fingerprint") == fingerprint:
-        done = finished_shards(out)
+    meta = own_json(meta_path, "meta.json", opts, {"plan_fingerprint": str, "shards": list})
+    done: list[dict] = []
+    if meta is not None and meta["plan_fingerprint"] == fingerprint:
+        done = finished_shards(out, opts, listed=meta["shards"])
+        if len(done) == len(meta["shards"]):
+            return done, True
+    elif meta is not None and not opts.overwrite:
+        raise PackError(f"{meta_path}: {out} already holds a packed dataset of other inputs or options; "
+                        "pass --overwrite or choose another --out")
     else:
-        if state_path.is_file() and not args.quiet:
-            print(f"note: inputs or options changed since the interrupted run in {out}; starting over",
-                  file=sys.stderr)
-        done = []
+        state = own_json(state_path, "pack state file", opts, {"plan_fingerprint": str})
+        if state is not None and state["plan_fingerprint"] == fingerprint:
+            done = finished_shards(out, opts)
+        elif state is not None:
+            say(opts, f"inputs or options changed since the interrupted run in {out}; starting over")
+    meta_path.unlink(missing_ok=True)
     clear_outputs(out, keep=len(done))
     atomic_write_json(state_path, {"plan_fingerprint": fingerprint})
-    return done
+    return done, False
 
 
 def chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -167,11 +265,19 @@ def chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def tally(outcomes: Counter) -> dict:
+    """Per-record outcomes -> counts: kept (truncated among them), dropped and skipped by reason."""
+    def by_prefix(prefix: str) -> dict[str, int]:
+        return {k[len(prefix):]: v for k, v in sorted(outcomes.items()) if k.startswith(prefix)}
+    return {"records_kept": outcomes[OK] + outcomes[TRUNCATED], "truncated": outcomes[TRUNCATED],
+            "dropped": by_prefix("dropped:"), "skipped": by_prefix("bad:")}
+
+
 class ShardBuilder:
     """Accumulates encoded records in input order and writes a shard every ``shard_tokens`` tokens."""
 
-    def __init__(self, args: argparse.Namespace, token_dtype: str, first_index: int, records_before: int):
-        self.args, self.token_dtype = args, token_dtype
+    def __init__(self, opts: PackOptions, token_dtype: str, first_index: int, records_before: int):
+        self.opts, self.token_dtype = opts, token_dtype
         self.index, self.records_end = first_index, records_before
         self.written: list[dict] = []
         self._reset()
@@ -190,7 +296,7 @@ class ShardBuilder:
         lo = 0
         while lo < len(item_docs):
             tok_lo = int(tok_end[lo - 1]) if lo else 0
-            over = np.nonzero(self.tokens + tok_end[lo:] - tok_lo >= self.args.shard_tokens)[0]
+            over = np.nonzero(self.tokens + tok_end[lo:] - tok_lo >= self.opts.shard_tokens)[0]
             hi = lo + int(over[0]) + 1 if over.size else len(item_docs)
             doc_lo, doc_hi = (int(doc_end[lo - 1]) if lo else 0), int(doc_end[hi - 1])
             tok_hi = int(tok_end[hi - 1])
@@ -210,89 +316,206 @@ class ShardBuilder:
         def cat(i: int, dtype: str) -> np.ndarray:
             return np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype)
         tokens, weights, doc_lens = cat(0, "uint32"), cat(1, "uint8"), cat(2, "int64")
-        packed = self.args.stage in PACKED_STAGES
+        packed = self.opts.stage in PACKED_STAGES
         shard = assemble_shard(tokens, weights, doc_lens, np.array(self.unit_docs, dtype=np.int64),
-                               self.args.seq_len, packed)
+                               self.opts.seq_len, packed)
         self.records_end += self.records
-        seq = self.args.seq_len
+        seq = self.opts.seq_len
         train_rows = shard.n_rows if packed else max(0, (len(tokens) - 1) // seq)
         stats = {
-            "records_end": self.records_end, "records_read": self.records,
-            "records_kept": self.outcomes[OK] + self.outcomes[TRUNCATED],
-            "truncated": self.outcomes[TRUNCATED], "dropped_overlong": self.outcomes[DROPPED],
-            "skipped": {k[4:]: v for k, v in sorted(self.outcomes.items()) if k.startswith("bad:")},
+            "records_end": self.records_end, "records_read": self.records, **tally(self.outcomes),
             "supervised_tokens": int(np.count_nonzero(weights)), "train_rows": train_rows,
             "row_slots": train_rows * seq,
             "row_tokens": len(tokens) if packed else train_rows * seq,
         }
-        self.written.append(shards.write_shard(self.args.out, self.index, shard, self.token_dtype, stats))
+        try:
+            self.written.append(shards.write_shard(self.opts.out, self.index, shard, self.token_dtype, stats))
+        except BaseException:
+            clear_outputs(self.opts.out, keep=self.index)  # no shard is left with only some of its files
+            raise
         self.index += 1
         self._reset()
 
 
-def summarize(args: argparse.Namespace, specs: list[SourceSpec], tok: TokenizerInfo, records: list[dict],
-              fingerprint: str) -> dict:
-    """meta.json: the dataset's description, totals summed from the shard records."""
+def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, records: list[dict],
+              fingerprint: str, per_source: Counter) -> dict:
+    """meta.json: the dataset's description, totals summed from the shard records.
+
+    Invariant (checked): records_read == records_kept + sum(dropped) + sum(skipped), where the
+    truncated records are a part of records_kept.
+    """
     def total(key: str) -> int:
         return sum(r[key] for r in records)
     skipped: Counter = Counter()
+    dropped: Counter = Counter()
     for r in records:
         skipped.update(r["skipped"])
+        dropped.update(r["dropped"])
     slots, filled = total("row_slots"), total("row_tokens")
-    units = total("documents") // (2 if args.stage == "dpo" else 1)
+    units = total("documents") // (2 if opts.stage == "dpo" else 1)
+    r = opts.records
+    counts = {
+        "records_read": total("records_read"), "records_kept": total("records_kept"),
+        "truncated": total("truncated"), "dropped": dict(sorted(dropped.items())),
+        "skipped": dict(sorted(skipped.items())), "tokens": total("tokens"),
+        "supervised_tokens": total("supervised_tokens"), "documents": total("documents"),
+        "rows": total("train_rows"), "unused_tokens": unused_tokens(opts, records),
+    }
+    accounted = counts["records_kept"] + sum(dropped.values()) + sum(skipped.values())
+    if accounted != counts["records_read"]:
+        raise AssertionError(f"pack accounting broken: read {counts['records_read']} != {accounted} accounted")
     return {
-        "format_version": shards.VERSION, "stage": args.stage, "seq_len": args.seq_len,
+        "format_version": shards.VERSION, "stage": opts.stage, "seq_len": opts.seq_len,
         "token_dtype": shards.token_dtype_for(tok.vocab_size), "plan_fingerprint": fingerprint,
         "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                       "special_ids": tok.special_ids},
-        "options": {"overlong": args.overlong, "tag_weight": args.tag_weight if args.stage == "reason" else None,
-                    "shard_tokens": args.shard_tokens},
-        "counts": {
-            "records_read": total("records_read"), "records_kept": total("records_kept"),
-            "skipped": dict(sorted(skipped.items())), "truncated": total("truncated"),
-            "dropped_overlong": total("dropped_overlong"), "tokens": total("tokens"),
-            "supervised_tokens": total("supervised_tokens"), "documents": total("documents"),
-            "rows": total("train_rows"),
-        },
+        "options": {"overlong": r.overlong, "tag_weight": r.tag_weight if opts.stage == "reason" else None,
+                    "shard_tokens": opts.shard_tokens, "max_record_chars": r.max_record_chars,
+                    "skip_bad": r.skip_bad},
+        "counts": counts,
         "packing": {
             "efficiency": round(filled / slots, 6) if slots else 0.0,
-            "pad_to_max_efficiency": round(total("tokens") / (units * args.seq_len), 6) if units else 0.0,
+            "pad_to_max_efficiency": round(total("tokens") / (units * opts.seq_len), 6) if units else 0.0,
         },
-        "sources": [{"path": str(s.path), "bytes": s.path.stat().st_size, "weight": s.weight} for s in specs],
+        "sources": [{"path": str(s.path), "bytes": s.path.stat().st_size, "weight": s.weight,
+                     "records": per_source[str(s.path)]} for s in specs],
         "shards": records,
     }
 
 
-def encoded_chunks(args: argparse.Namespace, opts: EncodeOptions, tok: TokenizerInfo,
-                   items: Iterator[Item]) -> Iterator[EncodedChunk]:
+def unused_tokens(opts: PackOptions, records: list[dict]) -> int:
+    """Pretrain: tokens that are in no training window (a shard of n tokens has (n - 1) // L windows of
+    L + 1 tokens, the last one ending at token rows * L). Packed stages use every stored token: 0."""
+    if opts.stage in PACKED_STAGES:
+        return 0
+    return sum(r["tokens"] - (r["train_rows"] * opts.seq_len + 1 if r["train_rows"] else 0) for r in records)
+
+
+def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item],
+                   workers: int) -> Iterator[EncodedChunk]:
+    """Encoded chunks in input order. With several workers at most ``2 x workers`` chunks are in flight
+    (memory stays bounded), and a worker that dies (killed, out of memory) is an error naming the
+    records it held, never a hang: ``concurrent.futures`` notices a dead worker, ``multiprocessing.Pool``
+    would wait for its lost task forever."""
     batches = chunks(items, CHUNK_RECORDS)
-    if args.workers == 1:
-        yield from (encode_items(b, opts, tok) for b in batches)
+    if workers == 1:
+        yield from (encode_items(b, enc, tok) for b in batches)
         return
-    with mp.get_context().Pool(args.workers, init_worker, (str(tok.path), opts, True)) as pool:
-        yield from pool.imap(encode_in_worker, batches)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=init_worker,
+                             initargs=(str(tok.path), enc, True)) as pool:
+        in_flight: deque[tuple[Item, Future]] = deque()
+        for batch in itertools.chain(batches, [None]):
+            if batch is not None:
+                in_flight.append((batch[0], pool.submit(encode_in_worker, batch)))
+            while in_flight and (batch is None or len(in_flight) >= 2 * workers):
+                first, future = in_flight.popleft()
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    raise PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding "
+                                    f"the {CHUNK_RECORDS} records from {first.source}:{first.line} on; lower "
+                                    "--workers or --max-record-chars and re-run to resume") from None
 
 
-def pack(args: argparse.Namespace) -> dict:
-    specs = parse_input_args(args.input)
-    tok = load_tokenizer(args.tokenizer)
-    if args.stage == "reason" and args.tag_weight != 1 and not tok.has_reasoning_tags:
+def check_has_rows(opts: PackOptions, counts: dict) -> None:
+    """Zero training rows is an error, never an empty dataset with exit 0."""
+    if counts["rows"]:
+        return
+    if not counts["records_kept"]:
+        raise PackError(f"no record was kept from {', '.join(opts.inputs)}: {accounting_line(counts)}")
+    need = f"one window of --seq-len {opts.seq_len} + 1 tokens" if opts.stage == "pretrain" else "one row"
+    raise PackError(f"no training row: the {counts['records_kept']:,} kept record(s) hold {counts['tokens']:,} "
+                    f"tokens, less than {need}; lower --seq-len or add data")
+
+
+def accounting_line(c: dict) -> str:
+    """``read N = kept K (T truncated) + dropped D (...) + skipped S (...)``."""
+    def part(d: dict) -> str:
+        return f" ({', '.join(f'{k} {v:,}' for k, v in d.items())})" if d else ""
+    return (f"read {c['records_read']:,} = kept {c['records_kept']:,} ({c['truncated']:,} truncated) + dropped "
+            f"{sum(c['dropped'].values()):,}{part(c['dropped'])} + skipped {sum(c['skipped'].values()):,}"
+            f"{part(c['skipped'])}")
+
+
+def overlong_warning(opts: PackOptions, c: dict) -> str | None:
+    """One warning line when more than WARN_SHARE of the records were truncated or dropped."""
+    cut = c["truncated"] + sum(c["dropped"].values())
+    if not c["records_read"] or cut / c["records_read"] <= WARN_SHARE:
+        return None
+    dropped = sum(c["dropped"].values())
+    fix = ("pass --overlong drop to drop them instead" if opts.records.overlong == "truncate"
+           else "pass --overlong truncate to keep them, truncated")
+    return (f"pack.py: warning: {cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "
+            f"are longer than --seq-len {opts.seq_len}: {c['truncated']:,} truncated, {dropped:,} dropped; "
+            f"raise --seq-len to keep them whole, or {fix}")
+
+
+def skipped_warning(c: dict) -> str | None:
+    """One warning line when --skip-bad skipped more than WARN_SHARE of the records."""
+    skipped = sum(c["skipped"].values())
+    if not c["records_read"] or skipped / c["records_read"] <= WARN_SHARE:
+        return None
+    reasons = ", ".join(f"{k} {v:,}" for k, v in c["skipped"].items())
+    return (f"pack.py: warning: {skipped / c['records_read']:.1%} of the records ({skipped:,} of "
+            f"{c['records_read']:,}) were bad and skipped (--skip-bad): {reasons}")
+
+
+def counted(items: Iterator[Item], per_source: Counter) -> Iterator[Item]:
+    """``items`` unchanged, counting the real records of each source (an empty file's marker counts 0, so
+    a source absent from ``per_source`` is one whose weight kept none of its records)."""
+    for item in items:
+        per_source[item.source] += 1 if item.line else 0
+        yield item
+
+
+def unmixed_warnings(sources: list[dict], per_source: Counter) -> list[str]:
+    """A warning per non-empty source whose mixing weight kept none of its records (a silent loss otherwise)."""
+    return [f"pack.py: warning: {s['path']}:{s['weight']:g} contributed no record: its weight keeps none of its "
+            "records; raise the weight" for s in sources if s["path"] not in per_source]
+
+
+def unused_warning(opts: PackOptions, c: dict) -> str | None:
+    """One warning line when more than WARN_SHARE of the pretrain tokens fall in no training window."""
+    if not c["tokens"] or c["unused_tokens"] / c["tokens"] <= WARN_SHARE:
+        return None
+    return (f"pack.py: warning: {c['unused_tokens'] / c['tokens']:.1%} of the tokens ({c['unused_tokens']:,} of "
+            f"{c['tokens']:,}) are in no training window of --seq-len {opts.seq_len} + 1 (the tail of each "
+            "shard); a smaller --seq-len or a larger --shard-tokens uses them")
+
+
+def pack(opts: PackOptions) -> dict:
+    """Pack ``opts.inputs`` into ``opts.out`` (locked for the run); returns the meta.json written."""
+    if message := opts.problem():
+        raise PackError(message)
+    specs = parse_input_args(opts.inputs)
+    tok = load_tokenizer(opts.tokenizer)
+    if opts.stage == "reason" and opts.records.tag_weight != 1 and not tok.has_reasoning_tags:
         raise PackError(f"{tok.path}: <think>/</think>/<answer>/</answer> are not single ids in this tokenizer, "
                         "so they cannot be weighted; use a tokenizer that has them or pass --tag-weight 1")
-    fingerprint = plan_fingerprint(args, specs, tok)
-    done = prepare_out(args, fingerprint)
-    if (args.out / "meta.json").is_file():
-        return json.loads((args.out / "meta.json").read_text())
+    max_line = BYTES_PER_CHAR_MAX * opts.records.max_record_chars
+    total_items = count_items(specs, max_line)  # reads every input once: a broken file is refused here
+    fingerprint = plan_fingerprint(opts, specs, tok)
+    with FolderLock(make_dir(opts.out), "pack"):
+        done, complete = prepare_out(opts, fingerprint)
+        if complete:
+            return read_json(opts.out / "meta.json", "meta.json")
+        return _pack_rest(opts, specs, tok, fingerprint, done, total_items, max_line)
+
+
+def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, fingerprint: str,
+               done: list[dict], total_items: int, max_line: int) -> dict:
+    """Encode and write every shard after ``done``, then meta.json (last)."""
     records_before = done[-1]["records_end"] if done else 0
-    token_dtype = shards.token_dtype_for(tok.vocab_size)
-    builder = ShardBuilder(args, token_dtype, len(done), records_before)
-    opts = EncodeOptions(args.stage, args.seq_len, args.overlong, args.tag_weight)
-    items = itertools.islice(iter_items(specs), records_before, None)
+    builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
+    r = opts.records
+    enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars)
+    per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
+    items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
-    with tqdm(total=count_items(specs), initial=records_before, unit="rec", disable=args.quiet,
-              desc=f"pack {args.stage}", dynamic_ncols=True) as bar:
-        for chunk in encoded_chunks(args, opts, tok, items):
-            if not args.skip_bad:
+    with tqdm(total=total_items, initial=records_before, unit="rec", disable=opts.quiet,
+              desc=f"pack {opts.stage}", dynamic_ncols=True) as bar:
+        for chunk in encoded_chunks(opts, enc, tok, items, worker_count(opts)):
+            if not r.skip_bad:
                 bad = next((m for o, m in zip(chunk.outcomes, chunk.messages, strict=True)
                             if o.startswith("bad:")), None)
                 if bad:
@@ -301,15 +524,21 @@ def pack(args: argparse.Namespace) -> dict:
             bar.update(len(chunk.outcomes))
             bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}", refresh=False)
         builder.flush()
-    records = done + builder.written
-    meta = summarize(args, specs, tok, records, fingerprint)
-    if meta["counts"]["tokens"] == 0:
-        clear_outputs(args.out, keep=0)
-        raise PackError(f"no record was kept from {len(specs)} source(s): {meta['counts']}")
-    meta_seconds = time.perf_counter() - start
-    atomic_write_json(args.out / "meta.json", meta)
-    (args.out / STATE_FILE).unlink(missing_ok=True)
-    meta["_seconds"] = meta_seconds
+    meta = summarize(opts, specs, tok, done + builder.written, fingerprint, per_source)
+    try:
+        check_has_rows(opts, meta["counts"])
+    except PackError:
+        clear_outputs(opts.out, keep=0)
+        (opts.out / STATE_FILE).unlink(missing_ok=True)
+        raise
+    for warning in (overlong_warning(opts, meta["counts"]), skipped_warning(meta["counts"]),
+                    unused_warning(opts, meta["counts"]),
+                    *unmixed_warnings(meta["sources"], per_source)):
+        if warning:
+            print(warning, file=sys.stderr)
+    atomic_write_json(opts.out / "meta.json", meta)
+    (opts.out / STATE_FILE).unlink(missing_ok=True)
+    meta["_seconds"] = time.perf_counter() - start
     return meta
 
 
@@ -319,9 +548,7 @@ def print_summary(meta: dict, out: Path) -> None:
     rate = f"  ({c['tokens'] / seconds:,.0f} tokens/s)" if seconds else ""
     lines = [
         f"packed {meta['stage']} -> {out}  [{len(meta['shards'])} shard(s), {meta['token_dtype']}]",
-        f"  records   read {c['records_read']:,}  kept {c['records_kept']:,}  truncated {c['truncated']:,}  "
-        f"dropped (overlong) {c['dropped_overlong']:,}",
-        f"  skipped   {', '.join(f'{k} {v:,}' for k, v in c['skipped'].items()) or 'none'}",
+        f"  records   {accounting_line(c)}",
         f"  tokens    {c['tokens']:,} in {c['documents']:,} documents, {c['supervised_tokens']:,} with loss{rate}",
         f"  rows      {c['rows']:,} x {meta['seq_len']}  packing efficiency {p['efficiency']:.1%} "
         f"(pad-to-max would be {p['pad_to_max_efficiency']:.1%})",
@@ -330,17 +557,17 @@ def print_summary(meta: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    opts = parse_args(argv)
     try:
-        meta = pack(args)
-    except (PackError, InputError, TokenizerError, shards.ShardError) as e:
+        meta = pack(opts)
+    except TinyLMError as e:
         print(f"pack.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pack.py: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    if not args.quiet:
-        print_summary(meta, args.out)
+    if not opts.quiet:
+        print_summary(meta, opts.out)
     return 0
 
 

@@ -6,8 +6,15 @@ Schemas (``../shared/data/README.md``):
   ``system`` turn, then ``user`` / ``assistant`` strictly alternating, the last one ``assistant``.
 - dpo: ``{"chosen": [turns], "rejected": [turns]}``, both valid conversations with the same prompt
   (``chosen[:-1] == rejected[:-1]``) and different final answers.
-Contents must be non-empty strings. Extra keys are ignored. A RecordError carries a short ``reason``
-(the key under which ``--skip-bad`` counts it) and the offending ``field``.
+Contents must be non-empty strings of valid Unicode (no lone UTF-16 surrogates). Extra keys are ignored,
+except the keys of a richer schema that tinylm cannot render yet (MiniMind-3 style ``reasoning_content``,
+``tool_calls`` and ``tools`` on turns or records, a ``tool`` role): ignoring them would silently strip
+part of the record, so such a record is refused (``unsupported_field``). A record whose contents hold
+more than ``max_chars`` characters in all is refused (``too_long``) before it is tokenized.
+
+A RecordError carries a short ``reason`` (the key under which ``--skip-bad`` counts it) and the
+offending ``field``; :func:`parse_record` turns every failure a record can cause (deep nesting, odd
+types) into one.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ import json
 from dataclasses import dataclass
 
 from core.errors import TinyLMError
-from preprocess.sources import Item
+from preprocess.sources import BYTES_PER_CHAR_MAX, Item
 
 STAGES = ("pretrain", "sft", "reason", "dpo")
+DEFAULT_MAX_RECORD_CHARS = 1_000_000
+UNSUPPORTED_KEYS = ("reasoning_content", "tool_calls", "tools")
+UNSUPPORTED_ROLES = ("tool", "function", "ipython")
+UNSUPPORTED_HINT = "tinylm does not render tool calls / tools / reasoning_content yet"
 
 
 class RecordError(TinyLMError):
@@ -50,11 +61,17 @@ def decode_payload(item: Item) -> dict:
     except UnicodeDecodeError as e:
         raise RecordError("not_utf8", f"invalid UTF-8 byte at column {e.start + 1}") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark (first line of some exports)
     except json.JSONDecodeError as e:
+        if item.unterminated:
+            raise RecordError("truncated_record", f"the file ends inside this record ({e.msg} at column "
+                              f"{e.colno}, no final newline): the file looks truncated") from None
         raise RecordError("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise RecordError("too_deep", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
-        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        hint = " (pack.py reads JSON Lines: one object per line, not one array)" if isinstance(obj, list) else ""
+        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}{hint}")
     return obj
 
 
@@ -65,7 +82,21 @@ def _content(value: object, field: str) -> str:
         raise RecordError("bad_type", f"expected a string, got {type(value).__name__}", field)
     if not value.strip():
         raise RecordError("empty_content", "empty", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("bad_unicode", f"lone UTF-16 surrogate {value[e.start]!r} at character {e.start + 1}",
+                          field) from None
     return value
+
+
+def _refuse_richer_schema(obj: dict, field: str) -> None:
+    """A key that tinylm would silently strip (tool calls, reasoning_content) -> ``unsupported_field``."""
+    for key in UNSUPPORTED_KEYS:
+        value = obj.get(key)
+        if value is not None and value != "" and value != []:
+            where = f"{field}.{key}" if field else key
+            raise RecordError("unsupported_field", f"{UNSUPPORTED_HINT}; remove the key or the record", where)
 
 
 def parse_text(obj: dict) -> str:
@@ -75,7 +106,9 @@ def parse_text(obj: dict) -> str:
 def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
     turns = obj.get(key)
     if turns is None:
-        raise RecordError("missing_field", "missing", key)
+        renamed = key == "conversations" and "messages" in obj
+        hint = " (this record has 'messages': rename it to 'conversations')" if renamed else ""
+        raise RecordError("missing_field", f"missing{hint}", key)
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_type", "expected a non-empty list of turns", key)
     out: list[dict] = []
@@ -83,7 +116,10 @@ def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
         field = f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise RecordError("bad_type", f"expected an object, got {type(turn).__name__}", field)
+        _refuse_richer_schema(turn, field)
         role = turn.get("role")
+        if isinstance(role, str) and role in UNSUPPORTED_ROLES:
+            raise RecordError("unsupported_field", f"role {role!r}: {UNSUPPORTED_HINT}", f"{field}.role")
         if role not in ("system", "user", "assistant"):
             raise RecordError("bad_role", f"unknown role {role!r}", f"{field}.role")
         expected = _expected_role(i, turns[0].get("role") == "system")
@@ -112,13 +148,44 @@ def parse_pair(obj: dict) -> Pair:
     return Pair(chosen, rejected)
 
 
-def parse_record(item: Item, stage: str) -> str | list[dict] | Pair:
-    """Text (pretrain), turns (sft / reason) or a Pair (dpo); raises RecordError."""
+def _chars(record: str | list[dict] | Pair) -> int:
+    if isinstance(record, str):
+        return len(record)
+    if isinstance(record, Pair):
+        return _chars(record.chosen) + len(record.rejected[-1]["content"])
+    return sum(len(t["content"]) for t in record)
+
+
+def _parse(item: Item, stage: str) -> str | list[dict] | Pair:
     obj = decode_payload(item)
     if stage == "pretrain":
         return parse_text(obj)
+    _refuse_richer_schema(obj, "")
     if stage in ("sft", "reason"):
         return parse_turns(obj)
     if stage == "dpo":
         return parse_pair(obj)
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def parse_record(item: Item, stage: str, max_chars: int = DEFAULT_MAX_RECORD_CHARS) -> str | list[dict] | Pair:
+    """Text (pretrain), turns (sft / reason) or a Pair (dpo) of at most ``max_chars`` content characters.
+
+    Raises RecordError for every way a record can be bad; a failure this module did not foresee (an
+    exception from an odd value) is still a bad record (``unreadable``), never a crash of the whole pack.
+    """
+    size = item.oversize or (len(item.payload) if isinstance(item.payload, bytes) else 0)
+    if size > BYTES_PER_CHAR_MAX * max_chars:
+        raise RecordError("too_long", f"the line has {size:,} bytes, more than any record within "
+                          f"--max-record-chars {max_chars:,} can have")
+    try:
+        record = _parse(item, stage)
+    except RecordError:
+        raise
+    except RecursionError:
+        raise RecordError("too_deep", "nested too deeply") from None
+    except Exception as e:  # noqa: BLE001  (a record must never take the whole pack down)
+        raise RecordError("unreadable", f"cannot read this record ({type(e).__name__}: {e})") from None
+    if (n := _chars(record)) > max_chars:
+        raise RecordError("too_long", f"{n:,} characters of content, more than --max-record-chars {max_chars:,}")
+    return record

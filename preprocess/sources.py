@@ -6,20 +6,28 @@ record n times (n passes over the file, in file order) and then, in one more pas
 deterministic hash of (file name, line) falls below f. So the mix is reproducible byte for byte and
 independent of worker count or machine.
 
-Items are streamed; nothing holds a whole file in memory. Line numbers are 1-based (Parquet: row
+Items are streamed; nothing holds a whole file in memory, and a line longer than ``max_line_bytes``
+is not held either: its bytes are skipped up to the next newline and it becomes an item with
+``oversize`` set (the caller counts it as a too-long record). Line numbers are 1-based (Parquet: row
 number). A file with no records yields one item with ``payload=None`` so the caller can report it.
+A last line with no final newline is marked ``unterminated`` (a truncated file ends that way).
+
+A file whose bytes cannot be read is a :class:`SourceError`, fatal whatever ``--skip-bad`` says, since
+the records it lost cannot be counted: a ``.zst`` stream is decoded frame by frame and must end on a
+complete frame (a cut mid-frame, a missing checksum or garbage bytes are refused with the byte offset
+of the broken frame and the last good line), and a Parquet file must open and decode every row group.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import TinyLMError
+from core.files import os_reason
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".parquet")
 
@@ -41,6 +49,8 @@ class Item:
     source: str
     line: int
     payload: bytes | dict | None
+    oversize: int = 0  # > 0: the line had this many bytes, more than the reader holds; payload is b""
+    unterminated: bool = False  # the file's last line, with no newline after it
 
 
 def _split_weight(arg: str) -> tuple[str, float]:
@@ -86,70 +96,169 @@ def parse_input_args(args: list[str]) -> list[SourceSpec]:
     return specs
 
 
-def _binary_lines(path: Path) -> Iterator[bytes]:
+READ_BYTES = 1 << 20
+# A JSON string escapes one character in at most 12 bytes (a surrogate pair: two \\uXXXX escapes), so a
+# line longer than 12 x the character limit can never hold an acceptable record.
+BYTES_PER_CHAR_MAX = 12
+
+
+class SourceError(TinyLMError):
+    """An input file whose bytes cannot be decoded (corrupt or truncated compression, a broken Parquet file)."""
+
+
+def _zst_blocks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of every frame of a ``.zst`` file, in order.
+
+    Each frame is decoded by its own decompressobj; a frame ends when the decoder reports ``eof`` and the
+    bytes after it start the next frame. The file must end exactly at the end of a frame: bytes left in
+    an unfinished frame mean the file was cut. ``_ZstBroken`` carries the offset where the frame began.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, frame_start, consumed = None, 0, 0
+    with path.open("rb") as f:
+        while raw := f.read(READ_BYTES):
+            while raw:
+                if frame is None:
+                    frame, frame_start = dctx.decompressobj(), consumed
+                try:
+                    out = frame.decompress(raw)
+                except zstandard.ZstdError as e:
+                    raise _ZstBroken(f"corrupt zstd data in the frame starting at byte {frame_start} ({e})") from None
+                if out:
+                    yield out
+                if frame.eof:
+                    consumed += len(raw) - len(frame.unused_data)
+                    raw, frame = frame.unused_data, None
+                else:
+                    consumed += len(raw)
+                    raw = b""
+    if frame is not None:
+        raise _ZstBroken(f"truncated zstd stream: the frame starting at byte {frame_start} is cut off at byte "
+                         f"{consumed} (the end of the file); the file is incomplete")
+
+
+class _ZstBroken(Exception):
+    """Internal: why a .zst stream is unreadable (becomes a SourceError naming the file and line)."""
+
+
+def _raw_blocks(path: Path) -> Iterator[bytes]:
     if _format_of(path) == "zst":
-        import zstandard
-
-        with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-            yield from io.BufferedReader(reader)
-    else:
-        with path.open("rb") as f:
-            yield from f
+        yield from _zst_blocks(path)
+        return
+    with path.open("rb") as f:
+        while block := f.read(READ_BYTES):
+            yield block
 
 
-def _records(path: Path) -> Iterator[tuple[int, bytes | dict]]:
-    """(line number, payload) for every non-blank record of one file."""
-    if _format_of(path) == "parquet":
-        import pyarrow.parquet as pq
+def _lines(blocks: Iterator[bytes], max_line_bytes: int | None) -> Iterator[tuple[bytes | None, int, bool]]:
+    """(line without its newline or None when oversized, its byte length, terminated) for every line.
 
-        row = 0
+    A line is accumulated only up to ``max_line_bytes``; past that its bytes are dropped until the next
+    newline, so memory stays bounded by the limit whatever the input holds.
+    """
+    pending: list[bytes] = []
+    size, oversized = 0, False
+    for block in blocks:
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            piece = block[start:end]
+            size += len(piece)
+            line = None if oversized or (max_line_bytes and size > max_line_bytes) else b"".join([*pending, piece])
+            yield line, size, True
+            pending, size, oversized, start = [], 0, False, end + 1
+        piece = block[start:]
+        size += len(piece)
+        if not oversized and max_line_bytes and size > max_line_bytes:
+            pending, oversized = [], True
+        elif not oversized and piece:
+            pending.append(piece)
+    if size:
+        yield (None if oversized else b"".join(pending)), size, False
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a file holds at one line: the payload, or ``oversize`` bytes of a line too long to hold."""
+
+    line: int
+    payload: bytes | dict | None
+    oversize: int = 0
+    unterminated: bool = False
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
             for record in batch.to_pylist():
                 row += 1
-                yield row, record
+                yield Record(row, record)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        where = f"after row {row}" if row else "before its first row"
+        raise SourceError(f"corrupt or unreadable Parquet file, {where} ({' '.join(str(e).split())})",
+                          path=path) from None
+
+
+def _records(path: Path, max_line_bytes: int | None = None) -> Iterator[Record]:
+    """Every non-blank record of one file; SourceError when its bytes cannot be decoded."""
+    if _format_of(path) == "parquet":
+        yield from _parquet_records(path)
         return
-    for number, line in enumerate(_binary_lines(path), 1):
-        line = line.rstrip(b"\r\n")
-        if line.strip():
-            yield number, line
+    number = 0
+    try:
+        for number, (line, size, terminated) in enumerate(_lines(_raw_blocks(path), max_line_bytes), 1):
+            if line is None:
+                yield Record(number, b"", oversize=size, unterminated=not terminated)
+            elif line.strip():
+                yield Record(number, line.rstrip(b"\r"), unterminated=not terminated)
+    except _ZstBroken as e:
+        where = f"the last complete line read was line {number}" if number else "no complete line was read"
+        raise SourceError(f"{e}; {where}", path=path) from None
+    except OSError as e:
+        raise SourceError(f"cannot read ({os_reason(e)}) after line {number}", path=path) from None
 
 
 def _keep_fraction(path: Path, line: int, fraction: float) -> bool:
     return zlib.crc32(f"{path.name}:{line}".encode()) / 2**32 < fraction
 
 
-def iter_items(specs: list[SourceSpec]) -> Iterator[Item]:
+def iter_items(specs: list[SourceSpec], max_line_bytes: int | None = None) -> Iterator[Item]:
     """Every record of every source, repeated / subsampled by its weight, in a fixed order."""
     for spec in specs:
         whole, fraction = int(spec.weight), spec.weight - int(spec.weight)
         source = str(spec.path)
         empty = True
-        for _ in range(whole):
-            for line, payload in _records(spec.path):
+        for keep_all in [True] * whole + ([False] if fraction > 0 else []):
+            for r in _records(spec.path, max_line_bytes):
                 empty = False
-                yield Item(source, line, payload)
-        if fraction > 0:
-            for line, payload in _records(spec.path):
-                empty = False
-                if _keep_fraction(spec.path, line, fraction):
-                    yield Item(source, line, payload)
+                if keep_all or _keep_fraction(spec.path, r.line, fraction):
+                    yield Item(source, r.line, r.payload, r.oversize, r.unterminated)
         if empty:
             yield Item(source, 0, None)
 
 
-def count_items(specs: list[SourceSpec]) -> int:
-    """How many items :func:`iter_items` will yield (a fast pass, for progress bars)."""
+def count_items(specs: list[SourceSpec], max_line_bytes: int | None = None) -> int:
+    """How many items :func:`iter_items` will yield (a pass over each file, for progress bars).
+
+    Reading every byte also means a corrupt or truncated file is refused before any work starts.
+    """
     total = 0
     for spec in specs:
-        kind = _format_of(spec.path)
-        if kind == "parquet":
+        if _format_of(spec.path) == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            n = pq.ParquetFile(spec.path).metadata.num_rows
-        elif kind == "jsonl":
-            with spec.path.open("rb") as f:
-                n = sum(1 for line in f if line.strip())
+            try:
+                n = pq.ParquetFile(spec.path).metadata.num_rows
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise SourceError(f"corrupt or unreadable Parquet file ({' '.join(str(e).split())})",
+                                  path=spec.path) from None
         else:
-            n = sum(1 for _ in _records(spec.path))
+            n = sum(1 for _ in _records(spec.path, max_line_bytes))
         total += max(1, round(n * spec.weight)) if n else 1
     return total

@@ -24,7 +24,8 @@ def run_pack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def packed_sample(tmp_path_factory) -> dict[str, Path]:
-    """Every stage of the shipped sample packed once (seq-len 256, 30k-token shards so there are several).
+    """Every stage of the shipped sample packed once (seq-len 256, 30k-token shards so there are several;
+    ``--overlong drop``, so every stored document is a whole conversation).
 
     Keys: pretrain, sft, reason, dpo, plus ``lora`` (the sample's LoRA conversations, packed as sft) and
     ``dpo_shards`` (the DPO sample in 3k-token shards: several shards of pairs)."""
@@ -36,7 +37,7 @@ def packed_sample(tmp_path_factory) -> dict[str, Path]:
     for key, (stage, folder, shard_tokens) in inputs.items():
         out[key] = root / key
         run_pack("--stage", stage, "--input", str(SAMPLE / folder / "*.jsonl"), "--out", str(out[key]),
-                 "--seq-len", "256", "--shard-tokens", shard_tokens, "--workers", "2")
+                 "--seq-len", "256", "--shard-tokens", shard_tokens, "--workers", "2", "--overlong", "drop")
     return out
 
 

@@ -65,7 +65,7 @@ def test_sft_round_trip_and_mask(packed_sample):
     docs = documents(packed_sample["sft"])
     convs = [r["conversations"] for r in records("sft")]
     assert meta["counts"]["records_read"] == len(convs)
-    assert meta["counts"]["records_kept"] == len(docs) == len(convs) - meta["counts"]["dropped_overlong"]
+    assert meta["counts"]["records_kept"] == len(docs) == len(convs) - meta["counts"]["dropped"]["overlong"]
     rendered = Counter(render_text(c) for c in convs)
     decoded = Counter(decode(t) for t, _ in docs)
     assert not decoded - rendered, "every stored document is the exact rendering of an input record"
@@ -238,14 +238,23 @@ def test_mixing_weights_repeat_and_subsample(tmp_path):
 
 def test_overlong_drop_and_truncate_are_counted(tmp_path):
     src = SAMPLE / "sft" / "oasst1_zh.jsonl"
-    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "drop"), "--seq-len", "64")
-    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "trunc"), "--seq-len", "64",
-             "--overlong", "truncate")
+    drop_run = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "drop"), "--seq-len", "64",
+                        "--overlong", "drop")
+    trunc_run = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "trunc"), "--seq-len", "64")
     drop, trunc = (shards.read_meta(tmp_path / x)["counts"] for x in ("drop", "trunc"))
-    assert drop["dropped_overlong"] > 0 and drop["truncated"] == 0
-    assert trunc["truncated"] == drop["dropped_overlong"] and trunc["dropped_overlong"] == 0
-    assert trunc["records_kept"] == trunc["records_read"]
+    assert drop["dropped"]["overlong"] > 0 and drop["truncated"] == 0
+    no_loss = trunc["dropped"].get("no_supervised_left", 0)
+    assert trunc["truncated"] + no_loss == drop["dropped"]["overlong"] and "overlong" not in trunc["dropped"]
+    assert trunc["records_kept"] + no_loss == trunc["records_read"]
     assert max(len(t) for t, _ in documents(tmp_path / "trunc")) == 64
+    # more than 1 % cut: one warning line each (even with --quiet), naming the count and the flag
+    share = drop["dropped"]["overlong"] / drop["records_read"]
+    assert drop_run.stderr.count("\n") == 1 and f"{share:.1%} of the records" in drop_run.stderr
+    assert "--overlong truncate" in drop_run.stderr and f"{drop['dropped']['overlong']:,} dropped" in drop_run.stderr
+    assert trunc_run.stderr.count("\n") == 1 and f"{trunc['truncated']:,} truncated" in trunc_run.stderr
+    assert "--overlong drop" in trunc_run.stderr and "warning" in trunc_run.stderr
+    quiet = run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "long"), "--seq-len", "4096")
+    assert quiet.stderr == "", "nothing cut: no warning"
 
 
 # ---------------------------------------------------------------- bad input
@@ -290,7 +299,10 @@ def test_non_utf8_and_empty_file(tmp_path):
     empty.write_text("")
     proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), check=False)
     assert proc.returncode == 1 and f"{empty}: the file contains no records" in proc.stderr
-    proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), "--skip-bad")
+    src.write_bytes(b'{"text": "ok, a text long enough for one row of eight tokens"}\n' +
+                    '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    proc = run_pack("--stage", "pretrain", "--input", str(empty), str(src), "--out", str(tmp_path / "e"), "--skip-bad",
+                    "--seq-len", "8")
     assert shards.read_meta(tmp_path / "e")["counts"]["skipped"] == {"empty_file": 1, "not_utf8": 1}
 
 

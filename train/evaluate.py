@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from core.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
 from model.generate import generate
+from preprocess.options import RecordOptions
 from train import checkpoint
 from train.data import PackedDataset, Split
 from train.export import ToolError, Trained
@@ -50,15 +51,26 @@ class AllRows(Split):
         self.dataset, self.val_rows, self.n_train = dataset, dataset.n_rows, 0
 
 
+_RECORD_DEFAULTS = RecordOptions()
+
+
 @dataclass
 class DataOptions:
+    """How ``bin/eval`` packs ``--data``: the stage, rows, batch and pack.py's own record options
+    (their defaults are :class:`~preprocess.options.RecordOptions`'s, so eval and training never diverge)."""
+
     stage: str
     seq_len: int
     batch_size: int = 8
-    overlong: str = "drop"
-    skip_bad: bool = False
-    tag_weight: int = 10
+    overlong: str = _RECORD_DEFAULTS.overlong
+    skip_bad: bool = _RECORD_DEFAULTS.skip_bad
+    tag_weight: int = _RECORD_DEFAULTS.tag_weight
     ref: str | None = None  # dpo: the reference checkpoint
+    max_record_chars: int = _RECORD_DEFAULTS.max_record_chars
+    parse_special: bool = _RECORD_DEFAULTS.parse_special
+
+    def record_options(self) -> RecordOptions:
+        return RecordOptions(**{f.name: getattr(self, f.name) for f in fields(RecordOptions)})
 
 
 def default_stage(trained: Trained) -> str | None:
@@ -74,22 +86,18 @@ def default_seq_len(trained: Trained) -> int:
 
 
 def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: DataOptions, quiet: bool) -> dict:
-    """Pack ``files`` for ``stage`` into ``out`` with pack.py's pipeline; returns its meta.json."""
-    from core.tokenizer import TokenizerError
-    from preprocess import pack, shards
-    from preprocess.sources import InputError
+    """Pack ``files`` for ``stage`` into ``out`` with pack.py's own pipeline and options; returns its meta.json."""
+    from core.errors import TinyLMError
+    from preprocess import pack
 
     for f in files:
         if not Path(f).is_file():
             raise ToolError(f"{f}: no such data file")
-    argv = ["--stage", stage, "--input", *files, "--out", str(out), "--tokenizer", str(tokenizer),
-            "--seq-len", str(opts.seq_len), "--workers", "1", "--overlong", opts.overlong,
-            "--tag-weight", str(opts.tag_weight), "--quiet"]
-    if opts.skip_bad:
-        argv.append("--skip-bad")
+    options = pack.PackOptions(stage, list(files), out, str(tokenizer), opts.seq_len, workers=1, quiet=True,
+                               records=opts.record_options())
     try:
-        return pack.pack(pack.parse_args(argv))
-    except (pack.PackError, InputError, TokenizerError, shards.ShardError) as e:
+        return pack.pack(options)
+    except TinyLMError as e:
         raise ToolError(str(e)) from None
 
 
