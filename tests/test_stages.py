@@ -134,7 +134,7 @@ def test_dpo_bad_inputs_are_one_line_errors(packed_sample, dpo_data, base, tmp_p
     def fails(argv: list[str], *needles: str) -> None:
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert len(err.splitlines()) == 1 and err.startswith("train/run.py: error: "), err
         for needle in needles:
             assert needle in err, (needle, err)
 

@@ -38,8 +38,8 @@ class DPODataset(PackedDataset):
     """A dpo folder whose batches carry ``ref_logps`` [B, D] once reference values are attached
     (D = the most documents any row holds; absent documents and padding rows get 0)."""
 
-    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None):
-        super().__init__(folder, tokenizer_fingerprint)
+    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
+        super().__init__(folder, tokenizer_fingerprint, verify)
         self.width = self.max_row_documents()
         self.ref: list[np.ndarray] | None = None
 
@@ -100,11 +100,12 @@ class DPOStage(Stage):
         self.with_aux = False
 
     # ---- data ------------------------------------------------------------------------------------------
-    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> DPODataset:
-        dataset = DPODataset(folder, tokenizer_fingerprint)
-        if dataset.stage != "dpo":
-            raise StageError(f"{folder}: packed for stage {dataset.stage!r}, but --stage dpo reads (chosen, "
+    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None, verify: bool = True) -> DPODataset:
+        stage = shards.read_meta(Path(folder))["stage"]
+        if stage != "dpo":
+            raise StageError(f"{folder}: packed for stage {stage!r}, but --stage dpo reads (chosen, "
                              "rejected) pairs (python preprocess/pack.py --stage dpo ...)")
+        dataset = DPODataset(folder, tokenizer_fingerprint, verify)
         self.width = dataset.width
         return dataset
 
