@@ -74,10 +74,22 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f"{path.name}.tmp.{os.getpid()}")
 
 
+def refuse_special(path: Path) -> None:
+    """Refuse to replace an existing ``path`` that is not a regular file: renaming over ``/dev/full`` (as
+    root) or a folder would destroy it."""
+    if path.exists() and not path.is_file():
+        raise FileWriteError("is not a regular file (a folder or a device); refusing to replace it", path=path)
+
+
 def publish(tmp: str | Path, path: str | Path) -> None:
     """Make the finished temp file ``tmp`` the file ``path``: fsync it, rename it over ``path``, fsync the
     folder. An OSError becomes one FileWriteError naming ``path``, and ``tmp`` is removed."""
     tmp, path = Path(tmp), Path(path)
+    try:
+        refuse_special(path)
+    except FileWriteError:
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -100,6 +112,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     removed and ``path`` keeps its old contents (or stays absent).
     """
     path = Path(path)
+    refuse_special(path)
     tmp = temp_path(path)
     try:
         with tmp.open("wb") as f:
@@ -154,7 +167,8 @@ def append_line(path: str | Path, line: str) -> None:
                 raise OSError(errno.ENOSPC, "short write")
             os.fsync(fd)
         except OSError as e:
-            os.ftruncate(fd, size)
+            with contextlib.suppress(OSError):  # a device such as /dev/full cannot be truncated
+                os.ftruncate(fd, size)
             raise FileWriteError(f"cannot append ({os_reason(e)})", path=path) from None
     finally:
         os.close(fd)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.files import FileWriteError, make_dir, os_reason, publish, temp_path
+from core.files import FileWriteError, make_dir, os_reason, publish, refuse_special, temp_path
 from model.config import ModelConfig
 from model.export_hf import ExportError, check_exportable
 
@@ -133,6 +133,7 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
         raise ExportError(f"vocab has {len(vocab.tokens)} tokens but the model's vocab_size is {cfg.vocab_size}")
     out = Path(out)
     make_dir(out.parent, "folder of the GGUF file")
+    refuse_special(out)
     tmp = temp_path(out)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[fmt]

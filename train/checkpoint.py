@@ -155,8 +155,9 @@ def _read(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         with path.open("rb") as f:
-            head = f.read(1)
-        what = ("a pickle of other objects than tensors and plain values" if head == b"\x80"
+            head = f.read(2)
+        what = ("a torch file holding other objects than tensors and plain values" if head == b"PK"
+                else "a pickle of other objects than tensors and plain values" if head[:1] == b"\x80"
                 else "not a torch checkpoint file")
         raise CheckpointError(f"not a tinylm checkpoint: {what} (checkpoints are only read as tensors and "
                               "plain values)", path=path) from None
