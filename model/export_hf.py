@@ -17,6 +17,7 @@ The caller hands over the tokenizer's bytes and settings; this module knows weig
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from core.errors import TinyLMError
-from core.files import FileWriteError, atomic_write_bytes, atomic_write_json, atomic_write_text, make_dir, os_reason
+from core.files import FileWriteError, make_dir, os_reason
 from model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,18 +128,16 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
         raise FileWriteError(f"cannot create a temporary folder beside it ({os_reason(e)})", path=out) from None
     try:
         os.chmod(tmp, 0o755)
-        atomic_write_bytes(tmp / "model.safetensors",
-                           [safetensors_bytes(export_state(state, cfg, dtype), metadata={"format": "pt"})])
-        atomic_write_json(tmp / "config.json", hf_config(cfg, tok, dtype))
         generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
                       "eos_token_id": tok.eos_ids,
                       "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
-        atomic_write_json(tmp / "generation_config.json", generation)
-        atomic_write_text(tmp / "tokenizer.json", tok.tokenizer_json)
-        atomic_write_text(tmp / "chat_template.jinja", tok.chat_template)
-        atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, cfg))
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
+        files = {"model.safetensors": safetensors_bytes(export_state(state, cfg, dtype), metadata={"format": "pt"}),
+                 "config.json": _json(hf_config(cfg, tok, dtype)), "generation_config.json": _json(generation),
+                 "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
+                 "chat_template.jinja": tok.chat_template.encode("utf-8"),
+                 "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
         _replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +156,19 @@ def tokenizer_config(tok: TokenizerFiles, cfg: ModelConfig) -> dict:
             "model_max_length": min(tok.model_max_length or cfg.max_position_embeddings, cfg.max_position_embeddings),
             "chat_template": tok.chat_template}
     return conf
+
+
+def _json(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """One file of the temporary export folder, fsync-ed (the folder's rename is what makes it visible)."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

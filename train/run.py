@@ -32,6 +32,7 @@ elif str(REPO_ROOT) not in sys.path:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -165,6 +166,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("eval_every", "save_every", "keep_last", "skip_nonfinite"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
+                              ("grad_clip", 0.0, False)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {low:g}, "
+                    f"not {value}")
     takes = STAGES[args.stage].options
     for dest, flag in STAGE_FLAGS.items():
         if getattr(args, dest) not in (None, False) and dest not in takes:
