@@ -100,12 +100,12 @@ def main() -> None:
         atomic_write_json(folder / "meta.json", meta)
         scanned = best_of(args.repeat, lambda: PackedDataset(folder, verify=False))
         title = f"open a {args.tokens / 1e6:.0f}M-token dataset ({size / 1e6:.0f} MB)"
-        print(f"| {title:<46} | seconds | MB/s  |")
-        print("| ---------------------------------------------- | ------- | ----- |")
+        print(f"| {title:<46} | seconds | MB/s    |")
+        print("| ---------------------------------------------- | ------- | ------- |")
         for name, seconds in (("structure + cached max_token (--no-verify)", structure),
                               ("structure + max over every token id", scanned),
                               ("full: + sha256 of every file (default)", full)):
-            print(f"| {name:<46} | {seconds:7.3f} | {size / 1e6 / seconds:5.0f} |")
+            print(f"| {name:<46} | {seconds:7.3f} | {size / 1e6 / seconds:7.0f} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from core.files import FileWriteError
 from preprocess import shards
 from train import checkpoint
 from train.data import Batch, PackedDataset
@@ -147,7 +148,11 @@ class DPOStage(Stage):
             ctx.say(f"dpo: beta {self.beta} | online reference {self.reference['path']} (kept in memory)")
             return
         if need_model:
-            compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+            try:
+                compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+            except FileWriteError as e:
+                raise StageError(f"{e}: the reference log-probs are stored beside the dataset; make it writable "
+                                 "or pass --online-ref") from None
         dataset.ref = shards.open_ref_logps(ref_dir, fingerprint, dataset.meta)
         ctx.say(f"dpo: beta {self.beta} | reference log-probs {ref_dir} (of {self.reference['path']})")
 
