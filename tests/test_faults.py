@@ -179,7 +179,7 @@ def test_a_nonfinite_loss_stops_at_once_naming_the_step_and_the_last_good_checkp
                    f"checkpoint is {out / 'ckpt_00000002.pt'} (resume from it with --resume, e.g. with a lower --lr, "
                    "or let up to N such steps be skipped with --skip-nonfinite N)")
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt_00000002.pt"] and all_finite(out)
-    assert read_metrics(out)[-1] == {"step": 3, "skipped_nonfinite": 1, "nonfinite": BOTH}
+    assert read_metrics(out)[-1] == {"step": 3, "skipped_nonfinite": 1, "nonfinite": BOTH, "stopped": True}
 
 
 def test_a_nonfinite_gradient_norm_with_a_finite_loss_stops_too(data, tmp_path, capsys, monkeypatch):

@@ -222,10 +222,12 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
             optimizer.zero_grad(set_to_none=True)
             if problem is not None:
                 state.nonfinite_skipped += 1
-                record = {"step": state.step + 1, "skipped_nonfinite": state.nonfinite_skipped, "nonfinite": problem}
+                stop = state.nonfinite_skipped > cfg.skip_nonfinite
+                record = {"step": state.step + 1, "skipped_nonfinite": state.nonfinite_skipped, "nonfinite": problem,
+                          **({"stopped": True} if stop else {})}
                 if info.is_main:
                     logger.log(record)
-                if state.nonfinite_skipped > cfg.skip_nonfinite:
+                if stop:
                     allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
                     raise NonFiniteError(
                         f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
