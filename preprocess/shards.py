@@ -141,14 +141,14 @@ def open_shard(folder: Path, name: str, token_dtype: str, record: dict | None = 
 
     With ``record`` (its entry in meta.json) the file sizes and the token / document / row counts must
     equal the record's; with ``seq_len`` no packed row may hold more tokens than that."""
-    if record is not None:
-        for filename, expected in record["files"].items():
-            path = folder / filename
-            if path.is_file() and path.stat().st_size != expected["bytes"]:
-                raise ShardError(f"{path.stat().st_size} bytes, meta.json says {expected['bytes']}", path=path)
     head, tokens = _map(folder / f"{name}.bin", KIND_TOKENS, token_dtype)
     _, weights = _map(folder / f"{name}.mask", KIND_WEIGHTS, "uint8")
     idx_head, index = _map(folder / f"{name}.idx", KIND_INDEX, "int64")
+    if record is not None:
+        for filename, expected in record["files"].items():
+            size = (folder / filename).stat().st_size
+            if size != expected["bytes"]:
+                raise ShardError(f"{size} bytes, meta.json says {expected['bytes']}", path=folder / filename)
     n_docs, n_rows = int(idx_head[5]), int(idx_head[6])
     if len(weights) != len(tokens) or len(index) != n_docs + n_rows + 2 or n_docs < 0 or n_rows < 0:
         raise ShardError(f"{folder / name}: .bin/.mask/.idx disagree on their sizes")
