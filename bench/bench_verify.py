@@ -43,10 +43,12 @@ def build_dataset(folder: Path, n_tokens: int, stage: str = "pretrain", seq_len:
     rng = np.random.default_rng(seed)
     packed = stage != "pretrain"
     doc = seq_len // 2 if packed else doc_len
+    if packed:  # whole rows of two documents only (a dpo row holds whole pairs)
+        n_tokens -= n_tokens % (2 * doc)
+        shard_tokens = max(2 * doc, shard_tokens - shard_tokens % (2 * doc))
     records, done, index = [], 0, 0
     while done < n_tokens:
         n = min(shard_tokens, n_tokens - done)
-        n -= n % (2 * doc) if packed and n >= 2 * doc else 0
         tokens = rng.integers(0, tok.vocab_size, n, dtype=np.uint16)
         weights = np.zeros(n, dtype=np.uint8)
         offsets = np.unique(np.concatenate([np.arange(0, n, doc), [n]])).astype(np.int64)

@@ -222,3 +222,23 @@ def test_write_shard_records_the_largest_token_id(tmp_path):
     record = json.loads((folder / "meta.json").read_text())["shards"][0]
     tokens = shards.open_shard(folder, record["name"], "uint16").tokens
     assert record["max_token"] == int(np.asarray(tokens).max())
+
+
+def test_a_dpo_row_that_splits_a_pair_is_refused(tmp_path):
+    from train.stages.dpo import DPODataset
+
+    folder = small_dataset(tmp_path / "dpo", stage="dpo")
+    assert DPODataset(folder).n_rows > 0
+    meta = json.loads((folder / "meta.json").read_text())
+    shard = shards.open_shard(folder, "shard_00000", "uint16")
+    row_docs = np.concatenate([[0, 1], np.asarray(shard.row_docs)[1:] + 1])
+    row_docs[-1] = shard.n_docs
+    row_docs = np.unique(row_docs)  # [0, 1, 3, 5, ...]: the first row holds half a pair
+    arrays = shards.ShardArrays(np.array(shard.tokens), np.array(shard.weights), np.array(shard.doc_offsets), row_docs)
+    meta["shards"][0] = shards.write_shard(folder, 0, arrays, "uint16", {})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert PackedDataset(folder).n_rows > 0  # a sound sft-style folder ...
+    with pytest.raises(shards.ShardError) as info:
+        DPODataset(folder)  # ... but not a dpo one
+    assert str(info.value) == (f"{folder / 'shard_00000.idx'}: a dpo row starts inside a (chosen, rejected) pair: "
+                               "rows must hold whole pairs")

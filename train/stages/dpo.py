@@ -41,6 +41,10 @@ class DPODataset(PackedDataset):
 
     def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         super().__init__(folder, tokenizer_fingerprint, verify)
+        for record, shard in zip(self.meta["shards"], self.shards, strict=True):
+            if (np.asarray(shard.row_docs) % 2).any():
+                raise shards.ShardError("a dpo row starts inside a (chosen, rejected) pair: rows must hold whole "
+                                        "pairs", path=self.folder / f"{record['name']}.idx")
         self.width = self.max_row_documents()
         self.ref: list[np.ndarray] | None = None
 
