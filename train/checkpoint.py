@@ -186,7 +186,8 @@ def load(path: str | Path, resume: bool = False) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise CheckpointError("is not a mapping of parameter names to tensors", path=path, field="model")
     _check_config(payload.get("model_config"), path)
-    for key, kind in (("step", int), ("stage", str), ("tokenizer", dict)):
+    for key, kind in (("step", int), ("stage", str), ("tokenizer", dict), ("data", dict), ("args", dict),
+                      ("lora", dict), ("base", dict), ("reference", dict), ("teacher", dict), ("init_from", dict)):
         if key in payload and payload[key] is not None and not isinstance(payload[key], kind):
             raise CheckpointError(f"expected {kind.__name__}, got {type(payload[key]).__name__}", path=path,
                                   field=key)
