@@ -1,7 +1,8 @@
 """Writing files so that a reader never sees half of one, and folders that one process owns at a time.
 
-- :func:`atomic_write_bytes` writes ``path.tmp.<pid>``, fsyncs it and renames it over ``path``: a crash,
-  a full disk or a failed rename leaves the old file (or none) and no temp file behind.
+- :func:`atomic_open` / :func:`atomic_write_bytes` write ``path.tmp.<pid>``, fsync it and rename it over
+  ``path``: a crash, a full disk or a failed rename leaves the old file (or none) and no temp file behind.
+- :func:`append_line` appends one whole line or nothing (a full disk cuts the file back).
 - :func:`make_dir` creates an output folder or says in one line why it cannot (a file is in the way,
   a read-only file system, no permission).
 - :class:`FolderLock` takes an exclusive ``fcntl.flock`` on ``<folder>/.lock``: a second process that
@@ -18,9 +19,9 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from core.errors import TinyLMError
 
@@ -67,27 +68,110 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, chunks: Iterable[bytes | memoryview]) -> str:
-    """Write ``chunks`` to ``path`` atomically (temp file, fsync, rename); return their sha256 hex digest."""
+def temp_path(path: str | Path) -> Path:
+    """The temp name a writer of ``path`` uses (``<name>.tmp.<pid>``, beside it; see :func:`is_temp_file`)."""
     path = Path(path)
-    digest = hashlib.sha256()
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    return path.with_name(f"{path.name}.tmp.{os.getpid()}")
+
+
+def refuse_special(path: Path) -> None:
+    """Refuse to replace an existing ``path`` that is not a regular file: renaming over ``/dev/full`` (as
+    root) or a folder would destroy it."""
+    if path.exists() and not path.is_file():
+        raise FileWriteError("is not a regular file (a folder or a device); refusing to replace it", path=path)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Make the finished temp file ``tmp`` the file ``path``: fsync it, rename it over ``path``, fsync the
+    folder. An OSError becomes one FileWriteError naming ``path``, and ``tmp`` is removed."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        refuse_special(path)
+    except FileWriteError:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FileWriteError(f"cannot write ({os_reason(e)})", path=path) from None
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object whose contents replace ``path`` only when the ``with`` block ends normally.
+
+    It writes :func:`temp_path` and :func:`publish`-es it on exit. Any OSError (full disk, read-only file
+    system, a failed rename) becomes one FileWriteError naming ``path``; on any failure the temp file is
+    removed and ``path`` keeps its old contents (or stays absent).
+    """
+    path = Path(path)
+    refuse_special(path)
+    tmp = temp_path(path)
     try:
         with tmp.open("wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                digest.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            yield f
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise FileWriteError(f"cannot write ({os_reason(e)})", path=path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    publish(tmp, path)
+
+
+def check_file_target(path: str | Path, what: str = "output file") -> Path:
+    """Before long work that ends by writing ``path``: create its folder, and refuse a folder in its place
+    (one FileWriteError naming it), so the work is not wasted."""
+    path = Path(path)
+    make_dir(path.parent, f"folder of the {what}")
+    if path.is_dir():
+        raise FileWriteError(f"the {what} is a folder, not a file", path=path)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, chunks: Iterable[bytes | memoryview]) -> str:
+    """Write ``chunks`` to ``path`` atomically (:func:`atomic_open`); return their sha256 hex digest."""
+    digest = hashlib.sha256()
+    with atomic_open(path) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one text line to ``path`` (created if absent) so that a reader never sees part of it.
+
+    The file is ``flock``-ed while the line is written with one ``write``; if that write fails or is short
+    (a full disk), the file is cut back to its previous length, and a FileWriteError names ``path``.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FileWriteError(f"cannot open for appending ({os_reason(e)})", path=path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # a device such as /dev/full cannot be truncated
+                os.ftruncate(fd, size)
+            raise FileWriteError(f"cannot append ({os_reason(e)})", path=path) from None
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> str:

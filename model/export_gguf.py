@@ -20,18 +20,20 @@ q.k is invariant under the same permutation of q and k. That is ``convert_hf_to_
 ``LlamaModel.permute``: ``w.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(w.shape)`` with
 ``heads = num_attention_heads`` for q and ``num_key_value_heads`` for k.
 
-The file is written to a hidden temporary name beside ``out`` and renamed into place when complete.
+The file is written to a temporary name beside ``out`` and renamed into place when complete (fsync-ed); a
+full disk or a read-only folder is one FileWriteError naming ``out``, the temporary file removed.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from core.files import FileWriteError, make_dir, os_reason, publish, refuse_special, temp_path
 from model.config import ModelConfig
 from model.export_hf import ExportError, check_exportable
 
@@ -130,8 +132,9 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
     if len(vocab.tokens) != cfg.vocab_size:
         raise ExportError(f"vocab has {len(vocab.tokens)} tokens but the model's vocab_size is {cfg.vocab_size}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}"
+    make_dir(out.parent, "folder of the GGUF file")
+    refuse_special(out)
+    tmp = temp_path(out)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[fmt]
     writer = gguf.GGUFWriter(tmp, "llama")
@@ -179,11 +182,14 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise FileWriteError(f"cannot write ({os_reason(e)})", path=out) from None
         raise
+    publish(tmp, out)
     return out
 
 

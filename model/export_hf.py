@@ -9,8 +9,9 @@ Our parameter names are transformers' names, so the weights go out unchanged:
     generation_config.json   bos / eos / pad ids; eos lists every id that ends a chat answer
     tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer and its chat template
 
-Invariants: every file is written into a hidden temporary folder next to ``out`` that is renamed into
-place only when complete, so ``out`` is either absent, the previous export, or the whole new export.
+Invariants: every file is written (and fsync-ed) into a hidden temporary folder next to ``out`` that is
+renamed into place only when complete, so ``out`` is either absent, the previous export, or the whole new
+export; a full disk or a read-only folder is one FileWriteError naming ``out``, the temporary folder removed.
 The caller hands over the tokenizer's bytes and settings; this module knows weights, not where they came from.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from core.errors import TinyLMError
+from core.files import FileWriteError, make_dir, os_reason
 from model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,7 +113,7 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFiles, out: str | Path,
               dtype: str = "float32") -> Path:
     """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     check_exportable(cfg, "hf")
     if dtype not in DTYPES:
@@ -119,24 +121,28 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    parent = make_dir(out.parent, "folder of the export")
     try:
-        save_file(export_state(state, cfg, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(cfg, tok, dtype))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as e:
+        raise FileWriteError(f"cannot create a temporary folder beside it ({os_reason(e)})", path=out) from None
+    try:
+        os.chmod(tmp, 0o755)
         generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
                       "eos_token_id": tok.eos_ids,
                       "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
-        _write_json(tmp / "generation_config.json", generation)
-        (tmp / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
-        (tmp / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, cfg))
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
+        files = {"model.safetensors": safetensors_bytes(export_state(state, cfg, dtype), metadata={"format": "pt"}),
+                 "config.json": _json(hf_config(cfg, tok, dtype)), "generation_config.json": _json(generation),
+                 "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
+                 "chat_template.jinja": tok.chat_template.encode("utf-8"),
+                 "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise FileWriteError(f"cannot write the export ({os_reason(e)})", path=out) from None
         raise
     return out
 
@@ -152,16 +158,31 @@ def tokenizer_config(tok: TokenizerFiles, cfg: ModelConfig) -> dict:
     return conf
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _json(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """One file of the temporary export folder, fsync-ed (the folder's rename is what makes it visible)."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is renamed aside first, then removed."""
+    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is renamed aside first (and put back if the
+    move fails), then removed."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old.{os.getpid()}"
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

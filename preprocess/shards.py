@@ -24,14 +24,15 @@ All writes go to a temporary name and are renamed into place.
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.errors import TinyLMError
-from core.files import atomic_write_bytes, atomic_write_json
+from core.files import atomic_write_bytes, atomic_write_json, make_dir, read_json
 
 MAGIC = int.from_bytes(b"tinylm\x00\x01", "little")
 VERSION = 1
@@ -41,6 +42,9 @@ KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX, KIND_REF_LOGPS = 1, 2, 3, 4
 EXTENSIONS = {KIND_TOKENS: ".bin", KIND_WEIGHTS: ".mask", KIND_INDEX: ".idx", KIND_REF_LOGPS: ".ref"}
 REF_PREFIX = "ref_"
 UINT16_LIMIT = 65_536
+TOKEN_DTYPES = ("uint16", "uint32")
+SHARD_NAME = re.compile(r"^shard_\d{5}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ShardError(TinyLMError):
@@ -87,6 +91,8 @@ class ShardArrays:
 
 def write_shard(folder: Path, index: int, shard: ShardArrays, token_dtype: str, stats: dict) -> dict:
     """Write the three binary files, then ``.json`` (stats + sizes + checksums); return that record."""
+    if token_dtype not in TOKEN_DTYPES:
+        raise ShardError(f"{shard_name(index)}: token dtype {token_dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
     if token_dtype == "uint16" and shard.tokens.size and int(shard.tokens.max()) >= UINT16_LIMIT:
         raise ShardError(f"{shard_name(index)}: token id {int(shard.tokens.max())} does not fit uint16")
     name = shard_name(index)
@@ -101,8 +107,9 @@ def write_shard(folder: Path, index: int, shard: ShardArrays, token_dtype: str, 
         path = folder / (name + EXTENSIONS[kind])
         digest = _write_array(path, kind, array, n_docs, n_rows)
         files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
+    max_token = int(shard.tokens.max()) if shard.tokens.size else -1
     record = {"name": name, "tokens": int(shard.tokens.size), "documents": n_docs, "rows": n_rows,
-              "files": files, **stats}
+              "max_token": max_token, "files": files, **stats}
     atomic_write_json(folder / f"{name}.json", record)
     return record
 
@@ -128,19 +135,61 @@ def _map(path: Path, kind: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return header, payload
 
 
-def open_shard(folder: Path, name: str, token_dtype: str) -> ShardArrays:
-    """Memory-map a shard's arrays (nothing is read until used), checking headers and sizes."""
+def open_shard(folder: Path, name: str, token_dtype: str, record: dict | None = None,
+               seq_len: int | None = None) -> ShardArrays:
+    """Memory-map a shard's arrays (nothing is read until used), checking headers, sizes and offsets.
+
+    With ``record`` (its entry in meta.json) the file sizes and the token / document / row counts must
+    equal the record's; with ``seq_len`` no packed row may hold more tokens than that."""
     head, tokens = _map(folder / f"{name}.bin", KIND_TOKENS, token_dtype)
     _, weights = _map(folder / f"{name}.mask", KIND_WEIGHTS, "uint8")
     idx_head, index = _map(folder / f"{name}.idx", KIND_INDEX, "int64")
+    if record is not None:
+        for filename, expected in record["files"].items():
+            size = (folder / filename).stat().st_size
+            if size != expected["bytes"]:
+                raise ShardError(f"{size} bytes, meta.json says {expected['bytes']}", path=folder / filename)
     n_docs, n_rows = int(idx_head[5]), int(idx_head[6])
-    if len(weights) != len(tokens) or len(index) != n_docs + n_rows + 2:
+    if len(weights) != len(tokens) or len(index) != n_docs + n_rows + 2 or n_docs < 0 or n_rows < 0:
         raise ShardError(f"{folder / name}: .bin/.mask/.idx disagree on their sizes")
     doc_offsets, row_docs = index[: n_docs + 1], index[n_docs + 1:]
     if doc_offsets[0] != 0 or doc_offsets[-1] != len(tokens) or row_docs[0] != 0 or row_docs[-1] != (
             n_docs if n_rows else 0):
         raise ShardError(f"{folder / name}.idx: offsets do not match the token count")
-    return ShardArrays(tokens, weights, doc_offsets, row_docs)
+    if (np.diff(doc_offsets) < 0).any() or (np.diff(row_docs) < 0).any():
+        raise ShardError("document or row offsets are not increasing (corrupt index)", path=folder / f"{name}.idx")
+    shard = ShardArrays(tokens, weights, doc_offsets, row_docs)
+    if record is not None:
+        found = {"tokens": len(tokens), "documents": n_docs, "rows": n_rows}
+        for key, value in found.items():
+            if record[key] != value:
+                raise ShardError(f"meta.json says {record[key]} {key} for {name}, its files hold {value}",
+                                 path=folder / f"{name}.idx")
+    if seq_len is not None and n_rows:
+        longest = int(np.diff(np.asarray(doc_offsets)[np.asarray(row_docs)]).max())
+        if longest > seq_len:
+            raise ShardError(f"a packed row holds {longest} tokens, more than meta.json's seq_len {seq_len}",
+                             path=folder / f"{name}.idx")
+    return shard
+
+
+def verify_shard(folder: Path, record: dict, token_dtype: str, vocab_size: int, seq_len: int | None = None,
+                 checksums: bool = True) -> ShardArrays:
+    """:func:`open_shard` against its meta.json ``record``, then (``checksums``) every file's sha256, then
+    the largest token id against ``vocab_size``. The largest id is the record's ``max_token`` when the
+    checksums vouch for it (or when ``checksums`` is off and the record has one), else one vectorised
+    ``max`` over the tokens. ShardError names the first problem's file."""
+    shard = open_shard(folder, record["name"], token_dtype, record, seq_len)
+    if checksums:
+        for filename, expected in record["files"].items():
+            if file_sha256(folder / filename) != expected["sha256"]:
+                raise ShardError("checksum mismatch (the file was changed or corrupted)", path=folder / filename)
+    cached = record.get("max_token")
+    largest = cached if isinstance(cached, int) else (int(shard.tokens.max()) if len(shard.tokens) else -1)
+    if largest >= vocab_size:
+        raise ShardError(f"token id {largest} >= the tokenizer's vocab_size {vocab_size} (meta.json): the shard "
+                         "does not belong to this tokenizer or is corrupt", path=folder / f"{record['name']}.bin")
+    return shard
 
 
 def file_sha256(path: Path) -> str:
@@ -148,26 +197,71 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _read_json(path: Path, if_missing: str) -> dict:
+def _read_json(path: Path, if_missing: str) -> Any:
     """A JSON metadata file; ShardError naming it when it is missing (with ``if_missing``) or not JSON."""
     if not path.is_file():
         raise ShardError(f"{path}: missing — {if_missing}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
+        return read_json(path, path.name)
+    except TinyLMError as e:
+        raise ShardError(str(e)) from None
 
 
-def read_meta(folder: Path) -> dict:
-    path = folder / "meta.json"
-    meta = _read_json(path, f"is {folder} a packed dataset (python preprocess/pack.py)?")
-    if meta.get("format_version") != VERSION:
-        raise ShardError(f"{path}: format_version {meta.get('format_version')!r}, this tinylm reads {VERSION}")
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_meta(meta: Any, path: Path) -> dict:
+    """Refuse a meta.json with missing keys, wrong types or self-contradicting fields (one line naming the
+    field); returns it. The shards' own files are checked against it by :func:`verify_shard`."""
+    def need(ok: bool, field: str | None, message: str) -> None:
+        if not ok:
+            raise ShardError(message, path=path, field=field)
+
+    need(isinstance(meta, dict), None, "not a JSON object")
+    need(meta.get("format_version") == VERSION, "format_version",
+         f"{meta.get('format_version')!r}, this tinylm reads {VERSION}")
+    need(isinstance(meta.get("stage"), str) and bool(meta["stage"]), "stage", "missing or not a string")
+    need(_is_count(meta.get("seq_len"), 1), "seq_len", f"{meta.get('seq_len')!r} is not a positive integer")
+    need(meta.get("token_dtype") in TOKEN_DTYPES, "token_dtype",
+         f"{meta.get('token_dtype')!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    tok = meta.get("tokenizer")
+    need(isinstance(tok, dict), "tokenizer", "missing or not an object")
+    need(isinstance(tok.get("fingerprint"), str), "tokenizer.fingerprint", "missing or not a string")
+    need(isinstance(tok.get("path"), str), "tokenizer.path", "missing or not a string")
+    need(_is_count(tok.get("vocab_size"), 1), "tokenizer.vocab_size",
+         f"{tok.get('vocab_size')!r} is not a positive integer")
+    need(meta["token_dtype"] != "uint16" or tok["vocab_size"] <= UINT16_LIMIT, "token_dtype",
+         f"uint16 cannot hold the ids of a {tok['vocab_size']}-token vocabulary (tokenizer.vocab_size)")
+    need(isinstance(meta.get("shards"), list), "shards", "missing or not a list")
+    for i, record in enumerate(meta["shards"]):
+        where = f"shards[{i}]"
+        need(isinstance(record, dict), where, "not an object")
+        need(isinstance(record.get("name"), str) and bool(SHARD_NAME.match(record["name"])), f"{where}.name",
+             f"{record.get('name')!r} is not a shard name (shard_NNNNN)")
+        for key in ("tokens", "documents", "rows"):
+            need(_is_count(record.get(key)), f"{where}.{key}", f"{record.get(key)!r} is not a count")
+        need(record.get("max_token") is None or _is_count(record["max_token"], -1), f"{where}.max_token",
+             f"{record.get('max_token')!r} is not a token id")
+        files = record.get("files")
+        expected = {record["name"] + EXTENSIONS[k] for k in (KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX)}
+        need(isinstance(files, dict) and set(files) == expected, f"{where}.files",
+             f"must list exactly {', '.join(sorted(expected))}")
+        for filename, entry in files.items():
+            need(isinstance(entry, dict) and _is_count(entry.get("bytes"), HEADER_BYTES)
+                 and isinstance(entry.get("sha256"), str) and bool(SHA256_HEX.match(entry["sha256"])),
+                 f"{where}.files.{filename}", "needs 'bytes' (a size) and 'sha256' (64 hex digits)")
     return meta
 
 
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / "meta.json"
+    return check_meta(_read_json(path, f"is {folder} a packed dataset (python preprocess/pack.py)?"), path)
+
+
 def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
-    """Every problem found (empty list = sound): sizes, headers, checksums and the tokenizer fingerprint."""
+    """Every problem found (empty list = sound): meta.json's fields, sizes, headers, counts, checksums,
+    token ids and the tokenizer fingerprint (the first problem of each shard)."""
     try:
         meta = read_meta(folder)
     except ShardError as e:
@@ -176,15 +270,13 @@ def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
     if tokenizer_fingerprint and meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
         problems.append(f"{folder / 'meta.json'}: tokenizer fingerprint {meta['tokenizer']['fingerprint'][:12]}… "
                         f"differs from the given tokenizer's {tokenizer_fingerprint[:12]}…")
-    for shard in meta["shards"]:
+    packed = meta["stage"] != "pretrain"
+    for record in meta["shards"]:
         try:
-            open_shard(folder, shard["name"], meta["token_dtype"])
+            verify_shard(folder, record, meta["token_dtype"], meta["tokenizer"]["vocab_size"],
+                         meta["seq_len"] if packed else None)
         except ShardError as e:
             problems.append(str(e))
-            continue
-        for filename, expected in shard["files"].items():
-            if file_sha256(folder / filename) != expected["sha256"]:
-                problems.append(f"{folder / filename}: checksum mismatch (the file was changed or corrupted)")
     return problems
 
 
@@ -193,9 +285,13 @@ class PackedFolder:
 
     Packed stages: row r is the run of whole documents ``row_docs[r]..row_docs[r+1]`` of its shard.
     Pretrain: row r is the window of ``seq_len + 1`` tokens starting at ``r * seq_len`` of its shard.
+
+    Opening checks meta.json's fields and every shard against them (sizes, headers, counts, row lengths,
+    token ids < vocab size); ``verify=True`` also checks every file's sha256 (a full read of the data;
+    training does it, see docs/FORMAT.md). Any problem is a ShardError naming the file.
     """
 
-    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None):
+    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         if tokenizer_fingerprint and self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
@@ -204,7 +300,9 @@ class PackedFolder:
         self.stage: str = self.meta["stage"]
         self.seq_len: int = self.meta["seq_len"]
         self.packed = self.stage != "pretrain"
-        self.shards = [open_shard(self.folder, s["name"], self.meta["token_dtype"]) for s in self.meta["shards"]]
+        self.shards = [verify_shard(self.folder, s, self.meta["token_dtype"], self.meta["tokenizer"]["vocab_size"],
+                                    self.seq_len if self.packed else None, checksums=verify)
+                       for s in self.meta["shards"]]
         counts = [s.n_rows if self.packed else max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards]
         self.row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_rows = int(self.row_start[-1])
@@ -257,7 +355,7 @@ def ref_folder(folder: str | Path, fingerprint: str) -> Path:
 
 def write_ref_logps(ref_dir: Path, name: str, values: np.ndarray, n_rows: int) -> dict:
     """Write one shard's per-document reference log-probs (float32) atomically; returns its file record."""
-    ref_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(ref_dir, "reference log-probs folder")
     path = ref_dir / (name + EXTENSIONS[KIND_REF_LOGPS])
     values = np.asarray(values, dtype="<f4")
     digest = _write_array(path, KIND_REF_LOGPS, values, values.size, n_rows)
@@ -281,8 +379,13 @@ def open_ref_logps(ref_dir: Path, fingerprint: str, dataset_meta: dict) -> list[
     meta_path = ref_dir / "meta.json"
     meta = _read_json(meta_path, f"the reference log-probs in {ref_dir} were never finished")
     stale = "stale reference log-probs; delete the folder to recompute them"
-    if meta.get("kind") != "dpo_reference_logps" or meta.get("format_version") != VERSION:
-        raise ShardError(f"{meta_path}: not tinylm v{VERSION} DPO reference log-probs")
+    if (not isinstance(meta, dict) or meta.get("kind") != "dpo_reference_logps"
+            or meta.get("format_version") != VERSION or not isinstance(meta.get("reference"), dict)
+            or not isinstance(meta.get("dataset"), dict) or not isinstance(meta.get("shards"), list)
+            or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("sha256"), str)
+                       and isinstance(r.get("file"), str) and Path(r["file"]).name == r["file"]
+                       for r in meta["shards"])):
+        raise ShardError(f"{meta_path}: not tinylm v{VERSION} DPO reference log-probs (or a corrupt copy): {stale}")
     if meta["reference"].get("fingerprint") != fingerprint:
         made_by = meta["reference"]
         raise ShardError(f"{meta_path}: computed with checkpoint {made_by.get('path')} (weights "

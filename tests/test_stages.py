@@ -5,10 +5,12 @@ checkpoints, exact resume), distillation (KL 0 against itself, foreign tokenizer
 
 from __future__ import annotations
 
+import errno
 import importlib.machinery
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -134,7 +136,7 @@ def test_dpo_bad_inputs_are_one_line_errors(packed_sample, dpo_data, base, tmp_p
     def fails(argv: list[str], *needles: str) -> None:
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert len(err.splitlines()) == 1 and err.startswith("train/run.py: error: "), err
         for needle in needles:
             assert needle in err, (needle, err)
 
@@ -163,6 +165,29 @@ def test_dpo_bad_inputs_are_one_line_errors(packed_sample, dpo_data, base, tmp_p
     meta_path.unlink()  # an unfinished folder is recomputed
     assert main(args("dpo", dpo_data, tmp_path / "g", "--init-from", str(base), "--max-steps", "1")) == 0
     assert (ref_dir / "meta.json").is_file()
+
+
+def test_junk_reference_or_teacher_and_a_read_only_dataset_are_one_line(packed_sample, dpo_data, base, tmp_path,
+                                                                         capsys, monkeypatch):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint" * 64)
+    for argv in (args("dpo", dpo_data, tmp_path / "a", "--init-from", str(base), "--ref-from", str(junk)),
+                 args("distill", packed_sample["sft"], tmp_path / "b", "--teacher", str(junk), "--model", "tiny")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"train/run.py: error: {junk}: not a tinylm checkpoint: not a torch checkpoint file " \
+                      "(checkpoints are only read as tensors and plain values)"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    def read_only(src, dst):  # noqa: ANN001, ANN202
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)  # the dataset folder cannot take the reference log-probs
+    assert main(args("dpo", dpo_data, tmp_path / "c", "--init-from", str(base), "--max-steps", "1")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard_00000.ref: cannot write (read-only file system)" in err
+    assert err.endswith("make it writable or pass --online-ref")
+    assert not list(dpo_data.glob("ref_*/*.tmp.*"))
 
 
 def test_stage_flags_are_checked(capsys):

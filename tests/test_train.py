@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.files import is_temp_file
 from model import ModelConfig, TinyLM
 from model.generate import generate
 from train import checkpoint
@@ -265,7 +266,7 @@ def test_saved_state_has_no_wrapper_prefixes(tmp_path):
     path = checkpoint.save(tmp_path, 3, {"model": state}, keep_last=1)
     checkpoint.save(tmp_path, 5, {"model": state}, keep_last=1)
     assert not path.exists() and checkpoint.latest(tmp_path).name == "ckpt_00000005.pt"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if is_temp_file(p.name)]
 
 
 def test_missing_checkpoint_message(tmp_path):

@@ -10,23 +10,30 @@ Invariants:
   renamed into place (the folder is fsync-ed too), so a kill at any instant leaves the previous one;
 - ``model`` is the state dict of the *unwrapped* module: neither DDP's ``module.`` nor
   ``torch.compile``'s ``_orig_mod.`` prefix ever reaches a file;
-- loading into a model refuses missing or unexpected keys and shape mismatches, naming them.
+- loading into a model refuses missing or unexpected keys and shape mismatches, naming them;
+- :func:`load` is the one reader (``weights_only=True``, never anything else): a file that is not a tinylm
+  checkpoint, or one with non-finite weights, is refused in one line naming it, so every tool (training's
+  ``--init-from`` / ``--resume`` / ``--teacher`` / ``--ref-from``, chat, serve, export, merge, eval) refuses it;
+- :func:`save` never writes non-finite weights.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import io
+import pickle
 import random
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.errors import TinyLMError
+from core.files import atomic_open, make_dir
 from core.tokenizer import TokenizerError, TokenizerInfo, load_tokenizer
 
 FORMAT = "tinylm-checkpoint-1"
@@ -89,47 +96,133 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save(folder: str | Path, step: int, payload: dict[str, Any], keep_last: int = 0) -> Path:
     """Write ``payload`` atomically as ``folder/ckpt_<step>.pt``; then keep only the newest ``keep_last``
-    (all when ``keep_last <= 0``). Returns the path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (all when ``keep_last <= 0``). Returns the path. Refuses (CheckpointError, nothing written) a payload
+    whose ``model`` holds non-finite values; a full disk, a read-only or file-blocked folder is one
+    FileWriteError naming the path, and the previous checkpoints stay as they were."""
+    folder = make_dir(folder, "run folder")
     path = folder / checkpoint_name(step)
-    tmp = folder / f".{path.name}.tmp"
-    with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+    bad = nonfinite_tensors(payload.get("model") or {})
+    if bad:
+        raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (nan/inf in {_short(bad)})",
+                              path=path)
+    with atomic_open(path) as f:
+        writer = _Writer(f)
+        try:
+            torch.save({"format": FORMAT, **payload}, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch's zip writer hides the OSError of a full disk
+                raise writer.error from None
+            raise
     if keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class _Writer(io.RawIOBase):
+    """A write-only file wrapper that remembers the OSError its writes raised (torch turns it into a bare
+    RuntimeError)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # noqa: ANN001 (bytes-like)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file (or a run folder's latest) onto the CPU."""
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a nan or an inf (one host sync in all)."""
+    names = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(state[k]).all().cpu() for k in names]).tolist()
+    return [k for k, ok in zip(names, flags, strict=True) if not ok]
+
+
+def _read(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of one file; every failure is one line that says what the file is."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" for a foreign pickle
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with path.open("rb") as f:
+            head = f.read(2)
+        what = ("a torch file holding other objects than tensors and plain values" if head == b"PK"
+                else "a pickle of other objects than tensors and plain values" if head[:1] == b"\x80"
+                else "not a torch checkpoint file")
+        raise CheckpointError(f"not a tinylm checkpoint: {what} (checkpoints are only read as tensors and "
+                              "plain values)", path=path) from None
+    except (EOFError, RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError, AttributeError):
+        # truncated / corrupt zip archives raise RuntimeError; an empty file EOFError; others vary by torch version
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"not a readable checkpoint: the file is truncated or corrupt ({size} bytes)",
+                              path=path) from None
+
+
+def load(path: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file (or a run folder's latest) onto the CPU and check it before anyone uses it.
+
+    Always ``weights_only=True``. Refused with one line naming the file: anything that is not a readable
+    torch file, a payload that is not a tinylm checkpoint (format, a ``model`` mapping of tensors, a valid
+    ``model_config``), non-finite weights, and with ``resume`` missing resume state (optimizer, counters, RNG).
+    """
     path = resolve(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors come in many types
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    payload = _read(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a tinylm checkpoint (format {FORMAT!r} expected)")
+        kind = ("a bare state dict" if isinstance(payload, dict) and payload
+                and all(isinstance(v, torch.Tensor) for v in payload.values()) else f"a {type(payload).__name__}")
+        raise CheckpointError(f"not a tinylm checkpoint: {kind}, without the format {FORMAT!r} record", path=path)
+    model = payload.get("model")
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise CheckpointError("is not a mapping of parameter names to tensors", path=path, field="model")
+    _check_config(payload.get("model_config"), path)
+    for key, kind in (("step", int), ("stage", str), ("tokenizer", dict), ("data", dict), ("args", dict),
+                      ("lora", dict), ("base", dict), ("reference", dict), ("teacher", dict), ("init_from", dict)):
+        if key in payload and payload[key] is not None and not isinstance(payload[key], kind):
+            raise CheckpointError(f"expected {kind.__name__}, got {type(payload[key]).__name__}", path=path,
+                                  field=key)
+    if resume:
+        _check_resume_state(payload, path)
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise CheckpointError(f"non-finite weights (nan/inf in {_short(bad)}): this checkpoint is unusable; take an "
+                              "earlier one", path=path)
     payload["path"] = str(path)
     return payload
+
+
+def _check_config(config: Any, path: Path) -> None:
+    from model import ModelConfig  # train -> model; imported here so checkpoint stays light for readers
+
+    if not isinstance(config, dict):
+        raise CheckpointError("missing or not a mapping", path=path, field="model_config")
+    try:
+        ModelConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e), path=path, field="model_config") from None
+
+
+def _check_resume_state(payload: dict[str, Any], path: Path) -> None:
+    """What ``--resume`` restores must be there with the right types."""
+    for key in ("step", "samples_seen", "tokens_seen", "supervised_seen"):
+        if not isinstance(payload.get(key), int) or isinstance(payload.get(key), bool) or payload[key] < 0:
+            raise CheckpointError("missing or not a non-negative integer; cannot resume from this file", path=path,
+                                  field=key)
+    if not isinstance(payload.get("optimizer"), dict) or "state" not in payload["optimizer"]:
+        raise CheckpointError("missing optimizer state; cannot resume from this file", path=path, field="optimizer")
+    rng = payload.get("rng")
+    if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) and "torch" in r for r in rng):
+        raise CheckpointError("missing RNG state; cannot resume from this file", path=path, field="rng")
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from core.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
+from core.files import append_line, atomic_write_text, check_file_target
 from model.generate import generate
 from preprocess.options import RecordOptions
 from train import checkpoint
@@ -217,7 +217,7 @@ def answer_prompts(trained: Trained, prompts_file: str | Path, answers: Path, de
         if p["reference"] is not None:
             record["reference"] = p["reference"]
         lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write(answers, "".join(line + "\n" for line in lines))
+    atomic_write_text(check_file_target(answers, "answers file"), "".join(line + "\n" for line in lines))
     return {"prompts": str(prompts_file), "answers": str(answers), "n_prompts": len(prompts),
             "answer_tokens": new_tokens, "temperature": temperature, "max_new_tokens": max_new_tokens,
             "answer_seconds": round(time.perf_counter() - started, 3)}
@@ -225,28 +225,23 @@ def answer_prompts(trained: Trained, prompts_file: str | Path, answers: Path, de
 
 # ---- results -------------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def append_result(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line with a single write (a reader never sees half a line from this process)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    """Append one JSON line, whole or not at all (``core.files.append_line``: a full disk leaves the file as
+    it was); FileWriteError names the file."""
+    check_file_target(path, "results file")
+    append_line(path, json.dumps(record, ensure_ascii=False, allow_nan=True))
 
 
 def run_eval(trained: Trained, data: list[str] | None, opts: DataOptions | None, prompts: str | None,
              answers: Path | None, results: Path, device: torch.device, gen: dict[str, Any] | None = None,
              quiet: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Held-out metrics and/or prompt answers for one checkpoint; appends and returns the results record."""
+    """Held-out metrics and/or prompt answers for one checkpoint; appends and returns the results record.
+
+    The output paths are checked first (their folders created, a folder in a file's place refused), so an
+    unwritable ``results`` / ``answers`` fails before the evaluation runs, not after."""
+    check_file_target(results, "results file")
+    if prompts and answers is not None:
+        check_file_target(answers, "answers file")
     record: dict[str, Any] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "ckpt": trained.ckpt["path"], "step": trained.ckpt.get("step"),
                               "ckpt_stage": trained.ckpt.get("stage")}

@@ -18,6 +18,7 @@ import torch
 
 from core.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 from core.errors import TinyLMError
+from core.files import atomic_write_text, read_json
 from core.tokenizer import TokenizerInfo
 from model import ModelConfig, TinyLM
 from model.export_hf import ExportError, TokenizerFiles, export_hf
@@ -70,10 +71,9 @@ def tokenizer_files(info: TokenizerInfo) -> TokenizerFiles:
     conf_file = info.path.parent / "tokenizer_config.json"
     conf: dict[str, Any] = {}
     if conf_file.is_file():
-        try:
-            conf = json.loads(conf_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ToolError(f"{conf_file}: not valid JSON ({e})") from None
+        conf = read_json(conf_file, "tokenizer config")
+        if not isinstance(conf, dict):
+            raise ToolError("not a JSON object", path=conf_file)
 
     def token(key: str, default: str) -> str | None:
         value = conf.get(key, default)
@@ -118,9 +118,7 @@ def export(trained: Trained, fmt: str, out: str | Path, dtype: str, progress: bo
             written = [export_gguf(trained.state, trained.config, vocab, out, dtype, name=name, progress=progress)]
             if write_modelfile:
                 mf = out.parent / "Modelfile"
-                tmp = mf.with_name(".Modelfile.tmp")
-                tmp.write_text(modelfile(out.name), encoding="utf-8")
-                tmp.replace(mf)
+                atomic_write_text(mf, modelfile(out.name))
                 written.append(mf)
             return written
     except ExportError as e:

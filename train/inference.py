@@ -1,9 +1,9 @@
 """Load a checkpoint for inference: the model (LoRA adapters merged in memory) and its recorded tokenizer.
 
 Shared by ``bin/chat``, ``bin/serve`` (and available to ``bin/eval``/``bin/export``). Every problem
-(missing file or folder, unreadable or foreign checkpoint, missing or mismatched tokenizer, weights that
-do not fit the config, a tokenizer larger than the model's vocabulary) raises :class:`CheckpointError`
-with one line naming the file, so the tools print it and exit 1 without a traceback.
+(missing file or folder, unreadable or foreign checkpoint, non-finite weights, missing or mismatched
+tokenizer, weights that do not fit the config, a tokenizer larger than the model's vocabulary) raises
+:class:`CheckpointError` with one line naming the file, so the tools print it and exit 1 without a traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         from train.merge import lora_model
 
         model = merge_lora(lora_model(ckpt))
+        bad = checkpoint.nonfinite_tensors(model.state_dict())
+        if bad:
+            raise CheckpointError(f"non-finite weights after merging the adapter (nan/inf in {', '.join(bad[:3])})",
+                                  path=ckpt["path"])
     else:
         model = TinyLM(config)
         checkpoint.load_model_state(model, ckpt["model"], ckpt["path"])

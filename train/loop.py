@@ -8,8 +8,17 @@ One optimizer step s (0-based) on every rank:
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
      ranks' contributions, i.e. the gradient of the single-process objective), DDP ``no_sync`` on all
      but the last micro-batch;
-  4. unscale (fp16), clip the global grad norm, optimizer step at ``lr(s)``, zero grads;
+  4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
+     grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
+     decision; optimizer step at ``lr(s)`` unless the loss or the grad norm is non-finite; zero grads;
   5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log / eval / save.
+
+Non-finite steps. A nan/inf step loss or global grad norm (under fp16 only the loss: the GradScaler skips
+inf gradients itself, which is dynamic loss scaling at work) is never applied to the weights. The run
+then stops with :class:`NonFiniteError` (one line: the step, what was non-finite, the last good
+checkpoint), unless ``skip_nonfinite`` allows more skipped steps: then the step counts (schedule and
+data move on) without an update, and a ``skipped_nonfinite`` line goes to metrics.jsonl. Weights are
+checked before every checkpoint, so no checkpoint with nan/inf weights is ever written.
 
 Exact resume: a checkpoint after step s holds the model, optimizer, grad scaler, stage state, counters
 and every rank's RNG states; the schedule is a pure function of s and the data order a pure function
@@ -32,6 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from core.errors import TinyLMError
 from train import checkpoint, dist
 from train.data import BatchLoader
 from train.dist import DistInfo
@@ -43,6 +53,11 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12,
               "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+class NonFiniteError(TinyLMError):
+    """Training produced a nan/inf loss, gradient norm or weights; the message names the step and the
+    last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class LoopConfig:
     log_every: int = 10
     stop_after: int | None = None  # end (with a checkpoint) after this step; the schedule keeps max_steps
     progress: bool = True  # tqdm bar on rank 0 (shown only on a terminal)
+    skip_nonfinite: int = 0  # non-finite steps that may be skipped (no update) before the run stops
 
 
 @dataclass
@@ -70,6 +86,7 @@ class TrainState:
     samples_seen: int = 0
     tokens_seen: int = 0  # input positions processed (padding included)
     supervised_seen: int = 0  # positions with loss weight > 0
+    nonfinite_skipped: int = 0  # steps whose update was skipped because the loss / grad norm was nan or inf
     history: list[dict[str, Any]] = field(default_factory=list)  # logged records of this process
 
 
@@ -118,7 +135,8 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         stage.load_state_dict(resume.get("stage_state", {}))
-        state = TrainState(resume["step"], resume["samples_seen"], resume["tokens_seen"], resume["supervised_seen"])
+        state = TrainState(resume["step"], resume["samples_seen"], resume["tokens_seen"], resume["supervised_seen"],
+                           nonfinite_skipped=int(resume.get("nonfinite_skipped", 0)))
         rngs = resume["rng"]
         if len(rngs) != info.world and info.is_main:
             print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
@@ -140,12 +158,23 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
     amp = autocast(device, cfg.dtype)
     micro_total = cfg.grad_accum * info.world
 
+    def last_good() -> str:
+        found = checkpoint.latest(out)
+        return f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
+
     def save() -> None:
+        weights = stage.model_state(model)
+        bad = checkpoint.nonfinite_tensors(weights)  # same weights on every rank: all ranks stop together
+        if bad:
+            raise NonFiniteError(f"step {state.step}: non-finite weights after the update (nan/inf in "
+                                 f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); no checkpoint written, "
+                                 f"{last_good()}")
         rng = dist.gather_objects(checkpoint.rng_state())
         if info.is_main:
             payload = {
                 "step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-                "supervised_seen": state.supervised_seen, "model": stage.model_state(model),
+                "supervised_seen": state.supervised_seen, "nonfinite_skipped": state.nonfinite_skipped,
+                "model": weights,
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "stage_state": stage.state_dict(), "rng": rng, "world": info.world, **ckpt_meta,
@@ -181,12 +210,32 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
                 names = ["loss", *parts]
                 vals = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
                 sums = vals if sums is None else sums + vals
-            dist.all_reduce_sum(sums)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
+            grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
+            sums = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
+            sums, bad_ranks = sums[:-1], sums[-1]
+            problem = nonfinite_problem(sums[0], bad_ranks, grad_norm)  # the step's one host sync
+            if problem is None:
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if problem is not None:
+                state.nonfinite_skipped += 1
+                stop = state.nonfinite_skipped > cfg.skip_nonfinite
+                record = {"step": state.step + 1, "skipped_nonfinite": state.nonfinite_skipped, "nonfinite": problem,
+                          **({"stopped": True} if stop else {})}
+                if info.is_main:
+                    logger.log(record)
+                if stop:
+                    allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
+                    raise NonFiniteError(
+                        f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
+                        f"{last_good()} (resume from it with --resume, e.g. with a lower --lr, or let up to N "
+                        "such steps be skipped with --skip-nonfinite N)")
+                if info.is_main:
+                    bar.write(f"step {state.step + 1}: non-finite {problem}: update skipped "
+                              f"({state.nonfinite_skipped}/{cfg.skip_nonfinite} allowed)")
 
             state.step += 1
             state.samples_seen += global_batch
@@ -196,7 +245,7 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
             bar.update(1)
             last = state.step == end
 
-            if state.step % cfg.log_every == 0 or last or state.step == run_start_step + 1:
+            if problem is None and (state.step % cfg.log_every == 0 or last or state.step == run_start_step + 1):
                 state.supervised_seen = supervised_base + int(supervised_acc.item())
                 now = time.perf_counter()
                 elapsed = max(now - window_start, 1e-9)
@@ -231,6 +280,17 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
         steps.close()
         bar.close()
     return state
+
+
+def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+    """What was non-finite this step ("loss nan", "gradient norm inf", both), or None (reads the values)."""
+    loss_v, bad_v, norm_v = torch.stack([loss.float(), bad_ranks.float(), grad_norm.float()]).tolist()
+    parts = []
+    if not math.isfinite(loss_v):
+        parts.append(f"loss ({loss_v})")
+    if bad_v > 0:
+        parts.append(f"gradient norm ({norm_v if not math.isfinite(norm_v) else 'on another rank'})")
+    return " and ".join(parts) or None
 
 
 @torch.no_grad()

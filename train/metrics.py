@@ -12,14 +12,17 @@ where a ``logging.py`` would shadow the standard library for torch itself.)
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.errors import TinyLMError
+from core.files import FileWriteError, atomic_write_bytes, atomic_write_text, make_dir, os_reason
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -35,7 +38,7 @@ class MetricsLogger:
         self._tb = self._wandb = None
         if not enabled:
             return
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "run folder")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,19 +57,25 @@ class MetricsLogger:
         """Drop the lines of steps > ``step`` (left by a run killed after its last checkpoint)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _line_step(line) is not None and _line_step(line) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        lines = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        steps = [_line_step(line) for line in lines]
+        kept = [line for line, s in zip(lines, steps, strict=True) if s is not None and s <= step]
+        unreadable = sum(s is None for s in steps[:-1])  # the last line may be half-written by a kill: not news
+        if unreadable:
+            print(f"note: {self.path}: dropped {unreadable} unreadable line(s) while rewinding to step {step}",
+                  file=sys.stderr)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self._file = self.path.open("a")
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                self._file = self.path.open("a", encoding="utf-8")
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise FileWriteError(f"cannot append a metrics line ({os_reason(e)})", path=self.path) from None
         step = record.get("step", 0)
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
@@ -93,10 +102,30 @@ def _line_step(line: str) -> int | None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of a run folder's). An unfinished last line (a killed run) is left
+    out; any other line that is not a JSON object is a TinyLMError naming file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyLMError(f"cannot read the metrics ({e})", path=path) from None
+    lines = text.split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: the line being written when the run was killed
+                break
+            record = None
+        if not isinstance(record, dict):
+            raise TinyLMError("not a JSON object (a corrupt metrics line)", path=path, line=n)
+        out.append(record)
+    return out
 
 
 def plot_losses(out: Path) -> Path | None:
@@ -124,8 +153,10 @@ def plot_losses(out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = out / PLOT_FILE
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, [image.getvalue()])
     return path
 
 

@@ -30,26 +30,28 @@ elif str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.errors import TinyLMError  # noqa: E402
+from core.errors import TinyLMError, run_main  # noqa: E402
+from core.files import LOCK_NAME, FolderLock, atomic_write_bytes, make_dir  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
-from preprocess.shards import ShardError  # noqa: E402
 from train import checkpoint, dist  # noqa: E402
 from train.checkpoint import CheckpointError  # noqa: E402
 from train.data import PackedDataset, Split  # noqa: E402
 from train.loop import LoopConfig, resolve_dtype, train  # noqa: E402
 from train.merge import merge_checkpoint  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
-from train.stages import STAGES, Stage, StageContext, StageError, build_stage  # noqa: E402
+from train.stages import STAGES, Stage, StageContext, build_stage  # noqa: E402
 
 DEFAULT_MODEL = "small"
 # stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from this checkpoint's weights and model config (a file, or a run folder: its "
                         "latest checkpoint), e.g. SFT from the pretrain run")
     g.add_argument("--seed", type=int, default=1337, help="model init and data order seed (default 1337)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of every shard file when the dataset is opened (sizes, headers, "
+                        "counts and token ids are still checked)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PRESET",
@@ -102,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of --max-steps)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off (default 1.0)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="a nan/inf loss or gradient norm stops the run at once (default); allow up to N such steps "
+                        "to be skipped instead (no update, counted in metrics.jsonl), then stop")
 
     g = p.add_argument_group("dpo (--stage dpo)")
     g.add_argument("--beta", type=float, metavar="B",
@@ -155,9 +163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_every", "save_every", "keep_last"):
+    for name in ("eval_every", "save_every", "keep_last", "skip_nonfinite"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
+                              ("grad_clip", 0.0, False)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {low:g}, "
+                    f"not {value}")
     takes = STAGES[args.stage].options
     for dest, flag in STAGE_FLAGS.items():
         if getattr(args, dest) not in (None, False) and dest not in takes:
@@ -204,7 +218,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, init: dict | None) -
 
 def check_resume_compatible(args: argparse.Namespace, ckpt: dict) -> None:
     """A resumed run must be the same run: stage, model and data (the tokenizer is checked separately)."""
-    old = ckpt.get("args", {})
+    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if ckpt.get("stage") != args.stage:
         raise UsageError(f"{ckpt['path']}: a {ckpt.get('stage')} run, but --stage {args.stage}; "
                          "choose another --out or drop --resume")
@@ -240,11 +254,42 @@ def copy_tokenizer(meta: dict, out: Path) -> None:
     src = Path(meta["tokenizer"]["path"])
     if not src.is_file():
         return
-    dst = out / "tokenizer"
-    dst.mkdir(parents=True, exist_ok=True)
+    dst = make_dir(out / "tokenizer", "tokenizer folder")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src.parent / name).is_file():
-            shutil.copyfile(src.parent / name, dst / name)
+            atomic_write_bytes(dst / name, [(src.parent / name).read_bytes()])
+
+
+@contextlib.contextmanager
+def locked_run_folder(out: Path, info: dist.DistInfo) -> Iterator[None]:
+    """Create ``out`` and hold an exclusive flock on it for the run (rank 0; every rank learns whether it got
+    it, so all refuse together). A second run into the same folder is refused in one line; the kernel drops
+    the lock of a killed run. If the run fails before writing anything into a folder it created, the folder
+    (holding only the lock file) is removed again."""
+    lock, created, error = None, False, None
+    if info.is_main:
+        try:
+            created = not out.exists()
+            make_dir(out, "run folder")
+            lock = FolderLock(out, "training run")
+            lock.__enter__()
+        except TinyLMError as e:
+            lock, error = None, str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise UsageError(error)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+            if failed and created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                out.rmdir()
 
 
 def seed_everything(seed: int) -> None:
@@ -264,17 +309,41 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     compile_model = device.type == "cuda" if args.compile is None else args.compile
     options = {dest: getattr(args, dest) for dest in STAGES[args.stage].options}
     stage: Stage = build_stage(args.stage, lora=args.lora, **options)
-    dataset: PackedDataset = stage.open_dataset(str(args.data))
+    started = time.perf_counter()
+    dataset: PackedDataset = stage.open_dataset(str(args.data), verify=not args.no_verify)
+    checked = "sizes, counts, token ids" + ("" if args.no_verify else ", sha256")
+    say(f"data: {args.data}: {len(dataset.shards)} shard(s) checked ({checked}) in "
+        f"{time.perf_counter() - started:.2f} s")
+    if dataset.n_rows == 0:
+        raise UsageError(f"{args.data}: no training rows (seq_len {dataset.seq_len}, "
+                         f"{sum(len(s.tokens) for s in dataset.shards):,} tokens); re-pack with more data or a smaller "
+                         "--seq-len")
+    with locked_run_folder(args.out, info):
+        run_locked(args, info, stage, dataset, say, dtype, compile_model)
+
+
+def load_resume(path: Path) -> dict[str, Any]:
+    """The latest checkpoint of --out for --resume; a damaged one is refused with what to do about it."""
+    try:
+        return checkpoint.load(path, resume=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (it is the latest checkpoint in --out: move it away to resume from the one "
+                              "before)") from None
+
+
+def run_locked(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: PackedDataset, say: Any,
+               dtype: str, compile_model: bool) -> None:
+    """The run itself, inside the locked run folder."""
+    device = info.device
     meta = dataset.meta
     fingerprint = meta["tokenizer"]["fingerprint"]
-
     resume = init = None
     if args.resume:
         found = checkpoint.latest(args.out)
         if found is None:
             say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
         else:
-            resume = checkpoint.load(found)
+            resume = load_resume(found)
             checkpoint.check_tokenizer(resume, fingerprint, str(args.data))
             check_resume_compatible(args, resume)
     elif checkpoint.latest(args.out) is not None:
@@ -291,6 +360,8 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
             if resume.get("lora") != args.lora.to_dict():
                 raise UsageError(f"{resume['path']}: LoRA config {resume.get('lora')}, now {args.lora.to_dict()}; "
                                  "a resumed run keeps its adapter shape")
+            if not isinstance(resume.get("base"), dict) or "path" not in resume["base"]:
+                raise CheckpointError("a LoRA checkpoint without its base record", path=resume["path"], field="base")
             base = checkpoint.load(resume["base"]["path"])
             if checkpoint.state_fingerprint(base["model"]) != resume["base"]["fingerprint"]:
                 raise UsageError(f"{base['path']}: the base model of this LoRA run has changed since it started")
@@ -338,7 +409,8 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
         warmup_steps=max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=dtype, compile=compile_model,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-        log_every=args.log_every, stop_after=args.stop_after, progress=not args.no_progress)
+        log_every=args.log_every, stop_after=args.stop_after, progress=not args.no_progress,
+        skip_nonfinite=args.skip_nonfinite)
 
     out: Path = args.out
     wandb = {"project": args.wandb, "name": out.name, "config": jsonable(args)} if args.wandb else None
@@ -397,16 +469,13 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, join the process group, run; every user error (TinyLMError) is one line and exit status 1."""
     args = parse_args(argv)
     info = dist.setup(args.device)
     try:
-        run(args, info)
-    except (UsageError, CheckpointError, StageError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run_main("train/run.py", lambda: run(args, info))
     finally:
         dist.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 from core.errors import TinyLMError
 from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from preprocess import shards
 from train import checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
 from train.metrics import bits_per_byte
@@ -88,13 +90,19 @@ class Stage:
         self.lora = lora
 
     # ---- data ---------------------------------------------------------------------------------------
-    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> PackedDataset:
-        dataset = PackedDataset(folder, tokenizer_fingerprint)
-        if dataset.stage not in self.dataset_stages:
-            raise StageError(f"{folder}: packed for stage {dataset.stage!r}, but --stage {self.name} reads "
+    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None,
+                     verify: bool = True) -> PackedDataset:
+        """The packed folder, its stage checked first (from meta.json), then every shard checked against
+        meta.json (``verify``: with sha256 checksums too); ShardError / StageError name the file."""
+        self.check_dataset_stage(folder)
+        return PackedDataset(folder, tokenizer_fingerprint, verify)
+
+    def check_dataset_stage(self, folder: str) -> None:
+        stage = shards.read_meta(Path(folder))["stage"]
+        if stage not in self.dataset_stages:
+            raise StageError(f"{folder}: packed for stage {stage!r}, but --stage {self.name} reads "
                              f"{' / '.join(self.dataset_stages)} data (python preprocess/pack.py --stage "
                              f"{self.dataset_stages[0]} ...)")
-        return dataset
 
     def loader(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> BatchLoader:

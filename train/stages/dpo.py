@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from core.files import FileWriteError
 from preprocess import shards
 from train import checkpoint
 from train.data import Batch, PackedDataset
@@ -38,8 +39,12 @@ class DPODataset(PackedDataset):
     """A dpo folder whose batches carry ``ref_logps`` [B, D] once reference values are attached
     (D = the most documents any row holds; absent documents and padding rows get 0)."""
 
-    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None):
-        super().__init__(folder, tokenizer_fingerprint)
+    def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
+        super().__init__(folder, tokenizer_fingerprint, verify)
+        for record, shard in zip(self.meta["shards"], self.shards, strict=True):
+            if (np.asarray(shard.row_docs) % 2).any():
+                raise shards.ShardError("a dpo row starts inside a (chosen, rejected) pair: rows must hold whole "
+                                        "pairs", path=self.folder / f"{record['name']}.idx")
         self.width = self.max_row_documents()
         self.ref: list[np.ndarray] | None = None
 
@@ -100,11 +105,12 @@ class DPOStage(Stage):
         self.with_aux = False
 
     # ---- data ------------------------------------------------------------------------------------------
-    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None) -> DPODataset:
-        dataset = DPODataset(folder, tokenizer_fingerprint)
-        if dataset.stage != "dpo":
-            raise StageError(f"{folder}: packed for stage {dataset.stage!r}, but --stage dpo reads (chosen, "
+    def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None, verify: bool = True) -> DPODataset:
+        stage = shards.read_meta(Path(folder))["stage"]
+        if stage != "dpo":
+            raise StageError(f"{folder}: packed for stage {stage!r}, but --stage dpo reads (chosen, "
                              "rejected) pairs (python preprocess/pack.py --stage dpo ...)")
+        dataset = DPODataset(folder, tokenizer_fingerprint, verify)
         self.width = dataset.width
         return dataset
 
@@ -146,7 +152,11 @@ class DPOStage(Stage):
             ctx.say(f"dpo: beta {self.beta} | online reference {self.reference['path']} (kept in memory)")
             return
         if need_model:
-            compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+            try:
+                compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+            except FileWriteError as e:
+                raise StageError(f"{e}: the reference log-probs are stored beside the dataset; make it writable "
+                                 "or pass --online-ref") from None
         dataset.ref = shards.open_ref_logps(ref_dir, fingerprint, dataset.meta)
         ctx.say(f"dpo: beta {self.beta} | reference log-probs {ref_dir} (of {self.reference['path']})")
 
