@@ -1,18 +1,43 @@
-"""Locate, load and fingerprint a tokenizer directory (``tokenizer.json`` [+ ``tokenizer_config.json``]).
+"""Locate, load and fingerprint a tokenizer directory (``tokenizer.json`` [+ ``tokenizer_config.json``]),
+and encode rendered documents (:func:`encode_documents`, :func:`encode_chat`, :func:`prompt_ids`).
 
 The fingerprint is the sha256 of ``tokenizer.json``'s bytes: shards and checkpoints record it, and
 anything that mixes a dataset or model with a different tokenizer is refused by name.
+
+Literal encoding: ``TokenizerInfo.literal`` is a second ``tokenizers.Tokenizer`` built from the same
+``tokenizer.json`` with its ``added_tokens`` removed, so the added-vocabulary pre-split never runs and
+no added token, special or not, can match inside content. (``Tokenizer.encode_special_tokens = True``
+is not enough: in tokenizers 0.23 it covers only tokens marked ``special``, and ``<think>`` is a
+non-special added token here and in other tokenizers.) On text without added-token strings both
+tokenizers give the same ids (the added tokens only split the text before the model runs); loading
+checks that the literal encoding of every added-token string yields no added id, so a control id can
+only come from the template.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
-from core.chat_template import ENDOFTEXT, IM_END, IM_START, REASONING_TAGS
+from core.chat_template import (
+    CONTROL,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PARSED,
+    REASONING_TAGS,
+    TEXT,
+    Piece,
+    render_pieces,
+)
 from core.errors import TinyLMError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +56,21 @@ class TokenizerInfo:
     fingerprint: str
     vocab_size: int
     special_ids: dict[str, int]  # every chat / reasoning special token that is a single id
+    literal: Tokenizer  # the same tokenizer without its added tokens: content is always encoded by it
+    added_pattern: re.Pattern  # matches any added-token string (special or not) in a text
 
     @property
     def has_reasoning_tags(self) -> bool:
         return all(tag in self.special_ids for tag in REASONING_TAGS)
+
+    @property
+    def structural_tags(self) -> tuple[str, ...]:
+        """The reasoning tags that are single ids: structure inside assistant content."""
+        return tuple(tag for tag in REASONING_TAGS if tag in self.special_ids)
+
+    def has_added_strings(self, text: str) -> bool:
+        """Whether ``text`` contains an added-token string (which literal encoding keeps as text)."""
+        return self.added_pattern.search(text) is not None
 
 
 def tokenizer_file(path: str | Path) -> Path:
@@ -61,5 +97,76 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     missing = [t for t in REQUIRED_SPECIALS if t not in specials]
     if missing:
         raise TokenizerError(f"{file}: special token(s) {', '.join(missing)} are not single ids in this tokenizer")
+    literal, pattern = _literal_tokenizer(file, data, tokenizer)
     return TokenizerInfo(file, tokenizer, hashlib.sha256(data).hexdigest(),
-                         tokenizer.get_vocab_size(with_added_tokens=True), specials)
+                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern)
+
+
+def _literal_tokenizer(file: Path, data: bytes, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
+    """The tokenizer without added tokens, and a pattern of the added-token strings; checked (see above)."""
+    spec = json.loads(data)
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    spec["added_tokens"] = []
+    literal = Tokenizer.from_str(json.dumps(spec))
+    for content in added:
+        leaked = set(literal.encode(content, add_special_tokens=False).ids) & set(added.values())
+        if leaked:
+            raise TokenizerError(f"{file}: the text {content!r} encodes to added-token id(s) {sorted(leaked)} even "
+                                 "without its added tokens, so content could not be kept apart from control tokens")
+    longest_first = sorted(added, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, longest_first))) if added else re.compile(r"(?!)")
+    return literal, pattern
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids and per-token loss weights of one or more documents, concatenated."""
+
+    ids: np.ndarray  # uint32
+    weights: np.ndarray  # uint8
+    doc_lens: np.ndarray  # int64, tokens per document
+
+
+def _piece_weight(piece: Piece, tag_weight: int) -> int:
+    if not piece.supervised:
+        return 0
+    return tag_weight if piece.kind == CONTROL and piece.text in REASONING_TAGS else 1
+
+
+def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_weight: int = 1) -> Encoded:
+    """Encode documents of pieces in one pass: TEXT with ``tok.literal``, PARSED with the full tokenizer
+    (one ``encode_batch`` call each over all pieces of all documents), CONTROL as its single id.
+
+    Weights: 0 on unsupervised pieces, 1 on supervised ones, ``tag_weight`` on a supervised CONTROL
+    reasoning tag (so only tags that are structure are up-weighted).
+    """
+    pieces = [p for doc in docs for p in doc]
+    id_lists: list[list[int]] = [[]] * len(pieces)
+    for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
+        where = [i for i, p in enumerate(pieces) if p.kind == kind]
+        if where:
+            encoded = encoder.encode_batch([pieces[i].text for i in where], add_special_tokens=False)
+            for i, enc in zip(where, encoded, strict=True):
+                id_lists[i] = enc.ids
+    for i, p in enumerate(pieces):
+        if p.kind == CONTROL:
+            id_lists[i] = [tok.special_ids[p.text]]
+    lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(lens.sum()))
+    piece_weights = np.fromiter((_piece_weight(p, tag_weight) for p in pieces), dtype=np.uint8, count=len(pieces))
+    ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
+    token_ends = np.concatenate([[0], np.cumsum(lens)])[ends]
+    doc_lens = np.diff(token_ends, prepend=0)
+    return Encoded(ids, np.repeat(piece_weights, lens), doc_lens)
+
+
+def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
+                supervise: str = "all", tag_weight: int = 1) -> Encoded:
+    """One conversation through the template and :func:`encode_documents` (the only way chats are encoded)."""
+    pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags)
+    return encode_documents(tok, [pieces], tag_weight)
+
+
+def prompt_ids(tok: TokenizerInfo, turns: list[dict]) -> list[int]:
+    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` (serve, chat, eval)."""
+    return encode_chat(tok, turns, add_generation_prompt=True, supervise="none").ids.tolist()

@@ -1,28 +1,29 @@
 """Turn a chunk of raw items into token ids and per-token loss weights (runs in worker processes).
 
-Rendering per stage:
-- pretrain: ``text`` then ``<|endoftext|>``, every token weight 1;
-- sft / reason: ChatML (chat_template.render_segments), weight 1 on assistant content and its closing
-  ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight`` to the four tag tokens
-  inside supervised spans;
+Rendering per stage (every piece of content is literal text: see core/chat_template.py):
+- pretrain: ``text`` then the ``<|endoftext|>`` id, every token weight 1; ``parse_special`` encodes
+  added-token strings inside the text as their ids (corpora that embed ChatML on purpose);
+- sft / reason: ChatML (chat_template.render_pieces), weight 1 on assistant content and its closing
+  ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight`` to the reasoning tags that are
+  structure (inside supervised assistant content);
 - dpo: two documents per record, chosen then rejected, weight 1 only on the final assistant turn.
 
 A *unit* is what packing must keep whole: one document, or a DPO (chosen, rejected) pair. Units longer
 than ``seq_len`` are dropped or truncated (``overlong``) — counted either way. Each segment is tokenized
-separately (``encode_batch`` over all segments of the chunk), so a prompt is tokenized exactly as
-inference tokenizes it and the weights follow segment boundaries with no offset arithmetic.
+separately (core.tokenizer.encode_documents: ``encode_batch`` over all pieces of the chunk), so a prompt
+is tokenized exactly as inference tokenizes it and the weights follow piece boundaries with no offset
+arithmetic. Per item, ``literal_specials`` says whether its literal text contained added-token strings.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 
-from core.chat_template import ENDOFTEXT, REASONING_TAGS, render_segments
-from core.tokenizer import TokenizerInfo, load_tokenizer
+from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece, render_pieces
+from core.tokenizer import TokenizerInfo, encode_documents, load_tokenizer
 from preprocess.records import Pair, RecordError, parse_record
 from preprocess.sources import Item
 
@@ -36,6 +37,7 @@ class EncodeOptions:
     seq_len: int
     overlong: str = "drop"  # or "truncate"
     tag_weight: int = 10
+    parse_special: bool = False  # pretrain: added-token strings in the text become their ids
 
 
 @dataclass
@@ -48,14 +50,20 @@ class EncodedChunk:
     unit_docs: list[int] = field(default_factory=list)  # per item: documents it contributed (0, 1 or 2)
     outcomes: list[str] = field(default_factory=list)  # per item: OK, TRUNCATED, DROPPED or "bad:<reason>"
     messages: list[str | None] = field(default_factory=list)  # per item: the error line of a bad item
+    literal_specials: list[bool] = field(default_factory=list)  # per item: added-token strings kept as text
 
 
-def _documents(record: str | list[dict] | Pair, stage: str) -> list[list[tuple[str, bool]]]:
-    if stage == "pretrain":
-        return [[(record, True), (ENDOFTEXT, True)]]
-    if stage == "dpo":
-        return [render_segments(record.chosen, "last"), render_segments(record.rejected, "last")]
-    return [render_segments(record, "all")]
+def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tags: tuple[str, ...]) -> list[list[Piece]]:
+    if opts.stage == "pretrain":
+        return [[Piece(record, PARSED if opts.parse_special else TEXT, True), Piece(ENDOFTEXT, CONTROL, True)]]
+    if opts.stage == "dpo":
+        return [render_pieces(record.chosen, supervise="last", tags=tags),
+                render_pieces(record.rejected, supervise="last", tags=tags)]
+    return [render_pieces(record, supervise="all", tags=tags)]
+
+
+def _has_literal_specials(docs: list[list[Piece]], tok: TokenizerInfo) -> bool:
+    return any(p.kind == TEXT and tok.has_added_strings(p.text) for doc in docs for p in doc)
 
 
 def _fit(lens: list[int], seq_len: int, overlong: str) -> tuple[str, list[int]]:
@@ -70,29 +78,21 @@ def _fit(lens: list[int], seq_len: int, overlong: str) -> tuple[str, list[int]]:
 
 def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> EncodedChunk:
     chunk = EncodedChunk(np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
-    docs_of_item: list[list[list[tuple[str, bool]]]] = []
+    docs_of_item: list[list[list[Piece]]] = []
+    tags = tok.structural_tags
     for item in items:
         try:
-            docs_of_item.append(_documents(parse_record(item, opts.stage), opts.stage))
+            docs_of_item.append(_documents(parse_record(item, opts.stage), opts, tags))
             chunk.outcomes.append(OK)
             chunk.messages.append(None)
         except RecordError as e:
             docs_of_item.append([])
             chunk.outcomes.append(f"bad:{e.reason}")
             chunk.messages.append(e.describe(item))
-    segments = [seg for docs in docs_of_item for doc in docs for seg in doc]
-    id_lists = [e.ids for e in tok.tokenizer.encode_batch([text for text, _ in segments], add_special_tokens=False)]
-    seg_lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(seg_lens.sum()))
-    weights = np.repeat(np.fromiter((w for _, w in segments), dtype=np.uint8, count=len(segments)), seg_lens)
-    if opts.stage == "reason" and opts.tag_weight != 1:
-        tag_ids = [tok.special_ids[t] for t in REASONING_TAGS]
-        weights[(weights > 0) & np.isin(ids, tag_ids)] = opts.tag_weight
-
-    # Token length of every document: segment lengths summed per document (vectorised).
-    segs_per_doc = np.fromiter((len(doc) for docs in docs_of_item for doc in docs), dtype=np.int64)
-    doc_lens = (np.add.reduceat(seg_lens, np.cumsum(segs_per_doc) - segs_per_doc) if segs_per_doc.size
-                else np.zeros(0, np.int64))
+        chunk.literal_specials.append(_has_literal_specials(docs_of_item[-1], tok))
+    encoded = encode_documents(tok, [doc for docs in docs_of_item for doc in docs],
+                               opts.tag_weight if opts.stage == "reason" else 1)
+    ids, weights, doc_lens = encoded.ids, encoded.weights, encoded.doc_lens
     docs_per_item = [len(docs) for docs in docs_of_item]
     if opts.stage not in PACKED_STAGES:  # pretrain: every document kept whole
         chunk.tokens, chunk.weights, chunk.doc_lens = ids, weights, doc_lens

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="records longer than --seq-len (sft/reason/dpo): drop or truncate, counted (default drop)")
     p.add_argument("--tag-weight", type=int, default=10,
                    help="reason stage: loss weight of <think> </think> <answer> </answer> (default 10)")
+    p.add_argument("--parse-special", action="store_true",
+                   help="pretrain: encode special-token strings in the text (e.g. <|im_start|>) as control tokens, "
+                        "for corpora that embed them on purpose (default: they are plain text)")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset of other inputs in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--workers must be at least 1")
     if not 1 <= args.tag_weight <= 255:
         p.error("--tag-weight must be in 1..255 (it is stored as uint8)")
+    if args.parse_special and args.stage != "pretrain":
+        p.error("--parse-special applies to --stage pretrain only (chat content is always text)")
     if args.shard_tokens < args.seq_len + 1:
         p.error("--shard-tokens must be larger than --seq-len")
     return args
@@ -109,7 +114,7 @@ def plan_fingerprint(args: argparse.Namespace, specs: list[SourceSpec], tok: Tok
     plan = {
         "format": shards.VERSION, "stage": args.stage, "seq_len": args.seq_len, "overlong": args.overlong,
         "tag_weight": args.tag_weight if args.stage == "reason" else None, "shard_tokens": args.shard_tokens,
-        "tokenizer": tok.fingerprint,
+        "parse_special": args.parse_special, "tokenizer": tok.fingerprint,
         "sources": [[str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.weight]
                     for s in specs],
     }
@@ -180,7 +185,7 @@ class ShardBuilder:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.unit_docs: list[int] = []
         self.outcomes: Counter = Counter()
-        self.records = self.tokens = 0
+        self.records = self.tokens = self.literal_specials = 0
 
     def add(self, chunk: EncodedChunk) -> None:
         """Add a chunk item by item, closing shards at the first item that reaches the token budget."""
@@ -198,6 +203,7 @@ class ShardBuilder:
             self.parts.append((chunk.tokens[tokens], chunk.weights[tokens], chunk.doc_lens[doc_lo:doc_hi]))
             self.unit_docs.extend(n for n in chunk.unit_docs[lo:hi] if n)
             self.outcomes.update(chunk.outcomes[lo:hi])
+            self.literal_specials += sum(chunk.literal_specials[lo:hi])
             self.records += hi - lo
             self.tokens += tok_hi - tok_lo
             if over.size:
@@ -222,6 +228,7 @@ class ShardBuilder:
             "truncated": self.outcomes[TRUNCATED], "dropped_overlong": self.outcomes[DROPPED],
             "skipped": {k[4:]: v for k, v in sorted(self.outcomes.items()) if k.startswith("bad:")},
             "supervised_tokens": int(np.count_nonzero(weights)), "train_rows": train_rows,
+            "records_with_special_strings": self.literal_specials,
             "row_slots": train_rows * seq,
             "row_tokens": len(tokens) if packed else train_rows * seq,
         }
@@ -246,13 +253,14 @@ def summarize(args: argparse.Namespace, specs: list[SourceSpec], tok: TokenizerI
         "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                       "special_ids": tok.special_ids},
         "options": {"overlong": args.overlong, "tag_weight": args.tag_weight if args.stage == "reason" else None,
-                    "shard_tokens": args.shard_tokens},
+                    "shard_tokens": args.shard_tokens, "parse_special": args.parse_special},
         "counts": {
             "records_read": total("records_read"), "records_kept": total("records_kept"),
             "skipped": dict(sorted(skipped.items())), "truncated": total("truncated"),
             "dropped_overlong": total("dropped_overlong"), "tokens": total("tokens"),
             "supervised_tokens": total("supervised_tokens"), "documents": total("documents"),
             "rows": total("train_rows"),
+            "records_with_special_strings": total("records_with_special_strings"),
         },
         "packing": {
             "efficiency": round(filled / slots, 6) if slots else 0.0,
@@ -286,7 +294,7 @@ def pack(args: argparse.Namespace) -> dict:
     records_before = done[-1]["records_end"] if done else 0
     token_dtype = shards.token_dtype_for(tok.vocab_size)
     builder = ShardBuilder(args, token_dtype, len(done), records_before)
-    opts = EncodeOptions(args.stage, args.seq_len, args.overlong, args.tag_weight)
+    opts = EncodeOptions(args.stage, args.seq_len, args.overlong, args.tag_weight, args.parse_special)
     items = itertools.islice(iter_items(specs), records_before, None)
     start = time.perf_counter()
     with tqdm(total=count_items(specs), initial=records_before, unit="rec", disable=args.quiet,
@@ -327,6 +335,17 @@ def print_summary(meta: dict, out: Path) -> None:
         f"(pad-to-max would be {p['pad_to_max_efficiency']:.1%})",
     ]
     print("\n".join(lines))
+    if c["records_with_special_strings"]:
+        print(special_strings_warning(meta), file=sys.stderr)
+
+
+def special_strings_warning(meta: dict) -> str:
+    """One line: how many records had special-token strings packed as text, and what changes that."""
+    n = meta["counts"]["records_with_special_strings"]
+    head = f"warning: {n:,} record(s) contain special-token strings (e.g. <|im_end|>), packed as plain text"
+    if meta["stage"] == "pretrain":
+        return head + "; pass --parse-special if the corpus embeds them as control tokens on purpose"
+    return head + " (in chat content they are always text; only the template inserts control tokens)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
-from core.chat_template import render_text
 from core.detokenize import IncrementalDecoder
-from core.tokenizer import TokenizerInfo
+from core.tokenizer import TokenizerInfo, prompt_ids
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -342,8 +341,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
         seed = _integer(body, "seed")
         stop = parse_stop(body)
-        tok = engine.tokenizer.tokenizer
-        prompt = tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
+        prompt = prompt_ids(engine.tokenizer, turns)
         room = engine.context - len(prompt)
         if room < 1:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
