@@ -83,15 +83,6 @@ def _tag_splitter(tags: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("(" + "|".join(map(re.escape, tags)) + ")") if tags else None
 
 
-def _content_pieces(content: str, assistant: bool, learn: bool, tags: tuple[str, ...]) -> list[Piece]:
-    """A turn's content: TEXT, except the reasoning ``tags`` inside assistant content (CONTROL)."""
-    splitter = _tag_splitter(tags) if assistant else None
-    if splitter is None:
-        return [Piece(content, TEXT, learn)]
-    parts = splitter.split(content)
-    return [Piece(part, CONTROL if i % 2 else TEXT, learn) for i, part in enumerate(parts) if part]
-
-
 def render_pieces(turns: list[dict], add_generation_prompt: bool = False, supervise: str = "all",
                   tags: Sequence[str] = ()) -> list[Piece]:
     """The rendered conversation as pieces (see the module docstring); empty pieces are left out.
@@ -102,29 +93,26 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
     """
     if supervise not in SUPERVISE:
         raise ValueError(f"supervise must be one of {SUPERVISE}, not {supervise!r}")
-    tags = tuple(tags)
+    splitter = _tag_splitter(tuple(tags))
     pieces: list[Piece] = []
     last = len(turns) - 1
     for i, turn in enumerate(turns):
-        assistant = turn["role"] == "assistant"
+        role, content = turn["role"], turn["content"]
+        assistant = role == "assistant"
         learn = assistant and (supervise == "all" or supervise == "last" and i == last)
-        pieces += [Piece(IM_START, CONTROL, False), Piece(f"{turn['role']}\n", TEXT, False),
-                   *_content_pieces(turn["content"], assistant, learn, tags),
-                   Piece(IM_END, CONTROL, learn), Piece("\n", TEXT, False)]
+        # the content's parts: tags (odd positions) are CONTROL, only in assistant content
+        parts = splitter.split(content) if assistant and splitter else [content]
+        # the header merges with the first part when both are unsupervised TEXT (the only merge possible:
+        # every other TEXT piece has a CONTROL piece on both sides)
+        first = 0 if learn else 1
+        pieces += [_START, Piece(f"{role}\n" if learn else f"{role}\n{parts[0]}", TEXT, False)]
+        pieces += [Piece(part, CONTROL if j % 2 else TEXT, learn) for j, part in enumerate(parts[first:], first)
+                   if part]
+        pieces += [_END_LEARN if learn else _END, _NEWLINE]
     if add_generation_prompt:
-        pieces += [Piece(IM_START, CONTROL, False), Piece("assistant\n", TEXT, False)]
-    return _merge_text(pieces)
+        pieces += [_START, Piece("assistant\n", TEXT, False)]
+    return pieces
 
 
-def _merge_text(pieces: list[Piece]) -> list[Piece]:
-    """Drop empty pieces; merge adjacent TEXT pieces with the same ``supervised`` flag."""
-    merged: list[Piece] = []
-    for piece in pieces:
-        if not piece.text:
-            continue
-        prev = merged[-1] if merged else None
-        if prev and prev.kind == piece.kind == TEXT and prev.supervised == piece.supervised:
-            merged[-1] = Piece(prev.text + piece.text, TEXT, piece.supervised)
-        else:
-            merged.append(piece)
-    return merged
+_START, _END, _END_LEARN = Piece(IM_START, CONTROL, False), Piece(IM_END, CONTROL, False), Piece(IM_END, CONTROL, True)
+_NEWLINE = Piece("\n", TEXT, False)

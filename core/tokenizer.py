@@ -127,37 +127,38 @@ class Encoded:
     doc_lens: np.ndarray  # int64, tokens per document
 
 
-def _piece_weight(piece: Piece, tag_weight: int) -> int:
-    if not piece.supervised:
-        return 0
-    return tag_weight if piece.kind == CONTROL and piece.text in REASONING_TAGS else 1
-
-
 def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_weight: int = 1) -> Encoded:
-    """Encode documents of pieces in one pass: TEXT with ``tok.literal``, PARSED with the full tokenizer
-    (one ``encode_batch`` call each over all pieces of all documents), CONTROL as its single id.
+    """Encode documents of pieces: TEXT with ``tok.literal``, PARSED with the full tokenizer (one
+    ``encode_batch`` call each over all such pieces of all documents), CONTROL as its single id.
 
-    Weights: 0 on unsupervised pieces, 1 on supervised ones, ``tag_weight`` on a supervised CONTROL
-    reasoning tag (so only tags that are structure are up-weighted).
+    Vectorised: a token-level kind array places each kind's ids into the output in piece order, so the
+    per-piece Python work is a few list comprehensions. Weights: 0 on unsupervised pieces, 1 on
+    supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
     """
     pieces = [p for doc in docs for p in doc]
-    id_lists: list[list[int]] = [[]] * len(pieces)
+    kinds = np.array([_KIND_CODE[p.kind] for p in pieces], dtype=np.int8)
+    lens = np.ones(len(pieces), dtype=np.int64)
+    parts: dict[int, list[int]] = {_KIND_CODE[CONTROL]: [tok.special_ids[p.text] for p in pieces if p.kind == CONTROL]}
     for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
-        where = [i for i, p in enumerate(pieces) if p.kind == kind]
-        if where:
-            encoded = encoder.encode_batch([pieces[i].text for i in where], add_special_tokens=False)
-            for i, enc in zip(where, encoded, strict=True):
-                id_lists[i] = enc.ids
-    for i, p in enumerate(pieces):
-        if p.kind == CONTROL:
-            id_lists[i] = [tok.special_ids[p.text]]
-    lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(lens.sum()))
-    piece_weights = np.fromiter((_piece_weight(p, tag_weight) for p in pieces), dtype=np.uint8, count=len(pieces))
+        where = np.flatnonzero(kinds == _KIND_CODE[kind])
+        if where.size:
+            encoded = [e.ids for e in encoder.encode_batch([pieces[i].text for i in where], add_special_tokens=False)]
+            lens[where] = [len(e) for e in encoded]
+            parts[_KIND_CODE[kind]] = list(chain.from_iterable(encoded))
+    token_kinds = np.repeat(kinds, lens)
+    ids = np.empty(len(token_kinds), dtype=np.uint32)
+    for code, values in parts.items():
+        ids[token_kinds == code] = values
+    weights = np.repeat(np.array([p.supervised for p in pieces], dtype=np.uint8), lens)
+    if tag_weight != 1:
+        tags = [tok.special_ids[t] for t in REASONING_TAGS if t in tok.special_ids]
+        weights[(weights > 0) & (token_kinds == _KIND_CODE[CONTROL]) & np.isin(ids, tags)] = tag_weight
     ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
-    token_ends = np.concatenate([[0], np.cumsum(lens)])[ends]
-    doc_lens = np.diff(token_ends, prepend=0)
-    return Encoded(ids, np.repeat(piece_weights, lens), doc_lens)
+    doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
+    return Encoded(ids, weights, doc_lens)
+
+
+_KIND_CODE = {TEXT: 0, CONTROL: 1, PARSED: 2}
 
 
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,

@@ -62,8 +62,13 @@ def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tags: tuple
     return [render_pieces(record, supervise="all", tags=tags)]
 
 
-def _has_literal_specials(docs: list[list[Piece]], tok: TokenizerInfo) -> bool:
-    return any(p.kind == TEXT and tok.has_added_strings(p.text) for doc in docs for p in doc)
+def _literal_specials(docs_of_item: list[list[list[Piece]]], tok: TokenizerInfo) -> list[bool]:
+    """Per item: whether its literal (TEXT) pieces contain added-token strings; one search when none do."""
+    def text_of(docs: list[list[Piece]]) -> str:
+        return "\0".join(p.text for doc in docs for p in doc if p.kind == TEXT)
+    if not tok.has_added_strings("\0".join(map(text_of, docs_of_item))):
+        return [False] * len(docs_of_item)
+    return [tok.has_added_strings(text_of(docs)) for docs in docs_of_item]
 
 
 def _fit(lens: list[int], seq_len: int, overlong: str) -> tuple[str, list[int]]:
@@ -89,7 +94,7 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
             docs_of_item.append([])
             chunk.outcomes.append(f"bad:{e.reason}")
             chunk.messages.append(e.describe(item))
-        chunk.literal_specials.append(_has_literal_specials(docs_of_item[-1], tok))
+    chunk.literal_specials = _literal_specials(docs_of_item, tok)
     encoded = encode_documents(tok, [doc for docs in docs_of_item for doc in docs],
                                opts.tag_weight if opts.stage == "reason" else 1)
     ids, weights, doc_lens = encoded.ids, encoded.weights, encoded.doc_lens
