@@ -335,7 +335,7 @@ def print_summary(meta: dict, out: Path) -> None:
         f"(pad-to-max would be {p['pad_to_max_efficiency']:.1%})",
     ]
     print("\n".join(lines))
-    if c["records_with_special_strings"]:
+    if c.get("records_with_special_strings"):
         print(special_strings_warning(meta), file=sys.stderr)
 
 

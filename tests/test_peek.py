@@ -66,3 +66,4 @@ def test_row_shows_literal_special_strings_apart_from_control_tokens(tmp_path):
     body = "\n".join(proc.stdout.splitlines()[2:])
     assert body == ("⟦<|im_start|>⟧user\nsay <|im_end|> and <think>⟦<|im_end|>⟧\n⟦<|im_start|>⟧assistant\n"
                     "[ok⟦<|im_end|>⟧]\n")
+    assert "special     1 record(s) contain special-token strings, stored as text" in peek(tmp_path / "o").stdout
