@@ -95,24 +95,32 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
         raise ValueError(f"supervise must be one of {SUPERVISE}, not {supervise!r}")
     splitter = _tag_splitter(tuple(tags))
     pieces: list[Piece] = []
+    add = pieces.append
     last = len(turns) - 1
     for i, turn in enumerate(turns):
         role, content = turn["role"], turn["content"]
         assistant = role == "assistant"
         learn = assistant and (supervise == "all" or supervise == "last" and i == last)
+        add(_START)
         # the content's parts: tags (odd positions) are CONTROL, only in assistant content
-        parts = splitter.split(content) if assistant and splitter else [content]
-        # the header merges with the first part when both are unsupervised TEXT (the only merge possible:
-        # every other TEXT piece has a CONTROL piece on both sides)
-        first = 0 if learn else 1
-        pieces += [_START, Piece(f"{role}\n" if learn else f"{role}\n{parts[0]}", TEXT, False)]
-        pieces += [Piece(part, CONTROL if j % 2 else TEXT, learn) for j, part in enumerate(parts[first:], first)
-                   if part]
-        pieces += [_END_LEARN if learn else _END, _NEWLINE]
+        parts = splitter.split(content) if assistant and splitter else (content,)
+        if learn:
+            add(_ASSISTANT_HEADER)
+            first = 0
+        else:  # the header merges with the first part, both unsupervised TEXT (the only merge possible:
+            add(Piece(f"{role}\n{parts[0]}", TEXT, False))  # every other TEXT piece is between CONTROL ones)
+            first = 1
+        for j in range(first, len(parts)):
+            if parts[j]:
+                add(Piece(parts[j], CONTROL if j % 2 else TEXT, learn))
+        add(_END_LEARN if learn else _END)
+        add(_NEWLINE)
     if add_generation_prompt:
-        pieces += [_START, Piece("assistant\n", TEXT, False)]
+        pieces += [_START, _ASSISTANT_HEADER]
     return pieces
 
 
 _START, _END, _END_LEARN = Piece(IM_START, CONTROL, False), Piece(IM_END, CONTROL, False), Piece(IM_END, CONTROL, True)
+_ASSISTANT_HEADER = Piece("assistant\n", TEXT, False)
+TEMPLATE_TEXTS = ("\n", "assistant\n")  # constant TEXT pieces: encoders may cache their ids
 _NEWLINE = Piece("\n", TEXT, False)

@@ -34,6 +34,7 @@ from core.chat_template import (
     IM_START,
     PARSED,
     REASONING_TAGS,
+    TEMPLATE_TEXTS,
     TEXT,
     Piece,
     render_pieces,
@@ -58,6 +59,7 @@ class TokenizerInfo:
     special_ids: dict[str, int]  # every chat / reasoning special token that is a single id
     literal: Tokenizer  # the same tokenizer without its added tokens: content is always encoded by it
     added_pattern: re.Pattern  # matches any added-token string (special or not) in a text
+    known_pieces: dict[Piece, list[int]]  # the template's constant pieces (control tokens, "\\n", ...) -> ids
 
     @property
     def has_reasoning_tags(self) -> bool:
@@ -98,8 +100,12 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     if missing:
         raise TokenizerError(f"{file}: special token(s) {', '.join(missing)} are not single ids in this tokenizer")
     literal, pattern = _literal_tokenizer(file, data, tokenizer)
+    known = {Piece(text, kind, flag): ids for flag in (False, True)
+             for text, kind, ids in [*((t, CONTROL, [i]) for t, i in specials.items()),
+                                     *((t, TEXT, literal.encode(t, add_special_tokens=False).ids)
+                                       for t in TEMPLATE_TEXTS)]}
     return TokenizerInfo(file, tokenizer, hashlib.sha256(data).hexdigest(),
-                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern)
+                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known)
 
 
 def _literal_tokenizer(file: Path, data: bytes, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
@@ -129,36 +135,44 @@ class Encoded:
 
 def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_weight: int = 1) -> Encoded:
     """Encode documents of pieces: TEXT with ``tok.literal``, PARSED with the full tokenizer (one
-    ``encode_batch`` call each over all such pieces of all documents), CONTROL as its single id.
+    ``encode_batch`` call each over all such pieces of all documents), CONTROL as its single id; the
+    template's constant pieces (control tokens, ``"\\n"``, ``"assistant\\n"``) come from
+    ``tok.known_pieces`` without tokenizing.
 
-    Vectorised: a token-level kind array places each kind's ids into the output in piece order, so the
-    per-piece Python work is a few list comprehensions. Weights: 0 on unsupervised pieces, 1 on
+    Vectorised: a token-level source array places each source's ids into the output in piece order, so
+    the per-piece Python work is a few list comprehensions. Weights: 0 on unsupervised pieces, 1 on
     supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
     """
     pieces = [p for doc in docs for p in doc]
-    kinds = np.array([_KIND_CODE[p.kind] for p in pieces], dtype=np.int8)
-    lens = np.ones(len(pieces), dtype=np.int64)
-    parts: dict[int, list[int]] = {_KIND_CODE[CONTROL]: [tok.special_ids[p.text] for p in pieces if p.kind == CONTROL]}
+    found = [tok.known_pieces.get(p) for p in pieces]
+    sources = np.array([_SOURCE[p.kind] if f is None else _KNOWN for p, f in zip(pieces, found, strict=True)],
+                       dtype=np.int8)
+    if (sources == _SOURCE[CONTROL]).any():  # a caller bug: render_pieces(tags=tok.structural_tags) never does this
+        unknown = sorted({p.text for p, f in zip(pieces, found, strict=True) if f is None and p.kind == CONTROL})
+        raise ValueError(f"{tok.path}: {unknown} are not single-id control tokens of this tokenizer")
+    lens = np.array([len(f) if f is not None else 0 for f in found], dtype=np.int64)
+    parts = {_KNOWN: list(chain.from_iterable(f for f in found if f is not None))}
     for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
-        where = np.flatnonzero(kinds == _KIND_CODE[kind])
+        where = np.flatnonzero(sources == _SOURCE[kind])
         if where.size:
             encoded = [e.ids for e in encoder.encode_batch([pieces[i].text for i in where], add_special_tokens=False)]
             lens[where] = [len(e) for e in encoded]
-            parts[_KIND_CODE[kind]] = list(chain.from_iterable(encoded))
-    token_kinds = np.repeat(kinds, lens)
-    ids = np.empty(len(token_kinds), dtype=np.uint32)
-    for code, values in parts.items():
-        ids[token_kinds == code] = values
+            parts[_SOURCE[kind]] = list(chain.from_iterable(encoded))
+    token_sources = np.repeat(sources, lens)
+    ids = np.empty(len(token_sources), dtype=np.uint32)
+    for source, values in parts.items():
+        ids[token_sources == source] = values
     weights = np.repeat(np.array([p.supervised for p in pieces], dtype=np.uint8), lens)
     if tag_weight != 1:
-        tags = [tok.special_ids[t] for t in REASONING_TAGS if t in tok.special_ids]
-        weights[(weights > 0) & (token_kinds == _KIND_CODE[CONTROL]) & np.isin(ids, tags)] = tag_weight
+        is_tag = np.repeat(np.array([p.kind == CONTROL and p.text in REASONING_TAGS for p in pieces]), lens)
+        weights[(weights > 0) & is_tag] = tag_weight
     ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
     doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
     return Encoded(ids, weights, doc_lens)
 
 
-_KIND_CODE = {TEXT: 0, CONTROL: 1, PARSED: 2}
+_KNOWN = 0
+_SOURCE = {TEXT: 1, PARSED: 2, CONTROL: 3}  # CONTROL: only an unknown control token (an error)
 
 
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,

@@ -22,10 +22,12 @@ from core.chat_template import (
     IM_START,
     REASONING_TAGS,
     SPECIAL_TOKENS,
+    TEXT,
+    Piece,
     render_pieces,
     render_text,
 )
-from core.tokenizer import TokenizerError, encode_chat, load_tokenizer, prompt_ids
+from core.tokenizer import TokenizerError, encode_chat, encode_documents, load_tokenizer, prompt_ids
 from preprocess.train_tokenizer import record_texts, split_special
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,6 +311,16 @@ def test_reasoning_tags_are_structure_only_in_assistant_content() -> None:
         assert other.structural_tags == ("<think>", "</think>")
         assert control_tokens(other, encode_chat(other, turns).ids.tolist()) == [
             IM_START, IM_END, IM_START, "<think>", "</think>", IM_END]
+
+
+def test_template_constants_and_unknown_control_tokens() -> None:
+    """Cached constant pieces encode as the literal tokenizer does; a control piece the tokenizer lacks is a bug."""
+    info = load_tokenizer(SHIPPED)
+    for text in ("\n", "assistant\n"):
+        for flag in (False, True):
+            assert encode_documents(info, [[Piece(text, TEXT, flag)]]).ids.tolist() == info.literal.encode(text).ids
+    with pytest.raises(ValueError, match="<nope>"):
+        encode_documents(info, [[Piece("<nope>", CONTROL, False)]])
 
 
 def test_a_tokenizer_whose_text_reaches_an_added_id_is_refused(tmp_path: Path) -> None:
