@@ -75,6 +75,9 @@ class Piece(NamedTuple):
 
 TEXT, CONTROL, PARSED = "text", "control", "parsed"
 SUPERVISE = ("all", "last", "none")
+TEMPLATE_TEXTS = ("\n", "assistant\n")  # the template's constant TEXT pieces: encoders may cache their ids
+_START, _END, _END_LEARN = Piece(IM_START, CONTROL, False), Piece(IM_END, CONTROL, False), Piece(IM_END, CONTROL, True)
+_ASSISTANT_HEADER, _NEWLINE = Piece("assistant\n", TEXT, False), Piece("\n", TEXT, False)
 
 
 @lru_cache(maxsize=16)
@@ -119,8 +122,3 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
         pieces += [_START, _ASSISTANT_HEADER]
     return pieces
 
-
-_START, _END, _END_LEARN = Piece(IM_START, CONTROL, False), Piece(IM_END, CONTROL, False), Piece(IM_END, CONTROL, True)
-_ASSISTANT_HEADER = Piece("assistant\n", TEXT, False)
-TEMPLATE_TEXTS = ("\n", "assistant\n")  # constant TEXT pieces: encoders may cache their ids
-_NEWLINE = Piece("\n", TEXT, False)

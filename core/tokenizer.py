@@ -50,6 +50,15 @@ class TokenizerError(TinyLMError):
     pass
 
 
+class TextRefused(TokenizerError):
+    """Text the tokenizer cannot encode (e.g. a lone UTF-16 surrogate); ``doc`` is the document's index
+    in the :func:`encode_documents` call, so a caller can name the record or answer 400."""
+
+    def __init__(self, message: str, doc: int = 0) -> None:  # doc has a default: pickling passes args only
+        super().__init__(message)
+        self.doc = doc
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     path: Path  # the tokenizer.json file
@@ -155,7 +164,11 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
     for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
         where = np.flatnonzero(sources == _SOURCE[kind])
         if where.size:
-            encoded = [e.ids for e in encoder.encode_batch([pieces[i].text for i in where], add_special_tokens=False)]
+            texts = [pieces[i].text for i in where]
+            try:
+                encoded = [e.ids for e in encoder.encode_batch(texts, add_special_tokens=False)]
+            except Exception:  # tokenizers raises TypeError / plain Exception on text it refuses
+                raise _refused(encoder, docs, where, texts) from None
             lens[where] = [len(e) for e in encoded]
             parts[_SOURCE[kind]] = list(chain.from_iterable(encoded))
     token_sources = np.repeat(sources, lens)
@@ -169,6 +182,20 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
     ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
     doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
     return Encoded(ids, weights, doc_lens)
+
+
+def _refused(encoder: Tokenizer, docs: Sequence[Sequence[Piece]], where: np.ndarray, texts: list[str]) -> TextRefused:
+    """The error for the first piece that cannot be encoded, found by encoding each (the rare, slow path)."""
+    for i, text in zip(where, texts, strict=True):
+        try:
+            encoder.encode(text, add_special_tokens=False)
+            continue
+        except Exception as e:  # whatever the library raises, it is this text's fault
+            surrogate = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+            reason = f"a lone UTF-16 surrogate {surrogate!r}" if surrogate else (str(e).splitlines() or ["?"])[0]
+        doc = int(np.searchsorted(np.cumsum([len(d) for d in docs]), i, side="right"))
+        return TextRefused(f"document {doc}: text the tokenizer cannot encode ({reason})", doc)
+    raise AssertionError("encode_batch failed but every piece encodes alone")
 
 
 _KNOWN = 0

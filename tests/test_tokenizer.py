@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from core.chat_template import (
     render_pieces,
     render_text,
 )
-from core.tokenizer import TokenizerError, encode_chat, encode_documents, load_tokenizer, prompt_ids
+from core.tokenizer import TextRefused, TokenizerError, encode_chat, encode_documents, load_tokenizer, prompt_ids
 from preprocess.train_tokenizer import record_texts, split_special
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,6 +322,18 @@ def test_template_constants_and_unknown_control_tokens() -> None:
             assert encode_documents(info, [[Piece(text, TEXT, flag)]]).ids.tolist() == info.literal.encode(text).ids
     with pytest.raises(ValueError, match="<nope>"):
         encode_documents(info, [[Piece("<nope>", CONTROL, False)]])
+
+
+def test_text_the_tokenizer_refuses_names_its_document() -> None:
+    """A lone surrogate makes tokenizers raise a TypeError for the whole batch: we name the document."""
+    info = load_tokenizer(SHIPPED)
+    docs = [render_pieces([{"role": "user", "content": c}]) for c in ("fine", "also fine", "bad \ud800 one")]
+    with pytest.raises(TextRefused) as err:
+        encode_documents(info, docs)
+    assert err.value.doc == 2 and "lone UTF-16 surrogate '\\ud800'" in str(err.value)
+    assert "\n" not in str(err.value) and pickle.loads(pickle.dumps(err.value)).doc == 2  # crosses worker pipes
+    with pytest.raises(TextRefused):
+        prompt_ids(info, [{"role": "user", "content": "\udfff"}])
 
 
 def test_a_tokenizer_whose_text_reaches_an_added_id_is_refused(tmp_path: Path) -> None:
