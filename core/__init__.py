@@ -2,6 +2,7 @@
 
 - ``errors``: :class:`TinyLMError`, the one type of a one-line user-facing error;
 - ``files``: atomic writes, folder locks and JSON reading that fail with one line naming the path;
-- ``tokenizer``: loading and fingerprinting a tokenizer; ``chat_template``: the ChatML template and its
-  rendering to token ids; ``detokenize``: incremental detokenization for streaming.
+- ``tokenizer``: loading and fingerprinting a tokenizer, and the one encoder of conversations and
+  documents (structure as ids, content literal); ``chat_template``: the ChatML template and its
+  rendering to pieces; ``detokenize``: incremental detokenization for streaming.
 """

@@ -1,18 +1,44 @@
-"""Locate, load and fingerprint a tokenizer directory (``tokenizer.json`` [+ ``tokenizer_config.json``]).
+"""Locate, load and fingerprint a tokenizer directory (``tokenizer.json`` [+ ``tokenizer_config.json``]),
+and encode rendered documents (:func:`encode_documents`, :func:`encode_chat`, :func:`prompt_ids`).
 
 The fingerprint is the sha256 of ``tokenizer.json``'s bytes: shards and checkpoints record it, and
 anything that mixes a dataset or model with a different tokenizer is refused by name.
+
+Literal encoding: ``TokenizerInfo.literal`` is a second ``tokenizers.Tokenizer`` built from the same
+``tokenizer.json`` with its ``added_tokens`` removed, so the added-vocabulary pre-split never runs and
+no added token, special or not, can match inside content. (``Tokenizer.encode_special_tokens = True``
+is not enough: in tokenizers 0.23 it covers only tokens marked ``special``, and ``<think>`` is a
+non-special added token here and in other tokenizers.) On text without added-token strings both
+tokenizers give the same ids (the added tokens only split the text before the model runs); loading
+checks that the literal encoding of every added-token string yields no added id, so a control id can
+only come from the template.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
-from core.chat_template import ENDOFTEXT, IM_END, IM_START, REASONING_TAGS
+from core.chat_template import (
+    CONTROL,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PARSED,
+    REASONING_TAGS,
+    TEMPLATE_TEXTS,
+    TEXT,
+    Piece,
+    render_pieces,
+)
 from core.errors import TinyLMError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +50,15 @@ class TokenizerError(TinyLMError):
     pass
 
 
+class TextRefused(TokenizerError):
+    """Text the tokenizer cannot encode (e.g. a lone UTF-16 surrogate); ``doc`` is the document's index
+    in the :func:`encode_documents` call, so a caller can name the record or answer 400."""
+
+    def __init__(self, message: str, doc: int = 0) -> None:  # doc has a default: pickling passes args only
+        super().__init__(message)
+        self.doc = doc
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     path: Path  # the tokenizer.json file
@@ -31,10 +66,22 @@ class TokenizerInfo:
     fingerprint: str
     vocab_size: int
     special_ids: dict[str, int]  # every chat / reasoning special token that is a single id
+    literal: Tokenizer  # the same tokenizer without its added tokens: content is always encoded by it
+    added_pattern: re.Pattern  # matches any added-token string (special or not) in a text
+    known_pieces: dict[Piece, list[int]]  # the template's constant pieces (control tokens, "\\n", ...) -> ids
 
     @property
     def has_reasoning_tags(self) -> bool:
         return all(tag in self.special_ids for tag in REASONING_TAGS)
+
+    @property
+    def structural_tags(self) -> tuple[str, ...]:
+        """The reasoning tags that are single ids: structure inside assistant content."""
+        return tuple(tag for tag in REASONING_TAGS if tag in self.special_ids)
+
+    def has_added_strings(self, text: str) -> bool:
+        """Whether ``text`` contains an added-token string (which literal encoding keeps as text)."""
+        return self.added_pattern.search(text) is not None
 
 
 def tokenizer_file(path: str | Path) -> Path:
@@ -61,5 +108,107 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     missing = [t for t in REQUIRED_SPECIALS if t not in specials]
     if missing:
         raise TokenizerError(f"{file}: special token(s) {', '.join(missing)} are not single ids in this tokenizer")
+    literal, pattern = _literal_tokenizer(file, data, tokenizer)
+    known = {Piece(text, kind, flag): ids for flag in (False, True)
+             for text, kind, ids in [*((t, CONTROL, [i]) for t, i in specials.items()),
+                                     *((t, TEXT, literal.encode(t, add_special_tokens=False).ids)
+                                       for t in TEMPLATE_TEXTS)]}
     return TokenizerInfo(file, tokenizer, hashlib.sha256(data).hexdigest(),
-                         tokenizer.get_vocab_size(with_added_tokens=True), specials)
+                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known)
+
+
+def _literal_tokenizer(file: Path, data: bytes, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
+    """The tokenizer without added tokens, and a pattern of the added-token strings; checked (see above)."""
+    spec = json.loads(data)
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    spec["added_tokens"] = []
+    literal = Tokenizer.from_str(json.dumps(spec))
+    for content in added:
+        leaked = set(literal.encode(content, add_special_tokens=False).ids) & set(added.values())
+        if leaked:
+            raise TokenizerError(f"{file}: the text {content!r} encodes to added-token id(s) {sorted(leaked)} even "
+                                 "without its added tokens, so content could not be kept apart from control tokens")
+    longest_first = sorted(added, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, longest_first))) if added else re.compile(r"(?!)")
+    return literal, pattern
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids and per-token loss weights of one or more documents, concatenated."""
+
+    ids: np.ndarray  # uint32
+    weights: np.ndarray  # uint8
+    doc_lens: np.ndarray  # int64, tokens per document
+
+
+def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_weight: int = 1) -> Encoded:
+    """Encode documents of pieces: TEXT with ``tok.literal``, PARSED with the full tokenizer (one
+    ``encode_batch`` call each over all such pieces of all documents), CONTROL as its single id; the
+    template's constant pieces (control tokens, ``"\\n"``, ``"assistant\\n"``) come from
+    ``tok.known_pieces`` without tokenizing.
+
+    Vectorised: a token-level source array places each source's ids into the output in piece order, so
+    the per-piece Python work is a few list comprehensions. Weights: 0 on unsupervised pieces, 1 on
+    supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
+    """
+    pieces = [p for doc in docs for p in doc]
+    found = [tok.known_pieces.get(p) for p in pieces]
+    sources = np.array([_SOURCE[p.kind] if f is None else _KNOWN for p, f in zip(pieces, found, strict=True)],
+                       dtype=np.int8)
+    if (sources == _SOURCE[CONTROL]).any():  # a caller bug: render_pieces(tags=tok.structural_tags) never does this
+        unknown = sorted({p.text for p, f in zip(pieces, found, strict=True) if f is None and p.kind == CONTROL})
+        raise ValueError(f"{tok.path}: {unknown} are not single-id control tokens of this tokenizer")
+    lens = np.array([len(f) if f is not None else 0 for f in found], dtype=np.int64)
+    parts = {_KNOWN: list(chain.from_iterable(f for f in found if f is not None))}
+    for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
+        where = np.flatnonzero(sources == _SOURCE[kind])
+        if where.size:
+            texts = [pieces[i].text for i in where]
+            try:
+                encoded = [e.ids for e in encoder.encode_batch(texts, add_special_tokens=False)]
+            except Exception:  # tokenizers raises TypeError / plain Exception on text it refuses
+                raise _refused(encoder, docs, where, texts) from None
+            lens[where] = [len(e) for e in encoded]
+            parts[_SOURCE[kind]] = list(chain.from_iterable(encoded))
+    token_sources = np.repeat(sources, lens)
+    ids = np.empty(len(token_sources), dtype=np.uint32)
+    for source, values in parts.items():
+        ids[token_sources == source] = values
+    weights = np.repeat(np.array([p.supervised for p in pieces], dtype=np.uint8), lens)
+    if tag_weight != 1:
+        is_tag = np.repeat(np.array([p.kind == CONTROL and p.text in REASONING_TAGS for p in pieces]), lens)
+        weights[(weights > 0) & is_tag] = tag_weight
+    ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
+    doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
+    return Encoded(ids, weights, doc_lens)
+
+
+def _refused(encoder: Tokenizer, docs: Sequence[Sequence[Piece]], where: np.ndarray, texts: list[str]) -> TextRefused:
+    """The error for the first piece that cannot be encoded, found by encoding each (the rare, slow path)."""
+    for i, text in zip(where, texts, strict=True):
+        try:
+            encoder.encode(text, add_special_tokens=False)
+            continue
+        except Exception as e:  # whatever the library raises, it is this text's fault
+            surrogate = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+            reason = f"a lone UTF-16 surrogate {surrogate!r}" if surrogate else (str(e).splitlines() or ["?"])[0]
+        doc = int(np.searchsorted(np.cumsum([len(d) for d in docs]), i, side="right"))
+        return TextRefused(f"document {doc}: text the tokenizer cannot encode ({reason})", doc)
+    raise AssertionError("encode_batch failed but every piece encodes alone")
+
+
+_KNOWN = 0
+_SOURCE = {TEXT: 1, PARSED: 2, CONTROL: 3}  # CONTROL: only an unknown control token (an error)
+
+
+def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
+                supervise: str = "all", tag_weight: int = 1) -> Encoded:
+    """One conversation through the template and :func:`encode_documents` (the only way chats are encoded)."""
+    pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags)
+    return encode_documents(tok, [pieces], tag_weight)
+
+
+def prompt_ids(tok: TokenizerInfo, turns: list[dict]) -> list[int]:
+    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` (serve, chat, eval)."""
+    return encode_chat(tok, turns, add_generation_prompt=True, supervise="none").ids.tolist()

@@ -1,31 +1,33 @@
 """Turn a chunk of raw items into token ids and per-token loss weights (runs in worker processes).
 
-Rendering per stage:
-- pretrain: ``text`` then ``<|endoftext|>``, every token weight 1;
-- sft / reason: ChatML (chat_template.render_segments), weight 1 on assistant content and its closing
-  ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight`` to the four tag tokens
-  inside supervised spans;
+Rendering per stage (every piece of content is literal text: see core/chat_template.py):
+- pretrain: ``text`` then the ``<|endoftext|>`` id, every token weight 1; ``parse_special`` encodes
+  added-token strings inside the text as their ids (corpora that embed ChatML on purpose);
+- sft / reason: ChatML (chat_template.render_pieces), weight 1 on assistant content and its closing
+  ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight`` to the reasoning tags that are
+  structure (inside supervised assistant content);
 - dpo: two documents per record, chosen then rejected, weight 1 only on the final assistant turn.
 
 A *unit* is what packing must keep whole: one document, or a DPO (chosen, rejected) pair. Units longer
 than ``seq_len`` are truncated (``overlong="truncate"``, the default) or dropped (``"drop"``), counted
 either way (:func:`fit_unit` states the rules). A unit never survives truncation without a supervised
 token: it is dropped and counted instead. Every item gets exactly one outcome (OK, TRUNCATED,
-``dropped:<reason>`` or ``bad:<reason>``), so a run can account for each record it read. Each segment is tokenized
-separately (``encode_batch`` over all segments of the chunk), so a prompt is tokenized exactly as
-inference tokenizes it and the weights follow segment boundaries with no offset arithmetic.
+``dropped:<reason>`` or ``bad:<reason>``), so a run can account for each record it read. Pieces are
+tokenized by core.tokenizer.encode_documents (``encode_batch`` over all pieces of the chunk), so a
+prompt is tokenized exactly as inference tokenizes it and the weights follow piece boundaries with no
+offset arithmetic. Per item, ``literal_specials`` says whether its literal text contained added-token
+strings.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 
-from core.chat_template import ENDOFTEXT, REASONING_TAGS, render_segments
-from core.tokenizer import TokenizerInfo, load_tokenizer
+from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece, render_pieces
+from core.tokenizer import Encoded, TextRefused, TokenizerInfo, encode_documents, load_tokenizer
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, Pair, RecordError, parse_record
 from preprocess.sources import Item
 
@@ -41,6 +43,7 @@ class EncodeOptions:
     overlong: str = "truncate"  # or "drop"
     tag_weight: int = 10
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
+    parse_special: bool = False  # pretrain: added-token strings in the text become their ids
 
 
 @dataclass
@@ -53,14 +56,25 @@ class EncodedChunk:
     unit_docs: list[int] = field(default_factory=list)  # per item: documents it contributed (0, 1 or 2)
     outcomes: list[str] = field(default_factory=list)  # per item: OK, TRUNCATED, DROPPED or "bad:<reason>"
     messages: list[str | None] = field(default_factory=list)  # per item: the error line of a bad item
+    literal_specials: list[bool] = field(default_factory=list)  # per item: added-token strings kept as text
 
 
-def _documents(record: str | list[dict] | Pair, stage: str) -> list[list[tuple[str, bool]]]:
-    if stage == "pretrain":
-        return [[(record, True), (ENDOFTEXT, True)]]
-    if stage == "dpo":
-        return [render_segments(record.chosen, "last"), render_segments(record.rejected, "last")]
-    return [render_segments(record, "all")]
+def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tags: tuple[str, ...]) -> list[list[Piece]]:
+    if opts.stage == "pretrain":
+        return [[Piece(record, PARSED if opts.parse_special else TEXT, True), Piece(ENDOFTEXT, CONTROL, True)]]
+    if opts.stage == "dpo":
+        return [render_pieces(record.chosen, supervise="last", tags=tags),
+                render_pieces(record.rejected, supervise="last", tags=tags)]
+    return [render_pieces(record, supervise="all", tags=tags)]
+
+
+def _literal_specials(docs_of_item: list[list[list[Piece]]], tok: TokenizerInfo) -> list[bool]:
+    """Per item: whether its literal (TEXT) pieces contain added-token strings; one search when none do."""
+    def text_of(docs: list[list[Piece]]) -> str:
+        return "\0".join(p.text for doc in docs for p in doc if p.kind == TEXT)
+    if not tok.has_added_strings("\0".join(map(text_of, docs_of_item))):
+        return [False] * len(docs_of_item)
+    return [tok.has_added_strings(text_of(docs)) for docs in docs_of_item]
 
 
 def fit_unit(doc_weights: list[np.ndarray], seq_len: int, overlong: str) -> tuple[str, list[tuple[int, int]]]:
@@ -89,55 +103,39 @@ def fit_unit(doc_weights: list[np.ndarray], seq_len: int, overlong: str) -> tupl
     return TRUNCATED, [(p - keep, n) for n, p in zip(lens, prompts, strict=True)]
 
 
-def _encode_segments(texts: list[str], tok: TokenizerInfo) -> list[list[int]]:
-    """Token ids of each segment text (one batch call)."""
-    return [e.ids for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
-def _refuse_unencodable(items: list[Item], docs_of_item: list[list[list[tuple[str, bool]]]], chunk: EncodedChunk,
-                        tok: TokenizerInfo) -> None:
-    """Encode record by record; a record the tokenizer refuses becomes ``bad:tokenizer_refused``."""
-    for i, docs in enumerate(docs_of_item):
-        if not docs:
-            continue
+def _encode(items: list[Item], docs_of_item: list[list[list[Piece]]], chunk: EncodedChunk, tok: TokenizerInfo,
+            tag_weight: int) -> Encoded:
+    """Encode every item's documents in one call; an item whose text the tokenizer refuses becomes
+    ``bad:tokenizer_refused`` (its documents removed) and the rest is encoded again (the rare path)."""
+    while True:
+        flat = [(i, doc) for i, docs in enumerate(docs_of_item) for doc in docs]
         try:
-            _encode_segments([text for doc in docs for text, _ in doc], tok)
-        except Exception as e:  # noqa: BLE001
-            error = RecordError("tokenizer_refused", f"the tokenizer refuses this record ({type(e).__name__}: {e})")
+            return encode_documents(tok, [doc for _, doc in flat], tag_weight)
+        except TextRefused as e:
+            i = flat[e.doc][0]
+            reason = str(e).split(": ", 1)[-1]
+            error = RecordError("tokenizer_refused", f"the tokenizer refuses this record: {reason}")
             docs_of_item[i] = []
             chunk.outcomes[i], chunk.messages[i] = f"bad:{error.reason}", error.describe(items[i])
 
 
 def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> EncodedChunk:
     chunk = EncodedChunk(np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
-    docs_of_item: list[list[list[tuple[str, bool]]]] = []
+    docs_of_item: list[list[list[Piece]]] = []
+    tags = tok.structural_tags
     for item in items:
         try:
-            docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts.stage))
+            docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts, tags))
             chunk.outcomes.append(OK)
             chunk.messages.append(None)
         except RecordError as e:
             docs_of_item.append([])
             chunk.outcomes.append(f"bad:{e.reason}")
             chunk.messages.append(e.describe(item))
-    segments = [seg for docs in docs_of_item for doc in docs for seg in doc]
-    try:
-        id_lists = _encode_segments([text for text, _ in segments], tok)
-    except Exception:  # noqa: BLE001  (the tokenizer refuses some record: find it, make it a bad record)
-        _refuse_unencodable(items, docs_of_item, chunk, tok)
-        segments = [seg for docs in docs_of_item for doc in docs for seg in doc]
-        id_lists = _encode_segments([text for text, _ in segments], tok)
-    seg_lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(seg_lens.sum()))
-    weights = np.repeat(np.fromiter((w for _, w in segments), dtype=np.uint8, count=len(segments)), seg_lens)
-    if opts.stage == "reason" and opts.tag_weight != 1:
-        tag_ids = [tok.special_ids[t] for t in REASONING_TAGS]
-        weights[(weights > 0) & np.isin(ids, tag_ids)] = opts.tag_weight
-
-    # Token length of every document: segment lengths summed per document (vectorised).
-    segs_per_doc = np.fromiter((len(doc) for docs in docs_of_item for doc in docs), dtype=np.int64)
-    doc_lens = (np.add.reduceat(seg_lens, np.cumsum(segs_per_doc) - segs_per_doc) if segs_per_doc.size
-                else np.zeros(0, np.int64))
+    tag_weight = opts.tag_weight if opts.stage == "reason" else 1
+    encoded = _encode(items, docs_of_item, chunk, tok, tag_weight)
+    chunk.literal_specials = _literal_specials(docs_of_item, tok)
+    ids, weights, doc_lens = encoded.ids, encoded.weights, encoded.doc_lens
     docs_per_item = [len(docs) for docs in docs_of_item]
     if opts.stage not in PACKED_STAGES:  # pretrain: every document kept whole
         chunk.tokens, chunk.weights, chunk.doc_lens = ids, weights, doc_lens

@@ -55,3 +55,6 @@ def add_record_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--max-record-chars", type=int, default=d.max_record_chars,
                         help="a record with more content characters is a bad record (too_long), refused before "
                              f"tokenizing so memory stays bounded (default {d.max_record_chars:,})")
+    parser.add_argument("--parse-special", action="store_true",
+                        help="pretrain: encode special-token strings in the text (e.g. <|im_start|>) as control "
+                             "tokens, for corpora that embed them on purpose (default: they are plain text)")

@@ -94,6 +94,8 @@ class PackOptions:
             return "--workers must be at least 1"
         if self.shard_tokens < self.seq_len + 1:
             return "--shard-tokens must be larger than --seq-len"
+        if self.records.parse_special and self.stage != "pretrain":
+            return "--parse-special applies to --stage pretrain only (chat content is always text)"
         return self.records.problem()
 
 
@@ -286,7 +288,7 @@ class ShardBuilder:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.unit_docs: list[int] = []
         self.outcomes: Counter = Counter()
-        self.records = self.tokens = 0
+        self.records = self.tokens = self.literal_specials = 0
 
     def add(self, chunk: EncodedChunk) -> None:
         """Add a chunk item by item, closing shards at the first item that reaches the token budget."""
@@ -304,6 +306,7 @@ class ShardBuilder:
             self.parts.append((chunk.tokens[tokens], chunk.weights[tokens], chunk.doc_lens[doc_lo:doc_hi]))
             self.unit_docs.extend(n for n in chunk.unit_docs[lo:hi] if n)
             self.outcomes.update(chunk.outcomes[lo:hi])
+            self.literal_specials += sum(chunk.literal_specials[lo:hi])
             self.records += hi - lo
             self.tokens += tok_hi - tok_lo
             if over.size:
@@ -325,6 +328,7 @@ class ShardBuilder:
         stats = {
             "records_end": self.records_end, "records_read": self.records, **tally(self.outcomes),
             "supervised_tokens": int(np.count_nonzero(weights)), "train_rows": train_rows,
+            "records_with_special_strings": self.literal_specials,
             "row_slots": train_rows * seq,
             "row_tokens": len(tokens) if packed else train_rows * seq,
         }
@@ -360,6 +364,7 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
         "skipped": dict(sorted(skipped.items())), "tokens": total("tokens"),
         "supervised_tokens": total("supervised_tokens"), "documents": total("documents"),
         "rows": total("train_rows"), "unused_tokens": unused_tokens(opts, records),
+        "records_with_special_strings": total("records_with_special_strings"),
     }
     accounted = counts["records_kept"] + sum(dropped.values()) + sum(skipped.values())
     if accounted != counts["records_read"]:
@@ -371,7 +376,7 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
                       "special_ids": tok.special_ids},
         "options": {"overlong": r.overlong, "tag_weight": r.tag_weight if opts.stage == "reason" else None,
                     "shard_tokens": opts.shard_tokens, "max_record_chars": r.max_record_chars,
-                    "skip_bad": r.skip_bad},
+                    "skip_bad": r.skip_bad, "parse_special": r.parse_special},
         "counts": counts,
         "packing": {
             "efficiency": round(filled / slots, 6) if slots else 0.0,
@@ -450,6 +455,17 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
             f"raise --seq-len to keep them whole, or {fix}")
 
 
+def special_strings_warning(opts: PackOptions, c: dict) -> str | None:
+    """One line: how many records had special-token strings packed as text, and what changes that."""
+    n = c["records_with_special_strings"]
+    if not n:
+        return None
+    head = f"pack.py: warning: {n:,} record(s) contain special-token strings (e.g. <|im_end|>), packed as plain text"
+    if opts.stage == "pretrain":
+        return head + "; pass --parse-special if the corpus embeds them as control tokens on purpose"
+    return head + " (in chat content they are always text; only the template inserts control tokens)"
+
+
 def skipped_warning(c: dict) -> str | None:
     """One warning line when --skip-bad skipped more than WARN_SHARE of the records."""
     skipped = sum(c["skipped"].values())
@@ -508,7 +524,7 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     records_before = done[-1]["records_end"] if done else 0
     builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
     r = opts.records
-    enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars)
+    enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars, r.parse_special)
     per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
@@ -532,7 +548,7 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
         (opts.out / STATE_FILE).unlink(missing_ok=True)
         raise
     for warning in (overlong_warning(opts, meta["counts"]), skipped_warning(meta["counts"]),
-                    unused_warning(opts, meta["counts"]),
+                    unused_warning(opts, meta["counts"]), special_strings_warning(opts, meta["counts"]),
                     *unmixed_warnings(meta["sources"], per_source)):
         if warning:
             print(warning, file=sys.stderr)
@@ -554,6 +570,8 @@ def print_summary(meta: dict, out: Path) -> None:
         f"(pad-to-max would be {p['pad_to_max_efficiency']:.1%})",
     ]
     print("\n".join(lines))
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,10 @@ A request's life, and the invariant at each step (no client can stall the event 
    ``body_timeout`` seconds (else 408, connection closed). uvicorn discards what a refused client
    still sends, so the client reads its 413;
 2. JSON parsing, validation and prompt tokenization run in a small thread pool (``PARSE_THREADS``),
-   never on the event loop; tokenization goes through :class:`ReleasingTokenizer`, which releases the
-   GIL, so the loop keeps running meanwhile. A prompt that cannot fit the context by a byte count (each
-   token covers at most ``Engine.max_token_bytes`` bytes) is refused before it is tokenized;
+   never on the event loop; prompts are encoded by ``core.tokenizer.prompt_ids`` (content as text,
+   never control tokens) with ``encode_batch``, which releases the GIL, so the loop keeps running. A
+   prompt that cannot fit the context by a byte count (each token covers at most
+   ``Engine.max_token_bytes`` bytes) is refused before it is tokenized;
 3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for **one** generation worker
    thread that owns the model. It sends events to the request's asyncio queue with
    ``call_soon_threadsafe``. A client that disconnects, streaming or not, cancels its job: a queued job
@@ -58,9 +59,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from torch import nn
 
-from core.chat_template import render_text
 from core.detokenize import IncrementalDecoder
-from core.tokenizer import TokenizerInfo
+from core.errors import TinyLMError
+from core.tokenizer import TokenizerInfo, prompt_ids
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -159,24 +160,6 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab(with_added_tokens=True))
 
 
-class ReleasingTokenizer:
-    """A tokenizer whose ``encode(text)`` runs as ``encode_batch([text])``: the same ids, but the Rust code
-    releases the GIL while it works (``encode`` holds it: 0.5 s for 1 MB of text), so the event loop keeps
-    answering while a parser thread tokenizes a long prompt. Everything else is the wrapped tokenizer's."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.wrapped = tokenizer
-
-    def encode(self, sequence: str, pair: str | None = None, is_pretokenized: bool = False,
-               add_special_tokens: bool = True) -> Any:
-        if pair is not None or is_pretokenized:
-            return self.wrapped.encode(sequence, pair, is_pretokenized, add_special_tokens)
-        return self.wrapped.encode_batch([sequence], add_special_tokens=add_special_tokens)[0]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.wrapped, name)
-
-
 class Engine:
     """The model, its tokenizer and the single generation worker thread with its bounded queue."""
 
@@ -184,7 +167,6 @@ class Engine:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.context = model.config.max_position_embeddings
         self.max_token_bytes = max_token_bytes(tokenizer.tokenizer)
-        self.encoder = ReleasingTokenizer(tokenizer.tokenizer)  # for prompts, in parser threads
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
         self.served = 0
@@ -443,14 +425,13 @@ def check_prompt_size(engine: Engine, turns: list[dict]) -> None:
 
 
 def encode_prompt(engine: Engine, turns: list[dict]) -> list[int]:
-    """Prompt ids of ``turns`` plus the generation prompt; text the tokenizer refuses is a 400 on messages."""
-    tok = engine.encoder
+    """Prompt ids of ``turns`` plus the generation prompt (content encoded as text, never as control
+    tokens); text the tokenizer refuses is a 400 on messages. ``prompt_ids`` tokenizes with
+    ``encode_batch``, which releases the GIL, so the event loop runs on meanwhile."""
     try:
-        return tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
-    except APIError:
-        raise
-    except Exception as e:  # the tokenizer's own errors have no common type
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        return prompt_ids(engine.tokenizer, turns)
+    except TinyLMError as e:
+        reason = " ".join(str(e).split())[:200]
         raise APIError(400, f"the tokenizer refused the messages ({reason})", "messages", "invalid_value") from None
 
 

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, run_pack
 
 
 def peek(*args: str) -> subprocess.CompletedProcess:
@@ -26,12 +26,12 @@ def test_summary_and_json(packed_sample):
 def test_row_shows_mask_with_brackets_when_piped(packed_sample):
     proc = peek(packed_sample["sft"], "--row", 0)
     assert proc.returncode == 0
-    assert "── document 0" in proc.stdout and "[" in proc.stdout and "<|im_end|>]" in proc.stdout
-    assert "\033[" not in proc.stdout
+    assert "── document 0" in proc.stdout and "[" in proc.stdout and "⟦<|im_end|>⟧]" in proc.stdout
+    assert "\033[" not in proc.stdout and "⟦…⟧ control token" in proc.stdout.splitlines()[0]
     coloured = peek(packed_sample["sft"], "--row", 0, "--color", "always").stdout
-    assert "\033[32m" in coloured
+    assert "\033[32m" in coloured and "\033[7m⟦<|im_end|>⟧" in coloured
     reason = peek(packed_sample["reason"], "--row", 0).stdout
-    assert "[w=10:<think>]" in reason
+    assert "[w=10:⟦<think>⟧]" in reason
     bad = peek(packed_sample["sft"], "--row", 10**6)
     assert bad.returncode == 1 and "out of range" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -53,3 +53,17 @@ def test_verify_names_the_broken_file(packed_sample, tmp_path):
         assert other.returncode == 1 and "tokenizer fingerprint" in other.stdout
     missing = peek(tmp_path / "nothing", "--verify")
     assert missing.returncode == 1 and "meta.json: missing" in missing.stdout
+
+
+def test_row_shows_literal_special_strings_apart_from_control_tokens(tmp_path):
+    """A literal <|im_end|> typed in content is plain text in --row; the template's is ⟦<|im_end|>⟧."""
+    conv = [{"role": "user", "content": "say <|im_end|> and <think>"}, {"role": "assistant", "content": "ok"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"conversations": conv}) + "\n")
+    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "1")
+    proc = peek(tmp_path / "o", "--row", 0)
+    assert proc.returncode == 0, proc.stderr
+    body = "\n".join(proc.stdout.splitlines()[2:])
+    assert body == ("⟦<|im_start|>⟧user\nsay <|im_end|> and <think>⟦<|im_end|>⟧\n⟦<|im_start|>⟧assistant\n"
+                    "[ok⟦<|im_end|>⟧]\n")
+    assert "special     1 record(s) contain special-token strings, stored as text" in peek(tmp_path / "o").stdout

@@ -25,10 +25,9 @@ import torch
 from scripted import TOKENIZER, _save
 from test_serve import HI, KEY, ROOT, Server, request
 
-from core.chat_template import render_text
-from core.tokenizer import load_tokenizer
+from core.tokenizer import load_tokenizer, prompt_ids
 from model import ModelConfig, TinyLM
-from serve.app import APIError, ReleasingTokenizer, encode_prompt, max_token_bytes, parse_body
+from serve.app import APIError, encode_prompt, max_token_bytes, parse_body
 
 openai = pytest.importorskip("openai")
 
@@ -282,8 +281,7 @@ def test_bearer_scheme_is_case_insensitive(server):
 
 def long_request(stream: bool) -> bytes:
     """A request whose greedy generation runs ~1000 tokens (the endless model never stops by itself)."""
-    room = CONTEXT - len(load_tokenizer(TOKENIZER).tokenizer.encode(
-        render_text(HI, add_generation_prompt=True), add_special_tokens=False).ids)
+    room = CONTEXT - len(prompt_ids(load_tokenizer(TOKENIZER), HI))
     body = json.dumps({"messages": HI, "temperature": 0, "max_tokens": room, "stream": stream}).encode()
     return post_head(len(body)) + body
 
@@ -340,20 +338,12 @@ def test_token_byte_bound_holds_for_the_shipped_tokenizer():
         assert len(ids) * bound >= len(text.encode("utf-8")), text
 
 
-def test_releasing_tokenizer_gives_the_same_ids():
-    tok = load_tokenizer(TOKENIZER).tokenizer
-    text = render_text([{"role": "user", "content": "hello 你好 鬱 <think>x</think> <|im_end|>"}], True)
-    for special in (False, True):
-        assert ReleasingTokenizer(tok).encode(text, add_special_tokens=special).ids == \
-            tok.encode(text, add_special_tokens=special).ids
-    assert ReleasingTokenizer(tok).token_to_id("a") == tok.token_to_id("a")
-
-
 def test_prompt_tokenization_lets_other_threads_run():
-    """While a parser thread tokenizes a long prompt, Python code on other threads (the event loop) runs:
-    a ticker thread advances many times during ReleasingTokenizer.encode, not during a plain encode."""
-    tok = load_tokenizer(TOKENIZER).tokenizer
+    """While a parser thread encodes a long prompt (``prompt_ids``), Python code on other threads (the event
+    loop) runs: a ticker thread advances many times during it, not during a GIL-holding plain ``encode``."""
+    info = load_tokenizer(TOKENIZER)
     text = "hello world 你好 " * 20_000
+    turns = [{"role": "user", "content": text}]
     ticks, stop = [0], threading.Event()
 
     def ticker() -> None:
@@ -363,13 +353,14 @@ def test_prompt_tokenization_lets_other_threads_run():
 
     def ticks_during(encode) -> int:
         before = ticks[0]
-        encode(text, add_special_tokens=False)
+        encode()
         return ticks[0] - before
 
     thread = threading.Thread(target=ticker)
     thread.start()
     try:
-        held, released = ticks_during(tok.encode), ticks_during(ReleasingTokenizer(tok).encode)
+        held = ticks_during(lambda: info.tokenizer.encode(text, add_special_tokens=False))
+        released = ticks_during(lambda: prompt_ids(info, turns))
     finally:
         stop.set()
         thread.join()
@@ -377,14 +368,11 @@ def test_prompt_tokenization_lets_other_threads_run():
 
 
 def test_text_the_tokenizer_refuses_is_400_on_messages():
-    def refuse(*args, **kwargs):
-        raise Exception("unencodable\ninput")
-
-    engine = SimpleNamespace(encoder=SimpleNamespace(encode=refuse))
+    engine = SimpleNamespace(tokenizer=load_tokenizer(TOKENIZER))
     with pytest.raises(APIError) as e:
-        encode_prompt(engine, HI)
+        encode_prompt(engine, [{"role": "user", "content": "lone \ud800 surrogate\nsecond line"}])
     assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "invalid_value")
-    assert "\n" not in e.value.message and "unencodable input" in e.value.message
+    assert "\n" not in e.value.message and "tokenizer refused" in e.value.message
 
 
 # ---- bin/serve's own arguments -----------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from core.chat_template import ENDOFTEXT, IM_END, ROLES, render_text
+from core.chat_template import ENDOFTEXT, IM_END, ROLES
 from core.files import append_line, atomic_write_text, check_file_target
+from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
 from train import checkpoint
@@ -208,7 +209,7 @@ def answer_prompts(trained: Trained, prompts_file: str | Path, answers: Path, de
     generator = torch.Generator(device=device).manual_seed(seed)
     lines, new_tokens, started = [], 0, time.perf_counter()
     for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
-        ids = info.tokenizer.encode(render_text(p["turns"], add_generation_prompt=True), add_special_tokens=False).ids
+        ids = prompt_ids(info, p["turns"])
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        generator=generator)
         new_tokens += len(out)

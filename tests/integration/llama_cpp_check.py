@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
+from core.tokenizer import prompt_ids  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.export import load_trained  # noqa: E402
@@ -111,7 +112,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
     turns = [{"role": "user", "content": "请介绍一下你自己。Tell me about the Trojan War."},
              {"role": "assistant", "content": "<think>好的</think>The Trojan War was fought against Troy."},
              {"role": "user", "content": "床前明月光，疑是地上霜。"}]
-    ids = tok.encode(render_text(turns, add_generation_prompt=True), add_special_tokens=False).ids
+    ids = prompt_ids(trained.tokenizer, turns)
     with torch.no_grad():
         ours = trained.model()(torch.tensor([ids])).logits[0].numpy()
     llm.reset()
