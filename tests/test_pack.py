@@ -180,7 +180,7 @@ def test_pretrain_text_is_literal_unless_parse_special(tmp_path):
             "--workers", "1", "--seq-len", "8"]
     literal = subprocess.run([*base, "--out", str(tmp_path / "lit")], capture_output=True, text=True)
     assert literal.returncode == 0, literal.stderr
-    warnings = [line for line in literal.stderr.splitlines() if "warning" in line]
+    warnings = [line for line in literal.stderr.splitlines() if "special-token strings" in line]
     assert len(warnings) == 1 and "2 record(s)" in warnings[0] and "--parse-special" in warnings[0]
     docs = documents(tmp_path / "lit")
     assert [control_tokens(t) for t, _ in docs] == [[ENDOFTEXT]] * 3
@@ -190,7 +190,7 @@ def test_pretrain_text_is_literal_unless_parse_special(tmp_path):
 
     parsed = subprocess.run([*base, "--out", str(tmp_path / "parse"), "--parse-special"], capture_output=True,
                             text=True)
-    assert parsed.returncode == 0 and "warning" not in parsed.stderr, parsed.stderr
+    assert parsed.returncode == 0 and "special-token strings" not in parsed.stderr, parsed.stderr
     docs = documents(tmp_path / "parse")
     assert control_tokens(docs[0][0]) == [IM_START, IM_END, IM_START, IM_END, ENDOFTEXT]
     assert control_tokens(docs[2][0]) == ["<think>", ENDOFTEXT] and decode(docs[0][0]) == embedded + ENDOFTEXT

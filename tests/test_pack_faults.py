@@ -21,7 +21,7 @@ from conftest import SAMPLE, TOKENIZER, run_pack
 
 import core.files
 from core.files import FolderLock
-from core.tokenizer import load_tokenizer
+from core.tokenizer import TextRefused, load_tokenizer
 from preprocess import encode, pack, shards
 from preprocess.encode import DROPPED_NO_LOSS, DROPPED_OVERLONG, OK, TRUNCATED, fit_unit
 from preprocess.sources import SourceSpec, iter_items
@@ -197,18 +197,19 @@ def test_richer_schema_is_refused_by_name_not_stripped(tmp_path, capsys, turns):
 
 
 def test_record_the_tokenizer_refuses_is_a_bad_record(tmp_path, capsys, monkeypatch):
-    real = encode._encode_segments
+    real = encode.encode_documents
 
-    def picky(texts, tok):
-        if any("BOOM" in t for t in texts):
-            raise TypeError("refused")
-        return real(texts, tok)
-    monkeypatch.setattr(encode, "_encode_segments", picky)
+    def picky(tok, docs, tag_weight=1):  # as core.tokenizer reports a text its tokenizer cannot encode
+        for i, doc in enumerate(docs):
+            if any("BOOM" in piece.text for piece in doc):
+                raise TextRefused(f"document {i}: text the tokenizer cannot encode (refused)", i)
+        return real(tok, docs, tag_weight)
+    monkeypatch.setattr(encode, "encode_documents", picky)
     boom = {"conversations": [{"role": "user", "content": "BOOM"}, {"role": "assistant", "content": "x"}]}
     src = jsonl(tmp_path / "in.jsonl", [GOOD, boom, GOOD])
     rc, _, err = run(capsys, "--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"))
     assert rc == 1
-    one_line_error(err, f"{src}:2:", "the tokenizer refuses this record (TypeError: refused)")
+    one_line_error(err, f"{src}:2:", "the tokenizer refuses this record: text the tokenizer cannot encode (refused)")
     rc, _, err = run(capsys, "--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--skip-bad")
     counts = shards.read_meta(tmp_path / "o")["counts"]
     assert rc == 0 and counts["skipped"] == {"tokenizer_refused": 1} and counts["records_kept"] == 2
