@@ -402,9 +402,62 @@ def test_resume_repacks_a_shard_whose_checksum_changed(tmp_path, capsys, interru
     assert (out / "shard_00000.bin").stat().st_mtime_ns == shard0, "the intact shard before it is kept"
 
 
+# ---------------------------------------------------------------- the library: pack(PackOptions) -> PackResult
+
+def test_pack_returns_the_result_that_main_prints(tmp_path, capsys):
+    """The library prints nothing; its PackResult holds the meta.json it wrote and the warnings; main prints
+    exactly those and the summary, with the same bytes on disk; a re-run is complete and writes nothing; a
+    run interrupted after some shards keeps them and ends with the same meta.json."""
+    src = str(SAMPLE / "sft" / "oasst1_zh.jsonl")
+    out = tmp_path / "lib"
+    options = pack.PackOptions("sft", [src], out, seq_len=64, workers=1, shard_tokens=3000, quiet=True)
+    result = pack.pack(options)
+    assert capsys.readouterr() == ("", "")
+    assert result.meta == json.loads((out / "meta.json").read_text()) and result.counts == result.meta["counts"]
+    assert (result.out, result.kept_shards, result.already_complete) == (out, 0, False) and result.seconds > 0
+    cut = result.counts["truncated"] + sum(result.counts["dropped"].values())
+    assert cut > 0 and len(result.warnings) == 1 and result.notes == []
+    assert result.warnings[0].startswith(f"{cut / result.counts['records_read']:.1%} of the records ({cut:,} of ")
+    rc = pack.main(["--stage", "sft", "--input", src, "--out", str(tmp_path / "cli"), "--seq-len", "64",
+                    "--workers", "1", "--shard-tokens", "3000"])
+    printed, err = capsys.readouterr()
+    assert rc == 0 and err.splitlines()[-1] == f"pack.py: warning: {result.warnings[0]}"
+    assert printed.splitlines()[1] == f"  records   {pack.accounting_line(result.counts)}"
+    assert files_of(tmp_path / "cli") == files_of(out)
+    n = len(result.meta["shards"])
+    again = pack.pack(options)
+    assert again.already_complete and again.kept_shards == n and again.meta == result.meta
+    assert again.warnings == [] and again.seconds == 0 and files_of(out) == files_of(tmp_path / "cli")
+    assert n >= 3
+    (out / "meta.json").unlink()  # as if killed while writing the last shard
+    (out / ".pack_state.json").write_text(json.dumps({"plan_fingerprint": result.meta["plan_fingerprint"]}))
+    for path in out.glob(f"{shards.shard_name(n - 1)}.*"):
+        path.unlink()
+    resumed = pack.pack(options)
+    assert (resumed.kept_shards, resumed.already_complete) == (n - 1, False) and resumed.meta == result.meta
+    assert files_of(out) == files_of(tmp_path / "cli")
+
+
+def test_a_meta_json_of_another_format_version_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = [*SFT, "--out", str(out)]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": shards.VERSION + 1}))
+    before = files_of(out)
+    rc, _, err = run(capsys, *argv)  # the same inputs and options: still not a dataset this tinylm reads
+    assert rc == 1
+    one_line_error(err, f"{out / 'meta.json'}: field 'format_version': {shards.VERSION + 1}, this tinylm reads "
+                   f"{shards.VERSION}; pass --overwrite to repack {out} from scratch")
+    assert files_of(out) == before
+    rc, _, err = run(capsys, *argv, "--overwrite")
+    assert rc == 0 and shards.read_meta(out)["format_version"] == shards.VERSION, err
+
+
 # ---------------------------------------------------------------- bin/eval packs through the same function and options
 
-def test_eval_packs_with_pack_options_and_defaults(tmp_path):
+def test_eval_packs_with_pack_options_and_defaults(tmp_path, capsys):
     from dataclasses import fields
 
     from preprocess.options import RecordOptions
@@ -416,7 +469,9 @@ def test_eval_packs_with_pack_options_and_defaults(tmp_path):
     for overlong in ("truncate", "drop"):
         got = pack_jsonl([src], "sft", TOKENIZER, tmp_path / f"e_{overlong}", DataOptions("sft", 64, overlong=overlong),
                          quiet=True)
-        run_pack("--stage", "sft", "--input", src, "--out", str(tmp_path / f"p_{overlong}"), "--seq-len", "64",
-                 "--overlong", overlong)
+        warned = capsys.readouterr().err
+        packed = run_pack("--stage", "sft", "--input", src, "--out", str(tmp_path / f"p_{overlong}"), "--seq-len",
+                          "64", "--overlong", overlong)
+        assert warned.startswith("bin/eval: warning: ") and warned == packed.stderr.replace("pack.py:", "bin/eval:")
         assert got["counts"] == shards.read_meta(tmp_path / f"p_{overlong}")["counts"]
         assert got["options"] == shards.read_meta(tmp_path / f"p_{overlong}")["options"]

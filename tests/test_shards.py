@@ -48,6 +48,53 @@ def test_truncated_or_corrupted_shard_is_refused_by_name(tmp_path, packed_sample
         shards.PackedFolder(folder)
 
 
+# ---------------------------------------------------------------- naming, the window rule, completion
+
+def test_shard_names_and_the_files_that_belong_to_a_shard():
+    assert shards.shard_name(3) == "shard_00003"
+    names = ["shard_00003.bin", "shard_00003.mask", "shard_12345.json", "shard_00003.bin.tmp.77", "meta.json",
+             "shard_3.bin", "xshard_00001.bin", ".pack_state.json", "shard_00001"]
+    assert [shards.shard_index(n) for n in names] == [3, 3, 12345, 3, None, None, None, None, None]
+
+
+def test_the_pretrain_window_rule_is_what_a_folder_serves(tmp_path):
+    """A row is seq_len + 1 tokens from r * seq_len: (n - 1) // seq_len rows; the tail after the last one is
+    unused. Checked against the rows PackedFolder hands out."""
+    seq = 64
+    build_dataset(tmp_path / "d", 20_000, stage="pretrain", seq_len=seq, shard_tokens=8192)
+    folder = shards.PackedFolder(tmp_path / "d")
+    assert [len(s.tokens) for s in folder.shards] == [8192, 8192, 3616]
+    for index, shard in enumerate(folder.shards):
+        n = len(shard.tokens)
+        rows = shards.window_rows(n, seq)
+        served = int(folder.row_start[index + 1] - folder.row_start[index])
+        assert rows == shard.training_rows(seq, packed=False) == served
+        last, _, _ = folder.row(int(folder.row_start[index + 1]) - 1)
+        assert np.array_equal(np.asarray(last), np.asarray(shard.tokens[(rows - 1) * seq:rows * seq + 1]))
+        assert len(last) == seq + 1 and shards.unused_window_tokens(n, seq) == n - (rows * seq + 1)
+    assert (shards.window_rows(seq, seq), shards.window_rows(seq + 1, seq)) == (0, 1)
+    assert shards.unused_window_tokens(seq, seq) == seq and shards.unused_window_tokens(seq + 1, seq) == 0
+
+
+def test_finished_shards_is_the_prefix_of_sound_shards(tmp_path):
+    folder = small_dataset(tmp_path / "data")
+    records = shards.read_meta(folder)["shards"]
+    check = ("uint16", 6400, 64)
+    assert shards.finished_shards(folder, records, *check) == (records, None)
+    assert shards.finished_shards(folder, [*records[:2], None, records[2]], *check) == (records[:2], None)
+    done, problem = shards.finished_shards(folder, [records[0], records[2]], *check)
+    assert done == records[:1] and str(problem) == (f"{folder / 'shard_00001.json'}: records shard_00002 in the "
+                                                    "place of shard_00001")
+    done, problem = shards.finished_shards(folder, [records[0], {**records[1], "files": {}}], *check)
+    assert done == records[:1] and str(problem).startswith(f"{folder / 'shard_00001.json'}: field 'files': must list")
+    victim = folder / "shard_00001.bin"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the checksum tells
+    victim.write_bytes(bytes(data))
+    done, problem = shards.finished_shards(folder, records, *check)
+    assert done == records[:1] and str(problem) == f"{victim}: checksum mismatch (the file was changed or corrupted)"
+
+
 # ---------------------------------------------------------------- opening a folder checks it against meta.json
 
 def small_dataset(folder: Path, stage: str = "sft") -> Path:
