@@ -324,6 +324,17 @@ def read_meta(folder: Path) -> dict:
     return check_meta(_read_json(path, f"is {folder} a packed dataset (python preprocess/pack.py)?"), path)
 
 
+def tokenizer_mismatch(folder: Path, meta: dict, fingerprint: str | None) -> ShardError | None:
+    """The error when ``fingerprint`` (a tokenizer.json's sha256; None: not checked) is not the one the
+    folder was packed with, else None: the one tokenizer check of a packed folder."""
+    packed_with = meta["tokenizer"]
+    if not fingerprint or packed_with["fingerprint"] == fingerprint:
+        return None
+    return ShardError(f"packed with another tokenizer ({packed_with['path']}): tokenizer fingerprint "
+                      f"{packed_with['fingerprint'][:12]}…, the given tokenizer's {fingerprint[:12]}…",
+                      path=Path(folder) / "meta.json")
+
+
 def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
     """Every problem found (empty list = sound): meta.json's fields, sizes, headers, counts, checksums,
     token ids and the tokenizer fingerprint (the first problem of each shard)."""
@@ -331,10 +342,8 @@ def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
         meta = read_meta(folder)
     except ShardError as e:
         return [str(e)]
-    problems = []
-    if tokenizer_fingerprint and meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
-        problems.append(f"{folder / 'meta.json'}: tokenizer fingerprint {meta['tokenizer']['fingerprint'][:12]}… "
-                        f"differs from the given tokenizer's {tokenizer_fingerprint[:12]}…")
+    mismatch = tokenizer_mismatch(folder, meta, tokenizer_fingerprint)
+    problems = [str(mismatch)] if mismatch else []
     packed = meta["stage"] != "pretrain"
     for record in meta["shards"]:
         try:
@@ -359,9 +368,8 @@ class PackedFolder:
     def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
-        if tokenizer_fingerprint and self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
-            raise ShardError(f"{self.folder / 'meta.json'}: packed with another tokenizer "
-                             f"({self.meta['tokenizer']['path']}) than the one given")
+        if mismatch := tokenizer_mismatch(self.folder, self.meta, tokenizer_fingerprint):
+            raise mismatch
         self.stage: str = self.meta["stage"]
         self.seq_len: int = self.meta["seq_len"]
         self.packed = self.stage != "pretrain"

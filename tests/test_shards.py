@@ -193,3 +193,16 @@ def test_token_ids_beyond_the_vocabulary_are_refused_with_or_without_checksums(t
     del meta["shards"][0]["max_token"]  # a dataset packed before max_token existed: the ids are scanned
     (folder / "meta.json").write_text(json.dumps(meta))
     assert one_line_error(folder, verify=False).startswith(expected)
+
+
+def test_another_tokenizer_is_one_line_for_opening_and_verifying(tmp_path):
+    folder = small_dataset(tmp_path / "data")
+    meta = shards.read_meta(folder)
+    other = "f" * 64
+    expected = (f"{folder / 'meta.json'}: packed with another tokenizer ({meta['tokenizer']['path']}): tokenizer "
+                f"fingerprint {meta['tokenizer']['fingerprint'][:12]}…, the given tokenizer's {other[:12]}…")
+    with pytest.raises(shards.ShardError) as info:
+        shards.PackedFolder(folder, tokenizer_fingerprint=other)
+    assert str(info.value) == expected and shards.verify(folder, other) == [expected]
+    assert shards.PackedFolder(folder, meta["tokenizer"]["fingerprint"]).n_rows > 0
+    assert shards.verify(folder, meta["tokenizer"]["fingerprint"]) == []
