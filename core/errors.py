@@ -28,14 +28,34 @@ class TinyLMError(Exception):
         text = f"{where}{field} {self.message}" if where or field else self.message
         return " ".join(text.split("\n")).strip()
 
+    def with_hint(self, hint: str) -> TinyLMError:
+        """This same error (type and location kept, nothing re-wrapped) with ``; hint`` -- what the user can
+        do about it -- appended to its message; returns it, for ``raise e.with_hint(...)``."""
+        self.message = f"{self.message}; {hint}"
+        self.args = (self.message,)
+        return self
 
-def run_main(tool: str, main: Callable[[], int | None]) -> int:
-    """Run a tool's body: a TinyLMError is printed as one ``tool: error:`` line (exit 1), Ctrl-C exits 130."""
+    def __reduce__(self) -> tuple:
+        """Pickle by state, so that every subclass crosses to and from worker processes whatever its
+        ``__init__`` takes."""
+        return _restore, (type(self), self.__dict__)
+
+
+def _restore(cls: type[TinyLMError], state: dict) -> TinyLMError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
+
+def run_main(tool: str, main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run a tool's body: a TinyLMError is printed as one ``tool: error:`` line (exit 1); Ctrl-C prints
+    ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130."""
     try:
         return main() or 0
     except TinyLMError as e:
         print(f"{tool}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{tool}: interrupted", file=sys.stderr)
+        print(f"{tool}: {interrupted}", file=sys.stderr)
         return 130

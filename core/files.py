@@ -182,17 +182,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> str:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """Parse a JSON file or raise one line naming it (missing, unreadable, not UTF-8, not JSON)."""
+def read_json(path: str | Path, what: str = "file", error: type[TinyLMError] = TinyLMError) -> Any:
+    """Parse a JSON file or raise one line naming it (missing, unreadable, not UTF-8, not JSON), as an
+    ``error`` (the caller's own TinyLMError subclass, so that nothing needs re-wrapping)."""
     path = Path(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise TinyLMError(f"the {what} is missing", path=path) from None
+        raise error(f"the {what} is missing", path=path) from None
     except OSError as e:
-        raise TinyLMError(f"cannot read the {what} ({os_reason(e)})", path=path) from None
+        raise error(f"cannot read the {what} ({os_reason(e)})", path=path) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise TinyLMError(f"the {what} is corrupt: not valid JSON ({e})", path=path) from None
+        raise error(f"the {what} is corrupt: not valid JSON ({e})", path=path) from None
 
 
 def is_temp_file(name: str) -> bool:

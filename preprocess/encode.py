@@ -55,7 +55,7 @@ class EncodedChunk:
     doc_lens: np.ndarray  # int64, one per kept document
     unit_docs: list[int] = field(default_factory=list)  # per item: documents it contributed (0, 1 or 2)
     outcomes: list[str] = field(default_factory=list)  # per item: OK, TRUNCATED, DROPPED or "bad:<reason>"
-    messages: list[str | None] = field(default_factory=list)  # per item: the error line of a bad item
+    errors: list[RecordError | None] = field(default_factory=list)  # per item: why it is bad (located), or None
     literal_specials: list[bool] = field(default_factory=list)  # per item: added-token strings kept as text
 
 
@@ -116,7 +116,7 @@ def _encode(items: list[Item], docs_of_item: list[list[list[Piece]]], chunk: Enc
             reason = str(e).split(": ", 1)[-1]
             error = RecordError("tokenizer_refused", f"the tokenizer refuses this record: {reason}")
             docs_of_item[i] = []
-            chunk.outcomes[i], chunk.messages[i] = f"bad:{error.reason}", error.describe(items[i])
+            chunk.outcomes[i], chunk.errors[i] = f"bad:{error.reason}", error.at(items[i])
 
 
 def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> EncodedChunk:
@@ -127,11 +127,11 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
         try:
             docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts, tags))
             chunk.outcomes.append(OK)
-            chunk.messages.append(None)
+            chunk.errors.append(None)
         except RecordError as e:
             docs_of_item.append([])
             chunk.outcomes.append(f"bad:{e.reason}")
-            chunk.messages.append(e.describe(item))
+            chunk.errors.append(e.at(item))
     tag_weight = opts.tag_weight if opts.stage == "reason" else 1
     encoded = _encode(items, docs_of_item, chunk, tok, tag_weight)
     chunk.literal_specials = _literal_specials(docs_of_item, tok)

@@ -3,11 +3,17 @@
 
     python preprocess/pack.py --stage sft --input 'data/sample/sft/*.jsonl' --out data/packed/sft
 
+As a library: ``pack(PackOptions(stage, inputs, out, ...)) -> PackResult`` (``bin/eval`` packs held-out
+data this way); :func:`main` only parses arguments into :class:`PackOptions`, calls :func:`pack` and
+prints its :class:`PackResult`.
+
 Pipeline: sources (weights mix) -> worker processes (validate, render, tokenize a chunk of records)
 -> in-order shard builder (best-fit rows) -> atomic shard files -> meta.json. A shard closes after
 ``--shard-tokens`` tokens at a record boundary, so shard contents depend only on the inputs and
 options: any ``--workers`` gives the same bytes, and a killed run re-run with the same arguments
-skips the finished shards and ends with byte-identical output. See docs/FORMAT.md.
+skips the finished shards (``shards.finished_shards`` decides which) and ends with byte-identical
+output. The shard format, its naming and the pretrain window rule are ``preprocess/shards.py``'s; see
+docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -18,11 +24,10 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from core.errors import TinyLMError  # noqa: E402
+from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import FolderLock, atomic_write_json, is_temp_file, make_dir, read_json  # noqa: E402
 from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
@@ -62,7 +67,6 @@ from preprocess.sources import (  # noqa: E402
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512
 WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
-SHARD_FILE = re.compile(r"shard_(\d{5})\.")
 
 
 class PackError(TinyLMError):
@@ -84,6 +88,11 @@ class PackOptions:
     quiet: bool = False
     records: RecordOptions = field(default_factory=RecordOptions)
 
+    @property
+    def packed(self) -> bool:
+        """Whole units in best-fit rows (sft, reason, dpo), not pretrain windows."""
+        return self.stage in PACKED_STAGES
+
     def problem(self) -> str | None:
         """The first invalid option as a message naming its flag, or None."""
         if self.stage not in STAGES:
@@ -97,6 +106,23 @@ class PackOptions:
         if self.records.parse_special and self.stage != "pretrain":
             return "--parse-special applies to --stage pretrain only (chat content is always text)"
         return self.records.problem()
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` did: the dataset's meta.json and how this run got there."""
+
+    out: Path
+    meta: dict = field(default_factory=dict)  # the meta.json in ``out`` (written now, or found complete)
+    kept_shards: int = 0  # finished shards of an earlier run that were kept (all of them when already_complete)
+    already_complete: bool = False  # ``out`` already held this very dataset: nothing was written
+    seconds: float = 0.0  # time spent encoding and writing shards
+    notes: list[str] = field(default_factory=list)  # remarks on the run (main prints them unless --quiet)
+    warnings: list[str] = field(default_factory=list)  # what a user must see (main always prints them)
+
+    @property
+    def counts(self) -> dict:
+        return self.meta["counts"]
 
 
 def usable_cores() -> int:
@@ -144,17 +170,11 @@ def parse_args(argv: list[str] | None = None) -> PackOptions:
     return opts
 
 
-def say(opts: PackOptions, line: str) -> None:
-    """A note on stderr (not with --quiet)."""
-    if not opts.quiet:
-        print(f"pack.py: note: {line}", file=sys.stderr)
-
-
-def worker_count(opts: PackOptions) -> int:
+def worker_count(opts: PackOptions, result: PackResult) -> int:
     """--workers, or every usable core; never more than the usable cores (capping is noted)."""
     cores = usable_cores()
     if opts.workers > cores:
-        say(opts, f"--workers {opts.workers} capped at the {cores} usable core(s)")
+        result.notes.append(f"--workers {opts.workers} capped at the {cores} usable core(s)")
     return min(opts.workers, cores) if opts.workers else cores
 
 
@@ -172,94 +192,92 @@ def plan_fingerprint(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerI
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def own_json(path: Path, what: str, opts: PackOptions, keys: dict[str, type]) -> dict | None:
-    """A JSON object pack.py wrote into --out (with ``keys`` of those types), or None when absent; a corrupt
-    one is refused in one line, or ignored (None) with ``--overwrite``."""
-    if not path.exists():
-        return None
-    try:
-        obj = read_json(path, what)
-        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), t) for k, t in keys.items()):
-            raise TinyLMError(f"the {what} is corrupt: not the object pack.py writes", path=path)
-    except TinyLMError as e:
-        if opts.overwrite:
-            return None
-        raise PackError(f"{e}; pass --overwrite to repack {opts.out} from scratch") from None
-    return obj
-
-
-# The keys (and types) of a shard record that a resume sums into meta.json.
+# The keys (and types) of a shard record that a resume sums into meta.json (pack.py's stats).
 SHARD_RECORD_KEYS = {"files": dict, "records_end": int, "records_read": int, "records_kept": int, "truncated": int,
                      "dropped": dict, "skipped": dict, "tokens": int, "documents": int, "supervised_tokens": int,
                      "train_rows": int, "row_slots": int, "row_tokens": int}
+Check = Callable[[object, Path], dict]
 
 
-def shard_intact(out: Path, record: dict) -> bool:
-    """The record has every key a resume needs, and every file of the shard is there with its recorded size
-    and sha256."""
+def written_by_pack(what: str, keys: dict[str, type]) -> Check:
+    """A check that a JSON value is the object pack.py writes as ``what``: ``keys`` present with those types."""
+    def check(obj: object, path: Path) -> dict:
+        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), t) for k, t in keys.items()):
+            raise TinyLMError(f"the {what} is corrupt: not the object pack.py writes", path=path)
+        return obj
+    return check
+
+
+def checked_meta(obj: object, path: Path) -> dict:
+    """meta.json as pack.py writes it: the format's own checks (``shards.check_meta``: version, fields,
+    shard records) plus what a resume needs (the plan fingerprint, every shard's stats)."""
+    meta = shards.check_meta(written_by_pack("meta.json", {"plan_fingerprint": str, "shards": list})(obj, path), path)
+    for record in meta["shards"]:
+        written_by_pack("meta.json", SHARD_RECORD_KEYS)(record, path)
+    return meta
+
+
+def own_json(path: Path, opts: PackOptions, check: Check) -> dict | None:
+    """A JSON file pack.py wrote into --out, passed through ``check``, or None when absent. A corrupt one
+    is refused in one line (its own error, with what to do), or ignored (None) with ``--overwrite``."""
+    if not path.exists():
+        return None
     try:
-        if any(not isinstance(record.get(k), t) for k, t in SHARD_RECORD_KEYS.items()):
-            return False
-        files = list(record["files"].items())
-        return bool(files) and all((out / f).is_file() and (out / f).stat().st_size == v["bytes"]
-                                   and shards.file_sha256(out / f) == v["sha256"] for f, v in files)
-    except (KeyError, TypeError, AttributeError, OSError):
-        return False
+        return check(read_json(path, path.name), path)
+    except TinyLMError as e:
+        if opts.overwrite:
+            return None
+        raise e.with_hint(f"pass --overwrite to repack {opts.out} from scratch") from None
 
 
-def finished_shards(out: Path, opts: PackOptions, listed: list[dict] | None = None) -> list[dict]:
-    """The contiguous run of intact finished shards 0..k-1 (checksums verified): from ``listed`` (a
-    meta.json's list) or from the shard .json records an earlier run left. A shard whose files no longer
-    match their checksums, and every shard after it, is left out (so it is packed again)."""
-    done = []
-    for index in itertools.count():
-        name = shards.shard_name(index)
-        if listed is not None:
-            record = listed[index] if index < len(listed) else None
-        else:
-            record = own_json(out / f"{name}.json", "shard record", opts, SHARD_RECORD_KEYS)
-        if record is None:
-            break
-        if not shard_intact(out, record):
-            print(f"pack.py: warning: {out / name}: its files do not match their recorded checksums "
-                  "(changed or corrupted since it was written); packing it and the shards after it again",
-                  file=sys.stderr)
-            break
-        done.append(record)
+def keep_finished(opts: PackOptions, tok: TokenizerInfo, records: Iterator[dict | None],
+                  result: PackResult) -> list[dict]:
+    """The finished, sound shards 0..k-1 of ``records`` (``shards.finished_shards``); an unsound one is
+    warned about, and it and every shard after it are packed again."""
+    done, problem = shards.finished_shards(opts.out, records, shards.token_dtype_for(tok.vocab_size),
+                                           tok.vocab_size, opts.seq_len if opts.packed else None)
+    if problem is not None:
+        result.warnings.append(f"{opts.out / shards.shard_name(len(done))}: its files do not match their recorded "
+                               f"checksums (changed or corrupted since it was written: {problem}); packing it and "
+                               "the shards after it again")
     return done
 
 
 def clear_outputs(out: Path, keep: int) -> None:
     """Remove temp files and every shard file numbered >= keep (left half-done by a killed run)."""
     for path in out.iterdir():
-        match = SHARD_FILE.match(path.name)
-        if is_temp_file(path.name) or match and int(match.group(1)) >= keep:
+        index = shards.shard_index(path.name)
+        if is_temp_file(path.name) or index is not None and index >= keep:
             path.unlink()
 
 
-def prepare_out(opts: PackOptions, fingerprint: str) -> tuple[list[dict], bool]:
-    """Inspect --out (already created and locked): (the finished shards this run keeps, complete?)."""
+def prepare_out(opts: PackOptions, fingerprint: str, tok: TokenizerInfo,
+                result: PackResult) -> tuple[list[dict], dict | None]:
+    """Inspect --out (already created and locked): (the finished shards this run keeps, the meta.json
+    when the dataset is already complete, else None)."""
     out = opts.out
     meta_path, state_path = out / "meta.json", out / STATE_FILE
-    meta = own_json(meta_path, "meta.json", opts, {"plan_fingerprint": str, "shards": list})
+    meta = own_json(meta_path, opts, checked_meta)
     done: list[dict] = []
     if meta is not None and meta["plan_fingerprint"] == fingerprint:
-        done = finished_shards(out, opts, listed=meta["shards"])
+        done = keep_finished(opts, tok, iter(meta["shards"]), result)
         if len(done) == len(meta["shards"]):
-            return done, True
+            return done, meta
     elif meta is not None and not opts.overwrite:
         raise PackError(f"{meta_path}: {out} already holds a packed dataset of other inputs or options; "
                         "pass --overwrite or choose another --out")
     else:
-        state = own_json(state_path, "pack state file", opts, {"plan_fingerprint": str})
+        state = own_json(state_path, opts, written_by_pack("pack state file", {"plan_fingerprint": str}))
         if state is not None and state["plan_fingerprint"] == fingerprint:
-            done = finished_shards(out, opts)
+            check = written_by_pack("shard record", SHARD_RECORD_KEYS)
+            records = (own_json(shards.shard_record_path(out, i), opts, check) for i in itertools.count())
+            done = keep_finished(opts, tok, records, result)
         elif state is not None:
-            say(opts, f"inputs or options changed since the interrupted run in {out}; starting over")
+            result.notes.append(f"inputs or options changed since the interrupted run in {out}; starting over")
     meta_path.unlink(missing_ok=True)
     clear_outputs(out, keep=len(done))
     atomic_write_json(state_path, {"plan_fingerprint": fingerprint})
-    return done, False
+    return done, None
 
 
 def chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -319,12 +337,10 @@ class ShardBuilder:
         def cat(i: int, dtype: str) -> np.ndarray:
             return np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype)
         tokens, weights, doc_lens = cat(0, "uint32"), cat(1, "uint8"), cat(2, "int64")
-        packed = self.opts.stage in PACKED_STAGES
-        shard = assemble_shard(tokens, weights, doc_lens, np.array(self.unit_docs, dtype=np.int64),
-                               self.opts.seq_len, packed)
+        packed, seq = self.opts.packed, self.opts.seq_len
+        shard = assemble_shard(tokens, weights, doc_lens, np.array(self.unit_docs, dtype=np.int64), seq, packed)
         self.records_end += self.records
-        seq = self.opts.seq_len
-        train_rows = shard.n_rows if packed else max(0, (len(tokens) - 1) // seq)
+        train_rows = shard.training_rows(seq, packed)
         stats = {
             "records_end": self.records_end, "records_read": self.records, **tally(self.outcomes),
             "supervised_tokens": int(np.count_nonzero(weights)), "train_rows": train_rows,
@@ -389,11 +405,11 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
 
 
 def unused_tokens(opts: PackOptions, records: list[dict]) -> int:
-    """Pretrain: tokens that are in no training window (a shard of n tokens has (n - 1) // L windows of
-    L + 1 tokens, the last one ending at token rows * L). Packed stages use every stored token: 0."""
-    if opts.stage in PACKED_STAGES:
+    """Pretrain: tokens in no training window (``shards.unused_window_tokens`` of each shard). Packed
+    stages use every stored token: 0."""
+    if opts.packed:
         return 0
-    return sum(r["tokens"] - (r["train_rows"] * opts.seq_len + 1 if r["train_rows"] else 0) for r in records)
+    return sum(shards.unused_window_tokens(r["tokens"], opts.seq_len) for r in records)
 
 
 def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item],
@@ -450,7 +466,7 @@ def overlong_warning(opts: PackOptions, c: dict) -> str | None:
     dropped = sum(c["dropped"].values())
     fix = ("pass --overlong drop to drop them instead" if opts.records.overlong == "truncate"
            else "pass --overlong truncate to keep them, truncated")
-    return (f"pack.py: warning: {cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "
+    return (f"{cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "
             f"are longer than --seq-len {opts.seq_len}: {c['truncated']:,} truncated, {dropped:,} dropped; "
             f"raise --seq-len to keep them whole, or {fix}")
 
@@ -460,7 +476,7 @@ def special_strings_warning(opts: PackOptions, c: dict) -> str | None:
     n = c["records_with_special_strings"]
     if not n:
         return None
-    head = f"pack.py: warning: {n:,} record(s) contain special-token strings (e.g. <|im_end|>), packed as plain text"
+    head = f"{n:,} record(s) contain special-token strings (e.g. <|im_end|>), packed as plain text"
     if opts.stage == "pretrain":
         return head + "; pass --parse-special if the corpus embeds them as control tokens on purpose"
     return head + " (in chat content they are always text; only the template inserts control tokens)"
@@ -472,7 +488,7 @@ def skipped_warning(c: dict) -> str | None:
     if not c["records_read"] or skipped / c["records_read"] <= WARN_SHARE:
         return None
     reasons = ", ".join(f"{k} {v:,}" for k, v in c["skipped"].items())
-    return (f"pack.py: warning: {skipped / c['records_read']:.1%} of the records ({skipped:,} of "
+    return (f"{skipped / c['records_read']:.1%} of the records ({skipped:,} of "
             f"{c['records_read']:,}) were bad and skipped (--skip-bad): {reasons}")
 
 
@@ -486,7 +502,7 @@ def counted(items: Iterator[Item], per_source: Counter) -> Iterator[Item]:
 
 def unmixed_warnings(sources: list[dict], per_source: Counter) -> list[str]:
     """A warning per non-empty source whose mixing weight kept none of its records (a silent loss otherwise)."""
-    return [f"pack.py: warning: {s['path']}:{s['weight']:g} contributed no record: its weight keeps none of its "
+    return [f"{s['path']}:{s['weight']:g} contributed no record: its weight keeps none of its "
             "records; raise the weight" for s in sources if s["path"] not in per_source]
 
 
@@ -494,33 +510,42 @@ def unused_warning(opts: PackOptions, c: dict) -> str | None:
     """One warning line when more than WARN_SHARE of the pretrain tokens fall in no training window."""
     if not c["tokens"] or c["unused_tokens"] / c["tokens"] <= WARN_SHARE:
         return None
-    return (f"pack.py: warning: {c['unused_tokens'] / c['tokens']:.1%} of the tokens ({c['unused_tokens']:,} of "
+    return (f"{c['unused_tokens'] / c['tokens']:.1%} of the tokens ({c['unused_tokens']:,} of "
             f"{c['tokens']:,}) are in no training window of --seq-len {opts.seq_len} + 1 (the tail of each "
             "shard); a smaller --seq-len or a larger --shard-tokens uses them")
 
 
-def pack(opts: PackOptions) -> dict:
-    """Pack ``opts.inputs`` into ``opts.out`` (locked for the run); returns the meta.json written."""
-    if message := opts.problem():
+def pack(options: PackOptions) -> PackResult:
+    """Pack ``options.inputs`` into ``options.out`` (locked for the run) and describe what was done.
+
+    A re-run with the same inputs and options keeps the finished shards of an interrupted run and packs
+    the rest, or, when the dataset is complete, writes nothing (``already_complete``); other inputs in
+    the same folder are refused unless ``overwrite``. Every problem is a TinyLMError (one line); on one,
+    ``out`` holds no half-written file and no meta.json that was not there."""
+    if message := options.problem():
         raise PackError(message)
-    specs = parse_input_args(opts.inputs)
-    tok = load_tokenizer(opts.tokenizer)
-    if opts.stage == "reason" and opts.records.tag_weight != 1 and not tok.has_reasoning_tags:
+    specs = parse_input_args(options.inputs)
+    tok = load_tokenizer(options.tokenizer)
+    if options.stage == "reason" and options.records.tag_weight != 1 and not tok.has_reasoning_tags:
         raise PackError(f"{tok.path}: <think>/</think>/<answer>/</answer> are not single ids in this tokenizer, "
                         "so they cannot be weighted; use a tokenizer that has them or pass --tag-weight 1")
-    max_line = BYTES_PER_CHAR_MAX * opts.records.max_record_chars
+    max_line = BYTES_PER_CHAR_MAX * options.records.max_record_chars
     total_items = count_items(specs, max_line)  # reads every input once: a broken file is refused here
-    fingerprint = plan_fingerprint(opts, specs, tok)
-    with FolderLock(make_dir(opts.out), "pack"):
-        done, complete = prepare_out(opts, fingerprint)
-        if complete:
-            return read_json(opts.out / "meta.json", "meta.json")
-        return _pack_rest(opts, specs, tok, fingerprint, done, total_items, max_line)
+    fingerprint = plan_fingerprint(options, specs, tok)
+    result = PackResult(options.out)
+    with FolderLock(make_dir(options.out), "pack"):
+        done, meta = prepare_out(options, fingerprint, tok, result)
+        result.kept_shards = len(done)
+        if meta is not None:
+            result.meta, result.already_complete = meta, True
+            return result
+        _pack_rest(options, specs, tok, fingerprint, done, total_items, max_line, result)
+    return result
 
 
 def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, fingerprint: str,
-               done: list[dict], total_items: int, max_line: int) -> dict:
-    """Encode and write every shard after ``done``, then meta.json (last)."""
+               done: list[dict], total_items: int, max_line: int, result: PackResult) -> None:
+    """Encode and write every shard after ``done``, then meta.json (last); fills ``result``."""
     records_before = done[-1]["records_end"] if done else 0
     builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
     r = opts.records
@@ -530,12 +555,10 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     start = time.perf_counter()
     with tqdm(total=total_items, initial=records_before, unit="rec", disable=opts.quiet,
               desc=f"pack {opts.stage}", dynamic_ncols=True) as bar:
-        for chunk in encoded_chunks(opts, enc, tok, items, worker_count(opts)):
-            if not r.skip_bad:
-                bad = next((m for o, m in zip(chunk.outcomes, chunk.messages, strict=True)
-                            if o.startswith("bad:")), None)
-                if bad:
-                    raise PackError(f"{bad}  (pass --skip-bad to skip and count bad records)")
+        for chunk in encoded_chunks(opts, enc, tok, items, worker_count(opts, result)):
+            bad = None if r.skip_bad else next((e for e in chunk.errors if e is not None), None)
+            if bad is not None:
+                raise bad.with_hint("pass --skip-bad to skip and count bad records")
             builder.add(chunk)
             bar.update(len(chunk.outcomes))
             bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}", refresh=False)
@@ -547,46 +570,44 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
         clear_outputs(opts.out, keep=0)
         (opts.out / STATE_FILE).unlink(missing_ok=True)
         raise
-    for warning in (overlong_warning(opts, meta["counts"]), skipped_warning(meta["counts"]),
-                    unused_warning(opts, meta["counts"]), special_strings_warning(opts, meta["counts"]),
-                    *unmixed_warnings(meta["sources"], per_source)):
-        if warning:
-            print(warning, file=sys.stderr)
+    c = meta["counts"]
+    result.warnings += [w for w in (overlong_warning(opts, c), skipped_warning(c), unused_warning(opts, c),
+                                    special_strings_warning(opts, c), *unmixed_warnings(meta["sources"], per_source))
+                        if w]
     atomic_write_json(opts.out / "meta.json", meta)
     (opts.out / STATE_FILE).unlink(missing_ok=True)
-    meta["_seconds"] = time.perf_counter() - start
-    return meta
+    result.meta, result.seconds = meta, time.perf_counter() - start
 
 
-def print_summary(meta: dict, out: Path) -> None:
-    c, p = meta["counts"], meta["packing"]
-    seconds = meta.get("_seconds")
-    rate = f"  ({c['tokens'] / seconds:,.0f} tokens/s)" if seconds else ""
-    lines = [
-        f"packed {meta['stage']} -> {out}  [{len(meta['shards'])} shard(s), {meta['token_dtype']}]",
+def summary_lines(result: PackResult) -> list[str]:
+    """The closing summary: shards, the record accounting, tokens (and the rate), rows and packing."""
+    meta, c = result.meta, result.counts
+    p = meta["packing"]
+    rate = f"  ({c['tokens'] / result.seconds:,.0f} tokens/s)" if result.seconds else ""
+    return [
+        f"packed {meta['stage']} -> {result.out}  [{len(meta['shards'])} shard(s), {meta['token_dtype']}]",
         f"  records   {accounting_line(c)}",
         f"  tokens    {c['tokens']:,} in {c['documents']:,} documents, {c['supervised_tokens']:,} with loss{rate}",
         f"  rows      {c['rows']:,} x {meta['seq_len']}  packing efficiency {p['efficiency']:.1%} "
         f"(pad-to-max would be {p['pad_to_max_efficiency']:.1%})",
     ]
-    print("\n".join(lines))
 
 
+def report(result: PackResult, quiet: bool) -> None:
+    """Print a pack's notes (not with --quiet) and warnings (always) on stderr, its summary on stdout."""
+    for note in [] if quiet else result.notes:
+        print(f"pack.py: note: {note}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"pack.py: warning: {warning}", file=sys.stderr)
+    if not quiet:
+        print("\n".join(summary_lines(result)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    try:
-        meta = pack(opts)
-    except TinyLMError as e:
-        print(f"pack.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pack.py: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    if not opts.quiet:
-        print_summary(meta, opts.out)
-    return 0
+    """``python preprocess/pack.py ...``: arguments -> PackOptions -> pack -> printed report."""
+    options = parse_args(argv)
+    return run_main("pack.py", lambda: report(pack(options), options.quiet),
+                    interrupted="interrupted; re-run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,17 @@ UNSUPPORTED_HINT = "tinylm does not render tool calls / tools / reasoning_conten
 
 
 class RecordError(TinyLMError):
+    """A bad record: ``reason`` is the key ``--skip-bad`` counts it under; :meth:`at` locates it."""
+
     def __init__(self, reason: str, message: str, field: str | None = None):
         super().__init__(message, field=field)
         self.reason = reason
 
-    def describe(self, item: Item) -> str:
-        """``file:line: field 'x': message`` — the one line a user sees."""
-        where = f"{item.source}:{item.line}" if item.line else item.source
-        field = f" field '{self.field}':" if self.field else ""
-        return f"{where}:{field} {self.message}"
+    def at(self, item: Item) -> RecordError:
+        """This error located at the item (``file:line: field 'x': message``; an empty file's marker,
+        line 0, names the file alone); returns it."""
+        self.path, self.line = item.source, item.line or None
+        return self
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,13 @@ A packed dataset folder holds ``meta.json`` and, per shard ``shard_NNNNN``:
   then the token count) followed by ``row_docs[n_rows + 1]`` (index of each packed row's first
   document, then n_docs). Pretrain shards have no packed rows (n_rows = 0, ``row_docs == [0]``):
   their training rows are fixed windows over the token stream.
-- ``.json`` the shard's counts, sizes and checksums; written last, so its presence means "finished".
+- ``.json`` the shard's counts, sizes and checksums; written last, so its presence means "finished"
+  (:func:`finished_shards` is the completion check a resumed writer uses).
+
+Rows. A packed shard's training rows are its ``row_docs`` runs. A pretrain shard's rows are fixed windows
+(:func:`window_rows`, the one statement of the rule): row r is the ``seq_len + 1`` tokens from
+``r * seq_len`` (inputs and shifted targets), so ``n`` tokens hold ``(n - 1) // seq_len`` rows and the
+tokens after the last window's end are in none (:func:`unused_window_tokens`).
 
 DPO reference log-probabilities live beside the shards in ``ref_<fingerprint16>/`` (the first 16 hex digits
 of the reference checkpoint's weight fingerprint): one ``shard_NNNNN.ref`` per shard (float32, one value
@@ -18,13 +24,14 @@ per document: the summed log-probability of its supervised tokens under the refe
 Every binary file starts with a 256-byte header of 32 little-endian int64:
 ``[MAGIC, VERSION, kind, itemsize, count, n_docs, n_rows, 0...]`` where ``count`` is the number of
 payload items; so ``file size == 256 + count * itemsize`` is checked before a shard is trusted.
-All writes go to a temporary name and are renamed into place.
+All writes go through ``core.files`` (``NAME.tmp.<pid>``, fsync, rename into place).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,7 @@ REF_PREFIX = "ref_"
 UINT16_LIMIT = 65_536
 TOKEN_DTYPES = ("uint16", "uint32")
 SHARD_NAME = re.compile(r"^shard_\d{5}$")
+SHARD_FILE = re.compile(r"^shard_(\d{5})\.")  # any file of a shard: its name, then an extension
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -57,6 +65,24 @@ def token_dtype_for(vocab_size: int) -> str:
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
+
+
+def shard_index(filename: str) -> int | None:
+    """The index of the shard a file belongs to (``shard_00003.mask`` -> 3), or None for any other file."""
+    match = SHARD_FILE.match(filename)
+    return int(match.group(1)) if match else None
+
+
+def window_rows(n_tokens: int, seq_len: int) -> int:
+    """The pretrain window rule: rows of ``seq_len + 1`` tokens starting every ``seq_len`` tokens, so
+    ``(n_tokens - 1) // seq_len`` of them (none for a shard of at most ``seq_len`` tokens)."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def unused_window_tokens(n_tokens: int, seq_len: int) -> int:
+    """Pretrain: the tokens of a shard that are in no window (after the last window's last token)."""
+    rows = window_rows(n_tokens, seq_len)
+    return n_tokens - (rows * seq_len + 1) if rows else n_tokens
 
 
 def _header(kind: int, itemsize: int, count: int, n_docs: int, n_rows: int) -> bytes:
@@ -87,6 +113,10 @@ class ShardArrays:
     @property
     def n_rows(self) -> int:
         return len(self.row_docs) - 1
+
+    def training_rows(self, seq_len: int, packed: bool) -> int:
+        """Its packed rows, or (pretrain) its :func:`window_rows`."""
+        return self.n_rows if packed else window_rows(len(self.tokens), seq_len)
 
 
 def write_shard(folder: Path, index: int, shard: ShardArrays, token_dtype: str, stats: dict) -> dict:
@@ -201,10 +231,7 @@ def _read_json(path: Path, if_missing: str) -> Any:
     """A JSON metadata file; ShardError naming it when it is missing (with ``if_missing``) or not JSON."""
     if not path.is_file():
         raise ShardError(f"{path}: missing — {if_missing}")
-    try:
-        return read_json(path, path.name)
-    except TinyLMError as e:
-        raise ShardError(str(e)) from None
+    return read_json(path, path.name, ShardError)
 
 
 def _is_count(value: Any, minimum: int = 0) -> bool:
@@ -235,28 +262,77 @@ def check_meta(meta: Any, path: Path) -> dict:
          f"uint16 cannot hold the ids of a {tok['vocab_size']}-token vocabulary (tokenizer.vocab_size)")
     need(isinstance(meta.get("shards"), list), "shards", "missing or not a list")
     for i, record in enumerate(meta["shards"]):
-        where = f"shards[{i}]"
-        need(isinstance(record, dict), where, "not an object")
-        need(isinstance(record.get("name"), str) and bool(SHARD_NAME.match(record["name"])), f"{where}.name",
-             f"{record.get('name')!r} is not a shard name (shard_NNNNN)")
-        for key in ("tokens", "documents", "rows"):
-            need(_is_count(record.get(key)), f"{where}.{key}", f"{record.get(key)!r} is not a count")
-        need(record.get("max_token") is None or _is_count(record["max_token"], -1), f"{where}.max_token",
-             f"{record.get('max_token')!r} is not a token id")
-        files = record.get("files")
-        expected = {record["name"] + EXTENSIONS[k] for k in (KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX)}
-        need(isinstance(files, dict) and set(files) == expected, f"{where}.files",
-             f"must list exactly {', '.join(sorted(expected))}")
-        for filename, entry in files.items():
-            need(isinstance(entry, dict) and _is_count(entry.get("bytes"), HEADER_BYTES)
-                 and isinstance(entry.get("sha256"), str) and bool(SHA256_HEX.match(entry["sha256"])),
-                 f"{where}.files.{filename}", "needs 'bytes' (a size) and 'sha256' (64 hex digits)")
+        check_shard_record(record, path, f"shards[{i}]")
     return meta
+
+
+def check_shard_record(record: Any, path: Path, where: str | None = None) -> dict:
+    """Refuse a shard record (meta.json's ``where`` entry, or a shard's own ``.json`` file at ``path``)
+    with a missing or mistyped name, count or file entry; returns it."""
+    def need(ok: bool, field: str | None, message: str) -> None:
+        if not ok:
+            raise ShardError(message, path=path, field=".".join(filter(None, (where, field))) or None)
+
+    need(isinstance(record, dict), None, "not an object")
+    need(isinstance(record.get("name"), str) and bool(SHARD_NAME.match(record["name"])), "name",
+         f"{record.get('name')!r} is not a shard name (shard_NNNNN)")
+    for key in ("tokens", "documents", "rows"):
+        need(_is_count(record.get(key)), key, f"{record.get(key)!r} is not a count")
+    need(record.get("max_token") is None or _is_count(record["max_token"], -1), "max_token",
+         f"{record.get('max_token')!r} is not a token id")
+    files = record.get("files")
+    expected = {record["name"] + EXTENSIONS[k] for k in (KIND_TOKENS, KIND_WEIGHTS, KIND_INDEX)}
+    need(isinstance(files, dict) and set(files) == expected, "files",
+         f"must list exactly {', '.join(sorted(expected))}")
+    for filename, entry in files.items():
+        need(isinstance(entry, dict) and _is_count(entry.get("bytes"), HEADER_BYTES)
+             and isinstance(entry.get("sha256"), str) and bool(SHA256_HEX.match(entry["sha256"])),
+             f"files.{filename}", "needs 'bytes' (a size) and 'sha256' (64 hex digits)")
+    return record
+
+
+def shard_record_path(folder: Path, index: int) -> Path:
+    """Where shard ``index``'s own record is (``shard_NNNNN.json``: written last, present = finished)."""
+    return Path(folder) / f"{shard_name(index)}.json"
+
+
+def finished_shards(folder: Path, records: Iterable[dict | None], token_dtype: str, vocab_size: int,
+                    seq_len: int | None) -> tuple[list[dict], ShardError | None]:
+    """Completion detection for a resumed writer: the leading run of shards 0..k-1 that are finished and
+    sound. Record i must be a shard record (:func:`check_shard_record`) naming shard i, and
+    :func:`verify_shard` must accept its files (sizes, headers, counts, sha256, token ids). Stops at the
+    first None (not written yet) and returns ``(done, None)``, or at the first unsound shard and returns
+    ``(done, its ShardError)``: that shard and every later one must be written again."""
+    done: list[dict] = []
+    for index, record in enumerate(records):
+        if record is None:
+            break
+        try:
+            check_shard_record(record, shard_record_path(folder, index))
+            if record["name"] != shard_name(index):
+                raise ShardError(f"records {record['name']} in the place of {shard_name(index)}",
+                                 path=shard_record_path(folder, index))
+            verify_shard(folder, record, token_dtype, vocab_size, seq_len)
+        except ShardError as e:
+            return done, e
+        done.append(record)
+    return done, None
 
 
 def read_meta(folder: Path) -> dict:
     path = Path(folder) / "meta.json"
     return check_meta(_read_json(path, f"is {folder} a packed dataset (python preprocess/pack.py)?"), path)
+
+
+def tokenizer_mismatch(folder: Path, meta: dict, fingerprint: str | None) -> ShardError | None:
+    """The error when ``fingerprint`` (a tokenizer.json's sha256; None: not checked) is not the one the
+    folder was packed with, else None: the one tokenizer check of a packed folder."""
+    packed_with = meta["tokenizer"]
+    if not fingerprint or packed_with["fingerprint"] == fingerprint:
+        return None
+    return ShardError(f"packed with another tokenizer ({packed_with['path']}): tokenizer fingerprint "
+                      f"{packed_with['fingerprint'][:12]}…, the given tokenizer's {fingerprint[:12]}…",
+                      path=Path(folder) / "meta.json")
 
 
 def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
@@ -266,10 +342,8 @@ def verify(folder: Path, tokenizer_fingerprint: str | None = None) -> list[str]:
         meta = read_meta(folder)
     except ShardError as e:
         return [str(e)]
-    problems = []
-    if tokenizer_fingerprint and meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
-        problems.append(f"{folder / 'meta.json'}: tokenizer fingerprint {meta['tokenizer']['fingerprint'][:12]}… "
-                        f"differs from the given tokenizer's {tokenizer_fingerprint[:12]}…")
+    mismatch = tokenizer_mismatch(folder, meta, tokenizer_fingerprint)
+    problems = [str(mismatch)] if mismatch else []
     packed = meta["stage"] != "pretrain"
     for record in meta["shards"]:
         try:
@@ -294,16 +368,15 @@ class PackedFolder:
     def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
-        if tokenizer_fingerprint and self.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
-            raise ShardError(f"{self.folder / 'meta.json'}: packed with another tokenizer "
-                             f"({self.meta['tokenizer']['path']}) than the one given")
+        if mismatch := tokenizer_mismatch(self.folder, self.meta, tokenizer_fingerprint):
+            raise mismatch
         self.stage: str = self.meta["stage"]
         self.seq_len: int = self.meta["seq_len"]
         self.packed = self.stage != "pretrain"
         self.shards = [verify_shard(self.folder, s, self.meta["token_dtype"], self.meta["tokenizer"]["vocab_size"],
                                     self.seq_len if self.packed else None, checksums=verify)
                        for s in self.meta["shards"]]
-        counts = [s.n_rows if self.packed else max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards]
+        counts = [s.training_rows(self.seq_len, self.packed) for s in self.shards]
         self.row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_rows = int(self.row_start[-1])
 

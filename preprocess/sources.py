@@ -111,7 +111,7 @@ def _zst_blocks(path: Path) -> Iterator[bytes]:
 
     Each frame is decoded by its own decompressobj; a frame ends when the decoder reports ``eof`` and the
     bytes after it start the next frame. The file must end exactly at the end of a frame: bytes left in
-    an unfinished frame mean the file was cut. ``_ZstBroken`` carries the offset where the frame began.
+    an unfinished frame mean the file was cut. The SourceError names the offset where the frame began.
     """
     import zstandard
 
@@ -125,7 +125,8 @@ def _zst_blocks(path: Path) -> Iterator[bytes]:
                 try:
                     out = frame.decompress(raw)
                 except zstandard.ZstdError as e:
-                    raise _ZstBroken(f"corrupt zstd data in the frame starting at byte {frame_start} ({e})") from None
+                    raise SourceError(f"corrupt zstd data in the frame starting at byte {frame_start} ({e})",
+                                      path=path) from None
                 if out:
                     yield out
                 if frame.eof:
@@ -135,12 +136,8 @@ def _zst_blocks(path: Path) -> Iterator[bytes]:
                     consumed += len(raw)
                     raw = b""
     if frame is not None:
-        raise _ZstBroken(f"truncated zstd stream: the frame starting at byte {frame_start} is cut off at byte "
-                         f"{consumed} (the end of the file); the file is incomplete")
-
-
-class _ZstBroken(Exception):
-    """Internal: why a .zst stream is unreadable (becomes a SourceError naming the file and line)."""
+        raise SourceError(f"truncated zstd stream: the frame starting at byte {frame_start} is cut off at byte "
+                          f"{consumed} (the end of the file); the file is incomplete", path=path)
 
 
 def _raw_blocks(path: Path) -> Iterator[bytes]:
@@ -216,9 +213,9 @@ def _records(path: Path, max_line_bytes: int | None = None) -> Iterator[Record]:
                 yield Record(number, b"", oversize=size, unterminated=not terminated)
             elif line.strip():
                 yield Record(number, line.rstrip(b"\r"), unterminated=not terminated)
-    except _ZstBroken as e:
-        where = f"the last complete line read was line {number}" if number else "no complete line was read"
-        raise SourceError(f"{e}; {where}", path=path) from None
+    except SourceError as e:  # a broken .zst frame: say how far the file was read
+        raise e.with_hint(f"the last complete line read was line {number}" if number
+                          else "no complete line was read") from None
     except OSError as e:
         raise SourceError(f"cannot read ({os_reason(e)}) after line {number}", path=path) from None
 

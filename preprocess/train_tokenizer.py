@@ -16,18 +16,17 @@ bytes back), ``tokenizer_config.json`` and ``chat_template.jinja`` for ``transfo
 (transformers 5 reads the ``.jinja`` file first, older versions the config key; both hold CHAT_TEMPLATE).
 
 Records whose (file name, line) hash falls in one of ``--heldout-every`` buckets are kept out of
-training and used for the chars-per-token summary. A bad record stops the run with one line naming
-``file:line`` (exit 1) unless ``--skip-bad`` is given; bad arguments exit 2.
+training and used for the chars-per-token summary. Every problem is one ``train_tokenizer.py: error:``
+line (exit 1): a bad record names ``file:line`` (unless ``--skip-bad`` counts and skips it), a missing
+input names the file; bad flags exit 2 (argparse).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -46,9 +45,10 @@ from core.chat_template import (  # noqa: E402
     REASONING_TAGS,
     SPECIAL_TOKENS,
 )
+from core.errors import TinyLMError, run_main  # noqa: E402
+from core.files import atomic_write_text, make_dir  # noqa: E402
 from preprocess.records import RecordError, decode_payload, parse_pair, parse_text, parse_turns  # noqa: E402
 from preprocess.sources import (  # noqa: E402
-    InputError,
     Item,
     SourceSpec,
     count_items,
@@ -59,10 +59,6 @@ from preprocess.sources import (  # noqa: E402
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 HELDOUT_MAX_CHARS = 2_000_000  # held-out text kept in memory for the summary, at most
 SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-
-
-class BadRecord(Exception):
-    """A record that cannot be used; the message is the one line the user sees."""
 
 
 def record_texts(obj: dict) -> list[str]:
@@ -102,12 +98,12 @@ class Corpus:
         self.heldout_chars = 0
 
     def _texts(self, item: Item) -> list[str] | None:
-        """The record's texts, or None when it is bad and --skip-bad is on."""
+        """The record's texts, or None when it is bad and --skip-bad is on (else its RecordError, located)."""
         try:
             return record_texts(decode_payload(item))
         except RecordError as e:
             if not self.skip_bad:
-                raise BadRecord(e.describe(item)) from None
+                raise e.at(item) from None
             self.skipped[e.reason] += 1
             return None
 
@@ -203,32 +199,15 @@ def tokenizer_config(model_max_length: int) -> dict:
     }
 
 
-def _temp_in(out_dir: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shareable files
-    return Path(tmp)
-
-
 def save(tok: Tokenizer, out_dir: Path, model_max_length: int) -> list[Path]:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja, each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja, each atomically (core.files)."""
+    make_dir(out_dir, "tokenizer folder")
     config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2) + "\n"
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            tmp = _temp_in(out_dir, name)
-            staged.append((tmp, out_dir / name))
-            if name == "tokenizer.json":
-                tok.save(str(tmp), pretty=True)
-            else:
-                tmp.write_text(config if name == "tokenizer_config.json" else CHAT_TEMPLATE, encoding="utf-8")
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return [final for _, final in staged]
+    files = {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": config,
+             "chat_template.jinja": CHAT_TEMPLATE}
+    for name, text in files.items():
+        atomic_write_text(out_dir / name, text)
+    return [out_dir / name for name in files]
 
 
 def chars_per_token(tok: Tokenizer, texts: list[str]) -> float:
@@ -294,24 +273,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        specs = parse_input_args(args.input)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    corpus = Corpus(specs, args.max_chars, args.heldout_every, args.skip_bad)
-    try:
-        tok = train(corpus, args.vocab_size)
-    except BadRecord as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main("train_tokenizer.py", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Read the inputs, train, check the special ids, write the files, print the summary."""
+    corpus = Corpus(parse_input_args(args.input), args.max_chars, args.heldout_every, args.skip_bad)
+    tok = train(corpus, args.vocab_size)
     if corpus.chars == 0:
-        print("error: no training text in the inputs", file=sys.stderr)
-        return 1
+        raise TinyLMError("no training text in the inputs")
     check_special_ids(tok)
-    files = save(tok, args.out, args.model_max_length)
-    print(summary(tok, corpus, files))
-    return 0
+    print(summary(tok, corpus, save(tok, args.out, args.model_max_length)))
 
 
 if __name__ == "__main__":

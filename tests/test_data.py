@@ -1,18 +1,16 @@
-"""train/data.py: batch layout, deterministic order, rank sharding, resumable position, prefetch; opening a
-dataset refuses a meta.json that is missing fields or contradicts its shards, changed bytes and token ids
-beyond the vocabulary, in one line naming the file."""
+"""train/data.py: batch layout, deterministic order, rank sharding, resumable position, prefetch; a dpo
+dataset refuses a row that splits a pair. (Opening a folder checks it against meta.json: tests/test_shards.py,
+since PackedDataset is a shards.PackedFolder.)"""
 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_shards import small_dataset
 
-from bench.bench_verify import build_dataset
 from preprocess import shards
 from train.data import BatchLoader, PackedDataset, Split, permute
 
@@ -115,113 +113,6 @@ def test_prefetch_thread_reraises_errors(packed_sample):
     split.dataset.shards = []  # simulate a dataset that breaks under the loader
     with pytest.raises(IndexError):
         next(loader.steps(0, accum=1))
-
-
-# ---- opening a dataset checks it against meta.json ---------------------------------------------------------
-
-def small_dataset(folder: Path, stage: str = "sft") -> Path:
-    """20k random tokens in 3 shards; sft: rows of two 32-token documents (seq_len 64)."""
-    build_dataset(folder, 20_000, stage=stage, seq_len=64, shard_tokens=8192)
-    return folder
-
-
-def edit_meta(folder: Path, change) -> None:  # noqa: ANN001
-    meta = json.loads((folder / "meta.json").read_text())
-    change(meta)
-    (folder / "meta.json").write_text(json.dumps(meta))
-
-
-def one_line_error(folder: Path, verify: bool = True) -> str:
-    with pytest.raises(shards.ShardError) as info:
-        PackedDataset(folder, verify=verify)
-    message = str(info.value)
-    assert "\n" not in message and "Traceback" not in message
-    return message
-
-
-def _set(key: str, value):  # noqa: ANN001, ANN202
-    return lambda m: m.__setitem__(key, value)
-
-
-META_PROBLEMS = {
-    "seq_len missing": (lambda m: m.pop("seq_len"), "meta.json: field 'seq_len': None is not a positive integer"),
-    "seq_len a string": (_set("seq_len", "64"), "meta.json: field 'seq_len': '64' is not a positive integer"),
-    "seq_len below the rows": (_set("seq_len", 16), "shard_00000.idx: a packed row holds 64 tokens, more than "
-                                                    "meta.json's seq_len 16"),
-    "vocab below the ids": (lambda m: m["tokenizer"].__setitem__("vocab_size", 100),
-                            "shard_00000.bin: token id .* >= the tokenizer's vocab_size 100"),
-    "uint32 over uint16 files": (_set("token_dtype", "uint32"), r"shard_00000.bin: item size 2 in the header, "
-                                                                r"expected 4 \(uint32\)"),
-    "unknown dtype": (_set("token_dtype", "int8"), "field 'token_dtype': 'int8' is not one of uint16, uint32"),
-    "uint16 for a big vocab": (lambda m: m["tokenizer"].__setitem__("vocab_size", 70_000),
-                               "field 'token_dtype': uint16 cannot hold the ids of a 70000-token vocabulary"),
-    "tokenizer missing": (lambda m: m.pop("tokenizer"), "field 'tokenizer': missing or not an object"),
-    "shards not a list": (_set("shards", {}), "field 'shards': missing or not a list"),
-    "a file missing from a record": (lambda m: m["shards"][1]["files"].pop("shard_00001.mask"),
-                                     r"field 'shards\[1\].files': must list exactly"),
-    "a shard name that leaves the folder": (lambda m: m["shards"][0].__setitem__("name", "../x"),
-                                            r"field 'shards\[0\].name': '../x' is not a shard name"),
-    "token count contradicts": (lambda m: m["shards"][1].__setitem__("tokens", m["shards"][1]["tokens"] + 1),
-                                "shard_00001.idx: meta.json says .* tokens for shard_00001, its files hold"),
-    "byte size contradicts": (lambda m: m["shards"][2]["files"]["shard_00002.bin"].__setitem__("bytes", 999),
-                              "shard_00002.bin: .* bytes, meta.json says 999"),
-    "format version": (_set("format_version", 2), "field 'format_version': 2, this tinylm reads 1"),
-}
-
-
-@pytest.mark.parametrize("problem", sorted(META_PROBLEMS))
-def test_meta_fields_that_are_missing_wrong_or_contradict_the_shards_are_one_line(tmp_path, problem):
-    folder = small_dataset(tmp_path / "data")
-    assert PackedDataset(folder, verify=True).n_rows > 0  # sound before the edit
-    change, expected = META_PROBLEMS[problem]
-    edit_meta(folder, change)
-    message = one_line_error(folder, verify=False)  # the structural checks need no checksums
-    assert re.search(expected, message), message
-    assert str(folder) in message
-
-
-@pytest.mark.parametrize("text, expected", [("{", "not valid JSON"), ("[]", "not a JSON object"),
-                                            ("", "not valid JSON")])
-def test_corrupt_meta_json_is_one_line(tmp_path, text, expected):
-    folder = small_dataset(tmp_path / "data")
-    (folder / "meta.json").write_text(text)
-    message = one_line_error(folder)
-    assert f"{folder / 'meta.json'}:" in message and expected in message
-
-
-def test_checksums_catch_a_changed_byte_that_the_structure_does_not(tmp_path):
-    folder = small_dataset(tmp_path / "data")
-    victim = folder / "shard_00001.mask"
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 1
-    victim.write_bytes(bytes(data))
-    assert one_line_error(folder) == f"{victim}: checksum mismatch (the file was changed or corrupted)"
-    assert PackedDataset(folder, verify=False).n_rows > 0  # --no-verify: only the structure is checked
-    assert shards.verify(folder) == [f"{victim}: checksum mismatch (the file was changed or corrupted)"]
-
-
-def test_token_ids_beyond_the_vocabulary_are_refused_with_or_without_checksums(tmp_path):
-    folder = small_dataset(tmp_path / "data")
-    meta = json.loads((folder / "meta.json").read_text())
-    shard = shards.open_shard(folder, "shard_00000", "uint16")
-    tokens = np.array(shard.tokens)
-    tokens[7] = 6500  # a packer bug or another tokenizer: the embedding has 6400 rows
-    arrays = shards.ShardArrays(tokens, np.array(shard.weights), np.array(shard.doc_offsets), np.array(shard.row_docs))
-    meta["shards"][0] = shards.write_shard(folder, 0, arrays, "uint16", {})  # an honest record: max_token 6500
-    (folder / "meta.json").write_text(json.dumps(meta))
-    expected = f"{folder / 'shard_00000.bin'}: token id 6500 >= the tokenizer's vocab_size 6400 (meta.json)"
-    for verify in (True, False):
-        assert one_line_error(folder, verify).startswith(expected)
-    del meta["shards"][0]["max_token"]  # a dataset packed before max_token existed: the ids are scanned
-    (folder / "meta.json").write_text(json.dumps(meta))
-    assert one_line_error(folder, verify=False).startswith(expected)
-
-
-def test_write_shard_records_the_largest_token_id(tmp_path):
-    folder = small_dataset(tmp_path / "data")
-    record = json.loads((folder / "meta.json").read_text())["shards"][0]
-    tokens = shards.open_shard(folder, record["name"], "uint16").tokens
-    assert record["max_token"] == int(np.asarray(tokens).max())
 
 
 def test_a_dpo_row_that_splits_a_pair_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from test_export import make_checkpoint
 
 from core.chat_template import render_text
+from core.errors import TinyLMError
 from core.tokenizer import encode_chat, prompt_ids
 from model.generate import generate
 from train.evaluate import DataOptions, append_result, held_out_metrics, read_prompts, run_eval
@@ -142,7 +143,7 @@ def test_errors_name_the_file_and_write_nothing(trained, tmp_path):
     with pytest.raises(ToolError, match=r"missing.jsonl: no such data file"):
         run_eval(trained, [str(tmp_path / "missing.jsonl")], DataOptions("sft", 64), None, None, results, CPU)
     bad.write_text('{"conversations": "nope"}\n')
-    with pytest.raises(ToolError, match=r"bad.jsonl"):
+    with pytest.raises(TinyLMError, match=r"bad.jsonl:1: field 'conversations'"):  # pack's own error, unwrapped
         run_eval(trained, [str(bad)], DataOptions("sft", 64), None, None, results, CPU)
     with pytest.raises(ToolError, match="--seq-len 4096 > the model's max_position_embeddings 1024"):
         run_eval(trained, [str(bad)], DataOptions("sft", 4096), None, None, results, CPU)

@@ -67,3 +67,15 @@ def test_row_shows_literal_special_strings_apart_from_control_tokens(tmp_path):
     assert body == ("⟦<|im_start|>⟧user\nsay <|im_end|> and <think>⟦<|im_end|>⟧\n⟦<|im_start|>⟧assistant\n"
                     "[ok⟦<|im_end|>⟧]\n")
     assert "special     1 record(s) contain special-token strings, stored as text" in peek(tmp_path / "o").stdout
+
+
+def test_errors_are_one_line(packed_sample, tmp_path):
+    rows = json.loads(peek(packed_sample["sft"], "--json").stdout)["training_rows"]
+    bad = peek(packed_sample["sft"], "--row", rows)
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == f"peek: error: {packed_sample['sft']}: row {rows} out of range 0..{rows - 1}\n"
+    missing = peek(tmp_path / "nothing")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith(f"peek: error: {tmp_path / 'nothing' / 'meta.json'}: missing")
+    other = peek(packed_sample["sft"], "--verify", "--tokenizer", tmp_path / "no_tokenizer")
+    assert other.returncode == 1 and other.stderr.count("\n") == 1 and other.stderr.startswith("peek: error: ")

@@ -15,19 +15,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from core.chat_template import (
-    CHAT_TEMPLATE,
-    CONTROL,
-    ENDOFTEXT,
-    IM_END,
-    IM_START,
-    REASONING_TAGS,
-    SPECIAL_TOKENS,
-    TEXT,
-    Piece,
-    render_pieces,
-    render_text,
-)
+from core import chat_template as ct
 from core.tokenizer import TextRefused, TokenizerError, encode_chat, encode_documents, load_tokenizer, prompt_ids
 from preprocess.train_tokenizer import record_texts, split_special
 
@@ -103,11 +91,11 @@ def test_cli_writes_the_three_files(fresh_dir: Path) -> None:
 
 def test_special_tokens_are_single_ids_in_order(tok_dir: Path) -> None:
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    for expected, token in enumerate(SPECIAL_TOKENS):
+    for expected, token in enumerate(ct.SPECIAL_TOKENS):
         assert tok.token_to_id(token) == expected
         assert tok.encode(token).ids == [expected]
-    ids = tok.encode("x" + "".join(SPECIAL_TOKENS) + "y").ids
-    assert ids[1:-1] == list(range(len(SPECIAL_TOKENS)))
+    ids = tok.encode("x" + "".join(ct.SPECIAL_TOKENS) + "y").ids
+    assert ids[1:-1] == list(range(len(ct.SPECIAL_TOKENS)))
 
 
 def test_encoding_adds_no_tokens(tok_dir: Path) -> None:
@@ -145,7 +133,7 @@ def test_round_trip_through_transformers(hf_tok, text: str) -> None:
 
 def test_skip_special_decode_keeps_reasoning_tags(hf_tok) -> None:
     text = "<think>\nx\n</think>\n<answer>\ny\n</answer>"
-    ids = hf_tok(text + IM_END)["input_ids"]
+    ids = hf_tok(text + ct.IM_END)["input_ids"]
     assert hf_tok.decode(ids, skip_special_tokens=True) == text
 
 
@@ -156,19 +144,19 @@ def test_transformers_loads_the_config(tok_dir: Path, hf_tok) -> None:
     from transformers import PreTrainedTokenizerFast
 
     assert isinstance(hf_tok, PreTrainedTokenizerFast)
-    assert hf_tok.chat_template == CHAT_TEMPLATE
+    assert hf_tok.chat_template == ct.CHAT_TEMPLATE
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == (
-        IM_START,
-        IM_END,
-        ENDOFTEXT,
-        ENDOFTEXT,
+        ct.IM_START,
+        ct.IM_END,
+        ct.ENDOFTEXT,
+        ct.ENDOFTEXT,
     )
     assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (2, 0)
     assert hf_tok.clean_up_tokenization_spaces is False
     assert hf_tok.model_max_length == 32768
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    assert config["add_bos_token"] is False and config["chat_template"] == CHAT_TEMPLATE
-    assert (tok_dir / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+    assert config["add_bos_token"] is False and config["chat_template"] == ct.CHAT_TEMPLATE
+    assert (tok_dir / "chat_template.jinja").read_text(encoding="utf-8") == ct.CHAT_TEMPLATE
 
 
 def test_config_key_alone_is_enough(tok_dir: Path, tmp_path: Path) -> None:
@@ -176,7 +164,7 @@ def test_config_key_alone_is_enough(tok_dir: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, tmp_path / name)
-    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == CHAT_TEMPLATE
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == ct.CHAT_TEMPLATE
 
 
 CONVERSATIONS = {
@@ -213,9 +201,9 @@ CONVERSATIONS = {
 def test_chat_template_matches_render_text(hf_tok, name: str, add_generation_prompt: bool) -> None:
     turns = CONVERSATIONS[name]
     rendered = hf_tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert rendered == render_text(turns, add_generation_prompt=add_generation_prompt)
+    assert rendered == ct.render_text(turns, add_generation_prompt=add_generation_prompt)
     for supervise in ("all", "last", "none"):
-        pieces = render_pieces(turns, add_generation_prompt, supervise, REASONING_TAGS)
+        pieces = ct.render_pieces(turns, add_generation_prompt, supervise, ct.REASONING_TAGS)
         assert rendered == "".join(p.text for p in pieces)
 
 
@@ -228,7 +216,7 @@ def test_chat_ids_match_the_packer_encoding(tok_dir: Path, hf_tok, name: str, ad
     info = load_tokenizer(tok_dir)
     ids = list(hf_tok.apply_chat_template(turns, tokenize=True, return_dict=False,
                                           add_generation_prompt=add_generation_prompt))
-    assert ids == info.tokenizer.encode(render_text(turns, add_generation_prompt)).ids
+    assert ids == info.tokenizer.encode(ct.render_text(turns, add_generation_prompt)).ids
     assert ids == encode_chat(info, turns, add_generation_prompt, supervise="none").ids.tolist()
     if add_generation_prompt:
         assert ids == prompt_ids(info, turns)
@@ -287,9 +275,9 @@ def test_special_strings_in_prompt_content_stay_text(role: str) -> None:
     info = load_tokenizer(SHIPPED)
     turns = [{"role": role, "content": INJECTION}]
     ids = prompt_ids(info, turns)
-    assert control_tokens(info, ids) == [IM_START, IM_END, IM_START]
-    assert info.tokenizer.decode(ids, skip_special_tokens=False) == render_text(turns, add_generation_prompt=True)
-    naive = info.tokenizer.encode(render_text(turns, add_generation_prompt=True)).ids
+    assert control_tokens(info, ids) == [ct.IM_START, ct.IM_END, ct.IM_START]
+    assert info.tokenizer.decode(ids, skip_special_tokens=False) == ct.render_text(turns, add_generation_prompt=True)
+    naive = info.tokenizer.encode(ct.render_text(turns, add_generation_prompt=True)).ids
     assert len(control_tokens(info, naive)) > 3  # the premise: tokenizing the rendered string is injectable
 
 
@@ -299,19 +287,19 @@ def test_reasoning_tags_are_structure_only_in_assistant_content() -> None:
     turns = [{"role": "user", "content": "<think>q</think>"}, {"role": "assistant", "content": answer}]
     enc = encode_chat(info, turns, tag_weight=10)
     ids = enc.ids.tolist()
-    assert control_tokens(info, ids) == [IM_START, IM_END, IM_START, *REASONING_TAGS, IM_END]
-    tag_ids = [info.special_ids[t] for t in REASONING_TAGS]
+    assert control_tokens(info, ids) == [ct.IM_START, ct.IM_END, ct.IM_START, *ct.REASONING_TAGS, ct.IM_END]
+    tag_ids = [info.special_ids[t] for t in ct.REASONING_TAGS]
     assert enc.weights[np.isin(enc.ids, tag_ids)].tolist() == [10] * 4  # only the structural tags
     assert set(enc.weights[~np.isin(enc.ids, tag_ids)].tolist()) == {0, 1}
-    assert info.tokenizer.decode(ids, skip_special_tokens=False) == render_text(turns)
-    assert [p.text for p in render_pieces(turns, tags=info.structural_tags) if p.kind == CONTROL] == [
-        IM_START, IM_END, IM_START, *REASONING_TAGS, IM_END]
+    assert info.tokenizer.decode(ids, skip_special_tokens=False) == ct.render_text(turns)
+    assert [p.text for p in ct.render_pieces(turns, tags=info.structural_tags) if p.kind == ct.CONTROL] == [
+        ct.IM_START, ct.IM_END, ct.IM_START, *ct.REASONING_TAGS, ct.IM_END]
     mm3 = REFERENCE / "minimind3"
     if mm3.is_dir():  # <think> is a non-special added token there and <answer> is not a single id: text
         other = load_tokenizer(mm3)
         assert other.structural_tags == ("<think>", "</think>")
         assert control_tokens(other, encode_chat(other, turns).ids.tolist()) == [
-            IM_START, IM_END, IM_START, "<think>", "</think>", IM_END]
+            ct.IM_START, ct.IM_END, ct.IM_START, "<think>", "</think>", ct.IM_END]
 
 
 def test_template_constants_and_unknown_control_tokens() -> None:
@@ -319,15 +307,16 @@ def test_template_constants_and_unknown_control_tokens() -> None:
     info = load_tokenizer(SHIPPED)
     for text in ("\n", "assistant\n"):
         for flag in (False, True):
-            assert encode_documents(info, [[Piece(text, TEXT, flag)]]).ids.tolist() == info.literal.encode(text).ids
+            encoded = encode_documents(info, [[ct.Piece(text, ct.TEXT, flag)]])
+            assert encoded.ids.tolist() == info.literal.encode(text).ids
     with pytest.raises(ValueError, match="<nope>"):
-        encode_documents(info, [[Piece("<nope>", CONTROL, False)]])
+        encode_documents(info, [[ct.Piece("<nope>", ct.CONTROL, False)]])
 
 
 def test_text_the_tokenizer_refuses_names_its_document() -> None:
     """A lone surrogate makes tokenizers raise a TypeError for the whole batch: we name the document."""
     info = load_tokenizer(SHIPPED)
-    docs = [render_pieces([{"role": "user", "content": c}]) for c in ("fine", "also fine", "bad \ud800 one")]
+    docs = [ct.render_pieces([{"role": "user", "content": c}]) for c in ("fine", "also fine", "bad \ud800 one")]
     with pytest.raises(TextRefused) as err:
         encode_documents(info, docs)
     assert err.value.doc == 2 and "lone UTF-16 surrogate '\\ud800'" in str(err.value)
@@ -426,6 +415,44 @@ def test_missing_input_file(tmp_path: Path) -> None:
     assert_one_line_error(result, str(missing))
 
 
+def test_errors_are_one_prefixed_line_with_exit_1(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    result = run_trainer("--input", missing, "--out", tmp_path / "tok")
+    assert (result.returncode, result.stderr) == (1, f"train_tokenizer.py: error: {missing}: no such file\n")
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "hello world"}\n' * 20, encoding="utf-8")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_trainer("--input", src, "--out", blocker, "--vocab-size", "300", "--heldout-every", "0")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"train_tokenizer.py: error: {blocker}: the tokenizer folder is a file, not a folder\n"
+    assert blocker.read_text() == "x"
+
+
+def test_save_writes_each_file_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped tokenizer saved again gives its very bytes; a failing rename leaves the old file (or none)
+    and no temp file, and is one FileWriteError naming the file."""
+    import errno
+
+    import core.files
+    from preprocess.train_tokenizer import save
+
+    tok = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
+    for path in save(tok, tmp_path / "tok", 32768):
+        assert path.read_bytes() == (SHIPPED / path.name).read_bytes(), path.name
+    real = os.replace
+
+    def no_space(src: str, dst: str) -> None:
+        if Path(dst).name == "chat_template.jinja":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+    monkeypatch.setattr(core.files.os, "replace", no_space)
+    with pytest.raises(core.files.FileWriteError) as err:
+        save(tok, tmp_path / "other", 32768)
+    assert str(err.value) == f"{tmp_path / 'other' / 'chat_template.jinja'}: cannot write (no space left on device)"
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
 def test_skip_bad_counts_and_continues(small_slice: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": oops}\n{"text": ""}\n', encoding="utf-8")
@@ -449,7 +476,7 @@ def reference() -> Tokenizer:
 
 def test_chatml_ids_match_minimind(reference: Tokenizer) -> None:
     ours = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
-    for token in (ENDOFTEXT, IM_START, IM_END):
+    for token in (ct.ENDOFTEXT, ct.IM_START, ct.IM_END):
         assert ours.token_to_id(token) == reference.token_to_id(token)
     assert ours.get_vocab_size() == reference.get_vocab_size() == 6400
 

@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,19 +88,19 @@ def default_seq_len(trained: Trained) -> int:
 
 
 def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: DataOptions, quiet: bool) -> dict:
-    """Pack ``files`` for ``stage`` into ``out`` with pack.py's own pipeline and options; returns its meta.json."""
-    from core.errors import TinyLMError
-    from preprocess import pack
+    """Pack ``files`` for ``stage`` into ``out`` with ``preprocess.pack.pack`` (pack.py's own pipeline and
+    record options); its warnings go to stderr; returns the meta.json. Pack's errors (TinyLMError, one
+    line naming the file) pass through unchanged."""
+    from preprocess.pack import PackOptions, pack
 
     for f in files:
         if not Path(f).is_file():
             raise ToolError(f"{f}: no such data file")
-    options = pack.PackOptions(stage, list(files), out, str(tokenizer), opts.seq_len, workers=1, quiet=True,
-                               records=opts.record_options())
-    try:
-        return pack.pack(options)
-    except TinyLMError as e:
-        raise ToolError(str(e)) from None
+    result = pack(PackOptions(stage, list(files), out, str(tokenizer), opts.seq_len, workers=1, quiet=True,
+                              records=opts.record_options()))
+    for warning in result.warnings:
+        print(f"bin/eval: warning: {warning}", file=sys.stderr)
+    return result.meta
 
 
 def held_out_metrics(trained: Trained, files: list[str], opts: DataOptions, device: torch.device,

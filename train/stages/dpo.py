@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from core.files import FileWriteError
 from preprocess import shards
-from train import checkpoint
+from train import checkpoint, dist
 from train.data import Batch, PackedDataset
 from train.stages.base import Stage, StageContext, StageError, StepNorm, frozen_model, token_cross_entropy
 
@@ -206,9 +206,11 @@ class DPOStage(Stage):
 @torch.no_grad()
 def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx: StageContext,
                       reference: dict[str, Any]) -> None:
-    """One forward pass of the reference over every row; rank r writes shards r, r + world, ...; rank 0
-    writes ``meta.json`` after all ranks finished (written last: its presence means complete)."""
+    """One forward pass of the reference over every row; rank r writes shards r, r + world, ...; the file
+    records ``shards.write_ref_logps`` returns are gathered from every rank (so all have finished) and
+    rank 0 writes ``meta.json`` with them (written last: its presence means complete)."""
     mine = range(ctx.rank, len(dataset.shards), ctx.world)
+    written: list[dict[str, Any]] = []  # this rank's file records (shards.write_ref_logps)
     total = sum(int(dataset.row_start[s + 1] - dataset.row_start[s]) for s in mine)
     ctx.say(f"dpo: computing reference log-probs of {reference['path']} over {dataset.n_rows:,} rows -> {ref_dir}")
     model.eval()
@@ -225,13 +227,8 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
                     _, d0, d1 = dataset.row_documents(int(r))
                     values[d0:d1] = sums[i, :d1 - d0]
                 bar.update(len(chunk))
-            shards.write_ref_logps(ref_dir, shards.shard_name(s), values, dataset.shards[s].n_rows)
-    ctx.barrier()
+            written.append(shards.write_ref_logps(ref_dir, shards.shard_name(s), values, dataset.shards[s].n_rows))
+    records = sorted((r for rank in dist.gather_objects(written) for r in rank), key=lambda r: r["name"])
     if ctx.rank == 0:
-        records = []
-        for shard_meta in dataset.meta["shards"]:
-            path = ref_dir / (shard_meta["name"] + shards.EXTENSIONS[shards.KIND_REF_LOGPS])
-            records.append({"name": shard_meta["name"], "file": path.name, "documents": shard_meta["documents"],
-                            "bytes": path.stat().st_size, "sha256": shards.file_sha256(path)})
         shards.write_ref_meta(ref_dir, reference, dataset.meta, records)
     ctx.barrier()
