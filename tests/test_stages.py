@@ -207,6 +207,22 @@ def test_stage_flags_are_checked(capsys):
     assert ok.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
 
 
+def test_lr_defaults_are_the_stages_and_shown_by_help(capsys, monkeypatch):
+    """One definition per stage (``Stage.default_lr``): --help shows it and the loop uses it."""
+    def shown() -> str:
+        with pytest.raises(SystemExit):
+            run_mod.parse_args(["--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "peak learning rate (default: pretrain 5e-4, sft 2e-4, reason 2e-4, dpo 1e-5, distill 2e-4)" in shown()
+    monkeypatch.setattr(DPOStage, "default_lr", 3e-6)
+    assert "dpo 3e-6," in shown()
+    dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
+    dpo.lr = 0.25
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 0.25
+
+
 # ---- LoRA ---------------------------------------------------------------------------------------------------
 
 def test_merged_model_equals_adapted_model():
@@ -298,6 +314,18 @@ def test_lora_run_freezes_base_saves_small_adapter_merges_and_resumes(packed_sam
     assert main(args("sft", packed_sample["lora"], half, *lora[2:], "--resume")) == 0
     assert [r["loss"] for r in train_records(half)] == [r["loss"] for r in train_records(out)]
     assert main(args("sft", packed_sample["lora"], half, "--resume", "--max-steps", "7")) == 1  # not without LoRA
+
+
+def test_lora_is_the_same_for_any_stage(dpo_data, base, tmp_path):
+    """LoRA on DPO (the stage knows nothing of it): only adapters are saved, the reference is the dense base."""
+    out = tmp_path / "dpo-lora"
+    assert main(args("dpo", dpo_data, out, "--init-from", str(base), "--lora-rank", "2", "--max-steps", "2")) == 0
+    ckpt, base_ckpt = checkpoint.load(out), checkpoint.load(base)
+    assert ckpt.lora == LoRAConfig(2, 2.0) and ckpt.base == base_ckpt.source_record()
+    assert ckpt.reference == base_ckpt.source_record()
+    assert set(ckpt.model) == {n for n, _ in lora_parameters(ckpt.adapted_model())}
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in ckpt.model)
+    assert train_records(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # adapter B = 0: policy == ref
 
 
 # ---- distillation ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from model import ModelConfig, TinyLM
 from train import checkpoint
 from train.data import PackedDataset
 from train.loop import format_line
-from train.metrics import METRICS_FILE, read_metrics, token_byte_lengths
+from train.metrics import METRICS_FILE, Throughput, read_metrics, token_byte_lengths
 from train.optim import CosineSchedule, param_groups
 from train.run import main
 from train.stages import SFTStage, StageContext, StepNorm
@@ -289,3 +289,24 @@ def test_fp16_autocast_with_grad_scaler(data, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
     scaler = checkpoint.load(out).training.scaler
     assert scaler is not None and scaler["scale"] > 0
+
+
+def test_throughput_window_leaves_out_pauses(monkeypatch):
+    """Speeds over the window since the last report; time in ``paused()`` (eval, saving) counts for neither the
+    window nor the ETA. A fake clock makes the numbers exact."""
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    speed = Throughput(step=10, supervised_seen=500, flops_per_token=6.0, peak_flops=1200.0)
+    assert speed.is_first_step(11) and not speed.is_first_step(12)
+    for _ in range(2):
+        now[0] += 1.0
+        speed.advance(400)
+    with speed.paused():
+        now[0] += 30.0  # an evaluation
+    got = speed.report(step=12, end=20, supervised_seen=700)
+    assert got == {"tokens_per_s": 400.0, "supervised_per_s": 100.0, "step_time_s": 1.0, "mfu": 2.0, "eta_s": 8.0}
+    now[0] += 4.0
+    speed.advance(100)
+    got = speed.report(step=13, end=20, supervised_seen=700)  # a new window
+    assert (got["tokens_per_s"], got["supervised_per_s"], got["step_time_s"]) == (25.0, 0.0, 4.0)
+    assert got["eta_s"] == pytest.approx(6.0 / 3 * 7)

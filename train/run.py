@@ -117,9 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ref-from", type=Path, metavar="CKPT",
                    help="reference model (default: the --init-from checkpoint); its log-probs are computed once into "
                         "DATA/ref_<fingerprint>/ and reused by later runs")
-    g.add_argument("--online-ref", action="store_true",
-                   help="keep the frozen reference model in memory and score every batch with it instead of using "
-                        "stored log-probs (same loss, more memory and compute)")
+    g.add_argument("--online-ref", action="store_true", help="score every batch with the frozen reference model "
+                   "kept in memory instead of stored log-probs (same loss, more memory and compute)")
     g = p.add_argument_group("distillation (--stage distill)")
     g.add_argument("--teacher", type=Path, metavar="CKPT",
                    help="frozen teacher checkpoint or run folder (any size, same tokenizer)")
