@@ -41,8 +41,8 @@ from core.tokenizer import TokenizerInfo, load_tokenizer  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.export_hf import export_hf  # noqa: E402
 from model.generate import generate_batch  # noqa: E402
-from train import checkpoint  # noqa: E402
-from train.export import tokenizer_files  # noqa: E402
+from serve.export import tokenizer_files  # noqa: E402
+from train.checkpoint import Checkpoint  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -162,18 +162,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="tinylm-bench-")
     if args.ckpt:
-        from train.inference import load_for_inference
+        from serve.loading import load_model
 
-        lm = load_for_inference(args.ckpt)
-        model, info, ckpt = lm.model, lm.tokenizer, Path(lm.ckpt["path"])
+        lm = load_model(args.ckpt)
+        model, info, ckpt = lm.model, lm.tokenizer, Path(lm.checkpoint.path)
         weights = f"trained weights {ckpt}"
     else:
         torch.manual_seed(0)
         model = TinyLM(ModelConfig.from_preset(args.model)).eval()
         info = load_tokenizer()
-        ckpt = checkpoint.save(tmp.name, 0, {"step": 0, "model": model.state_dict(),
-                                             "model_config": model.config.to_dict(), "tokenizer": {
-                                                 "fingerprint": info.fingerprint, "path": str(info.path)}})
+        ckpt = Checkpoint.of(model, info).save(tmp.name)
         weights = f"random weights, preset {args.model}"
     print(f"{weights}: {model.num_params() / 1e6:.1f}M params; CPU, {args.threads} threads, torch "
           f"{torch.__version__}; prompt {args.prompt_len} ids, {args.new_tokens} new tokens, greedy",

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from core.tokenizer import load_tokenizer  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
-from train import checkpoint  # noqa: E402
+from train.checkpoint import Checkpoint  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_POLLS = 2000  # hard cap per situation
@@ -178,9 +178,7 @@ def main() -> int:
     model = TinyLM(ModelConfig.from_preset(args.model))
     info = load_tokenizer()
     tmp = tempfile.TemporaryDirectory(prefix="tinylm-bench-serve-")
-    ckpt = checkpoint.save(tmp.name, 0, {"step": 0, "model": model.state_dict(), "model_config":
-                                         model.config.to_dict(), "tokenizer": {"fingerprint": info.fingerprint,
-                                                                               "path": str(info.path)}})
+    ckpt = Checkpoint.of(model, info).save(tmp.name)
     port = free_port()
     proc = start_server(args.repo.resolve(), ckpt, port)
     rows = []

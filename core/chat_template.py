@@ -44,6 +44,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *REASONING_TAGS)
+STOP_TOKENS = (IM_END, ENDOFTEXT)  # end an assistant turn: generation stops at either (the one stop list)
 ROLES = ("system", "user", "assistant")
 
 # The Jinja form of render_text, written into tokenizer_config.json for transformers / llama.cpp.

@@ -34,6 +34,7 @@ from core.chat_template import (
     IM_START,
     PARSED,
     REASONING_TAGS,
+    STOP_TOKENS,
     TEMPLATE_TEXTS,
     TEXT,
     Piece,
@@ -79,6 +80,11 @@ class TokenizerInfo:
         """The reasoning tags that are single ids: structure inside assistant content."""
         return tuple(tag for tag in REASONING_TAGS if tag in self.special_ids)
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end an assistant turn (:data:`STOP_TOKENS` that are single ids), in that order."""
+        return [self.special_ids[t] for t in STOP_TOKENS if t in self.special_ids]
+
     def has_added_strings(self, text: str) -> bool:
         """Whether ``text`` contains an added-token string (which literal encoding keeps as text)."""
         return self.added_pattern.search(text) is not None
@@ -90,6 +96,12 @@ def tokenizer_file(path: str | Path) -> Path:
     if not file.is_file():
         raise TokenizerError(f"{file}: no tokenizer here (expected a directory with tokenizer.json)")
     return file
+
+
+def file_fingerprint(file: str | Path) -> str | None:
+    """The fingerprint of a tokenizer file (sha256 of its bytes), None when there is no such file."""
+    file = Path(file)
+    return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
 
 
 def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:

@@ -19,7 +19,7 @@ import torch
 
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
-from train import checkpoint
+from train.checkpoint import Checkpoint
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 SCRIPTED_ANSWER = "Hello 你好，鬱世界！"
@@ -27,9 +27,7 @@ SCRIPTED_ANSWER = "Hello 你好，鬱世界！"
 
 def _save(model: TinyLM, folder: Path) -> Path:
     info = load_tokenizer(TOKENIZER)
-    payload = {"step": 1, "model": checkpoint.model_state(model), "model_config": model.config.to_dict(),
-               "stage": "sft", "tokenizer": {"fingerprint": info.fingerprint, "path": str(info.path)}}
-    return checkpoint.save(folder, 1, payload)
+    return Checkpoint.of(model, info, step=1, stage="sft").save(folder)
 
 
 def scripted_checkpoint(folder: Path) -> Path:

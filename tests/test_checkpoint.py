@@ -1,12 +1,14 @@
-"""train/checkpoint.py, the one checkpoint loader and writer: anything that is not a tinylm checkpoint, and any
-checkpoint with nan/inf weights, is refused in one line naming the file (in-process and by every tool that
+"""train/checkpoint.py, the checkpoint type and its one loader and writer: anything that is not a tinylm checkpoint,
+and any checkpoint with nan/inf weights, is refused in one line naming the file (in-process and by every tool that
 reads checkpoints); ``weights_only=True`` is never bypassed nor advised against; ``save`` writes neither
-non-finite weights nor, on a full disk, a partial file."""
+non-finite weights nor, on a full disk, a partial file; unknown / missing fields and unknown versions are refused
+naming the field; a checkpoint written in the version-1 layout (before the type) still loads and resumes."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import pathlib
 import pickle
 import subprocess
@@ -19,13 +21,14 @@ from scripted import random_checkpoint
 
 from core.files import FileWriteError, is_temp_file
 from model import ModelConfig, TinyLM
+from serve.loading import load_model
 from train import checkpoint
-from train.checkpoint import CheckpointError
-from train.inference import load_for_inference
+from train.checkpoint import Checkpoint, CheckpointError, DataRecord, ResumeState, SourceRecord, TokenizerRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+TINY = ModelConfig.from_preset("tiny")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +115,7 @@ def test_what_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, good, kind):
 
 
 def test_resume_needs_resume_state(tmp_path, good):
-    with pytest.raises(CheckpointError, match=r"field 'samples_seen': missing .* cannot resume from this file"):
+    with pytest.raises(CheckpointError, match=r"field 'training': missing.* cannot resume from this file"):
         checkpoint.load(good, resume=True)
     checkpoint.load(good)  # fine for inference or --init-from
 
@@ -130,7 +133,7 @@ def nan_checkpoint(source: Path, folder: Path) -> Path:
 
 def test_nonfinite_weights_are_refused_by_the_loader(tmp_path, good):
     bad = nan_checkpoint(good, tmp_path / "nan")
-    for load in (checkpoint.load, load_for_inference):
+    for load in (checkpoint.load, load_model):
         with pytest.raises(CheckpointError) as info:
             load(bad)
         assert str(info.value) == (f"{bad}: non-finite weights (nan/inf in model.embed_tokens.weight, "
@@ -167,19 +170,149 @@ def test_every_tool_refuses_a_foreign_file_and_nonfinite_weights_in_one_line(tmp
 def test_save_refuses_nonfinite_weights(tmp_path):
     with pytest.raises(CheckpointError, match=r"ckpt_00000002.pt: refusing to write a checkpoint with non-finite "
                                               r"weights \(nan/inf in b\)"):
-        checkpoint.save(tmp_path, 2, {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, float("-inf")])}})
+        Checkpoint({"a": torch.ones(2), "b": torch.tensor([1.0, float("-inf")])}, TINY, step=2).save(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_on_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     state = {"w": torch.arange(10_000, dtype=torch.float32)}
-    first = checkpoint.save(tmp_path, 1, {"model": state})
+    first = Checkpoint(state, TINY, step=1).save(tmp_path)
     before = first.read_bytes()
     disk_full(monkeypatch, "ckpt_", after=4096)
     with pytest.raises(FileWriteError) as info:
-        checkpoint.save(tmp_path, 2, {"model": state}, keep_last=1)
+        Checkpoint(state, TINY, step=2).save(tmp_path, keep_last=1)
     assert str(info.value) == f"{tmp_path / 'ckpt_00000002.pt'}: cannot write (no space left on device)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"] and first.read_bytes() == before
     monkeypatch.undo()
     with pytest.raises(FileWriteError, match="the run folder is a file, not a folder"):
-        checkpoint.save(first, 3, {"model": state})
+        Checkpoint(state, TINY, step=3).save(first)
+
+
+# ---- loading into a model, names ----------------------------------------------------------------------------
+
+def test_load_refuses_missing_unexpected_and_misshaped(good):
+    ckpt = checkpoint.load(good)
+    model = TinyLM(ckpt.model_config)
+    missing = {k: v for k, v in ckpt.model.items() if k != "model.norm.weight"}
+    with pytest.raises(CheckpointError, match=r"missing keys model\.norm\.weight"):
+        checkpoint.load_model_state(model, missing, "ckpt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys extra\.weight"):
+        checkpoint.load_model_state(model, {**ckpt.model, "extra.weight": torch.zeros(1)}, "ckpt")
+    narrow = TinyLM(ModelConfig.from_preset("tiny", hidden_size=32))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        checkpoint.load_model_state(narrow, ckpt.model, "ckpt")
+    checkpoint.load_model_state(model, ckpt.model, "ckpt")  # the real thing loads
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
+def test_saved_state_has_no_wrapper_prefixes(tmp_path):
+    model = TinyLM(ModelConfig.from_preset("tiny"))
+    compiled = torch.compile(model)  # wrapping only; nothing is compiled until it runs
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    state = checkpoint.model_state(compiled)
+    assert set(state) == set(model.state_dict())
+    path = Checkpoint(state, model.config, step=3).save(tmp_path, keep_last=1)
+    Checkpoint(state, model.config, step=5).save(tmp_path, keep_last=1)
+    assert not path.exists() and checkpoint.latest(tmp_path).name == "ckpt_00000005.pt"
+    assert not [p for p in tmp_path.iterdir() if is_temp_file(p.name)]
+
+
+def test_missing_checkpoint_message(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"no checkpoint \(ckpt_\*\.pt\) in this folder"):
+        checkpoint.load(tmp_path)
+
+
+# ---- the type, its versions and its strictness ---------------------------------------------------------------
+
+def save_v1(path: Path, model: TinyLM, tokenizer: Path) -> None:
+    """A checkpoint in the flat layout train/loop.py wrote before the Checkpoint type (format version 1)."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    payload = {"format": "tinylm-checkpoint-1", "step": 7, "samples_seen": 56, "tokens_seen": 3584,
+               "supervised_seen": 900, "nonfinite_skipped": 1, "model": checkpoint.model_state(model),
+               "optimizer": optimizer.state_dict(), "schedule": {"peak_lr": 1e-5}, "scaler": None, "stage_state": {},
+               "rng": [checkpoint.rng_state()], "world": 1, "model_config": model.config.to_dict(), "stage": "dpo",
+               "tokenizer": {"fingerprint": hashlib.sha256(tokenizer.read_bytes()).hexdigest(), "path": str(tokenizer),
+                             "vocab_size": 6400, "special_ids": {"<|im_end|>": 2}},
+               "data": {"folder": "data/packed/dpo", "stage": "dpo", "seq_len": 64, "rows": 30, "val_rows": 4,
+                        "global_batch": 8},
+               "args": {"stage": "dpo", "lr": None}, "init_from": {"path": "out/sft/ckpt_00000010.pt", "step": 10,
+                                                                   "stage": "sft"},
+               "reference": {"path": "out/sft/ckpt_00000010.pt", "step": 10, "stage": "sft", "fingerprint": "ab" * 32},
+               "dpo": {"beta": 0.5}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+
+def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM(TINY)
+    old = tmp_path / "old" / "ckpt_00000007.pt"
+    save_v1(old, model, ROOT / "data" / "tokenizer" / "tokenizer.json")
+    ckpt = checkpoint.load(old, resume=True)
+    assert (ckpt.step, ckpt.samples_seen, ckpt.tokens_seen, ckpt.supervised_seen, ckpt.nonfinite_skipped) == (
+        7, 56, 3584, 900, 1)
+    assert ckpt.model_config == TINY and ckpt.stage == "dpo" and ckpt.stage_options == {"beta": 0.5}
+    assert ckpt.reference == SourceRecord("out/sft/ckpt_00000010.pt", 10, "sft", "ab" * 32)
+    assert ckpt.init_from == SourceRecord("out/sft/ckpt_00000010.pt", 10, "sft")
+    assert ckpt.data == DataRecord("data/packed/dpo", "dpo", 64, 30, 4, 8)
+    assert ckpt.tokenizer.vocab_size == 6400 and ckpt.lora is None and ckpt.path == str(old)
+    assert ckpt.training.world == 1 and ckpt.training.schedule == {"peak_lr": 1e-5}
+    assert ckpt.training.optimizer["state"][0]["step"] == 1
+    assert all(torch.equal(ckpt.model[k], v) for k, v in model.state_dict().items())
+    loaded = load_model(old)  # chat / serve / export read it too
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7]])
+        assert torch.equal(loaded.model(ids).logits, model.eval()(ids).logits)
+    again = ckpt.save(tmp_path / "new")  # and it is rewritten in the current version, losing nothing
+    assert torch.load(again, weights_only=True)["format"] == checkpoint.FORMAT
+    new = checkpoint.load(again, resume=True)
+    assert (new.stage_options, new.reference, new.data, new.training.schedule) == (
+        ckpt.stage_options, ckpt.reference, ckpt.data, ckpt.training.schedule)
+
+
+def test_round_trip_keeps_every_record(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM(TINY)
+    ckpt = Checkpoint(checkpoint.model_state(model), TINY, stage="sft", step=3, samples_seen=24, tokens_seen=1536,
+                      supervised_seen=700, tokenizer=TokenizerRecord("f" * 64, "tok.json", 6400, {"<|im_end|>": 2}),
+                      data=DataRecord("d", "sft", 64, 10, 2, 8), args={"lr": 0.1},
+                      training=ResumeState({"state": {}, "param_groups": []}, [{"torch": torch.get_rng_state()}]),
+                      base=SourceRecord("b", 1, "sft", "0" * 64), teacher=SourceRecord("t", 2, "sft", "1" * 64),
+                      stage_options={"alpha": 0.5})
+    back = checkpoint.load(ckpt.save(tmp_path), resume=True)
+    for name in ("model_config", "stage", "step", "samples_seen", "tokens_seen", "supervised_seen", "tokenizer",
+                 "data", "args", "base", "teacher", "stage_options", "lora", "reference", "init_from"):
+        assert getattr(back, name) == getattr(ckpt, name), name
+    assert back.path == str(tmp_path / "ckpt_00000003.pt") and set(back.model) == set(ckpt.model)
+
+
+STRICT = {
+    "an unknown version": (lambda p: {**p, "format": "tinylm-checkpoint-9"},
+                           "field 'format': format 'tinylm-checkpoint-9' is not one this tinylm reads"),
+    "an unknown field": (lambda p: {**p, "surprise": 1}, "field 'surprise': unknown field"),
+    "an unknown nested field": (lambda p: {**p, "tokenizer": {**p["tokenizer"], "colour": "red"}},
+                                "field 'tokenizer.colour': unknown field"),
+    "a missing model config": (lambda p: {k: v for k, v in p.items() if k != "model_config"},
+                               "field 'model_config': missing"),
+    "a missing nested field": (lambda p: {**p, "base": {"step": 1}}, "field 'base.path': missing"),
+    "a negative counter": (lambda p: {**p, "tokens_seen": -4}, "field 'tokens_seen': must be >= 0, got -4"),
+    "a record of the wrong type": (lambda p: {**p, "teacher": "out/teacher"}, "field 'teacher': expected a record"),
+    "a foreign LoRA config": (lambda p: {**p, "lora": {"rank": 0, "alpha": 1.0, "targets": ["q_proj"]}},
+                              "field 'lora': LoRA rank must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRICT))
+def test_strict_about_fields_and_versions(tmp_path, good, kind):
+    change, expected = STRICT[kind]
+    payload = change(torch.load(checkpoint.resolve(good), weights_only=True))
+    path = tmp_path / "ckpt_00000001.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert str(info.value).startswith(f"{path}: ") and expected in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)

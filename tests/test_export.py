@@ -4,7 +4,7 @@ RoPE on the permuted q/k rows) gives our logits; MoE, LoRA and bad input are ref
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from core.chat_template import render_text
+from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from model.export_gguf import permute_rotary
+from model.export_hf import ExportError
 from model.generate import generate
+from serve.export import ToolError, export
+from serve.loading import load_model
 from train import checkpoint
-from train.export import ToolError, export, load_trained
+from train.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
@@ -43,9 +47,7 @@ def make_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    record = {"fingerprint": hashlib.sha256(TOKENIZER.read_bytes()).hexdigest(), "path": str(TOKENIZER)}
-    return checkpoint.save(folder, 5, {"model": model.state_dict(), "model_config": cfg.to_dict(), "step": 5,
-                                       "stage": "sft", "tokenizer": record})
+    return Checkpoint.of(model, load_tokenizer(TOKENIZER), step=5, stage="sft").save(folder)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_hf_export_matches_logits_generation_and_template(runs, kind, tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors import safe_open
 
-    trained = load_trained(runs[kind])
+    trained = load_model(runs[kind])
     out = tmp_path / "hf"
     export(trained, "hf", out, "f32")
     assert sorted(p.name for p in out.iterdir()) == sorted([
@@ -80,7 +82,7 @@ def test_hf_export_matches_logits_generation_and_template(runs, kind, tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = trained.model()
+    ours = trained.model
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings == (kind == "tied")
     ids = torch.randint(0, trained.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -104,9 +106,9 @@ def test_hf_export_matches_logits_generation_and_template(runs, kind, tmp_path):
 
 def test_hf_export_replaces_an_earlier_export(runs, tmp_path):
     out = tmp_path / "hf"
-    export(load_trained(runs["tied"]), "hf", out, "f16")
+    export(load_model(runs["tied"]), "hf", out, "f16")
     (out / "stray.txt").write_text("old")
-    export(load_trained(runs["untied"]), "hf", out, "bf16")
+    export(load_model(runs["untied"]), "hf", out, "bf16")
     assert not (out / "stray.txt").exists()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -172,7 +174,7 @@ def test_permute_rotary_turns_rotate_half_into_adjacent_pairs():
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_gguf_metadata_vocab_and_llama_forward(runs, kind, tmp_path):
     gguf = pytest.importorskip("gguf")
-    trained = load_trained(runs[kind])
+    trained = load_model(runs[kind])
     cfg = trained.config
     out = tmp_path / "m.gguf"
     written = export(trained, "gguf", out, "f32")
@@ -206,17 +208,17 @@ def test_gguf_metadata_vocab_and_llama_forward(runs, kind, tmp_path):
 
     ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ours = trained.model()(ids[None]).logits[0].double().numpy()
+        ours = trained.model(ids[None]).logits[0].double().numpy()
     diff = np.abs(gguf_forward(out, ids.tolist()) - ours).max()
     assert diff < 1e-4, f"llama-graph logits differ by {diff}"
 
 
 def test_gguf_f16_and_q8_0(runs, tmp_path):
     gguf = pytest.importorskip("gguf")
-    trained = load_trained(runs["tied"])
+    trained = load_model(runs["tied"])
     ids = torch.randint(0, trained.config.vocab_size, (24,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.no_grad():
-        ours = trained.model()(torch.tensor([ids])).logits[0].double().numpy()
+        ours = trained.model(torch.tensor([ids])).logits[0].double().numpy()
     sizes = {}
     for dtype, want, tol in (("f16", "F16", 0.02), ("q8_0", "Q8_0", 0.1)):
         out = tmp_path / f"m-{dtype}.gguf"
@@ -237,8 +239,8 @@ def test_gguf_f16_and_q8_0(runs, tmp_path):
 def test_moe_is_refused(tmp_path):
     make_checkpoint(tmp_path / "moe", num_experts=4)
     for fmt in ("hf", "gguf"):
-        with pytest.raises(ToolError, match="mixture-of-experts.*Llama.*no MoE"):
-            export(load_trained(tmp_path / "moe"), fmt, tmp_path / f"moe.{fmt}", "f32")
+        with pytest.raises(ExportError, match="mixture-of-experts.*Llama.*no MoE"):
+            export(load_model(tmp_path / "moe"), fmt, tmp_path / f"moe.{fmt}", "f32")
         assert not (tmp_path / f"moe.{fmt}").exists()
 
 
@@ -249,27 +251,26 @@ def test_lora_checkpoint_exports_merged(runs, tmp_path):
 
     base = checkpoint.load(runs["tied"])
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
-    model = load_trained(runs["tied"]).model()
+    model = load_model(runs["tied"]).model
     apply_lora(model, lora)
     with torch.no_grad():
         for _, p in lora_parameters(model):
             p.normal_(0.0, 0.3)  # lora_B starts at 0: make the update real
-    payload = {k: base[k] for k in ("model_config", "stage", "tokenizer", "step")}
-    payload.update(model=lora_state_dict(model), lora=lora.to_dict(), base=checkpoint.source_record(base))
-    checkpoint.save(tmp_path / "lora", 9, payload)
+    adapter = dataclasses.replace(base, model=lora_state_dict(model), lora=lora, base=base.source_record(), step=9)
+    adapter.save(tmp_path / "lora")
 
-    export(load_trained(tmp_path / "lora"), "hf", tmp_path / "hf", "f32")
+    export(load_model(tmp_path / "lora"), "hf", tmp_path / "hf", "f32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, 6400, (1, 32), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         adapted = model.eval()(ids).logits
-        plain = load_trained(runs["tied"]).model()(ids).logits
+        plain = load_model(runs["tied"]).model(ids).logits
         assert (hf(input_ids=ids).logits - adapted).abs().max().item() < 1e-4
     assert (adapted - plain).abs().max().item() > 1e-2  # the adapter changed the model
 
 
 def test_errors_are_one_line_and_leave_nothing(runs, tmp_path):
-    trained = load_trained(runs["tied"])
+    trained = load_model(runs["tied"])
     with pytest.raises(ToolError, match=r"--dtype bf16: gguf export takes f32, f16, q8_0"):
         export(trained, "gguf", tmp_path / "b.gguf", "bf16")
     with pytest.raises(ToolError, match=r"--dtype q8_0: hf export takes f32, f16, bf16"):

@@ -6,6 +6,7 @@ a read-only target or a file in the way of checkpoints, bin/export, bin/eval --r
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -202,10 +203,10 @@ def test_skip_nonfinite_skips_the_update_counts_and_resumes_with_the_count(data,
         {"step": 5, "skipped_nonfinite": 2, "nonfinite": BOTH}]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 4]
     two, three = (checkpoint.load(out / checkpoint.checkpoint_name(s), resume=True) for s in (2, 3))
-    assert all(torch.equal(two["model"][k], three["model"][k]) for k in two["model"])  # no update at step 3
-    assert three["optimizer"]["state"][0]["step"] == two["optimizer"]["state"][0]["step"]
-    assert three["samples_seen"] == two["samples_seen"] + 8  # the bad batch was consumed, not retried
-    assert checkpoint.load(out)["nonfinite_skipped"] == 2 and all_finite(out)
+    assert all(torch.equal(two.model[k], three.model[k]) for k in two.model)  # no update at step 3
+    assert three.training.optimizer["state"][0]["step"] == two.training.optimizer["state"][0]["step"]
+    assert three.samples_seen == two.samples_seen + 8  # the bad batch was consumed, not retried
+    assert checkpoint.load(out).nonfinite_skipped == 2 and all_finite(out)
     # the count survives a resume: one more bad step is one too many
     monkeypatch.undo()
     poison(monkeypatch, {1})
@@ -262,9 +263,9 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_keeps_the_previou
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from train.export import load_trained
+    from serve.loading import load_model
 
-    return load_trained(random_checkpoint(tmp_path_factory.mktemp("export") / "run"))
+    return load_model(random_checkpoint(tmp_path_factory.mktemp("export") / "run"))
 
 
 def failing_replace(monkeypatch: pytest.MonkeyPatch, code: int = errno.EROFS) -> None:
@@ -275,7 +276,7 @@ def failing_replace(monkeypatch: pytest.MonkeyPatch, code: int = errno.EROFS) ->
 
 
 def test_hf_export_that_cannot_be_written_leaves_the_previous_export(trained, tmp_path, monkeypatch):
-    from train.export import export
+    from serve.export import export
 
     out = tmp_path / "hf"
     export(trained, "hf", out, "f32")
@@ -296,7 +297,7 @@ def test_hf_export_that_cannot_be_written_leaves_the_previous_export(trained, tm
 
 def test_gguf_export_on_a_full_disk_leaves_the_previous_file(trained, tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from train.export import export
+    from serve.export import export
 
     out = tmp_path / "m.gguf"
     export(trained, "gguf", out, "f32", write_modelfile=False)
@@ -332,7 +333,7 @@ def test_export_cli_out_problems_are_one_line(tmp_path):
 
 
 def test_results_lines_are_appended_whole_or_not_at_all(tmp_path, monkeypatch):
-    from train.evaluate import append_result, run_eval
+    from serve.evaluate import append_result, run_eval
 
     results = tmp_path / "r.jsonl"
     append_result(results, {"a": 1})
@@ -356,21 +357,19 @@ def test_results_lines_are_appended_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_merge_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
     from model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
-    from train.merge import merge_checkpoint
+    from serve.loading import load_model
+    from train.checkpoint import merge_checkpoint
 
     base_path = random_checkpoint(tmp_path / "base")
     base = checkpoint.load(base_path)
-    from train.export import load_trained
-
-    model = load_trained(base_path).model()
+    model = load_model(base_path).model
     apply_lora(model, LoRAConfig(rank=2, alpha=2.0, targets=("q_proj",)))
     with torch.no_grad():
         for _, p in lora_parameters(model):
             p.normal_(0.0, 0.1)
-    payload = {k: base[k] for k in ("model_config", "stage", "tokenizer", "step")}
-    payload.update(model=lora_state_dict(model), lora=LoRAConfig(2, 2.0, ("q_proj",)).to_dict(),
-                   base=checkpoint.source_record(base))
-    lora = checkpoint.save(tmp_path / "lora", 3, payload)
+    adapter = dataclasses.replace(base, model=lora_state_dict(model), lora=LoRAConfig(2, 2.0, ("q_proj",)),
+                                  base=base.source_record())
+    lora = adapter.save(tmp_path / "lora")
     (tmp_path / "lora" / "tokenizer").mkdir()
     (tmp_path / "lora" / "tokenizer" / "tokenizer.json").write_bytes((ROOT / "data" / "tokenizer" /
                                                                       "tokenizer.json").read_bytes())

@@ -461,7 +461,7 @@ def test_eval_packs_with_pack_options_and_defaults(tmp_path, capsys):
     from dataclasses import fields
 
     from preprocess.options import RecordOptions
-    from train.evaluate import DataOptions, pack_jsonl
+    from serve.evaluate import DataOptions, pack_jsonl
 
     for f in fields(RecordOptions):
         assert getattr(DataOptions("sft", 64), f.name) == f.default, f.name

@@ -24,7 +24,6 @@ from model.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merg
 from preprocess import shards
 from train import checkpoint
 from train import run as run_mod
-from train.merge import lora_model
 from train.metrics import read_metrics
 from train.run import main
 from train.stages import DistillStage, DPOStage, ReasonStage, StageContext, StepNorm, token_cross_entropy
@@ -78,11 +77,11 @@ def test_dpo_starts_at_ln2_and_raises_the_margin(dpo_data, base, tmp_path):
     val = [r for r in read_metrics(out) if "val_loss" in r]
     assert len(val) == 1 and {"val_margin", "val_acc", "val_pairs"} <= set(val[0]) and val[0]["val_pairs"] > 0
     ckpt = checkpoint.load(out)
-    ref = ckpt["reference"]
-    assert ref["path"] == str(checkpoint.resolve(base)) and ckpt["dpo"]["beta"] == 0.5
-    ref_dir = shards.ref_folder(dpo_data, ref["fingerprint"])
+    ref = ckpt.reference
+    assert ref.path == str(checkpoint.resolve(base)) and ckpt.stage_options["beta"] == 0.5
+    ref_dir = shards.ref_folder(dpo_data, ref.fingerprint)
     meta = json.loads((ref_dir / "meta.json").read_text())
-    assert meta["reference"]["path"] == ref["path"] and (ref_dir / "shard_00000.ref").is_file()
+    assert meta["reference"]["path"] == ref.path and (ref_dir / "shard_00000.ref").is_file()
 
 
 def _setup(stage: DPOStage, folder: Path, base: Path) -> DPODataset:
@@ -100,8 +99,8 @@ def test_dpo_stored_reference_equals_online(packed_sample, base, tmp_path):
     data_stored, data_online = _setup(stored, folder, base), _setup(online, folder, base)
     assert online.ref_model is not None and stored.ref_model is None and data_online.ref is None
     assert len(data_stored.ref) == len(data_stored.shards)
-    policy = TinyLM(ModelConfig.from_dict(checkpoint.load(base)["model_config"]))
-    checkpoint.load_model_state(policy, checkpoint.load(base)["model"], "base")
+    policy = TinyLM(checkpoint.load(base).model_config)
+    checkpoint.load_model_state(policy, checkpoint.load(base).model, "base")
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -208,6 +207,22 @@ def test_stage_flags_are_checked(capsys):
     assert ok.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
 
 
+def test_lr_defaults_are_the_stages_and_shown_by_help(capsys, monkeypatch):
+    """One definition per stage (``Stage.default_lr``): --help shows it and the loop uses it."""
+    def shown() -> str:
+        with pytest.raises(SystemExit):
+            run_mod.parse_args(["--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "peak learning rate (default: pretrain 5e-4, sft 2e-4, reason 2e-4, dpo 1e-5, distill 2e-4)" in shown()
+    monkeypatch.setattr(DPOStage, "default_lr", 3e-6)
+    assert "dpo 3e-6," in shown()
+    dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
+    dpo.lr = 0.25
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 0.25
+
+
 # ---- LoRA ---------------------------------------------------------------------------------------------------
 
 def test_merged_model_equals_adapted_model():
@@ -259,36 +274,36 @@ def test_lora_run_freezes_base_saves_small_adapter_merges_and_resumes(packed_sam
     assert main(args("sft", packed_sample["lora"], out, *lora, "--merge")) == 0
     base_ckpt = checkpoint.load(base)
     state = trained["model"].state_dict()
-    for key, value in base_ckpt["model"].items():  # frozen: bit-identical after training
+    for key, value in base_ckpt.model.items():  # frozen: bit-identical after training
         assert torch.equal(state[key], value), key
     ckpt = checkpoint.load(out)
-    assert set(ckpt["model"]) == {n for n, _ in lora_parameters(trained["model"])}
-    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # only adapters in the optimizer
-    assert ckpt["base"]["path"] == base_ckpt["path"] and ckpt["lora"] == {"rank": 4, "alpha": 8.0,
-                                                                          "targets": list(LoRAConfig(4, 8).targets)}
+    assert set(ckpt.model) == {n for n, _ in lora_parameters(trained["model"])}
+    assert len(ckpt.training.optimizer["state"]) == len(ckpt.model)  # only adapters in the optimizer
+    assert ckpt.base.path == base_ckpt.path and ckpt.lora.to_dict() == {"rank": 4, "alpha": 8.0,
+                                                                        "targets": list(LoRAConfig(4, 8).targets)}
     with pytest.raises(checkpoint.CheckpointError, match="holds only a LoRA adapter.*bin/merge"):
-        checkpoint.load_model_state(TinyLM(ModelConfig.from_dict(ckpt["model_config"])), ckpt["model"], ckpt["path"])
-    size, base_size = Path(ckpt["path"]).stat().st_size, Path(base_ckpt["path"]).stat().st_size
+        checkpoint.load_model_state(TinyLM(ckpt.model_config), ckpt.model, ckpt.path)
+    size, base_size = Path(ckpt.path).stat().st_size, Path(base_ckpt.path).stat().st_size
     assert size < base_size / 10, (size, base_size)
     # merged (written by --merge) == base + adapter, and it is a plain checkpoint
     merged = checkpoint.load(out / "merged")
-    assert merged["merged_from"]["adapter"] == ckpt["path"] and (out / "merged" / "tokenizer").is_dir()
-    dense = TinyLM(ModelConfig.from_dict(merged["model_config"]))
-    checkpoint.load_model_state(dense, merged["model"], merged["path"])
-    adapted = lora_model(ckpt)
+    assert merged.merged_from["adapter"] == ckpt.path and (out / "merged" / "tokenizer").is_dir()
+    dense = TinyLM(merged.model_config)
+    checkpoint.load_model_state(dense, merged.model, merged.path)
+    adapted = ckpt.adapted_model()
     ids = torch.randint(0, 6400, (2, 32))
     with torch.no_grad():
         a, b, c = adapted(ids).logits, dense(ids).logits, trained["model"].cpu()(ids).logits
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(a, c)
     with torch.no_grad():
-        plain = TinyLM(ModelConfig.from_dict(base_ckpt["model_config"]))
-        checkpoint.load_model_state(plain, base_ckpt["model"], "base")
+        plain = TinyLM(base_ckpt.model_config)
+        checkpoint.load_model_state(plain, base_ckpt.model, "base")
         assert (plain(ids).logits - b).abs().max() > 1e-4  # the adapter did change the function
     # bin/merge writes the same weights, and refuses a checkpoint without an adapter in one line
     cli = merge_cli()
     assert cli.main(["--ckpt", str(out), "--out", str(tmp_path / "m2")]) == 0
-    again = checkpoint.load(tmp_path / "m2")["model"]
-    assert all(torch.equal(again[k], merged["model"][k]) for k in merged["model"])
+    again = checkpoint.load(tmp_path / "m2").model
+    assert all(torch.equal(again[k], merged.model[k]) for k in merged.model)
     capsys.readouterr()
     assert cli.main(["--ckpt", str(base), "--out", str(tmp_path / "m3")]) == 1
     err = capsys.readouterr().err
@@ -301,6 +316,18 @@ def test_lora_run_freezes_base_saves_small_adapter_merges_and_resumes(packed_sam
     assert main(args("sft", packed_sample["lora"], half, "--resume", "--max-steps", "7")) == 1  # not without LoRA
 
 
+def test_lora_is_the_same_for_any_stage(dpo_data, base, tmp_path):
+    """LoRA on DPO (the stage knows nothing of it): only adapters are saved, the reference is the dense base."""
+    out = tmp_path / "dpo-lora"
+    assert main(args("dpo", dpo_data, out, "--init-from", str(base), "--lora-rank", "2", "--max-steps", "2")) == 0
+    ckpt, base_ckpt = checkpoint.load(out), checkpoint.load(base)
+    assert ckpt.lora == LoRAConfig(2, 2.0) and ckpt.base == base_ckpt.source_record()
+    assert ckpt.reference == base_ckpt.source_record()
+    assert set(ckpt.model) == {n for n, _ in lora_parameters(ckpt.adapted_model())}
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in ckpt.model)
+    assert train_records(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # adapter B = 0: policy == ref
+
+
 # ---- distillation ------------------------------------------------------------------------------------------------
 
 def test_distill_kl_is_zero_against_itself(packed_sample, base):
@@ -308,16 +335,15 @@ def test_distill_kl_is_zero_against_itself(packed_sample, base):
     dataset = stage.open_dataset(str(packed_sample["sft"]))
     stage.setup(StageContext(dataset, torch.device("cpu"), say=lambda *a, **k: None))
     ckpt = checkpoint.load(base)
-    student = TinyLM(ModelConfig.from_dict(ckpt["model_config"]))
-    checkpoint.load_model_state(student, ckpt["model"], "base")
-    stage.prepare(student)
+    student = TinyLM(ckpt.model_config)
+    checkpoint.load_model_state(student, ckpt.model, "base")
     batch = dataset.collate(np.arange(8))
     norm = StepNorm(stage.count(batch).float(), 1)
     loss, parts = stage.loss(student, batch, norm)
     assert parts["kl"].item() == 0.0 and parts["ce"].item() > 1.0
     assert loss.item() == pytest.approx(0.3 * parts["ce"].item(), rel=1e-6)
     torch.manual_seed(0)
-    other = TinyLM(ModelConfig.from_dict(ckpt["model_config"]))
+    other = TinyLM(ckpt.model_config)
     loss2, parts2 = stage.loss(other, batch, norm)
     assert parts2["kl"].item() > 0.01
     assert loss2.item() == pytest.approx(0.3 * parts2["ce"].item() + 0.7 * 4.0 * parts2["kl"].item(), rel=1e-5)
@@ -331,7 +357,7 @@ def test_distill_trains_a_smaller_student_and_refuses_a_foreign_teacher(packed_s
     assert records[-1]["kl"] < records[0]["kl"] and all(math.isfinite(r["loss"]) for r in records)
     assert "val_kl" in read_metrics(out)[-1]
     ckpt = checkpoint.load(out)
-    assert ckpt["teacher"]["path"] == str(checkpoint.resolve(base)) and ckpt["model_config"]["num_hidden_layers"] == 1
+    assert ckpt.teacher.path == str(checkpoint.resolve(base)) and ckpt.model_config.num_hidden_layers == 1
     payload = torch.load(checkpoint.resolve(base), weights_only=True)
     payload["tokenizer"] = {**payload["tokenizer"], "fingerprint": "e" * 64, "path": "/other/tokenizer.json"}
     foreign = tmp_path / "foreign.pt"
@@ -356,7 +382,6 @@ def test_reason_tag_weights_reach_the_loss(packed_sample):
     assert set(batch.weights[(batch.weights > 0) & ~at_tags].unique().tolist()) == {1.0}
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset("tiny"))
-    stage.prepare(model)
     n = stage.count(batch).float()
     loss, _ = stage.loss(model, batch, StepNorm(n, 1))
     logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids).logits
@@ -373,4 +398,4 @@ def test_reason_stage_trains(packed_sample, base, tmp_path):
                      "--eval-every", "3")) == 0
     records = read_metrics(out)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
-    assert any("val_loss" in r for r in records) and checkpoint.load(out)["stage"] == "reason"
+    assert any("val_loss" in r for r in records) and checkpoint.load(out).stage == "reason"

@@ -30,8 +30,8 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert answer.removeprefix("answer: ").strip(), "empty chat answer"
     assert "done in" in text
     pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
-    assert sft["init_from"]["path"] == pre["path"]
-    assert pre["tokenizer"]["fingerprint"] == sft["tokenizer"]["fingerprint"]
+    assert sft.init_from.path == pre.path
+    assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint
     assert any("val_loss" in r for r in read_metrics(out / "sft"))
 
     # the re-run also takes two optional stages (2 steps each): DPO from the SFT model, LoRA + merge
@@ -41,9 +41,9 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout and "skipped (SKIP_CHAT=1)" in again.stdout
     dpo, lora = checkpoint.load(out / "dpo"), checkpoint.load(out / "lora")
-    assert dpo["stage"] == "dpo" and dpo["reference"]["path"] == sft["path"] and dpo["step"] == 2
-    assert lora["base"]["path"] == sft["path"] and lora["lora"]["rank"] == 8
-    assert checkpoint.load(out / "lora" / "merged")["merged_from"]["adapter"] == lora["path"]
+    assert dpo.stage == "dpo" and dpo.reference.path == sft.path and dpo.step == 2
+    assert lora.base.path == sft.path and lora.lora.rank == 8
+    assert checkpoint.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
 
 
 def test_help_and_bad_argument():

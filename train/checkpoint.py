@@ -1,48 +1,456 @@
-"""Checkpoints: atomic files ``OUT/ckpt_<step>.pt``, keep-last-K, strict loading, RNG capture.
+"""The checkpoint type: :class:`Checkpoint`, its one writer (:meth:`Checkpoint.save`) and one loader (:func:`load`).
 
-A checkpoint is one ``torch.save`` dict readable with ``torch.load(weights_only=True)`` (tensors and
-plain Python values only; numpy's RNG state is stored as a tensor). Keys written by the loop:
-``format, step, samples_seen, tokens_seen, supervised_seen, model, model_config, stage, stage_state,
-optimizer, schedule, scaler, rng (one entry per rank), tokenizer {fingerprint, path}, data, args``.
+A checkpoint file ``OUT/ckpt_<step>.pt`` is one ``torch.save`` dict readable with ``torch.load(weights_only=True)``
+(tensors and plain Python values; numpy's RNG state is stored as a tensor): ``{"format": FORMAT, <the fields of
+Checkpoint>}``, nested records as dicts. The schema is the dataclasses below; nothing else reads the payload.
 
 Invariants:
-- a file named ``ckpt_*.pt`` is always complete: it is written to a hidden temp name, fsync-ed and
-  renamed into place (the folder is fsync-ed too), so a kill at any instant leaves the previous one;
-- ``model`` is the state dict of the *unwrapped* module: neither DDP's ``module.`` nor
-  ``torch.compile``'s ``_orig_mod.`` prefix ever reaches a file;
-- loading into a model refuses missing or unexpected keys and shape mismatches, naming them;
-- :func:`load` is the one reader (``weights_only=True``, never anything else): a file that is not a tinylm
-  checkpoint, or one with non-finite weights, is refused in one line naming it, so every tool (training's
+- a file named ``ckpt_*.pt`` is always complete: written to a temp name, fsync-ed and renamed into place
+  (``core.files.atomic_open``), so a kill at any instant leaves the previous one;
+- ``model`` is the state dict of the *unwrapped* module (no DDP ``module.`` / compile ``_orig_mod.`` prefix);
+  with ``lora`` set it holds only the adapter, and ``base`` names the frozen weights it applies to;
+- :func:`load` is the one reader (``weights_only=True``, never anything else). It is strict: a file that is
+  not a tinylm checkpoint, an unknown format version, an unknown or missing field, a field of the wrong
+  type, non-finite weights are refused in one line naming the file and field. So every tool (training's
   ``--init-from`` / ``--resume`` / ``--teacher`` / ``--ref-from``, chat, serve, export, merge, eval) refuses it;
-- :func:`save` never writes non-finite weights.
+- :meth:`Checkpoint.save` never writes non-finite weights.
+
+Versions. ``tinylm-checkpoint-1`` (flat: optimizer / rng / ... at the top, ``dpo`` / ``distill`` records) is
+still read and converted; version 2 groups the resume state in ``training`` and the stage's hyper-parameters
+in ``stage_options``. A field added later gets a default, so older files keep loading.
+
+Sources. :func:`load` dispatches on what the path is: today a tinylm checkpoint file or run folder; other
+sources (a transformers folder, a MiniMind state dict) are new branches there that return a Checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
 import random
 import re
+import shutil
+import types
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from core.errors import TinyLMError
-from core.files import atomic_open, make_dir
-from core.tokenizer import TokenizerError, TokenizerInfo, load_tokenizer
+from core.files import atomic_open, atomic_write_bytes, make_dir
+from core.tokenizer import TokenizerError, TokenizerInfo, file_fingerprint, load_tokenizer
+from model import ModelConfig, TinyLM
+from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, merge_lora
 
-FORMAT = "tinylm-checkpoint-1"
+FORMAT = "tinylm-checkpoint-2"
+VERSION = 2
+_FORMAT_PREFIX = "tinylm-checkpoint-"
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# version 1 kept the resume state and the stage's options at the top level
+_V1_TRAINING = ("optimizer", "schedule", "scaler", "rng", "world")
+_V1_DROPPED = ("stage_state",)  # always empty in version 1
+_V1_STAGE_OPTIONS = ("dpo", "distill")
 
 
 class CheckpointError(TinyLMError):
     """A missing, unreadable or incompatible checkpoint; the message names the file."""
 
+
+# ---- the type --------------------------------------------------------------------------------------------
+
+@dataclass
+class SourceRecord:
+    """Another checkpoint a run depends on (init, LoRA base, DPO reference, teacher): where it was and which
+    weights it held (:func:`state_fingerprint`), so it is recognised wherever it was copied to."""
+
+    path: str
+    step: int | None = None
+    stage: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass
+class TokenizerRecord:
+    """The tokenizer the model was trained with (from the dataset's meta.json)."""
+
+    fingerprint: str | None = None
+    path: str | None = None
+    vocab_size: int | None = None
+    special_ids: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DataRecord:
+    """The packed dataset and batch geometry of the run."""
+
+    folder: str
+    stage: str
+    seq_len: int
+    rows: int
+    val_rows: int
+    global_batch: int
+
+
+@dataclass
+class ResumeState:
+    """What ``--resume`` restores besides weights and counters (one RNG entry per rank)."""
+
+    optimizer: dict[str, Any]
+    rng: list[Any]
+    schedule: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    world: int = 1
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint: weights, model config, provenance, counters and (for a run's own files) resume state.
+
+    ``path`` is where it was loaded from (not stored). Counters are non-negative; ``step`` names the file."""
+
+    model: dict[str, Tensor]
+    model_config: ModelConfig
+    stage: str | None = None
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0  # input positions processed (padding included)
+    supervised_seen: int = 0  # positions with loss weight > 0
+    nonfinite_skipped: int = 0
+    tokenizer: TokenizerRecord | None = None
+    data: DataRecord | None = None
+    args: dict[str, Any] | None = None
+    training: ResumeState | None = None
+    lora: LoRAConfig | None = None  # set: ``model`` holds only this adapter, over ``base``
+    base: SourceRecord | None = None
+    init_from: SourceRecord | None = None
+    reference: SourceRecord | None = None  # DPO
+    teacher: SourceRecord | None = None  # distillation
+    stage_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"beta": 0.1}
+    merged_from: dict[str, Any] | None = None
+    path: str = field(default="", metadata={"stored": False})
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: TokenizerInfo | None = None, **fields: Any) -> Checkpoint:
+        """A checkpoint of ``model``'s weights and config (recording ``tokenizer``), e.g. for tests and benches."""
+        record = TokenizerRecord(tokenizer.fingerprint, str(tokenizer.path), tokenizer.vocab_size,
+                                 dict(tokenizer.special_ids)) if tokenizer is not None else None
+        return cls(model=model_state(model), model_config=unwrap(model).config, tokenizer=record, **fields)
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, keep_last: int = 0) -> Path:
+        """Write atomically as ``folder/ckpt_<step>.pt``; then keep only the newest ``keep_last`` (all when
+        ``<= 0``). Refuses (CheckpointError, nothing written) non-finite weights; a full disk, a read-only or
+        file-blocked folder is one FileWriteError naming the path, and the previous checkpoints stay."""
+        folder = make_dir(folder, "run folder")
+        path = folder / checkpoint_name(self.step)
+        bad = nonfinite_tensors(self.model)
+        if bad:
+            raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (nan/inf in "
+                                  f"{_short(bad)})", path=path)
+        with atomic_open(path) as f:
+            writer = _Writer(f)
+            try:
+                torch.save({"format": FORMAT, **_to_plain(self)}, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch's zip writer hides the OSError of a full disk
+                    raise writer.error from None
+                raise
+        if keep_last > 0:
+            for old in list_checkpoints(folder)[:-keep_last]:
+                old.unlink(missing_ok=True)
+        self.path = str(path)
+        return path
+
+    # ---- using ---------------------------------------------------------------------------------------------
+    def source_record(self) -> SourceRecord:
+        """This checkpoint as the runs that use it record it (with the weights' fingerprint)."""
+        return SourceRecord(self.path, self.step, self.stage, state_fingerprint(self.model))
+
+    def load_base(self, base_path: str | Path | None = None) -> Checkpoint:
+        """The frozen base of a LoRA checkpoint (at ``base_path``, default the recorded path); refused unless
+        its weights are the ones the adapter was trained on. The one place LoRA bases are resolved."""
+        if self.lora is None or self.base is None:
+            raise CheckpointError("not a LoRA checkpoint (no adapter over a recorded base)", path=self.path)
+        if not self.base.fingerprint:
+            raise CheckpointError("a LoRA checkpoint needs the base's weight fingerprint", path=self.path,
+                                  field="base")
+        base = load(base_path or self.base.path)
+        if state_fingerprint(base.model) != self.base.fingerprint:
+            raise CheckpointError(f"{base.path}: not the base model adapter {self.path} was trained on (weights "
+                                  f"fingerprint {self.base.fingerprint[:12]} expected); it changed or moved: "
+                                  "give the right one (bin/merge --base)")
+        return base
+
+    def adapted_model(self, base_path: str | Path | None = None) -> TinyLM:
+        """The model this checkpoint describes: its weights, or (LoRA) the base with the adapter inserted."""
+        model = TinyLM(self.model_config)
+        if self.lora is None:
+            load_model_state(model, self.model, self.path)
+            return model
+        base = self.load_base(base_path)
+        load_model_state(model, base.model, base.path)
+        apply_lora(model, self.lora)
+        try:
+            load_lora_state_dict(model, self.model)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(str(e), path=self.path, field="model") from None
+        return model
+
+    def dense_model(self, base_path: str | Path | None = None) -> TinyLM:
+        """A plain TinyLM with these weights (a LoRA adapter merged into its base); eval mode, CPU."""
+        model = self.adapted_model(base_path)
+        if self.lora is not None:
+            model = merge_lora(model)
+            bad = nonfinite_tensors(model.state_dict())
+            if bad:
+                raise CheckpointError(f"non-finite weights after merging the adapter (nan/inf in {_short(bad, 3)})",
+                                      path=self.path)
+        return model.eval()
+
+    def merged(self, base_path: str | Path | None = None) -> Checkpoint:
+        """A LoRA checkpoint as a dense one: ``W + (alpha / r) * B A`` in every adapted projection, the run's
+        counters and records kept, ``merged_from`` noting the adapter; chat, export and --init-from read it
+        like any other. (A merged checkpoint has no resume state: it starts runs, it does not continue one.)"""
+        if self.lora is None:
+            raise CheckpointError("not a LoRA checkpoint (no adapter to merge)", path=self.path)
+        model = self.dense_model(base_path)
+        merged_from = {"adapter": self.path, "base": _to_plain(self.base), "lora": self.lora.to_dict()}
+        return dataclasses.replace(self, model=model_state(model), lora=None, base=None, training=None,
+                                   merged_from=merged_from, path="")
+
+    def frozen_model(self) -> TinyLM:
+        """The model with every parameter frozen, in eval mode (a DPO reference, a distillation teacher)."""
+        return self.dense_model().requires_grad_(False)
+
+    def check_tokenizer(self, fingerprint: str, dataset: str, role: str = "checkpoint",
+                        required: bool = False) -> None:
+        """Refuse a dataset packed with another tokenizer than this model was trained with (the one
+        tokenizer-fingerprint check); ``required``: a checkpoint without a recorded tokenizer is refused too."""
+        mine = self.tokenizer.fingerprint if self.tokenizer is not None else None
+        if mine == fingerprint or (mine is None and not required):
+            return
+        where = self.tokenizer.path if self.tokenizer is not None else None
+        raise CheckpointError(
+            f"tokenizer mismatch: {role} {self.path} uses another tokenizer ({where}, fingerprint {str(mine)[:12]}) "
+            f"than dataset {dataset} (fingerprint {fingerprint[:12]}); re-pack the data with the model's tokenizer")
+
+    def find_tokenizer(self) -> TokenizerInfo:
+        """The tokenizer it was trained with: ``<run folder>/tokenizer/tokenizer.json``, then the recorded path;
+        the first whose fingerprint is the recorded one (any file when none is recorded)."""
+        record = self.tokenizer or TokenizerRecord()
+        candidates = [Path(self.path).parent / "tokenizer" / "tokenizer.json"]
+        if record.path:
+            candidates.append(Path(record.path))
+        for file in candidates:
+            found = file_fingerprint(file)
+            if found is not None and (not record.fingerprint or found == record.fingerprint):
+                try:
+                    return load_tokenizer(file)
+                except TokenizerError as e:
+                    raise CheckpointError(f"its tokenizer: {e}", path=self.path) from None
+        tried = ", ".join(str(c) for c in candidates)
+        raise CheckpointError(f"its tokenizer (fingerprint {str(record.fingerprint)[:12]}) was not found (tried "
+                              f"{tried})", path=self.path)
+
+
+def merge_checkpoint(src: str | Path, out: str | Path, base_path: str | Path | None = None) -> Path:
+    """Write ``out/ckpt_<step>.pt`` (+ ``out/tokenizer``) with the adapter of the LoRA checkpoint ``src`` merged
+    into its base (:meth:`Checkpoint.merged`); returns its path. A folder this created is removed on failure."""
+    ckpt = load(src)
+    merged = ckpt.merged(base_path)
+    out = Path(out)
+    created = not out.exists()
+    make_dir(out, "output folder")
+    try:
+        copy_tokenizer(Path(ckpt.path).parent / "tokenizer", out)
+        return merged.save(out)  # written last: its presence means done
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer(src_dir: Path, run_folder: Path) -> None:
+    """Copy the tokenizer files of ``src_dir`` into ``run_folder/tokenizer`` (atomically, file by file), so a
+    run folder is self-contained; nothing when ``src_dir`` has no tokenizer.json or is that folder already."""
+    dst = run_folder / "tokenizer"
+    if not (src_dir / "tokenizer.json").is_file() or (dst.exists() and dst.resolve() == src_dir.resolve()):
+        return
+    make_dir(dst, "tokenizer folder")
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            atomic_write_bytes(dst / name, [(src_dir / name).read_bytes()])
+
+
+# ---- plain values <-> the type ---------------------------------------------------------------------------
+
+def _to_plain(value: Any) -> Any:
+    """Dataclasses as dicts of their stored fields (shallow: tensors are not copied), configs as dicts."""
+    if isinstance(value, (ModelConfig, LoRAConfig)):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.metadata.get("stored", True)}
+    return value
+
+
+def _from_plain(cls: type, data: Any, path: str, where: str = "") -> Any:
+    """``cls`` from a dict, strictly: unknown and missing fields, and fields of the wrong type, are refused."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"expected a record, got {type(data).__name__}", path=path, field=where or None)
+    hints = typing.get_type_hints(cls)
+    stored = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("stored", True)}
+    unknown = sorted(str(k) for k in set(data) - set(stored))
+    if unknown:
+        raise CheckpointError("unknown field (written by a newer tinylm?)", path=path,
+                              field=_join(where, unknown[0]))
+    values = {}
+    for name, f in stored.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], path, _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise CheckpointError("missing", path=path, field=_join(where, name))
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, path: str, where: str) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint in (ModelConfig, LoRAConfig):
+        try:
+            return hint.from_dict(value) if isinstance(value, dict) else _wrong(hint, value, path, where)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(str(e), path=path, field=where) from None
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value, path, where)
+    kind = typing.get_origin(hint) or hint
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        _wrong(kind, value, path, where)
+    if kind is int and value < 0:
+        raise CheckpointError(f"must be >= 0, got {value}", path=path, field=where)
+    return value
+
+
+def _wrong(kind: type, value: Any, path: str, where: str) -> typing.NoReturn:
+    raise CheckpointError(f"expected {kind.__name__}, got {type(value).__name__}", path=path, field=where)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A ``tinylm-checkpoint-1`` payload in the version-2 layout."""
+    out = {k: v for k, v in payload.items() if k not in (*_V1_TRAINING, *_V1_STAGE_OPTIONS, *_V1_DROPPED)}
+    if "optimizer" in payload:
+        out["training"] = {k: payload[k] for k in _V1_TRAINING if k in payload}
+    options = [payload.get(k) for k in _V1_STAGE_OPTIONS if isinstance(payload.get(k), dict)]
+    out["stage_options"] = {k: v for record in options for k, v in record.items()}
+    return out
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+
+def load(path: str | Path, resume: bool = False) -> Checkpoint:
+    """A checkpoint file (or a run folder's latest) as a :class:`Checkpoint` on the CPU, checked before anyone
+    uses it. ``resume``: the resume state (optimizer, RNG) must be there too. One line naming the file and
+    field on any problem. (The one loader: other sources will be dispatched here, on what ``path`` is.)"""
+    path = resolve(path)
+    return _parse(_read(path), str(path), resume)
+
+
+def _parse(payload: Any, path: str, resume: bool) -> Checkpoint:
+    """The strict checks of :func:`load`, in the order a reader would want them: format, model, fields."""
+    version = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(version, str) or not version.startswith(_FORMAT_PREFIX):
+        kind = ("a bare state dict" if isinstance(payload, dict) and payload
+                and all(isinstance(v, Tensor) for v in payload.values()) else f"a {type(payload).__name__}")
+        raise CheckpointError(f"not a tinylm checkpoint: {kind}, without the format {FORMAT!r} record", path=path)
+    if version not in (FORMAT, _FORMAT_PREFIX + "1"):
+        raise CheckpointError(f"format {version!r} is not one this tinylm reads (it reads {FORMAT!r} and older); "
+                              "update tinylm", path=path, field="format")
+    model = payload.get("model")
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in model.items()):
+        raise CheckpointError("is not a mapping of parameter names to tensors", path=path, field="model")
+    fields = {k: v for k, v in payload.items() if k != "format"}
+    ckpt: Checkpoint = _from_plain(Checkpoint, fields if version == FORMAT else _upgrade_v1(fields), path)
+    ckpt.path = path
+    if resume:
+        _check_resume_state(ckpt)
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise CheckpointError(f"non-finite weights (nan/inf in {_short(bad)}): this checkpoint is unusable; take an "
+                              "earlier one", path=path)
+    return ckpt
+
+
+def _check_resume_state(ckpt: Checkpoint) -> None:
+    """What ``--resume`` restores must be there: optimizer state and one RNG state per rank."""
+    training = ckpt.training
+    if training is None:
+        raise CheckpointError("missing; cannot resume from this file (not written by a training run)",
+                              path=ckpt.path, field="training")
+    if "state" not in training.optimizer:
+        raise CheckpointError("missing optimizer state; cannot resume from this file", path=ckpt.path,
+                              field="training.optimizer")
+    if not training.rng or not all(isinstance(r, dict) and "torch" in r for r in training.rng):
+        raise CheckpointError("missing RNG state; cannot resume from this file", path=ckpt.path, field="training.rng")
+
+
+def _read(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of one file; every failure is one line that says what the file is."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" for a foreign pickle
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with path.open("rb") as f:
+            head = f.read(2)
+        what = ("a torch file holding other objects than tensors and plain values" if head == b"PK"
+                else "a pickle of other objects than tensors and plain values" if head[:1] == b"\x80"
+                else "not a torch checkpoint file")
+        raise CheckpointError(f"not a tinylm checkpoint: {what} (checkpoints are only read as tensors and "
+                              "plain values)", path=path) from None
+    except (EOFError, RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError, AttributeError):
+        # truncated / corrupt zip archives raise RuntimeError; an empty file EOFError; others vary by torch version
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"not a readable checkpoint: the file is truncated or corrupt ({size} bytes)",
+                              path=path) from None
+
+
+class _Writer(io.RawIOBase):
+    """A write-only file wrapper that remembers the OSError its writes raised (torch turns it into a bare
+    RuntimeError)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # noqa: ANN001 (bytes-like)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+# ---- files of a run folder -----------------------------------------------------------------------------------
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}.pt"
@@ -75,6 +483,8 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no such checkpoint file or run folder")
 
 
+# ---- weights ---------------------------------------------------------------------------------------------------
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
@@ -86,7 +496,7 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def model_state(module: nn.Module) -> dict[str, Tensor]:
     state = unwrap(module).state_dict()
     bad = [k for k in state if "_orig_mod." in k or k.startswith("module.")]
     if bad:
@@ -94,138 +504,7 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(folder: str | Path, step: int, payload: dict[str, Any], keep_last: int = 0) -> Path:
-    """Write ``payload`` atomically as ``folder/ckpt_<step>.pt``; then keep only the newest ``keep_last``
-    (all when ``keep_last <= 0``). Returns the path. Refuses (CheckpointError, nothing written) a payload
-    whose ``model`` holds non-finite values; a full disk, a read-only or file-blocked folder is one
-    FileWriteError naming the path, and the previous checkpoints stay as they were."""
-    folder = make_dir(folder, "run folder")
-    path = folder / checkpoint_name(step)
-    bad = nonfinite_tensors(payload.get("model") or {})
-    if bad:
-        raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (nan/inf in {_short(bad)})",
-                              path=path)
-    with atomic_open(path) as f:
-        writer = _Writer(f)
-        try:
-            torch.save({"format": FORMAT, **payload}, writer)
-        except RuntimeError:
-            if writer.error is not None:  # torch's zip writer hides the OSError of a full disk
-                raise writer.error from None
-            raise
-    if keep_last > 0:
-        for old in list_checkpoints(folder)[:-keep_last]:
-            old.unlink(missing_ok=True)
-    return path
-
-
-class _Writer(io.RawIOBase):
-    """A write-only file wrapper that remembers the OSError its writes raised (torch turns it into a bare
-    RuntimeError)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        super().__init__()
-        self.f, self.error = f, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:  # noqa: ANN001 (bytes-like)
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-
-def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of ``state`` that hold a nan or an inf (one host sync in all)."""
-    names = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    if not names:
-        return []
-    flags = torch.stack([torch.isfinite(state[k]).all().cpu() for k in names]).tolist()
-    return [k for k, ok in zip(names, flags, strict=True) if not ok]
-
-
-def _read(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` of one file; every failure is one line that says what the file is."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" for a foreign pickle
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        with path.open("rb") as f:
-            head = f.read(2)
-        what = ("a torch file holding other objects than tensors and plain values" if head == b"PK"
-                else "a pickle of other objects than tensors and plain values" if head[:1] == b"\x80"
-                else "not a torch checkpoint file")
-        raise CheckpointError(f"not a tinylm checkpoint: {what} (checkpoints are only read as tensors and "
-                              "plain values)", path=path) from None
-    except (EOFError, RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError, AttributeError):
-        # truncated / corrupt zip archives raise RuntimeError; an empty file EOFError; others vary by torch version
-        size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(f"not a readable checkpoint: the file is truncated or corrupt ({size} bytes)",
-                              path=path) from None
-
-
-def load(path: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Read a checkpoint file (or a run folder's latest) onto the CPU and check it before anyone uses it.
-
-    Always ``weights_only=True``. Refused with one line naming the file: anything that is not a readable
-    torch file, a payload that is not a tinylm checkpoint (format, a ``model`` mapping of tensors, a valid
-    ``model_config``), non-finite weights, and with ``resume`` missing resume state (optimizer, counters, RNG).
-    """
-    path = resolve(path)
-    payload = _read(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        kind = ("a bare state dict" if isinstance(payload, dict) and payload
-                and all(isinstance(v, torch.Tensor) for v in payload.values()) else f"a {type(payload).__name__}")
-        raise CheckpointError(f"not a tinylm checkpoint: {kind}, without the format {FORMAT!r} record", path=path)
-    model = payload.get("model")
-    if not isinstance(model, dict) or not model or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
-        raise CheckpointError("is not a mapping of parameter names to tensors", path=path, field="model")
-    _check_config(payload.get("model_config"), path)
-    for key, kind in (("step", int), ("stage", str), ("tokenizer", dict), ("data", dict), ("args", dict),
-                      ("lora", dict), ("base", dict), ("reference", dict), ("teacher", dict), ("init_from", dict)):
-        if key in payload and payload[key] is not None and not isinstance(payload[key], kind):
-            raise CheckpointError(f"expected {kind.__name__}, got {type(payload[key]).__name__}", path=path,
-                                  field=key)
-    if resume:
-        _check_resume_state(payload, path)
-    bad = nonfinite_tensors(model)
-    if bad:
-        raise CheckpointError(f"non-finite weights (nan/inf in {_short(bad)}): this checkpoint is unusable; take an "
-                              "earlier one", path=path)
-    payload["path"] = str(path)
-    return payload
-
-
-def _check_config(config: Any, path: Path) -> None:
-    from model import ModelConfig  # train -> model; imported here so checkpoint stays light for readers
-
-    if not isinstance(config, dict):
-        raise CheckpointError("missing or not a mapping", path=path, field="model_config")
-    try:
-        ModelConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(str(e), path=path, field="model_config") from None
-
-
-def _check_resume_state(payload: dict[str, Any], path: Path) -> None:
-    """What ``--resume`` restores must be there with the right types."""
-    for key in ("step", "samples_seen", "tokens_seen", "supervised_seen"):
-        if not isinstance(payload.get(key), int) or isinstance(payload.get(key), bool) or payload[key] < 0:
-            raise CheckpointError("missing or not a non-negative integer; cannot resume from this file", path=path,
-                                  field=key)
-    if not isinstance(payload.get("optimizer"), dict) or "state" not in payload["optimizer"]:
-        raise CheckpointError("missing optimizer state; cannot resume from this file", path=path, field="optimizer")
-    rng = payload.get("rng")
-    if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) and "torch" in r for r in rng):
-        raise CheckpointError("missing RNG state; cannot resume from this file", path=path, field="rng")
-
-
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Copy ``state`` into ``model`` (unwrapped); refuse any missing, unexpected or mis-shaped key."""
     target = unwrap(model)
     own = target.state_dict()
@@ -248,7 +527,16 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     target.load_state_dict(state, strict=True)
 
 
-def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a nan or an inf (one host sync in all)."""
+    names = [k for k, t in state.items() if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(state[k]).all().cpu() for k in names]).tolist()
+    return [k for k, ok in zip(names, flags, strict=True) if not ok]
+
+
+def state_fingerprint(state: dict[str, Tensor]) -> str:
     """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict: names the weights (not the
     file), so a reference or a LoRA base is recognised wherever its checkpoint was copied to."""
     digest = hashlib.sha256()
@@ -259,48 +547,12 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def source_record(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """``{path, step, stage, fingerprint}`` of a loaded checkpoint, as stored in the runs that use it."""
-    return {"path": ckpt["path"], "step": ckpt.get("step"), "stage": ckpt.get("stage"),
-            "fingerprint": state_fingerprint(ckpt["model"])}
-
-
 def _short(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
 
-def find_tokenizer(ckpt: dict[str, Any]) -> TokenizerInfo:
-    """The tokenizer a loaded checkpoint was trained with: ``<run folder>/tokenizer/tokenizer.json``, then
-    the recorded ``tokenizer.path``; the first whose sha256 equals the recorded fingerprint (any file when
-    none is recorded). CheckpointError (one line naming what was tried) when none fits."""
-    record = ckpt.get("tokenizer") or {}
-    want = record.get("fingerprint")
-    candidates = [Path(ckpt["path"]).parent / "tokenizer" / "tokenizer.json"]
-    if record.get("path"):
-        candidates.append(Path(record["path"]))
-    for file in candidates:
-        if file.is_file() and (not want or hashlib.sha256(file.read_bytes()).hexdigest() == want):
-            try:
-                return load_tokenizer(file)
-            except TokenizerError as e:
-                raise CheckpointError(str(e)) from None
-    tried = ", ".join(str(c) for c in candidates)
-    raise CheckpointError(f"{ckpt['path']}: its tokenizer (fingerprint {str(want)[:12]}) was not found "
-                          f"(tried {tried})")
-
-
-def check_tokenizer(ckpt: dict[str, Any], fingerprint: str, dataset: str) -> None:
-    """Refuse a dataset packed with another tokenizer than the checkpoint's model was trained with."""
-    tok = ckpt.get("tokenizer") or {}
-    if tok.get("fingerprint") and tok["fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"tokenizer mismatch: checkpoint {ckpt.get('path', '?')} was trained with tokenizer "
-            f"{tok.get('path')} (fingerprint {tok['fingerprint'][:12]}), but dataset {dataset} was packed "
-            f"with fingerprint {fingerprint[:12]}; re-pack the data with the checkpoint's tokenizer")
-
-
-# ---- RNG state ---------------------------------------------------------------------------------
+# ---- RNG state -------------------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
     """This process's torch / numpy / python (and CUDA when present) generator states."""

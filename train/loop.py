@@ -1,5 +1,6 @@
 """The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
-evaluation, logging and exact checkpoint/resume. The stage (``train/stages.py``) supplies the loss.
+evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
+weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
   1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``);
@@ -20,7 +21,7 @@ checkpoint), unless ``skip_nonfinite`` allows more skipped steps: then the step 
 data move on) without an update, and a ``skipped_nonfinite`` line goes to metrics.jsonl. Weights are
 checked before every checkpoint, so no checkpoint with nan/inf weights is ever written.
 
-Exact resume: a checkpoint after step s holds the model, optimizer, grad scaler, stage state, counters
+Exact resume: a checkpoint after step s holds the model, optimizer, grad scaler, counters
 and every rank's RNG states; the schedule is a pure function of s and the data order a pure function
 of ``samples_seen``. So a run resumed from it repeats the uninterrupted run's steps s+1, s+2, ...
 (bit-identical on CPU in fp32).
@@ -29,9 +30,9 @@ of ``samples_seen``. So a run resumed from it repeats the uninterrupted run's st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,11 @@ from tqdm import tqdm
 
 from core.errors import TinyLMError
 from train import checkpoint, dist
+from train.adapters import FullWeights
+from train.checkpoint import Checkpoint, ResumeState
 from train.data import BatchLoader
 from train.dist import DistInfo
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, Throughput
 from train.optim import CosineSchedule, build_adamw, set_lr
 from train.stages import Stage, StepNorm
 
@@ -112,11 +115,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, info: DistInfo, out: Path,
-          logger: MetricsLogger, ckpt_meta: dict[str, Any], resume: dict[str, Any] | None = None) -> TrainState:
+def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoader, cfg: LoopConfig,
+          info: DistInfo, out: Path, logger: MetricsLogger, template: Checkpoint,
+          resume: Checkpoint | None = None) -> TrainState:
     """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
 
-    ``ckpt_meta`` is stored in every checkpoint (model config, stage, tokenizer, data, args).
+    ``weights`` says which parameters train and what a checkpoint stores; ``template`` holds the run's
+    records (model config, stage, tokenizer, data, sources, args) that every checkpoint repeats;
     ``resume`` is a loaded checkpoint whose optimizer, scaler, counters and RNG are restored.
     """
     device = info.device
@@ -124,24 +129,12 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
     model.train()
     for extra in stage.extra_models().values():
         extra.to(device).eval().requires_grad_(False)
-    named = list(stage.trainable(model))
+    named = list(weights.trainable(model))
     params = [p for _, p in named if p.requires_grad]
     optimizer = build_adamw(named, cfg.lr, cfg.weight_decay, device=device)
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    state = TrainState()
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        stage.load_state_dict(resume.get("stage_state", {}))
-        state = TrainState(resume["step"], resume["samples_seen"], resume["tokens_seen"], resume["supervised_seen"],
-                           nonfinite_skipped=int(resume.get("nonfinite_skipped", 0)))
-        rngs = resume["rng"]
-        if len(rngs) != info.world and info.is_main:
-            print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
-                  "random streams (dropout) differ from an uninterrupted run", file=sys.stderr)
-        checkpoint.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    state = TrainState() if resume is None else restore(resume, optimizer, scaler, info)
 
     fwd = torch.compile(model) if cfg.compile else model
     ddp = None
@@ -158,36 +151,28 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
     amp = autocast(device, cfg.dtype)
     micro_total = cfg.grad_accum * info.world
 
-    def last_good() -> str:
-        found = checkpoint.latest(out)
-        return f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
-
     def save() -> None:
-        weights = stage.model_state(model)
-        bad = checkpoint.nonfinite_tensors(weights)  # same weights on every rank: all ranks stop together
+        state_dict = weights.state(model)
+        bad = checkpoint.nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
         if bad:
             raise NonFiniteError(f"step {state.step}: non-finite weights after the update (nan/inf in "
                                  f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); no checkpoint written, "
-                                 f"{last_good()}")
+                                 f"{last_good(out)}")
         rng = dist.gather_objects(checkpoint.rng_state())
         if info.is_main:
-            payload = {
-                "step": state.step, "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-                "supervised_seen": state.supervised_seen, "nonfinite_skipped": state.nonfinite_skipped,
-                "model": weights,
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "stage_state": stage.state_dict(), "rng": rng, "world": info.world, **ckpt_meta,
-            }
-            checkpoint.save(out, state.step, payload, cfg.keep_last)
+            training = ResumeState(optimizer.state_dict(), rng, schedule.state_dict(),
+                                     scaler.state_dict() if scaler.is_enabled() else None, world=info.world)
+            ckpt = dataclasses.replace(template, model=state_dict, step=state.step, samples_seen=state.samples_seen,
+                                       tokens_seen=state.tokens_seen, supervised_seen=state.supervised_seen,
+                                       nonfinite_skipped=state.nonfinite_skipped, training=training)
+            ckpt.save(out, cfg.keep_last)
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=None if (cfg.progress and info.is_main) else True, file=sys.stderr)
     steps: Iterator = loader.steps(state.samples_seen, cfg.grad_accum)
     supervised_base = state.supervised_seen
     supervised_acc = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: no per-step sync
-    window_start, window_tokens, window_steps, window_sup = time.perf_counter(), 0, 0, state.supervised_seen
-    run_start, run_start_step = window_start, state.step
+    speed = Throughput(state.step, state.supervised_seen, flops_per_token, peak * info.world if peak else None)
     end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
     try:
         while state.step < end:
@@ -213,73 +198,90 @@ def train(model: nn.Module, stage: Stage, loader: BatchLoader, cfg: LoopConfig, 
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
-            sums = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
-            sums, bad_ranks = sums[:-1], sums[-1]
-            problem = nonfinite_problem(sums[0], bad_ranks, grad_norm)  # the step's one host sync
+            reduced = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
+            sums = reduced[:-1]
+            problem = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the step's one host sync
             if problem is None:
                 scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if problem is not None:
-                state.nonfinite_skipped += 1
-                stop = state.nonfinite_skipped > cfg.skip_nonfinite
-                record = {"step": state.step + 1, "skipped_nonfinite": state.nonfinite_skipped, "nonfinite": problem,
-                          **({"stopped": True} if stop else {})}
-                if info.is_main:
-                    logger.log(record)
-                if stop:
-                    allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
-                    raise NonFiniteError(
-                        f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
-                        f"{last_good()} (resume from it with --resume, e.g. with a lower --lr, or let up to N "
-                        "such steps be skipped with --skip-nonfinite N)")
-                if info.is_main:
-                    bar.write(f"step {state.step + 1}: non-finite {problem}: update skipped "
-                              f"({state.nonfinite_skipped}/{cfg.skip_nonfinite} allowed)")
+                skip_or_stop(state, problem, cfg, info, logger, bar, out)
 
             state.step += 1
             state.samples_seen += global_batch
             state.tokens_seen += global_batch * seq_len
-            window_tokens += global_batch * seq_len
-            window_steps += 1
+            speed.advance(global_batch * seq_len)
             bar.update(1)
             last = state.step == end
 
-            if problem is None and (state.step % cfg.log_every == 0 or last or state.step == run_start_step + 1):
+            if problem is None and (state.step % cfg.log_every == 0 or last or speed.is_first_step(state.step)):
                 state.supervised_seen = supervised_base + int(supervised_acc.item())
-                now = time.perf_counter()
-                elapsed = max(now - window_start, 1e-9)
                 record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)), "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / elapsed,
-                          "supervised_per_s": (state.supervised_seen - window_sup) / elapsed,
-                          "step_time_s": elapsed / window_steps, "tokens_seen": state.tokens_seen,
-                          "supervised_seen": state.supervised_seen, "samples_seen": state.samples_seen}
-                if flops_per_token:
-                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * info.world)
-                record["eta_s"] = (now - run_start) / (state.step - run_start_step) * (end - state.step)
+                          "grad_norm": float(grad_norm), **speed.report(state.step, end, state.supervised_seen),
+                          "tokens_seen": state.tokens_seen, "supervised_seen": state.supervised_seen,
+                          "samples_seen": state.samples_seen}
                 if info.is_main:
                     logger.log(record)
                     bar.write(format_line(record, cfg.max_steps, names[1:]))
                 state.history.append(record)
-                window_start, window_tokens, window_steps, window_sup = now, 0, 0, state.supervised_seen
 
-            paused = time.perf_counter()  # evaluation and saving are not training throughput
-            if loader.split.val_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
-                record = {"step": state.step, **evaluate(fwd, stage, loader, device, amp)}
-                if info.is_main:
-                    logger.log(record)
-                    bar.write(format_line(record, cfg.max_steps))
-                state.history.append(record)
-            if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last:
-                state.supervised_seen = supervised_base + int(supervised_acc.item())
-                save()
-            pause = time.perf_counter() - paused
-            window_start += pause
-            run_start += pause
+            with speed.paused():  # evaluation and saving are not training throughput
+                if loader.split.val_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
+                    record = {"step": state.step, **evaluate(fwd, stage, loader, device, amp)}
+                    if info.is_main:
+                        logger.log(record)
+                        bar.write(format_line(record, cfg.max_steps))
+                    state.history.append(record)
+                if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last:
+                    state.supervised_seen = supervised_base + int(supervised_acc.item())
+                    save()
     finally:
         steps.close()
         bar.close()
     return state
+
+
+def restore(resume: Checkpoint, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            info: DistInfo) -> TrainState:
+    """Optimizer, scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``)."""
+    training = resume.training
+    optimizer.load_state_dict(training.optimizer)
+    if training.scaler:
+        scaler.load_state_dict(training.scaler)
+    rngs = training.rng
+    if len(rngs) != info.world and info.is_main:
+        print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
+              "random streams (dropout) differ from an uninterrupted run", file=sys.stderr)
+    checkpoint.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    return TrainState(resume.step, resume.samples_seen, resume.tokens_seen, resume.supervised_seen,
+                      nonfinite_skipped=resume.nonfinite_skipped)
+
+
+def last_good(out: Path) -> str:
+    found = checkpoint.latest(out)
+    return f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
+
+
+def skip_or_stop(state: TrainState, problem: str, cfg: LoopConfig, info: DistInfo, logger: MetricsLogger,
+                 bar: tqdm, out: Path) -> None:
+    """A non-finite step (its update was not applied): count it, log it, and stop once more than
+    ``cfg.skip_nonfinite`` were skipped (NonFiniteError naming the last good checkpoint)."""
+    state.nonfinite_skipped += 1
+    stop = state.nonfinite_skipped > cfg.skip_nonfinite
+    record = {"step": state.step + 1, "skipped_nonfinite": state.nonfinite_skipped, "nonfinite": problem,
+              **({"stopped": True} if stop else {})}
+    if info.is_main:
+        logger.log(record)
+    if stop:
+        allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
+        raise NonFiniteError(
+            f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
+            f"{last_good(out)} (resume from it with --resume, e.g. with a lower --lr, or let up to N "
+            "such steps be skipped with --skip-nonfinite N)")
+    if info.is_main:
+        bar.write(f"step {state.step + 1}: non-finite {problem}: update skipped "
+                  f"({state.nonfinite_skipped}/{cfg.skip_nonfinite} allowed)")
 
 
 def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor, grad_norm: torch.Tensor) -> str | None:

@@ -1,5 +1,5 @@
-"""Run outputs on rank 0: ``metrics.jsonl``, optional TensorBoard / W&B, the loss-curve PNG, and the
-per-token byte lengths that bits-per-byte needs.
+"""Run outputs on rank 0: ``metrics.jsonl``, optional TensorBoard / W&B, the loss-curve PNG, the
+throughput window of the log lines, and the per-token byte lengths that bits-per-byte needs.
 
 ``metrics.jsonl`` holds one JSON object per line, flushed as written (a ``kill -9`` loses at most the
 line being written). Training lines carry ``step`` and ``loss``; evaluation lines ``step``, ``val_loss``
@@ -12,10 +12,13 @@ where a ``logging.py`` would shadow the standard library for torch itself.)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,59 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class Throughput:
+    """Speed over the window since the last log line, and the run's ETA.
+
+    :meth:`advance` counts one step of ``tokens`` input positions; :meth:`report` returns ``tokens_per_s``,
+    ``supervised_per_s``, ``step_time_s``, ``eta_s`` (and ``mfu`` when the peak FLOP/s are known) and starts a
+    new window. Time inside :meth:`paused` (evaluation, checkpoints) counts neither for the window nor the
+    ETA, so the numbers are training speed only.
+    """
+
+    def __init__(self, step: int, supervised_seen: int, flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> None:
+        self.window_start = self.run_start = time.perf_counter()
+        self.run_start_step = step
+        self.window_supervised = supervised_seen
+        self.window_tokens = 0
+        self.window_steps = 0
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops  # of all processes together
+
+    def advance(self, tokens: int) -> None:
+        self.window_tokens += tokens
+        self.window_steps += 1
+
+    def is_first_step(self, step: int) -> bool:
+        """The first step of this process (logged always: the first line shows the start speed)."""
+        return step == self.run_start_step + 1
+
+    def report(self, step: int, end: int, supervised_seen: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.window_start, 1e-9)
+        out = {"tokens_per_s": self.window_tokens / elapsed,
+               "supervised_per_s": (supervised_seen - self.window_supervised) / elapsed,
+               "step_time_s": elapsed / max(self.window_steps, 1)}
+        if self.flops_per_token and self.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s"] / self.peak_flops
+        out["eta_s"] = (now - self.run_start) / max(step - self.run_start_step, 1) * (end - step)
+        self.window_start = now
+        self.window_supervised = supervised_seen
+        self.window_tokens = 0
+        self.window_steps = 0
+        return out
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            pause = time.perf_counter() - started
+            self.window_start += pause
+            self.run_start += pause
 
 
 def _line_step(line: str) -> int | None:

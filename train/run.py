@@ -31,27 +31,28 @@ elif str(REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import hashlib  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import LOCK_NAME, FolderLock, atomic_write_bytes, make_dir  # noqa: E402
+from core.files import LOCK_NAME, FolderLock, make_dir  # noqa: E402
+from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
 from train import checkpoint, dist  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
+from train.adapters import FullWeights, weights_for  # noqa: E402
+from train.checkpoint import Checkpoint, CheckpointError, DataRecord, SourceRecord, TokenizerRecord  # noqa: E402
 from train.data import PackedDataset, Split  # noqa: E402
-from train.loop import LoopConfig, resolve_dtype, train  # noqa: E402
-from train.merge import merge_checkpoint  # noqa: E402
+from train.loop import LoopConfig, TrainState, resolve_dtype, train  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
-from train.stages import STAGES, Stage, StageContext, build_stage  # noqa: E402
+from train.stages import STAGES, Stage, StageContext, build_stage, default_lrs  # noqa: E402
 
 DEFAULT_MODEL = "small"
 # stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
@@ -101,8 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="micro-batch rows per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=2, metavar="A",
                    help="micro-batches per step; global batch = B x A x processes rows (default 2)")
-    g.add_argument("--lr", type=float,
-                   help="peak learning rate (default: pretrain 5e-4, sft / reason / distill 2e-4, dpo 1e-5)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {default_lrs()})")
     g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of --max-steps)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
@@ -117,9 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ref-from", type=Path, metavar="CKPT",
                    help="reference model (default: the --init-from checkpoint); its log-probs are computed once into "
                         "DATA/ref_<fingerprint>/ and reused by later runs")
-    g.add_argument("--online-ref", action="store_true",
-                   help="keep the frozen reference model in memory and score every batch with it instead of using "
-                        "stored log-probs (same loss, more memory and compute)")
+    g.add_argument("--online-ref", action="store_true", help="score every batch with the frozen reference model "
+                   "kept in memory instead of stored log-probs (same loss, more memory and compute)")
     g = p.add_argument_group("distillation (--stage distill)")
     g.add_argument("--teacher", type=Path, metavar="CKPT",
                    help="frozen teacher checkpoint or run folder (any size, same tokenizer)")
@@ -202,12 +201,12 @@ def default_val_rows(n_rows: int) -> int:
     return min(64, n_rows * 5 // 100)
 
 
-def model_config(args: argparse.Namespace, vocab_size: int, init: dict | None) -> ModelConfig:
+def model_config(args: argparse.Namespace, vocab_size: int, init: Checkpoint | None) -> ModelConfig:
     """The checkpoint's config (``--init-from``) or the preset, with ``--model-arg`` applied; a fresh model
     takes the dataset's vocabulary size unless it is overridden."""
     try:
         if init is not None:
-            return ModelConfig.from_dict(init["model_config"]).override(args.model_arg)
+            return init.model_config.override(args.model_arg)
         cfg = ModelConfig.from_preset(args.model or DEFAULT_MODEL)
         if not any(item.split("=", 1)[0].strip() == "vocab_size" for item in args.model_arg):
             cfg = cfg.override({"vocab_size": vocab_size})
@@ -216,11 +215,11 @@ def model_config(args: argparse.Namespace, vocab_size: int, init: dict | None) -
         raise UsageError(str(e)) from None
 
 
-def check_resume_compatible(args: argparse.Namespace, ckpt: dict) -> None:
-    """A resumed run must be the same run: stage, model and data (the tokenizer is checked separately)."""
-    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if ckpt.get("stage") != args.stage:
-        raise UsageError(f"{ckpt['path']}: a {ckpt.get('stage')} run, but --stage {args.stage}; "
+def check_resume_compatible(args: argparse.Namespace, ckpt: Checkpoint) -> None:
+    """A resumed run must be the same run: stage, model, data and adapter (the tokenizer is checked separately)."""
+    old = dict(ckpt.args or {})
+    if ckpt.stage != args.stage:
+        raise UsageError(f"{ckpt.path}: a {ckpt.stage} run, but --stage {args.stage}; "
                          "choose another --out or drop --resume")
     for key in ("model", "model_arg", "init_from"):
         now = [str(v) for v in args.model_arg] if key == "model_arg" else getattr(args, key)
@@ -228,36 +227,24 @@ def check_resume_compatible(args: argparse.Namespace, ckpt: dict) -> None:
         if key == "model":
             now, old[key] = now or DEFAULT_MODEL, old.get(key) or DEFAULT_MODEL
         if key in old and old[key] != now and not (key == "init_from" and now is None):
-            raise UsageError(f"{ckpt['path']}: --{key.replace('_', '-')} was {old[key]!r}, now {now!r}; "
+            raise UsageError(f"{ckpt.path}: --{key.replace('_', '-')} was {old[key]!r}, now {now!r}; "
                              "a resumed run keeps its model — choose another --out or drop --resume")
-
-
-def tokenizer_record(meta: dict) -> dict[str, Any]:
-    tok = meta["tokenizer"]
-    return {"fingerprint": tok["fingerprint"], "path": tok["path"], "vocab_size": tok["vocab_size"],
-            "special_ids": tok.get("special_ids", {})}
+    if ckpt.lora is not None and args.lora is None:
+        raise UsageError(f"{ckpt.path}: a LoRA run (rank {ckpt.lora.rank}); resume it with the same --lora-* flags")
+    if ckpt.lora != args.lora:
+        raise UsageError(f"{ckpt.path}: LoRA config {ckpt.lora}, now {args.lora}; a resumed run keeps its adapter "
+                         "shape")
 
 
 def byte_table(meta: dict, vocab_size: int, quiet: bool) -> torch.Tensor | None:
     """Bytes per token id from the tokenizer recorded in the dataset (None, said once, if it is gone)."""
     path = Path(meta["tokenizer"]["path"])
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != meta["tokenizer"]["fingerprint"]:
+    if file_fingerprint(path) != meta["tokenizer"]["fingerprint"]:
         if not quiet:
             print(f"note: tokenizer {path} (recorded in the dataset) is missing or changed: no val_bpb",
                   file=sys.stderr)
         return None
     return torch.from_numpy(token_byte_lengths(path, vocab_size))
-
-
-def copy_tokenizer(meta: dict, out: Path) -> None:
-    """Copy the dataset's tokenizer files into OUT/tokenizer so the run folder is self-contained."""
-    src = Path(meta["tokenizer"]["path"])
-    if not src.is_file():
-        return
-    dst = make_dir(out / "tokenizer", "tokenizer folder")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src.parent / name).is_file():
-            atomic_write_bytes(dst / name, [(src.parent / name).read_bytes()])
 
 
 @contextlib.contextmanager
@@ -302,15 +289,29 @@ def jsonable(args: argparse.Namespace) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "lora"}
 
 
+# ---- run = resolve -> build -> train -> report ----------------------------------------------------------------
+
 def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
+    """Open the data, then inside the locked run folder: resolve the source checkpoints, build the model and
+    everything around it, train, report."""
     say = print if info.is_main else (lambda *a, **k: None)
-    device = info.device
-    dtype = resolve_dtype(args.dtype, device)
-    compile_model = device.type == "cuda" if args.compile is None else args.compile
-    options = {dest: getattr(args, dest) for dest in STAGES[args.stage].options}
-    stage: Stage = build_stage(args.stage, lora=args.lora, **options)
+    stage: Stage = build_stage(args.stage, **{dest: getattr(args, dest) for dest in STAGES[args.stage].options})
+    dataset = open_data(args, stage, say)
+    with locked_run_folder(args.out, info):
+        sources = resolve(args, dataset, say)
+        plan = build(args, info, stage, dataset, sources, say)
+        started = time.perf_counter()
+        state = train(plan.model, stage, plan.weights, plan.loader, plan.loop, info, args.out, plan.logger,
+                      plan.template, sources.resume)
+        plan.logger.close()
+        if info.is_main:
+            report(args, state, time.perf_counter() - started, plan.logger, say)
+
+
+def open_data(args: argparse.Namespace, stage: Stage, say: Callable[..., None]) -> PackedDataset:
+    """The packed dataset, every shard checked; a dataset without a single training row is refused."""
     started = time.perf_counter()
-    dataset: PackedDataset = stage.open_dataset(str(args.data), verify=not args.no_verify)
+    dataset = stage.open_dataset(str(args.data), verify=not args.no_verify)
     checked = "sizes, counts, token ids" + ("" if args.no_verify else ", sha256")
     say(f"data: {args.data}: {len(dataset.shards)} shard(s) checked ({checked}) in "
         f"{time.perf_counter() - started:.2f} s")
@@ -318,11 +319,44 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
         raise UsageError(f"{args.data}: no training rows (seq_len {dataset.seq_len}, "
                          f"{sum(len(s.tokens) for s in dataset.shards):,} tokens); re-pack with more data or a smaller "
                          "--seq-len")
-    with locked_run_folder(args.out, info):
-        run_locked(args, info, stage, dataset, say, dtype, compile_model)
+    return dataset
 
 
-def load_resume(path: Path) -> dict[str, Any]:
+@dataclass
+class Sources:
+    """The checkpoints a run starts from: the one it resumes, its --init-from, and a LoRA run's frozen base."""
+
+    resume: Checkpoint | None = None
+    init: Checkpoint | None = None
+    base: Checkpoint | None = None
+
+
+def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[..., None]) -> Sources:
+    """Load and check the source checkpoints: same tokenizer as the data; a resumed run is the same run."""
+    fingerprint = dataset.meta["tokenizer"]["fingerprint"]
+    found = checkpoint.latest(args.out)
+    if found is not None and not args.resume:
+        raise UsageError(f"{args.out} already holds checkpoints (latest {found.name}); "
+                         "pass --resume to continue that run, or choose another --out")
+    if args.resume and found is None:
+        say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
+    if found is not None:
+        resume = load_resume(found)
+        resume.check_tokenizer(fingerprint, str(args.data))
+        check_resume_compatible(args, resume)
+        return Sources(resume=resume, base=resume.load_base() if resume.lora is not None else None)
+    if args.init_from is None:
+        if args.lora is not None:
+            raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
+        return Sources()
+    init = checkpoint.load(args.init_from)
+    init.check_tokenizer(fingerprint, str(args.data))
+    if args.model is not None:
+        say(f"note: --model {args.model} ignored: the model config comes from {init.path}")
+    return Sources(init=init, base=init if args.lora is not None else None)
+
+
+def load_resume(path: Path) -> Checkpoint:
     """The latest checkpoint of --out for --resume; a damaged one is refused with what to do about it."""
     try:
         return checkpoint.load(path, resume=True)
@@ -331,141 +365,140 @@ def load_resume(path: Path) -> dict[str, Any]:
                               "before)") from None
 
 
-def run_locked(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: PackedDataset, say: Any,
-               dtype: str, compile_model: bool) -> None:
-    """The run itself, inside the locked run folder."""
-    device = info.device
-    meta = dataset.meta
-    fingerprint = meta["tokenizer"]["fingerprint"]
-    resume = init = None
-    if args.resume:
-        found = checkpoint.latest(args.out)
-        if found is None:
-            say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
-        else:
-            resume = load_resume(found)
-            checkpoint.check_tokenizer(resume, fingerprint, str(args.data))
-            check_resume_compatible(args, resume)
-    elif checkpoint.latest(args.out) is not None:
-        raise UsageError(f"{args.out} already holds checkpoints (latest {checkpoint.latest(args.out).name}); "
-                         "pass --resume to continue that run, or choose another --out")
-    if resume is None and args.init_from is not None:
-        init = checkpoint.load(args.init_from)
-        checkpoint.check_tokenizer(init, fingerprint, str(args.data))
-        if args.model is not None:
-            say(f"note: --model {args.model} ignored: the model config comes from {init['path']}")
-    base = None  # a LoRA run's frozen base checkpoint
-    if args.lora is not None:
-        if resume is not None:
-            if resume.get("lora") != args.lora.to_dict():
-                raise UsageError(f"{resume['path']}: LoRA config {resume.get('lora')}, now {args.lora.to_dict()}; "
-                                 "a resumed run keeps its adapter shape")
-            if not isinstance(resume.get("base"), dict) or "path" not in resume["base"]:
-                raise CheckpointError("a LoRA checkpoint without its base record", path=resume["path"], field="base")
-            base = checkpoint.load(resume["base"]["path"])
-            if checkpoint.state_fingerprint(base["model"]) != resume["base"]["fingerprint"]:
-                raise UsageError(f"{base['path']}: the base model of this LoRA run has changed since it started")
-        elif init is None:
-            raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
-        else:
-            base = init
-    elif resume is not None and resume.get("lora"):
-        raise UsageError(f"{resume['path']}: a LoRA run (rank {resume['lora']['rank']}); resume it with the same "
-                         "--lora-* flags")
-    source = resume or init
-    cfg = (ModelConfig.from_dict(resume["model_config"]) if resume is not None
-           else model_config(args, meta["tokenizer"]["vocab_size"], init))
-    if cfg.vocab_size < meta["tokenizer"]["vocab_size"]:
-        raise UsageError(f"model vocab_size {cfg.vocab_size} < the dataset tokenizer's "
-                         f"{meta['tokenizer']['vocab_size']}")
-    if dataset.seq_len > cfg.max_position_embeddings:
-        raise UsageError(f"dataset seq_len {dataset.seq_len} > model max_position_embeddings "
-                         f"{cfg.max_position_embeddings} (--model-arg max_position_embeddings=...)")
+@dataclass
+class Plan:
+    """Everything the loop needs, built."""
 
+    model: TinyLM
+    weights: FullWeights
+    loader: Any
+    loop: LoopConfig
+    logger: MetricsLogger
+    template: Checkpoint
+
+
+def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: PackedDataset, sources: Sources,
+          say: Callable[..., None]) -> Plan:
+    """The model (initial or resumed weights, adapters inserted), the stage's setup, the batches, the loop
+    config, the logger and the run's checkpoint records; prints the run's summary."""
+    meta, resume = dataset.meta, sources.resume
+    cfg = resume.model_config if resume is not None else model_config(args, meta["tokenizer"]["vocab_size"],
+                                                                      sources.init)
+    check_fits(cfg, dataset)
     seed_everything(args.seed)  # identical initial weights on every rank
     model = TinyLM(cfg)
-    if base is not None or init is not None:
-        weights = base if base is not None else init
-        checkpoint.load_model_state(model, weights["model"], weights["path"])
-    model = stage.prepare(model)
+    start = sources.base or sources.init
+    if start is not None:
+        checkpoint.load_model_state(model, start.model, start.path)
+    weights = weights_for(args.lora)
+    model = weights.apply(model)
     if resume is not None:
-        stage.load_model_state(model, resume["model"], resume["path"])
-    stage.setup(StageContext(dataset, device, info.rank, info.world, args.batch_size, init, resume, say,
-                             dist.barrier))
+        weights.load_state(model, resume.model, resume.path)
+    stage.setup(StageContext(dataset, info.device, info.rank, info.world, args.batch_size, sources.init, resume, say,
+                             dist.barrier, moe=cfg.is_moe))
     seed_everything(args.seed + 1000 * info.rank)  # per-rank streams (dropout); restored on resume
 
     val_rows = default_val_rows(dataset.n_rows) if args.val_rows is None else args.val_rows
     if val_rows >= dataset.n_rows:
         raise UsageError(f"--val-rows {val_rows}: {args.data} has only {dataset.n_rows} rows")
     split = Split(dataset, val_rows)
-    loader = stage.loader(split, args.batch_size, info.rank, info.world, args.seed, device.type == "cuda")
+    loader = stage.loader(split, args.batch_size, info.rank, info.world, args.seed, info.device.type == "cuda")
     if val_rows and args.eval_every:
         stage.byte_lengths = byte_table(meta, cfg.vocab_size, quiet=not info.is_main)
+    loop = loop_config(args, stage, info.device)
+    logger = MetricsLogger(args.out, enabled=info.is_main, tensorboard=args.tensorboard,
+                           wandb={"project": args.wandb, "name": args.out.name, "config": jsonable(args)}
+                           if args.wandb else None)
+    if info.is_main:
+        logger.truncate_after(resume.step if resume is not None else 0)
+        checkpoint.copy_tokenizer(Path(meta["tokenizer"]["path"]).parent, args.out)
+    dist.barrier()
+    global_batch = loader.global_batch(args.grad_accum)
+    data = DataRecord(str(args.data), dataset.stage, dataset.seq_len, dataset.n_rows, val_rows, global_batch)
+    template = run_record(args, cfg, stage, meta, data, sources)
+    say_summary(args, info, stage, model, weights, sources, data, split.n_train, loop, say)
+    return Plan(model, weights, loader, loop, logger, template)
 
+
+def check_fits(cfg: ModelConfig, dataset: PackedDataset) -> None:
+    vocab = dataset.meta["tokenizer"]["vocab_size"]
+    if cfg.vocab_size < vocab:
+        raise UsageError(f"model vocab_size {cfg.vocab_size} < the dataset tokenizer's {vocab}")
+    if dataset.seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"dataset seq_len {dataset.seq_len} > model max_position_embeddings "
+                         f"{cfg.max_position_embeddings} (--model-arg max_position_embeddings=...)")
+
+
+def loop_config(args: argparse.Namespace, stage: Stage, device: torch.device) -> LoopConfig:
+    """The loop's settings; ``--lr`` defaults to the stage's ``default_lr`` (its one definition)."""
     lr = stage.default_lr if args.lr is None else args.lr
-    loop_cfg = LoopConfig(
+    return LoopConfig(
         max_steps=args.max_steps, grad_accum=args.grad_accum, lr=lr,
         min_lr=lr / 10 if args.min_lr is None else args.min_lr,
         warmup_steps=max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=dtype, compile=compile_model,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=resolve_dtype(args.dtype, device),
+        compile=device.type == "cuda" if args.compile is None else args.compile,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, stop_after=args.stop_after, progress=not args.no_progress,
         skip_nonfinite=args.skip_nonfinite)
 
-    out: Path = args.out
-    wandb = {"project": args.wandb, "name": out.name, "config": jsonable(args)} if args.wandb else None
-    logger = MetricsLogger(out, enabled=info.is_main, tensorboard=args.tensorboard, wandb=wandb)
-    if info.is_main:
-        logger.truncate_after(resume["step"] if resume is not None else 0)
-        copy_tokenizer(meta, out)
-    dist.barrier()
 
-    global_batch = loader.global_batch(args.grad_accum)
-    n_train = split.n_train
-    say(f"== {stage.name}: {args.data} -> {out}")
-    say(model.summary(dataset.seq_len))
+def run_record(args: argparse.Namespace, cfg: ModelConfig, stage: Stage, meta: dict, data: DataRecord,
+               sources: Sources) -> Checkpoint:
+    """The records every checkpoint of the run repeats (the loop adds weights, counters and resume state)."""
+    tok = meta["tokenizer"]
+    resume, init, base = sources.resume, sources.init, sources.base
+    if resume is not None:
+        init_from, base_record = resume.init_from, resume.base
+    else:
+        init_from = SourceRecord(init.path, init.step, init.stage) if init is not None else None
+        base_record = base.source_record() if base is not None else None
+    return Checkpoint(model={}, model_config=cfg, stage=stage.name,
+                      tokenizer=TokenizerRecord(tok["fingerprint"], tok["path"], tok["vocab_size"],
+                                                tok.get("special_ids", {})),
+                      data=data, args=jsonable(args), lora=args.lora, base=base_record, init_from=init_from,
+                      **stage.checkpoint_fields())
+
+
+def say_summary(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, model: TinyLM, weights: FullWeights,
+                sources: Sources, data: DataRecord, n_train: int, loop: LoopConfig, say: Callable[..., None]) -> None:
+    say(f"== {stage.name}: {args.data} -> {args.out}")
+    say(model.summary(data.seq_len))
     if args.lora is not None:
-        n_adapter = sum(p.numel() for _, p in stage.trainable(model))
+        n_adapter = sum(p.numel() for _, p in weights.trainable(model))
         say(f"lora: rank {args.lora.rank}, alpha {args.lora.alpha:g} on {','.join(args.lora.targets)}: "
-            f"{n_adapter:,} trainable params ({100 * n_adapter / model.num_params():.2f}%), base {base['path']} frozen")
-    say(f"data: {dataset.n_rows:,} rows x {dataset.seq_len} ({n_train:,} train, {val_rows} val); global batch "
-        f"{global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
-        f"{global_batch * dataset.seq_len:,} tokens/step; {args.max_steps} steps = "
-        f"{args.max_steps * global_batch / max(n_train, 1):.2f} epochs")
-    say(f"device {device} | dtype {dtype} | compile {compile_model} | lr {loop_cfg.lr:g} -> {loop_cfg.min_lr:g}, "
-        f"warmup {loop_cfg.warmup_steps} | seed {args.seed}")
+            f"{n_adapter:,} trainable params ({100 * n_adapter / model.num_params():.2f}%), base "
+            f"{sources.base.path} frozen")
+    say(f"data: {data.rows:,} rows x {data.seq_len} ({n_train:,} train, {data.val_rows} val); global batch "
+        f"{data.global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
+        f"{data.global_batch * data.seq_len:,} tokens/step; {args.max_steps} steps = "
+        f"{args.max_steps * data.global_batch / max(n_train, 1):.2f} epochs")
+    say(f"device {info.device} | dtype {loop.dtype} | compile {loop.compile} | lr {loop.lr:g} -> {loop.min_lr:g}, "
+        f"warmup {loop.warmup_steps} | seed {args.seed}")
+    source = sources.resume or sources.init
     if source is not None:
-        what = "resuming" if resume is not None else "initialised from"
-        say(f"{what} {source['path']} (step {source['step']})")
+        what = "resuming" if sources.resume is not None else "initialised from"
+        say(f"{what} {source.path} (step {source.step})")
 
-    ckpt_meta = {"model_config": cfg.to_dict(), "stage": stage.name, "tokenizer": tokenizer_record(meta),
-                 "data": {"folder": str(args.data), "stage": dataset.stage, "seq_len": dataset.seq_len,
-                          "rows": dataset.n_rows, "val_rows": val_rows, "global_batch": global_batch},
-                 "args": jsonable(args)}
-    if init is not None:
-        ckpt_meta["init_from"] = {"path": init["path"], "step": init["step"], "stage": init.get("stage")}
-    if base is not None:
-        ckpt_meta["base"] = resume["base"] if resume is not None else checkpoint.source_record(base)
-    ckpt_meta.update(stage.checkpoint_meta())
-    start = time.perf_counter()
-    state = train(model, stage, loader, loop_cfg, info, out, logger, ckpt_meta, resume)
-    logger.close()
-    if info.is_main:
-        took = time.perf_counter() - start
-        last_loss = next((r["loss"] for r in reversed(state.history) if "loss" in r), None)
-        last_val = next((r for r in reversed(state.history) if "val_loss" in r), None)
-        plot = plot_losses(out)
-        say(f"done: step {state.step}/{args.max_steps} in {took:.1f} s"
-            + (f" | loss {last_loss:.4f}" if last_loss is not None else "")
-            + (f" | val_loss {last_val['val_loss']:.4f}" if last_val else "")
-            + "".join(f" | {k} {v:.4f}" for k, v in (last_val or {}).items()
-                      if k.startswith("val_") and k != "val_loss" and isinstance(v, float)))
-        found = checkpoint.latest(out)
-        say(f"checkpoint {found}" if found else "no checkpoint written")
-        say(f"metrics    {logger.path}")
-        say(f"plot       {plot}" if plot else "plot       skipped (pip install matplotlib for loss.png)")
-        if args.merge and found is not None:
-            say(f"merged     {merge_checkpoint(found, out / 'merged')}  (adapter folded into the base)")
+
+def report(args: argparse.Namespace, state: TrainState, took: float, logger: MetricsLogger,
+           say: Callable[..., None]) -> None:
+    """The closing lines (last loss and validation metrics, files written); ``--merge`` folds the adapter."""
+    out: Path = args.out
+    last_loss = next((r["loss"] for r in reversed(state.history) if "loss" in r), None)
+    last_val = next((r for r in reversed(state.history) if "val_loss" in r), None)
+    plot = plot_losses(out)
+    say(f"done: step {state.step}/{args.max_steps} in {took:.1f} s"
+        + (f" | loss {last_loss:.4f}" if last_loss is not None else "")
+        + (f" | val_loss {last_val['val_loss']:.4f}" if last_val else "")
+        + "".join(f" | {k} {v:.4f}" for k, v in (last_val or {}).items()
+                  if k.startswith("val_") and k != "val_loss" and isinstance(v, float)))
+    found = checkpoint.latest(out)
+    say(f"checkpoint {found}" if found else "no checkpoint written")
+    say(f"metrics    {logger.path}")
+    say(f"plot       {plot}" if plot else "plot       skipped (pip install matplotlib for loss.png)")
+    if args.merge and found is not None:
+        say(f"merged     {checkpoint.merge_checkpoint(found, out / 'merged')}  (adapter folded into the base)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ Prints one line per check with the measured figures; exit status 1 on any mismat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -35,10 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
-from core.tokenizer import prompt_ids  # noqa: E402
+from core.tokenizer import load_tokenizer, prompt_ids  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
-from train import checkpoint  # noqa: E402
-from train.export import load_trained  # noqa: E402
+from serve.loading import load_model  # noqa: E402
+from train.checkpoint import Checkpoint  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
@@ -51,9 +50,7 @@ def random_checkpoint(folder: Path, seed: int, **overrides) -> Path:
     with torch.no_grad():
         for p in model.parameters():  # norms near 1, matrices larger than at init: logits of a few units
             p.normal_(1.0, 0.2) if p.ndim == 1 else p.normal_(0.0, 0.15)
-    record = {"fingerprint": hashlib.sha256(TOKENIZER.read_bytes()).hexdigest(), "path": str(TOKENIZER)}
-    checkpoint.save(folder, 1, {"model": model.state_dict(), "model_config": cfg.to_dict(), "step": 1,
-                                "stage": "sft", "tokenizer": record})
+    Checkpoint.of(model, load_tokenizer(TOKENIZER), step=1, stage="sft").save(folder)
     return folder
 
 
@@ -83,7 +80,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
     gguf = out / f"{ckpt.name}.gguf"
     subprocess.run([sys.executable, str(ROOT / "bin" / "export"), "--ckpt", str(ckpt), "--format", "gguf",
                     "--out", str(gguf), "--dtype", "f32", "--quiet"], check=True)
-    trained = load_trained(ckpt)
+    trained = load_model(ckpt)
     tok = trained.tokenizer.tokenizer
     llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, type_k=0, type_v=0,
                 n_threads=2, verbose=False, seed=0)
@@ -114,7 +111,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
              {"role": "user", "content": "床前明月光，疑是地上霜。"}]
     ids = prompt_ids(trained.tokenizer, turns)
     with torch.no_grad():
-        ours = trained.model()(torch.tensor([ids])).logits[0].numpy()
+        ours = trained.model(torch.tensor([ids])).logits[0].numpy()
     llm.reset()
     llm.eval(ids)
     theirs = np.array(llm.scores[:len(ids)], dtype=np.float32)

@@ -1,6 +1,6 @@
 """Training stages: the only stage-specific code the loop calls (interface and contract: ``base.py``).
 
-One module per job: ``base`` (the interface, LoRA handling, pretrain / SFT / reasoning cross-entropy),
+One module per job: ``base`` (the interface, the model call, pretrain / SFT / reasoning cross-entropy),
 ``dpo`` (preference pairs against a reference), ``distill`` (a frozen teacher's soft targets).
 """
 
@@ -17,6 +17,7 @@ from train.stages.base import (
     StageContext,
     StageError,
     StepNorm,
+    forward,
     token_cross_entropy,
 )
 from train.stages.distill import DistillStage
@@ -26,11 +27,18 @@ STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTSt
                                                             DistillStage)}
 
 
+def default_lrs() -> str:
+    """``pretrain 5e-4, sft 2e-4, ...``: every stage's default learning rate (``Stage.default_lr``), for --help."""
+    return ", ".join(f"{name} {cls.default_lr:.0e}".replace("e-0", "e-") for name, cls in STAGES.items())
+
+
 def build_stage(name: str, **kwargs: Any) -> Stage:
+    """The stage called ``name`` with its keyword options (StageError for an unknown name)."""
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
     return STAGES[name](**kwargs)
 
 
 __all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "PretrainStage", "ReasonStage", "SFTStage",
-           "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "token_cross_entropy"]
+           "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "default_lrs", "forward",
+           "token_cross_entropy"]

@@ -1,22 +1,17 @@
 """The stage interface and the cross-entropy stages (pretrain, SFT, reasoning).
 
 A :class:`Stage` chooses (1) the dataset view (which packed folders it accepts, how they are opened
-and batched), (2) the loss of one micro-batch, (3) the trainable parameters (and any change to the
-model, e.g. LoRA adapters, in :meth:`Stage.prepare`), (4) extra frozen models (DPO reference,
-distillation teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in
-``train.stages.STAGES``. DDP, accumulation, compile, autocast, schedule, clipping, logging and
-checkpoints live in ``train/loop.py`` and are written once.
+and batched), (2) the loss of one micro-batch, (3) extra frozen models (DPO reference, distillation
+teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in ``train.stages.STAGES``.
+What trains and what a checkpoint stores (all weights, or LoRA adapters) is not the stage's business:
+``train/adapters.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
+clipping, logging and checkpoints live in ``train/loop.py`` and are written once.
 
-Generic hooks the runner calls, all optional: ``options`` (the stage-specific command-line flags it
-accepts; any other stage flag is a usage error), :meth:`Stage.setup` (after the model is built: load a
-teacher, compute reference log-probs), :meth:`Stage.checkpoint_meta` (extra records stored in every
-checkpoint), :meth:`Stage.model_state` / :meth:`Stage.load_model_state` (what of the model a checkpoint
-holds: everything, or only the LoRA adapter over a recorded base).
-
-LoRA (``Stage(lora=LoRAConfig(...))``, any stage): :meth:`Stage.prepare` freezes the model and inserts
-adapters (``model/lora.py``), :meth:`Stage.trainable` returns the adapter parameters only, and a
-checkpoint's ``model`` holds only the adapter tensors; the frozen base is named by the checkpoint's
-``base`` record (path + weight fingerprint).
+Hooks: ``options`` (the stage-specific command-line flags it accepts; any other stage flag is a usage
+error), :meth:`Stage.setup` (after the model is built: load a teacher, compute reference log-probs),
+:meth:`Stage.checkpoint_fields` (its records in every checkpoint: reference, teacher, options), and the
+objective: :meth:`Stage.objective` / :meth:`Stage.sums` on the logits of :func:`forward`, the one model
+call on a batch. :meth:`Stage.loss` adds the MoE load-balance loss (the one place it is handled).
 
 Loss contract. For a step the loop hands every micro-batch the same :class:`StepNorm`: the global
 number ``tokens`` of supervised units (summed over all micro-batches of all ranks, clamped to >= 1) and
@@ -34,7 +29,7 @@ rule (values are summed over micro-batches and ranks). Other stages define their
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import TinyLMError
-from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from model.transformer import ModelOutput
 from preprocess import shards
-from train import checkpoint
+from train.checkpoint import Checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
 from train.metrics import bits_per_byte
 
@@ -63,31 +58,37 @@ class StageError(TinyLMError):
 
 @dataclass
 class StageContext:
-    """What :meth:`Stage.setup` may use: the run's data, device, processes and source checkpoints."""
+    """What :meth:`Stage.setup` may use: the run's data, device, processes, model kind and source checkpoints."""
 
     dataset: PackedDataset
     device: torch.device
     rank: int = 0
     world: int = 1
     batch_size: int = 8
-    init: dict[str, Any] | None = None  # the loaded --init-from checkpoint
-    resume: dict[str, Any] | None = None  # the loaded checkpoint being resumed
+    init: Checkpoint | None = None  # the loaded --init-from checkpoint
+    resume: Checkpoint | None = None  # the loaded checkpoint being resumed
     say: Callable[..., None] = field(default=print)
     barrier: Callable[[], None] = field(default=lambda: None)
+    moe: bool = False  # the trained model is a mixture of experts: its load-balance loss is added
+
+
+def forward(model: nn.Module, batch: Batch) -> ModelOutput:
+    """The one model call on a batch: logits [B, T, V] and the MoE aux loss (0 for dense models)."""
+    return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
 
 
 class Stage:
-    """Base stage: every parameter trains, no extra model, the loss is left to subclasses."""
+    """Base stage: no extra model; the objective and its evaluation sums are left to subclasses."""
 
     name: ClassVar[str] = ""
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
-    default_lr: ClassVar[float] = 5e-4
+    default_lr: ClassVar[float] = 5e-4  # the one definition of the stage's default --lr
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
     options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
 
-    def __init__(self, byte_lengths: Tensor | None = None, lora: LoRAConfig | None = None):
+    def __init__(self, byte_lengths: Tensor | None = None):
         self.byte_lengths = byte_lengths  # int64 [vocab]: UTF-8 bytes per token id (for bits per byte)
-        self.lora = lora
+        self.moe = False
 
     # ---- data ---------------------------------------------------------------------------------------
     def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None,
@@ -109,49 +110,19 @@ class Stage:
         """The training/validation batches over ``split`` (DPO would keep chosen/rejected pairs together)."""
         return BatchLoader(split, micro_batch, rank, world, seed=seed, prefetch=2, pin_memory=pin_memory)
 
-    # ---- model ----------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Change the model before the optimizer sees it: with LoRA, freeze it and insert adapters."""
-        if self.lora is not None:
-            apply_lora(model, self.lora)
-        return model
-
-    def trainable(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-        """Named parameters the optimizer updates (LoRA: the adapters); the rest have ``requires_grad = False``."""
-        return lora_parameters(model) if self.lora is not None else model.named_parameters()
+    # ---- extra models -------------------------------------------------------------------------------
+    def setup(self, ctx: StageContext) -> None:
+        """Runtime preparation after the model is built (subclasses: load a teacher, precompute reference
+        data; they call this first)."""
+        self.moe = ctx.moe
 
     def extra_models(self) -> dict[str, nn.Module]:
         """Frozen models the loss needs (moved to the device and set to eval by the loop)."""
         return {}
 
-    def setup(self, ctx: StageContext) -> None:
-        """Runtime preparation after the model is built (load a teacher, precompute reference data)."""
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """Records stored in every checkpoint of the run (LoRA config, reference, teacher)."""
-        return {"lora": self.lora.to_dict()} if self.lora is not None else {}
-
-    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """What a checkpoint stores of the model: the whole state dict, or only the LoRA adapter."""
-        if self.lora is not None:
-            return lora_state_dict(checkpoint.unwrap(model))
-        return checkpoint.model_state(model)
-
-    def load_model_state(self, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-        """Inverse of :meth:`model_state` (strict: missing, unexpected or mis-shaped keys are refused)."""
-        if self.lora is None:
-            checkpoint.load_model_state(model, state, source)
-            return
-        try:
-            load_lora_state_dict(checkpoint.unwrap(model), state)
-        except ValueError as e:
-            raise checkpoint.CheckpointError(f"{source}: {e}") from None
-
-    def state_dict(self) -> dict[str, Any]:
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """:class:`~train.checkpoint.Checkpoint` fields this stage sets in every checkpoint of the run."""
         return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     # ---- objective --------------------------------------------------------------------------------------
     def count(self, batch: Batch) -> Tensor:
@@ -159,9 +130,23 @@ class Stage:
         return (batch.weights > 0).sum()
 
     def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's contribution: the stage's objective, plus ``aux / micro_batches`` for MoE."""
+        logits, aux = forward(model, batch)
+        loss, metrics = self.objective(logits, batch, norm)
+        if not self.moe:
+            return loss, metrics
+        aux = aux.float() / norm.micro_batches
+        return loss + aux, {**metrics, "aux": aux.detach()}
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """The validation sums of one batch (summed over batches and ranks, then :meth:`eval_metrics`)."""
+        return self.sums(forward(model, batch).logits, batch)
+
+    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -177,28 +162,17 @@ def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 class CrossEntropyStage(Stage):
     """Next-token prediction weighted by the mask: ``sum(w * ce) / N`` (+ MoE aux loss)."""
 
-    with_aux = False  # report the aux loss as a metric (MoE models)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.with_aux = bool(getattr(getattr(model, "config", None), "is_moe", False))
-        return super().prepare(model)
-
-    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, aux = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         ce = (token_cross_entropy(logits, batch.targets) * batch.weights).sum() / norm.tokens
-        aux = aux.float() / norm.micro_batches
-        metrics = {"ce": ce.detach(), "aux": aux.detach()} if self.with_aux else {}
-        return ce + aux, metrics
+        return ce, ({"ce": ce.detach()} if self.moe else {})
 
-    @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
         """Weighted nats and supervised tokens (val loss); unweighted nats and bytes of the supervised
         tokens that have bytes (special tokens have none) for bits per byte."""
-        logits, _ = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
         return self.ce_sums(token_cross_entropy(logits, batch.targets), batch)
 
     def ce_sums(self, ce: Tensor, batch: Batch) -> dict[str, Tensor]:
-        """The evaluation sums of :meth:`eval_sums` from per-position cross-entropy ``ce`` [B, T]."""
+        """The evaluation sums of :meth:`sums` from per-position cross-entropy ``ce`` [B, T]."""
         sup = batch.weights > 0
         sums = {"nats": (ce * batch.weights).sum(), "tokens": sup.sum().float()}
         if self.byte_lengths is not None:
@@ -238,12 +212,3 @@ class ReasonStage(CrossEntropyStage):
     name = "reason"
     dataset_stages = ("reason",)
     default_lr = 2e-4
-
-
-def frozen_model(ckpt: dict[str, Any]) -> nn.Module:
-    """A loaded checkpoint as an eval-mode model with every parameter frozen (reference, teacher)."""
-    from model import ModelConfig, TinyLM  # model/ is imported lazily: stages are also used without it
-
-    model = TinyLM(ModelConfig.from_dict(ckpt["model_config"]))
-    checkpoint.load_model_state(model, ckpt["model"], ckpt["path"])
-    return model.eval().requires_grad_(False)

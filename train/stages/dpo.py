@@ -19,6 +19,7 @@ The reference is the ``--init-from`` checkpoint unless ``--ref-from`` names anot
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from tqdm import tqdm
 from core.files import FileWriteError
 from preprocess import shards
 from train import checkpoint, dist
+from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Batch, PackedDataset
-from train.stages.base import Stage, StageContext, StageError, StepNorm, frozen_model, token_cross_entropy
+from train.stages.base import Stage, StageContext, StageError, StepNorm, forward, token_cross_entropy
 
 
 class DPODataset(PackedDataset):
@@ -91,18 +93,17 @@ class DPOStage(Stage):
     default_lr = 1e-5  # small steps: the policy should stay near the reference
     options = ("beta", "online_ref", "ref_from")
 
-    def __init__(self, byte_lengths: Tensor | None = None, lora: Any = None, beta: float | None = None,
+    def __init__(self, byte_lengths: Tensor | None = None, beta: float | None = None,
                  online_ref: bool = False, ref_from: str | Path | None = None):
-        super().__init__(byte_lengths, lora)
+        super().__init__(byte_lengths)
         self.beta = 0.1 if beta is None else float(beta)
         if self.beta <= 0:
             raise StageError(f"--beta must be > 0, got {self.beta}")
         self.online_ref = bool(online_ref)
         self.ref_from = ref_from
         self.width = 0
-        self.reference: dict[str, Any] | None = None  # {path, step, stage, fingerprint}
+        self.reference: SourceRecord | None = None
         self.ref_model: nn.Module | None = None
-        self.with_aux = False
 
     # ---- data ------------------------------------------------------------------------------------------
     def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None, verify: bool = True) -> DPODataset:
@@ -114,51 +115,54 @@ class DPOStage(Stage):
         self.width = dataset.width
         return dataset
 
-    # ---- model -------------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.with_aux = bool(getattr(getattr(model, "config", None), "is_moe", False))
-        return super().prepare(model)
-
+    # ---- reference -------------------------------------------------------------------------------------------
     def extra_models(self) -> dict[str, nn.Module]:
         return {"reference": self.ref_model} if self.ref_model is not None else {}
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {**super().checkpoint_meta(), "reference": self.reference, "dpo": {"beta": self.beta}}
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"reference": self.reference, "stage_options": {"beta": self.beta}}
 
     def setup(self, ctx: StageContext) -> None:
         """Find the reference; load it (online) or attach its stored log-probs, computing them if absent."""
+        super().setup(ctx)
         dataset: DPODataset = ctx.dataset  # type: ignore[assignment]
         ref_ckpt = None
-        if ctx.resume is not None and ctx.resume.get("reference"):
-            self.reference = dict(ctx.resume["reference"])
+        if ctx.resume is not None and ctx.resume.reference is not None:
+            self.reference = ctx.resume.reference
         else:
-            source = self.ref_from
-            if source is None and ctx.init is None:
-                raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
-                                 "usually the SFT run) or --ref-from CKPT")
-            ref_ckpt = checkpoint.load(source) if source is not None else ctx.init
-            checkpoint.check_tokenizer(ref_ckpt, dataset.meta["tokenizer"]["fingerprint"], str(dataset.folder))
-            self.reference = checkpoint.source_record(ref_ckpt)
-        fingerprint = self.reference["fingerprint"]
+            ref_ckpt = self._reference_checkpoint(ctx)
+            ref_ckpt.check_tokenizer(dataset.meta["tokenizer"]["fingerprint"], str(dataset.folder), role="reference")
+            self.reference = ref_ckpt.source_record()
+        fingerprint = self.reference.fingerprint
         ref_dir = shards.ref_folder(dataset.folder, fingerprint)
         need_model = self.online_ref or not (ref_dir / "meta.json").is_file()
         if need_model and ref_ckpt is None:
-            ref_ckpt = checkpoint.load(self.reference["path"])
-            if checkpoint.state_fingerprint(ref_ckpt["model"]) != fingerprint:
-                raise StageError(f"{ref_ckpt['path']}: the reference checkpoint of this run has changed since it "
+            ref_ckpt = checkpoint.load(self.reference.path)
+            if checkpoint.state_fingerprint(ref_ckpt.model) != fingerprint:
+                raise StageError(f"{ref_ckpt.path}: the reference checkpoint of this run has changed since it "
                                  f"started (weights fingerprint {fingerprint[:12]} expected)")
         if self.online_ref:
-            self.ref_model = frozen_model(ref_ckpt)
-            ctx.say(f"dpo: beta {self.beta} | online reference {self.reference['path']} (kept in memory)")
+            self.ref_model = ref_ckpt.frozen_model()
+            ctx.say(f"dpo: beta {self.beta} | online reference {self.reference.path} (kept in memory)")
             return
         if need_model:
             try:
-                compute_reference(frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx, self.reference)
+                compute_reference(ref_ckpt.frozen_model().to(ctx.device), dataset, ref_dir, ctx,
+                                  dataclasses.asdict(self.reference))
             except FileWriteError as e:
                 raise StageError(f"{e}: the reference log-probs are stored beside the dataset; make it writable "
                                  "or pass --online-ref") from None
         dataset.ref = shards.open_ref_logps(ref_dir, fingerprint, dataset.meta)
-        ctx.say(f"dpo: beta {self.beta} | reference log-probs {ref_dir} (of {self.reference['path']})")
+        ctx.say(f"dpo: beta {self.beta} | reference log-probs {ref_dir} (of {self.reference.path})")
+
+    def _reference_checkpoint(self, ctx: StageContext) -> Checkpoint:
+        """``--ref-from``, else the ``--init-from`` checkpoint."""
+        if self.ref_from is not None:
+            return checkpoint.load(self.ref_from)
+        if ctx.init is None:
+            raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
+                             "usually the SFT run) or --ref-from CKPT")
+        return ctx.init
 
     # ---- objective -----------------------------------------------------------------------------------------
     def count(self, batch: Batch) -> Tensor:
@@ -168,32 +172,24 @@ class DPOStage(Stage):
     def _reference_logps(self, batch: Batch) -> Tensor:
         if self.ref_model is not None:
             with torch.no_grad():
-                logits, _ = self.ref_model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-                return document_logps(logits, batch, self.width)
+                return document_logps(forward(self.ref_model, batch).logits, batch, self.width)
         if batch.ref_logps is None:
             raise StageError("DPO batch without reference log-probs (setup() was not run)")
         return batch.ref_logps
 
-    def _terms(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        logits, aux = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+    def _terms(self, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         losses, margin = dpo_terms(document_logps(logits, batch, self.width), self._reference_logps(batch), self.beta)
-        return losses, margin, valid_pairs(batch, self.width).float(), aux
+        return losses, margin, valid_pairs(batch, self.width).float()
 
-    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        """``sum(-log sigmoid(d)) / N_pairs`` (+ MoE aux); metrics margin = mean d, acc = share of d > 0."""
-        losses, margin, valid, aux = self._terms(model, batch)
-        dpo = (losses * valid).sum() / norm.tokens
+    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum(-log sigmoid(d)) / N_pairs``; metrics margin = mean d, acc = share of d > 0."""
+        losses, margin, valid = self._terms(logits, batch)
         metrics = {"margin": ((margin * valid).sum() / norm.tokens).detach(),
                    "acc": (((margin > 0).float() * valid).sum() / norm.tokens).detach()}
-        if self.with_aux:
-            aux = aux.float() / norm.micro_batches
-            metrics["aux"] = aux.detach()
-            return dpo + aux, metrics
-        return dpo, metrics
+        return (losses * valid).sum() / norm.tokens, metrics
 
-    @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        losses, margin, valid, _ = self._terms(model, batch)
+    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+        losses, margin, valid = self._terms(logits, batch)
         return {"loss": (losses * valid).sum(), "margin": (margin * valid).sum(),
                 "correct": ((margin > 0).float() * valid).sum(), "pairs": valid.sum()}
 
@@ -221,8 +217,7 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
             for lo in range(0, len(rows), ctx.batch_size):
                 chunk = rows[lo:lo + ctx.batch_size]
                 batch = dataset.collate(chunk).to(ctx.device)
-                logits, _ = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-                sums = document_logps(logits, batch, dataset.width).cpu().numpy()
+                sums = document_logps(forward(model, batch).logits, batch, dataset.width).cpu().numpy()
                 for i, r in enumerate(chunk):
                     _, d0, d1 = dataset.row_documents(int(r))
                     values[d0:d1] = sums[i, :d1 - d0]

@@ -31,16 +31,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from core.chat_template import ENDOFTEXT, IM_END, ROLES
+from core.chat_template import ROLES
 from core.files import append_line, atomic_write_text, check_file_target
 from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
-from train import checkpoint
+from serve.loading import LoadedModel, ToolError
 from train.data import PackedDataset, Split
-from train.export import ToolError, Trained
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
+from train.stages import StageContext, build_stage
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
 RESULTS_FILE = "eval_results.jsonl"
@@ -75,16 +75,16 @@ class DataOptions:
         return RecordOptions(**{f.name: getattr(self, f.name) for f in fields(RecordOptions)})
 
 
-def default_stage(trained: Trained) -> str | None:
+def default_stage(loaded: LoadedModel) -> str | None:
     """The checkpoint's own stage when it is one that packed data can be evaluated for."""
-    stage = trained.ckpt.get("stage")
+    stage = loaded.checkpoint.stage
     return stage if stage in EVAL_STAGES else None
 
 
-def default_seq_len(trained: Trained) -> int:
-    """The row length the checkpoint was trained on, else 512 (capped by the model's context)."""
-    seq = (trained.ckpt.get("data") or {}).get("seq_len") or 512
-    return min(int(seq), trained.config.max_position_embeddings)
+def default_seq_len(loaded: LoadedModel) -> int:
+    """The row length the checkpoint was loaded on, else 512 (capped by the model's context)."""
+    seq = (loaded.checkpoint.data.seq_len if loaded.checkpoint.data else None) or 512
+    return min(int(seq), loaded.config.max_position_embeddings)
 
 
 def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: DataOptions, quiet: bool) -> dict:
@@ -103,42 +103,35 @@ def pack_jsonl(files: list[str], stage: str, tokenizer: Path, out: Path, opts: D
     return result.meta
 
 
-def held_out_metrics(trained: Trained, files: list[str], opts: DataOptions, device: torch.device,
+def held_out_metrics(loaded: LoadedModel, files: list[str], opts: DataOptions, device: torch.device,
                      quiet: bool = False) -> dict[str, Any]:
     """Pack ``files`` and evaluate every row with the stage's eval sums; returns the results record part."""
-    from train.stages import build_stage
-    from train.stages.base import StageContext, StageError
-
     if opts.stage not in EVAL_STAGES:
         raise ToolError(f"--stage {opts.stage}: must be one of {', '.join(EVAL_STAGES)}")
-    if opts.seq_len > trained.config.max_position_embeddings:
+    if opts.seq_len > loaded.config.max_position_embeddings:
         raise ToolError(f"--seq-len {opts.seq_len} > the model's max_position_embeddings "
-                        f"{trained.config.max_position_embeddings}")
-    model = trained.model(device)
+                        f"{loaded.config.max_position_embeddings}")
+    model = loaded.model.to(device)
     with tempfile.TemporaryDirectory(prefix="tinylm-eval-") as tmp:
-        meta = pack_jsonl(files, opts.stage, trained.tokenizer.path, Path(tmp) / "packed", opts, quiet)
-        try:
-            if opts.stage == "dpo":
-                ref = opts.ref or _recorded_reference(trained)
-                if ref is None:
-                    raise ToolError("dpo evaluation needs a reference model: --ref CKPT (usually the SFT run)")
-                stage = build_stage("dpo", online_ref=True, ref_from=ref)
-            else:
-                table = torch.from_numpy(token_byte_lengths(trained.tokenizer.path, trained.config.vocab_size))
-                stage = build_stage(opts.stage, byte_lengths=table)
-            dataset = stage.open_dataset(str(Path(tmp) / "packed"), trained.tokenizer.fingerprint)
-            if dataset.n_rows == 0:
-                raise ToolError(f"{', '.join(files)}: no rows of {opts.seq_len} tokens (too little data for "
-                                f"--seq-len {opts.seq_len})")
-            model = stage.prepare(model)
-            stage.setup(StageContext(dataset=dataset, device=device, say=lambda *a, **k: None))
-            for extra in stage.extra_models().values():
-                extra.to(device).eval()
-            loader = stage.loader(AllRows(dataset), opts.batch_size, 0, 1, 0, False)
-            started = time.perf_counter()
-            raw = evaluate(model, stage, loader, device, contextlib.nullcontext())
-        except (StageError, checkpoint.CheckpointError) as e:
-            raise ToolError(str(e)) from None
+        meta = pack_jsonl(files, opts.stage, loaded.tokenizer.path, Path(tmp) / "packed", opts, quiet)
+        if opts.stage == "dpo":
+            ref = opts.ref or _recorded_reference(loaded)
+            if ref is None:
+                raise ToolError("dpo evaluation needs a reference model: --ref CKPT (usually the SFT run)")
+            stage = build_stage("dpo", online_ref=True, ref_from=ref)
+        else:
+            table = torch.from_numpy(token_byte_lengths(loaded.tokenizer.path, loaded.config.vocab_size))
+            stage = build_stage(opts.stage, byte_lengths=table)
+        dataset = stage.open_dataset(str(Path(tmp) / "packed"), loaded.tokenizer.fingerprint)
+        if dataset.n_rows == 0:
+            raise ToolError(f"{', '.join(files)}: no rows of {opts.seq_len} tokens (too little data for "
+                            f"--seq-len {opts.seq_len})")
+        stage.setup(StageContext(dataset=dataset, device=device, say=lambda *a, **k: None, moe=loaded.config.is_moe))
+        for extra in stage.extra_models().values():
+            extra.to(device).eval()
+        loader = stage.loader(AllRows(dataset), opts.batch_size, 0, 1, 0, False)
+        started = time.perf_counter()
+        raw = evaluate(model, stage, loader, device, contextlib.nullcontext())
         metrics = {k.removeprefix("val_"): v for k, v in raw.items()}
         if opts.stage != "dpo":
             metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
@@ -148,12 +141,10 @@ def held_out_metrics(trained: Trained, files: list[str], opts: DataOptions, devi
                 "metrics": metrics, "eval_seconds": round(time.perf_counter() - started, 3)}
 
 
-def _recorded_reference(trained: Trained) -> str | None:
-    for key in ("reference", "init_from"):
-        record = trained.ckpt.get(key) or {}
-        if record.get("path"):
-            return record["path"]
-    return None
+def _recorded_reference(loaded: LoadedModel) -> str | None:
+    """The run's DPO reference, else the checkpoint it started from."""
+    record = loaded.checkpoint.reference or loaded.checkpoint.init_from
+    return record.path if record is not None else None
 
 
 # ---- prompts -------------------------------------------------------------------------------------------
@@ -199,14 +190,14 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def answer_prompts(trained: Trained, prompts_file: str | Path, answers: Path, device: torch.device,
+def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path, device: torch.device,
                    max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                    quiet: bool = False) -> dict[str, Any]:
     """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part."""
     prompts = read_prompts(prompts_file)
-    model = trained.model(device)
-    info = trained.tokenizer
-    stops = [info.special_ids[t] for t in (IM_END, ENDOFTEXT) if t in info.special_ids]
+    model = loaded.model.to(device)
+    info = loaded.tokenizer
+    stops = loaded.stop_ids
     generator = torch.Generator(device=device).manual_seed(seed)
     lines, new_tokens, started = [], 0, time.perf_counter()
     for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
@@ -234,7 +225,7 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
     append_line(path, json.dumps(record, ensure_ascii=False, allow_nan=True))
 
 
-def run_eval(trained: Trained, data: list[str] | None, opts: DataOptions | None, prompts: str | None,
+def run_eval(loaded: LoadedModel, data: list[str] | None, opts: DataOptions | None, prompts: str | None,
              answers: Path | None, results: Path, device: torch.device, gen: dict[str, Any] | None = None,
              quiet: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Held-out metrics and/or prompt answers for one checkpoint; appends and returns the results record.
@@ -245,13 +236,13 @@ def run_eval(trained: Trained, data: list[str] | None, opts: DataOptions | None,
     if prompts and answers is not None:
         check_file_target(answers, "answers file")
     record: dict[str, Any] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "ckpt": trained.ckpt["path"], "step": trained.ckpt.get("step"),
-                              "ckpt_stage": trained.ckpt.get("stage")}
+                              "ckpt": loaded.checkpoint.path, "step": loaded.checkpoint.step,
+                              "ckpt_stage": loaded.checkpoint.stage}
     if data:
         assert opts is not None
-        record.update(held_out_metrics(trained, data, opts, device, quiet))
+        record.update(held_out_metrics(loaded, data, opts, device, quiet))
     if prompts:
-        answers = answers or trained.run_folder / f"answers_{Path(prompts).stem}.jsonl"
-        record.update(answer_prompts(trained, prompts, answers, device, quiet=quiet, **(gen or {})))
+        answers = answers or loaded.run_folder / f"answers_{Path(prompts).stem}.jsonl"
+        record.update(answer_prompts(loaded, prompts, answers, device, quiet=quiet, **(gen or {})))
     append_result(results, record)
     return record
