@@ -19,6 +19,8 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,6 +174,49 @@ def append_line(path: str | Path, line: str) -> None:
             raise FileWriteError(f"cannot append ({os_reason(e)})", path=path) from None
     finally:
         os.close(fd)
+
+
+def atomic_write_folder(out: str | Path, files: dict[str, bytes], what: str = "output folder") -> Path:
+    """Write the folder ``out`` holding ``files`` (name -> bytes) atomically: every file is written and
+    fsync-ed in a temporary folder beside ``out``, then that folder is renamed to ``out`` (an earlier ``out``
+    is moved aside first, put back if the rename fails, then removed). Any OS failure is one FileWriteError
+    naming ``out``; nothing temporary is left behind."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileWriteError(f"the {what} exists and is not a folder", path=out)
+    parent = make_dir(out.parent, f"folder of the {what}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as e:
+        raise FileWriteError(f"cannot create a temporary folder beside it ({os_reason(e)})", path=out) from None
+    old = None
+    try:
+        os.chmod(tmp, 0o755)
+        for name, data in files.items():
+            with (tmp / name).open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp / name, 0o644)
+        if out.exists():
+            old = parent / f".{out.name}.old.{os.getpid()}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+                old = None
+            raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise FileWriteError(f"cannot write the {what} ({os_reason(e)})", path=out) from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
+    return out
 
 
 def atomic_write_text(path: str | Path, text: str) -> str:

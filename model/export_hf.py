@@ -18,16 +18,13 @@ The caller hands over the tokenizer's bytes and settings; this module knows weig
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core.errors import TinyLMError
-from core.files import FileWriteError, make_dir, os_reason
+from core.files import atomic_write_folder
 from model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,30 +118,15 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-    parent = make_dir(out.parent, "folder of the export")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as e:
-        raise FileWriteError(f"cannot create a temporary folder beside it ({os_reason(e)})", path=out) from None
-    try:
-        os.chmod(tmp, 0o755)
-        generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
-                      "eos_token_id": tok.eos_ids,
-                      "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
-        files = {"model.safetensors": safetensors_bytes(export_state(state, cfg, dtype), metadata={"format": "pt"}),
-                 "config.json": _json(hf_config(cfg, tok, dtype)), "generation_config.json": _json(generation),
-                 "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
-                 "chat_template.jinja": tok.chat_template.encode("utf-8"),
-                 "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-        _replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise FileWriteError(f"cannot write the export ({os_reason(e)})", path=out) from None
-        raise
-    return out
+    generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
+                  "eos_token_id": tok.eos_ids,
+                  "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
+    files = {"model.safetensors": safetensors_bytes(export_state(state, cfg, dtype), metadata={"format": "pt"}),
+             "config.json": _json(hf_config(cfg, tok, dtype)), "generation_config.json": _json(generation),
+             "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
+             "chat_template.jinja": tok.chat_template.encode("utf-8"),
+             "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
+    return atomic_write_folder(out, files, "export")
 
 
 def tokenizer_config(tok: TokenizerFiles, cfg: ModelConfig) -> dict:
@@ -160,29 +142,3 @@ def tokenizer_config(tok: TokenizerFiles, cfg: ModelConfig) -> dict:
 
 def _json(value: dict) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """One file of the temporary export folder, fsync-ed (the folder's rename is what makes it visible)."""
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, 0o644)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is renamed aside first (and put back if the
-    move fails), then removed."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old.{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
