@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model import ModelConfig, TinyLM  # noqa: E402
+from train.adapters import FullWeights  # noqa: E402
+from train.checkpoint import Checkpoint  # noqa: E402
 from train.data import Batch, BatchLoader, PackedDataset, Split, permute  # noqa: E402
 from train.dist import DistInfo  # noqa: E402
 from train.loop import LoopConfig, train  # noqa: E402
@@ -84,7 +86,7 @@ def run_case(args: argparse.Namespace) -> dict:
     dataset = stage.open_dataset(str(args.data))
     cfg = ModelConfig.from_preset(args.model)
     torch.manual_seed(0)
-    model = stage.prepare(TinyLM(cfg))
+    model = TinyLM(cfg)
     if args.loader == "padded":
         loader = PaddedLoader(dataset, args.batch_size)
     else:
@@ -96,7 +98,8 @@ def run_case(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         logger = MetricsLogger(Path(tmp), enabled=False)
         t0 = time.perf_counter()
-        state = train(model, stage, loader, loop, info, Path(tmp), logger, {})
+        template = Checkpoint(model={}, model_config=cfg, stage=stage.name)  # save_every=0: never written
+        state = train(model, stage, FullWeights(), loader, loop, info, Path(tmp), logger, template)
         total = time.perf_counter() - t0
     records = [r for r in state.history if "loss" in r]
     timed = records[args.warmup:]
