@@ -12,6 +12,9 @@
 #   TRAIN_TOKENIZER=1   train a new tokenizer on DATA_DIR into OUT_DIR/tokenizer (VOCAB_SIZE [6400])
 #   SEQ_LEN         row length for packing                                      [512; smoke 128]
 #   PACK_ARGS       extra arguments for preprocess/pack.py (both stages)
+#   CLEAN           1: preprocess/clean.py (dedup, noise filters) runs on DATA_DIR/{pretrain,sft} before the
+#                   held-out split and pack, into OUT_DIR/data/clean; 0: pack the raw files           [1]
+#   CLEAN_ARGS      extra arguments for preprocess/clean.py (both stages)
 #   MODEL           model preset                                                 [small; smoke tiny]
 #   MODEL_ARGS      space-separated key=value model overrides   [hidden_size=256 num_hidden_layers=4]
 #   PRETRAIN_STEPS / SFT_STEPS                                         [200 / 120; smoke 30 / 20]
@@ -103,12 +106,20 @@ else
 fi
 
 HELDOUT_EVERY="${HELDOUT_EVERY:-50}"; HELDOUT="$OUT_DIR/data/heldout"; TRAIN_DATA="$DATA_DIR"
-split_heldout() {  # split_heldout STAGE: record k of each source goes to HELDOUT/STAGE.jsonl when k % N == 0
+# shellcheck disable=SC2206
+CLEAN="${CLEAN:-1}"; CLEAN_EXTRA=(${CLEAN_ARGS:-}); CLEANED="$OUT_DIR/data/clean"
+clean_stage() {  # clean_stage STAGE: DATA_DIR/STAGE/*.jsonl -> CLEANED/STAGE/STAGE.jsonl (once) + its report
+  local out="$CLEANED/$1/$1.jsonl"
+  [[ -f "$out" ]] && { echo "already cleaned: $out"; return 0; }  # once: pack records its inputs' mtimes
+  run "$PYTHON" preprocess/clean.py --stage "$1" --input "$DATA_DIR/$1/*.jsonl" --out "$out" \
+    --report "$CLEANED/$1.report.json" "${CLEAN_EXTRA[@]}"
+}
+split_heldout() {  # split_heldout STAGE SRC: record k of each SRC/*.jsonl goes to HELDOUT/STAGE.jsonl when k % N == 0
   local src dst="$OUT_DIR/data/train/$1"
   [[ -f "$HELDOUT/$1.jsonl" ]] && return 0  # split once: the packed data records its inputs' mtimes
   mkdir -p "$dst" "$HELDOUT"
   rm -f "$HELDOUT/$1.part"; touch "$HELDOUT/$1.part"
-  for src in "$DATA_DIR/$1"/*.jsonl; do
+  for src in "$2"/*.jsonl; do
     awk -v n="$HELDOUT_EVERY" -v out="$HELDOUT/$1.part" 'NR % n == 0 { print >> out; next } { print }' \
       "$src" > "$dst/$(basename "$src")"
   done
@@ -120,14 +131,18 @@ evaluate() {  # evaluate RUN STAGE: held-out loss / perplexity / bits per byte o
     --overlong truncate --quiet
 }
 
-step 2/5 "pack $DATA_DIR/{pretrain,sft} into $PACKED (rows of $SEQ_LEN tokens)"
+step 2/5 "pack $DATA_DIR/{pretrain,sft} into $PACKED (rows of $SEQ_LEN tokens; CLEAN=$CLEAN)"
 if [[ "${SKIP_PACK:-0}" == 1 ]]; then
   echo "skipped (SKIP_PACK=1)"
 else
   for stage in pretrain sft; do
+    SRC_DATA="$DATA_DIR"; TRAIN_DATA="$DATA_DIR"
+    if [[ "$CLEAN" == 1 ]]; then
+      clean_stage "$stage"; SRC_DATA="$CLEANED"; TRAIN_DATA="$CLEANED"
+    fi
     if [[ "$HELDOUT_EVERY" -gt 0 ]]; then
-      split_heldout "$stage"; TRAIN_DATA="$OUT_DIR/data/train"
-      echo "held out 1 record in $HELDOUT_EVERY of $DATA_DIR/$stage for bin/eval: $HELDOUT/$stage.jsonl"
+      split_heldout "$stage" "$SRC_DATA/$stage"; TRAIN_DATA="$OUT_DIR/data/train"
+      echo "held out 1 record in $HELDOUT_EVERY of $SRC_DATA/$stage for bin/eval: $HELDOUT/$stage.jsonl"
     fi
     run "$PYTHON" preprocess/pack.py --stage "$stage" --input "$TRAIN_DATA/$stage/*.jsonl" --out "$PACKED/$stage" \
       --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${PACK_EXTRA[@]}"

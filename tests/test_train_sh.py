@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint
     assert any("val_loss" in r for r in read_metrics(out / "sft"))
+    # CLEAN=1 (default): clean.py ran first, and the held-out slice was cut from its output
+    for stage in ("pretrain", "sft"):
+        cleaned = (out / "data" / "clean" / stage / f"{stage}.jsonl").read_text().splitlines()
+        report = json.loads((out / "data" / "clean" / f"{stage}.report.json").read_text())
+        assert report["counts"]["written"] == len(cleaned) > 0
+        assert set((out / "data" / "heldout" / f"{stage}.jsonl").read_text().splitlines()) <= set(cleaned)
 
     # the re-run also takes two optional stages (2 steps each): DPO from the SFT model, LoRA + merge
     again = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
@@ -44,6 +51,16 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert dpo.stage == "dpo" and dpo.reference.path == sft.path and dpo.step == 2
     assert lora.base.path == sft.path and lora.lora.rank == 8
     assert checkpoint.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
+
+
+def test_clean_0_packs_the_raw_files(tmp_path):
+    out = tmp_path / "raw"
+    proc = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "CLEAN": "0", "SKIP_PRETRAIN": "1",
+                                "SKIP_SFT": "1", "SKIP_CHAT": "1", "PACK_ARGS": "--quiet"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "clean.py" not in proc.stdout and not (out / "data" / "clean").exists()
+    raw = set((ROOT / "data" / "sample" / "sft" / "oasst1_zh.jsonl").read_text().splitlines())
+    assert raw & set((out / "data" / "heldout" / "sft.jsonl").read_text().splitlines())
 
 
 def test_help_and_bad_argument():
