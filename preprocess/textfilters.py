@@ -121,42 +121,50 @@ class DuplicateIndex:
     """Exact digests and (with ``near``) a MinHash LSH over the keys seen so far.
 
     :meth:`match` says whether a key duplicates one already added ("exact", "near" or None) without
-    adding it; :meth:`add` records it. The digests set and the LSH are the only state that grows.
+    adding it; :meth:`add` records it. The LSH is datasketch's banding: the ``b`` bands of ``r`` rows that
+    ``MinHashLSH`` chooses for the threshold (0.8, 128 permutations: 9 x 13), a key being a candidate when
+    one of its bands equals a band of an earlier key. Since clean.py only asks *whether* an earlier key
+    matches, each band is stored as one 64-bit digest of (band number, band values) in a single set of
+    ints instead of MinHashLSH's per-bucket key sets: the same answers in about a sixth of the memory.
+    The two sets are the only state that grows.
     """
 
     def __init__(self, near: bool, threshold: float = 0.8, num_perm: int = NUM_PERM):
         self.exact: set[int] = set()
+        self.bands: set[int] = set()
         self.near = near
-        self.lsh = None
         if near:
             from datasketch import MinHash, MinHashLSH
 
             self._template = MinHash(num_perm=num_perm, seed=MINHASH_SEED)
             self._minhash = MinHash
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            self.b, self.r = lsh.b, lsh.r
         self._count = 0
 
-    def sketch(self, key: str):
-        """The MinHash of ``key``'s shingles (permutations shared, so sketches compare)."""
+    def sketch(self, key: str) -> list[int]:
+        """The band digests of the MinHash of ``key``'s shingles (shared permutations, so sketches compare)."""
         t = self._template
         m = self._minhash(num_perm=t.num_perm, seed=MINHASH_SEED, hashfunc=int, permutations=t.permutations,
                           scheme=t.scheme)
         m.update_batch(shingle_hashes(key).tolist())
-        return m
+        values = m.hashvalues[:self.b * self.r].reshape(self.b, self.r)
+        return [int.from_bytes(hashlib.blake2b(band.tobytes(), digest_size=8, salt=i.to_bytes(2, "little")).digest(),
+                               "little") for i, band in enumerate(values)]
 
-    def match(self, key: str) -> tuple[str | None, object]:
+    def match(self, key: str) -> tuple[str | None, list[int] | None]:
         """("exact" | "near" | None, the sketch to pass to :meth:`add`) for a normalised key."""
         if digest(key) in self.exact:
             return "exact", None
-        if self.lsh is None:
+        if not self.near:
             return None, None
-        m = self.sketch(key)
-        return ("near" if self.lsh.query(m) else None), m
+        bands = self.sketch(key)
+        return ("near" if any(b in self.bands for b in bands) else None), bands
 
-    def add(self, key: str, sketch: object = None) -> None:
+    def add(self, key: str, sketch: list[int] | None = None) -> None:
         self.exact.add(digest(key))
-        if self.lsh is not None:
-            self.lsh.insert(self._count, sketch if sketch is not None else self.sketch(key))
+        if self.near:
+            self.bands.update(sketch if sketch is not None else self.sketch(key))
         self._count += 1
 
     def __len__(self) -> int:
