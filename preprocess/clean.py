@@ -14,7 +14,9 @@ cut at ``--target-mb``. Output records are canonical: ``{"text"}``, ``{"conversa
 
 Only the duplicate index grows with the input (an 8-byte digest per kept record, plus a MinHash LSH
 entry with ``--dedup near``); shuffling keeps one 8-byte offset per kept record and spools the records to
-a temp file beside the output. One process: the output depends only on the inputs and options.
+a temp file beside the output. ``--workers`` processes do the per-record work (validation, filters,
+MinHash); duplicates are decided in input order in the main process, so the output depends only on the
+inputs and options, never on the worker count.
 The report JSON (``--report``) is documented in docs/FORMAT.md.
 """
 
@@ -40,6 +42,8 @@ import numpy as np  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import atomic_open, atomic_write_json, check_file_target, temp_path  # noqa: E402
+from preprocess.pack import chunks, usable_cores  # noqa: E402
+from preprocess.parallel import pool_map  # noqa: E402
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, STAGES, Pair, RecordError, parse_record  # noqa: E402
 from preprocess.sources import (  # noqa: E402
     BYTES_PER_CHAR_MAX,
@@ -50,10 +54,11 @@ from preprocess.sources import (  # noqa: E402
     iter_items,
     parse_input_args,
 )
-from preprocess.textfilters import DuplicateIndex, Measures, normalise  # noqa: E402
+from preprocess.textfilters import DuplicateIndex, Fingerprint, Fingerprinter, Measures, normalise  # noqa: E402
 
 REPORT_VERSION = 1
 EXAMPLES = 3  # examples kept per removal reason in the report
+CHUNK_RECORDS = 256  # records per batch sent to a worker
 PREVIEW_CHARS = 120
 DEDUP_CHOICES = ("none", "exact", "near")
 LANG_CHOICES = ("any", "zh", "en")
@@ -99,6 +104,7 @@ class CleanOptions:
     target_mb: float = 0.0
     skip_bad: bool = False
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
+    workers: int = 0  # 0: every usable core
     quiet: bool = False
 
     def problem(self) -> str | None:
@@ -121,6 +127,7 @@ class CleanOptions:
             (self.max_char_run >= 0, "--max-char-run must be >= 0 (0: off)"),
             (self.target_mb >= 0, "--target-mb must be > 0"),
             (self.max_record_chars >= 1, "--max-record-chars must be at least 1"),
+            (self.workers >= 0, "--workers must be at least 1"),
         ]
         return next((message for ok, message in checks if not ok), None)
 
@@ -326,13 +333,13 @@ class CleanResult:
     index_entries: int = 0
     seconds: float = 0.0
 
-    def note(self, reason: str, item: Item, text: str, removed: bool) -> None:
+    def note(self, reason: str, p: Prepared, removed: bool) -> None:
         """Count one skipped or removed record and keep the first few examples of each reason."""
         (self.removed if removed else self.skipped)[reason] += 1
-        self.per_source.setdefault(item.source, Counter())["removed" if removed else "skipped"] += 1
+        self.per_source[p.source]["removed" if removed else "skipped"] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < EXAMPLES:
-            examples.append({"source": item.source, "line": item.line, "preview": text[:PREVIEW_CHARS]})
+            examples.append({"source": p.source, "line": p.line, "preview": p.preview})
 
     def report(self) -> dict:
         o = self.opts
@@ -353,52 +360,52 @@ class CleanResult:
         }
 
 
-class Cleaner:
-    """The per-record decision: validate, fill placeholders, filter, deduplicate (state: the two indexes)."""
+@dataclass(frozen=True)
+class Prepared:
+    """One item after the per-record work (worker side): its output line and fingerprint when it passed the
+    filters, else the reason it was removed or skipped, or the error that stops the run."""
 
-    def __init__(self, opts: CleanOptions, result: CleanResult):
-        self.opts, self.result = opts, result
-        near = opts.dedup == "near"
-        self.seen = DuplicateIndex(near, opts.near_threshold) if opts.dedup != "none" else None
-        self.held_out = DuplicateIndex(near, opts.near_threshold)
+    source: str
+    line: int
+    output: bytes | None = None
+    fingerprint: Fingerprint | None = None
+    reason: str | None = None
+    removed: bool = True  # the reason is a filter's (else: a bad record under --skip-bad)
+    preview: str = ""
+    error: TinyLMError | None = None
+
+
+class Preparer:
+    """The per-record work that needs no shared state: validate, fill placeholders, run the length, language,
+    noise and user filters, fingerprint the duplicate key. Pure, so any worker count gives the same."""
+
+    def __init__(self, opts: CleanOptions):
+        self.opts = opts
+        self.fingerprint = Fingerprinter(opts.dedup == "near", opts.near_threshold)
+        self.needs_key = opts.dedup != "none" or bool(opts.exclude)
         self.filters = [load_filter(spec) for spec in opts.filters]
 
-    def load_exclusions(self, max_line: int) -> None:
-        """Index every record of the --exclude files (validated like the inputs; a bad one is fatal)."""
-        if not self.opts.exclude:
-            return
-        for item in iter_items(parse_input_args(self.opts.exclude), max_line):
-            try:
-                record = filled(parse_record(item, self.opts.stage, self.opts.max_record_chars), self.opts.placeholders)
-            except RecordError as e:
-                raise e.at(item).with_hint("every --exclude record must be valid for this --stage") from None
-            self.held_out.add(key_of(record, self.opts.dedup_key))
-        self.result.excluded_keys = len(self.held_out)
+    def parse(self, item: Item) -> Parsed:
+        return filled(parse_record(item, self.opts.stage, self.opts.max_record_chars), self.opts.placeholders)
 
-    def decide(self, item: Item) -> dict | None:
-        """The output object of a kept item, or None (counted in the result under its reason)."""
-        opts, result = self.opts, self.result
-        result.read += 1
-        result.per_source.setdefault(item.source, Counter())["read"] += 1
+    def __call__(self, item: Item) -> Prepared:
+        opts, where = self.opts, (item.source, item.line)
         try:
-            record = filled(parse_record(item, opts.stage, opts.max_record_chars), opts.placeholders)
+            record = self.parse(item)
         except RecordError as e:
             if not opts.skip_bad:
-                raise e.at(item).with_hint("pass --skip-bad to skip and count bad records") from None
-            result.note(e.reason, item, str(e), removed=False)
-            return None
+                return Prepared(*where, error=e.at(item).with_hint("pass --skip-bad to skip and count bad records"))
+            return Prepared(*where, reason=e.reason, removed=False, preview=str(e.at(item)))
         text = text_of(record)
         obj = to_json(record, item.source if opts.source_field else None)
-        reason = length_reason(record, opts) or quality_reason(text, opts) or self.user_reason(obj, item)
-        key = key_of(record, opts.dedup_key)
-        if reason is None:
-            reason = self.duplicate_reason(key)
+        try:
+            reason = length_reason(record, opts) or quality_reason(text, opts) or self.user_reason(obj, item)
+        except CleanError as e:
+            return Prepared(*where, error=e)
         if reason is not None:
-            result.note(reason, item, text, removed=True)
-            return None
-        result.kept += 1
-        result.per_source[item.source]["kept"] += 1
-        return obj
+            return Prepared(*where, reason=reason, preview=text[:PREVIEW_CHARS])
+        fp = self.fingerprint(key_of(record, opts.dedup_key)) if self.needs_key else None
+        return Prepared(*where, output=encode_line(obj), fingerprint=fp, preview=text[:PREVIEW_CHARS])
 
     def user_reason(self, obj: dict, item: Item) -> str | None:
         for name, function in self.filters:
@@ -411,18 +418,80 @@ class Cleaner:
                 return f"filter:{name}"
         return None
 
-    def duplicate_reason(self, key: str) -> str | None:
+
+_WORKER: Preparer | None = None
+
+
+def init_worker(opts: CleanOptions) -> None:
+    global _WORKER
+    _WORKER = Preparer(opts)
+
+
+def prepare_in_worker(batch: list[Item]) -> list[Prepared]:
+    assert _WORKER is not None
+    return [_WORKER(item) for item in batch]
+
+
+class Deduplicator:
+    """The sequential part, in input order: --exclude matches, then duplicates of earlier kept records; counts
+    every outcome in the result. State: the two duplicate indexes."""
+
+    def __init__(self, opts: CleanOptions, result: CleanResult):
+        self.opts, self.result = opts, result
+        self.seen = DuplicateIndex() if opts.dedup != "none" else None
+        self.held_out = DuplicateIndex()
+
+    def load_exclusions(self, preparer: Preparer, max_line: int) -> None:
+        """Index every record of the --exclude files (validated like the inputs; a bad one is fatal)."""
+        for item in iter_items(parse_input_args(self.opts.exclude), max_line) if self.opts.exclude else ():
+            try:
+                record = preparer.parse(item)
+            except RecordError as e:
+                raise e.at(item).with_hint("every --exclude record must be valid for this --stage") from None
+            self.held_out.add(preparer.fingerprint(key_of(record, self.opts.dedup_key)))
+        self.result.excluded_keys = len(self.held_out)
+
+    def decide(self, p: Prepared) -> bytes | None:
+        """The output line of a kept record, or None (counted in the result under its reason)."""
+        if p.error is not None:
+            raise p.error
+        result = self.result
+        result.read += 1
+        result.per_source.setdefault(p.source, Counter())["read"] += 1
+        reason = p.reason or self.duplicate_reason(p.fingerprint)
+        if reason is not None:
+            result.note(reason, p, removed=p.removed)
+            return None
+        result.kept += 1
+        result.per_source[p.source]["kept"] += 1
+        return p.output
+
+    def duplicate_reason(self, fp: Fingerprint | None) -> str | None:
         """excluded (matches an --exclude record), exact_duplicate or near_duplicate; adds a new key."""
-        if len(self.held_out) and self.held_out.match(key)[0] is not None:
+        if fp is None:
+            return None
+        if len(self.held_out) and self.held_out.match(fp) is not None:
             return "excluded"
         if self.seen is None:
             return None
-        kind, sketch = self.seen.match(key)
-        if kind is not None:
+        if (kind := self.seen.match(fp)) is not None:
             return f"{kind}_duplicate"
-        self.seen.add(key, sketch)
+        self.seen.add(fp)
         self.result.index_entries = len(self.seen)
         return None
+
+
+def prepared(opts: CleanOptions, preparer: Preparer, items: Iterator[Item], workers: int) -> Iterator[Prepared]:
+    """Every item prepared, in input order: in this process, or by ``workers`` processes in chunks."""
+    if workers == 1:
+        yield from (preparer(item) for item in items)
+        return
+
+    def died(first: Item) -> CleanError:
+        return CleanError(f"a worker process died (killed, or out of memory?) while cleaning the {CHUNK_RECORDS} "
+                          f"records from {first.source}:{first.line} on; lower --workers and re-run")
+    for batch in pool_map(prepare_in_worker, chunks(items, CHUNK_RECORDS), workers, init_worker, (opts,), died):
+        yield from batch
 
 
 def encode_line(obj: dict) -> bytes:
@@ -490,10 +559,12 @@ def clean(opts: CleanOptions) -> CleanResult:
         check_file_target(opts.report, "report file")
     max_line = BYTES_PER_CHAR_MAX * opts.max_record_chars
     result = CleanResult(opts, input_bytes=sum(s.spec.path.stat().st_size for s in sources))
-    cleaner = Cleaner(opts, result)
+    preparer, dedup = Preparer(opts), Deduplicator(opts, result)
     start = time.perf_counter()
-    cleaner.load_exclusions(max_line)
-    kept = (encode_line(obj) for item in source_items(sources, max_line) if (obj := cleaner.decide(item)))
+    dedup.load_exclusions(preparer, max_line)
+    workers = min(opts.workers, usable_cores()) if opts.workers else usable_cores()
+    items = source_items(sources, max_line)
+    kept = (line for p in prepared(opts, preparer, items, workers) if (line := dedup.decide(p)) is not None)
     budget = int(opts.target_mb * 1_000_000)
     if opts.shuffle or budget:
         result.written, result.bytes_written = spooled_shuffle(kept, opts.out, opts.seed, budget)
@@ -587,6 +658,9 @@ def parse_args(argv: list[str] | None = None) -> CleanOptions:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records, counted per reason")
     p.add_argument("--max-record-chars", type=int, default=DEFAULT_MAX_RECORD_CHARS,
                    help="a record with more content characters is a bad record (too_long), as in pack.py")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes for the per-record work (default: every usable core); the output does not "
+                        "depend on it (duplicates are decided in input order in this process)")
     p.add_argument("--quiet", action="store_true", help="no summary")
     args = vars(p.parse_args(argv))
     try:

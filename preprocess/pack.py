@@ -22,14 +22,11 @@ import argparse
 import hashlib
 import itertools
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +51,7 @@ from preprocess.encode import (  # noqa: E402
 )
 from preprocess.options import RecordOptions, add_record_arguments  # noqa: E402
 from preprocess.packing import assemble_shard  # noqa: E402
+from preprocess.parallel import pool_map  # noqa: E402
 from preprocess.records import STAGES  # noqa: E402
 from preprocess.sources import (  # noqa: E402
     BYTES_PER_CHAR_MAX,
@@ -414,28 +412,18 @@ def unused_tokens(opts: PackOptions, records: list[dict]) -> int:
 
 def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item],
                    workers: int) -> Iterator[EncodedChunk]:
-    """Encoded chunks in input order. With several workers at most ``2 x workers`` chunks are in flight
-    (memory stays bounded), and a worker that dies (killed, out of memory) is an error naming the
-    records it held, never a hang: ``concurrent.futures`` notices a dead worker, ``multiprocessing.Pool``
-    would wait for its lost task forever."""
+    """Encoded chunks in input order; several workers go through :func:`preprocess.parallel.pool_map` (at
+    most ``2 x workers`` chunks in flight; a worker that dies is a PackError naming the records it held)."""
     batches = chunks(items, CHUNK_RECORDS)
     if workers == 1:
         yield from (encode_items(b, enc, tok) for b in batches)
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=init_worker,
-                             initargs=(str(tok.path), enc, True)) as pool:
-        in_flight: deque[tuple[Item, Future]] = deque()
-        for batch in itertools.chain(batches, [None]):
-            if batch is not None:
-                in_flight.append((batch[0], pool.submit(encode_in_worker, batch)))
-            while in_flight and (batch is None or len(in_flight) >= 2 * workers):
-                first, future = in_flight.popleft()
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    raise PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding "
-                                    f"the {CHUNK_RECORDS} records from {first.source}:{first.line} on; lower "
-                                    "--workers or --max-record-chars and re-run to resume") from None
+
+    def died(first: Item) -> PackError:
+        return PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding the "
+                         f"{CHUNK_RECORDS} records from {first.source}:{first.line} on; lower --workers or "
+                         "--max-record-chars and re-run to resume")
+    yield from pool_map(encode_in_worker, batches, workers, init_worker, (str(tok.path), enc, True), died)
 
 
 def check_has_rows(opts: PackOptions, counts: dict) -> None:

@@ -117,21 +117,24 @@ def shingle_hashes(key: str, size: int | None = None) -> np.ndarray:
     return np.unique((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
 
 
-class DuplicateIndex:
-    """Exact digests and (with ``near``) a MinHash LSH over the keys seen so far.
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the duplicate index compares: the key's 64-bit digest and, for near matching, its band digests."""
 
-    :meth:`match` says whether a key duplicates one already added ("exact", "near" or None) without
-    adding it; :meth:`add` records it. The LSH is datasketch's banding: the ``b`` bands of ``r`` rows that
-    ``MinHashLSH`` chooses for the threshold (0.8, 128 permutations: 9 x 13), a key being a candidate when
-    one of its bands equals a band of an earlier key. Since clean.py only asks *whether* an earlier key
-    matches, each band is stored as one 64-bit digest of (band number, band values) in a single set of
-    ints instead of MinHashLSH's per-bucket key sets: the same answers in about a sixth of the memory.
-    The two sets are the only state that grows.
+    digest: int
+    bands: tuple[int, ...] = ()
+
+
+class Fingerprinter:
+    """Key -> :class:`Fingerprint`; pure, so worker processes compute it and only the index is sequential.
+
+    The LSH is datasketch's banding: the ``b`` bands of ``r`` rows that ``MinHashLSH`` chooses for the
+    threshold (0.8, 128 permutations: 9 x 13) over a ``MinHash`` of the key's shingles (fixed seed, so
+    every process makes the same sketch); each band is reduced to one 64-bit digest of (band number,
+    band values).
     """
 
     def __init__(self, near: bool, threshold: float = 0.8, num_perm: int = NUM_PERM):
-        self.exact: set[int] = set()
-        self.bands: set[int] = set()
         self.near = near
         if near:
             from datasketch import MinHash, MinHashLSH
@@ -140,31 +143,43 @@ class DuplicateIndex:
             self._minhash = MinHash
             lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
             self.b, self.r = lsh.b, lsh.r
-        self._count = 0
 
-    def sketch(self, key: str) -> list[int]:
-        """The band digests of the MinHash of ``key``'s shingles (shared permutations, so sketches compare)."""
+    def __call__(self, key: str) -> Fingerprint:
+        if not self.near:
+            return Fingerprint(digest(key))
         t = self._template
         m = self._minhash(num_perm=t.num_perm, seed=MINHASH_SEED, hashfunc=int, permutations=t.permutations,
                           scheme=t.scheme)
         m.update_batch(shingle_hashes(key).tolist())
         values = m.hashvalues[:self.b * self.r].reshape(self.b, self.r)
-        return [int.from_bytes(hashlib.blake2b(band.tobytes(), digest_size=8, salt=i.to_bytes(2, "little")).digest(),
-                               "little") for i, band in enumerate(values)]
+        return Fingerprint(digest(key), tuple(
+            int.from_bytes(hashlib.blake2b(band.tobytes(), digest_size=8, salt=i.to_bytes(2, "little")).digest(),
+                           "little") for i, band in enumerate(values)))
 
-    def match(self, key: str) -> tuple[str | None, list[int] | None]:
-        """("exact" | "near" | None, the sketch to pass to :meth:`add`) for a normalised key."""
-        if digest(key) in self.exact:
-            return "exact", None
-        if not self.near:
-            return None, None
-        bands = self.sketch(key)
-        return ("near" if any(b in self.bands for b in bands) else None), bands
 
-    def add(self, key: str, sketch: list[int] | None = None) -> None:
-        self.exact.add(digest(key))
-        if self.near:
-            self.bands.update(sketch if sketch is not None else self.sketch(key))
+class DuplicateIndex:
+    """The fingerprints seen so far: a set of key digests and a set of band digests.
+
+    :meth:`match` says whether a fingerprint duplicates one already added: "exact" (same digest),
+    "near" (one band in common: an LSH candidate, as MinHashLSH.query answers) or None; :meth:`add`
+    records it. Since clean.py only asks *whether* an earlier key matches, the bands go in one set of
+    ints instead of MinHashLSH's per-bucket key sets: the same answers in about a sixth of the memory.
+    The two sets are the only state that grows.
+    """
+
+    def __init__(self) -> None:
+        self.exact: set[int] = set()
+        self.bands: set[int] = set()
+        self._count = 0
+
+    def match(self, fp: Fingerprint) -> str | None:
+        if fp.digest in self.exact:
+            return "exact"
+        return "near" if any(b in self.bands for b in fp.bands) else None
+
+    def add(self, fp: Fingerprint) -> None:
+        self.exact.add(fp.digest)
+        self.bands.update(fp.bands)
         self._count += 1
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ from pack_helpers import jsonl
 
 import core.files
 from preprocess import clean, pack
-from preprocess.textfilters import DuplicateIndex, normalise
+from preprocess.textfilters import DuplicateIndex, Fingerprinter, normalise
 
 CJK = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 
@@ -230,6 +230,25 @@ def test_pack_reads_the_cleaned_file(tmp_path, capsys):
     assert meta["counts"]["records_read"] == len(lines(out)) and meta["counts"]["skipped"] == {}
 
 
+def test_output_and_report_do_not_depend_on_workers(tmp_path, capsys):
+    bad = jsonl(tmp_path / "bad.jsonl", ['{"text": "broken', {"text": "\u7b2c\u4e00\u6761"}, {"txt": 1}])
+    inputs = [str(SAMPLE / "pretrain" / "wiki_zh_cmrc2018.jsonl"), str(bad),
+              f"{SAMPLE / 'pretrain' / 'chinese_poetry_classics.jsonl'}@700"]
+    reports = []
+    for workers in ("1", "2"):
+        out, report = tmp_path / f"w{workers}.jsonl", tmp_path / f"w{workers}.json"
+        rc, _, err = run(capsys, "--stage", "pretrain", "--input", *inputs, "--out", str(out), "--report", str(report),
+                         "--skip-bad", "--workers", workers, "--shuffle",
+                         "--exclude", str(SAMPLE / "pretrain" / "wiki_zh_hant_drcd.jsonl"))
+        assert rc == 0, err
+        r = json.loads(report.read_text())
+        del r["seconds"], r["options"]["workers"], r["out"]
+        reports.append((out.read_bytes(), r))
+    assert reports[0] == reports[1]
+    assert reports[0][1]["counts"]["skipped"] == {"invalid_json": 1, "missing_field": 1}
+    assert sum(reports[0][1]["counts"]["removed"].values()) > 0
+
+
 def sample_documents() -> list[str]:
     docs = []
     for path in sorted((SAMPLE / "pretrain").glob("*.jsonl")) + sorted((SAMPLE / "sft").glob("*.jsonl")):
@@ -260,17 +279,17 @@ def test_near_dup_defaults_reach_recall_and_false_positive_targets():
     are found, and <= 1 % of the distinct documents of the shipped sample are taken for near duplicates."""
     docs = sample_documents()
     assert len(docs) > 3000
-    index = DuplicateIndex(near=True)
+    fingerprint, index = Fingerprinter(near=True), DuplicateIndex()
     false_positives = 0
     for doc in docs:
-        kind, sketch = index.match(doc)
-        if kind is None:
-            index.add(doc, sketch)
+        fp = fingerprint(doc)
+        if index.match(fp) is None:
+            index.add(fp)
         else:
             false_positives += 1
     rng = random.Random(0)
     probes = rng.sample(docs, 400)
-    found = sum(index.match(edited(rng, doc, 0.03))[0] is not None for doc in probes)
+    found = sum(index.match(fingerprint(edited(rng, doc, 0.03))) is not None for doc in probes)
     print(f"near-dup recall {found / len(probes):.1%}, false positives {false_positives / len(docs):.2%}")
     assert found / len(probes) >= 0.9
     assert false_positives / len(docs) <= 0.01
