@@ -44,8 +44,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def one_line_error(err: str, *needles: str) -> None:
-    assert err.count("\n") == 1 and err.startswith("pack.py: error: ") and "Traceback" not in err, err
+def one_line_error(err: str, *needles: str, tool: str = "pack.py") -> None:
+    """``err`` is exactly one ``<tool>: error:`` line, without a traceback, holding every needle."""
+    assert err.count("\n") == 1 and err.startswith(f"{tool}: error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
 

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pack_helpers
 import pytest
 import zstandard
 from conftest import SAMPLE
@@ -31,9 +32,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def one_line_error(err: str, *needles: str) -> None:
-    assert err.count("\n") == 1 and err.startswith("clean.py: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
+    pack_helpers.one_line_error(err, *needles, tool="clean.py")
 
 
 def lines(path: Path) -> list[dict]:
