@@ -127,6 +127,9 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
     import gguf
 
     check_exportable(cfg, "gguf")
+    if cfg.qk_norm or not cfg.derived_head_dim:
+        raise ExportError("gguf export writes llama.cpp's llama architecture, which has no QK-norm and no head_dim "
+                          "other than hidden_size / heads; export this (Qwen3-style) model with --format hf")
     if fmt not in FORMATS:
         raise ExportError(f"GGUF type must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if len(vocab.tokens) != cfg.vocab_size:

@@ -19,8 +19,8 @@ Versions. ``tinylm-checkpoint-1`` (flat: optimizer / rng / ... at the top, ``dpo
 still read and converted; version 2 groups the resume state in ``training`` and the stage's hyper-parameters
 in ``stage_options``. A field added later gets a default, so older files keep loading.
 
-Sources. :func:`load` dispatches on what the path is: today a tinylm checkpoint file or run folder; other
-sources (a transformers folder, a MiniMind state dict) are new branches there that return a Checkpoint.
+Sources. :func:`load` dispatches on what the path is: a tinylm checkpoint file or run folder, or a transformers
+folder (``config.json`` + safetensors: ``train/imported.py``), each returned as a Checkpoint.
 """
 
 from __future__ import annotations
@@ -366,7 +366,15 @@ def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
 def load(path: str | Path, resume: bool = False) -> Checkpoint:
     """A checkpoint file (or a run folder's latest) as a :class:`Checkpoint` on the CPU, checked before anyone
     uses it. ``resume``: the resume state (optimizer, RNG) must be there too. One line naming the file and
-    field on any problem. (The one loader: other sources will be dispatched here, on what ``path`` is.)"""
+    field on any problem. The one loader: a transformers folder (``config.json`` beside safetensors) is
+    dispatched to :func:`train.imported.load_transformers`."""
+    from train import imported  # the other sources; imported.py builds on this module
+
+    if imported.is_transformers_folder(path):
+        if resume:
+            raise CheckpointError("a transformers folder holds no training state to resume; start a run from it "
+                                  "with --init-from", path=path)
+        return imported.load_transformers(Path(path))
     path = resolve(path)
     return _parse(_read(path), str(path), resume)
 
@@ -511,20 +519,27 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str) ->
     if state and all(k.endswith((".lora_A", ".lora_B")) for k in state) and not any("lora_" in k for k in own):
         raise CheckpointError(f"{source}: holds only a LoRA adapter, not a whole model; fold it into its base "
                               f"first: bin/merge --ckpt {source} --out DIR")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    problems = state_problems({k: tuple(v.shape) for k, v in own.items()}, state)
+    if problems:
+        raise CheckpointError(f"{source}: the checkpoint does not fit this model: " + "; ".join(problems))
+    target.load_state_dict(state, strict=True)
+
+
+def state_problems(expected: dict[str, tuple[int, ...]], state: dict[str, Tensor]) -> list[str]:
+    """What keeps ``state`` from being exactly the tensors ``expected`` (name -> shape): missing and unexpected
+    names, then each shape mismatch; empty when it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
         problems.append(f"missing keys {_short(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_short(unexpected)}")
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {expected[k]}"
+              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
     if shapes:
         problems.append(f"shape mismatch {_short(shapes)}")
-    if problems:
-        raise CheckpointError(f"{source}: the checkpoint does not fit this model: " + "; ".join(problems))
-    target.load_state_dict(state, strict=True)
+    return problems
 
 
 def nonfinite_tensors(state: dict[str, Any]) -> list[str]:

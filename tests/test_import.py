@@ -1,0 +1,212 @@
+"""Bring your own weights: transformers LlamaForCausalLM / Qwen3ForCausalLM folders load through the one
+checkpoint loader (and so through bin/chat, bin/export, ...) with transformers' logits and greedy tokens;
+unsupported configs and mismatched tensors are one line each; export gives the input's tensors back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.tokenizer import load_tokenizer
+from model.generate import generate
+from serve.export import export
+from serve.loading import load_model
+from train import checkpoint
+from train.checkpoint import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "tokenizer"
+VOCAB = load_tokenizer(TOKENIZER).vocab_size
+PROMPT = [5, 300, 1200, 77, 4000, 19]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hf_model(arch: str, tied: bool, seed: int = 0, **extra):
+    """A random tiny transformers model over the shipped tokenizer's vocabulary (norm weights randomised too)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-6, initializer_range=0.3,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_implementation="eager")
+    if arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, **extra))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save(model, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+    return folder
+
+
+KINDS = [("llama", True), ("llama", False), ("qwen3", True), ("qwen3", False)]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[tuple[str, bool], tuple[Path, object]]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (arch, tied) in enumerate(KINDS):
+        model = hf_model(arch, tied, seed=i)
+        out[arch, tied] = save(model, root / f"{arch}-{'tied' if tied else 'untied'}"), model
+    return out
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize(("arch", "tied"), KINDS)
+def test_transformers_folder_gives_transformers_logits_and_tokens(folders, arch, tied):
+    folder, hf = folders[arch, tied]
+    ckpt = checkpoint.load(folder)
+    assert ckpt.model_config.qk_norm == (arch == "qwen3") and ckpt.model_config.tie_word_embeddings == tied
+    assert ckpt.model_config.head_dim == (32 if arch == "qwen3" else 16)
+    lm = load_model(folder)  # what bin/chat, bin/serve, bin/eval, bin/export use
+    assert lm.tokenizer.path == folder / "tokenizer.json"
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        diff = (lm.model(ids).logits - hf(input_ids=ids).logits.float()).abs().max().item()
+    assert diff < 1e-4
+    mine = generate(lm.model, PROMPT, max_new_tokens=12)
+    assert len(set(mine)) > 3, "degenerate model"
+    assert mine == hf_greedy(hf, PROMPT, 12)
+    # the fingerprint is the mapped state dict's, the same on every read (LoRA bases, DPO references)
+    record = ckpt.source_record()
+    assert record.path == str(folder) and record.fingerprint == checkpoint.load(folder).source_record().fingerprint
+    assert record.fingerprint == checkpoint.state_fingerprint(ckpt.model)
+
+
+def test_sharded_folder_loads_like_one_file(folders, tmp_path):
+    _, hf = folders["qwen3", False]
+    folder = save(hf, tmp_path / "sharded", max_shard_size="300KB")
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    one = checkpoint.load(folders["qwen3", False][0])
+    assert checkpoint.load(folder).source_record().fingerprint == one.source_record().fingerprint
+
+
+@pytest.mark.parametrize(("arch", "tied"), KINDS)
+def test_export_round_trip_gives_the_input_tensors(folders, arch, tied, tmp_path):
+    folder, _ = folders[arch, tied]
+    out = tmp_path / "again"
+    export(load_model(folder), "hf", out, "f32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM"]
+    assert config["model_type"] == arch
+    theirs = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    again = safetensors_torch.load_file(str(out / "model.safetensors"))
+    assert set(again) == set(theirs)
+    assert all(torch.equal(again[k], theirs[k]) for k in theirs)
+    reloaded = getattr(transformers, config["architectures"][0]).from_pretrained(out).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        diff = (load_model(folder).model(ids).logits - reloaded(input_ids=ids).logits.float()).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_bf16_round_trip(folders, tmp_path):
+    _, hf = folders["qwen3", True]
+    folder = save(hf.to(torch.bfloat16), tmp_path / "bf16")
+    hf.float()
+    out = tmp_path / "again"
+    export(load_model(folder), "hf", out, "bf16")
+    theirs = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    again = safetensors_torch.load_file(str(out / "model.safetensors"))
+    assert theirs[next(iter(theirs))].dtype == torch.bfloat16
+    assert set(again) == set(theirs) and all(torch.equal(again[k], theirs[k]) for k in theirs)
+
+
+# ---- refusals: one line naming the field or tensor -------------------------------------------------------------
+
+def edit_config(folder: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(folder, dst)
+    conf = json.loads((dst / "config.json").read_text())
+    conf.update(changes)
+    (dst / "config.json").write_text(json.dumps(conf))
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters", "linear"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling", "yarn"),
+    ({"attention_bias": True}, "attention_bias", "biases"),
+    ({"mlp_bias": True}, "mlp_bias", "biases"),
+    ({"hidden_act": "gelu"}, "hidden_act", "gelu"),
+    ({"use_sliding_window": True}, "use_sliding_window", "sliding"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types", "full_attention"),
+    ({"num_experts": 8}, "num_experts", "mixture-of-experts"),
+    ({"architectures": ["MistralForCausalLM"]}, "architectures", "MistralForCausalLM"),
+    ({"head_dim": 7}, None, "head_dim 7"),
+])
+def test_unsupported_config_is_one_line_naming_the_field(folders, tmp_path, changes, field, words):
+    folder = edit_config(folders["llama", True][0], tmp_path / "bad", **changes)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(folder)
+    text = str(e.value)
+    assert "\n" not in text and str(folder / "config.json") in text and words in text
+    if field:
+        assert f"field '{field}'" in text
+
+
+def rewrite_weights(folder: Path, dst: Path, edit) -> Path:
+    shutil.copytree(folder, dst)
+    state = safetensors_torch.load_file(str(dst / "model.safetensors"))
+    edit(state)
+    safetensors_torch.save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda s: s.pop("model.layers.1.self_attn.k_norm.weight"), "missing keys model.layers.1.self_attn.k_norm.weight"),
+    (lambda s: s.pop("lm_head.weight"), "missing keys lm_head.weight"),
+    (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(128)),
+     "unexpected keys model.layers.0.self_attn.q_proj.bias"),
+    (lambda s: s.__setitem__("model.norm.weight", torch.ones(65)), "model.norm.weight (65,) vs model (64,)"),
+])
+def test_mismatched_tensors_are_named(folders, tmp_path, edit, words):
+    folder = rewrite_weights(folders["qwen3", False][0], tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(folder)
+    assert "\n" not in str(e.value) and words in str(e.value) and str(folder) in str(e.value)
+
+
+def test_tied_config_with_another_head_is_refused(folders, tmp_path):
+    folder = rewrite_weights(folders["llama", True][0], tmp_path / "bad",
+                             lambda s: s.__setitem__("lm_head.weight", torch.zeros(VOCAB, 64)))
+    with pytest.raises(CheckpointError, match="field 'tie_word_embeddings': lm_head.weight differs"):
+        checkpoint.load(folder)
+
+
+def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
+    folder, _ = folders["qwen3", True]
+    run = subprocess.run([sys.executable, str(ROOT / "bin" / "chat"), "--ckpt", str(folder), "--prompt", "hi",
+                          "--temperature", "0", "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    bad = edit_config(folder, tmp_path / "bad", hidden_act="relu")
+    run = subprocess.run([sys.executable, str(ROOT / "bin" / "export"), "--ckpt", str(bad), "--format", "hf",
+                          "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 1 and not (tmp_path / "out").exists()
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bin/export: error: ") and "field 'hidden_act'" in lines[0]
+    with pytest.raises(CheckpointError, match="no training state to resume"):
+        checkpoint.load(folder, resume=True)
