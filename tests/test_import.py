@@ -38,10 +38,11 @@ def hf_model(arch: str, tied: bool, seed: int = 0, **extra):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, rms_norm_eps=1e-6, initializer_range=0.3,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_implementation="eager")
+    common.update(extra)
     if arch == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, **extra))
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
     else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -210,3 +211,29 @@ def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("bin/export: error: ") and "field 'hidden_act'" in lines[0]
     with pytest.raises(CheckpointError, match="no training state to resume"):
         checkpoint.load(folder, resume=True)
+
+
+def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, tmp_path):
+    from train.metrics import read_metrics
+    from train.run import main
+
+    folder = save(hf_model("qwen3", False, seed=5, initializer_range=0.02), tmp_path / "qwen3")
+    out = tmp_path / "lora"
+    assert main(["--stage", "sft", "--data", str(packed_sample["lora"]), "--out", str(out), "--init-from",
+                 str(folder), "--lora-rank", "8", "--lora-alpha", "16", "--batch-size", "4", "--grad-accum", "1",
+                 "--lr", "1e-2", "--max-steps", "16", "--log-every", "1", "--eval-every", "0", "--val-rows", "4",
+                 "--no-progress", "--merge"]) == 0
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
+    ckpt = checkpoint.load(out)
+    assert ckpt.lora is not None and ckpt.base == checkpoint.load(folder).source_record()
+    assert ckpt.model_config.qk_norm
+    lm = load_model(out / "merged")  # adapter folded into the imported base
+    exported = tmp_path / "hf"
+    export(lm, "hf", exported, "f32")
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(exported).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert (lm.model(ids).logits - hf(input_ids=ids).logits.float()).abs().max().item() < 1e-4
+        base = load_model(folder).model(ids).logits
+        assert (lm.model(ids).logits - base).abs().max().item() > 1e-3  # the adapter changed the model
