@@ -60,7 +60,7 @@ def check_exportable(cfg: ModelConfig, fmt: str) -> None:
     if cfg.is_moe:
         raise ExportError(
             f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
-            f"{fmt} export writes a dense Llama, which has no MoE layers (transformers' LlamaForCausalLM has none; "
+            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has none; "
             "llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
 
 
