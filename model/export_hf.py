@@ -60,8 +60,8 @@ def check_exportable(cfg: ModelConfig, fmt: str) -> None:
     if cfg.is_moe:
         raise ExportError(
             f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
-            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has none; "
-            "llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
+            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has "
+            "none; llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
 
 
 def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:

@@ -139,7 +139,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", nargs="*", help="checkpoints / run folders to check (default: two random tiny models)")
+    p.add_argument("--ckpt", nargs="*", help="checkpoints / run folders to check (default: three random tiny models)")
     p.add_argument("--tol", type=float, default=1e-3, help="max abs logit difference allowed (default 1e-3)")
     args = p.parse_args(argv)
     import llama_cpp
