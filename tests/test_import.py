@@ -237,3 +237,111 @@ def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, 
         assert (lm.model(ids).logits - hf(input_ids=ids).logits.float()).abs().max().item() < 1e-4
         base = load_model(folder).model(ids).logits
         assert (lm.model(ids).logits - base).abs().max().item() > 1e-3  # the adapter changed the model
+
+
+# ---- MiniMind .pth state dicts -------------------------------------------------------------------------------
+
+def minimind_state_dict(qk_norm: bool, layers: int = 2, hidden: int = 64, heads: int = 4, kv: int = 2,
+                        head_dim: int = 16, ffn: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict under MiniMind's own names (model/model_minimind.py: MiniMindForCausalLM, tied, saved in
+    fp16 as its trainers do): MiniMind2 without, minimind-3 with the per-head q_norm / k_norm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.2).half()
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + 0.3 * torch.randn(n, generator=g)).half()
+
+    embed = w(VOCAB, hidden)
+    state = {"model.embed_tokens.weight": embed, "model.norm.weight": norm(hidden), "lm_head.weight": embed}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+                      p + "self_attn.k_proj.weight": w(kv * head_dim, hidden),
+                      p + "self_attn.v_proj.weight": w(kv * head_dim, hidden),
+                      p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+                      p + "mlp.gate_proj.weight": w(ffn, hidden), p + "mlp.up_proj.weight": w(ffn, hidden),
+                      p + "mlp.down_proj.weight": w(hidden, ffn),
+                      p + "input_layernorm.weight": norm(hidden), p + "post_attention_layernorm.weight": norm(hidden)})
+        if qk_norm:
+            state.update({p + "self_attn.q_norm.weight": norm(head_dim), p + "self_attn.k_norm.weight": norm(head_dim)})
+    return state
+
+
+MINIMIND_ARGS = {False: ["num_key_value_heads=2", "intermediate_size=96", "rms_norm_eps=1e-6"],
+                 True: ["num_key_value_heads=2", "intermediate_size=96", "rms_norm_eps=1e-6", "qk_norm=true",
+                        "head_dim=32"]}
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["minimind2", "minimind3"])
+def test_minimind_state_dict_loads_with_its_shape_and_tokenizer(tmp_path, qk_norm):
+    from serve.source_args import add_source_arguments, source_options
+
+    head_dim = 32 if qk_norm else 16
+    state = minimind_state_dict(qk_norm, head_dim=head_dim)
+    pth = tmp_path / "full_sft_64.pth"
+    torch.save(state, pth)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_source_arguments(p)
+    args = p.parse_args(["--model", "tiny", "--tokenizer", str(TOKENIZER),
+                         *(f"--model-arg={a}" for a in MINIMIND_ARGS[qk_norm])])
+    lm = load_model(pth, options=source_options(args))
+    assert lm.config.qk_norm == qk_norm and lm.config.head_dim == head_dim and lm.tokenizer.path.parent == TOKENIZER
+    # the reference: transformers' Llama / Qwen3 with the same tensors (MiniMind uses their names and math)
+    conf = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                attn_implementation="eager")
+    ref = (transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**conf)) if qk_norm
+           else transformers.LlamaForCausalLM(transformers.LlamaConfig(**conf))).eval()
+    ref.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert (lm.model(ids).logits - ref(input_ids=ids).logits.float()).abs().max().item() < 1e-4
+    assert generate(lm.model, PROMPT, max_new_tokens=8) == hf_greedy(ref, PROMPT, 8)
+    # a LoRA base / DPO reference recorded from it is recognised by the fingerprint of the mapped weights
+    ckpt = checkpoint.load(pth, options=checkpoint.SourceOptions(lm.config))
+    assert ckpt.source_record().fingerprint == lm.checkpoint.source_record().fingerprint
+
+
+def test_minimind_state_dict_without_shape_or_with_a_wrong_one(tmp_path):
+    pth = tmp_path / "pretrain_64.pth"
+    torch.save(minimind_state_dict(True, head_dim=32), pth)
+    export_cmd = [sys.executable, str(ROOT / "bin" / "export"), "--ckpt", str(pth), "--format", "hf", "--out",
+                  str(tmp_path / "out"), "--quiet", "--tokenizer", str(TOKENIZER)]
+
+    def refusal(*extra: str) -> str:
+        run = subprocess.run([*export_cmd, *extra], capture_output=True, text=True)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and len(lines) == 1 and not (tmp_path / "out").exists(), run.stderr
+        return lines[0]
+
+    assert "holds no config: give its shape with --model" in refusal()
+    wrong = refusal("--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False]))  # minimind-3 as MiniMind2
+    assert str(pth) in wrong and "unexpected keys model.layers.0.self_attn.k_norm.weight" in wrong
+    assert "model.layers.0.self_attn.q_proj.weight (128, 64) vs model (64, 64)" in wrong
+    assert "--model-arg" in refusal("--model", "tiny", "--model-arg", "hiden_size=3")
+    ok = subprocess.run([*export_cmd, "--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[True])],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+
+
+def test_training_starts_from_a_minimind_state_dict(packed_sample, tmp_path, capsys):
+    from train.run import main
+
+    pth = tmp_path / "full_sft_64.pth"
+    state = minimind_state_dict(False)
+    torch.save(state, pth)
+    common = ["--stage", "sft", "--data", str(packed_sample["lora"]), "--init-from", str(pth), "--batch-size", "2",
+              "--grad-accum", "1", "--max-steps", "2", "--eval-every", "0", "--val-rows", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "no-shape")]) == 1
+    assert "holds no config: give its shape with --model" in capsys.readouterr().err
+    shape = ["--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False])]
+    assert main([*common, "--out", str(tmp_path / "run"), *shape]) == 0
+    assert "--model tiny ignored" not in capsys.readouterr().err
+    ckpt = checkpoint.load(tmp_path / "run")
+    assert ckpt.init_from.path == str(pth) and ckpt.model_config.intermediate_size == 96

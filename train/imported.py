@@ -1,4 +1,5 @@
-"""Weights from elsewhere as a :class:`~train.checkpoint.Checkpoint`: a transformers folder (Llama, Qwen3).
+"""Weights from elsewhere as a :class:`~train.checkpoint.Checkpoint`: a transformers folder (Llama, Qwen3) and a
+bare state dict of a given shape (MiniMind2 / minimind-3 ``.pth``: :func:`load_state_dict`).
 
 A transformers folder is ``config.json`` + ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``), usually with ``tokenizer.json`` beside them. :func:`load_transformers`:
@@ -41,8 +42,9 @@ def is_transformers_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
-def load_transformers(folder: Path) -> Checkpoint:
-    """The Checkpoint of a transformers folder (CheckpointError naming the file and field on any problem)."""
+def load_transformers(folder: Path, tokenizer: str | Path | None = None) -> Checkpoint:
+    """The Checkpoint of a transformers folder (CheckpointError naming the file and field on any problem);
+    ``tokenizer`` replaces the folder's own."""
     conf_file = folder / CONFIG
     try:
         cfg = config_from_hf(read_json(conf_file, "transformers config", CheckpointError))
@@ -52,7 +54,29 @@ def load_transformers(folder: Path) -> Checkpoint:
     bad = nonfinite_tensors(state)
     if bad:
         raise CheckpointError(f"non-finite weights (nan/inf in {', '.join(bad[:5])})", path=folder)
-    return Checkpoint(model=state, model_config=cfg, tokenizer=tokenizer_record(folder), path=str(folder))
+    record = tokenizer_record(Path(tokenizer) if tokenizer else folder / "tokenizer.json", folder)
+    return Checkpoint(model=state, model_config=cfg, tokenizer=record, path=str(folder))
+
+
+def load_state_dict(state: dict[str, Tensor], cfg: ModelConfig, path: Path,
+                    tokenizer: str | Path | None = None) -> Checkpoint:
+    """The Checkpoint of a bare state dict (a MiniMind2 / minimind-3 ``.pth``) of the shape ``cfg``.
+
+    MiniMind's ``MiniMindForCausalLM`` names its tensors as transformers does (``model.embed_tokens``,
+    ``model.layers.N.self_attn.{q,k,v,o}_proj`` (+ ``q_norm`` / ``k_norm`` in minimind-3),
+    ``model.layers.N.mlp.{gate,up,down}_proj``, the two layer norms, ``model.norm``, ``lm_head``), and its tied
+    state dict holds ``lm_head.weight`` as a copy of the embedding; so the mapping is :func:`map_state`'s, and
+    every tensor's shape is checked against ``cfg``. MiniMind's MoE layout (several shared experts, router
+    without tinylm's top-1 semantics) is not mapped."""
+    if cfg.is_moe:
+        raise CheckpointError("MiniMind mixture-of-experts state dicts are not supported (only dense ones)",
+                              path=path, field="num_experts")
+    state = map_state(state, cfg, path, "the --model / --model-arg shape")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"non-finite weights (nan/inf in {', '.join(bad[:5])})", path=path)
+    record = tokenizer_record(Path(tokenizer), path) if tokenizer else None
+    return Checkpoint(model=state, model_config=cfg, tokenizer=record, path=str(path))
 
 
 def read_safetensors(folder: Path) -> dict[str, Tensor]:
@@ -97,7 +121,8 @@ def _read_file(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"not a readable safetensors file ({' '.join(str(e).split())})", path=file) from None
 
 
-def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path) -> dict[str, Tensor]:
+def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path,
+              shape_from: str = "its config.json") -> dict[str, Tensor]:
     """transformers' tensors -> tinylm's state dict for ``cfg`` (the same names; a tied head added), strictly:
     refused unless it is exactly the model's tensors with the model's shapes, all floating point."""
     out = dict(state)
@@ -111,20 +136,21 @@ def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path) -> dict[
         expected = {k: tuple(v.shape) for k, v in TinyLM(cfg).state_dict().items()}
     problems = state_problems(expected, out)
     if problems:
-        raise CheckpointError("the weights do not fit its config.json: " + "; ".join(problems), path=source)
+        raise CheckpointError(f"the weights do not fit {shape_from}: " + "; ".join(problems), path=source)
     ints = sorted(k for k, v in out.items() if not v.is_floating_point())
     if ints:
         raise CheckpointError(f"tensor {ints[0]} is {out[ints[0]].dtype}, not floating point", path=source)
     return out
 
 
-def tokenizer_record(folder: Path) -> TokenizerRecord | None:
-    """The folder's ``tokenizer.json`` as a TokenizerRecord (None without one: ``--tokenizer`` or the data's)."""
-    file = folder / "tokenizer.json"
-    if not file.is_file():
+def tokenizer_record(file: Path, source: Path) -> TokenizerRecord | None:
+    """The tokenizer ``file`` (or folder) as a TokenizerRecord; None when a source's own ``tokenizer.json`` is
+    absent (then the dataset's or ``--tokenizer`` serves). ``load_tokenizer`` refuses one whose ChatML tokens
+    ``<|im_start|>`` / ``<|im_end|>`` (and ``<|endoftext|>``) are not single ids."""
+    if file.name == "tokenizer.json" and not file.is_file() and file.parent == source:
         return None
     try:
         info = load_tokenizer(file)
     except TokenizerError as e:
-        raise CheckpointError(f"its tokenizer: {e}", path=folder) from None
-    return TokenizerRecord(info.fingerprint, str(file), info.vocab_size, dict(info.special_ids))
+        raise CheckpointError(f"its tokenizer: {e}", path=source) from None
+    return TokenizerRecord(info.fingerprint, str(info.path), info.vocab_size, dict(info.special_ids))
