@@ -240,5 +240,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minimind-3 (Qwen3-style): 63,912,192 params with vocab 6400
     "minimind3": dict(vocab_size=6400, hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=4, intermediate_size=2432, tie_word_embeddings=True, rope_theta=1e6,
-                      qk_norm=True, max_position_embeddings=32768),
+                      qk_norm=True, rms_norm_eps=1e-6, max_position_embeddings=32768),
 }
