@@ -319,7 +319,7 @@ def test_minimind_state_dict_without_shape_or_with_a_wrong_one(tmp_path):
         assert run.returncode == 1 and len(lines) == 1 and not (tmp_path / "out").exists(), run.stderr
         return lines[0]
 
-    assert "holds no config: give its shape with --model" in refusal()
+    assert "which holds no config: give its shape with --model" in refusal()
     wrong = refusal("--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False]))  # minimind-3 as MiniMind2
     assert str(pth) in wrong and "unexpected keys model.layers.0.self_attn.k_norm.weight" in wrong
     assert "model.layers.0.self_attn.q_proj.weight (128, 64) vs model (64, 64)" in wrong
@@ -339,7 +339,7 @@ def test_training_starts_from_a_minimind_state_dict(packed_sample, tmp_path, cap
     common = ["--stage", "sft", "--data", str(packed_sample["lora"]), "--init-from", str(pth), "--batch-size", "2",
               "--grad-accum", "1", "--max-steps", "2", "--eval-every", "0", "--val-rows", "2", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "no-shape")]) == 1
-    assert "holds no config: give its shape with --model" in capsys.readouterr().err
+    assert "which holds no config: give its shape with --model" in capsys.readouterr().err
     shape = ["--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False])]
     assert main([*common, "--out", str(tmp_path / "run"), *shape]) == 0
     assert "--model tiny ignored" not in capsys.readouterr().err

@@ -406,7 +406,8 @@ def _parse(payload: Any, path: str, resume: bool) -> Checkpoint:
     version = payload.get("format") if isinstance(payload, dict) else None
     if not isinstance(version, str) or not version.startswith(_FORMAT_PREFIX):
         if _is_state_dict(payload) and not resume:
-            raise CheckpointError("a bare state dict (a MiniMind .pth?) holds no config: give its shape with "
+            raise CheckpointError("not a tinylm checkpoint: a bare state dict (a MiniMind .pth?), which holds no "
+                                  "config: give its shape with "
                                   "--model PRESET / --model-arg KEY=VALUE (and its tokenizer with --tokenizer)",
                                   path=path)
         kind = "a bare state dict" if _is_state_dict(payload) else f"a {type(payload).__name__}"
