@@ -345,3 +345,20 @@ def test_training_starts_from_a_minimind_state_dict(packed_sample, tmp_path, cap
     assert "--model tiny ignored" not in capsys.readouterr().err
     ckpt = checkpoint.load(tmp_path / "run")
     assert ckpt.init_from.path == str(pth) and ckpt.model_config.intermediate_size == 96
+
+
+def test_dpo_reference_from_a_minimind_state_dict_takes_the_policy_shape(packed_sample, tmp_path):
+    from train.run import main
+
+    data = Path(shutil.copytree(packed_sample["dpo"], tmp_path / "dpo"))  # reference log-probs go beside it
+    policy, ref = tmp_path / "sft.pth", tmp_path / "ref.pth"
+    torch.save(minimind_state_dict(False, seed=1), policy)
+    torch.save(minimind_state_dict(False, seed=2), ref)
+    shape = ["--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False])]
+    assert main(["--stage", "dpo", "--data", str(data), "--out", str(tmp_path / "run"), "--init-from", str(policy),
+                 "--ref-from", str(ref), *shape, "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1",
+                 "--eval-every", "0", "--val-rows", "2", "--no-progress"]) == 0
+    ckpt = checkpoint.load(tmp_path / "run")
+    want = checkpoint.load(ref, options=checkpoint.SourceOptions(ckpt.model_config)).source_record()
+    assert ckpt.reference == want and ckpt.reference.path == str(ref)
+    assert ckpt.init_from.path == str(policy)
