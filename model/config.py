@@ -1,7 +1,9 @@
 """Model hyper-parameters: one dataclass, named presets, command-line overrides, size and FLOP estimates.
 
-Field names follow transformers' ``LlamaConfig`` so that a config maps onto it field by field
-(``head_dim`` is derived: ``hidden_size // num_attention_heads``). ``num_experts == 0`` means a
+Field names follow transformers' ``LlamaConfig`` / ``Qwen3Config`` so that a config maps onto it field by
+field. ``head_dim=None`` means ``hidden_size // num_attention_heads``; Qwen3 states it explicitly and it may
+differ (then q/k/v are ``heads * head_dim`` wide, not ``hidden_size``). ``qk_norm`` adds Qwen3's per-head
+RMSNorm on q and k (before RoPE). ``num_experts == 0`` means a
 dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of experts.
 """
 
@@ -49,10 +51,14 @@ class ModelConfig:
     norm_topk_prob: bool = True
     attn_backend: str = "auto"
     initializer_range: float = 0.02
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q / k head before RoPE
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None or self.intermediate_size <= 0:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
     # ---- invariants -------------------------------------------------------------------------
@@ -63,11 +69,11 @@ class ModelConfig:
                      "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by "
-                            f"num_attention_heads {self.num_attention_heads}")
-        elif self.num_attention_heads > 0 and self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+                            f"num_attention_heads {self.num_attention_heads} (give head_dim)")
+        elif self.head_dim <= 0 or self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even and > 0 for RoPE")
         if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {self.num_key_value_heads}")
@@ -84,8 +90,9 @@ class ModelConfig:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def derived_head_dim(self) -> bool:
+        """Whether ``head_dim`` is the default ``hidden_size // num_attention_heads``."""
+        return self.num_attention_heads > 0 and self.head_dim * self.num_attention_heads == self.hidden_size
 
     @property
     def is_moe(self) -> bool:
@@ -104,7 +111,8 @@ class ModelConfig:
         """A new config with ``["key=value", ...]`` (strings converted to the field's type) applied.
 
         If ``hidden_size`` changes and ``intermediate_size`` is not given and was the derived
-        default, it is derived again from the new ``hidden_size``.
+        default, it is derived again from the new ``hidden_size``; likewise ``head_dim`` when
+        ``hidden_size`` or ``num_attention_heads`` changes.
         """
         changes = parse_overrides(items) if isinstance(items, list) else dict(items)
         _check_fields(changes)
@@ -112,6 +120,9 @@ class ModelConfig:
         if ("hidden_size" in changes and "intermediate_size" not in changes
                 and self.intermediate_size == default_intermediate_size(self.hidden_size)):
             values["intermediate_size"] = None
+        if ({"hidden_size", "num_attention_heads"} & set(changes) and "head_dim" not in changes
+                and self.derived_head_dim):
+            values["head_dim"] = None
         values.update(changes)
         return ModelConfig(**values)
 
@@ -132,7 +143,8 @@ class ModelConfig:
         ``active=True`` counts, for MoE, only the ``num_experts_per_tok`` routed experts a token uses.
         """
         h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
-        attn = 2 * h * h + 2 * h * kv
+        q = self.num_attention_heads * self.head_dim
+        attn = 2 * h * q + 2 * h * kv + (2 * self.head_dim if self.qk_norm else 0)
         swiglu = 3 * h * i
         if self.is_moe:
             routed = self.num_experts_per_tok if active else self.num_experts
@@ -221,7 +233,12 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2, n_shared_experts=1)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,  # ~0.5M params, for tests
     "tiny-moe": {**_TINY, **_MOE},
+    "tiny-qwen3": dict(_TINY, qk_norm=True, head_dim=32),  # QK-norm, head_dim != hidden / heads, for tests
     "small": _SMALL,  # MiniMind2-small, ~25.8M params
     "small-moe": {**_SMALL, **_MOE},
     "base": dict(_SMALL, hidden_size=768, num_hidden_layers=16),  # MiniMind2, ~104M params
+    # minimind-3 (Qwen3-style): 63,912,192 params with vocab 6400
+    "minimind3": dict(vocab_size=6400, hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=2432, tie_word_embeddings=True, rope_theta=1e6,
+                      qk_norm=True, rms_norm_eps=1e-6, max_position_embeddings=32768),
 }

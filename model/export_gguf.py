@@ -1,4 +1,5 @@
-"""Write a TinyLM as a llama.cpp GGUF file (``llama`` architecture, ``gpt2`` byte-level BPE tokenizer).
+"""Write a TinyLM as a llama.cpp GGUF file (``llama`` architecture, or ``qwen3`` for a ``qk_norm`` model;
+``gpt2`` byte-level BPE tokenizer).
 
 Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes a ``LlamaForCausalLM``:
 
@@ -19,6 +20,11 @@ pairs (2i, 2i+1). Permuting the output rows of ``q_proj`` / ``k_proj`` inside ev
 q.k is invariant under the same permutation of q and k. That is ``convert_hf_to_gguf.py``'s
 ``LlamaModel.permute``: ``w.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(w.shape)`` with
 ``heads = num_attention_heads`` for q and ``num_key_value_heads`` for k.
+
+``qwen3`` (as ``convert_hf_to_gguf.py`` writes a ``Qwen3ForCausalLM``): the same metadata under ``qwen3.``,
+the per-head norms as ``blk.N.attn_q_norm`` / ``attn_k_norm``, and *no* permutation: llama.cpp runs qwen3 with
+NEOX (rotate-half) RoPE, our convention. Both architectures get ``attention.key_length`` / ``value_length`` =
+``head_dim``, so a head_dim other than hidden_size / heads is stated, not derived.
 
 The file is written to a temporary name beside ``out`` and renamed into place when complete (fsync-ed); a
 full disk or a read-only folder is one FileWriteError naming ``out``, the temporary file removed.
@@ -104,7 +110,9 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[tuple
     """(llama.cpp name, float32 array) for every tensor to store, q/k permuted, tied head dropped."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    arch = gguf.MODEL_ARCH.QWEN3 if cfg.qk_norm else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    permute = not cfg.qk_norm  # llama: adjacent-pair RoPE; qwen3: NEOX, i.e. rotate-half as ours
     out = []
     for name, tensor in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -113,12 +121,17 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[tuple
         if new is None:
             raise ExportError(f"no llama.cpp name for tensor {name!r}")
         data = tensor.detach().to("cpu", torch.float32).numpy()
-        if name.endswith("self_attn.q_proj.weight"):
+        if permute and name.endswith("self_attn.q_proj.weight"):
             data = permute_rotary(data, cfg.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif permute and name.endswith("self_attn.k_proj.weight"):
             data = permute_rotary(data, cfg.num_key_value_heads)
         out.append((new, np.ascontiguousarray(data)))
     return out
+
+
+def gguf_architecture(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture name for ``cfg``: ``qwen3`` with QK-norm, else ``llama``."""
+    return "qwen3" if cfg.qk_norm else "llama"
 
 
 def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVocab, out: str | Path,
@@ -137,7 +150,7 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
     tmp = temp_path(out)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[fmt]
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, gguf_architecture(cfg))
     try:
         writer.add_name(name)
         writer.add_context_length(cfg.max_position_embeddings)
@@ -146,6 +159,8 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_head_count(cfg.num_attention_heads)
         writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
         writer.add_rope_dimension_count(cfg.head_dim)
         writer.add_rope_freq_base(float(cfg.rope_theta))
         writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))

@@ -1,8 +1,9 @@
-"""Write a TinyLM as a transformers ``LlamaForCausalLM`` directory (config, safetensors, tokenizer files).
+"""Write a TinyLM as a transformers ``LlamaForCausalLM`` directory (config, safetensors, tokenizer files); a
+model with ``qk_norm`` as ``Qwen3ForCausalLM`` (the same layout plus per-head ``q_norm`` / ``k_norm``).
 
 Our parameter names are transformers' names, so the weights go out unchanged:
 
-    config.json              LlamaForCausalLM config; transformers 5 fields (``rope_parameters``,
+    config.json              LlamaForCausalLM / Qwen3ForCausalLM config; transformers 5 fields (``rope_parameters``,
                              ``dtype``) plus ``rope_theta`` / ``torch_dtype`` so 4.x reads the same model
     model.safetensors        the state dict; a tied model has no ``lm_head.weight`` (transformers
                              re-ties it from ``embed_tokens``), an untied one always has it
@@ -59,12 +60,22 @@ def check_exportable(cfg: ModelConfig, fmt: str) -> None:
     if cfg.is_moe:
         raise ExportError(
             f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
-            f"{fmt} export writes a dense Llama, which has no MoE layers (transformers' LlamaForCausalLM has none; "
-            "llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
+            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has "
+            "none; llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
 
 
 def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
-    """The ``config.json`` of a ``LlamaForCausalLM`` equal to ``cfg``."""
+    """The ``config.json`` of a ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with ``qk_norm``) equal to ``cfg``."""
+    conf = _llama_config(cfg, tok, dtype)
+    if not cfg.qk_norm:
+        return conf
+    for llama_only in ("mlp_bias", "pretraining_tp"):
+        del conf[llama_only]
+    return {**conf, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": cfg.num_hidden_layers}
+
+
+def _llama_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

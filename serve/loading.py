@@ -18,7 +18,7 @@ from core.errors import TinyLMError
 from core.tokenizer import TokenizerInfo
 from model import ModelConfig, TinyLM
 from train import checkpoint
-from train.checkpoint import Checkpoint, CheckpointError
+from train.checkpoint import Checkpoint, CheckpointError, SourceOptions
 
 
 class ToolError(TinyLMError):
@@ -58,9 +58,11 @@ class LoadedModel:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Checkpoint file or run folder -> :class:`LoadedModel` (CheckpointError with one line on any problem)."""
-    ckpt = checkpoint.load(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               options: SourceOptions | None = None) -> LoadedModel:
+    """Checkpoint file, run folder, transformers folder or (with ``options.config``) a bare state dict ->
+    :class:`LoadedModel` (CheckpointError with one line on any problem)."""
+    ckpt = checkpoint.load(path, options=options)
     info = ckpt.find_tokenizer()
     if info.vocab_size > ckpt.model_config.vocab_size:
         raise CheckpointError(f"tokenizer {info.path} has {info.vocab_size} ids but the model's vocab_size is "

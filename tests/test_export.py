@@ -130,8 +130,18 @@ def rope_adjacent(x: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
+def rope_neox(x: np.ndarray, theta: float) -> np.ndarray:
+    """llama.cpp's NEOX RoPE (qwen3): rotate dimension i with i + d/2. x [heads, T, d]."""
+    d, t = x.shape[-1], x.shape[-2]
+    ang = np.arange(t)[:, None] * theta ** (-np.arange(0, d, 2) / d)[None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+    a, b = x[..., :d // 2], x[..., d // 2:]
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
 def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
-    """An independent float64 numpy forward pass of the llama graph read from the GGUF file alone."""
+    """An independent float64 numpy forward pass of the llama (or qwen3: q/k head norms, NEOX RoPE) graph read
+    from the GGUF file alone."""
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -140,8 +150,11 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type.name == "Q8_0" else np.array(t.data)
         w[t.name] = data.astype(np.float64).reshape([int(n) for n in reversed(t.shape)])
+    arch = meta["general.architecture"]
+    meta = {k.replace(f"{arch}.", "llama.", 1): v for k, v in meta.items()}
     heads, kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     eps, theta = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    rope = rope_neox if arch == "qwen3" else rope_adjacent
     x = w["token_embd.weight"][ids]
     t = len(ids)
     causal = np.triu(np.full((t, t), -np.inf), 1)
@@ -151,7 +164,9 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
         q = (h @ w[p + "attn_q.weight"].T).reshape(t, heads, -1).transpose(1, 0, 2)
         k = (h @ w[p + "attn_k.weight"].T).reshape(t, kv, -1).transpose(1, 0, 2)
         v = (h @ w[p + "attn_v.weight"].T).reshape(t, kv, -1).transpose(1, 0, 2)
-        q, k = rope_adjacent(q, theta), rope_adjacent(k, theta)
+        if arch == "qwen3":
+            q, k = rms(q, w[p + "attn_q_norm.weight"], eps), rms(k, w[p + "attn_k_norm.weight"], eps)
+        q, k = rope(q, theta), rope(k, theta)
         k, v = np.repeat(k, heads // kv, axis=0), np.repeat(v, heads // kv, axis=0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1]) + causal
         s = np.exp(s - s.max(-1, keepdims=True))
@@ -211,6 +226,30 @@ def test_gguf_metadata_vocab_and_llama_forward(runs, kind, tmp_path):
         ours = trained.model(ids[None]).logits[0].double().numpy()
     diff = np.abs(gguf_forward(out, ids.tolist()) - ours).max()
     assert diff < 1e-4, f"llama-graph logits differ by {diff}"
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_stated_head_dim_and_qk_norm_in_gguf(tmp_path, qk_norm):
+    """A qk_norm model is llama.cpp's qwen3; head_dim 32 != 64 / 4 heads is stated (key/value_length)."""
+    gguf = pytest.importorskip("gguf")
+    trained = load_model(make_checkpoint(tmp_path / "q", seed=3, qk_norm=qk_norm, head_dim=32))
+    cfg = trained.config
+    out = tmp_path / "q.gguf"
+    export(trained, "gguf", out, "f32", write_modelfile=False)
+    reader = gguf.GGUFReader(out)
+    f = {k: v.contents() for k, v in reader.fields.items()}
+    arch = "qwen3" if qk_norm else "llama"
+    assert f["general.architecture"] == arch
+    assert (f[f"{arch}.attention.key_length"], f[f"{arch}.attention.value_length"],
+            f[f"{arch}.rope.dimension_count"], f[f"{arch}.embedding_length"]) == (32, 32, 32, 64)
+    names = {t.name for t in reader.tensors}
+    assert ({"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names) == qk_norm
+    assert len(names) == 2 + (11 if qk_norm else 9) * cfg.num_hidden_layers
+    ids = torch.randint(0, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ours = trained.model(ids[None]).logits[0].double().numpy()
+    diff = np.abs(gguf_forward(out, ids.tolist()) - ours).max()
+    assert diff < 1e-4, f"qwen3-graph logits differ by {diff}"
 
 
 def test_gguf_f16_and_q8_0(runs, tmp_path):

@@ -23,7 +23,7 @@ def prompts(*lengths: int) -> list[list[int]]:
     return [torch.randint(7, 6400, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-qwen3"])
 def test_cached_equals_uncached_single_and_batched(preset: str) -> None:
     m = model(preset)
     batch = prompts(5, 17, 1, 9)
@@ -35,7 +35,7 @@ def test_cached_equals_uncached_single_and_batched(preset: str) -> None:
     assert generate_batch(m, batch, max_new_tokens=24, use_cache=False) == alone
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-qwen3"])
 def test_cache_step_logits_equal_full_forward(preset: str) -> None:
     """Prefill + one-token steps into a preallocated cache reproduce the full forward's logits, in place."""
     m = model(preset)

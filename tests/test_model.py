@@ -40,7 +40,7 @@ def packed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return ids, doc_ids, positions, docs
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-qwen3"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_rows_equal_documents_alone(backend: str, preset: str) -> None:
     torch.manual_seed(0)
@@ -161,6 +161,41 @@ def test_preset_param_counts(name: str) -> None:
         assert cfg.num_params() < 1e6
     if name == "base":
         assert 100e6 <= cfg.num_params() <= 108e6
+    if name == "minimind3":  # minimind-3's published count
+        assert cfg.num_params() == 63_912_192 and cfg.head_dim == 96 and cfg.qk_norm
+    if name == "tiny-qwen3":
+        assert cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
+        assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+
+
+def test_head_dim_derived_unless_given() -> None:
+    cfg = ModelConfig.from_preset("tiny")
+    assert cfg.head_dim == 16 and cfg.override(["hidden_size=128"]).head_dim == 32
+    explicit = ModelConfig.from_preset("tiny-qwen3")
+    assert explicit.override(["hidden_size=128"]).head_dim == 32  # stated: kept
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("head_dim", "qk_norm")}  # an older checkpoint
+    assert ModelConfig.from_dict(old) == cfg
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads 3 .give head_dim"):
+        ModelConfig.from_preset("tiny", num_attention_heads=3, num_key_value_heads=1)
+    assert ModelConfig.from_preset("tiny", num_attention_heads=3, num_key_value_heads=1, head_dim=8).head_dim == 8
+    with pytest.raises(ValueError, match="head_dim 7 must be even"):
+        ModelConfig.from_preset("tiny", head_dim=7)
+
+
+def test_qk_norm_normalises_each_head_before_rope() -> None:
+    """q_norm / k_norm change the function (a scaled q_proj gives the same logits: per-head RMS invariance)."""
+    m = tiny(rms_norm_eps=1e-12)  # so that eps does not blur the scale invariance
+    q = tiny(qk_norm=True, rms_norm_eps=1e-12)
+    q.load_state_dict({**q.state_dict(), **m.state_dict()})
+    ids = torch.randint(0, 6400, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = q(ids).logits
+        for layer in q.model.layers:
+            layer.self_attn.q_proj.weight.mul_(7.0)
+            layer.self_attn.k_proj.weight.mul_(0.2)
+        after = q(ids).logits
+        assert (before - after).abs().max().item() < 1e-4
+        assert (m(ids).logits - before).abs().max().item() > 1e-3
 
 
 def test_flops_per_token() -> None:
@@ -207,3 +242,25 @@ def test_dropout_only_in_training() -> None:
         assert torch.equal(model(ids).logits, model(ids).logits)
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qk_norm_state_dict_loads_into_transformers_qwen3(tied: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = TinyLM(ModelConfig.from_preset("tiny-qwen3", tie_word_embeddings=tied, initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for layer in ours.model.layers:  # non-trivial norm weights, so a mis-mapped norm shows
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    c = ours.config
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attn_implementation="eager")).eval()
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, c.vocab_size, (2, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(input_ids=ids).logits.float()).abs().max().item() < 1e-4

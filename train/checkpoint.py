@@ -19,8 +19,9 @@ Versions. ``tinylm-checkpoint-1`` (flat: optimizer / rng / ... at the top, ``dpo
 still read and converted; version 2 groups the resume state in ``training`` and the stage's hyper-parameters
 in ``stage_options``. A field added later gets a default, so older files keep loading.
 
-Sources. :func:`load` dispatches on what the path is: today a tinylm checkpoint file or run folder; other
-sources (a transformers folder, a MiniMind state dict) are new branches there that return a Checkpoint.
+Sources. :func:`load` dispatches on what the path is: a tinylm checkpoint file or run folder, a transformers
+folder (``config.json`` + safetensors) or a bare state dict such as MiniMind's ``.pth`` with its shape given
+(:class:`SourceOptions`); the last two are mapped by ``train/imported.py``. Each comes back as a Checkpoint.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Checkpoint:
         if not self.base.fingerprint:
             raise CheckpointError("a LoRA checkpoint needs the base's weight fingerprint", path=self.path,
                                   field="base")
-        base = load(base_path or self.base.path)
+        base = load(base_path or self.base.path, options=SourceOptions(self.model_config))  # a .pth base: our shape
         if state_fingerprint(base.model) != self.base.fingerprint:
             raise CheckpointError(f"{base.path}: not the base model adapter {self.path} was trained on (weights "
                                   f"fingerprint {self.base.fingerprint[:12]} expected); it changed or moved: "
@@ -363,20 +364,53 @@ def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 
-def load(path: str | Path, resume: bool = False) -> Checkpoint:
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a foreign source may lack: ``config``, the shape of a bare state dict (a MiniMind ``.pth``, which
+    holds no config: ``--model`` / ``--model-arg``), and ``tokenizer``, a tokenizer folder or file to use
+    instead of the source's own (``--tokenizer``)."""
+
+    config: ModelConfig | None = None
+    tokenizer: str | Path | None = None
+
+
+def load(path: str | Path, resume: bool = False, options: SourceOptions | None = None) -> Checkpoint:
     """A checkpoint file (or a run folder's latest) as a :class:`Checkpoint` on the CPU, checked before anyone
     uses it. ``resume``: the resume state (optimizer, RNG) must be there too. One line naming the file and
-    field on any problem. (The one loader: other sources will be dispatched here, on what ``path`` is.)"""
+    field on any problem. The one loader: a transformers folder (``config.json`` beside safetensors) and a bare
+    state dict with ``options.config`` (a MiniMind ``.pth``) are mapped by :mod:`train.imported`."""
+    from train import imported  # the other sources; imported.py builds on this module
+
+    options = options or SourceOptions()
+    if imported.is_transformers_folder(path):
+        if resume:
+            raise CheckpointError("a transformers folder holds no training state to resume; start a run from it "
+                                  "with --init-from", path=path)
+        return imported.load_transformers(Path(path), options.tokenizer)
     path = resolve(path)
-    return _parse(_read(path), str(path), resume)
+    payload = _read(path)
+    if _is_state_dict(payload) and options.config is not None and not resume:
+        return imported.load_state_dict(payload, options.config, path, options.tokenizer)
+    return _parse(payload, str(path), resume)
+
+
+def _is_state_dict(payload: Any) -> bool:
+    """A plain mapping of names to tensors (no tinylm format record): what ``torch.save(model.state_dict())``
+    writes, e.g. MiniMind's ``.pth`` files."""
+    return isinstance(payload, dict) and bool(payload) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in payload.items())
 
 
 def _parse(payload: Any, path: str, resume: bool) -> Checkpoint:
     """The strict checks of :func:`load`, in the order a reader would want them: format, model, fields."""
     version = payload.get("format") if isinstance(payload, dict) else None
     if not isinstance(version, str) or not version.startswith(_FORMAT_PREFIX):
-        kind = ("a bare state dict" if isinstance(payload, dict) and payload
-                and all(isinstance(v, Tensor) for v in payload.values()) else f"a {type(payload).__name__}")
+        if _is_state_dict(payload) and not resume:
+            raise CheckpointError("not a tinylm checkpoint: a bare state dict (a MiniMind .pth?), which holds no "
+                                  "config: give its shape with "
+                                  "--model PRESET / --model-arg KEY=VALUE (and its tokenizer with --tokenizer)",
+                                  path=path)
+        kind = "a bare state dict" if _is_state_dict(payload) else f"a {type(payload).__name__}"
         raise CheckpointError(f"not a tinylm checkpoint: {kind}, without the format {FORMAT!r} record", path=path)
     if version not in (FORMAT, _FORMAT_PREFIX + "1"):
         raise CheckpointError(f"format {version!r} is not one this tinylm reads (it reads {FORMAT!r} and older); "
@@ -511,20 +545,27 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str) ->
     if state and all(k.endswith((".lora_A", ".lora_B")) for k in state) and not any("lora_" in k for k in own):
         raise CheckpointError(f"{source}: holds only a LoRA adapter, not a whole model; fold it into its base "
                               f"first: bin/merge --ckpt {source} --out DIR")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    problems = state_problems({k: tuple(v.shape) for k, v in own.items()}, state)
+    if problems:
+        raise CheckpointError(f"{source}: the checkpoint does not fit this model: " + "; ".join(problems))
+    target.load_state_dict(state, strict=True)
+
+
+def state_problems(expected: dict[str, tuple[int, ...]], state: dict[str, Tensor]) -> list[str]:
+    """What keeps ``state`` from being exactly the tensors ``expected`` (name -> shape): missing and unexpected
+    names, then each shape mismatch; empty when it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
         problems.append(f"missing keys {_short(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_short(unexpected)}")
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {expected[k]}"
+              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
     if shapes:
         problems.append(f"shape mismatch {_short(shapes)}")
-    if problems:
-        raise CheckpointError(f"{source}: the checkpoint does not fit this model: " + "; ".join(problems))
-    target.load_state_dict(state, strict=True)
+    return problems
 
 
 def nonfinite_tensors(state: dict[str, Any]) -> list[str]:

@@ -48,7 +48,14 @@ from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
 from train import checkpoint, dist  # noqa: E402
 from train.adapters import FullWeights, weights_for  # noqa: E402
-from train.checkpoint import Checkpoint, CheckpointError, DataRecord, SourceRecord, TokenizerRecord  # noqa: E402
+from train.checkpoint import (  # noqa: E402
+    Checkpoint,
+    CheckpointError,
+    DataRecord,
+    SourceOptions,
+    SourceRecord,
+    TokenizerRecord,
+)
 from train.data import PackedDataset, Split  # noqa: E402
 from train.loop import LoopConfig, TrainState, resolve_dtype, train  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
@@ -80,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the latest checkpoint in --out (starts fresh if there is none)")
     g.add_argument("--init-from", type=Path, metavar="CKPT",
                    help="start from this checkpoint's weights and model config (a file, or a run folder: its "
-                        "latest checkpoint), e.g. SFT from the pretrain run")
+                        "latest checkpoint), e.g. SFT from the pretrain run; or a transformers folder (Llama, "
+                        "Qwen3), or a MiniMind .pth state dict whose shape --model / --model-arg give")
     g.add_argument("--seed", type=int, default=1337, help="model init and data order seed (default 1337)")
     g.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of every shard file when the dataset is opened (sizes, headers, "
@@ -349,9 +357,11 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
         if args.lora is not None:
             raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
         return Sources()
-    init = checkpoint.load(args.init_from)
+    shape = model_config(args, dataset.meta["tokenizer"]["vocab_size"], None) if args.model or args.model_arg \
+        else None  # the shape of a bare state dict (a MiniMind .pth), which holds no config
+    init = checkpoint.load(args.init_from, options=SourceOptions(shape))
     init.check_tokenizer(fingerprint, str(args.data))
-    if args.model is not None:
+    if args.model is not None and init.model_config is not shape:
         say(f"note: --model {args.model} ignored: the model config comes from {init.path}")
     return Sources(init=init, base=init if args.lora is not None else None)
 

@@ -4,8 +4,9 @@
     tests/integration/llama_cpp_check.sh            builds/installs llama-cpp-python if missing, then runs this
     .venv/bin/python tests/integration/llama_cpp_check.py [--ckpt RUN] [--tol 1e-3]
 
-For each checkpoint (default: two random tiny models, tied with GQA 4:2 and untied with MQA 4:1 and
-another rope_theta; or --ckpt, e.g. a trained run), ``bin/export --format gguf --dtype f32`` is loaded
+For each checkpoint (default: three random tiny models, tied with GQA 4:2, untied with MQA 4:1 and
+another rope_theta, and a Qwen3-style one with QK-norm and head_dim 32 != 64 / 4, exported as llama.cpp's
+``qwen3`` architecture; or --ckpt, e.g. a trained run), ``bin/export --format gguf --dtype f32`` is loaded
 by llama.cpp with an f32 KV cache (``type_k = type_v = 0``) and ``logits_all``; then:
 
 1. tokenization: llama.cpp's ids == our tokenizer's ids (and its detokenization gives the text back) on
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from core.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
 from core.tokenizer import load_tokenizer, prompt_ids  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
+from model.export_gguf import gguf_architecture  # noqa: E402
 from serve.loading import load_model  # noqa: E402
 from train.checkpoint import Checkpoint  # noqa: E402
 
@@ -86,7 +88,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
                 n_threads=2, verbose=False, seed=0)
     failures: list[str] = []
     name = f"{ckpt.name} ({trained.config.num_attention_heads}:{trained.config.num_key_value_heads} heads, "\
-           f"{'tied' if trained.config.tie_word_embeddings else 'untied'})"
+           f"{'tied' if trained.config.tie_word_embeddings else 'untied'}, {gguf_architecture(trained.config)})"
 
     # 1. tokenization
     for kind, texts in sample_texts().items():
@@ -137,7 +139,7 @@ def check(ckpt: Path, out: Path, tol: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", nargs="*", help="checkpoints / run folders to check (default: two random tiny models)")
+    p.add_argument("--ckpt", nargs="*", help="checkpoints / run folders to check (default: three random tiny models)")
     p.add_argument("--tol", type=float, default=1e-3, help="max abs logit difference allowed (default 1e-3)")
     args = p.parse_args(argv)
     import llama_cpp
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpts = [Path(c) for c in args.ckpt] if args.ckpt else [
             random_checkpoint(tmp / "tiny-tied-gqa", 0),
             random_checkpoint(tmp / "tiny-untied-mqa", 1, tie_word_embeddings=False, num_key_value_heads=1,
-                              rope_theta=1e4)]
+                              rope_theta=1e4),
+            random_checkpoint(tmp / "tiny-qwen3-qknorm", 2, qk_norm=True, head_dim=32)]
         failures = []
         for ckpt in ckpts:
             failures += check(ckpt, tmp, args.tol)

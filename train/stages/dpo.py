@@ -137,7 +137,7 @@ class DPOStage(Stage):
         ref_dir = shards.ref_folder(dataset.folder, fingerprint)
         need_model = self.online_ref or not (ref_dir / "meta.json").is_file()
         if need_model and ref_ckpt is None:
-            ref_ckpt = checkpoint.load(self.reference.path)
+            ref_ckpt = checkpoint.load(self.reference.path, options=_policy_shape(ctx))
             if checkpoint.state_fingerprint(ref_ckpt.model) != fingerprint:
                 raise StageError(f"{ref_ckpt.path}: the reference checkpoint of this run has changed since it "
                                  f"started (weights fingerprint {fingerprint[:12]} expected)")
@@ -158,7 +158,7 @@ class DPOStage(Stage):
     def _reference_checkpoint(self, ctx: StageContext) -> Checkpoint:
         """``--ref-from``, else the ``--init-from`` checkpoint."""
         if self.ref_from is not None:
-            return checkpoint.load(self.ref_from)
+            return checkpoint.load(self.ref_from, options=_policy_shape(ctx))
         if ctx.init is None:
             raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
                              "usually the SFT run) or --ref-from CKPT")
@@ -227,3 +227,10 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
     if ctx.rank == 0:
         shards.write_ref_meta(ref_dir, reference, dataset.meta, records)
     ctx.barrier()
+
+
+def _policy_shape(ctx: StageContext) -> checkpoint.SourceOptions:
+    """A reference given as a bare state dict (a MiniMind ``.pth``) holds no config: it has the policy's shape
+    (the checkpoint the run starts from or resumes), the one a DPO reference must have anyway."""
+    known = ctx.resume or ctx.init
+    return checkpoint.SourceOptions(known.model_config if known is not None else None)

@@ -1,0 +1,42 @@
+"""The command-line options every tool that reads weights shares for foreign sources (bin/chat, bin/serve,
+bin/eval, bin/export): a bare state dict (MiniMind ``.pth``) has no config, so its shape comes from
+``--model`` / ``--model-arg``; ``--tokenizer`` replaces (or, for a state dict, supplies) the tokenizer.
+
+Kept free of torch imports, so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+CKPT_HELP = ("checkpoint file or run folder (its latest checkpoint), a transformers folder (Llama, Qwen3), or a "
+             "MiniMind .pth state dict with --model")
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``--model``, ``--model-arg`` and ``--tokenizer`` (in their own help group)."""
+    g = p.add_argument_group("weights from elsewhere (a transformers folder needs none of these)")
+    g.add_argument("--model", metavar="PRESET",
+                   help="shape of a bare state dict (a MiniMind .pth holds no config): a preset, e.g. small "
+                        "(MiniMind2-small), base (MiniMind2), minimind3")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --model's config, repeatable (e.g. num_hidden_layers=16)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder (tokenizer.json) to use instead of the source's own; a state dict needs it")
+
+
+def source_options(args: argparse.Namespace) -> Any:
+    """The :class:`train.checkpoint.SourceOptions` of the parsed arguments (a bad preset or override is one
+    ToolError line naming it). No ``--model`` / ``--model-arg``: no shape, so a bare state dict is refused."""
+    from model import ModelConfig
+    from serve.loading import ToolError
+    from train.checkpoint import SourceOptions
+
+    config = None
+    if args.model or args.model_arg:
+        try:
+            config = ModelConfig.from_preset(args.model or "small").override(args.model_arg)
+        except ValueError as e:
+            raise ToolError(f"--model / --model-arg: {e}") from None
+    return SourceOptions(config, args.tokenizer)
