@@ -79,29 +79,36 @@ class CleanOptions:
     inputs: list[str]
     out: Path
     report: Path | None = None
+    # duplicates
     dedup: str = "near"
     dedup_key: str = "conversation"
     near_threshold: float = 0.8
+    # length, language
     min_chars: int = 0
     max_chars: int = 0  # 0: no limit
     min_turn_chars: int = 0
     max_turn_chars: int = 0
     min_cjk_ratio: float = 0.0
     lang: str = "any"
+    # noise: shares of the text
     max_symbol_ratio: float = 0.3
     max_digit_ratio: float = 0.5
     max_url_ratio: float = 0.3
+    # noise: repetition, and characters refused unless allowed
     max_char_run: int = 40
     max_dup_line_ratio: float = 0.5
     allow_control: bool = False
     allow_mojibake: bool = False
+    # the user's own filters, held-out files
     filters: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    # output: placeholders, source field, order and size
     placeholders: dict[str, str] = field(default_factory=dict)
     source_field: bool = True
     shuffle: bool = False
     seed: int = 0
     target_mb: float = 0.0
+    # reading and running
     skip_bad: bool = False
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
     workers: int = 0  # 0: every usable core
