@@ -44,7 +44,8 @@ from core.errors import TinyLMError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / "data" / "tokenizer"
-REQUIRED_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
+REQUIRED_SPECIALS = (ENDOFTEXT,)  # every tokenizer: the document separator of pretraining
+CHAT_SPECIALS = (IM_START, IM_END)  # only where a chat is rendered (chat stages, prompts)
 
 
 class TokenizerError(TinyLMError):
@@ -85,6 +86,18 @@ class TokenizerInfo:
         """Ids that end an assistant turn (:data:`STOP_TOKENS` that are single ids), in that order."""
         return [self.special_ids[t] for t in STOP_TOKENS if t in self.special_ids]
 
+    @property
+    def has_chat(self) -> bool:
+        """Whether ``<|im_start|>`` and ``<|im_end|>`` are single ids, so chats can be rendered."""
+        return all(t in self.special_ids for t in CHAT_SPECIALS)
+
+    def require_chat(self, what: str) -> None:
+        """Refuse, in one line, to render chats for ``what`` with a tokenizer that lacks the ChatML tokens."""
+        if not self.has_chat:
+            missing = ", ".join(t for t in CHAT_SPECIALS if t not in self.special_ids)
+            raise TokenizerError(f"{missing} not single ids in this tokenizer, so it cannot render chats ({what}); "
+                                 "pretraining on it works", path=self.path)
+
     def has_added_strings(self, text: str) -> bool:
         """Whether ``text`` contains an added-token string (which literal encoding keeps as text)."""
         return self.added_pattern.search(text) is not None
@@ -105,7 +118,8 @@ def file_fingerprint(file: str | Path) -> str | None:
 
 
 def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
-    """Load a tokenizer and check that the chat special tokens are single ids."""
+    """Load a tokenizer and check that ``<|endoftext|>`` is a single id; whether the ChatML tokens are is
+    :attr:`TokenizerInfo.has_chat` (checked by :meth:`TokenizerInfo.require_chat` where a chat is rendered)."""
     file = tokenizer_file(path)
     data = file.read_bytes()
     try:
@@ -113,7 +127,7 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
         raise TokenizerError(f"{file}: not a valid tokenizers file ({e})") from None
     specials = {}
-    for token in (*REQUIRED_SPECIALS, *REASONING_TAGS):
+    for token in (*REQUIRED_SPECIALS, *CHAT_SPECIALS, *REASONING_TAGS):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None and tokenizer.encode(token, add_special_tokens=False).ids == [token_id]:
             specials[token] = token_id
@@ -217,6 +231,7 @@ _SOURCE = {TEXT: 1, PARSED: 2, CONTROL: 3}  # CONTROL: only an unknown control t
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
                 supervise: str = "all", tag_weight: int = 1) -> Encoded:
     """One conversation through the template and :func:`encode_documents` (the only way chats are encoded)."""
+    tok.require_chat("a conversation")
     pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags)
     return encode_documents(tok, [pieces], tag_weight)
 

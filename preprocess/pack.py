@@ -514,6 +514,8 @@ def pack(options: PackOptions) -> PackResult:
         raise PackError(message)
     specs = parse_input_args(options.inputs)
     tok = load_tokenizer(options.tokenizer)
+    if options.stage != "pretrain":
+        tok.require_chat(f"--stage {options.stage}")
     if options.stage == "reason" and options.records.tag_weight != 1 and not tok.has_reasoning_tags:
         raise PackError(f"{tok.path}: <think>/</think>/<answer>/</answer> are not single ids in this tokenizer, "
                         "so they cannot be weighted; use a tokenizer that has them or pass --tag-weight 1")

@@ -145,8 +145,8 @@ def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path,
 
 def tokenizer_record(file: Path, source: Path) -> TokenizerRecord | None:
     """The tokenizer ``file`` (or folder) as a TokenizerRecord; None when a source's own ``tokenizer.json`` is
-    absent (then the dataset's or ``--tokenizer`` serves). ``load_tokenizer`` refuses one whose ChatML tokens
-    ``<|im_start|>`` / ``<|im_end|>`` (and ``<|endoftext|>``) are not single ids."""
+    absent (then the dataset's or ``--tokenizer`` serves). ``load_tokenizer`` refuses one whose ``<|endoftext|>``
+    is not a single id; one without the ChatML tokens serves pretraining and is refused where a chat is rendered."""
     if file.name == "tokenizer.json" and not file.is_file() and file.parent == source:
         return None
     try:
