@@ -249,15 +249,22 @@ def is_temp_file(name: str) -> bool:
 class FolderLock:
     """An exclusive, non-blocking ``flock`` on ``folder/.lock`` held for the ``with`` block.
 
-    ``what`` names the job in the refusal ("pack", "training run"). The lock file holds the holder's pid
-    for the message; it is not removed (removing it would race with a new holder).
+    ``what`` names the job in the refusal ("pack", "training run"). ``create`` (the folder's name in
+    messages, e.g. "run folder") creates the folder first; then a job that fails before writing anything into a
+    folder it created removes it again, so a failed first attempt leaves no empty folder behind. The lock file
+    holds the holder's pid for the message and is emptied on release; it is otherwise not removed (removing it
+    would race with a new holder).
     """
 
-    def __init__(self, folder: str | Path, what: str) -> None:
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: str | Path, what: str, create: str | None = None) -> None:
+        self.folder, self.what, self.create = Path(folder), what, create
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> FolderLock:
+        if self.create:
+            self._created = not self.folder.exists()
+            make_dir(self.folder, self.create)
         path = self.folder / LOCK_NAME
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -275,10 +282,16 @@ class FolderLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):  # a released lock names no holder (the folder stays reproducible)
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):  # a released lock names no holder (the folder stays reproducible)
+            os.ftruncate(self._fd, 0)
+        if exc_type is not None and self._created:
+            with contextlib.suppress(OSError):  # only a folder that holds nothing but the lock is removed
+                if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+                    (self.folder / LOCK_NAME).unlink()
+                    self.folder.rmdir()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import FolderLock, atomic_write_json, is_temp_file, make_dir, read_json  # noqa: E402
+from core.files import FolderLock, atomic_write_json, is_temp_file, read_json  # noqa: E402
 from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
@@ -523,7 +523,7 @@ def pack(options: PackOptions) -> PackResult:
     total_items = count_items(specs, max_line)  # reads every input once: a broken file is refused here
     fingerprint = plan_fingerprint(options, specs, tok)
     result = PackResult(options.out)
-    with FolderLock(make_dir(options.out), "pack"):
+    with FolderLock(options.out, "pack", create="output folder"):
         done, meta = prepare_out(options, fingerprint, tok, result)
         result.kept_shards = len(done)
         if meta is not None:

@@ -173,8 +173,7 @@ def test_zero_training_rows_is_an_error(tmp_path, capsys):
     rc, _, err = run(capsys, "--stage", "pretrain", "--input", str(src), "--out", str(out), "--seq-len", "64")
     assert rc == 1
     one_line_error(err, "no training row", "--seq-len 64", "lower --seq-len")
-    assert_nothing_left(out)
-    assert not any(out.iterdir()) or {p.name for p in out.iterdir()} == {".lock"}
+    assert not out.exists()  # the folder this failed pack created is removed again
     bad = jsonl(tmp_path / "bad.jsonl", ["{nope", "[]"])
     rc, _, err = run(capsys, "--stage", "pretrain", "--input", str(bad), "--out", str(out), "--skip-bad")
     assert rc == 1

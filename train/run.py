@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import LOCK_NAME, FolderLock, make_dir  # noqa: E402
+from core.files import FolderLock  # noqa: E402
 from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
@@ -259,32 +259,28 @@ def byte_table(meta: dict, vocab_size: int, quiet: bool) -> torch.Tensor | None:
 def locked_run_folder(out: Path, info: dist.DistInfo) -> Iterator[None]:
     """Create ``out`` and hold an exclusive flock on it for the run (rank 0; every rank learns whether it got
     it, so all refuse together). A second run into the same folder is refused in one line; the kernel drops
-    the lock of a killed run. If the run fails before writing anything into a folder it created, the folder
-    (holding only the lock file) is removed again."""
-    lock, created, error = None, False, None
+    the lock of a killed run; a run that fails before writing into a folder it created removes it again
+    (:class:`core.files.FolderLock`)."""
+    lock, error = None, None
     if info.is_main:
         try:
-            created = not out.exists()
-            make_dir(out, "run folder")
-            lock = FolderLock(out, "training run")
+            lock = FolderLock(out, "training run", create="run folder")
             lock.__enter__()
         except TinyLMError as e:
             lock, error = None, str(e)
     error = dist.broadcast_object(error)
     if error is not None:
         raise UsageError(error)
-    failed = False
     try:
         yield
-    except BaseException:
-        failed = True
+    except BaseException as e:
+        if lock is not None:
+            lock.__exit__(type(e), e, e.__traceback__)
+            lock = None
         raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
-            if failed and created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                out.rmdir()
 
 
 def seed_everything(seed: int) -> None:
