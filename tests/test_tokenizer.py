@@ -297,7 +297,7 @@ def test_reasoning_tags_are_structure_only_in_assistant_content() -> None:
     mm3 = REFERENCE / "minimind3"
     if mm3.is_dir():  # <think> is a non-special added token there and <answer> is not a single id: text
         other = load_tokenizer(mm3)
-        assert other.structural_tags == ("<think>", "</think>")
+        assert other.structural_tags == ("<think>", "</think>", *ct.TOOL_TAGS)
         assert control_tokens(other, encode_chat(other, turns).ids.tolist()) == [
             ct.IM_START, ct.IM_END, ct.IM_START, "<think>", "</think>", ct.IM_END]
 
