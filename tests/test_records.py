@@ -217,3 +217,38 @@ def test_rich_records_are_normalized_for_the_template():
     assert parse_conversation({"conversations": [Q, {**A, "tool_calls": []}]}) == [Q, A]
     system = {"role": "system", "content": "s", "tools": json.dumps([TOOL])}
     assert parse_conversation({"conversations": [system, Q, A]})[0] == {**system, "tools": [TOOL]}
+
+
+def test_tools_sample_is_reproducible_valid_and_correct():
+    """data/sample/tools is its script's output byte for byte, every record validates, and every tool
+    result equals the call's expression evaluated here (an AST walk, independent of the script)."""
+    import ast
+    import importlib.util
+    import operator
+
+    path = SAMPLE / "tools" / "make_sample.py"
+    spec = importlib.util.spec_from_file_location("make_sample", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = module.OUT.read_text(encoding="utf-8").splitlines()
+    assert lines == [json.dumps(r, ensure_ascii=False) for r in module.records()] and len(lines) == 120
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp):
+            return ops[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        assert isinstance(node, ast.Constant) and isinstance(node.value, int)
+        return node.value
+
+    calls = 0
+    for line in lines:
+        turns = parse_conversation(json.loads(line))
+        results = {t["tool_call_id"]: t["content"] for t in turns if t["role"] == "tool"}
+        for call in (c for t in turns for c in t.get("tool_calls", ())):
+            args = call["function"]["arguments"]
+            args = json.loads(args) if isinstance(args, str) else args
+            assert results[call["id"]] == str(value(ast.parse(args["expression"], mode="eval").body))
+            calls += 1
+    assert calls == 120
