@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
     try:
         while state.step < end:
             micro = next(steps)
+            fetched = time.perf_counter()
             lr = schedule(state.step)
             set_lr(optimizer, lr)
             count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
@@ -220,14 +222,15 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
                 record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)), "lr": lr,
                           "grad_norm": float(grad_norm), **speed.report(state.step, end, state.supervised_seen),
                           "tokens_seen": state.tokens_seen, "supervised_seen": state.supervised_seen,
-                          "samples_seen": state.samples_seen}
+                          "samples_seen": state.samples_seen,
+                          **loader.step_metrics(time.perf_counter() - fetched)}
                 if info.is_main:
                     logger.log(record)
-                    bar.write(format_line(record, cfg.max_steps, names[1:]))
+                    bar.write(format_line(record, cfg.max_steps, [*names[1:], *loader.shown]))
                 state.history.append(record)
 
             with speed.paused():  # evaluation and saving are not training throughput
-                if loader.split.val_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
+                if loader.eval_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
                     record = {"step": state.step, **evaluate(fwd, stage, loader, device, amp)}
                     if info.is_main:
                         logger.log(record)
@@ -321,8 +324,9 @@ def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple
     evaluation record prints every ``val_*`` value the stage reported."""
     width = len(str(max_steps))
     out = [f"step {record['step']:>{width}}/{max_steps}"]
-    if "val_loss" in record:
-        out.append(f"val_loss {record['val_loss']:.4f}")
+    if "loss" not in record:  # an evaluation record (the RL stage's has no val_loss)
+        if "val_loss" in record:
+            out.append(f"val_loss {record['val_loss']:.4f}")
         for key, value in record.items():
             if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
                 out.append(f"{key} {value:.4f}")
