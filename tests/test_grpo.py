@@ -17,6 +17,8 @@ from core.errors import TinyLMError
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from preprocess.prompts import read_prompts
+from serve.evaluate import RewardOptions, reward_metrics
+from serve.loading import load_model
 from train import checkpoint
 from train.checkpoint import Checkpoint
 from train.metrics import read_metrics
@@ -358,3 +360,34 @@ def test_eval_prompts_give_pass_at_k(prompts, init, tmp_path):
     assert record["step"] == 2 and record["val_prompts"] == 3
     for key in ("val_pass@1", "val_pass@2", "val_greedy_pass@1", "val_reward"):
         assert record[key] == pytest.approx(2 / 3), key
+
+
+def test_bin_eval_rewards_equal_the_runs_evaluation(prompts, init, tmp_path):
+    out = tmp_path / "run"
+    args = rl_args(prompts, init, out, "--max-steps", "2", "--eval-prompts", str(prompts), "--eval-every", "2",
+                   "--pass-k", "2", "--group-size", "4", "--success-threshold", "0.1", "--rollout-temperature", "1.5")
+    assert main(args) == 0
+    logged = next(r for r in read_metrics(out) if "val_prompts" in r)
+    opts = RewardOptions((f"{REWARDS}:digits",), samples=4, k=2, threshold=0.1, temperature=1.5, max_new_tokens=8,
+                         batch=4)
+    got = reward_metrics(load_model(out), prompts, opts, torch.device("cpu"), quiet=True)["reward_metrics"]
+    assert got == {k.removeprefix("val_"): v for k, v in logged.items() if k.startswith("val_")}
+    assert 0 < got["pass@1"] < got["pass@2"] < 1  # samples differ: the comparison is not between constants
+
+
+def test_bin_eval_reward_cli(prompts, init, tmp_path):
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run([PY, str(ROOT / "bin" / "eval"), "--ckpt", str(init), "--prompts", str(prompts), "--reward",
+                           f"{REWARDS}:echo_column", "--samples", "2", "--max-new-tokens", "4", "--results",
+                           str(results), "--quiet"], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["reward_metrics"] == {"pass@1": 0.5, "pass@2": 0.5, "greedy_pass@1": 0.5, "reward": 0.5,
+                                        "prompts": 4}
+    bad = subprocess.run([PY, str(ROOT / "bin" / "eval"), "--ckpt", str(init), "--prompts", str(prompts), "--reward",
+                          f"{REWARDS}:too_short", "--samples", "2", "--max-new-tokens", "4", "--results",
+                          str(results), "--quiet"], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("bin/eval: error: reward too_short (")

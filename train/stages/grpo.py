@@ -93,7 +93,7 @@ class GRPOStage(Stage):
         self.reference: SourceRecord | None = None
         self.tok = None
         self.eval_set: PromptSet | None = None
-        self.grad_accum = 1
+        self.seed = 0  # the run's --seed (given to loader()): rollout and evaluation sample seeds derive from it
 
     @staticmethod
     def check_options(o: dict[str, Any]) -> None:
@@ -139,6 +139,7 @@ class GRPOStage(Stage):
                pin_memory: bool) -> RolloutLoader:
         if self.model is None or self.tok is None:
             raise StageError("--stage grpo: setup() was not run before the loader was built")
+        self.seed = seed
         return RolloutLoader(split, self.model, self.tok, self.rewards, self.rollout_config(seed), rank, world,
                              self.annotate, self.eval_set)
 
@@ -232,7 +233,7 @@ class GRPOStage(Stage):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: EvalChunk) -> dict[str, Tensor]:  # type: ignore[override]
         return pass_sums(unwrap(model), self.eval_set, batch.indices, self.tok, self.rewards,
-                         self.rollout_config(0), self.pass_cfg)
+                         self.rollout_config(self.seed), self.pass_cfg)
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return pass_metrics(sums, self.pass_cfg.k)
