@@ -3,7 +3,8 @@ evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) s
 weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
-  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``);
+  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``; the RL stage's
+     ``RolloutLoader`` generates them here, with the weights of this moment: on-policy);
   2. ``N = all_reduce(sum of stage.count(micro-batch))`` once, clamped to >= 1;
   3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
@@ -12,7 +13,8 @@ One optimizer step s (0-based) on every rank:
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
      grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
      decision; optimizer step at ``lr(s)`` unless the loss or the grad norm is non-finite; zero grads;
-  5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log / eval / save.
+  5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log (with the loader's
+     ``step_metrics``: rollout rewards, lengths and the generation / training time split) / eval / save.
 
 Non-finite steps. A nan/inf step loss or global grad norm (under fp16 only the loss: the GradScaler skips
 inf gradients itself, which is dynamic loss scaling at work) is never applied to the weights. The run
