@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import TinyLMError
+from preprocess.sources import split_number_suffix
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -116,15 +117,11 @@ class Reward:
 
 def split_weight(spec: str) -> tuple[str, float]:
     """``"gsm8k@0.5"`` -> ("gsm8k", 0.5); no ``@NUMBER`` suffix -> weight 1."""
-    head, sep, tail = spec.rpartition("@")
-    if not sep:
-        return spec, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
+    head, weight = split_number_suffix(spec, "@")
+    if weight is None:
         return spec, 1.0
     if not math.isfinite(weight):
-        raise RewardError(f"--reward {spec}: the weight must be a finite number, got {tail!r}")
+        raise RewardError(f"--reward {spec}: the weight must be a finite number, got {spec[len(head) + 1:]!r}")
     return head, weight
 
 
