@@ -23,7 +23,7 @@ from train import checkpoint
 from train.checkpoint import Checkpoint
 from train.metrics import read_metrics
 from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards
-from train.rollout import RolloutBatch, group_advantages, pass_at_k, sample_seed
+from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, pass_at_k, sample_seed
 from train.run import main
 from train.stages import GRPOStage, StepNorm
 
@@ -257,6 +257,16 @@ def test_columns_reach_reward_functions(prompts, init, tmp_path):
     assert record["loss"] == 0.0 and record["grad_norm"] == 0.0  # every group has equal rewards: no gradient
 
 
+def test_rows_supervise_completion_tokens_only():
+    done = Completions([[11, 12], [13, 14, 15]], [False, True])
+    rows = completion_rows([[1, 2, 3], [4, 5]], done, stop_id=2, mask_truncated=False)
+    assert rows.input_ids.tolist() == [[1, 2, 3, 11, 12, 2], [4, 5, 13, 14, 15, 0]]
+    assert rows.targets.tolist() == [[2, 3, 11, 12, 2, 0], [5, 13, 14, 15, 0, 0]]
+    assert rows.weights.tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]]  # + the closing <|im_end|>
+    masked = completion_rows([[1, 2, 3], [4, 5]], done, stop_id=2, mask_truncated=True)
+    assert masked.weights.tolist() == [[0, 0, 1, 1, 1, 0], [0] * 6]
+
+
 def test_sample_seeds_are_distinct_and_stable():
     seeds = {sample_seed(1337, b, p, j) for b in range(3) for p in range(4) for j in range(8)}
     assert len(seeds) == 96 and all(0 <= s < 2**63 for s in seeds)
@@ -291,8 +301,17 @@ def test_resume_samples_the_same_completions(prompts, init, tmp_path):
     assert main(rl_args(prompts, init, parts, "--max-steps", "6", "--rollout-temperature", "1.5", "--resume")) == 0
     a, b = steps_of(whole), steps_of(parts)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert len({a[s]["reward"] for s in a}) > 1  # the policy changes: later steps sample other completions
     for step in a:
         assert {k: a[step][k] for k in DETERMINISTIC} == {k: b[step][k] for k in DETERMINISTIC}, step
+
+
+def test_resume_refuses_other_rl_options(prompts, init, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(rl_args(prompts, init, out, "--max-steps", "2", "--stop-after", "1")) == 0
+    capsys.readouterr()
+    assert main(rl_args(prompts, init, out, "--max-steps", "2", "--resume", "--group-size", "4")) == 1
+    assert "--group-size was 8, now 4; a resumed RL run keeps its options" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_match_one_with_doubled_accumulation(prompts, init, tmp_path):
@@ -385,9 +404,6 @@ def test_bin_eval_reward_cli(prompts, init, tmp_path):
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["reward_metrics"] == {"pass@1": 0.5, "pass@2": 0.5, "greedy_pass@1": 0.5, "reward": 0.5,
                                         "prompts": 4}
-    bad = subprocess.run([PY, str(ROOT / "bin" / "eval"), "--ckpt", str(init), "--prompts", str(prompts), "--reward",
-                          f"{REWARDS}:too_short", "--samples", "2", "--max-new-tokens", "4", "--results",
-                          str(results), "--quiet"], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
-    assert bad.stderr.startswith("bin/eval: error: reward too_short (")
+    bad = RewardOptions((f"{REWARDS}:too_short",), samples=2, max_new_tokens=4)
+    with pytest.raises(RewardError, match=r"^reward too_short \(.*\) returned 7 values for 8 completions$"):
+        reward_metrics(load_model(init), prompts, bad, torch.device("cpu"), quiet=True)  # bin/eval: one line

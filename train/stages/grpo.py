@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {"group_size": 8, "prompts_per_step": 8, "max_new_tok
 
 def token_logps(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
     """[B, T] float32 log-probabilities of ``targets`` under ``softmax(logits / temperature)``."""
-    return -token_cross_entropy(logits / temperature if temperature > 0 else logits, targets)
+    return -token_cross_entropy(logits.float() / temperature if temperature > 0 else logits, targets)
 
 
 def token_entropy(logits: Tensor, temperature: float) -> Tensor:
@@ -148,6 +148,8 @@ class GRPOStage(Stage):
         """Keep the policy (for rollouts); load the frozen reference when there is a KL term."""
         super().setup(ctx)
         self.model = ctx.model
+        if ctx.resume is not None:
+            self.check_same_options(ctx.resume)
         if self.kl_coef > 0:
             self._load_reference(ctx)
         ctx.say(f"grpo: {self.o['prompts_per_step']} prompts x {self.o['group_size']} samples per step, loss "
@@ -168,6 +170,15 @@ class GRPOStage(Stage):
         else:
             raise StageError("--kl-coef needs the reference model: --init-from CKPT")
         self.ref_model = ref.frozen_model()
+
+    def check_same_options(self, resume: checkpoint.Checkpoint) -> None:
+        """A resumed run draws and scores rollouts as it started: its RL options must be the recorded ones."""
+        now, old = self.checkpoint_fields()["stage_options"], resume.stage_options
+        changed = [k for k in now if k in old and now[k] != old[k]]
+        if changed:
+            what = ", ".join(f"--{k.replace('_', '-')} was {old[k]!r}, now {now[k]!r}" for k in changed)
+            raise StageError(f"{resume.path}: {what}; a resumed RL run keeps its options: give the same flags or "
+                             "choose another --out")
 
     def extra_models(self) -> dict[str, nn.Module]:
         return {"reference": self.ref_model} if self.ref_model is not None else {}
