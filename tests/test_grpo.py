@@ -407,3 +407,20 @@ def test_bin_eval_reward_cli(prompts, init, tmp_path):
     bad = RewardOptions((f"{REWARDS}:too_short",), samples=2, max_new_tokens=4)
     with pytest.raises(RewardError, match=r"^reward too_short \(.*\) returned 7 values for 8 completions$"):
         reward_metrics(load_model(init), prompts, bad, torch.device("cpu"), quiet=True)  # bin/eval: one line
+
+
+@pytest.mark.parametrize("extra, drop, message", [
+    ((), "--init-from", "--stage grpo improves a trained model: give it with --init-from CKPT"),
+    (("--grad-accum", "3"), None, "--prompts-per-step 4 must be a multiple of --grad-accum 3 x 1 process(es)"),
+    ((), "--reward", "give at least one --reward SPEC"),
+    (("--loss", "grpo", "--pass-k", "9"), None, "--pass-k must be in [1, --group-size 8], got 9"),
+])
+def test_usage_errors_are_one_line(prompts, init, tmp_path, capsys, extra, drop, message):
+    args = rl_args(prompts, init, tmp_path / "run", "--max-steps", "1", *extra)
+    if drop is not None:
+        i = args.index(drop)
+        del args[i:i + 2]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train/run.py: error: ") and message in err, err
+    assert not (tmp_path / "run").exists()  # nothing left behind

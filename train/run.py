@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stage", required=True, choices=sorted(STAGES),
                    help="pretrain: next-token loss on document windows; sft: loss on assistant tokens of "
                         "packed conversations; reason: sft on <think>/<answer> data, tag tokens up-weighted by the "
-                        "mask; dpo: preference loss on (chosen, rejected) pairs; distill: CE + KL to a --teacher")
+                        "mask; dpo: preference loss on (chosen, rejected) pairs; distill: CE + KL to a --teacher; "
+                        "grpo: RL on the model's own rollouts of --prompts, scored by --reward functions")
     g.add_argument("--data", type=Path, metavar="DIR",
                    help="packed dataset folder (preprocess/pack.py --stage STAGE --out DIR); every stage but grpo")
     g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
@@ -258,14 +259,16 @@ def default_val_rows(n_rows: int) -> int:
     return min(64, n_rows * 5 // 100)
 
 
-def model_config(args: argparse.Namespace, vocab_size: int, init: Checkpoint | None) -> ModelConfig:
+def model_config(args: argparse.Namespace, vocab_size: int | None, init: Checkpoint | None) -> ModelConfig:
     """The checkpoint's config (``--init-from``) or the preset, with ``--model-arg`` applied; a fresh model
-    takes the dataset's vocabulary size unless it is overridden."""
+    takes the dataset's vocabulary size (None: RL prompts, not tokenized yet: the preset's) unless it is
+    overridden."""
     try:
         if init is not None:
             return init.model_config.override(args.model_arg)
         cfg = ModelConfig.from_preset(args.model or DEFAULT_MODEL)
-        if not any(item.split("=", 1)[0].strip() == "vocab_size" for item in args.model_arg):
+        if vocab_size is not None and not any(item.split("=", 1)[0].strip() == "vocab_size"
+                                              for item in args.model_arg):
             cfg = cfg.override({"vocab_size": vocab_size})
         return cfg.override(args.model_arg)
     except ValueError as e:
@@ -412,8 +415,9 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
         if args.lora is not None:
             raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
         return Sources()
-    shape = model_config(args, dataset.meta["tokenizer"]["vocab_size"], None) if args.model or args.model_arg \
-        else None  # the shape of a bare state dict (a MiniMind .pth), which holds no config
+    # the shape of a bare state dict (a MiniMind .pth), which holds no config
+    shape = model_config(args, dataset.meta.get("tokenizer", {}).get("vocab_size"), None) \
+        if args.model or args.model_arg else None
     init = checkpoint.load(args.init_from, options=SourceOptions(shape))
     if fingerprint is not None:
         init.check_tokenizer(fingerprint, str(args.data))
