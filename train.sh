@@ -37,6 +37,10 @@
 #   TOOLS=1    tool-use and thinking SFT on DATA_DIR/tools (calculator calls, reasoning_content)  -> OUT_DIR/tools
 #   REASON_STEPS DPO_STEPS LORA_STEPS DISTILL_STEPS TOOLS_STEPS / REASON_ARGS DPO_ARGS LORA_ARGS DISTILL_ARGS TOOLS_ARGS
 #   REASON_LR DPO_LR LORA_LR DISTILL_LR TOOLS_LR   [unset: the stage's own default, shown by train/run.py --help]
+#   GRPO=1     RL (GRPO family) from GRPO_INIT [OUT_DIR/reason: run REASON=1 first or with it] on the
+#              prompts of GRPO_PROMPTS [DATA_DIR/reasoning/gsm8k_en_think.jsonl] with the gsm8k + format@0.5
+#              rewards -> OUT_DIR/grpo, then bin/eval pass@k on GRPO_EVAL_N [16; smoke 4] of those prompts
+#              (GRPO_STEPS [20; smoke 2], GRPO_LR, GRPO_ARGS; smoke: 2 prompts x 4 samples of <= 32 tokens)
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -207,6 +211,27 @@ if [[ "${TOOLS:-0}" == 1 ]]; then
   run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/tools" --out "$OUT_DIR/tools" --resume \
     --init-from "$OUT_DIR/sft" --max-steps "${TOOLS_STEPS:-$OPT_STEPS}" "${COMMON[@]}" ${TOOLS_LR:+--lr "$TOOLS_LR"} \
     "${TOOLS_EXTRA[@]}"
+fi
+
+if [[ "${GRPO:-0}" == 1 ]]; then
+  GRPO_INIT="${GRPO_INIT:-$OUT_DIR/reason}"; GRPO_PROMPTS="${GRPO_PROMPTS:-$DATA_DIR/reasoning/gsm8k_en_think.jsonl}"
+  # shellcheck disable=SC2206
+  GRPO_EXTRA=(${GRPO_ARGS:-})
+  if [[ "$SMOKE" == 1 ]]; then
+    GRPO_NEW=32; GRPO_SHAPE=(--group-size 4 --prompts-per-step 2); GRPO_EVAL_N="${GRPO_EVAL_N:-4}"
+  else
+    GRPO_NEW=128; GRPO_SHAPE=(--group-size 8 --prompts-per-step 4); GRPO_EVAL_N="${GRPO_EVAL_N:-16}"
+  fi
+  step + "RL (grpo) from $GRPO_INIT on $GRPO_PROMPTS for ${GRPO_STEPS:-$([[ "$SMOKE" == 1 ]] && echo 2 || echo 20)} steps -> $OUT_DIR/grpo"
+  run "${LAUNCH[@]}" train/run.py --stage grpo --prompts "$GRPO_PROMPTS" --out "$OUT_DIR/grpo" --resume \
+    --init-from "$GRPO_INIT" --reward gsm8k --reward format@0.5 "${GRPO_SHAPE[@]}" --max-new-tokens "$GRPO_NEW" \
+    --max-steps "${GRPO_STEPS:-$([[ "$SMOKE" == 1 ]] && echo 2 || echo 20)}" --grad-accum 1 --log-every 1 \
+    --save-every 10 ${GRPO_LR:+--lr "$GRPO_LR"} "${GRPO_EXTRA[@]}"
+  mkdir -p "$OUT_DIR/data"; head -n "$GRPO_EVAL_N" "$GRPO_PROMPTS" > "$OUT_DIR/data/grpo_eval.jsonl"
+  for ckpt in "$GRPO_INIT" "$OUT_DIR/grpo"; do  # pass@k before and after RL, same prompts and seeds
+    run "$PYTHON" bin/eval --ckpt "$ckpt" --prompts "$OUT_DIR/data/grpo_eval.jsonl" --reward gsm8k \
+      --reward format@0.5 --samples 4 --max-new-tokens "$GRPO_NEW" --results "$OUT_DIR/grpo/eval_results.jsonl" --quiet
+  done
 fi
 
 step 5/5 "chat: one greedy answer from $OUT_DIR/sft"

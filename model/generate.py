@@ -15,8 +15,11 @@ against and the baseline of ``bench/bench_generate.py``.
 
 Sampling: temperature 0 -> argmax (greedy, deterministic); otherwise softmax(logits / temperature),
 optionally restricted to the ``top_k`` most likely tokens and/or the smallest set whose probability
-reaches ``top_p``, drawn with ``generator``. Repetition penalty (CTRL): the logit of every token already
-in the row (prompt or answer) is divided by ``penalty`` when positive, multiplied when negative.
+reaches ``top_p``, drawn by inverse CDF from one uniform per row and step (:func:`row_uniforms`): from
+``generator``, or with ``seeds`` from row i's own generator seeded ``seeds[i]``, so that a row's tokens
+depend only on (model, prompt, seed), not on the other rows of its batch. Repetition penalty (CTRL):
+the logit of every token already in the row (prompt or answer) is divided by ``penalty`` when positive,
+multiplied when negative.
 """
 
 from __future__ import annotations
@@ -33,8 +36,13 @@ FINISH_LENGTH = "length"
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+                generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
+    """Next token ids [B] from last-position logits [B, V].
+
+    Sampling is inverse-CDF: row b takes the first token whose cumulative probability reaches
+    ``uniform[b] * total`` with ``uniform`` in (0, 1] (drawn from ``generator`` when not given), so a
+    zero-probability token is never picked and a row's draw depends on its own uniform only.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -46,8 +54,25 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p (>= 1 token)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = 1.0 - torch.rand(logits.size(0), device=logits.device, generator=generator)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.size(-1) - 1)
+
+
+def row_uniforms(batch: int, steps: int, device: torch.device, generator: torch.Generator | None = None,
+                 seeds: Sequence[int] | None = None) -> Tensor:
+    """Uniforms in (0, 1], [B, steps]: column t feeds :func:`sample_next` at step t.
+
+    With ``seeds`` row b is drawn from its own ``torch.Generator`` seeded with ``seeds[b]`` (on CPU, so
+    values do not depend on the device), hence a row's samples do not depend on the other rows of its batch;
+    otherwise all rows come from ``generator`` (or the global RNG).
+    """
+    if seeds is None:
+        return 1.0 - torch.rand(batch, steps, device=device, generator=generator)
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return 1.0 - torch.stack(rows).to(device)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float) -> Tensor:
@@ -68,7 +93,8 @@ class Generation:
     def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
-                 generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0) -> None:
+                 generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0,
+                 seeds: Sequence[int] | None = None) -> None:
         self.prompts = [list(p) for p in prompts]
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
             raise ValueError("generation needs at least one prompt, each with at least one token")
@@ -76,13 +102,19 @@ class Generation:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        if seeds is not None:
+            seeds = [int(x) for x in seeds]
+            if len(seeds) != len(self.prompts):
+                raise ValueError(f"seeds has {len(seeds)} entries for {len(self.prompts)} prompts")
+            if generator is not None:
+                raise ValueError("pass either generator or seeds, not both")
         limit = model.config.max_position_embeddings
         longest = max(len(p) for p in self.prompts)
         if longest > limit:
             raise ValueError(f"prompt of {longest} tokens exceeds the model's context of {limit}")
         self.model, self.use_cache, self.pad_id = model, use_cache, pad_id
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.repetition_penalty, self.generator = repetition_penalty, generator
+        self.repetition_penalty, self.generator, self.seeds = repetition_penalty, generator, seeds
         self.stop_ids = frozenset(stop_ids)
         self.budget = min(max_new_tokens, limit - longest)
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
@@ -116,6 +148,8 @@ class Generation:
         if self.budget == 0:
             self.finish_reasons = [FINISH_LENGTH] * b
             return
+        uniforms = (row_uniforms(b, self.budget, device, self.generator, self.seeds)
+                    if self.temperature > 0 else None)
         cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
         seq = ids
         logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,
@@ -123,7 +157,8 @@ class Generation:
         done = [False] * b
         for step in range(self.budget):
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
-            nxt = sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
+            nxt = sample_next(logits, self.temperature, self.top_k, self.top_p,
+                              uniform=None if uniforms is None else uniforms[:, step])
             out: list[int | None] = []
             for i, tok in enumerate(nxt.tolist()):
                 if done[i]:

@@ -107,7 +107,8 @@ def parse_text(obj: dict) -> str:
     return _content(obj.get("text"), "text")
 
 
-def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
+def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant") -> list[dict]:
+    """The validated turns under ``key``; the last one must have role ``final`` (``"any"``: either role)."""
     turns = obj.get(key)
     if turns is None:
         renamed = key == "conversations" and "messages" in obj
@@ -130,8 +131,8 @@ def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
         if role != expected:
             raise RecordError("bad_role_order", f"expected {expected!r}, got {role!r}", f"{field}.role")
         out.append({"role": role, "content": _content(turn.get("content"), f"{field}.content")})
-    if out[-1]["role"] != "assistant":
-        raise RecordError("bad_role_order", "the last turn must be 'assistant'", f"{key}[{len(out) - 1}].role")
+    if final != "any" and out[-1]["role"] != final:
+        raise RecordError("bad_role_order", f"the last turn must be {final!r}", f"{key}[{len(out) - 1}].role")
     return out
 
 

@@ -53,16 +53,24 @@ class Item:
     unterminated: bool = False  # the file's last line, with no newline after it
 
 
-def _split_weight(arg: str) -> tuple[str, float]:
-    head, sep, tail = arg.rpartition(":")
-    if not sep:
-        return arg, 1.0
+def split_number_suffix(arg: str, sep: str) -> tuple[str, float | None]:
+    """``"a.jsonl:2.5"`` -> ("a.jsonl", 2.5) for ``sep=":"``: the number after the last ``sep``; (arg, None)
+    when there is no ``sep`` or what follows it is not a number (then it is part of the name)."""
+    head, found, tail = arg.rpartition(sep)
+    if not found:
+        return arg, None
     try:
-        weight = float(tail)
+        return head, float(tail)
     except ValueError:
-        return arg, 1.0  # a colon that is part of the path
+        return arg, None
+
+
+def _split_weight(arg: str) -> tuple[str, float]:
+    head, weight = split_number_suffix(arg, ":")
+    if weight is None:
+        return arg, 1.0  # no weight, or a colon that is part of the path
     if not weight > 0 or weight != weight or weight == float("inf"):
-        raise InputError(f"{arg}: the mixing weight must be a positive number, got {tail!r}")
+        raise InputError(f"{arg}: the mixing weight must be a positive number, got {arg[len(head) + 1:]!r}")
     return head, weight
 
 

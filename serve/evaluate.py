@@ -12,6 +12,11 @@ Prompts: each JSONL line is ``{"prompt": str, "system"?: str}`` or ``{"conversat
 [{role, content}, ...]}`` (a final assistant turn is kept as ``reference`` and not shown to the model);
 answers are generated (greedy by default) and written, one line per prompt, to a JSONL file that
 appears only when complete. Each evaluation appends one JSON line to the results file.
+
+Rewards (``--prompts FILE --reward SPEC``): instead of answers, the prompts (RL prompt records,
+``preprocess/prompts.py``) are scored as the RL stage's ``--eval-prompts`` evaluation scores them, with the
+same code (``train.rollout.pass_sums``) and the same per-sample seeds: sampled pass@1 and pass@k, greedy
+pass@1 and the mean sampled reward, a sample succeeding when its total reward >= the threshold.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from serve.loading import LoadedModel, ToolError
 from train.data import PackedDataset, Split
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
+from train.rewards import load_rewards
+from train.rollout import PassConfig, PromptSet, RolloutConfig, pass_metrics, pass_sums
 from train.stages import StageContext, build_stage
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
@@ -216,6 +223,47 @@ def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path,
             "answer_seconds": round(time.perf_counter() - started, 3)}
 
 
+@dataclass(frozen=True)
+class RewardOptions:
+    """``bin/eval --reward``: the reward specs, samples per prompt, k, success threshold and sampling."""
+
+    specs: tuple[str, ...]
+    samples: int = 8
+    k: int | None = None  # default: samples
+    threshold: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 256
+    seed: int = 1337  # train/run.py's default --seed: the same samples as a run's --eval-prompts evaluation
+    batch: int = 8  # prompts per generation batch
+
+
+def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOptions, device: torch.device,
+                   quiet: bool = False) -> dict[str, Any]:
+    """pass@1 / pass@k (sampled), greedy pass@1 and mean reward of the prompts; the results record part."""
+    rewards = load_rewards(list(opts.specs))
+    k = opts.k or opts.samples
+    if not 1 <= k <= opts.samples:
+        raise ToolError(f"--pass-k {k} must be in [1, --samples {opts.samples}]")
+    prompts = PromptSet(prompts_file)
+    prompts.attach(loaded.tokenizer, opts.max_new_tokens, loaded.config.max_position_embeddings)
+    model = loaded.model.to(device)
+    cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed)
+    how = PassConfig(opts.samples, k, opts.threshold)
+    totals: dict[str, float] = {}
+    started = time.perf_counter()
+    chunks = range(0, prompts.n_rows, opts.batch)
+    for lo in tqdm(chunks, desc="reward", unit="batch", disable=quiet, dynamic_ncols=True):
+        sums = pass_sums(model, prompts, range(lo, min(lo + opts.batch, prompts.n_rows)), loaded.tokenizer, rewards,
+                         cfg, how)
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return {"prompts": str(prompts_file), "rewards": list(opts.specs), "samples": opts.samples,
+            "success_threshold": opts.threshold, "temperature": opts.temperature,
+            "max_new_tokens": opts.max_new_tokens, "reward_metrics": pass_metrics(totals, k, prefix=""),
+            "reward_seconds": round(time.perf_counter() - started, 3)}
+
+
 # ---- results -------------------------------------------------------------------------------------------
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
@@ -227,7 +275,8 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
 
 def run_eval(loaded: LoadedModel, data: list[str] | None, opts: DataOptions | None, prompts: str | None,
              answers: Path | None, results: Path, device: torch.device, gen: dict[str, Any] | None = None,
-             quiet: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+             quiet: bool = False, say: Callable[[str], None] = print,
+             rewards: RewardOptions | None = None) -> dict[str, Any]:
     """Held-out metrics and/or prompt answers for one checkpoint; appends and returns the results record.
 
     The output paths are checked first (their folders created, a folder in a file's place refused), so an
@@ -241,7 +290,9 @@ def run_eval(loaded: LoadedModel, data: list[str] | None, opts: DataOptions | No
     if data:
         assert opts is not None
         record.update(held_out_metrics(loaded, data, opts, device, quiet))
-    if prompts:
+    if prompts and rewards is not None:
+        record.update(reward_metrics(loaded, prompts, rewards, device, quiet))
+    elif prompts:
         answers = answers or loaded.run_folder / f"answers_{Path(prompts).stem}.jsonl"
         record.update(answer_prompts(loaded, prompts, answers, device, quiet=quiet, **(gen or {})))
     append_result(results, record)

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from model import ModelConfig, TinyLM
-from model.generate import FINISH_LENGTH, FINISH_STOP, Generation, apply_repetition_penalty, generate, generate_batch
+from model.generate import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generation,
+    apply_repetition_penalty,
+    generate,
+    generate_batch,
+    sample_next,
+)
 from model.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is faster, immune to busy cores
@@ -121,3 +129,38 @@ def test_training_forward_refuses_mixed_inputs() -> None:
         m(ids, doc_ids=torch.zeros_like(ids), cache=KVCache(m.config, 1, 8))
     with pytest.raises(ValueError, match="attention_mask must be"):
         m(ids, attention_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_per_row_seeds_make_a_row_independent_of_its_batch() -> None:
+    """A prompt sampled alone with seed s gives the tokens it gets in a batch of 8 (other prompts, seeds)."""
+    m = model().double()
+    batch = prompts(5, 17, 1, 9, 3, 12, 7, 5)
+    seeds = [11, 12, 13, 14, 15, 16, 17, 18]
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9)
+    together = generate_batch(m, batch, seeds=seeds, **kw)
+    alone = [generate_batch(m, [p], seeds=[s], **kw)[0] for p, s in zip(batch, seeds, strict=True)]
+    assert together == alone
+    assert generate(m, batch[1], seeds=[seeds[1]], **kw) == alone[1]
+    assert generate_batch(m, batch[:2], seeds=[99, seeds[1]], **kw)[1] == alone[1]  # neighbour's seed is irrelevant
+    assert len({tuple(t) for t in together}) == 8
+    # rows 0 and 7 share a prompt: different seeds sample differently, the same seed identically
+    assert generate_batch(m, [batch[0], batch[0]], seeds=[1, 2], **kw) != generate_batch(m, [batch[0]] * 2,
+                                                                                          seeds=[1, 1], **kw)
+    same = generate_batch(m, [batch[0], batch[0]], seeds=[1, 1], **kw)
+    assert same[0] == same[1]
+
+
+def test_seeds_are_checked() -> None:
+    m = model()
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 prompts"):
+        Generation(m, prompts(3, 4), seeds=[1])
+    with pytest.raises(ValueError, match="either generator or seeds"):
+        Generation(m, prompts(3), seeds=[1], generator=torch.Generator())
+
+
+def test_inverse_cdf_sampling_never_picks_excluded_tokens_and_follows_probabilities() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.25, 0.25]]))
+    u = torch.tensor([1e-9, 0.5, 0.5 + 1e-6, 0.75, 0.75 + 1e-6, 1.0])
+    picks = sample_next(logits.expand(6, 4), temperature=1.0, uniform=u).tolist()
+    assert picks == [0, 0, 2, 2, 3, 3]
+    assert sample_next(logits.expand(6, 4), temperature=1.0, top_k=1, uniform=u).tolist() == [0] * 6

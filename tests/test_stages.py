@@ -214,7 +214,8 @@ def test_lr_defaults_are_the_stages_and_shown_by_help(capsys, monkeypatch):
             run_mod.parse_args(["--help"])
         return " ".join(capsys.readouterr().out.split())
 
-    assert "peak learning rate (default: pretrain 5e-4, sft 2e-4, reason 2e-4, dpo 1e-5, distill 2e-4)" in shown()
+    assert ("peak learning rate (default: pretrain 5e-4, sft 2e-4, reason 2e-4, dpo 1e-5, distill 2e-4, "
+            "grpo 1e-5)") in shown()
     monkeypatch.setattr(DPOStage, "default_lr", 3e-6)
     assert "dpo 3e-6," in shown()
     dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])

@@ -57,6 +57,18 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert tools.stage == "sft" and tools.init_from.path == sft.path and tools.step == 2
     assert shards.read_meta(out / "packed" / "tools")["counts"]["records_read"] == 120
 
+    # GRPO=1 after the reason stage: RL with the gsm8k + format rewards, then pass@k before and after
+    rl = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                              "SKIP_PACK": "1", "SKIP_PRETRAIN": "1", "SKIP_SFT": "1", "SKIP_CHAT": "1",
+                              "REASON": "1", "REASON_STEPS": "2", "GRPO": "1"})
+    assert rl.returncode == 0, rl.stdout[-3000:] + rl.stderr[-3000:]
+    grpo = checkpoint.load(out / "grpo")
+    assert grpo.stage == "grpo" and grpo.step == 2 and grpo.init_from.path == checkpoint.load(out / "reason").path
+    assert grpo.stage_options["reward"] == ["gsm8k", "format@0.5"]
+    assert all("reward/gsm8k" in r and "reward/format" in r for r in read_metrics(out / "grpo") if "loss" in r)
+    scored = [json.loads(line) for line in (out / "grpo" / "eval_results.jsonl").read_text().splitlines()]
+    assert [r["reward_metrics"]["prompts"] for r in scored] == [4, 4] and scored[1]["ckpt"] == grpo.path
+
 
 def test_clean_0_packs_the_raw_files(tmp_path):
     out = tmp_path / "raw"

@@ -73,11 +73,12 @@ class Batch:
     ref_logps: torch.Tensor | None = None  # [B, D] float32, DPO: reference log-prob of each row's documents
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking)
-                       for t in (getattr(self, f.name) for f in fields(self))))
+        return type(self)(*(None if t is None else t.to(device, non_blocking=non_blocking)
+                            for t in (getattr(self, f.name) for f in fields(self))))
 
     def pin_memory(self) -> Batch:
-        return Batch(*(None if t is None else t.pin_memory() for t in (getattr(self, f.name) for f in fields(self))))
+        return type(self)(*(None if t is None else t.pin_memory()
+                            for t in (getattr(self, f.name) for f in fields(self))))
 
 
 class PackedDataset(shards.PackedFolder):
@@ -139,6 +140,8 @@ class Split:
 class BatchLoader:
     """Micro-batches of one rank, prefetched by a background thread (pinned memory when asked)."""
 
+    shown: tuple[str, ...] = ()  # keys of :meth:`step_metrics` printed on the progress line
+
     def __init__(self, split: Split, micro_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
                  prefetch: int = 2, pin_memory: bool = False):
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
@@ -146,6 +149,16 @@ class BatchLoader:
 
     def global_batch(self, accum: int) -> int:
         return self.micro_batch * accum * self.world
+
+    @property
+    def eval_rows(self) -> int:
+        """Rows the loop's evaluation covers (0: no evaluation)."""
+        return self.split.val_rows
+
+    def step_metrics(self, train_s: float) -> dict[str, float]:
+        """Extra metrics of the step just taken, for its metrics line (none for packed data; rollouts: rewards,
+        lengths, timings); ``train_s`` is the step's time after its batches were ready."""
+        return {}
 
     def micro_batch_at(self, step_start: int, micro: int) -> Batch:
         """Micro-batch ``micro`` of the step whose first global sample is ``step_start``."""

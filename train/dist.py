@@ -94,3 +94,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place global element-wise maximum (identity when not distributed); returns the tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor

@@ -3,7 +3,8 @@ evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) s
 weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
-  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``);
+  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``; the RL stage's
+     ``RolloutLoader`` generates them here, with the weights of this moment: on-policy);
   2. ``N = all_reduce(sum of stage.count(micro-batch))`` once, clamped to >= 1;
   3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
@@ -12,7 +13,8 @@ One optimizer step s (0-based) on every rank:
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
      grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
      decision; optimizer step at ``lr(s)`` unless the loss or the grad norm is non-finite; zero grads;
-  5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log / eval / save.
+  5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log (with the loader's
+     ``step_metrics``: rollout rewards, lengths and the generation / training time split) / eval / save.
 
 Non-finite steps. A nan/inf step loss or global grad norm (under fp16 only the loss: the GradScaler skips
 inf gradients itself, which is dynamic loss scaling at work) is never applied to the weights. The run
@@ -33,6 +35,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +180,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
     try:
         while state.step < end:
             micro = next(steps)
+            fetched = time.perf_counter()
             lr = schedule(state.step)
             set_lr(optimizer, lr)
             count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
@@ -220,14 +224,15 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
                 record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)), "lr": lr,
                           "grad_norm": float(grad_norm), **speed.report(state.step, end, state.supervised_seen),
                           "tokens_seen": state.tokens_seen, "supervised_seen": state.supervised_seen,
-                          "samples_seen": state.samples_seen}
+                          "samples_seen": state.samples_seen,
+                          **loader.step_metrics(time.perf_counter() - fetched)}
                 if info.is_main:
                     logger.log(record)
-                    bar.write(format_line(record, cfg.max_steps, names[1:]))
+                    bar.write(format_line(record, cfg.max_steps, [*names[1:], *loader.shown]))
                 state.history.append(record)
 
             with speed.paused():  # evaluation and saving are not training throughput
-                if loader.split.val_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
+                if loader.eval_rows and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last):
                     record = {"step": state.step, **evaluate(fwd, stage, loader, device, amp)}
                     if info.is_main:
                         logger.log(record)
@@ -321,8 +326,9 @@ def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple
     evaluation record prints every ``val_*`` value the stage reported."""
     width = len(str(max_steps))
     out = [f"step {record['step']:>{width}}/{max_steps}"]
-    if "val_loss" in record:
-        out.append(f"val_loss {record['val_loss']:.4f}")
+    if "loss" not in record:  # an evaluation record (the RL stage's has no val_loss)
+        if "val_loss" in record:
+            out.append(f"val_loss {record['val_loss']:.4f}")
         for key, value in record.items():
             if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
                 out.append(f"{key} {value:.4f}")

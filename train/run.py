@@ -9,6 +9,8 @@
   python train/run.py --stage reason --data data/packed/reason --out out/reason --init-from out/sft
   python train/run.py --stage distill --data data/packed/sft --out out/student --model tiny --teacher out/sft
   python train/run.py --stage sft --data data/packed/lora --out out/lora --init-from out/sft --lora-rank 8 --merge
+  python train/run.py --stage grpo --prompts data/sample/reasoning/gsm8k_en_think.jsonl --out out/grpo \
+      --init-from out/reason --reward gsm8k --reward format@0.5     (RL on the model's own rollouts; no --data)
 
 A run folder receives ckpt_<step>.pt (atomic, the last --keep-last kept), metrics.jsonl (one JSON
 object per logged step / evaluation), loss.png (when matplotlib is installed) and a copy of the
@@ -65,6 +67,10 @@ DEFAULT_MODEL = "small"
 # stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
 STAGE_FLAGS = {"beta": "--beta", "online_ref": "--online-ref", "ref_from": "--ref-from", "teacher": "--teacher",
                "alpha": "--alpha", "temperature": "--temperature"}
+RL_FLAGS = ("reward", "group_size", "prompts_per_step", "max_new_tokens", "rollout_temperature", "rollout_top_k",
+            "loss", "rollout_reuse", "epsilon", "epsilon_high", "kl_coef", "scale_rewards", "mask_truncated",
+            "eval_prompts", "pass_k", "success_threshold")
+STAGE_FLAGS.update({dest: "--" + dest.replace("_", "-") for dest in RL_FLAGS})
 LORA_FLAGS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "merge": "--merge"}
 
 
@@ -79,9 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stage", required=True, choices=sorted(STAGES),
                    help="pretrain: next-token loss on document windows; sft: loss on assistant tokens of "
                         "packed conversations; reason: sft on <think>/<answer> data, tag tokens up-weighted by the "
-                        "mask; dpo: preference loss on (chosen, rejected) pairs; distill: CE + KL to a --teacher")
-    g.add_argument("--data", required=True, type=Path, metavar="DIR",
-                   help="packed dataset folder (preprocess/pack.py --stage STAGE --out DIR)")
+                        "mask; dpo: preference loss on (chosen, rejected) pairs; distill: CE + KL to a --teacher; "
+                        "grpo: RL on the model's own rollouts of --prompts, scored by --reward functions")
+    g.add_argument("--data", type=Path, metavar="DIR",
+                   help="packed dataset folder (preprocess/pack.py --stage STAGE --out DIR); every stage but grpo")
+    g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                   help="--stage grpo: prompt records ({conversations: [...]} ending with a user turn, or any "
+                        "chat / reasoning record: a final assistant turn becomes the 'reference' column)")
     g.add_argument("--out", required=True, type=Path, metavar="DIR", help="run folder (checkpoints, metrics)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (starts fresh if there is none)")
@@ -133,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--alpha", type=float, metavar="A",
                    help="loss = A * CE + (1 - A) * T^2 * KL(teacher || student) (default 0.5)")
     g.add_argument("--temperature", type=float, metavar="T", help="softmax temperature of the KL term (default 2.0)")
+    add_rl_arguments(p)
     g = p.add_argument_group("LoRA (any stage)")
     g.add_argument("--lora-rank", type=int, metavar="R",
                    help="train rank-R adapters on a frozen --init-from base instead of all weights; checkpoints "
@@ -179,6 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             p.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {low:g}, "
                     f"not {value}")
+    rollouts = STAGES[args.stage].rollouts
+    if rollouts and (args.prompts is None or args.data is not None):
+        p.error(f"--stage {args.stage} trains on rollouts of --prompts FILE.jsonl (and takes no --data)")
+    if not rollouts and (args.data is None or args.prompts is not None):
+        p.error(f"--stage {args.stage} reads --data DIR (--prompts is for --stage grpo)")
+    reuse = args.rollout_reuse or 1
+    for name in ("save_every", "stop_after"):
+        if getattr(args, name) is not None and getattr(args, name) % reuse:
+            p.error(f"--{name.replace('_', '-')} must be a multiple of --rollout-reuse {reuse} (a checkpoint "
+                    "between two reuses of one rollout batch could not be resumed exactly)")
     takes = STAGES[args.stage].options
     for dest, flag in STAGE_FLAGS.items():
         if getattr(args, dest) not in (None, False) and dest not in takes:
@@ -197,6 +218,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_rl_arguments(p: argparse.ArgumentParser) -> None:
+    """The --stage grpo flags (defaults: ``train.stages.grpo.DEFAULTS``; None here = not given)."""
+    g = p.add_argument_group("reinforcement learning (--stage grpo: --prompts, no --data)")
+    g.add_argument("--reward", action="append", metavar="SPEC[@W]",
+                   help="reward function, repeatable (weights sum): gsm8k, format, length, module:function or "
+                        "path/to/file.py:function in TRL's convention f(prompts, completions, **columns)")
+    g.add_argument("--group-size", type=int, metavar="G", help="samples per prompt (default 8)")
+    g.add_argument("--prompts-per-step", type=int, metavar="P",
+                   help="prompts per optimizer step, all ranks (default 8); a multiple of --grad-accum x processes")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="completion length limit (default 256)")
+    g.add_argument("--rollout-temperature", type=float, metavar="T", help="sampling temperature (default 1.0)")
+    g.add_argument("--rollout-top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
+    g.add_argument("--loss", choices=("dapo", "dr_grpo", "grpo", "cispo"),
+                   help="dapo: token-level over the step (default); grpo: per-sequence mean; dr_grpo: / (S x "
+                        "max-new-tokens); cispo: clipped IS weight (detached) x log-prob")
+    g.add_argument("--rollout-reuse", type=int, metavar="K", help="optimizer steps per batch of rollouts (default 1)")
+    g.add_argument("--epsilon", type=float, help="clip range low: ratio >= 1 - eps (default 0.2)")
+    g.add_argument("--epsilon-high", type=float, help="clip range high: ratio <= 1 + eps_high (default --epsilon)")
+    g.add_argument("--kl-coef", type=float, help="k3 KL to the frozen --init-from model (default 0: not loaded)")
+    g.add_argument("--scale-rewards", choices=("group", "none"),
+                   help="divide advantages by the group's reward std (group, default) or not (none)")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
+    g.add_argument("--eval-prompts", type=Path, metavar="FILE.jsonl",
+                   help="pass@1 / pass@k (sampled and greedy) on these prompts every --eval-every steps")
+    g.add_argument("--pass-k", type=int, metavar="K", help="the k of pass@k, <= --group-size (default G)")
+    g.add_argument("--success-threshold", type=float, metavar="R",
+                   help="a sample succeeds when its total reward >= R (default 1.0)")
+
+
 def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
     if args.lora_rank is None:
         return None
@@ -209,14 +259,16 @@ def default_val_rows(n_rows: int) -> int:
     return min(64, n_rows * 5 // 100)
 
 
-def model_config(args: argparse.Namespace, vocab_size: int, init: Checkpoint | None) -> ModelConfig:
+def model_config(args: argparse.Namespace, vocab_size: int | None, init: Checkpoint | None) -> ModelConfig:
     """The checkpoint's config (``--init-from``) or the preset, with ``--model-arg`` applied; a fresh model
-    takes the dataset's vocabulary size unless it is overridden."""
+    takes the dataset's vocabulary size (None: RL prompts, not tokenized yet: the preset's) unless it is
+    overridden."""
     try:
         if init is not None:
             return init.model_config.override(args.model_arg)
         cfg = ModelConfig.from_preset(args.model or DEFAULT_MODEL)
-        if not any(item.split("=", 1)[0].strip() == "vocab_size" for item in args.model_arg):
+        if vocab_size is not None and not any(item.split("=", 1)[0].strip() == "vocab_size"
+                                              for item in args.model_arg):
             cfg = cfg.override({"vocab_size": vocab_size})
         return cfg.override(args.model_arg)
     except ValueError as e:
@@ -303,6 +355,8 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     dataset = open_data(args, stage, say)
     with locked_run_folder(args.out, info):
         sources = resolve(args, dataset, say)
+        if stage.rollouts:
+            stage.attach_source(dataset, sources.resume or sources.init)
         plan = build(args, info, stage, dataset, sources, say)
         started = time.perf_counter()
         state = train(plan.model, stage, plan.weights, plan.loader, plan.loop, info, args.out, plan.logger,
@@ -315,6 +369,10 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
 def open_data(args: argparse.Namespace, stage: Stage, say: Callable[..., None]) -> PackedDataset:
     """The packed dataset, every shard checked; a dataset without a single training row is refused."""
     started = time.perf_counter()
+    if stage.rollouts:
+        prompts = stage.open_dataset(str(args.prompts))
+        say(f"prompts: {args.prompts}: {prompts.n_rows:,} read in {time.perf_counter() - started:.2f} s")
+        return prompts
     dataset = stage.open_dataset(str(args.data), verify=not args.no_verify)
     checked = "sizes, counts, token ids" + ("" if args.no_verify else ", sha256")
     say(f"data: {args.data}: {len(dataset.shards)} shard(s) checked ({checked}) in "
@@ -337,7 +395,7 @@ class Sources:
 
 def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[..., None]) -> Sources:
     """Load and check the source checkpoints: same tokenizer as the data; a resumed run is the same run."""
-    fingerprint = dataset.meta["tokenizer"]["fingerprint"]
+    fingerprint = dataset.meta.get("tokenizer", {}).get("fingerprint")  # None: prompts, tokenized by the model's
     found = checkpoint.latest(args.out)
     if found is not None and not args.resume:
         raise UsageError(f"{args.out} already holds checkpoints (latest {found.name}); "
@@ -346,17 +404,23 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
         say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
     if found is not None:
         resume = load_resume(found)
-        resume.check_tokenizer(fingerprint, str(args.data))
+        if fingerprint is not None:
+            resume.check_tokenizer(fingerprint, str(args.data))
         check_resume_compatible(args, resume)
         return Sources(resume=resume, base=resume.load_base() if resume.lora is not None else None)
     if args.init_from is None:
+        if args.prompts is not None:
+            raise UsageError("--stage grpo improves a trained model: give it with --init-from CKPT (e.g. the reason "
+                             "or sft run)")
         if args.lora is not None:
             raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
         return Sources()
-    shape = model_config(args, dataset.meta["tokenizer"]["vocab_size"], None) if args.model or args.model_arg \
-        else None  # the shape of a bare state dict (a MiniMind .pth), which holds no config
+    # the shape of a bare state dict (a MiniMind .pth), which holds no config
+    shape = model_config(args, dataset.meta.get("tokenizer", {}).get("vocab_size"), None) \
+        if args.model or args.model_arg else None
     init = checkpoint.load(args.init_from, options=SourceOptions(shape))
-    init.check_tokenizer(fingerprint, str(args.data))
+    if fingerprint is not None:
+        init.check_tokenizer(fingerprint, str(args.data))
     if args.model is not None and init.model_config is not shape:
         say(f"note: --model {args.model} ignored: the model config comes from {init.path}")
     return Sources(init=init, base=init if args.lora is not None else None)
@@ -401,14 +465,16 @@ def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: 
     if resume is not None:
         weights.load_state(model, resume.model, resume.path)
     stage.setup(StageContext(dataset, info.device, info.rank, info.world, args.batch_size, sources.init, resume, say,
-                             dist.barrier, moe=cfg.is_moe))
+                             dist.barrier, moe=cfg.is_moe, model=model))
     seed_everything(args.seed + 1000 * info.rank)  # per-rank streams (dropout); restored on resume
 
-    val_rows = default_val_rows(dataset.n_rows) if args.val_rows is None else args.val_rows
+    val_rows = 0 if stage.rollouts else default_val_rows(dataset.n_rows) if args.val_rows is None else args.val_rows
     if val_rows >= dataset.n_rows:
         raise UsageError(f"--val-rows {val_rows}: {args.data} has only {dataset.n_rows} rows")
     split = Split(dataset, val_rows)
     loader = stage.loader(split, args.batch_size, info.rank, info.world, args.seed, info.device.type == "cuda")
+    if stage.rollouts:
+        check_rollout_layout(args, loader, info.world)
     if val_rows and args.eval_every:
         stage.byte_lengths = byte_table(meta, cfg.vocab_size, quiet=not info.is_main)
     loop = loop_config(args, stage, info.device)
@@ -420,10 +486,19 @@ def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: 
         checkpoint.copy_tokenizer(Path(meta["tokenizer"]["path"]).parent, args.out)
     dist.barrier()
     global_batch = loader.global_batch(args.grad_accum)
-    data = DataRecord(str(args.data), dataset.stage, dataset.seq_len, dataset.n_rows, val_rows, global_batch)
+    data = DataRecord(str(args.data or args.prompts), dataset.stage, dataset.seq_len, dataset.n_rows, val_rows,
+                      global_batch)
     template = run_record(args, cfg, stage, meta, data, sources)
     say_summary(args, info, stage, model, weights, sources, data, split.n_train, loop, say)
     return Plan(model, weights, loader, loop, logger, template)
+
+
+def check_rollout_layout(args: argparse.Namespace, loader: Any, world: int) -> None:
+    """Each of the step's accum x world micro-batches holds whole groups of at least one prompt."""
+    prompts = loader.cfg.prompts_per_step
+    if prompts % (args.grad_accum * world):
+        raise UsageError(f"--prompts-per-step {prompts} must be a multiple of --grad-accum {args.grad_accum} x "
+                         f"{world} process(es): every micro-batch holds whole groups")
 
 
 def check_fits(cfg: ModelConfig, dataset: PackedDataset) -> None:
@@ -468,17 +543,24 @@ def run_record(args: argparse.Namespace, cfg: ModelConfig, stage: Stage, meta: d
 
 def say_summary(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, model: TinyLM, weights: FullWeights,
                 sources: Sources, data: DataRecord, n_train: int, loop: LoopConfig, say: Callable[..., None]) -> None:
-    say(f"== {stage.name}: {args.data} -> {args.out}")
+    say(f"== {stage.name}: {args.data or args.prompts} -> {args.out}")
     say(model.summary(data.seq_len))
     if args.lora is not None:
         n_adapter = sum(p.numel() for _, p in weights.trainable(model))
         say(f"lora: rank {args.lora.rank}, alpha {args.lora.alpha:g} on {','.join(args.lora.targets)}: "
             f"{n_adapter:,} trainable params ({100 * n_adapter / model.num_params():.2f}%), base "
             f"{sources.base.path} frozen")
-    say(f"data: {data.rows:,} rows x {data.seq_len} ({n_train:,} train, {data.val_rows} val); global batch "
-        f"{data.global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
-        f"{data.global_batch * data.seq_len:,} tokens/step; {args.max_steps} steps = "
-        f"{args.max_steps * data.global_batch / max(n_train, 1):.2f} epochs")
+    if stage.rollouts:
+        group = int(stage.o["group_size"])  # type: ignore[attr-defined]
+        say(f"prompts: {data.rows:,}; {data.global_batch // group} prompts x {group} samples = {data.global_batch} "
+            f"completions/step in {args.grad_accum} micro-batch(es) x {info.world} proc; rows up to {data.seq_len} "
+            f"tokens; {args.max_steps} steps = "
+            f"{args.max_steps * data.global_batch / group / max(n_train, 1):.2f} epochs over the prompts")
+    else:
+        say(f"data: {data.rows:,} rows x {data.seq_len} ({n_train:,} train, {data.val_rows} val); global batch "
+            f"{data.global_batch} rows = {args.batch_size} x {args.grad_accum} accum x {info.world} proc; "
+            f"{data.global_batch * data.seq_len:,} tokens/step; {args.max_steps} steps = "
+            f"{args.max_steps * data.global_batch / max(n_train, 1):.2f} epochs")
     say(f"device {info.device} | dtype {loop.dtype} | compile {loop.compile} | lr {loop.lr:g} -> {loop.min_lr:g}, "
         f"warmup {loop.warmup_steps} | seed {args.seed}")
     source = sources.resume or sources.init

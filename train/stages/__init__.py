@@ -1,7 +1,8 @@
 """Training stages: the only stage-specific code the loop calls (interface and contract: ``base.py``).
 
 One module per job: ``base`` (the interface, the model call, pretrain / SFT / reasoning cross-entropy),
-``dpo`` (preference pairs against a reference), ``distill`` (a frozen teacher's soft targets).
+``dpo`` (preference pairs against a reference), ``distill`` (a frozen teacher's soft targets), ``grpo``
+(reinforcement learning on the model's own rollouts, scored by reward functions).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from train.stages.base import (
 )
 from train.stages.distill import DistillStage
 from train.stages.dpo import DPOStage
+from train.stages.grpo import GRPOStage
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTStage, ReasonStage, DPOStage,
-                                                            DistillStage)}
+                                                            DistillStage, GRPOStage)}
 
 
 def default_lrs() -> str:
@@ -39,6 +41,6 @@ def build_stage(name: str, **kwargs: Any) -> Stage:
     return STAGES[name](**kwargs)
 
 
-__all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "PretrainStage", "ReasonStage", "SFTStage",
-           "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "default_lrs", "forward",
+__all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "GRPOStage", "PretrainStage", "ReasonStage",
+           "SFTStage", "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "default_lrs", "forward",
            "token_cross_entropy"]

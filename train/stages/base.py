@@ -70,6 +70,7 @@ class StageContext:
     say: Callable[..., None] = field(default=print)
     barrier: Callable[[], None] = field(default=lambda: None)
     moe: bool = False  # the trained model is a mixture of experts: its load-balance loss is added
+    model: nn.Module | None = None  # the model being trained (unwrapped): the RL stage generates its rollouts
 
 
 def forward(model: nn.Module, batch: Batch) -> ModelOutput:
@@ -85,6 +86,7 @@ class Stage:
     default_lr: ClassVar[float] = 5e-4  # the one definition of the stage's default --lr
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
     options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
+    rollouts: ClassVar[bool] = False  # reads --prompts and trains on the model's own rollouts (RL), not --data
 
     def __init__(self, byte_lengths: Tensor | None = None):
         self.byte_lengths = byte_lengths  # int64 [vocab]: UTF-8 bytes per token id (for bits per byte)
@@ -104,6 +106,9 @@ class Stage:
             raise StageError(f"{folder}: packed for stage {stage!r}, but --stage {self.name} reads "
                              f"{' / '.join(self.dataset_stages)} data (python preprocess/pack.py --stage "
                              f"{self.dataset_stages[0]} ...)")
+
+    def attach_source(self, dataset: Any, source: Checkpoint) -> None:
+        """After the source checkpoint is resolved: prepare data that needs its tokenizer (RL prompts)."""
 
     def loader(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> BatchLoader:

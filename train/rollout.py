@@ -1,0 +1,370 @@
+"""Rollouts for the RL stage: the model's own batched KV-cache generation, scored by reward functions, as
+the loop's batches (:class:`RolloutLoader`), and pass@k evaluation of a prompt file (:func:`pass_sums`).
+
+Step layout. Optimizer step s trains on rollout batch ``b = s // reuse`` (``--rollout-reuse``: the same
+rollouts for ``reuse`` consecutive steps, generated at the first of them by the policy of that moment,
+whose per-token log-probs are kept as the "old" policy). Batch b takes the P prompts at global sample
+positions ``[b * P, (b + 1) * P)`` of the prompt order (``train.data.Split``'s keyed permutation,
+reshuffled every epoch); each prompt gets G samples. The P prompts are split into ``accum * world``
+micro-batches of whole groups; micro-batch m of rank r holds global micro-batch ``m * world + r`` (the
+layout of ``train.data.BatchLoader``), so each rank generates only its own groups. Sample j of the
+prompt at position p of batch b is drawn with its own seed ``sample_seed(seed, b, p, j)``
+(``Generation(seeds=...)``): its tokens depend only on (model, prompt, seed), never on the batch it ran
+in, the rank or the number of processes; a resumed run therefore samples the same completions.
+
+Rows. A row is ``prompt ids + completion ids (+ the <|im_end|> that ended it)``, right-padded to the
+micro-batch's longest row; ``targets[t] = ids[t + 1]``; ``weights[t] = 1`` where ``targets[t]`` is a
+completion token (its closing ``<|im_end|>`` included), 0 elsewhere, and 0 on the whole row of a
+truncated completion under ``--mask-truncated``. Rewards see the completion text decoded without the
+chat control tokens (``<think>`` / ``<answer>`` tags kept).
+
+Advantages (group-relative): ``A_ij = r_ij - mean_j r_ij``, divided by ``std_j r_ij + 1e-4`` (unbiased
+std, as TRL) under ``--scale-rewards group``; a group whose rewards are all equal (std 0) has A = 0 for
+all its samples, so it gives no policy gradient, and it is counted in ``frac_reward_zero_std``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from core.tokenizer import TextRefused, TokenizerInfo, prompt_ids
+from model.generate import FINISH_LENGTH, Generation
+from preprocess.prompts import Prompt, read_prompts
+from preprocess.records import RecordError
+from train import dist
+from train.data import Batch, BatchLoader, Split, _mix
+from train.rewards import Reward, score
+
+STD_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
+EVAL_BATCH = 1 << 40  # the rollout-batch key of evaluation samples: the same seeds at every evaluation
+
+
+def sample_seed(seed: int, batch: int, position: int, sample: int) -> int:
+    """The 63-bit sampling seed of sample ``sample`` of the prompt at ``position`` of rollout batch ``batch``:
+    a splitmix64 chain over (batch, position, sample) keyed by the run's seed."""
+    h = _mix(np.array([batch], dtype=np.uint64), seed)
+    h = _mix(h ^ np.uint64(position), seed + 1)
+    h = _mix(h ^ np.uint64(sample), seed + 2)
+    return int(h[0] >> np.uint64(1))
+
+
+class PromptSet:
+    """The prompts of a ``--prompts`` file, read and validated at once, tokenized by :meth:`attach` with the
+    model's tokenizer. Duck-types the parts of a packed dataset that ``train/run.py`` and the loop read
+    (``folder``, ``stage``, ``n_rows``, ``seq_len``, ``meta["tokenizer"]``)."""
+
+    stage = "prompts"
+
+    def __init__(self, path: str | Path) -> None:
+        self.folder = Path(path)
+        self.prompts: list[Prompt] = read_prompts(path)  # an empty file is refused there
+        self.ids: list[list[int]] = []
+        self.meta: dict[str, Any] = {}
+        self.seq_len = 0
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prompts)
+
+    def attach(self, tok: TokenizerInfo, max_new_tokens: int, max_positions: int) -> None:
+        """Tokenize every prompt with the chat template (``core.tokenizer.prompt_ids``) and record the
+        tokenizer; ``seq_len`` = longest prompt + ``max_new_tokens`` (the widest row a rollout can make). A
+        prompt that leaves no room for a completion in the model's context is refused (file:line)."""
+        tok.require_chat(f"the prompts of {self.folder}")
+        self.ids = []
+        for p in self.prompts:
+            try:
+                ids = prompt_ids(tok, p.turns)
+            except TextRefused as e:
+                raise RecordError("bad_unicode", e.message).at(p) from None  # type: ignore[arg-type]
+            if len(ids) >= max_positions:
+                raise RecordError("too_long", f"the prompt has {len(ids)} tokens, no room for a completion in the "
+                                  f"model's context of {max_positions}").at(p)  # type: ignore[arg-type]
+            self.ids.append(ids)
+        self.meta = {"tokenizer": {"fingerprint": tok.fingerprint, "path": str(tok.path),
+                                   "vocab_size": tok.vocab_size, "special_ids": dict(tok.special_ids)}}
+        self.seq_len = min(max(len(i) for i in self.ids) + max_new_tokens, max_positions)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How rollouts are drawn and turned into advantages (the stage's command-line options)."""
+
+    group_size: int = 8
+    prompts_per_step: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    reuse: int = 1
+    scale_rewards: str = "group"
+    mask_truncated: bool = False
+    seed: int = 0
+
+    @property
+    def samples(self) -> int:
+        """Completions per rollout batch (global): P x G."""
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class RolloutBatch(Batch):
+    """A micro-batch of rollouts: the packed-batch fields (one completion per row, plain causal attention)
+    plus per-row ``advantages`` [B] and, when needed, the old policy's per-token log-probs [B, T]
+    (``ref_logps`` holds the reference model's per-token log-probs [B, T] when there is a KL term)."""
+
+    advantages: Tensor | None = None
+    old_logps: Tensor | None = None
+
+
+@dataclass
+class Completions:
+    """The generated part of a micro-batch: ids per row (without the stop id) and whether it was truncated."""
+
+    tokens: list[list[int]]
+    truncated: list[bool]
+
+
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, cfg: RolloutConfig,
+             stop_id: int, greedy: bool = False) -> Completions:
+    """One batched KV-cache generation (eval mode, inference mode) stopping at ``stop_id``."""
+    gen = Generation(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
+                     top_k=cfg.top_k, stop_ids=[stop_id], seeds=None if greedy else seeds)
+    for _ in gen:
+        pass
+    return Completions(gen.tokens, [r == FINISH_LENGTH for r in gen.finish_reasons])
+
+
+def completion_rows(prompts: Sequence[Sequence[int]], done: Completions, stop_id: int,
+                    mask_truncated: bool) -> Batch:
+    """The training rows of prompts + completions (module docstring, "Rows")."""
+    rows = [list(p) + t + ([] if cut else [stop_id])
+            for p, t, cut in zip(prompts, done.tokens, done.truncated, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    weights = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, (p, row, cut) in enumerate(zip(prompts, rows, done.truncated, strict=True)):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        if not (cut and mask_truncated):
+            weights[i, len(p) - 1:len(row) - 1] = 1.0
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    return Batch(ids, targets, weights)
+
+
+def group_advantages(rewards: Tensor, scale: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Rewards [groups, G] -> (advantages [groups, G], per-group std [groups], zero-std flag [groups])."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1)
+    zero = torch.isclose(std, torch.zeros_like(std))
+    adv = rewards - mean
+    if scale == "group":
+        adv = adv / (std[:, None] + STD_EPS)
+    return adv.masked_fill(zero[:, None], 0.0), std, zero
+
+
+def decode(tok: TokenizerInfo, tokens: list[int]) -> str:
+    """A completion as reward functions see it: the text without chat control tokens (tags kept)."""
+    return tok.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def reward_inputs(set_: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
+                  done: Completions) -> tuple[list, list, dict[str, list]]:
+    """TRL's (prompts, completions, columns) for rows whose prompts are ``indices`` of ``set_``."""
+    prompts = [set_.prompts[i].turns for i in indices]
+    completions = [[{"role": "assistant", "content": decode(tok, t)}] for t in done.tokens]
+    keys = sorted({k for i in set(indices) for k in set_.prompts[i].columns})
+    columns = {k: [set_.prompts[i].columns.get(k) for i in indices] for k in keys}
+    return prompts, completions, columns
+
+
+# ---- the loop's batches -------------------------------------------------------------------------------------
+
+STAT_SUMS = ("reward", "reward_std", "frac_reward_zero_std", "completion_len", "truncated_frac", "tokens")
+
+
+class RolloutLoader(BatchLoader):
+    """The loop's batches for the RL stage: each step's micro-batches are this rank's rollouts (generated
+    when the step is taken, by the current policy; see the module docstring). :meth:`step_metrics` gives the
+    step's global rollout statistics (all-reduced once per rollout batch)."""
+
+    shown = ("reward",)
+
+    def __init__(self, split: Split, model: nn.Module, tok: TokenizerInfo, rewards: list[Reward], cfg: RolloutConfig,
+                 rank: int, world: int, annotate: Callable[[RolloutBatch], None],
+                 eval_set: PromptSet | None = None) -> None:
+        super().__init__(split, cfg.samples, rank, world, seed=cfg.seed, prefetch=0)
+        self.model, self.tok, self.rewards, self.cfg, self.annotate = model, tok, rewards, cfg, annotate
+        self.prompts: PromptSet = split.dataset  # type: ignore[assignment]
+        self.eval_set = eval_set
+        self.stop_id = tok.special_ids["<|im_end|>"]
+        self._stats: dict[str, float] = {}
+        self._rollout_s = 0.0
+
+    def global_batch(self, accum: int) -> int:
+        """Completions per step, over all ranks (samples_seen counts completions)."""
+        return self.cfg.samples
+
+    @property
+    def eval_rows(self) -> int:
+        return self.eval_set.n_rows if self.eval_set is not None else 0
+
+    def micro_prompts(self, accum: int) -> int:
+        """Prompts per micro-batch: P / (accum x world), whole groups only (checked by ``train/run.py``)."""
+        return self.cfg.prompts_per_step // (accum * self.world)
+
+    def steps(self, start_sample: int, accum: int) -> Iterator[list[RolloutBatch]]:
+        """Endless steps from ``start_sample``; rollouts are generated lazily, when the loop asks for the step."""
+        step = start_sample // self.cfg.samples
+        current, micro = -1, []
+        while True:
+            b = step // self.cfg.reuse
+            if b != current:
+                started = time.perf_counter()
+                micro, local = self._rollout_batch(b, accum)
+                self._rollout_s = time.perf_counter() - started
+                self._stats = self._global_stats(local, self._rollout_s)
+                current = b
+            else:
+                self._rollout_s = 0.0
+            yield micro
+            step += 1
+
+    def _rollout_batch(self, b: int, accum: int) -> tuple[list[RolloutBatch], dict[str, Any]]:
+        """This rank's micro-batches of rollout batch ``b`` and their local statistics."""
+        cfg, per = self.cfg, self.micro_prompts(accum)
+        first = b * cfg.prompts_per_step
+        order = self.split.train_rows(np.arange(first, first + cfg.prompts_per_step), self.seed)
+        out, stats = [], {k: 0.0 for k in STAT_SUMS}
+        stats.update({"len_max": 0.0, "names": {r.name: [0.0, 0.0] for r in self.rewards}})
+        for m in range(accum):
+            lo = (m * self.world + self.rank) * per
+            positions = range(lo, lo + per)
+            indices = [int(order[p]) for p in positions for _ in range(cfg.group_size)]
+            seeds = [sample_seed(cfg.seed, b, p, j) for p in positions for j in range(cfg.group_size)]
+            out.append(self._micro_batch(indices, seeds, stats))
+        return out, stats
+
+    def _micro_batch(self, indices: list[int], seeds: list[int], stats: dict[str, Any]) -> RolloutBatch:
+        """Generate, score, compute advantages, annotate (old / reference log-probs) one micro-batch."""
+        cfg, ids = self.cfg, [self.prompts.ids[i] for i in indices]
+        done = generate(self.model, ids, seeds, cfg, self.stop_id)
+        totals, each = score(self.rewards, *reward_inputs(self.prompts, indices, self.tok, done))
+        rewards = torch.tensor(totals, dtype=torch.float32).view(-1, cfg.group_size)
+        adv, std, zero = group_advantages(rewards, cfg.scale_rewards)
+        rows = completion_rows(ids, done, self.stop_id, cfg.mask_truncated)
+        batch = RolloutBatch(rows.input_ids, rows.targets, rows.weights, advantages=adv.reshape(-1))
+        self.annotate(batch)
+        lengths = [len(t) + (not cut) for t, cut in zip(done.tokens, done.truncated, strict=True)]
+        stats["reward"] += sum(totals)
+        stats["reward_std"] += float(std.sum()) * cfg.group_size  # per sample: a group's std, G times
+        stats["frac_reward_zero_std"] += float(zero.sum()) * cfg.group_size
+        stats["completion_len"] += sum(lengths)
+        stats["truncated_frac"] += sum(done.truncated)
+        stats["tokens"] += sum(len(t) for t in done.tokens)
+        stats["len_max"] = max(stats["len_max"], max(lengths))
+        for name, values in each.items():
+            ok = [v for v in values if not math.isnan(v)]
+            stats["names"][name][0] += sum(ok)
+            stats["names"][name][1] += len(ok)
+        return batch
+
+    def _global_stats(self, local: dict[str, Any], rollout_s: float) -> dict[str, float]:
+        """Means over all the step's completions (one all-reduce of the sums, one of the maxima)."""
+        names = list(local["names"])
+        sums = torch.tensor([*(local[k] for k in STAT_SUMS), *(v for n in names for v in local["names"][n])],
+                            dtype=torch.float64)
+        dist.all_reduce_sum(sums)
+        peaks = dist.all_reduce_max(torch.tensor([local["len_max"], rollout_s], dtype=torch.float64))
+        total = dict(zip(STAT_SUMS, sums[:len(STAT_SUMS)].tolist(), strict=True))
+        n = float(self.cfg.samples)
+        out = {k: total[k] / n for k in STAT_SUMS if k != "tokens"}
+        rest = sums[len(STAT_SUMS):].tolist()
+        for i, name in enumerate(names):
+            value, count = rest[2 * i], rest[2 * i + 1]
+            out[f"reward/{name}"] = value / count if count else math.nan
+        out["completion_len_max"] = float(peaks[0])
+        out["rollout_tokens_per_s"] = total["tokens"] / max(float(peaks[1]), 1e-9)
+        return out
+
+    def step_metrics(self, train_s: float) -> dict[str, float]:
+        """The rollout statistics of the batch this step trained on, the step's generation time (0 on a
+        reused batch) and its training time."""
+        return {**self._stats, "rollout_s": self._rollout_s, "train_s": train_s}
+
+    def val_batches(self) -> Iterator[EvalChunk]:
+        """This rank's evaluation prompts (strided by rank), in chunks of P."""
+        if self.eval_set is None:
+            return
+        mine = list(range(self.rank, self.eval_set.n_rows, self.world))
+        for lo in range(0, len(mine), self.cfg.prompts_per_step):
+            yield EvalChunk(mine[lo:lo + self.cfg.prompts_per_step])
+
+
+@dataclass
+class EvalChunk:
+    """Evaluation prompts (indices into the evaluation set); ``to`` is a no-op (the loop moves batches)."""
+
+    indices: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EvalChunk:
+        return self
+
+
+# ---- pass@k ------------------------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples with c successes: ``1 - C(n - c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """pass@k evaluation: samples per prompt (n), k <= n, and the total reward that counts as a success."""
+
+    samples: int = 8
+    k: int = 8
+    threshold: float = 1.0
+
+
+def pass_sums(model: nn.Module, set_: PromptSet, indices: Sequence[int], tok: TokenizerInfo, rewards: list[Reward],
+              cfg: RolloutConfig, how: PassConfig) -> dict[str, Tensor]:
+    """Sums over prompts ``indices``: sampled pass@1 and pass@k, greedy pass@1, mean sampled reward, prompts.
+
+    Sample j of prompt i uses ``sample_seed(seed, EVAL_BATCH, i, j)``: the same seeds at every evaluation."""
+    stop = tok.special_ids["<|im_end|>"]
+    rows = [i for i in indices for _ in range(how.samples)]
+    ids = [set_.ids[i] for i in rows]
+    seeds = [sample_seed(cfg.seed, EVAL_BATCH, i, j) for i in indices for j in range(how.samples)]
+    sampled = generate(model, ids, seeds, cfg, stop)
+    totals, _ = score(rewards, *reward_inputs(set_, rows, tok, sampled))
+    greedy = generate(model, [set_.ids[i] for i in indices], None, cfg, stop, greedy=True)
+    greedy_totals, _ = score(rewards, *reward_inputs(set_, list(indices), tok, greedy))
+    pass1 = passk = 0.0
+    for g in range(len(indices)):
+        c = sum(t >= how.threshold for t in totals[g * how.samples:(g + 1) * how.samples])
+        pass1 += c / how.samples
+        passk += pass_at_k(how.samples, c, how.k)
+    f64 = torch.float64
+    return {"prompts": torch.tensor(float(len(indices)), dtype=f64), "pass1": torch.tensor(pass1, dtype=f64),
+            "passk": torch.tensor(passk, dtype=f64),
+            "greedy": torch.tensor(float(sum(t >= how.threshold for t in greedy_totals)), dtype=f64),
+            "reward": torch.tensor(sum(totals) / how.samples, dtype=f64)}
+
+
+def pass_metrics(sums: dict[str, float], k: int, prefix: str = "val_") -> dict[str, float]:
+    """pass@1 / pass@k / greedy pass@1 / mean reward from :func:`pass_sums` (summed over chunks and ranks)."""
+    n = max(sums["prompts"], 1.0)
+    return {f"{prefix}pass@1": sums["pass1"] / n, f"{prefix}pass@{k}": sums["passk"] / n,
+            f"{prefix}greedy_pass@1": sums["greedy"] / n, f"{prefix}reward": sums["reward"] / n,
+            f"{prefix}prompts": int(sums["prompts"])}
