@@ -58,8 +58,8 @@ def _refuse_constant(text: str) -> None:
     raise ValueError(f"{text} is not JSON")
 
 
-def _json_object(text: str) -> dict | None:
-    """``text`` parsed as a JSON object (NaN/Infinity refused), else None."""
+def parse_json_object(text: str) -> dict | None:
+    """``text`` parsed as a JSON object (NaN/Infinity refused), else None (tool arguments must be one)."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -69,12 +69,12 @@ def _json_object(text: str) -> dict | None:
 
 def parse_tool_call(body: str) -> ToolCall | None:
     """The call written between ``<tool_call>`` and ``</tool_call>``, or None when it is malformed."""
-    value = _json_object(body.strip())
+    value = parse_json_object(body.strip())
     if value is None or not isinstance(value.get("name"), str) or not value["name"].strip():
         return None
     arguments = value.get("arguments", {})
     if isinstance(arguments, str):
-        arguments = _json_object(arguments)
+        arguments = parse_json_object(arguments)
     if not isinstance(arguments, dict):
         return None
     return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))

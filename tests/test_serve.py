@@ -135,7 +135,9 @@ def test_streaming_never_splits_a_character(client):
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(texts) == SCRIPTED_ANSWER
     assert not any("\ufffd" in t for t in texts) and "鬱" in texts  # 鬱 is two tokens, sent as one piece
-    assert len(texts) == 9  # 10 tokens, one chunk per completed piece
+    # 10 tokens, one chunk per completed piece, except that 鬱 is two tokens and the lone " " token waits for
+    # the next text (core.completion holds trailing whitespace until more text of its kind follows)
+    assert texts == ["H", "ell", "o", " 你好", "，", "鬱", "世界", "！"]
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finals] == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
@@ -180,7 +182,7 @@ LONG = "hello world " * 600  # > 1024 tokens: over the tiny model's context
     ("[1, 2]", None, "invalid_json"),
     ({"model": "x"}, "messages", "missing_required_parameter"),
     ({"messages": []}, "messages", "invalid_value"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
     ({"messages": HI, "max_tokens": 0}, "max_tokens", "invalid_value"),
     ({"messages": HI, "max_tokens": 5000}, "max_tokens", "context_length_exceeded"),
