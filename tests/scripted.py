@@ -30,6 +30,20 @@ from train.checkpoint import Checkpoint
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 SCRIPTED_ANSWER = "Hello 你好，鬱世界！"
 
+# ScriptedLM scripts for thinking and tool calls (first matching needle in the prompt's text wins)
+REASONING = "The user wants a sum; I will use the calculator."
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+BROKEN = '<tool_call>\n{"name": "calculator", "arguments": {2+3}}\n</tool_call>'
+TOOL_SCRIPTS = [
+    ("<tool_response>\n5\n</tool_response>", "2 + 3 = 5."),  # once the tool's result is in the prompt
+    ("broken please", "Let me try. " + BROKEN),
+    ('assistant\n<tool_call>\n{"name": "calculator", "arguments": ', '{"expression": "7*6"}}\n</tool_call>'),
+    ("assistant\n<tool_call>\n", '{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'),
+    ("assistant\n<think>\n\n</think>\n\n", "Plain answer."),
+    ("assistant\n<think>\n", "I think.\n</think>\n\nDone."),
+    ("", f"<think>\n{REASONING}\n</think>\n\n{CALL}"),
+]
+
 
 def _save(model: TinyLM, folder: Path) -> Path:
     info = load_tokenizer(TOKENIZER)

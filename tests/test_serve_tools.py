@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from scripted import TOKENIZER, ScriptedLM
+from scripted import BROKEN, REASONING, TOKENIZER, TOOL_SCRIPTS, ScriptedLM
 from test_serve import KEY, free_port
 
 from core.tokenizer import load_tokenizer, prompt_ids
@@ -23,18 +23,6 @@ from serve.app import Engine, create_app, forced_call_ids, forced_call_text
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-REASONING = "The user wants a sum; I will use the calculator."
-CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
-BROKEN = '<tool_call>\n{"name": "calculator", "arguments": {2+3}}\n</tool_call>'
-SCRIPTS = [
-    ("<tool_response>\n5\n</tool_response>", "2 + 3 = 5."),  # once the tool's result is in the prompt
-    ("broken please", "Let me try. " + BROKEN),
-    ('assistant\n<tool_call>\n{"name": "calculator", "arguments": ', '{"expression": "7*6"}}\n</tool_call>'),
-    ("assistant\n<tool_call>\n", '{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'),
-    ("assistant\n<think>\n\n</think>\n\n", "Plain answer."),
-    ("assistant\n<think>\n", "I think.\n</think>\n\nDone."),
-    ("", f"<think>\n{REASONING}\n</think>\n\n{CALL}"),
-]
 QUESTION = [{"role": "user", "content": "What is 2+3?"}]
 TOOLS = [calculator.TOOL]
 
@@ -42,7 +30,7 @@ TOOLS = [calculator.TOOL]
 class InProcessServer:
     def __init__(self) -> None:
         self.info = load_tokenizer(TOKENIZER)
-        self.model = ScriptedLM(self.info, SCRIPTS)
+        self.model = ScriptedLM(self.info, TOOL_SCRIPTS)
         self.engine = Engine(self.model, self.info, self.info.stop_ids)
         self.port = free_port()
         config = uvicorn.Config(create_app(self.engine, "scripted", api_key=KEY), host="127.0.0.1", port=self.port,
