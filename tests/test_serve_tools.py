@@ -14,7 +14,7 @@ import time
 
 import pytest
 from scripted import BROKEN, REASONING, TOKENIZER, TOOL_SCRIPTS, ScriptedLM
-from test_serve import KEY, free_port
+from test_serve import KEY, browser, free_port, needs_browser, send_and_wait
 
 from core.tokenizer import load_tokenizer, prompt_ids
 from serve import calculator
@@ -236,3 +236,39 @@ def test_bad_tool_requests_are_400_with_param(server, body, param, code):
     err = json.loads(raw)["error"]
     assert status == 400, err
     assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code)
+
+
+@needs_browser
+def test_web_page_thinking_toggle_and_tool_card(server):
+    """The thinking select sends enable_thinking; the reasoning sits collapsed under the answer and opens on a
+    click; a streamed call is a card with its name and arguments, and stays in the history as tool_calls."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    with browser(f"http://127.0.0.1:{server.port}") as (driver, wait):
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "scripted")
+        Select(driver.find_element(By.ID, "thinking")).select_by_value("on")
+        send_and_wait(driver, wait, "hello", 1)
+        assert server.model.prompts[-1] == prompt_ids(server.info, [{"role": "user", "content": "hello"}],
+                                                      enable_thinking=True)
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert reply.find_element(By.CSS_SELECTOR, ".answer").text == "Done."
+        thinking = reply.find_element(By.CSS_SELECTOR, "details.thinking")
+        assert thinking.get_attribute("open") is None and reply.text.splitlines() == ["Done.", "thinking"]
+        thinking.find_element(By.TAG_NAME, "summary").click()
+        assert thinking.get_attribute("open") is not None
+        assert thinking.find_element(By.CSS_SELECTOR, ".thinking-text").text == "I think."
+
+        Select(driver.find_element(By.ID, "thinking")).select_by_value("")
+        driver.find_element(By.ID, "reset").click()  # a new chat: the scripts match on the whole prompt
+        send_and_wait(driver, wait, "What is 2+3?", 1)
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        (card,) = reply.find_elements(By.CSS_SELECTOR, ".tool-call")
+        assert card.find_element(By.CSS_SELECTOR, ".tool-name").text == "calculator"
+        assert json.loads(card.find_element(By.TAG_NAME, "pre").text) == {"expression": "2+3"}
+        assert reply.find_element(By.CSS_SELECTOR, ".thinking-text").get_attribute("textContent") == REASONING
+        last = driver.execute_script("return window.chatHistory")[-1]
+        assert last["content"] is None and last["reasoning_content"] == REASONING
+        assert [(c["type"], c["function"]) for c in last["tool_calls"]] == \
+            [("function", {"name": "calculator", "arguments": '{"expression": "2+3"}'})]
+        assert last["tool_calls"][0]["id"].startswith("call_")
