@@ -34,8 +34,9 @@
 #   LORA=1     rank-8 LoRA SFT on DATA_DIR/lora, then merged into a dense model      -> OUT_DIR/lora/merged
 #   DISTILL=1  distil the SFT model into a student of DISTILL_MODEL_ARGS on the SFT data -> OUT_DIR/distill
 #              [num_hidden_layers=2; smoke num_hidden_layers=1]
-#   REASON_STEPS DPO_STEPS LORA_STEPS DISTILL_STEPS / REASON_ARGS DPO_ARGS LORA_ARGS DISTILL_ARGS
-#   REASON_LR DPO_LR LORA_LR DISTILL_LR   [unset: the stage's own default, shown by train/run.py --help]
+#   TOOLS=1    tool-use and thinking SFT on DATA_DIR/tools (calculator calls, reasoning_content)  -> OUT_DIR/tools
+#   REASON_STEPS DPO_STEPS LORA_STEPS DISTILL_STEPS TOOLS_STEPS / REASON_ARGS DPO_ARGS LORA_ARGS DISTILL_ARGS TOOLS_ARGS
+#   REASON_LR DPO_LR LORA_LR DISTILL_LR TOOLS_LR   [unset: the stage's own default, shown by train/run.py --help]
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -88,6 +89,8 @@ PACK_EXTRA=(${PACK_ARGS:-}); PRETRAIN_EXTRA=(${PRETRAIN_ARGS:-}); SFT_EXTRA=(${S
 OPT_SEQ_LEN="${OPT_SEQ_LEN:-$((2 * SEQ_LEN))}"; OPT_STEPS=$([[ "$SMOKE" == 1 ]] && echo 5 || echo 40)
 # shellcheck disable=SC2206
 REASON_EXTRA=(${REASON_ARGS:-}); DPO_EXTRA=(${DPO_ARGS:-}); LORA_EXTRA=(${LORA_ARGS:-}); DISTILL_EXTRA=(${DISTILL_ARGS:-})
+# shellcheck disable=SC2206
+TOOLS_EXTRA=(${TOOLS_ARGS:-})
 DISTILL_MODEL_ARGS="${DISTILL_MODEL_ARGS-$([[ "$SMOKE" == 1 ]] && echo num_hidden_layers=1 || echo num_hidden_layers=2)}"
 
 step() { printf '\n\033[1m== [%s] %s\033[0m\n' "$1" "$2"; }
@@ -197,6 +200,13 @@ if [[ "${DISTILL:-0}" == 1 ]]; then
   run "${LAUNCH[@]}" train/run.py --stage distill --data "$PACKED/sft" --out "$OUT_DIR/distill" --resume \
     --teacher "$OUT_DIR/sft" "${STUDENT_FLAGS[@]}" --max-steps "${DISTILL_STEPS:-$OPT_STEPS}" "${COMMON[@]}" \
     ${DISTILL_LR:+--lr "$DISTILL_LR"} "${DISTILL_EXTRA[@]}"
+fi
+if [[ "${TOOLS:-0}" == 1 ]]; then
+  step + "tool-use and thinking SFT on $DATA_DIR/tools from $OUT_DIR/sft for ${TOOLS_STEPS:-$OPT_STEPS} steps -> $OUT_DIR/tools"
+  opt_pack sft tools tools
+  run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/tools" --out "$OUT_DIR/tools" --resume \
+    --init-from "$OUT_DIR/sft" --max-steps "${TOOLS_STEPS:-$OPT_STEPS}" "${COMMON[@]}" ${TOOLS_LR:+--lr "$TOOLS_LR"} \
+    "${TOOLS_EXTRA[@]}"
 fi
 
 step 5/5 "chat: one greedy answer from $OUT_DIR/sft"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -35,6 +36,7 @@ from core.chat_template import (
     PARSED,
     REASONING_TAGS,
     STOP_TOKENS,
+    STRUCTURE_TAGS,
     TEMPLATE_TEXTS,
     TEXT,
     Piece,
@@ -67,7 +69,7 @@ class TokenizerInfo:
     tokenizer: Tokenizer
     fingerprint: str
     vocab_size: int
-    special_ids: dict[str, int]  # every chat / reasoning special token that is a single id
+    special_ids: dict[str, int]  # every chat / structure (reasoning, tool) token that is a single id
     literal: Tokenizer  # the same tokenizer without its added tokens: content is always encoded by it
     added_pattern: re.Pattern  # matches any added-token string (special or not) in a text
     known_pieces: dict[Piece, list[int]]  # the template's constant pieces (control tokens, "\\n", ...) -> ids
@@ -78,8 +80,21 @@ class TokenizerInfo:
 
     @property
     def structural_tags(self) -> tuple[str, ...]:
-        """The reasoning tags that are single ids: structure inside assistant content."""
-        return tuple(tag for tag in REASONING_TAGS if tag in self.special_ids)
+        """The structure tags (reasoning, tool call / response) that are single ids: CONTROL where the
+        template puts them (``render_pieces(tags=...)``)."""
+        return tuple(tag for tag in STRUCTURE_TAGS if tag in self.special_ids)
+
+    @property
+    def missing_tags(self) -> tuple[str, ...]:
+        """The structure tags that are not single ids here: the template renders them as text."""
+        return tuple(tag for tag in STRUCTURE_TAGS if tag not in self.special_ids)
+
+    def missing_tags_note(self) -> str | None:
+        """One line saying which structure tags render as text with this tokenizer (None: none do)."""
+        if not self.missing_tags:
+            return None
+        return (f"{self.path}: {' '.join(self.missing_tags)} not single ids in this tokenizer: rendered and "
+                "trained as text")
 
     @property
     def stop_ids(self) -> list[int]:
@@ -127,7 +142,7 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
         raise TokenizerError(f"{file}: not a valid tokenizers file ({e})") from None
     specials = {}
-    for token in (*REQUIRED_SPECIALS, *CHAT_SPECIALS, *REASONING_TAGS):
+    for token in (*REQUIRED_SPECIALS, *CHAT_SPECIALS, *STRUCTURE_TAGS):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None and tokenizer.encode(token, add_special_tokens=False).ids == [token_id]:
             specials[token] = token_id
@@ -228,14 +243,31 @@ _KNOWN = 0
 _SOURCE = {TEXT: 1, PARSED: 2, CONTROL: 3}  # CONTROL: only an unknown control token (an error)
 
 
+_NOTED: set[Path] = set()  # tokenizers whose missing_tags_note this process has printed
+
+
+def note_missing_tags(tok: TokenizerInfo) -> None:
+    """Print ``warning: <missing_tags_note>`` on stderr once per process and tokenizer (chat, serve, eval);
+    pack says it once in its own warnings instead."""
+    note = tok.missing_tags_note()
+    if note is not None and tok.path not in _NOTED:
+        _NOTED.add(tok.path)
+        print(f"warning: {note}", file=sys.stderr)
+
+
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
-                supervise: str = "all", tag_weight: int = 1) -> Encoded:
+                supervise: str = "all", tag_weight: int = 1, tools: list | None = None,
+                enable_thinking: bool | None = None) -> Encoded:
     """One conversation through the template and :func:`encode_documents` (the only way chats are encoded)."""
     tok.require_chat("a conversation")
-    pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags)
+    note_missing_tags(tok)
+    pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags, tools, enable_thinking)
     return encode_documents(tok, [pieces], tag_weight)
 
 
-def prompt_ids(tok: TokenizerInfo, turns: list[dict]) -> list[int]:
-    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` (serve, chat, eval)."""
-    return encode_chat(tok, turns, add_generation_prompt=True, supervise="none").ids.tolist()
+def prompt_ids(tok: TokenizerInfo, turns: list[dict], tools: list | None = None,
+               enable_thinking: bool | None = None) -> list[int]:
+    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` and the thinking switch
+    (``enable_thinking``, see core.chat_template) (serve, chat, eval)."""
+    return encode_chat(tok, turns, add_generation_prompt=True, supervise="none", tools=tools,
+                       enable_thinking=enable_thinking).ids.tolist()

@@ -523,6 +523,8 @@ def pack(options: PackOptions) -> PackResult:
     total_items = count_items(specs, max_line)  # reads every input once: a broken file is refused here
     fingerprint = plan_fingerprint(options, specs, tok)
     result = PackResult(options.out)
+    if options.stage != "pretrain" and (note := tok.missing_tags_note()):
+        result.warnings.append(note)  # said once per run (the workers render quietly)
     with FolderLock(options.out, "pack", create="output folder"):
         done, meta = prepare_out(options, fingerprint, tok, result)
         result.kept_shards = len(done)

@@ -7,9 +7,11 @@ Schemas (``../shared/data/README.md``):
 - dpo: ``{"chosen": [turns], "rejected": [turns]}``, both valid conversations with the same prompt
   (``chosen[:-1] == rejected[:-1]``) and different final answers.
 Contents must be non-empty strings of valid Unicode (no lone UTF-16 surrogates). Extra keys are ignored,
-except the keys of a richer schema that tinylm cannot render yet (MiniMind-3 style ``reasoning_content``,
-``tool_calls`` and ``tools`` on turns or records, a ``tool`` role): ignoring them would silently strip
-part of the record, so such a record is refused (``unsupported_field``). A record whose contents hold
+except the keys of the richer schema (MiniMind-3 / OpenAI ``reasoning_content``, ``tool_calls`` and
+``tools`` on turns or records, a ``tool`` role): sft / reason records with them are validated and
+normalized by ``preprocess/chat_fields.py`` (:func:`parse_conversation`); elsewhere (dpo) ignoring them
+would silently strip part of the record, so such a record is refused (``unsupported_field``), as are the
+roles ``function`` / ``ipython``. A record whose contents hold
 more than ``max_chars`` characters in all is refused (``too_long``) before it is tokenized.
 
 A RecordError carries a short ``reason`` (the key under which ``--skip-bad`` counts it) and the
@@ -29,7 +31,7 @@ STAGES = ("pretrain", "sft", "reason", "dpo")
 DEFAULT_MAX_RECORD_CHARS = 1_000_000
 UNSUPPORTED_KEYS = ("reasoning_content", "tool_calls", "tools")
 UNSUPPORTED_ROLES = ("tool", "function", "ipython")
-UNSUPPORTED_HINT = "tinylm does not render tool calls / tools / reasoning_content yet"
+UNSUPPORTED_HINT = "tinylm renders tool calls, tools, reasoning_content and 'tool' turns in sft / reason records only"
 
 
 class RecordError(TinyLMError):
@@ -133,6 +135,14 @@ def parse_turns(obj: dict, key: str = "conversations") -> list[dict]:
     return out
 
 
+def parse_conversation(obj: dict) -> list[dict]:
+    """sft / reason turns: a record with tools, tool calls, tool turns or reasoning_content goes through
+    preprocess.chat_fields (validated there, normalized for the template); any other through parse_turns."""
+    from preprocess import chat_fields  # imported here: chat_fields builds on this module
+
+    return chat_fields.parse_chat(obj) if chat_fields.has_rich_fields(obj) else parse_turns(obj)
+
+
 def _expected_role(i: int, has_system: bool) -> str:
     if has_system:
         if i == 0:
@@ -162,9 +172,9 @@ def _parse(item: Item, stage: str) -> str | list[dict] | Pair:
     obj = decode_payload(item)
     if stage == "pretrain":
         return parse_text(obj)
-    _refuse_richer_schema(obj, "")
     if stage in ("sft", "reason"):
-        return parse_turns(obj)
+        return parse_conversation(obj)
+    _refuse_richer_schema(obj, "")
     if stage == "dpo":
         return parse_pair(obj)
     raise ValueError(f"unknown stage {stage!r}")

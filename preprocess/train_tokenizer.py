@@ -4,11 +4,13 @@
     python preprocess/train_tokenizer.py --input 'data/sample/*/*.jsonl' --out data/tokenizer
 
 Any record the packer reads is training text: ``{"text"}`` gives its text, ``{"conversations"}`` each
-turn's content, ``{"chosen", "rejected"}`` the chosen turns plus the rejected final answer (the shared
-prompt is counted once). The special tokens of ``core/chat_template.py`` get ids 0..6 in order and
-are cut out of the training text, so no merge is spent on pieces of them. ``<|endoftext|>``,
-``<|im_start|>`` and ``<|im_end|>`` are *special* (dropped by ``decode(skip_special_tokens=True)``);
-the reasoning tags are plain added tokens, still single ids, that such a decode keeps visible.
+turn's content (and thinking, tool calls and tools: ``preprocess/chat_fields.chat_texts``),
+``{"chosen", "rejected"}`` the chosen turns plus the rejected final answer (the shared prompt is counted
+once). The special tokens of ``core/chat_template.py`` get ids 0..10 in order and are cut out of the
+training text, so no merge is spent on pieces of them. ``<|endoftext|>``, ``<|im_start|>`` and
+``<|im_end|>`` are *special* (dropped by ``decode(skip_special_tokens=True)``); the structure tags
+(reasoning ``<think>`` ... ``</answer>`` at 3..6, tool ``<tool_call>`` ... ``</tool_response>`` at 7..10)
+are plain added tokens, still single ids, that such a decode keeps visible.
 
 The output folder holds ``tokenizer.json`` (the ``tokenizers`` file: no normalizer, ByteLevel
 pre-tokenizer and decoder, no post-processor, so encoding adds nothing and decoding gives the exact
@@ -42,12 +44,13 @@ from core.chat_template import (  # noqa: E402
     ENDOFTEXT,
     IM_END,
     IM_START,
-    REASONING_TAGS,
     SPECIAL_TOKENS,
+    STRUCTURE_TAGS,
 )
 from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import atomic_write_text, make_dir  # noqa: E402
-from preprocess.records import RecordError, decode_payload, parse_pair, parse_text, parse_turns  # noqa: E402
+from preprocess.chat_fields import chat_texts  # noqa: E402
+from preprocess.records import RecordError, decode_payload, parse_conversation, parse_pair, parse_text  # noqa: E402
 from preprocess.sources import (  # noqa: E402
     Item,
     SourceSpec,
@@ -66,7 +69,7 @@ def record_texts(obj: dict) -> list[str]:
     if "text" in obj:
         return [parse_text(obj)]
     if "conversations" in obj:
-        return [turn["content"] for turn in parse_turns(obj)]
+        return chat_texts(parse_conversation(obj))
     if "chosen" in obj or "rejected" in obj:
         pair = parse_pair(obj)
         return [turn["content"] for turn in pair.chosen] + [pair.rejected[-1]["content"]]
@@ -162,14 +165,14 @@ def train(corpus: Corpus, vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return unmark_reasoning_tags(tok)
+    return unmark_structure_tags(tok)
 
 
-def unmark_reasoning_tags(tok: Tokenizer) -> Tokenizer:
-    """Make the reasoning tags plain added tokens (single ids, kept by a skip-special decode)."""
+def unmark_structure_tags(tok: Tokenizer) -> Tokenizer:
+    """Make the structure tags plain added tokens (single ids, kept by a skip-special decode)."""
     data = json.loads(tok.to_str())
     for added in data["added_tokens"]:
-        added["special"] = added["content"] not in REASONING_TAGS
+        added["special"] = added["content"] not in STRUCTURE_TAGS
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
@@ -241,7 +244,7 @@ def summary(tok: Tokenizer, corpus: Corpus, files: list[Path]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (special tokens at ids 0..6).")
+    p = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (special tokens at ids 0..10).")
     p.add_argument(
         "--input",
         nargs="+",

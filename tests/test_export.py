@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.chat_template import render_text
+from core.chat_template import SPECIAL_TOKENS, STRUCTURE_TAGS, render_text
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from model.export_gguf import permute_rotary
@@ -213,7 +213,8 @@ def test_gguf_metadata_vocab_and_llama_forward(runs, kind, tmp_path):
     tokens = f["tokenizer.ggml.tokens"]
     assert len(tokens) == cfg.vocab_size and all(tokens[i] == tok.id_to_token(i) for i in range(len(tokens)))
     types = f["tokenizer.ggml.token_type"]
-    assert types[:7] == [3, 3, 3, 4, 4, 4, 4] and set(types[7:]) == {1}  # control, user-defined, normal
+    n = len(SPECIAL_TOKENS)  # control, user-defined (the structure tags), normal
+    assert types[:n] == [3, 3, 3] + [4] * len(STRUCTURE_TAGS) and set(types[n:]) == {1}
     spec = json.loads(TOKENIZER.read_text())
     assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in spec["model"]["merges"]]
     assert f["tokenizer.chat_template"] == trained.tokenizer.path.with_name("chat_template.jinja").read_text()

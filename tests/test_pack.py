@@ -26,6 +26,7 @@ from pack_helpers import (
     BAD_RECORDS,
     GOOD,
     LONG_USER,
+    TOK,
     assert_nothing_left,
     decode,
     documents,
@@ -41,6 +42,7 @@ import core.files
 from core.chat_template import render_text
 from core.files import FolderLock
 from preprocess import encode, pack, shards
+from preprocess.records import parse_conversation
 
 # ---------------------------------------------------------------- round trips
 
@@ -474,3 +476,52 @@ def test_eval_packs_with_pack_options_and_defaults(tmp_path, capsys):
         assert warned.startswith("bin/eval: warning: ") and warned == packed.stderr.replace("pack.py:", "bin/eval:")
         assert got["counts"] == shards.read_meta(tmp_path / f"p_{overlong}")["counts"]
         assert got["options"] == shards.read_meta(tmp_path / f"p_{overlong}")["options"]
+
+
+# ---------------------------------------------------------------- thinking and tool calls
+
+TOOL_RECORDS = [
+    {"tools": [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}],
+     "conversations": [{"role": "user", "content": "12*7?"},
+                       {"role": "assistant", "reasoning_content": "Use calc.", "content": None,
+                        "tool_calls": [{"id": "c1", "type": "function",
+                                        "function": {"name": "calc", "arguments": '{"expr": "12*7"}'}}]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "84"},
+                       {"role": "assistant", "content": "84"}]},
+    {"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+                       {"role": "assistant", "reasoning_content": "1+1=2", "content": "2", "extra": "ignored"}]},
+]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reason"])
+def test_thinking_and_tool_records_round_trip(tmp_path, capsys, stage):
+    """Pack renders tools, calls, results and reasoning_content as the template does; the loss covers the
+    thinking, the content, the call text and <|im_end|> of assistant turns, never results or the tools list."""
+    src = jsonl(tmp_path / "t.jsonl", TOOL_RECORDS)
+    rc, _, err = run(capsys, "--stage", stage, "--input", str(src), "--out", str(tmp_path / "o"))
+    assert rc == 0 and err == "", err
+    docs = documents(tmp_path / "o")
+    first = parse_conversation(TOOL_RECORDS[0])
+    assert [decode(t) for t, _ in docs] == [render_text(first), render_text(TOOL_RECORDS[1]["conversations"])]
+    assert [supervised_text(t, w) for t, w in docs] == [
+        '<think>\nUse calc.\n</think>\n\n<tool_call>\n{"name": "calc", "arguments": {"expr": "12*7"}}\n'
+        "</tool_call><|im_end|>84<|im_end|>",
+        "<think>\n1+1=2\n</think>\n\n2<|im_end|>"]
+    think = [TOK.special_ids["<think>"], TOK.special_ids["</think>"]]
+    assert {int(w) for t, w in docs for w in w[np.isin(t, think)]} == ({10} if stage == "reason" else {1})
+
+
+def test_a_tokenizer_without_tool_tags_packs_them_as_text_and_says_so(tmp_path, capsys):
+    spec = json.loads((TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if "tool_" not in t["content"]]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    src = jsonl(tmp_path / "t.jsonl", TOOL_RECORDS[:1])
+    rc, _, err = run(capsys, "--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"),
+                     "--tokenizer", str(tmp_path / "tok"))
+    assert rc == 0
+    assert err == (f"pack.py: warning: {tmp_path / 'tok' / 'tokenizer.json'}: <tool_call> </tool_call> "
+                   "<tool_response> </tool_response> not single ids in this tokenizer: rendered and trained as text\n")
+    [(tokens, weights)] = documents(tmp_path / "o")
+    assert decode(tokens) == render_text(parse_conversation(TOOL_RECORDS[0]))
+    assert not set(tokens.tolist()) & set(range(7, 11)) and set(weights.tolist()) == {0, 1}

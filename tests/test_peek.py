@@ -79,3 +79,22 @@ def test_errors_are_one_line(packed_sample, tmp_path):
     assert missing.stderr.startswith(f"peek: error: {tmp_path / 'nothing' / 'meta.json'}: missing")
     other = peek(packed_sample["sft"], "--verify", "--tokenizer", tmp_path / "no_tokenizer")
     assert other.returncode == 1 and other.stderr.count("\n") == 1 and other.stderr.startswith("peek: error: ")
+
+
+def test_row_shows_the_mask_of_a_thinking_and_tool_call_record(tmp_path):
+    """Thinking, the call and <|im_end|> are supervised; the tool result is not; tags are control tokens."""
+    conv = [{"role": "user", "content": "12*7?"},
+            {"role": "assistant", "reasoning_content": "Use calc.", "content": "On it.",
+             "tool_calls": [{"type": "function", "function": {"name": "calc", "arguments": {"expr": "12*7"}}}]},
+            {"role": "tool", "content": "84"}, {"role": "assistant", "content": "84"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"conversations": conv}) + "\n")
+    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "1")
+    proc = peek(tmp_path / "o", "--row", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert "\n".join(proc.stdout.splitlines()[2:]) == (
+        "⟦<|im_start|>⟧user\n12*7?⟦<|im_end|>⟧\n⟦<|im_start|>⟧assistant\n"
+        "[⟦<think>⟧\nUse calc.\n⟦</think>⟧\n\nOn it.\n⟦<tool_call>⟧\n"
+        '{"name": "calc", "arguments": {"expr": "12*7"}}\n⟦</tool_call>⟧⟦<|im_end|>⟧]\n'
+        "⟦<|im_start|>⟧user\n⟦<tool_response>⟧\n84\n⟦</tool_response>⟧⟦<|im_end|>⟧\n"
+        "⟦<|im_start|>⟧assistant\n[84⟦<|im_end|>⟧]\n")

@@ -297,7 +297,7 @@ def test_reasoning_tags_are_structure_only_in_assistant_content() -> None:
     mm3 = REFERENCE / "minimind3"
     if mm3.is_dir():  # <think> is a non-special added token there and <answer> is not a single id: text
         other = load_tokenizer(mm3)
-        assert other.structural_tags == ("<think>", "</think>")
+        assert other.structural_tags == ("<think>", "</think>", *ct.TOOL_TAGS)
         assert control_tokens(other, encode_chat(other, turns).ids.tolist()) == [
             ct.IM_START, ct.IM_END, ct.IM_START, "<think>", "</think>", ct.IM_END]
 
@@ -347,6 +347,12 @@ def test_record_texts_per_format() -> None:
     assert record_texts({"conversations": turns}) == ["q", "a"]
     rejected = [turns[0], {"role": "assistant", "content": "b"}]
     assert record_texts({"chosen": turns, "rejected": rejected}) == ["q", "a", "b"]
+    tool = {"type": "function", "function": {"name": "f"}}
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    rich = [turns[0], {"role": "assistant", "reasoning_content": "r", "tool_calls": [call]},
+            {"role": "tool", "content": "2"}, turns[1]]
+    assert record_texts({"tools": [tool], "conversations": rich}) == [
+        '{"type": "function", "function": {"name": "f"}}', "q", "r", '{"name": "f", "arguments": {"x": 1}}', "2", "a"]
 
 
 def test_special_token_strings_are_cut_out_of_training_text() -> None:

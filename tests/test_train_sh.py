@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from preprocess import shards
 from train import checkpoint
 from train.metrics import read_metrics
 
@@ -41,16 +42,20 @@ def test_smoke_runs_end_to_end(tmp_path):
         assert report["counts"]["written"] == len(cleaned) > 0
         assert set((out / "data" / "heldout" / f"{stage}.jsonl").read_text().splitlines()) <= set(cleaned)
 
-    # the re-run also takes two optional stages (2 steps each): DPO from the SFT model, LoRA + merge
+    # the re-run also takes three optional stages (2 steps each): DPO from the SFT model, LoRA + merge,
+    # and tool-use / thinking SFT on data/sample/tools
     again = bash("--smoke", env={"OUT_DIR": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                                  "SKIP_PACK": "1", "SKIP_CHAT": "1", "DPO": "1", "DPO_STEPS": "2", "LORA": "1",
-                                 "LORA_STEPS": "2"})
+                                 "LORA_STEPS": "2", "TOOLS": "1", "TOOLS_STEPS": "2"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout and "skipped (SKIP_CHAT=1)" in again.stdout
     dpo, lora = checkpoint.load(out / "dpo"), checkpoint.load(out / "lora")
     assert dpo.stage == "dpo" and dpo.reference.path == sft.path and dpo.step == 2
     assert lora.base.path == sft.path and lora.lora.rank == 8
     assert checkpoint.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
+    tools = checkpoint.load(out / "tools")
+    assert tools.stage == "sft" and tools.init_from.path == sft.path and tools.step == 2
+    assert shards.read_meta(out / "packed" / "tools")["counts"]["records_read"] == 120
 
 
 def test_clean_0_packs_the_raw_files(tmp_path):
