@@ -9,8 +9,9 @@ A completion (the text the model writes after the generation prompt) has the lay
 routed at once (``reasoning``, ``content``, ``tool_call``). Rules:
 
 - ``<think>`` opens reasoning only before any content or call (a model's answer may start with it); the
-  parser starts *inside* reasoning when the prompt already ended with ``<think>\\n`` (feed that prompt tail
-  first: :func:`generation_tail`). ``</think>`` closes it; inside reasoning no other tag is structure.
+  parser starts *inside* reasoning when the prompt already ended with ``<think>\\n`` (pass that prompt
+  tail, ``core.chat_template.THINKING_PROMPTS[enable_thinking]``, as ``prefill``). ``</think>`` closes it;
+  inside reasoning no other tag is structure.
 - ``<tool_call>`` in content starts a call; everything up to ``</tool_call>`` is held back. A body that is a
   JSON object with a non-empty string ``name`` and ``arguments`` that are an object (or a string holding
   the JSON of an object; missing = ``{}``) becomes a :class:`ToolCall`; anything else, and a call left open
@@ -30,11 +31,17 @@ import json
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from core.chat_template import render_text
+from core.chat_template import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_TAGS = ("<answer>", "</answer>")
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+ANSWER_TAGS = (ANSWER_OPEN, ANSWER_CLOSE)
+CALL_OPEN, CALL_CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 REASONING, CONTENT, TOOL_CALL = "reasoning", "content", "tool_call"
 
 
@@ -80,17 +87,11 @@ def parse_tool_call(body: str) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def generation_tail(enable_thinking: bool | None) -> str:
-    """What the generation prompt appends after ``<|im_start|>assistant\\n`` for this thinking switch
-    (taken from the template itself): the parser is fed it first so it knows where the completion starts."""
-    plain = render_text([], add_generation_prompt=True)
-    return render_text([], add_generation_prompt=True, enable_thinking=enable_thinking)[len(plain):]
-
-
 class CompletionParser:
     """Feed decoded text with :meth:`feed`; :meth:`finish` at the end. Each returns the new events."""
 
     def __init__(self, prefill: str = "") -> None:
+        """``prefill``: the completion's start that the prompt already holds (parsed first, e.g. ``<think>\\n``)."""
         self.mode = CONTENT  # CONTENT, REASONING or TOOL_CALL (inside a call, held back)
         self.buf = ""  # text not yet decided (a possible tag start, or a call's body)
         self.held = {REASONING: "", CONTENT: ""}  # trailing whitespace, sent only if more text follows

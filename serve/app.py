@@ -68,7 +68,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from torch import nn
 
-from core.chat_template import CONTROL, TEXT, Piece, render_text
+from core.chat_template import CONTROL, TEXT, THINKING_PROMPTS, Piece, render_text
 from core.completion import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -77,7 +77,6 @@ from core.completion import (
     TOOL_CALL,
     CompletionParser,
     Event,
-    generation_tail,
     parse_json_object,
 )
 from core.detokenize import IncrementalDecoder
@@ -656,7 +655,7 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
                        f"{engine.context}-token context: at most {room} tokens are left", name,
                        "context_length_exceeded")
     sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                        secrets.randbits(63) if seed is None else seed, generation_tail(thinking) + forced_text)
+                        secrets.randbits(63) if seed is None else seed, THINKING_PROMPTS[thinking] + forced_text)
     return sampling, stream, include_usage
 
 
