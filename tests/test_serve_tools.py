@@ -109,9 +109,7 @@ def test_full_tool_round_trip(server, client):
     assert call.function.name == "calculator" and json.loads(call.function.arguments) == {"expression": "2+3"}
     result = calculator.run(call.function.arguments)
     assert result == "5"
-    history = [*QUESTION,
-               {"role": "assistant", "content": None, "reasoning_content": REASONING,
-                "tool_calls": [call.model_dump()]},
+    history = [*QUESTION, choice.message.model_dump(exclude_none=True),  # as the README shows
                {"role": "tool", "tool_call_id": call.id, "content": result}]
     second = ask(client, history, tools=TOOLS)
     assert second.choices[0].message.content == "2 + 3 = 5." and second.choices[0].finish_reason == "stop"
