@@ -97,6 +97,7 @@ class CompletionParser:
         self.held = {REASONING: "", CONTENT: ""}  # trailing whitespace, sent only if more text follows
         self.started = {REASONING: False, CONTENT: False}
         self.calls = 0
+        self.scanned = 0  # inside a call: how much of buf is known to hold no </tool_call>
         self.events: list[Event] = []
         if prefill:
             self.feed(prefill)
@@ -126,9 +127,11 @@ class CompletionParser:
     def _step(self) -> bool:
         """Decide as much of ``buf`` as possible; True when a tag was consumed (call again)."""
         if self.mode == TOOL_CALL:
-            end = self.buf.find(CALL_CLOSE)
+            end = self.buf.find(CALL_CLOSE, max(0, self.scanned - len(CALL_CLOSE) + 1))
             if end < 0:
+                self.scanned = len(self.buf)  # a long call is searched once, not again at every piece
                 return False
+            self.scanned = 0
             body, self.buf = self.buf[:end], self.buf[end + len(CALL_CLOSE):]
             self.mode = CONTENT
             self._call(body)
