@@ -90,8 +90,10 @@ def parse_tool_call(body: str) -> ToolCall | None:
 class CompletionParser:
     """Feed decoded text with :meth:`feed`; :meth:`finish` at the end. Each returns the new events."""
 
-    def __init__(self, prefill: str = "") -> None:
-        """``prefill``: the completion's start that the prompt already holds (parsed first, e.g. ``<think>\\n``)."""
+    def __init__(self, prefill: str = "", tool_calls: bool = True) -> None:
+        """``prefill``: the completion's start that the prompt already holds (parsed first, e.g. ``<think>\\n``);
+        ``tool_calls=False``: ``<tool_call>`` is plain text (a request with ``tool_choice="none"``)."""
+        self.call_tags = (CALL_OPEN,) if tool_calls else ()
         self.mode = CONTENT  # CONTENT, REASONING or TOOL_CALL (inside a call, held back)
         self.buf = ""  # text not yet decided (a possible tag start, or a call's body)
         self.held = {REASONING: "", CONTENT: ""}  # trailing whitespace, sent only if more text follows
@@ -122,7 +124,7 @@ class CompletionParser:
         if self.mode == REASONING:
             return (THINK_CLOSE,)
         may_think = not (self.started[CONTENT] or self.started[REASONING] or self.calls)
-        return (CALL_OPEN, *ANSWER_TAGS, *((THINK_OPEN,) if may_think else ()))
+        return (*self.call_tags, *ANSWER_TAGS, *((THINK_OPEN,) if may_think else ()))
 
     def _step(self) -> bool:
         """Decide as much of ``buf`` as possible; True when a tag was consumed (call again)."""

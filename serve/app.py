@@ -30,8 +30,8 @@ Text: token ids go through :class:`~core.detokenize.IncrementalDecoder` (a chunk
 UTF-8 character), then through the ``stop`` strings filter: text that could be the start of a stop
 string is held back until it is decided; at a stop string the answer ends there (finish "stop"). Then
 :class:`~core.completion.CompletionParser` splits it into ``reasoning_content``, ``content`` and tool calls
-(a call is held back until its ``</tool_call>``; a malformed one is content); an answer with a call
-finishes ``"tool_calls"``.
+(a call is held back until its ``</tool_call>``; a malformed one is content; with ``tool_choice="none"``
+the tags stay text); an answer with a call finishes ``"tool_calls"``.
 
 Thinking and tools: ``tools`` are rendered into the system turn by the template; ``tool_choice`` ``"auto"``
 (default) lets the model decide, ``"none"`` renders no tools, ``"required"`` prefills ``<tool_call>\n``
@@ -128,6 +128,7 @@ class Sampling:
     stop: list[str]
     seed: int
     prefill: str = ""  # the completion's start already in the prompt (<think>\n, a forced call's start)
+    tool_calls: bool = True  # parse <tool_call> blocks as calls (False: tool_choice "none", they stay text)
 
 
 @dataclass
@@ -235,7 +236,7 @@ class Engine:
                          stop_ids=self.stop_ids, generator=generator)
         decoder = IncrementalDecoder(self.tokenizer.tokenizer)
         stops = StopFilter(s.stop)
-        parser = CompletionParser(s.prefill)
+        parser = CompletionParser(s.prefill, s.tool_calls)
         finish = None
         for (token,) in gen:
             if job.cancelled.is_set():
@@ -635,6 +636,7 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
     seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
     stop = parse_stop(body)
     tools, forced = parse_tool_choice(body, parse_tools(body))
+    calls = body.get("tool_choice") != "none"
     thinking = parse_thinking(body)
     if forced is not None and thinking:
         raise APIError(400, "a forced 'tool_choice' cannot be combined with chat_template_kwargs.enable_thinking="
@@ -655,7 +657,8 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
                        f"{engine.context}-token context: at most {room} tokens are left", name,
                        "context_length_exceeded")
     sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                        secrets.randbits(63) if seed is None else seed, THINKING_PROMPTS[thinking] + forced_text)
+                        secrets.randbits(63) if seed is None else seed, THINKING_PROMPTS[thinking] + forced_text,
+                        calls)
     return sampling, stream, include_usage
 
 

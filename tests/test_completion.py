@@ -92,3 +92,8 @@ def test_parse_tool_call_arguments_are_canonical_json():
     assert call == ToolCall("f", '{"q": "北京", "n": [1, 2.5]}') and json.loads(call.arguments)["q"] == "北京"
     assert parse_tool_call('{"name": "", "arguments": {}}') is None
     assert parse_tool_call("[" * 100000) is None  # too deep to parse: malformed, not a crash
+
+
+def test_calls_off_leaves_the_tags_as_text():
+    parser = CompletionParser(tool_calls=False)
+    assert merged(parser.feed("ok " + CALL) + parser.finish()) == [Event(CONTENT, "ok " + CALL)]

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from scripted import BROKEN, REASONING, TOKENIZER, TOOL_SCRIPTS, ScriptedLM
+from scripted import BROKEN, CALL, REASONING, TOKENIZER, TOOL_SCRIPTS, ScriptedLM
 from test_serve import KEY, browser, free_port, needs_browser, send_and_wait
 
 from core.tokenizer import load_tokenizer, prompt_ids
@@ -184,8 +184,9 @@ def test_tool_choice(server, client):
     assert server.model.prompts[-1] == base + forced_call_ids(server.info, forced_call_text("calculator"))
     assert named.finish_reason == "tool_calls"
     assert json.loads(named.message.tool_calls[0].function.arguments) == {"expression": "7*6"}
-    ask(client, QUESTION, tools=TOOLS, tool_choice="none")
+    none = ask(client, QUESTION, tools=TOOLS, tool_choice="none").choices[0]  # the model calls anyway: text
     assert server.model.prompts[-1] == prompt_ids(server.info, QUESTION)
+    assert (none.message.content, none.message.tool_calls, none.finish_reason) == (CALL, None, "stop")
     ask(client, QUESTION, tools=TOOLS, tool_choice="auto")
     assert server.model.prompts[-1] == base
 
