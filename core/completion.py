@@ -43,6 +43,7 @@ from core.chat_template import (
 ANSWER_TAGS = (ANSWER_OPEN, ANSWER_CLOSE)
 CALL_OPEN, CALL_CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 REASONING, CONTENT, TOOL_CALL = "reasoning", "content", "tool_call"
+_LONGEST_TAG = max(map(len, (THINK_OPEN, THINK_CLOSE, CALL_OPEN, *ANSWER_TAGS)))
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,18 @@ class CompletionParser:
             self.buf = self.buf[i + len(tag):]
             self._tag(tag)
             return True
-        keep = max((n for tag in tags for n in range(1, len(tag)) if self.buf.endswith(tag[:n])), default=0)
-        self._text(self.buf[:len(self.buf) - keep])
-        self.buf = self.buf[len(self.buf) - keep:]
+        cut = self._undecided(tags)
+        self._text(self.buf[:cut])
+        self.buf = self.buf[cut:]
         return False
+
+    def _undecided(self, tags: tuple[str, ...]) -> int:
+        """Where the tail of ``buf`` that may still become one of ``tags`` starts (len(buf): none). Tags hold
+        "<" only as their first character, so only the last "<" can start such a tail."""
+        start = self.buf.rfind("<", max(0, len(self.buf) - _LONGEST_TAG))
+        if start >= 0 and any(tag.startswith(self.buf[start:]) for tag in tags):
+            return start
+        return len(self.buf)
 
     def _tag(self, tag: str) -> None:
         if tag == THINK_OPEN:
