@@ -180,33 +180,38 @@ def _tag_splitter(tags: tuple[str, ...]) -> re.Pattern | None:
 
 
 class _Builder:
-    """Collects pieces, merging each TEXT piece into a preceding TEXT piece with the same flag."""
+    """Collects pieces: ``put`` appends one that cannot merge (a CONTROL piece, or any piece right after
+    one); ``text`` merges into a preceding TEXT piece with the same flag; empty texts are left out."""
 
     def __init__(self, tags: Sequence[str]) -> None:
         self.pieces: list[Piece] = []
-        self.tags = frozenset(tags)
-
-    def add(self, piece: Piece) -> None:
-        if not piece.text:
-            return
-        last = self.pieces[-1] if self.pieces else None
-        if piece.kind == TEXT and last is not None and last.kind == TEXT and last.supervised == piece.supervised:
-            self.pieces[-1] = Piece(last.text + piece.text, TEXT, piece.supervised)
-        else:
-            self.pieces.append(piece)
+        self.put = self.pieces.append
+        self.tags = tags
 
     def text(self, text: str, learn: bool) -> None:
-        self.add(Piece(text, TEXT, learn))
+        if not text:
+            return
+        pieces = self.pieces
+        last = pieces[-1] if pieces else None
+        if last is not None and last.kind == TEXT and last.supervised == learn:
+            pieces[-1] = Piece(last.text + text, TEXT, learn)
+        else:
+            pieces.append(Piece(text, TEXT, learn))
 
     def tag(self, tag: str, learn: bool) -> None:
         """A structure tag: CONTROL when the tokenizer has it as one id, else TEXT (weighted like text)."""
-        self.add(Piece(tag, CONTROL if tag in self.tags else TEXT, learn))
+        if tag in self.tags:
+            self.put(Piece(tag, CONTROL, learn))
+        else:
+            self.text(tag, learn)
 
     def split_tags(self, text: str, learn: bool, splitter: re.Pattern | None) -> None:
         """Text whose tags found by ``splitter`` (odd parts of the split) are structure: assistant content,
         the tools instruction."""
-        parts = splitter.split(text) if splitter else (text,)
-        for j, part in enumerate(parts):
+        if splitter is None:
+            self.text(text, learn)
+            return
+        for j, part in enumerate(splitter.split(text)):
             self.tag(part, learn) if j % 2 else self.text(part, learn)
 
 
@@ -236,13 +241,13 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
             _render_tool(out, turn, i == 0 or turns[i - 1]["role"] != "tool",
                          i == last or turns[i + 1]["role"] != "tool")
         elif not (i == 0 and role == "system" and tools):
-            out.add(_START)
-            out.text(f"{role}\n{turn['content']}", False)
-            out.add(_END)
-            out.add(_NEWLINE)
+            out.put(_START)
+            out.put(Piece(f"{role}\n{turn['content']}", TEXT, False))
+            out.put(_END)
+            out.put(_NEWLINE)
     if add_generation_prompt:
-        out.add(_START)
-        out.add(_ASSISTANT_HEADER)
+        out.put(_START)
+        out.put(_ASSISTANT_HEADER)
         if enable_thinking is not None:
             out.tag(THINK_OPEN, False)
             if enable_thinking is False:
@@ -255,18 +260,18 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
 def _render_tools(out: _Builder, turns: list[dict], tools: list) -> None:
     """The system turn with the tools block (unsupervised; the format line's call tags are structure)."""
     system = turns[0].get("content") if turns and turns[0]["role"] == "system" else ""
-    out.add(_START)
+    out.put(_START)
     out.text("system\n" + (f"{system}\n\n" if system else "") + TOOLS_INTRO
              + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools), False)
     out.split_tags(TOOLS_OUTRO, False, _tag_splitter(tuple(t for t in _CALL_TAGS if t in out.tags)))
-    out.add(_END)
-    out.add(_NEWLINE)
+    out.put(_END)
+    out.put(_NEWLINE)
 
 
 def _render_assistant(out: _Builder, turn: dict, learn: bool, splitter: re.Pattern | None) -> None:
     """Header, then (supervised when ``learn``) thinking, content, tool calls and ``<|im_end|>``."""
-    out.add(_START)
-    out.add(_ASSISTANT_HEADER)
+    out.put(_START)
+    out.put(_ASSISTANT_HEADER)
     reasoning = turn.get("reasoning_content")
     if reasoning:
         out.tag(THINK_OPEN, learn)
@@ -281,19 +286,19 @@ def _render_assistant(out: _Builder, turn: dict, learn: bool, splitter: re.Patte
         out.tag(TOOL_CALL_OPEN, learn)
         out.text(f"\n{tool_call_text(call)}\n", learn)
         out.tag(TOOL_CALL_CLOSE, learn)
-    out.add(_END_LEARN if learn else _END)
-    out.add(_NEWLINE)
+    out.put(_END_LEARN if learn else _END)
+    out.put(_NEWLINE)
 
 
 def _render_tool(out: _Builder, turn: dict, first: bool, last: bool) -> None:
     """One tool result inside the user turn that a run of tool turns becomes (never supervised)."""
     if first:
-        out.add(_START)
+        out.put(_START)
         out.text("user", False)
     out.text("\n", False)
     out.tag(TOOL_RESPONSE_OPEN, False)
     out.text(f"\n{turn.get('content') or ''}\n", False)
     out.tag(TOOL_RESPONSE_CLOSE, False)
     if last:
-        out.add(_END)
-        out.add(_NEWLINE)
+        out.put(_END)
+        out.put(_NEWLINE)

@@ -2,7 +2,8 @@
 
 A record takes this path when it has any of (``None``, ``""`` and ``[]`` count as absent):
 - ``tools``: OpenAI function definitions ``[{"type": "function", "function": {"name", "description"?,
-  "parameters"?}}]``, on the record or on the leading system turn (not both), a list or a JSON string of one;
+  "parameters"?}}]``, on the record or on the leading system turn (not both; that turn's content may then be
+  empty), a list or a JSON string of one;
 - ``reasoning_content`` (assistant turns): the thinking, a string without ``</think>``, and then the
   content holds no ``<think>`` block of its own;
 - ``tool_calls`` (assistant turns): ``[{"id"?, "type"?: "function", "function": {"name", "arguments"}}]``,
@@ -178,6 +179,8 @@ def _expected(prev: dict | None, has_system: bool, index: int) -> tuple[str, ...
 def parse_chat(obj: dict, key: str = "conversations") -> list[dict]:
     """The validated, normalized turns of a record with rich fields (see the module docstring)."""
     turns = obj.get(key)
+    if turns is None:
+        raise RecordError("missing_field", "missing", key)
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_type", "expected a non-empty list of turns", key)
     has_system = isinstance(turns[0], dict) and turns[0].get("role") == "system"
@@ -200,6 +203,8 @@ def parse_chat(obj: dict, key: str = "conversations") -> list[dict]:
         elif role == TOOL_ROLE:
             calls = next(t for t in reversed(out) if t["role"] == "assistant")["tool_calls"]
             out.append(_tool(turn, field, {c["id"] for c in calls if "id" in c}))
+        elif i == 0 and role == "system" and tools and turn.get("content") in (None, ""):
+            out.append({"role": role, "content": ""})  # a system turn that only holds the tools
         else:
             out.append({"role": role, "content": _content(turn.get("content"), f"{field}.content")})
     if out[-1]["role"] != "assistant":

@@ -12,7 +12,7 @@ from conftest import SAMPLE, run_pack
 from pack_helpers import BAD_RECORDS, GOOD, assert_nothing_left, jsonl, one_line_error, run
 
 from preprocess import pack, shards
-from preprocess.records import parse_conversation
+from preprocess.records import RecordError, parse_conversation
 
 HELLO = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
 
@@ -217,6 +217,11 @@ def test_rich_records_are_normalized_for_the_template():
     assert parse_conversation({"conversations": [Q, {**A, "tool_calls": []}]}) == [Q, A]
     system = {"role": "system", "content": "s", "tools": json.dumps([TOOL])}
     assert parse_conversation({"conversations": [system, Q, A]})[0] == {**system, "tools": [TOOL]}
+    only_tools = {"role": "system", "content": None, "tools": [TOOL]}
+    assert parse_conversation({"conversations": [only_tools, Q, A]})[0] == {**only_tools, "content": ""}
+    with pytest.raises(RecordError) as err:
+        parse_conversation({"tools": [TOOL]})
+    assert (err.value.reason, err.value.field) == ("missing_field", "conversations")
 
 
 def test_tools_sample_is_reproducible_valid_and_correct():
