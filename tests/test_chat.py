@@ -10,7 +10,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -131,7 +131,7 @@ def test_errors_are_one_line(ckpts, tmp_path):
 @pytest.fixture
 def chat(monkeypatch, capsys):
     """``chat(*args, stdin=None) -> (stdout, the ScriptedLM)``: bin/chat's main() with load_model replaced."""
-    monkeypatch.syspath_prepend(str(ROOT / "bin"))
+    monkeypatch.setitem(sys.modules, "_bootstrap", ModuleType("_bootstrap"))  # no re-exec inside pytest
     loader = importlib.machinery.SourceFileLoader("bin_chat", str(ROOT / "bin" / "chat"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bin_chat", loader))
     loader.exec_module(module)
