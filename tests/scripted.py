@@ -37,6 +37,7 @@ BROKEN = '<tool_call>\n{"name": "calculator", "arguments": {2+3}}\n</tool_call>'
 TOOL_SCRIPTS = [
     ("<tool_response>\n5\n</tool_response>", "2 + 3 = 5."),  # once the tool's result is in the prompt
     ("broken please", "Let me try. " + BROKEN),
+    ("weather please", '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'),
     ('assistant\n<tool_call>\n{"name": "calculator", "arguments": ', '{"expression": "7*6"}}\n</tool_call>'),
     ("assistant\n<tool_call>\n", '{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'),
     ("assistant\n<think>\n\n</think>\n\n", "Plain answer."),

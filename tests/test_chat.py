@@ -144,7 +144,9 @@ def chat(monkeypatch, capsys):
             monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         capsys.readouterr()
         assert module.main(["--ckpt", "scripted", "--temperature", "0", *args]) == 0
-        return capsys.readouterr().out, model
+        output = capsys.readouterr()
+        run_chat.stderr = output.err
+        return output.out, model
 
     return run_chat
 
@@ -194,6 +196,15 @@ def test_interactive_history_keeps_calls_and_results(chat):
                {"role": "assistant", "content": "2 + 3 = 5."},
                {"role": "user", "content": "again"}]
     assert model.prompts[-1] == prompt_ids(model.info, history, tools=[calculator.TOOL])
+
+
+def test_call_to_a_tool_not_offered_and_the_round_limit(chat):
+    """The model reads an error for a function it was not offered; after 4 rounds of calls the next one is
+    shown, not run."""
+    out, model = chat("--prompt", "weather please", "--tools", "calculator")
+    call, result = "-> weather {}", '<- error: no tool named "weather" (offered: calculator)'
+    assert out == f"{call}\n{result}\n" * 4 + f"{call}\n" and len(model.prompts) == 5
+    assert "(stopped after 4 rounds of tool calls; these calls were not run)" in chat.stderr
 
 
 def test_unknown_tool_is_a_usage_error(ckpts):
