@@ -54,29 +54,3 @@ class IncrementalDecoder:
         self.prefix = self.read = len(self.ids)
         return after[len(before):].rstrip(REPLACEMENT) if len(after) > len(before) else ""
 
-
-class ThinkFilter:
-    """Token-level filter for reasoning output: with ``hide=True`` the ids from ``<think>`` to ``</think>``
-    (inclusive) and the ``<answer>``/``</answer>`` tags are dropped, so only the answer is shown.
-
-    The tags are single ids (``chat_template.REASONING_TAGS``); ``special_ids`` maps tag -> id and may lack
-    them (a tokenizer without reasoning tags: nothing is filtered).
-    """
-
-    def __init__(self, special_ids: dict[str, int], hide: bool) -> None:
-        self.hide = hide
-        self.open, self.close = special_ids.get("<think>"), special_ids.get("</think>")
-        self.tags = {special_ids[t] for t in ("<answer>", "</answer>") if t in special_ids}
-        self.inside = False
-
-    def keep(self, token_id: int) -> bool:
-        """Whether ``token_id`` is visible (updates the inside-think state)."""
-        if not self.hide:
-            return True
-        if token_id == self.open:
-            self.inside = True
-            return False
-        if token_id == self.close:
-            self.inside = False
-            return False
-        return not self.inside and token_id not in self.tags

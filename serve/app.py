@@ -28,7 +28,16 @@ server does not implement are all 400 with ``param``. Text the tokenizer refuses
 
 Text: token ids go through :class:`~core.detokenize.IncrementalDecoder` (a chunk never splits a
 UTF-8 character), then through the ``stop`` strings filter: text that could be the start of a stop
-string is held back until it is decided; at a stop string the answer ends there (finish "stop").
+string is held back until it is decided; at a stop string the answer ends there (finish "stop"). Then
+:class:`~core.completion.CompletionParser` splits it into ``reasoning_content``, ``content`` and tool calls
+(a call is held back until its ``</tool_call>``; a malformed one is content; with ``tool_choice="none"``
+the tags stay text); an answer with a call finishes ``"tool_calls"``.
+
+Thinking and tools: ``tools`` are rendered into the system turn by the template; ``tool_choice`` ``"auto"``
+(default) lets the model decide, ``"none"`` renders no tools, ``"required"`` prefills ``<tool_call>\n``
+and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut from the template's
+own rendering of a call, and fed to the parser as the completion's start, like the ``<think>\n`` that
+``chat_template_kwargs.enable_thinking=true`` appends).
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -59,13 +68,24 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from torch import nn
 
+from core.chat_template import CONTROL, TEXT, THINKING_PROMPTS, Piece, render_text
+from core.completion import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    CONTENT,
+    REASONING,
+    TOOL_CALL,
+    CompletionParser,
+    Event,
+    parse_json_object,
+)
 from core.detokenize import IncrementalDecoder
 from core.errors import TinyLMError
-from core.tokenizer import TokenizerInfo, prompt_ids
+from core.tokenizer import TokenizerInfo, encode_documents, prompt_ids
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
 
 STATIC = Path(__file__).resolve().parent / "static"
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 BODY_TIMEOUT = 30.0  # seconds for the whole request body
 PARSE_THREADS = 2  # JSON parsing + validation + tokenization threads
@@ -73,6 +93,9 @@ MAX_DEPTH = 32  # nesting of arrays/objects in a request body
 MAX_INT_DIGITS = 40  # longer integer literals are refused without converting them
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop string (the filter's hold-back is O(length) per token)
+MAX_TOOLS = 128  # function definitions per request (OpenAI's limit)
+FINISH_TOOL_CALLS = "tool_calls"
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63)
 CLIENT_CLOSED = 499  # status of a request whose client went away (never seen by anyone)
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -104,6 +127,8 @@ class Sampling:
     repetition_penalty: float
     stop: list[str]
     seed: int
+    prefill: str = ""  # the completion's start already in the prompt (<think>\n, a forced call's start)
+    tool_calls: bool = True  # parse <tool_call> blocks as calls (False: tool_choice "none", they stay text)
 
 
 @dataclass
@@ -117,6 +142,10 @@ class Job:
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def send_parsed(self, events: list[Event]) -> None:
+        for event in events:
+            self.send("event", event)
 
 
 class StopFilter:
@@ -207,22 +236,25 @@ class Engine:
                          stop_ids=self.stop_ids, generator=generator)
         decoder = IncrementalDecoder(self.tokenizer.tokenizer)
         stops = StopFilter(s.stop)
+        parser = CompletionParser(s.prefill, s.tool_calls)
         finish = None
         for (token,) in gen:
             if job.cancelled.is_set():
                 return False
             text, hit = stops.push(decoder.push(token))
             if text:
-                job.send("text", text)
+                job.send_parsed(parser.feed(text))
             if hit:
                 finish = FINISH_STOP
                 break
         if finish is None:
             text, hit = stops.push(decoder.flush())
             text += "" if hit else stops.flush()
-            if text:
-                job.send("text", text)
+            job.send_parsed(parser.feed(text))
             finish = FINISH_STOP if hit else gen.finish_reasons[0] or FINISH_LENGTH
+        job.send_parsed(parser.finish())
+        if parser.calls and finish == FINISH_STOP:
+            finish = FINISH_TOOL_CALLS
         usage = {"prompt_tokens": len(s.prompt), "completion_tokens": len(gen.tokens[0]),
                  "total_tokens": len(s.prompt) + len(gen.tokens[0])}
         job.send("done", (finish, usage))
@@ -346,6 +378,8 @@ def _flag(body: dict, name: str, param: str | None = None) -> bool:
 
 def _content(message: dict, i: int) -> str:
     content = message.get("content")
+    if content is None and message.get("role") == "assistant" and message.get("tool_calls"):
+        return ""  # an assistant turn that only calls tools
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -373,9 +407,154 @@ def parse_messages(body: dict) -> list[dict]:
         role = m.get("role")
         if not (isinstance(role, str) and role in ROLES):
             raise APIError(400, f"messages[{i}].role {_show(role)} is not supported; use one of "
-                           "system, developer, user, assistant", f"messages[{i}].role", "invalid_value")
-        turns.append({"role": ROLES[role], "content": _content(m, i)})
+                           "system, developer, user, assistant, tool", f"messages[{i}].role", "invalid_value")
+        turn = {"role": ROLES[role], "content": _content(m, i)}
+        if role == "assistant":
+            turn.update(_assistant_fields(m, i))
+        elif role == "tool":
+            turn.update(_tool_fields(m, i))
+        turns.append(turn)
     return turns
+
+
+def _optional_string(message: dict, name: str, where: str) -> dict:
+    """``{name: value}`` when the message has a string ``name``, {} when absent or null, else 400."""
+    value = message.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.{name} must be a string, got {_show(value)}", f"{where}.{name}", "invalid_type")
+    return {name: value}
+
+
+def _assistant_fields(message: dict, i: int) -> dict:
+    """``reasoning_content`` and validated ``tool_calls`` of an assistant history turn."""
+    fields = _optional_string(message, "reasoning_content", f"messages[{i}]")
+    calls = message.get("tool_calls")
+    if calls is None:
+        return fields
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise APIError(400, f"{where} must be a non-empty array", where, "invalid_value")
+    fields["tool_calls"] = [_history_call(call, f"{where}[{j}]") for j, call in enumerate(calls)]
+    return fields
+
+
+def _history_call(call: Any, where: str) -> dict:
+    """One ``{"id"?, "type": "function", "function": {"name", "arguments"}}``; arguments are the JSON text of
+    an object (or an object)."""
+    if not (isinstance(call, dict) and call.get("type", "function") == "function"
+            and isinstance(call.get("function"), dict)):
+        raise APIError(400, f'{where} must be {{"type": "function", "function": {{"name", "arguments"}}}}', where,
+                       "invalid_value")
+    function = call["function"]
+    name = function.get("name")
+    if not (isinstance(name, str) and name):
+        raise APIError(400, f"{where}.function.name must be a non-empty string", f"{where}.function.name",
+                       "invalid_value")
+    arguments = function.get("arguments", "{}")
+    if not (isinstance(arguments, dict) or isinstance(arguments, str) and parse_json_object(arguments) is not None):
+        raise APIError(400, f"{where}.function.arguments must be the JSON text of an object, got {_show(arguments)}",
+                       f"{where}.function.arguments", "invalid_value")
+    return {**_optional_string(call, "id", where), "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_fields(message: dict, i: int) -> dict:
+    where = f"messages[{i}]"
+    return {**_optional_string(message, "tool_call_id", where), **_optional_string(message, "name", where)}
+
+
+def parse_tools(body: dict) -> list[dict] | None:
+    """The request's function definitions, ``[{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}]`` (None when there are none)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise APIError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools", "invalid_value")
+    names: set[str] = set()
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)):
+            raise APIError(400, f'{where} must be {{"type": "function", "function": {{...}}}}', where,
+                           "invalid_value")
+        function = tool["function"]
+        name = function.get("name")
+        if not (isinstance(name, str) and _FUNCTION_NAME.fullmatch(name)) or name in names:
+            raise APIError(400, f"{where}.function.name must be a new name of 1-64 letters, digits, _ or -, got "
+                           f"{_show(name)}", f"{where}.function.name", "invalid_value")
+        names.add(name)
+        for key, kind in (("description", str), ("parameters", dict)):
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise APIError(400, f"{where}.function.{key} must be a{'n object' if kind is dict else ' string'}",
+                               f"{where}.function.{key}", "invalid_type")
+        out.append({"type": "function", "function": {k: function[k] for k in ("name", "description", "parameters")
+                                                      if function.get(k) is not None}})
+    return out or None
+
+
+def parse_tool_choice(body: dict, tools: list[dict] | None) -> tuple[list[dict] | None, str | None]:
+    """(tools to render, forced call: None, "" = any function, or a function's name)."""
+    choice = body.get("tool_choice")
+    if choice is None or choice == "auto":
+        return tools, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        forced = ""
+    elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str)):
+        forced = choice["function"]["name"]
+    else:
+        raise APIError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                       '{"type": "function", "function": {"name": ...}}', "tool_choice", "invalid_value")
+    if tools is None:
+        raise APIError(400, "'tool_choice' asks for a tool call but the request has no 'tools'", "tool_choice",
+                       "invalid_value")
+    if forced and forced not in {t["function"]["name"] for t in tools}:
+        raise APIError(400, f"'tool_choice' names the function {_show(forced)}, which is not in 'tools'",
+                       "tool_choice", "invalid_value")
+    return tools, forced
+
+
+def parse_thinking(body: dict) -> bool | None:
+    """``chat_template_kwargs.enable_thinking`` (the vLLM convention): None = the model decides."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise APIError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+    for key in kwargs:
+        if key != "enable_thinking":
+            raise APIError(400, f"chat_template_kwargs.{key} is not supported (only enable_thinking)",
+                           f"chat_template_kwargs.{key}", "unsupported_parameter")
+    value = kwargs.get("enable_thinking")
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"chat_template_kwargs.enable_thinking must be a boolean, got {_show(value)}",
+                       "chat_template_kwargs.enable_thinking", "invalid_type")
+    return value
+
+
+def forced_call_text(name: str) -> str:
+    """The start of a forced call: the template's rendering of a call cut before its JSON object
+    (``<tool_call>\n``) or, for a named function, before its arguments."""
+    call = {"type": "function", "function": {"name": name or "f", "arguments": {}}}
+    text = render_text([{"role": "assistant", "content": "", "tool_calls": [call]}])
+    start = text.index(CALL_OPEN)
+    end = text.rindex("{}", start, text.index(CALL_CLOSE, start)) if name else text.index("{", start)
+    return text[start:end]
+
+
+def forced_call_ids(tok: TokenizerInfo, text: str) -> list[int]:
+    """Ids of a forced call's start: ``<tool_call>`` as its single id where the tokenizer has one, the rest
+    as text (like the template encodes a call)."""
+    if CALL_OPEN in tok.special_ids:
+        pieces = [Piece(CALL_OPEN, CONTROL, False), Piece(text[len(CALL_OPEN):], TEXT, False)]
+    else:
+        pieces = [Piece(text, TEXT, False)]
+    return encode_documents(tok, [[p for p in pieces if p.text]]).ids.tolist()
 
 
 def parse_stop(body: dict) -> list[str]:
@@ -393,8 +572,8 @@ def parse_stop(body: dict) -> list[str]:
 
 # Request fields for features this server does not implement, with the values that ask for nothing.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-               "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+               "functions": (None, []), "function_call": (None, "none", "auto"),
+               "response_format": (None, {"type": "text"}),
                "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 
 
@@ -417,19 +596,22 @@ def check_prompt_size(engine: Engine, turns: list[dict]) -> None:
     """Refuse, without tokenizing, messages whose byte count alone proves they cannot fit the context."""
     if engine.max_token_bytes is None:
         return
-    size = sum(len(t["content"].encode("utf-8")) for t in turns)
+    size = sum(len(t["content"].encode("utf-8")) + len(t.get("reasoning_content", "").encode("utf-8"))
+               for t in turns)
     least = -(-size // engine.max_token_bytes)
     if least >= engine.context:
         raise APIError(400, f"the messages are {size} bytes, so at least {least} tokens; this model's context is "
                        f"{engine.context} tokens", "messages", "context_length_exceeded")
 
 
-def encode_prompt(engine: Engine, turns: list[dict]) -> list[int]:
-    """Prompt ids of ``turns`` plus the generation prompt (content encoded as text, never as control
-    tokens); text the tokenizer refuses is a 400 on messages. ``prompt_ids`` tokenizes with
-    ``encode_batch``, which releases the GIL, so the event loop runs on meanwhile."""
+def encode_prompt(engine: Engine, turns: list[dict], tools: list[dict] | None = None,
+                  enable_thinking: bool | None = None, forced: str = "") -> list[int]:
+    """Prompt ids of ``turns`` (and ``tools``) plus the generation prompt and a forced call's start (content
+    encoded as text, never as control tokens); text the tokenizer refuses is a 400 on messages.
+    ``prompt_ids`` tokenizes with ``encode_batch``, which releases the GIL, so the event loop runs on."""
     try:
-        return prompt_ids(engine.tokenizer, turns)
+        ids = prompt_ids(engine.tokenizer, turns, tools=tools, enable_thinking=enable_thinking)
+        return ids + forced_call_ids(engine.tokenizer, forced) if forced else ids
     except TinyLMError as e:
         reason = " ".join(str(e).split())[:200]
         raise APIError(400, f"the tokenizer refused the messages ({reason})", "messages", "invalid_value") from None
@@ -453,10 +635,17 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
     include_usage = _flag(options, "include_usage", "stream_options.include_usage")
     seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
     stop = parse_stop(body)
+    tools, forced = parse_tool_choice(body, parse_tools(body))
+    calls = body.get("tool_choice") != "none"
+    thinking = parse_thinking(body)
+    if forced is not None and thinking:
+        raise APIError(400, "a forced 'tool_choice' cannot be combined with chat_template_kwargs.enable_thinking="
+                       "true (the call would start inside the reasoning)", "tool_choice", "invalid_value")
+    forced_text = "" if forced is None else forced_call_text(forced)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, 1)
     check_prompt_size(engine, turns)
-    prompt = encode_prompt(engine, turns)
+    prompt = encode_prompt(engine, turns, tools, thinking, forced_text)
     room = engine.context - len(prompt)
     if room < 1:
         raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
@@ -468,8 +657,39 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
                        f"{engine.context}-token context: at most {room} tokens are left", name,
                        "context_length_exceeded")
     sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                        secrets.randbits(63) if seed is None else seed)
+                        secrets.randbits(63) if seed is None else seed, THINKING_PROMPTS[thinking] + forced_text,
+                        calls)
     return sampling, stream, include_usage
+
+
+# ---- answers ------------------------------------------------------------------------------------------------
+
+def call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+def answer_message(events: list[Event]) -> dict:
+    """The non-streamed ``message``: content (null when the answer is only calls), ``reasoning_content`` when
+    the model reasoned, ``tool_calls`` when it called."""
+    text = {kind: "".join(e.text for e in events if e.kind == kind) for kind in (REASONING, CONTENT)}
+    calls = [{"id": call_id(), "type": "function", "function": {"name": e.call.name, "arguments": e.call.arguments}}
+             for e in events if e.kind == TOOL_CALL]
+    message: dict[str, Any] = {"role": "assistant", "content": text[CONTENT] or (None if calls else "")}
+    if text[REASONING]:
+        message["reasoning_content"] = text[REASONING]
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def event_deltas(event: Event, index: int) -> list[dict]:
+    """The stream deltas of one parsed event; a call (the ``index``-th) is sent as OpenAI does: a first delta
+    with its id, type, name and empty arguments, then one with the arguments."""
+    if event.kind != TOOL_CALL:
+        return [{"reasoning_content" if event.kind == REASONING else "content": event.text}]
+    head = {"index": index, "id": call_id(), "type": "function", "function": {"name": event.call.name,
+                                                                              "arguments": ""}}
+    return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": event.call.arguments}}]}]
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
@@ -572,18 +792,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             return StreamingResponse(sse(job, completion_id, now, include_usage, request),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, finish, usage = await collect(job, request)
+        message, finish, usage = await collect(job, request)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage})
 
-    async def collect(job: Job, request: Request) -> tuple[str, str, dict]:
-        """(text, finish reason, usage) of a non-streaming job; the job is cancelled if the client goes."""
+    async def collect(job: Job, request: Request) -> tuple[dict, str, dict]:
+        """(message, finish reason, usage) of a non-streaming job; the job is cancelled if the client goes."""
         gone = asyncio.ensure_future(until_disconnected(request))
-        pieces = []
+        events: list[Event] = []
         try:
             while True:
                 event = asyncio.ensure_future(job.events.get())
@@ -592,12 +811,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                     event.cancel()
                     raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
                 kind, value = event.result()
-                if kind == "text":
-                    pieces.append(value)
+                if kind == "event":
+                    events.append(value)
                 elif kind == "error":
                     raise APIError(500, value, kind="server_error")
                 else:
-                    return "".join(pieces), *value
+                    return answer_message(events), *value
         finally:
             gone.cancel()
             job.cancelled.set()
@@ -611,6 +830,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                        if choices else [], "usage": usage}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+        calls = 0
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -620,8 +840,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                     if await request.is_disconnected():
                         return
                     continue
-                if kind == "text":
-                    yield chunk({"content": value})
+                if kind == "event":
+                    for delta in event_deltas(value, calls):
+                        yield chunk(delta)
+                    calls += value.kind == TOOL_CALL
                 elif kind == "error":
                     body = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(body)}\n\n"

@@ -9,6 +9,10 @@ A token outside the chain has zero logits everywhere, so greedy picks id 0 (<|en
 
 ``random_checkpoint``: the tiny preset with random weights (wide init, so outputs vary with context).
 Both record the shipped tokenizer (path + fingerprint) as a training run would.
+
+``ScriptedLM``: a stand-in model (no checkpoint) for completions a one-hot chain cannot spell (JSON repeats
+tokens): it plays a script chosen by what the prompt contains, so a test can make the server or bin/chat
+see any completion, e.g. a tool call first and, once the prompt holds the tool's result, the answer.
 """
 
 from __future__ import annotations
@@ -16,13 +20,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from core.tokenizer import load_tokenizer
+from core.tokenizer import TokenizerInfo, load_tokenizer
 from model import ModelConfig, TinyLM
+from model.transformer import ModelOutput
 from train.checkpoint import Checkpoint
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 SCRIPTED_ANSWER = "Hello 你好，鬱世界！"
+
+# ScriptedLM scripts for thinking and tool calls (first matching needle in the prompt's text wins)
+REASONING = "The user wants a sum; I will use the calculator."
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+BROKEN = '<tool_call>\n{"name": "calculator", "arguments": {2+3}}\n</tool_call>'
+TOOL_SCRIPTS = [
+    ("<tool_response>\n5\n</tool_response>", "2 + 3 = 5."),  # once the tool's result is in the prompt
+    ("broken please", "Let me try. " + BROKEN),
+    ("weather please", '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'),
+    ('assistant\n<tool_call>\n{"name": "calculator", "arguments": ', '{"expression": "7*6"}}\n</tool_call>'),
+    ("assistant\n<tool_call>\n", '{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'),
+    ("assistant\n<think>\n\n</think>\n\n", "Plain answer."),
+    ("assistant\n<think>\n", "I think.\n</think>\n\nDone."),
+    ("", f"<think>\n{REASONING}\n</think>\n\n{CALL}"),
+]
 
 
 def _save(model: TinyLM, folder: Path) -> Path:
@@ -53,3 +74,41 @@ def scripted_checkpoint(folder: Path) -> Path:
 def random_checkpoint(folder: Path, preset: str = "tiny") -> Path:
     torch.manual_seed(0)
     return _save(TinyLM(ModelConfig.from_preset(preset, initializer_range=0.3)), folder)
+
+
+class ScriptedLM(nn.Module):
+    """Greedy decoding of this "model" yields exactly one script's ids, then ``<|im_end|>``.
+
+    ``scripts`` is ``[(needle, completion), ...]``: the first whose needle occurs in the prompt's text (decoded
+    with its control tokens; "" always matches) is played. Completions are encoded with the full tokenizer, so
+    tags it has as single ids come out as those ids, as from a trained model. The prompt is recognised at the
+    prefill (an empty KV cache); each later call is one step.
+    ``prompts`` records every prompt's ids.
+    """
+
+    def __init__(self, info: TokenizerInfo, scripts: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.config = ModelConfig.from_preset("tiny")
+        self.anchor = nn.Parameter(torch.zeros(1))  # a parameter: callers read the device and dtype from it
+        self.info, self.end = info, info.special_ids["<|im_end|>"]
+        self.scripts = [(needle, info.tokenizer.encode(text, add_special_tokens=False).ids) for needle, text in scripts]
+        self.script: list[int] = []
+        self.prompt_len = 0
+        self.prompts: list[list[int]] = []
+
+    def forward(self, input_ids: Tensor, cache, **_) -> ModelOutput:
+        """Logits [B, 1, V] one-hot on the script's next id (needs the KV cache Generation uses)."""
+        b, t = input_ids.shape
+        if cache.length == 0:
+            self._start(input_ids[0].tolist())
+        step = cache.length + t - self.prompt_len
+        cache.length += t
+        logits = torch.zeros(b, 1, self.config.vocab_size)
+        logits[:, -1, self.script[step] if step < len(self.script) else self.end] = 1.0
+        return ModelOutput(logits, torch.zeros(()))
+
+    def _start(self, prompt: list[int]) -> None:
+        text = self.info.tokenizer.decode(prompt, skip_special_tokens=False)
+        self.script = next(ids for needle, ids in self.scripts if needle in text)
+        self.prompt_len = len(prompt)
+        self.prompts.append(prompt)

@@ -1,21 +1,35 @@
-"""bin/chat (one-shot and interactive over piped stdin, think hiding, one-line errors) and the incremental
-detokenizer that keeps streamed CJK text whole."""
+"""bin/chat (one-shot and interactive over piped stdin, one-line errors; thinking dimmed or hidden,
+--think/--no-think, the --tools calculator loop) and the incremental detokenizer that keeps streamed CJK text
+whole."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from scripted import SCRIPTED_ANSWER, TOKENIZER, random_checkpoint, scripted_checkpoint
+from scripted import (
+    REASONING,
+    SCRIPTED_ANSWER,
+    TOKENIZER,
+    TOOL_SCRIPTS,
+    ScriptedLM,
+    random_checkpoint,
+    scripted_checkpoint,
+)
 
 from core.chat_template import render_text
-from core.detokenize import IncrementalDecoder, ThinkFilter
+from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
-from serve.loading import load_model
+from serve import calculator
+from serve.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [sys.executable, str(ROOT / "bin" / "chat")]
@@ -42,15 +56,6 @@ def test_detokenizer_holds_split_cjk_characters():
     assert pieces[0] == "" and pieces[1] == "龘" and not any("\ufffd" in p for p in pieces)
     half = IncrementalDecoder(tok)
     assert half.push_many(ids[:-1]) == "龘靐齉 ok " and half.flush() == ""  # a dangling half character is dropped
-
-
-def test_think_filter():
-    info = load_tokenizer(TOKENIZER)
-    ids = info.tokenizer.encode("<think>\nhmm\n</think>\n<answer>\n42\n</answer>", add_special_tokens=False).ids
-    shown = [i for i in ids if ThinkFilter(info.special_ids, hide=False).keep(i)]
-    assert shown == ids
-    hide = ThinkFilter(info.special_ids, hide=True)
-    assert info.tokenizer.decode([i for i in ids if hide.keep(i)]).strip() == "42"
 
 
 def test_one_shot_prints_only_the_answer(ckpts):
@@ -119,3 +124,89 @@ def test_errors_are_one_line(ckpts, tmp_path):
     lonely = run("--ckpt", str(tmp_path / "lonely"), "--prompt", "hi")
     assert lonely.returncode == 1 and len(lonely.stderr.splitlines()) == 1 and "was not found" in lonely.stderr
     assert str(tmp_path / "gone" / "tokenizer.json") in lonely.stderr
+
+
+# ---- thinking and tools, with bin/chat's main run in this process on a ScriptedLM --------------------------
+
+@pytest.fixture
+def chat(monkeypatch, capsys):
+    """``chat(*args, stdin=None) -> (stdout, the ScriptedLM)``: bin/chat's main() with load_model replaced."""
+    monkeypatch.setitem(sys.modules, "_bootstrap", ModuleType("_bootstrap"))  # no re-exec inside pytest
+    loader = importlib.machinery.SourceFileLoader("bin_chat", str(ROOT / "bin" / "chat"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bin_chat", loader))
+    loader.exec_module(module)
+    info = load_tokenizer(TOKENIZER)
+    model = ScriptedLM(info, TOOL_SCRIPTS)
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: LoadedModel(model, info, SimpleNamespace(path="x")))
+
+    def run_chat(*args: str, stdin: str | None = None) -> tuple[str, ScriptedLM]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        assert module.main(["--ckpt", "scripted", "--temperature", "0", *args]) == 0
+        output = capsys.readouterr()
+        run_chat.stderr = output.err
+        return output.out, model
+
+    return run_chat
+
+
+QUESTION = "What is 2+3?"
+CALL_LINE = '-> calculator {"expression": "2+3"}'
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def test_tools_calculator_shows_call_result_answer(chat):
+    out, model = chat("--prompt", QUESTION, "--tools", "calculator", "--color", "always")
+    assert out == f"{DIM}{REASONING}{RESET}\n{CALL_LINE}\n<- 5\n2 + 3 = 5.\n"
+    info = model.info
+    turns = [{"role": "user", "content": QUESTION},
+             {"role": "assistant", "content": "", "reasoning_content": REASONING,
+              "tool_calls": [{"id": "call_0", "type": "function",
+                              "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}]},
+             {"role": "tool", "content": "5", "tool_call_id": "call_0", "name": "calculator"}]
+    assert model.prompts == [prompt_ids(info, turns[:1], tools=[calculator.TOOL]),
+                             prompt_ids(info, turns, tools=[calculator.TOOL])]
+
+
+def test_thinking_hidden_plain_and_calls_without_tools(chat):
+    assert chat("--prompt", QUESTION, "--hide-think", "--color", "always")[0] == f"{CALL_LINE}\n"  # not run
+    assert chat("--prompt", QUESTION, "--color", "never")[0] == f"{REASONING}\n{CALL_LINE}\n"
+
+
+@pytest.mark.parametrize(("flag", "thinking", "shown"), [("--think", True, "I think.\nDone.\n"),
+                                                        ("--no-think", False, "Plain answer.\n")])
+def test_think_switch_goes_into_the_prompt(chat, flag, thinking, shown):
+    out, model = chat("--prompt", QUESTION, flag, "--color", "never")
+    assert out == shown
+    assert model.prompts[-1] == prompt_ids(model.info, [{"role": "user", "content": QUESTION}],
+                                           enable_thinking=thinking)
+
+
+def test_interactive_history_keeps_calls_and_results(chat):
+    """The second question's prompt holds the first exchange as the template renders it: the reasoning, the
+    call, the tool's result and the answer."""
+    out, model = chat("--tools", "calculator", "--color", "never", stdin=f"{QUESTION}\nagain\n")
+    assert out == f"{REASONING}\n{CALL_LINE}\n<- 5\n2 + 3 = 5.\n2 + 3 = 5.\n"
+    call = {"id": "call_0", "type": "function", "function": {"name": "calculator",
+                                                             "arguments": '{"expression": "2+3"}'}}
+    history = [{"role": "user", "content": QUESTION},
+               {"role": "assistant", "content": "", "reasoning_content": REASONING, "tool_calls": [call]},
+               {"role": "tool", "content": "5", "tool_call_id": "call_0", "name": "calculator"},
+               {"role": "assistant", "content": "2 + 3 = 5."},
+               {"role": "user", "content": "again"}]
+    assert model.prompts[-1] == prompt_ids(model.info, history, tools=[calculator.TOOL])
+
+
+def test_call_to_a_tool_not_offered_and_the_round_limit(chat):
+    """The model reads an error for a function it was not offered; after 4 rounds of calls the next one is
+    shown, not run."""
+    out, model = chat("--prompt", "weather please", "--tools", "calculator")
+    call, result = "-> weather {}", '<- error: no tool named "weather" (offered: calculator)'
+    assert out == f"{call}\n{result}\n" * 4 + f"{call}\n" and len(model.prompts) == 5
+    assert "(stopped after 4 rounds of tool calls; these calls were not run)" in chat.stderr
+
+
+def test_unknown_tool_is_a_usage_error(ckpts):
+    proc = run("--ckpt", str(ckpts["scripted"]), "--prompt", "hi", "--tools", "calculator,shell")
+    assert proc.returncode == 2 and "--tools: unknown tool(s) shell; built in: calculator" in proc.stderr

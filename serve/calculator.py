@@ -1,0 +1,114 @@
+"""A safe arithmetic calculator: the built-in tool of ``bin/chat --tools calculator``.
+
+:func:`evaluate` parses the expression with ``ast.parse(mode="eval")`` and walks the tree itself; only
+number literals (int, float), parentheses, unary ``+ -`` and binary ``+ - * / // % **`` are accepted, every
+other node (names, calls, attributes, subscripts, comparisons, strings, ...) is refused. Nothing is ever
+passed to ``eval``/``exec``. Limits keep every step cheap: the expression is at most ``MAX_CHARS``
+characters, integers stay under ``MAX_BITS`` bits (checked *before* a ``*`` or ``**`` is computed:
+a product's size is bounded by the sum of its factors' sizes, a power's by base bits x
+exponent), exponents are at most ``MAX_EXPONENT`` in magnitude, and float overflow, division by zero and
+non-finite results are errors. Every refusal is a :class:`CalculatorError` with one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+from collections.abc import Callable
+
+from core.errors import TinyLMError
+
+MAX_CHARS = 200
+MAX_BITS = 4096
+MAX_EXPONENT = 1000
+
+Number = int | float
+
+_BINARY: dict[type, Callable[[Number, Number], Number]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY: dict[type, Callable[[Number], Number]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+# the calculator as an OpenAI / template tool definition
+TOOL = {"type": "function", "function": {
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression (+ - * / // % ** and parentheses) and return the number.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string",
+                                                                   "description": "e.g. (2 + 3) * 4"}},
+                   "required": ["expression"]}}}
+
+
+class CalculatorError(TinyLMError):
+    pass
+
+
+def _bits(x: Number) -> int:
+    return x.bit_length() if isinstance(x, int) else 0
+
+
+def _check_size(op: type, a: Number, b: Number) -> None:
+    """Refuse an integer operation whose result could exceed MAX_BITS, before computing it."""
+    if op is ast.Pow:
+        if abs(b) > MAX_EXPONENT:
+            raise CalculatorError(f"exponent {b} is larger than {MAX_EXPONENT} in magnitude")
+        if isinstance(a, int) and isinstance(b, int) and b > 0 and _bits(a) * b > MAX_BITS:
+            raise CalculatorError(f"the result would have more than {MAX_BITS} bits")
+    elif op is ast.Mult and _bits(a) + _bits(b) > MAX_BITS:
+        raise CalculatorError(f"the result would have more than {MAX_BITS} bits")
+
+
+def _apply(op: type, a: Number, b: Number) -> Number:
+    _check_size(op, a, b)
+    try:
+        value = _BINARY[op](a, b)
+    except ZeroDivisionError:
+        raise CalculatorError("division by zero") from None
+    except OverflowError:
+        raise CalculatorError("the result is too large") from None
+    if isinstance(value, complex):  # e.g. (-8) ** 0.5
+        raise CalculatorError("the result is not a real number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalculatorError("the result is too large")
+    if _bits(value) > MAX_BITS:
+        raise CalculatorError(f"the result has more than {MAX_BITS} bits")
+    return value
+
+
+def _eval(node: ast.AST) -> Number:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _apply(type(node.op), _eval(node.left), _eval(node.right))
+    raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {type(node).__name__}")
+
+
+def evaluate(expression: str) -> Number:
+    """The value of an arithmetic ``expression`` (CalculatorError with one line when refused)."""
+    if len(expression) > MAX_CHARS:
+        raise CalculatorError(f"the expression is longer than {MAX_CHARS} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise CalculatorError(f"not an arithmetic expression: {expression!r}") from None
+    return _eval(tree.body)
+
+
+def format_number(value: Number) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.12g}"
+
+
+def run(arguments: str) -> str:
+    """The tool's answer to a call's JSON ``arguments``: the value, or ``error: ...`` (what the model reads)."""
+    try:
+        expression = json.loads(arguments).get("expression")
+        if not isinstance(expression, str):
+            raise CalculatorError("the arguments need an 'expression' string")
+        return format_number(evaluate(expression))
+    except CalculatorError as e:
+        return f"error: {e}"
+    except (ValueError, AttributeError):
+        return "error: the arguments are not a JSON object"
