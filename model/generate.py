@@ -24,12 +24,16 @@ multiplied when negative.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from model.attention import inference_mask
+from model.decode import decode_step, decode_weights
 from model.kv_cache import KVCache
+from model.transformer import TinyLM
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -121,74 +125,106 @@ class Generation:
         self.finish_reasons: list[str | None] = [None] * len(self.prompts)
 
     def __iter__(self) -> Iterator[list[int | None]]:
+        with self._decoding():
+            for nxt, emitted, done in self._decode():
+                toks, keep, finished = nxt.tolist(), emitted.tolist(), done.tolist()
+                out: list[int | None] = []
+                for i, tok in enumerate(toks):
+                    if keep[i]:
+                        self.tokens[i].append(tok)
+                    elif finished[i] and self.finish_reasons[i] is None:
+                        self.finish_reasons[i] = FINISH_STOP
+                    out.append(tok if keep[i] else None)
+                if any(keep):
+                    yield out
+                if all(finished):
+                    return
+            self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
+
+    def run(self, check_every: int = 16) -> list[list[int]]:
+        """Decode every row to its end without per-token host syncs; returns (and sets) ``tokens``.
+
+        Sampled ids stay on the device; whether every row has finished is read every ``check_every``
+        steps only (a finished batch decodes at most ``check_every - 1`` extra steps, whose ids are dropped).
+        """
+        with self._decoding():
+            ids, keeps, done = [], [], None
+            for step, (nxt, emitted, done) in enumerate(self._decode()):
+                ids.append(nxt)
+                keeps.append(emitted)
+                if (step + 1) % check_every == 0 and bool(done.all()):
+                    break
+            if done is not None:
+                rows, keep = torch.stack(ids, 1).tolist(), torch.stack(keeps, 1).tolist()
+                self.tokens = [[t for t, k in zip(r, m, strict=True) if k] for r, m in zip(rows, keep, strict=True)]
+                self.finish_reasons = [FINISH_STOP if d else FINISH_LENGTH for d in done.tolist()]
+            self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
+        return self.tokens
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Eval mode and inference mode for the duration; the model's mode is restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                yield from self._steps()
+                yield
         finally:
             self.model.train(was_training)
 
-    def _steps(self) -> Iterator[list[int | None]]:
-        model, prompts = self.model, self.prompts
+    def _decode(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Per step, device tensors [B]: sampled ids, ``emitted`` (the id is a new token of its row) and
+        ``done`` (the row has met a stop id, this step or earlier). No host sync; runs to the budget."""
+        model, prompts, b = self.model, self.prompts, len(self.prompts)
         param = next(model.parameters())
-        device, b = param.device, len(prompts)
+        device = param.device
         longest = max(len(p) for p in prompts)
         total = longest + self.budget
         ids = torch.full((b, longest), self.pad_id, dtype=torch.long, device=device)
-        full_mask = torch.zeros((b, total), dtype=torch.bool, device=device)
+        full_mask = torch.ones((b, total), dtype=torch.bool, device=device)  # decode slots are all real
         for i, p in enumerate(prompts):
             ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-            full_mask[i, longest - len(p):] = True
+            full_mask[i, :longest - len(p)] = False
         padded = any(len(p) != longest for p in prompts)
         seen = None
         if self.repetition_penalty != 1.0:
             seen = torch.zeros((b, model.config.vocab_size), dtype=torch.bool, device=device)
             seen.scatter_(1, ids, full_mask[:, :longest])
         if self.budget == 0:
-            self.finish_reasons = [FINISH_LENGTH] * b
             return
         uniforms = (row_uniforms(b, self.budget, device, self.generator, self.seeds)
                     if self.temperature > 0 else None)
+        stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device) if self.stop_ids else None
         cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
+        fused = decode_weights(model) if cache is not None and isinstance(model, TinyLM) else None
+        positions = torch.tensor([len(p) for p in prompts], device=device)  # of the first fed-back token
         seq = ids
         logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,
                        last_only=True).logits[:, -1]
-        done = [False] * b
+        done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(self.budget):
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
             nxt = sample_next(logits, self.temperature, self.top_k, self.top_p,
                               uniform=None if uniforms is None else uniforms[:, step])
-            out: list[int | None] = []
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    out.append(None)
-                elif tok in self.stop_ids:
-                    done[i], self.finish_reasons[i] = True, FINISH_STOP
-                    out.append(None)
-                else:
-                    self.tokens[i].append(tok)
-                    out.append(tok)
-            if any(t is not None for t in out):
-                yield out
-            if all(done):
-                return
+            hit = torch.isin(nxt, stops) if stops is not None else torch.zeros_like(done)
+            emitted = ~(done | hit)
+            done = done | hit
+            yield nxt, emitted, done
             if step == self.budget - 1:
-                break
-            live = torch.tensor([not d for d in done], device=device)
-            nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
+                return
+            fed = torch.where(done, self.pad_id, nxt)  # a finished row feeds the pad id
             if seen is not None:
-                seen[torch.arange(b, device=device), nxt] |= live
-            width = longest + step + 1  # slots filled after this step's token is written
-            if padded:
-                full_mask[:, width - 1] = True
+                seen[torch.arange(b, device=device), fed] |= ~done
+            width = longest + step + 1  # slots filled once ``fed`` is written
             mask = full_mask[:, :width] if padded else None
-            if cache is not None:
-                logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+            if fused is not None and cache is not None:
+                step_mask = inference_mask(mask, width - 1, 1, device)
+                logits = decode_step(model, fused, fed, positions + step, cache, step_mask)
+            elif cache is not None:
+                logits = model(fed[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
             else:
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                seq = torch.cat([seq, fed[:, None]], dim=1)
                 logits = model(seq, attention_mask=mask, last_only=True).logits[:, -1]
-        self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
 
 
 def stream(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> Iterator[int]:
@@ -204,7 +240,4 @@ def generate(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> list[int]
 
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
     """New token ids of each prompt, decoded together in one left-padded batch."""
-    gen = Generation(model, prompts, **kwargs)
-    for _ in gen:
-        pass
-    return gen.tokens
+    return Generation(model, prompts, **kwargs).run()

@@ -1,0 +1,135 @@
+"""One-token decode step of a :class:`~model.transformer.TinyLM` over fused, transposed weight copies.
+
+A decode step multiplies a few rows ([B, hidden], B = batch) by every weight matrix once; CPU GEMM is
+markedly faster for such skinny products when the weight is stored input-major ([in, out], so the
+product is ``x @ W`` with no transposed operand) and when the projections that read the same input are
+one matrix. :class:`DecodeWeights` therefore holds, per layer, ``qkv`` = [q; k; v]^T [h, (H + 2 Hkv) D],
+``o`` = o_proj^T, ``gate_up`` = [gate; up]^T [h, 2 I], ``down`` = down_proj^T, and ``head`` = lm_head^T
+(MoE layers keep calling their module). LoRA adapters are folded in (W + scaling * B A).
+:func:`decode_step` is ``TinyLM.forward(ids[:, None], cache=...)`` for one new token per row, computed with
+those copies and the model's own norms, RoPE, attention kernel and MoE blocks (``test_decode.py`` checks
+it equals the model's logits).
+
+The copies cost one more model's worth of memory and are built once per model and weight state:
+:func:`decode_weights` caches them (weakly, per model) under the ``(data_ptr, _version)`` of every
+source tensor, so an optimizer step (an in-place update, which bumps ``_version``) or a loaded state
+dict triggers a rebuild, and an unchanged model (a server, successive rollouts without training) reuses
+them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import InferenceMask, attend_inference
+from model.kv_cache import KVCache
+from model.lora import LoRALinear
+from model.transformer import MoE, TinyLM, apply_rope
+
+
+@dataclass
+class DecodeWeights:
+    """Input-major fused weights per layer (``gate_up``/``down`` are None for MoE layers) and the head."""
+
+    qkv: list[Tensor]
+    o: list[Tensor]
+    gate_up: list[Tensor | None]
+    down: list[Tensor | None]
+    head: Tensor
+    stamp: tuple[tuple[int, int], ...]
+
+
+def _linears(model: TinyLM) -> list[nn.Linear]:
+    """Every linear whose weight a :class:`DecodeWeights` copies, in a fixed order."""
+    out: list[nn.Linear] = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        out += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        if not isinstance(layer.mlp, MoE):
+            out += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    return [*out, model.lm_head]
+
+
+def _stamp(model: TinyLM) -> tuple[tuple[int, int], ...]:
+    """(data_ptr, version) of every tensor the copies derive from: changes whenever a weight does."""
+    tensors = []
+    for linear in _linears(model):
+        tensors.append(linear.weight)
+        if isinstance(linear, LoRALinear):
+            tensors += [linear.lora_A, linear.lora_B]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _weight(linear: nn.Linear) -> Tensor:
+    """The weight [out, in] the layer applies (a LoRA adapter folded in)."""
+    if isinstance(linear, LoRALinear):
+        return linear.weight + linear.delta().to(linear.weight.dtype)
+    return linear.weight
+
+
+def _input_major(*linears: nn.Linear) -> Tensor:
+    """[in, sum of outs]: the layers' weights stacked along out, transposed, contiguous."""
+    return torch.cat([_weight(lin) for lin in linears]).t().contiguous()
+
+
+@torch.no_grad()
+def build_decode_weights(model: TinyLM) -> DecodeWeights:
+    """Fresh fused, input-major copies of ``model``'s weights."""
+    qkv, o, gate_up, down = [], [], [], []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        qkv.append(_input_major(a.q_proj, a.k_proj, a.v_proj))
+        o.append(_input_major(a.o_proj))
+        dense = not isinstance(layer.mlp, MoE)
+        gate_up.append(_input_major(layer.mlp.gate_proj, layer.mlp.up_proj) if dense else None)
+        down.append(_input_major(layer.mlp.down_proj) if dense else None)
+    return DecodeWeights(qkv, o, gate_up, down, _input_major(model.lm_head), _stamp(model))
+
+
+_CACHE: weakref.WeakKeyDictionary[TinyLM, DecodeWeights] = weakref.WeakKeyDictionary()
+
+
+def decode_weights(model: TinyLM) -> DecodeWeights:
+    """The cached :class:`DecodeWeights` of ``model``, rebuilt when any source weight changed."""
+    cached = _CACHE.get(model)
+    if cached is None or cached.stamp != _stamp(model):
+        _CACHE.pop(model, None)  # free the stale copies before building new ones
+        cached = _CACHE[model] = build_decode_weights(model)
+    return cached
+
+
+def decode_step(model: TinyLM, weights: DecodeWeights, ids: Tensor, positions: Tensor, cache: KVCache,
+                mask: InferenceMask) -> Tensor:
+    """Logits [B, V] (fp32) of one new token per row: ``ids`` [B] at ``positions`` [B].
+
+    Writes the tokens' k/v at slot ``cache.length`` of every layer and advances ``cache.length`` by one;
+    ``mask`` covers the ``cache.length + 1`` filled slots (see :func:`~model.attention.inference_mask`).
+    Eval-mode semantics (no dropout).
+    """
+    body, cfg = model.model, model.config
+    b, nh, nkv, d = ids.size(0), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cos, sin = body.rotary_emb(positions[:, None])
+    x = body.embed_tokens(ids)  # [B, h]
+    for i, layer in enumerate(body.layers):
+        attn = layer.self_attn
+        q, k, v = (layer.input_layernorm(x) @ weights.qkv[i]).split((nh * d, nkv * d, nkv * d), dim=-1)
+        q, k, v = q.view(b, 1, nh, d), k.view(b, 1, nkv, d), v.view(b, nkv, 1, d)
+        if attn.q_norm is not None and attn.k_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        keys, values = cache.update(i, k, v)
+        x = x + attend_inference(q, keys, values, mask).view(b, nh * d) @ weights.o[i]
+        h = layer.post_attention_layernorm(x)
+        gate_up, down = weights.gate_up[i], weights.down[i]
+        if gate_up is None or down is None:
+            x = x + layer.mlp(h)[0]
+        else:
+            gate, up = (h @ gate_up).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ down
+    cache.length += 1
+    return (body.norm(x) @ weights.head).float()
