@@ -31,16 +31,30 @@ from model.kv_cache import KVCache
 from model.lora import LoRALinear
 from model.transformer import MoE, TinyLM, apply_rope
 
+ONEDNN_MIN_BATCH = 2
+"""From this batch size on, float32 CPU steps use oneDNN-packed weights (measured at batch 1: slower)."""
+
+
+def onednn_usable(batch: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether to pack for oneDNN: CPU, float32, batch >= ONEDNN_MIN_BATCH, and torch built with its ops."""
+    return (device.type == "cpu" and dtype == torch.float32 and batch >= ONEDNN_MIN_BATCH
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
 
 @dataclass
 class DecodeWeights:
-    """Input-major fused weights per layer (``gate_up``/``down`` are None for MoE layers) and the head."""
+    """Fused weights per layer (``gate_up``/``down`` are None for MoE layers) and the head.
+
+    Each is input-major dense [in, out] (``x @ w``) or, when ``onednn``, a oneDNN-packed tensor of the
+    [out, in] weight (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile uses for CPU linears).
+    """
 
     qkv: list[Tensor]
     o: list[Tensor]
     gate_up: list[Tensor | None]
     down: list[Tensor | None]
     head: Tensor
+    onednn: bool
     stamp: tuple[tuple[int, int], ...]
 
 
@@ -72,34 +86,47 @@ def _weight(linear: nn.Linear) -> Tensor:
     return linear.weight
 
 
-def _input_major(*linears: nn.Linear) -> Tensor:
-    """[in, sum of outs]: the layers' weights stacked along out, transposed, contiguous."""
-    return torch.cat([_weight(lin) for lin in linears]).t().contiguous()
+def _fuse(onednn: bool, *linears: nn.Linear) -> Tensor:
+    """The layers' weights stacked along out: oneDNN-packed, or transposed to [in, sum of outs]."""
+    stacked = torch.cat([_weight(lin) for lin in linears])
+    if onednn:
+        return torch.ops.mkldnn._reorder_linear_weight(stacked, 8)  # packed for a few rows
+    return stacked.t().contiguous()
+
+
+def _mm(x: Tensor, w: Tensor) -> Tensor:
+    """x [B, in] times a :class:`DecodeWeights` entry -> [B, out]."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return x @ w
 
 
 @torch.no_grad()
-def build_decode_weights(model: TinyLM) -> DecodeWeights:
-    """Fresh fused, input-major copies of ``model``'s weights."""
+def build_decode_weights(model: TinyLM, onednn: bool = False) -> DecodeWeights:
+    """Fresh fused copies of ``model``'s weights (oneDNN-packed when ``onednn``)."""
     qkv, o, gate_up, down = [], [], [], []
     for layer in model.model.layers:
         a = layer.self_attn
-        qkv.append(_input_major(a.q_proj, a.k_proj, a.v_proj))
-        o.append(_input_major(a.o_proj))
+        qkv.append(_fuse(onednn, a.q_proj, a.k_proj, a.v_proj))
+        o.append(_fuse(onednn, a.o_proj))
         dense = not isinstance(layer.mlp, MoE)
-        gate_up.append(_input_major(layer.mlp.gate_proj, layer.mlp.up_proj) if dense else None)
-        down.append(_input_major(layer.mlp.down_proj) if dense else None)
-    return DecodeWeights(qkv, o, gate_up, down, _input_major(model.lm_head), _stamp(model))
+        gate_up.append(_fuse(onednn, layer.mlp.gate_proj, layer.mlp.up_proj) if dense else None)
+        down.append(_fuse(onednn, layer.mlp.down_proj) if dense else None)
+    return DecodeWeights(qkv, o, gate_up, down, _fuse(onednn, model.lm_head), onednn, _stamp(model))
 
 
 _CACHE: weakref.WeakKeyDictionary[TinyLM, DecodeWeights] = weakref.WeakKeyDictionary()
 
 
-def decode_weights(model: TinyLM) -> DecodeWeights:
-    """The cached :class:`DecodeWeights` of ``model``, rebuilt when any source weight changed."""
+def decode_weights(model: TinyLM, batch: int = 1) -> DecodeWeights:
+    """The cached :class:`DecodeWeights` of ``model`` for steps of ``batch`` rows (oneDNN-packed when
+    :func:`onednn_usable`), rebuilt when any source weight or the packing changed."""
+    param = model.lm_head.weight
+    onednn = onednn_usable(batch, param.dtype, param.device)
     cached = _CACHE.get(model)
-    if cached is None or cached.stamp != _stamp(model):
+    if cached is None or cached.onednn != onednn or cached.stamp != _stamp(model):
         _CACHE.pop(model, None)  # free the stale copies before building new ones
-        cached = _CACHE[model] = build_decode_weights(model)
+        cached = _CACHE[model] = build_decode_weights(model, onednn)
     return cached
 
 
@@ -117,19 +144,19 @@ def decode_step(model: TinyLM, weights: DecodeWeights, ids: Tensor, positions: T
     x = body.embed_tokens(ids)  # [B, h]
     for i, layer in enumerate(body.layers):
         attn = layer.self_attn
-        q, k, v = (layer.input_layernorm(x) @ weights.qkv[i]).split((nh * d, nkv * d, nkv * d), dim=-1)
+        q, k, v = _mm(layer.input_layernorm(x), weights.qkv[i]).split((nh * d, nkv * d, nkv * d), dim=-1)
         q, k, v = q.view(b, 1, nh, d), k.view(b, 1, nkv, d), v.view(b, nkv, 1, d)
         if attn.q_norm is not None and attn.k_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         keys, values = cache.update(i, k, v)
-        x = x + attend_inference(q, keys, values, mask).view(b, nh * d) @ weights.o[i]
+        x = x + _mm(attend_inference(q, keys, values, mask).view(b, nh * d), weights.o[i])
         h = layer.post_attention_layernorm(x)
         gate_up, down = weights.gate_up[i], weights.down[i]
         if gate_up is None or down is None:
             x = x + layer.mlp(h)[0]
         else:
-            gate, up = (h @ gate_up).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ down
+            gate, up = _mm(h, gate_up).chunk(2, dim=-1)
+            x = x + _mm(F.silu(gate) * up, down)
     cache.length += 1
-    return (body.norm(x) @ weights.head).float()
+    return _mm(body.norm(x), weights.head).float()

@@ -196,7 +196,7 @@ class Generation:
                     if self.temperature > 0 else None)
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device) if self.stop_ids else None
         cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
-        fused = decode_weights(model) if cache is not None and isinstance(model, TinyLM) else None
+        fused = decode_weights(model, b) if cache is not None and isinstance(model, TinyLM) else None
         positions = torch.tensor([len(p) for p in prompts], device=device)  # of the first fed-back token
         seq = ids
         logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,

@@ -7,7 +7,7 @@ import torch
 
 from model import ModelConfig, TinyLM
 from model.attention import inference_mask
-from model.decode import build_decode_weights, decode_step, decode_weights
+from model.decode import build_decode_weights, decode_step, decode_weights, onednn_usable
 from model.generate import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -169,26 +169,39 @@ def test_inverse_cdf_sampling_never_picks_excluded_tokens_and_follows_probabilit
     assert sample_next(logits.expand(6, 4), temperature=1.0, top_k=1, uniform=u).tolist() == [0] * 6
 
 
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-qwen3"])
-def test_fused_decode_step_equals_model_forward(preset: str) -> None:
-    """decode_step over the fused input-major copies gives the logits and cache of TinyLM.forward (float64:
-    only the summation order differs)."""
-    m = model(preset).double()
+def test_fused_decode_step_equals_model_forward(preset: str, onednn: bool) -> None:
+    """decode_step over the fused copies gives the logits and cache of TinyLM.forward: dense copies in
+    float64 (only the summation order differs), oneDNN-packed ones in float32 (its only dtype here)."""
+    if onednn and not onednn_usable(2, torch.float32, torch.device("cpu")):
+        pytest.skip("torch built without oneDNN")
+    dtype = torch.float32 if onednn else torch.float64
+    tol = 1e-4 if onednn else 1e-10
+    m = model(preset).to(dtype)
     short, long = prompts(4, 9)
     ids = torch.tensor([[0] * 5 + short, long])
     mask = torch.tensor([[0] * 5 + [1] * 4 + [1], [1] * 10], dtype=torch.bool)
     nxt = torch.tensor([17, 2049])
     with torch.no_grad():
-        ref_cache, cache = (KVCache(m.config, 2, 12, dtype=torch.float64) for _ in range(2))
+        ref_cache, cache = (KVCache(m.config, 2, 12, dtype=dtype) for _ in range(2))
         for c in (ref_cache, cache):
             m(ids[:, :9], attention_mask=mask[:, :9], cache=c)
         want = m(nxt[:, None], attention_mask=mask, cache=ref_cache).logits[:, -1]
-        got = decode_step(m, build_decode_weights(m), nxt, torch.tensor([4, 9]), cache,
+        weights = build_decode_weights(m, onednn)
+        assert weights.qkv[0].is_mkldnn == onednn
+        got = decode_step(m, weights, nxt, torch.tensor([4, 9]), cache,
                           inference_mask(mask, 9, 1, torch.device("cpu")))
     assert cache.length == ref_cache.length == 10
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_decode_weights_packing_follows_batch_size() -> None:
+    m = model()
+    assert not decode_weights(m, 1).onednn and not decode_weights(m.double(), 8).onednn
+    assert decode_weights(m.float(), 8).onednn == onednn_usable(8, torch.float32, torch.device("cpu"))
 
 
 def test_fused_weights_fold_lora_and_follow_weight_updates() -> None:
