@@ -10,11 +10,11 @@ Decode tokens/s at each of --batches (default 1, 8, 32): every row of a batch ge
 prompt of --prompt-len ids; greedy decoding with no stop token runs --new-tokens steps. Decode time =
 time(N new tokens) - time(1 new token), i.e. prefill excluded, each time the median of its rounds;
 tokens/s = batch * (N - 1) / decode time.
-The arms (tinylm's ``generate_batch`` with the KV cache, optionally without it, and transformers'
-``LlamaForCausalLM.generate(do_sample=False, use_cache=True)`` forced to N tokens, on the same weights:
-our state dict loads strictly into it) alternate within each of --repeat rounds and the median per arm is
-used, so a machine whose load drifts slows every arm alike. On a busy machine, ``--threads 1 --clock
-cpu`` times this thread's CPU time instead of wall time.
+The arms (tinylm's ``generate_batch`` with the KV cache, optionally without it or with bfloat16 decode
+matmuls, and transformers' ``LlamaForCausalLM.generate(do_sample=False, use_cache=True)`` forced to N
+tokens, on the same weights: our state dict loads strictly into it) alternate within each of --repeat
+rounds and the median per arm is used, so a machine whose load drifts slows every arm alike. On a busy
+machine, ``--threads 1 --clock cpu`` times this thread's CPU time instead of wall time.
 
 Server: bin/serve on a checkpoint of the same weights; --clients threads each send --requests
 non-streaming requests (max_tokens --server-tokens, temperature 0); requests/s and latency p50/p95.
@@ -82,6 +82,9 @@ def decode_arms(model: TinyLM, hf, args: argparse.Namespace) -> dict[str, Callab
         "tinylm, KV cache": lambda p, n: generate_batch(model, p, max_new_tokens=n)}
     if args.no_cache_arm:
         arms["tinylm, no cache"] = lambda p, n: generate_batch(model, p, max_new_tokens=n, use_cache=False)
+    if args.bf16_arm:
+        arms["tinylm, bf16 matmuls"] = lambda p, n: generate_batch(model, p, max_new_tokens=n,
+                                                                    matmul_dtype=torch.bfloat16)
     if hf is not None:
         def run_hf(prompts: list[list[int]], n: int) -> None:
             ids = torch.tensor(prompts)
@@ -190,6 +193,8 @@ def main() -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or this thread's CPU time (robust on a loaded machine; with --threads 1)")
     p.add_argument("--no-cache-arm", action="store_true", help="also time tinylm without the KV cache")
+    p.add_argument("--bf16-arm", action="store_true",
+                   help="also time tinylm with bfloat16 decode matmuls (Generation(matmul_dtype=torch.bfloat16))")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     p.add_argument("--clients", type=int, default=8, help="concurrent server clients (default 8)")

@@ -32,18 +32,19 @@ from model.lora import LoRALinear
 from model.transformer import MoE, TinyLM, apply_rope
 
 ONEDNN_MIN_BATCH = 2
-"""From this batch size on, float32 CPU steps use oneDNN-packed weights (measured at batch 1: slower)."""
+"""From this batch size on, CPU steps use oneDNN-packed weights (measured at batch 1: slower)."""
 
 
 def onednn_usable(batch: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to pack for oneDNN: CPU, float32, batch >= ONEDNN_MIN_BATCH, and torch built with its ops."""
-    return (device.type == "cpu" and dtype == torch.float32 and batch >= ONEDNN_MIN_BATCH
+    """Whether to pack for oneDNN: CPU, float32 or bfloat16, batch >= ONEDNN_MIN_BATCH, torch built with it."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and batch >= ONEDNN_MIN_BATCH
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 @dataclass
 class DecodeWeights:
-    """Fused weights per layer (``gate_up``/``down`` are None for MoE layers) and the head.
+    """Fused weights per layer (``gate_up``/``down`` are None for MoE layers) and the head, in ``dtype``
+    (the model's, or a lower matmul precision: the step casts each product's input to it and the output back).
 
     Each is input-major dense [in, out] (``x @ w``) or, when ``onednn``, a oneDNN-packed tensor of the
     [out, in] weight (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile uses for CPU linears).
@@ -55,6 +56,7 @@ class DecodeWeights:
     down: list[Tensor | None]
     head: Tensor
     onednn: bool
+    dtype: torch.dtype
     stamp: tuple[tuple[int, int], ...]
 
 
@@ -86,47 +88,51 @@ def _weight(linear: nn.Linear) -> Tensor:
     return linear.weight
 
 
-def _fuse(onednn: bool, *linears: nn.Linear) -> Tensor:
-    """The layers' weights stacked along out: oneDNN-packed, or transposed to [in, sum of outs]."""
-    stacked = torch.cat([_weight(lin) for lin in linears])
+def _fuse(onednn: bool, dtype: torch.dtype, *linears: nn.Linear) -> Tensor:
+    """The layers' weights stacked along out, in ``dtype``: oneDNN-packed, or transposed to [in, sum of outs]."""
+    stacked = torch.cat([_weight(lin) for lin in linears]).to(dtype)
     if onednn:
         return torch.ops.mkldnn._reorder_linear_weight(stacked, 8)  # packed for a few rows
     return stacked.t().contiguous()
 
 
 def _mm(x: Tensor, w: Tensor) -> Tensor:
-    """x [B, in] times a :class:`DecodeWeights` entry -> [B, out]."""
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return x @ w
+    """x [B, in] times a :class:`DecodeWeights` entry -> [B, out] in x's dtype."""
+    xw = x.to(w.dtype)
+    y = torch.ops.mkldnn._linear_pointwise(xw, w, None, "none", [], "") if w.is_mkldnn else xw @ w
+    return y.to(x.dtype)
 
 
 @torch.no_grad()
-def build_decode_weights(model: TinyLM, onednn: bool = False) -> DecodeWeights:
-    """Fresh fused copies of ``model``'s weights (oneDNN-packed when ``onednn``)."""
+def build_decode_weights(model: TinyLM, onednn: bool = False, dtype: torch.dtype | None = None) -> DecodeWeights:
+    """Fresh fused copies of ``model``'s weights in ``dtype`` (default the model's; oneDNN-packed when ``onednn``)."""
+    dtype = dtype or model.lm_head.weight.dtype
     qkv, o, gate_up, down = [], [], [], []
     for layer in model.model.layers:
         a = layer.self_attn
-        qkv.append(_fuse(onednn, a.q_proj, a.k_proj, a.v_proj))
-        o.append(_fuse(onednn, a.o_proj))
+        qkv.append(_fuse(onednn, dtype, a.q_proj, a.k_proj, a.v_proj))
+        o.append(_fuse(onednn, dtype, a.o_proj))
         dense = not isinstance(layer.mlp, MoE)
-        gate_up.append(_fuse(onednn, layer.mlp.gate_proj, layer.mlp.up_proj) if dense else None)
-        down.append(_fuse(onednn, layer.mlp.down_proj) if dense else None)
-    return DecodeWeights(qkv, o, gate_up, down, _fuse(onednn, model.lm_head), onednn, _stamp(model))
+        gate_up.append(_fuse(onednn, dtype, layer.mlp.gate_proj, layer.mlp.up_proj) if dense else None)
+        down.append(_fuse(onednn, dtype, layer.mlp.down_proj) if dense else None)
+    head = _fuse(onednn, dtype, model.lm_head)
+    return DecodeWeights(qkv, o, gate_up, down, head, onednn, dtype, _stamp(model))
 
 
 _CACHE: weakref.WeakKeyDictionary[TinyLM, DecodeWeights] = weakref.WeakKeyDictionary()
 
 
-def decode_weights(model: TinyLM, batch: int = 1) -> DecodeWeights:
-    """The cached :class:`DecodeWeights` of ``model`` for steps of ``batch`` rows (oneDNN-packed when
-    :func:`onednn_usable`), rebuilt when any source weight or the packing changed."""
+def decode_weights(model: TinyLM, batch: int = 1, dtype: torch.dtype | None = None) -> DecodeWeights:
+    """The cached :class:`DecodeWeights` of ``model`` in ``dtype`` (default the model's) for steps of ``batch``
+    rows (oneDNN-packed when :func:`onednn_usable`), rebuilt when a source weight, the dtype or the packing
+    changed."""
     param = model.lm_head.weight
-    onednn = onednn_usable(batch, param.dtype, param.device)
+    dtype = dtype or param.dtype
+    onednn = onednn_usable(batch, dtype, param.device)
     cached = _CACHE.get(model)
-    if cached is None or cached.onednn != onednn or cached.stamp != _stamp(model):
+    if cached is None or (cached.onednn, cached.dtype, cached.stamp) != (onednn, dtype, _stamp(model)):
         _CACHE.pop(model, None)  # free the stale copies before building new ones
-        cached = _CACHE[model] = build_decode_weights(model, onednn)
+        cached = _CACHE[model] = build_decode_weights(model, onednn, dtype)
     return cached
 
 

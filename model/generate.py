@@ -6,12 +6,17 @@ Algorithm (:class:`Generation`):
 2. prefill: one forward over [B, L] fills slots 0..L-1 of a :class:`~model.kv_cache.KVCache` of
    L + budget slots (budget = min(max_new_tokens, max_position_embeddings - L)), logits of the last slot;
 3. decode: per step one token per row is sampled (:func:`sample_next` after
-   :func:`apply_repetition_penalty`), yielded, and fed back as a [B, 1] forward that writes one slot.
-   A row stops at its first id in ``stop_ids`` (not returned; finish reason "stop") or when the budget
-   is spent ("length"); finished rows keep decoding a pad id (masked out of nothing that matters) until
-   every row has finished.
+   :func:`apply_repetition_penalty`) and fed back as one token per row that writes one slot: for a
+   :class:`~model.transformer.TinyLM` through :func:`model.decode.decode_step` (fused weight copies, the
+   fast path), for any other module through its ``forward(ids[:, None], cache=...)``. Stop ids are
+   matched on the device. A row stops at its first id in ``stop_ids`` (not returned; finish reason
+   "stop") or when the budget is spent ("length"); finished rows keep decoding a pad id (masked out of
+   nothing that matters) until every row has finished.
+4. consumers: iterating yields each step's ids as they come (one host read per step, for streaming);
+   :meth:`Generation.run` (``generate_batch``, rollouts) keeps ids on the device and reads "all
+   finished?" every ``check_every`` steps only.
 ``use_cache=False`` recomputes the whole sequence each step (O(n^2)): the reference the cache is tested
-against and the baseline of ``bench/bench_generate.py``.
+against.
 
 Sampling: temperature 0 -> argmax (greedy, deterministic); otherwise softmax(logits / temperature),
 optionally restricted to the ``top_k`` most likely tokens and/or the smallest set whose probability
@@ -90,6 +95,12 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float
 class Generation:
     """Iterate to decode: each step yields one entry per prompt, the new token id or None (row finished).
 
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``: AMX / AVX512-BF16 kernels on CPUs that have them, much
+    slower on CPUs that do not) runs the decode steps' weight products in that precision with inputs cast
+    to it and outputs cast back (residual stream, norms, softmax and the KV cache stay in the model's
+    dtype; the prefill runs in the model's dtype): faster, but the tokens are no longer those of the
+    model's own precision.
+
     After the iteration ``tokens[i]`` holds row i's new ids and ``finish_reasons[i]`` is "stop" or "length".
     An all-None step is never yielded. The model is put in eval mode for the duration.
     """
@@ -98,7 +109,7 @@ class Generation:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
                  generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0,
-                 seeds: Sequence[int] | None = None) -> None:
+                 seeds: Sequence[int] | None = None, matmul_dtype: torch.dtype | None = None) -> None:
         self.prompts = [list(p) for p in prompts]
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
             raise ValueError("generation needs at least one prompt, each with at least one token")
@@ -112,6 +123,9 @@ class Generation:
                 raise ValueError(f"seeds has {len(seeds)} entries for {len(self.prompts)} prompts")
             if generator is not None:
                 raise ValueError("pass either generator or seeds, not both")
+        if matmul_dtype is not None and not (use_cache and isinstance(model, TinyLM)
+                                             and matmul_dtype.is_floating_point):
+            raise ValueError("matmul_dtype needs a floating dtype, a TinyLM and use_cache=True (the fused decode step)")
         limit = model.config.max_position_embeddings
         longest = max(len(p) for p in self.prompts)
         if longest > limit:
@@ -119,6 +133,7 @@ class Generation:
         self.model, self.use_cache, self.pad_id = model, use_cache, pad_id
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty, self.generator, self.seeds = repetition_penalty, generator, seeds
+        self.matmul_dtype = matmul_dtype
         self.stop_ids = frozenset(stop_ids)
         self.budget = min(max_new_tokens, limit - longest)
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
@@ -196,7 +211,8 @@ class Generation:
                     if self.temperature > 0 else None)
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device) if self.stop_ids else None
         cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
-        fused = decode_weights(model, b) if cache is not None and isinstance(model, TinyLM) else None
+        fused = (decode_weights(model, b, self.matmul_dtype) if cache is not None and isinstance(model, TinyLM)
+                 else None)
         positions = torch.tensor([len(p) for p in prompts], device=device)  # of the first fed-back token
         seq = ids
         logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,

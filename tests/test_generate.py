@@ -263,3 +263,27 @@ def test_run_equals_iteration_with_stops(check_every: int, temperature: float) -
 def test_zero_budget_run() -> None:
     gen = Generation(model(), prompts(3, 4), max_new_tokens=0)
     assert gen.run() == [[], []] and gen.finish_reasons == [FINISH_LENGTH] * 2
+
+
+def test_bfloat16_matmuls_approximate_the_float32_step() -> None:
+    """matmul_dtype=bfloat16: each product's inputs are rounded to bf16 (rel. error ~2^-8), logits stay close."""
+    m = model(initializer_range=0.02)
+    batch = prompts(5, 9, 3)
+    for b in (1, 3):  # dense bf16 for one row, oneDNN-packed for several
+        ids = torch.tensor([p[:3] for p in batch[:b]])
+        with torch.no_grad():
+            caches = [KVCache(m.config, b, 4) for _ in range(2)]
+            for c in caches:
+                m(ids, cache=c)
+            steps = [decode_step(m, decode_weights(m, b, dt), ids[:, -1], torch.full((b,), 3), c,
+                                 inference_mask(None, 3, 1, torch.device("cpu")))
+                     for dt, c in zip((torch.float32, torch.bfloat16), caches, strict=True)]
+        assert decode_weights(m, b, torch.bfloat16).qkv[0].dtype == torch.bfloat16
+        err = (steps[1] - steps[0]).abs().max() / steps[0].abs().max()
+        assert 0 < err < 0.02
+    out = generate_batch(m, batch, max_new_tokens=6, matmul_dtype=torch.bfloat16)
+    assert [len(o) for o in out] == [6, 6, 6]
+    with pytest.raises(ValueError, match="matmul_dtype needs"):
+        Generation(m, batch, matmul_dtype=torch.bfloat16, use_cache=False)
+    with pytest.raises(ValueError, match="matmul_dtype needs"):
+        Generation(m, batch, matmul_dtype=torch.int8)
