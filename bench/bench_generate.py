@@ -64,8 +64,10 @@ def timed(run: Callable[[int], object], n: int, now: Callable[[], float]) -> flo
 
 
 def decode_rate(t1: list[float], tn: list[float], batch: int, n: int) -> float:
-    """batch * (n - 1) / (median time(n tokens) - median time(1 token)): decode tokens/s, prefill excluded."""
-    return batch * (n - 1) / max(statistics.median(tn) - statistics.median(t1), 1e-9)
+    """batch * (n - 1) / (median time(n tokens) - median time(1 token)): decode tokens/s, prefill excluded;
+    NaN when noise made the difference non-positive (raise --repeat or --new-tokens)."""
+    decode = statistics.median(tn) - statistics.median(t1)
+    return batch * (n - 1) / decode if decode > 0 else float("nan")
 
 
 def hf_model(model: TinyLM, info: TokenizerInfo, folder: Path):
