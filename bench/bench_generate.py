@@ -4,12 +4,17 @@
     .venv/bin/python bench/bench_generate.py                       # small preset, random weights, CPU
     .venv/bin/python bench/bench_generate.py --ckpt out/sft        # trained weights (prompt is still random ids)
     .venv/bin/python bench/bench_generate.py --model tiny --new-tokens 32 --requests 4
+    .venv/bin/python bench/bench_generate.py --no-server --threads 1 --clock cpu   # on a loaded machine
 
-Decode tokens/s: every row of a batch gets the same random prompt of --prompt-len ids; greedy decoding
-with no stop token runs --new-tokens steps. Decode time = time(N new tokens) - time(1 new token), i.e.
-prefill excluded; tokens/s = batch * (N - 1) / decode time; best of --repeat. transformers gets the
-same weights (our state dict loads strictly into LlamaForCausalLM) and ``generate(do_sample=False,
-use_cache=True)`` with the same prompt, forced to N tokens.
+Decode tokens/s at each of --batches (default 1, 8, 32): every row of a batch gets the same random
+prompt of --prompt-len ids; greedy decoding with no stop token runs --new-tokens steps. Decode time =
+time(N new tokens) - time(1 new token), i.e. prefill excluded, each time the median of its rounds;
+tokens/s = batch * (N - 1) / decode time.
+The arms (tinylm's ``generate_batch`` with the KV cache, optionally without it or with bfloat16 decode
+matmuls, and transformers' ``LlamaForCausalLM.generate(do_sample=False, use_cache=True)`` forced to N
+tokens, on the same weights: our state dict loads strictly into it) alternate within each of --repeat
+rounds and the median per arm is used, so a machine whose load drifts slows every arm alike. On a busy
+machine, ``--threads 1 --clock cpu`` times this thread's CPU time instead of wall time.
 
 Server: bin/serve on a checkpoint of the same weights; --clients threads each send --requests
 non-streaming requests (max_tokens --server-tokens, temperature 0); requests/s and latency p50/p95.
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,18 +51,23 @@ from serve.export import tokenizer_files  # noqa: E402
 from train.checkpoint import Checkpoint  # noqa: E402
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def clock(kind: str) -> Callable[[], float]:
+    """``time.perf_counter`` (wall) or ``time.thread_time`` (CPU time of this thread: immune to time
+    slicing on a busy machine, meaningful with --threads 1 only)."""
+    return time.perf_counter if kind == "wall" else time.thread_time
 
 
-def decode_rate(run, batch: int, n: int, repeat: int) -> float:
-    """batch * (n - 1) / (time(n tokens) - time(1 token)), best of ``repeat``."""
-    run(1)  # warm-up
-    t1 = min(timed(lambda: run(1)) for _ in range(repeat))
-    tn = min(timed(lambda: run(n)) for _ in range(repeat))
-    return batch * (n - 1) / max(tn - t1, 1e-9)
+def timed(run: Callable[[int], object], n: int, now: Callable[[], float]) -> float:
+    t0 = now()
+    run(n)
+    return now() - t0
+
+
+def decode_rate(t1: list[float], tn: list[float], batch: int, n: int) -> float:
+    """batch * (n - 1) / (median time(n tokens) - median time(1 token)): decode tokens/s, prefill excluded;
+    NaN when noise made the difference non-positive (raise --repeat or --new-tokens)."""
+    decode = statistics.median(tn) - statistics.median(t1)
+    return batch * (n - 1) / decode if decode > 0 else float("nan")
 
 
 def hf_model(model: TinyLM, info: TokenizerInfo, folder: Path):
@@ -67,32 +78,59 @@ def hf_model(model: TinyLM, info: TokenizerInfo, folder: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
 
 
+def decode_arms(model: TinyLM, hf, args: argparse.Namespace) -> dict[str, Callable[[list[list[int]], int], object]]:
+    """name -> run(prompts, new_tokens): greedy, no stop token, exactly new_tokens tokens per row."""
+    arms: dict[str, Callable[[list[list[int]], int], object]] = {
+        "tinylm, KV cache": lambda p, n: generate_batch(model, p, max_new_tokens=n)}
+    if args.no_cache_arm:
+        arms["tinylm, no cache"] = lambda p, n: generate_batch(model, p, max_new_tokens=n, use_cache=False)
+    if args.bf16_arm:
+        arms["tinylm, bf16 matmuls"] = lambda p, n: generate_batch(model, p, max_new_tokens=n,
+                                                                    matmul_dtype=torch.bfloat16)
+    if hf is not None:
+        def run_hf(prompts: list[list[int]], n: int) -> None:
+            ids = torch.tensor(prompts)
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+        arms["transformers generate (cache)"] = run_hf
+    return arms
+
+
 def bench_decode(model: TinyLM, info: TokenizerInfo, args: argparse.Namespace,
-                 scratch: Path) -> list[tuple[str, int, float]]:
+                 scratch: Path) -> dict[int, dict[str, float]]:
+    """Decode tok/s per batch size and arm from median times; arms alternate within each of ``--repeat`` rounds."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(7, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-    rows = []
     hf = hf_model(model, info, scratch / "hf") if args.hf else None
-    for batch in (1, 8):
+    arms, now = decode_arms(model, hf, args), clock(args.clock)
+    out: dict[int, dict[str, float]] = {}
+    for batch in args.batches:
         prompts = [prompt] * batch
-        for name, cache in (("tinylm, KV cache", True), ("tinylm, no cache", False)):
-            rate = decode_rate(lambda n, c=cache, p=prompts: generate_batch(model, p, max_new_tokens=n, use_cache=c),
-                               batch, args.new_tokens, args.repeat)
-            rows.append((name, batch, rate))
-            print(f"  {name:<32} batch {batch}: {rate:8.1f} tok/s", file=sys.stderr, flush=True)
-        if hf is not None:
-            ids = torch.tensor(prompts)
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in arms}
+        for run in arms.values():
+            run(prompts, 2)  # warm-up
+        for _ in range(args.repeat):
+            for name, run in arms.items():
+                for n, into in zip((1, args.new_tokens), times[name], strict=True):
+                    into.append(timed(lambda k, r=run, p=prompts: r(p, k), n, now))
+        out[batch] = {name: decode_rate(t1, tn, batch, args.new_tokens) for name, (t1, tn) in times.items()}
+        print(f"  batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[batch].items()) + " tok/s",
+              file=sys.stderr, flush=True)
+    return out
 
-            def run(n: int, ids: torch.Tensor = ids) -> None:
-                with torch.inference_mode():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
 
-            rate = decode_rate(run, batch, args.new_tokens, args.repeat)
-            rows.append(("transformers generate (cache)", batch, rate))
-            print(f"  {'transformers generate (cache)':<32} batch {batch}: {rate:8.1f} tok/s", file=sys.stderr,
-                  flush=True)
-    return rows
+def print_decode_table(rates: dict[int, dict[str, float]]) -> None:
+    names = list(next(iter(rates.values())))
+    ours, theirs = "tinylm, KV cache", "transformers generate (cache)"
+    ratio = theirs in names
+    print("| batch | " + " | ".join(names) + (" | tinylm / transformers |" if ratio else " |"))
+    print("|------:|" + "|".join("-" * (len(n) + 1) + ":" for n in names) + ("|----------------------:|"
+                                                                              if ratio else "|"))
+    for batch, row in rates.items():
+        cells = " | ".join(f"{row[n]:>{len(n)}.1f}" for n in names)
+        tail = f" | {row[ours] / row[theirs]:>20.2f}x |" if ratio else " |"
+        print(f"| {batch:>5} | {cells}{tail}")
 
 
 def bench_server(ckpt: Path, args: argparse.Namespace) -> dict:
@@ -151,7 +189,14 @@ def main() -> int:
     p.add_argument("--ckpt", help="use this checkpoint's weights instead of random ones")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=2, help="best of this many timings (default 2)")
+    p.add_argument("--repeat", type=int, default=5, help="alternating rounds, median reported (default 5)")
+    p.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32],
+                   help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this thread's CPU time (robust on a loaded machine; with --threads 1)")
+    p.add_argument("--no-cache-arm", action="store_true", help="also time tinylm without the KV cache")
+    p.add_argument("--bf16-arm", action="store_true",
+                   help="also time tinylm with bfloat16 decode matmuls (Generation(matmul_dtype=torch.bfloat16))")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     p.add_argument("--clients", type=int, default=8, help="concurrent server clients (default 8)")
@@ -176,13 +221,11 @@ def main() -> int:
     print(f"{weights}: {model.num_params() / 1e6:.1f}M params; CPU, {args.threads} threads, torch "
           f"{torch.__version__}; prompt {args.prompt_len} ids, {args.new_tokens} new tokens, greedy",
           file=sys.stderr, flush=True)
-    rows = bench_decode(model, info, args, Path(tmp.name))
-    print(f"\nDecode throughput ({weights}; CPU {args.threads} threads; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, prefill excluded)\n")
-    print(f"| {'implementation':<30} | batch | decode tok/s |")
-    print(f"|{'-' * 32}|-------|--------------|")
-    for name, batch, rate in rows:
-        print(f"| {name:<30} | {batch:>5} | {rate:>12.1f} |")
+    rates = bench_decode(model, info, args, Path(tmp.name))
+    print(f"\nDecode throughput, tok/s ({weights}; CPU {args.threads} threads; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy, prefill excluded; medians of {args.repeat} alternating rounds, "
+          f"{args.clock} clock)\n")
+    print_decode_table(rates)
     if args.server:
         s = bench_server(ckpt, args)
         print(f"\nbin/serve: {args.clients} concurrent clients x {args.requests} requests, max_tokens "

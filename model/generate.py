@@ -6,12 +6,17 @@ Algorithm (:class:`Generation`):
 2. prefill: one forward over [B, L] fills slots 0..L-1 of a :class:`~model.kv_cache.KVCache` of
    L + budget slots (budget = min(max_new_tokens, max_position_embeddings - L)), logits of the last slot;
 3. decode: per step one token per row is sampled (:func:`sample_next` after
-   :func:`apply_repetition_penalty`), yielded, and fed back as a [B, 1] forward that writes one slot.
-   A row stops at its first id in ``stop_ids`` (not returned; finish reason "stop") or when the budget
-   is spent ("length"); finished rows keep decoding a pad id (masked out of nothing that matters) until
-   every row has finished.
+   :func:`apply_repetition_penalty`) and fed back as one token per row that writes one slot: for a
+   :class:`~model.transformer.TinyLM` through :func:`model.decode.decode_step` (fused weight copies, the
+   fast path), for any other module through its ``forward(ids[:, None], cache=...)``. Stop ids are
+   matched on the device. A row stops at its first id in ``stop_ids`` (not returned; finish reason
+   "stop") or when the budget is spent ("length"); finished rows keep decoding a pad id (masked out of
+   nothing that matters) until every row has finished.
+4. consumers: iterating yields each step's ids as they come (one host read per step, for streaming);
+   :meth:`Generation.run` (``generate_batch``, rollouts) keeps ids on the device and reads "all
+   finished?" every ``check_every`` steps only.
 ``use_cache=False`` recomputes the whole sequence each step (O(n^2)): the reference the cache is tested
-against and the baseline of ``bench/bench_generate.py``.
+against.
 
 Sampling: temperature 0 -> argmax (greedy, deterministic); otherwise softmax(logits / temperature),
 optionally restricted to the ``top_k`` most likely tokens and/or the smallest set whose probability
@@ -24,12 +29,16 @@ multiplied when negative.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from model.attention import inference_mask
+from model.decode import decode_step, decode_weights
 from model.kv_cache import KVCache
+from model.transformer import TinyLM
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -86,6 +95,12 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float
 class Generation:
     """Iterate to decode: each step yields one entry per prompt, the new token id or None (row finished).
 
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``: AMX / AVX512-BF16 kernels on CPUs that have them, much
+    slower on CPUs that do not) runs the decode steps' weight products in that precision with inputs cast
+    to it and outputs cast back (residual stream, norms, softmax and the KV cache stay in the model's
+    dtype; the prefill runs in the model's dtype): faster, but the tokens are no longer those of the
+    model's own precision.
+
     After the iteration ``tokens[i]`` holds row i's new ids and ``finish_reasons[i]`` is "stop" or "length".
     An all-None step is never yielded. The model is put in eval mode for the duration.
     """
@@ -94,7 +109,7 @@ class Generation:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
                  generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0,
-                 seeds: Sequence[int] | None = None) -> None:
+                 seeds: Sequence[int] | None = None, matmul_dtype: torch.dtype | None = None) -> None:
         self.prompts = [list(p) for p in prompts]
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
             raise ValueError("generation needs at least one prompt, each with at least one token")
@@ -108,6 +123,9 @@ class Generation:
                 raise ValueError(f"seeds has {len(seeds)} entries for {len(self.prompts)} prompts")
             if generator is not None:
                 raise ValueError("pass either generator or seeds, not both")
+        if matmul_dtype is not None and not (use_cache and isinstance(model, TinyLM)
+                                             and matmul_dtype.is_floating_point):
+            raise ValueError("matmul_dtype needs a floating dtype, a TinyLM and use_cache=True (the fused decode step)")
         limit = model.config.max_position_embeddings
         longest = max(len(p) for p in self.prompts)
         if longest > limit:
@@ -115,80 +133,114 @@ class Generation:
         self.model, self.use_cache, self.pad_id = model, use_cache, pad_id
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty, self.generator, self.seeds = repetition_penalty, generator, seeds
+        self.matmul_dtype = matmul_dtype
         self.stop_ids = frozenset(stop_ids)
         self.budget = min(max_new_tokens, limit - longest)
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons: list[str | None] = [None] * len(self.prompts)
 
     def __iter__(self) -> Iterator[list[int | None]]:
+        with self._decoding():
+            for nxt, emitted, done in self._decode():
+                toks, keep, finished = nxt.tolist(), emitted.tolist(), done.tolist()
+                out: list[int | None] = []
+                for i, tok in enumerate(toks):
+                    if keep[i]:
+                        self.tokens[i].append(tok)
+                    elif finished[i] and self.finish_reasons[i] is None:
+                        self.finish_reasons[i] = FINISH_STOP
+                    out.append(tok if keep[i] else None)
+                if any(keep):
+                    yield out
+                if all(finished):
+                    return
+            self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
+
+    def run(self, check_every: int = 16) -> list[list[int]]:
+        """Decode every row to its end without per-token host syncs; returns (and sets) ``tokens``.
+
+        Sampled ids stay on the device; whether every row has finished is read every ``check_every``
+        steps only (a finished batch decodes at most ``check_every - 1`` extra steps, whose ids are dropped).
+        """
+        with self._decoding():
+            ids, keeps, done = [], [], None
+            for step, (nxt, emitted, done) in enumerate(self._decode()):
+                ids.append(nxt)
+                keeps.append(emitted)
+                if (step + 1) % check_every == 0 and bool(done.all()):
+                    break
+            if done is not None:
+                rows, keep = torch.stack(ids, 1).tolist(), torch.stack(keeps, 1).tolist()
+                self.tokens = [[t for t, k in zip(r, m, strict=True) if k] for r, m in zip(rows, keep, strict=True)]
+                self.finish_reasons = [FINISH_STOP if d else FINISH_LENGTH for d in done.tolist()]
+            self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
+        return self.tokens
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Eval mode and inference mode for the duration; the model's mode is restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                yield from self._steps()
+                yield
         finally:
             self.model.train(was_training)
 
-    def _steps(self) -> Iterator[list[int | None]]:
-        model, prompts = self.model, self.prompts
+    def _decode(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Per step, device tensors [B]: sampled ids, ``emitted`` (the id is a new token of its row) and
+        ``done`` (the row has met a stop id, this step or earlier). No host sync; runs to the budget."""
+        model, prompts, b = self.model, self.prompts, len(self.prompts)
         param = next(model.parameters())
-        device, b = param.device, len(prompts)
+        device = param.device
         longest = max(len(p) for p in prompts)
         total = longest + self.budget
         ids = torch.full((b, longest), self.pad_id, dtype=torch.long, device=device)
-        full_mask = torch.zeros((b, total), dtype=torch.bool, device=device)
+        full_mask = torch.ones((b, total), dtype=torch.bool, device=device)  # decode slots are all real
         for i, p in enumerate(prompts):
             ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-            full_mask[i, longest - len(p):] = True
+            full_mask[i, :longest - len(p)] = False
         padded = any(len(p) != longest for p in prompts)
         seen = None
         if self.repetition_penalty != 1.0:
             seen = torch.zeros((b, model.config.vocab_size), dtype=torch.bool, device=device)
             seen.scatter_(1, ids, full_mask[:, :longest])
         if self.budget == 0:
-            self.finish_reasons = [FINISH_LENGTH] * b
             return
         uniforms = (row_uniforms(b, self.budget, device, self.generator, self.seeds)
                     if self.temperature > 0 else None)
+        stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device) if self.stop_ids else None
         cache = KVCache(model.config, b, total, device, param.dtype) if self.use_cache else None
+        fused = (decode_weights(model, b, self.matmul_dtype) if cache is not None and isinstance(model, TinyLM)
+                 else None)
+        positions = torch.tensor([len(p) for p in prompts], device=device)  # of the first fed-back token
         seq = ids
         logits = model(ids, attention_mask=full_mask[:, :longest] if padded else None, cache=cache,
                        last_only=True).logits[:, -1]
-        done = [False] * b
+        done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(self.budget):
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
             nxt = sample_next(logits, self.temperature, self.top_k, self.top_p,
                               uniform=None if uniforms is None else uniforms[:, step])
-            out: list[int | None] = []
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    out.append(None)
-                elif tok in self.stop_ids:
-                    done[i], self.finish_reasons[i] = True, FINISH_STOP
-                    out.append(None)
-                else:
-                    self.tokens[i].append(tok)
-                    out.append(tok)
-            if any(t is not None for t in out):
-                yield out
-            if all(done):
-                return
+            hit = torch.isin(nxt, stops) if stops is not None else torch.zeros_like(done)
+            emitted = ~(done | hit)
+            done = done | hit
+            yield nxt, emitted, done
             if step == self.budget - 1:
-                break
-            live = torch.tensor([not d for d in done], device=device)
-            nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
+                return
+            fed = torch.where(done, self.pad_id, nxt)  # a finished row feeds the pad id
             if seen is not None:
-                seen[torch.arange(b, device=device), nxt] |= live
-            width = longest + step + 1  # slots filled after this step's token is written
-            if padded:
-                full_mask[:, width - 1] = True
+                seen[torch.arange(b, device=device), fed] |= ~done
+            width = longest + step + 1  # slots filled once ``fed`` is written
             mask = full_mask[:, :width] if padded else None
-            if cache is not None:
-                logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+            if fused is not None and cache is not None:
+                step_mask = inference_mask(mask, width - 1, 1, device)
+                logits = decode_step(model, fused, fed, positions + step, cache, step_mask)
+            elif cache is not None:
+                logits = model(fed[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
             else:
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                seq = torch.cat([seq, fed[:, None]], dim=1)
                 logits = model(seq, attention_mask=mask, last_only=True).logits[:, -1]
-        self.finish_reasons = [r or FINISH_LENGTH for r in self.finish_reasons]
 
 
 def stream(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> Iterator[int]:
@@ -204,7 +256,4 @@ def generate(model: nn.Module, prompt_ids: Iterable[int], **kwargs) -> list[int]
 
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
     """New token ids of each prompt, decoded together in one left-padded batch."""
-    gen = Generation(model, prompts, **kwargs)
-    for _ in gen:
-        pass
-    return gen.tokens
+    return Generation(model, prompts, **kwargs).run()

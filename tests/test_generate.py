@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from model import ModelConfig, TinyLM
+from model.attention import inference_mask
+from model.decode import build_decode_weights, decode_step, decode_weights, onednn_usable
 from model.generate import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -16,6 +18,7 @@ from model.generate import (
     sample_next,
 )
 from model.kv_cache import KVCache
+from model.lora import LoRAConfig, apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is faster, immune to busy cores
 
@@ -164,3 +167,123 @@ def test_inverse_cdf_sampling_never_picks_excluded_tokens_and_follows_probabilit
     picks = sample_next(logits.expand(6, 4), temperature=1.0, uniform=u).tolist()
     assert picks == [0, 0, 2, 2, 3, 3]
     assert sample_next(logits.expand(6, 4), temperature=1.0, top_k=1, uniform=u).tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-qwen3"])
+def test_fused_decode_step_equals_model_forward(preset: str, onednn: bool) -> None:
+    """decode_step over the fused copies gives the logits and cache of TinyLM.forward: dense copies in
+    float64 (only the summation order differs), oneDNN-packed ones in float32 (its only dtype here)."""
+    if onednn and not onednn_usable(2, torch.float32, torch.device("cpu")):
+        pytest.skip("torch built without oneDNN")
+    dtype = torch.float32 if onednn else torch.float64
+    tol = 1e-4 if onednn else 1e-10
+    m = model(preset).to(dtype)
+    short, long = prompts(4, 9)
+    ids = torch.tensor([[0] * 5 + short, long])
+    mask = torch.tensor([[0] * 5 + [1] * 4 + [1], [1] * 10], dtype=torch.bool)
+    nxt = torch.tensor([17, 2049])
+    with torch.no_grad():
+        ref_cache, cache = (KVCache(m.config, 2, 12, dtype=dtype) for _ in range(2))
+        for c in (ref_cache, cache):
+            m(ids[:, :9], attention_mask=mask[:, :9], cache=c)
+        want = m(nxt[:, None], attention_mask=mask, cache=ref_cache).logits[:, -1]
+        weights = build_decode_weights(m, onednn)
+        assert weights.qkv[0].is_mkldnn == onednn
+        got = decode_step(m, weights, nxt, torch.tensor([4, 9]), cache,
+                          inference_mask(mask, 9, 1, torch.device("cpu")))
+    assert cache.length == ref_cache.length == 10
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_decode_weights_packing_follows_batch_size() -> None:
+    m = model()
+    assert not decode_weights(m, 1).onednn and not decode_weights(m.double(), 8).onednn
+    assert decode_weights(m.float(), 8).onednn == onednn_usable(8, torch.float32, torch.device("cpu"))
+
+
+def test_fused_weights_fold_lora_and_follow_weight_updates() -> None:
+    m = apply_lora(model(), LoRAConfig(rank=4, alpha=8.0))
+    for name, p in m.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.5)  # a non-zero adapter changes the function
+    p = prompts(6)[0]
+    first = decode_weights(m)
+    assert decode_weights(m) is first  # unchanged weights: the copies are reused
+    want = generate(m, p, max_new_tokens=12, use_cache=False)
+    assert generate(m, p, max_new_tokens=12) == want
+    opt = torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=1.0)
+    m.train()
+    m(torch.tensor([p])).logits.square().mean().backward()
+    opt.step()  # in-place update of the adapters
+    rebuilt = decode_weights(m)
+    assert rebuilt is not first
+    moved = generate(m, p, max_new_tokens=12, use_cache=False)
+    assert moved != want and generate(m, p, max_new_tokens=12) == moved
+
+
+class Wrapped(torch.nn.Module):
+    """Not a TinyLM (like a compile or DDP wrapper): Generation falls back to forward() with the cache."""
+
+    def __init__(self, inner: TinyLM) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_generic_cached_path_equals_fused_path() -> None:
+    m = model()
+    batch = prompts(5, 17, 1, 9)
+    assert generate_batch(Wrapped(m), batch, max_new_tokens=20) == generate_batch(m, batch, max_new_tokens=20)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 16])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_run_equals_iteration_with_stops(check_every: int, temperature: float) -> None:
+    """Generation.run (host check every N steps) gives the tokens and finish reasons of the iterator, and
+    both are the free run cut before its first stop id."""
+    m = model()
+    batch = prompts(3, 8, 5)
+    kw = dict(max_new_tokens=14, temperature=temperature, seeds=[1, 2, 3] if temperature else None)
+    free = generate_batch(m, batch, **kw)
+    stops = {free[0][3], free[1][6]}
+    cut = [next((j for j, t in enumerate(f) if t in stops), len(f)) for f in free]
+    it = Generation(m, batch, stop_ids=stops, **kw)
+    list(it)
+    assert it.tokens == [f[:c] for f, c in zip(free, cut, strict=True)]
+    assert it.finish_reasons == [FINISH_STOP if c < 14 else FINISH_LENGTH for c in cut]
+    ran = Generation(m, batch, stop_ids=stops, **kw)
+    assert ran.run(check_every=check_every) == it.tokens and ran.finish_reasons == it.finish_reasons
+
+
+def test_zero_budget_run() -> None:
+    gen = Generation(model(), prompts(3, 4), max_new_tokens=0)
+    assert gen.run() == [[], []] and gen.finish_reasons == [FINISH_LENGTH] * 2
+
+
+def test_bfloat16_matmuls_approximate_the_float32_step() -> None:
+    """matmul_dtype=bfloat16: each product's inputs are rounded to bf16 (rel. error ~2^-8), logits stay close."""
+    m = model(initializer_range=0.02)
+    batch = prompts(5, 9, 3)
+    for b in (1, 3):  # dense bf16 for one row, oneDNN-packed for several
+        ids = torch.tensor([p[:3] for p in batch[:b]])
+        with torch.no_grad():
+            caches = [KVCache(m.config, b, 4) for _ in range(2)]
+            for c in caches:
+                m(ids, cache=c)
+            steps = [decode_step(m, decode_weights(m, b, dt), ids[:, -1], torch.full((b,), 3), c,
+                                 inference_mask(None, 3, 1, torch.device("cpu")))
+                     for dt, c in zip((torch.float32, torch.bfloat16), caches, strict=True)]
+        assert decode_weights(m, b, torch.bfloat16).qkv[0].dtype == torch.bfloat16
+        err = (steps[1] - steps[0]).abs().max() / steps[0].abs().max()
+        assert 0 < err < 0.02
+    out = generate_batch(m, batch, max_new_tokens=6, matmul_dtype=torch.bfloat16)
+    assert [len(o) for o in out] == [6, 6, 6]
+    with pytest.raises(ValueError, match="matmul_dtype needs"):
+        Generation(m, batch, matmul_dtype=torch.bfloat16, use_cache=False)
+    with pytest.raises(ValueError, match="matmul_dtype needs"):
+        Generation(m, batch, matmul_dtype=torch.int8)
