@@ -138,9 +138,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], seeds: Sequence
     """One batched KV-cache generation (eval mode, inference mode) stopping at ``stop_id``."""
     gen = Generation(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
                      top_k=cfg.top_k, stop_ids=[stop_id], seeds=None if greedy else seeds)
-    for _ in gen:
-        pass
-    return Completions(gen.tokens, [r == FINISH_LENGTH for r in gen.finish_reasons])
+    tokens = gen.run()  # stops matched on the device, host reads every few steps only
+    return Completions(tokens, [r == FINISH_LENGTH for r in gen.finish_reasons])
 
 
 def completion_rows(prompts: Sequence[Sequence[int]], done: Completions, stop_id: int,
