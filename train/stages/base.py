@@ -82,7 +82,6 @@ class Stage:
 
     name: ClassVar[str] = ""
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
-    default_lr: ClassVar[float] = 5e-4  # the one definition of the stage's default --lr
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
     options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
 
@@ -194,7 +193,6 @@ class PretrainStage(CrossEntropyStage):
 
     name = "pretrain"
     dataset_stages = ("pretrain",)
-    default_lr = 5e-4
 
 
 class SFTStage(CrossEntropyStage):
@@ -202,7 +200,6 @@ class SFTStage(CrossEntropyStage):
 
     name = "sft"
     dataset_stages = ("sft",)
-    default_lr = 2e-4
 
 
 class ReasonStage(CrossEntropyStage):
@@ -211,4 +208,3 @@ class ReasonStage(CrossEntropyStage):
 
     name = "reason"
     dataset_stages = ("reason",)
-    default_lr = 2e-4
