@@ -4,7 +4,7 @@
 that chose the new defaults.
 
     python bench/learning.py              # the comparison, each arm twice (~40 min on 2 quiet cores)
-    python bench/learning.py --quick      # the same, short (a few minutes)
+    python bench/learning.py --quick      # the same, short (a few minutes on quiet cores)
     python bench/learning.py --sweep      # LR sweep at equal tokens: train.sh model and `small` (~15 min)
 
 Data: ``--data`` (default ``../shared/data``): in every pretrain/ and sft/ file record k goes to the held-out
@@ -59,7 +59,7 @@ class Mode:
 
 
 FULL = Mode(512, {"pretrain": 60, "sft": 30}, 8, 4000, 40, 2)
-QUICK = Mode(256, {"pretrain": 12, "sft": 6}, 8, 600, 12, 2)
+QUICK = Mode(128, {"pretrain": 10, "sft": 5}, 8, 600, 12, 2)
 SWEEP = Mode(128, {"pretrain": 20, "sft": 10}, 8, 1500, 12, 1)
 # (preset, stage, optimizer) -> the LRs tried (Muon: --muon-lr; its AdamW part keeps the old --lr)
 SWEEP_LRS = {("train.sh", "pretrain", "adamw"): [1e-3, 2e-3, 4e-3],
@@ -169,8 +169,9 @@ def compare(data: dict[str, tuple[Path, Path]], work: Path, mode: Mode, preset: 
                     steps = max(1, round(steps * step_time["old"] / step_time[name]))
                 losses, times = [], []
                 for seed in range(1, mode.repeats + 1):
-                    out = work / "runs" / preset / f"{stage}_{name}_{steps}_s{seed}"
                     start = init.get((budget, name, seed)) if stage == "sft" else None
+                    out = work / "runs" / preset / (f"{stage}_{name}_{steps}_s{seed}"
+                                                    + (f"_from_{start.name}" if start is not None else ""))
                     times.append(train_run(out, stage, packed, arm[stage], steps, seed, mode, preset, start))
                     losses.append(heldout_loss(out, stage, heldout, mode.seq_len))
                     if stage == "pretrain":

@@ -96,6 +96,24 @@ def test_stop_and_resume_is_bit_exact(pretrain, tmp_path, optimizer, schedule):
         assert checkpoint.load(ref / checkpoint.PRE_DECAY).step == 9  # 12 - round(0.25 * 12)
 
 
+def test_a_checkpoint_from_before_muon_and_wsd_resumes_exactly(pretrain, tmp_path):
+    """A checkpoint without ``training.optimizer_name`` / ``muon`` and with the old cosine record resumes as
+    AdamW + cosine, bit-exactly."""
+    ref, out = tmp_path / "ref", tmp_path / "old"
+    assert main(opt_args(pretrain, ref, "--max-steps", "8", "--optimizer", "adamw")) == 0
+    assert main(opt_args(pretrain, out, "--max-steps", "8", "--optimizer", "adamw", "--stop-after", "5")) == 0
+    path = checkpoint.latest(out)
+    payload = torch.load(path, weights_only=True)
+    training = {k: v for k, v in payload["training"].items() if k not in ("optimizer_name", "muon")}
+    record = training["schedule"]
+    training["schedule"] = {"peak_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": record["warmup_steps"],
+                            "max_steps": record["max_steps"]}  # what CosineSchedule.state_dict() wrote
+    torch.save({**payload, "training": training}, path)
+    assert checkpoint.load(path, resume=True).training.optimizer_name == "adamw"
+    assert main(opt_args(pretrain, out, "--max-steps", "8", "--resume")) == 0
+    assert losses(out) == losses(ref) and same_weights(ref, out)
+
+
 def test_resume_refuses_another_optimizer_or_schedule(pretrain, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(opt_args(pretrain, out, "--max-steps", "4", "--stop-after", "1", "--optimizer", "muon")) == 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train import checkpoint
+from train import checkpoint, defaults
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,11 @@ def test_smoke_runs_end_to_end(tmp_path):
     answer = next(line for line in text.splitlines() if line.startswith("answer: "))
     assert answer.removeprefix("answer: ").strip(), "empty chat answer"
     assert "done in" in text
+    for stage in ("pretrain", "sft"):  # optimizer and LRs from the defaults table (train/defaults.py)
+        optimizer = defaults.OPTIMIZER[stage]
+        row = defaults.lookup(stage, optimizer, "tiny")
+        assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {row.muon_lr:g} --schedule {defaults.SCHEDULE}" \
+            in next(line for line in text.splitlines() if line.startswith("$ ") and f"--stage {stage}" in line)
     pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint

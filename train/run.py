@@ -131,9 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw: AdamW on every weight; muon: torch.optim.Muon on the hidden matrices (attention, "
                         "MLP), AdamW on embeddings, head, norms, biases, router (LoRA adapters: always AdamW)")
-    g.add_argument("--muon-lr", type=float, metavar="LR", help="Muon peak learning rate")
-    g.add_argument("--muon-momentum", type=float, metavar="M", help="Muon (Nesterov) momentum")
-    g.add_argument("--muon-weight-decay", type=float, metavar="WD", help="Muon decoupled weight decay")
+    g.add_argument("--muon-lr", type=float, metavar="LR", help="Muon peak learning rate (default: the table below)")
+    g.add_argument("--muon-momentum", type=float, metavar="M",
+                   help="Muon (Nesterov) momentum (default: the table below)")
+    g.add_argument("--muon-weight-decay", type=float, metavar="WD",
+                   help="Muon decoupled weight decay (default: the table below)")
     g.add_argument("--schedule", choices=KINDS,
                    help=f"cosine: warmup then cosine decay to --min-lr; wsd: warmup, stable, then linear decay over "
                         f"the last --decay-frac of the steps; --resume --max-steps N (larger) extends a WSD run "
