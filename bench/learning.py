@@ -59,7 +59,7 @@ class Mode:
 
 
 FULL = Mode(512, {"pretrain": 60, "sft": 30}, 8, 4000, 40, 2)
-QUICK = Mode(128, {"pretrain": 10, "sft": 5}, 8, 600, 12, 2)
+QUICK = Mode(128, {"pretrain": 8, "sft": 4}, 8, 600, 8, 2)
 SWEEP = Mode(128, {"pretrain": 20, "sft": 10}, 8, 1500, 12, 1)
 # (preset, stage, optimizer) -> the LRs tried (Muon: --muon-lr; its AdamW part keeps the old --lr)
 SWEEP_LRS = {("train.sh", "pretrain", "adamw"): [1e-3, 2e-3, 4e-3],
