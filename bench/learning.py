@@ -5,7 +5,8 @@ that chose the new defaults.
 
     python bench/learning.py              # the comparison, each arm twice (~40 min on 2 quiet cores)
     python bench/learning.py --quick      # the same, short (a few minutes on quiet cores)
-    python bench/learning.py --sweep      # LR sweep at equal tokens: train.sh model and `small` (~15 min)
+    python bench/learning.py --sweep      # LR sweep at equal tokens, train.sh's model (~15 min on quiet cores)
+    python bench/learning.py --step-cost  # seconds per optimizer step, AdamW vs Muon, alternating in one process
 
 Data: ``--data`` (default ``../shared/data``): in every pretrain/ and sft/ file record k goes to the held-out
 slice when ``k % 50 == 0`` (as train.sh does), to training otherwise (at most ``train_cap`` records per
@@ -62,11 +63,9 @@ FULL = Mode(512, {"pretrain": 60, "sft": 30}, 8, 4000, 40, 2)
 QUICK = Mode(128, {"pretrain": 8, "sft": 4}, 8, 600, 8, 2)
 SWEEP = Mode(128, {"pretrain": 20, "sft": 10}, 8, 1500, 12, 1)
 # (preset, stage, optimizer) -> the LRs tried (Muon: --muon-lr; its AdamW part keeps the old --lr)
-SWEEP_LRS = {("train.sh", "pretrain", "adamw"): [1e-3, 2e-3, 4e-3],
-             ("train.sh", "pretrain", "muon"): [0.01, 0.02, 0.04],
-             ("train.sh", "sft", "adamw"): [1e-3, 2e-3], ("train.sh", "sft", "muon"): [0.01, 0.02],
-             ("small", "pretrain", "adamw"): [2e-3], ("small", "pretrain", "muon"): [0.02]}
-SWEEP_STEPS = {"small": {"pretrain": 6}}  # the bigger model: fewer steps (budget), pretrain only
+SWEEP_LRS = {("train.sh", "pretrain", "adamw"): [1e-3, 2e-3, 4e-3], ("train.sh", "pretrain", "muon"): [0.02, 0.04],
+             ("train.sh", "sft", "adamw"): [1e-3, 2e-3], ("train.sh", "sft", "muon"): [0.02]}
+SWEEP_STEPS: dict[str, dict[str, int]] = {}  # per preset, when it differs from the mode's steps
 
 
 def new_arm(stage: str, preset: str) -> dict:
@@ -219,6 +218,40 @@ def sweep(data: dict[str, tuple[Path, Path]], work: Path, mode: Mode, presets: l
     return rows
 
 
+def step_cost(preset: str, seq_len: int, batch: int, repeats: int = 5) -> list[list[str]]:
+    """Forward + backward and optimizer step times of one batch, AdamW and Muon alternating in this process
+    (so a busy machine slows both alike); medians over ``repeats``."""
+    import time
+
+    import torch
+
+    from model import ModelConfig, TinyLM
+    from train.optim import OptimConfig, build_optimizers
+
+    flags = MODEL_FLAGS[preset]
+    overrides = {k: int(v) for k, v in (a.split("=") for a in flags[3::2])}
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig.from_preset(flags[1]).override(overrides))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
+    optimizers = {name: build_optimizers(model.named_parameters(), OptimConfig(name)) for name in ("adamw", "muon")}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, opt in optimizers.items():
+            started = time.perf_counter()
+            logits = model(ids[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+            middle = time.perf_counter()
+            opt.step(scaler)
+            opt.zero_grad()
+            times[name].append((middle - started, time.perf_counter() - middle))
+    rows = []
+    for name, pairs in times.items():
+        fwd, step = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        rows.append([preset, f"{batch} x {seq_len}", name, f"{fwd:.3f}", f"{step:.3f}", f"{step / fwd:.2f}"])
+    return rows
+
+
 def table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -228,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs (a few minutes)")
     p.add_argument("--sweep", action="store_true", help="the LR sweep behind train/defaults.py")
+    p.add_argument("--step-cost", action="store_true", help="optimizer step time, AdamW vs Muon, one batch")
     p.add_argument("--preset", choices=sorted(MODEL_FLAGS), default="train.sh", help="model (default train.sh's)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="raw data with pretrain/, sft/")
     p.add_argument("--work", type=Path, help="work folder (default /tmp/tinylm_learning_<mode>)")
     args = p.parse_args(argv)
+    if args.step_cost:
+        rows = [r for preset in ("train.sh", "small") for r in step_cost(preset, 512, 8)]
+        print(table(["preset", "batch", "optimizer", "fwd+bwd s", "optimizer step s", "step / fwd+bwd"], rows))
+        return 0
     mode = SWEEP if args.sweep else QUICK if args.quick else FULL
     name = "sweep" if args.sweep else "quick" if args.quick else "full"
     work = args.work or Path(f"/tmp/tinylm_learning_{name}")
@@ -239,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench/learning.py ({name}): seq_len {mode.seq_len}, batch {mode.batch_size} rows/step, "
           f"{os.cpu_count()} cpus, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
     if args.sweep:
-        rows = sweep(data, work, mode, ["train.sh", "small"])
+        rows = sweep(data, work, mode, [args.preset])
         print(table(["preset", "stage", "optimizer", "lr swept", "steps", "step s", "held-out loss"], rows))
     else:
         rows = compare(data, work, mode, args.preset)

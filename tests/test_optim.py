@@ -61,6 +61,16 @@ def test_lora_adapters_train_with_adamw_under_muon():
     assert sum(len(g["params"]) for g in opt.parts["adamw"].param_groups) == n_adapter == 7 * 2 * 2
 
 
+def test_a_lora_run_asked_for_muon_trains_its_adapters_with_adamw(pretrain, tmp_path, capsys):
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    assert main(args(pretrain, base, "--max-steps", "2")) == 0
+    assert main(args(pretrain, lora, "--max-steps", "2", "--init-from", str(base), "--lora-rank", "2",
+                     "--optimizer", "muon")) == 0
+    assert "optimizer adamw (LoRA adapters: AdamW)" in capsys.readouterr().out
+    training = checkpoint.load(lora).training
+    assert (training.optimizer_name, training.muon) == ("adamw", None)
+
+
 # ---- the schedule ------------------------------------------------------------------------------------------
 
 def test_wsd_warmup_stable_then_linear_decay():

@@ -13,6 +13,7 @@ One optimizer step s (0-based) on every rank:
      grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
      decision; optimizer step(s) (AdamW, or Muon + AdamW: ``train/optim.py``) at each part's peak LR x the
      schedule's multiplier ``m(s)`` (``train/schedule.py``) unless the loss or the grad norm is non-finite;
+     zero grads;
   5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log / eval / save.
 
 Non-finite steps. A nan/inf step loss or global grad norm (under fp16 only the loss: the GradScaler skips

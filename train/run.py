@@ -525,7 +525,8 @@ def loop_config(args: argparse.Namespace, stage: Stage, device: torch.device,
     decay fraction the run recorded; then the defaults table's row (``train/defaults.py``, its one definition)."""
     training = resume.training if resume is not None else None
     record = (training.schedule or {}) if training is not None else {}
-    optimizer = args.optimizer or (training.optimizer_name if training is not None else defaults.OPTIMIZER[stage.name])
+    optimizer = effective_optimizer(args.optimizer or (training.optimizer_name if training is not None
+                                                       else defaults.OPTIMIZER[stage.name]), args)
     row = defaults.lookup(stage.name, optimizer, args.model)
     lr = row.lr if args.lr is None else args.lr
     warmup = record.get("warmup_steps", max(1, int(row.warmup_frac * args.max_steps)))
@@ -535,7 +536,7 @@ def loop_config(args: argparse.Namespace, stage: Stage, device: torch.device,
         min_lr=lr / 10 if args.min_lr is None else args.min_lr,
         warmup_steps=warmup if args.warmup_steps is None else args.warmup_steps,
         weight_decay=row.weight_decay if args.weight_decay is None else args.weight_decay,
-        optimizer=effective_optimizer(optimizer, args),
+        optimizer=optimizer,
         muon_lr=row.muon_lr if args.muon_lr is None else args.muon_lr,
         muon_momentum=row.muon_momentum if args.muon_momentum is None else args.muon_momentum,
         muon_weight_decay=row.muon_weight_decay if args.muon_weight_decay is None else args.muon_weight_decay,
