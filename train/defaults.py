@@ -31,12 +31,12 @@ class Row:
 
 
 # the default --optimizer and --schedule of each stage
-OPTIMIZER = {"pretrain": "adamw", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw"}
+OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw"}
 SCHEDULE = "cosine"
 
 TABLE: dict[tuple[str, str, str], Row] = {
     ("pretrain", "adamw", "*"): Row(5e-4, 0.02),
-    ("pretrain", "muon", "*"): Row(5e-4, 0.02),
+    ("pretrain", "muon", "*"): Row(5e-4, 0.02, measured="muon_lr from the train.sh sweep"),
     ("sft", "adamw", "*"): Row(2e-4, 0.01),
     ("sft", "muon", "*"): Row(2e-4, 0.01),
     ("reason", "adamw", "*"): Row(2e-4, 0.01),
@@ -45,8 +45,8 @@ TABLE: dict[tuple[str, str, str], Row] = {
     ("dpo", "muon", "*"): Row(1e-5, 4e-4),
     ("distill", "adamw", "*"): Row(2e-4, 0.01),
     ("distill", "muon", "*"): Row(2e-4, 0.01),
-    ("pretrain", "adamw", "train.sh"): Row(2e-3, 0.02),
-    ("pretrain", "muon", "train.sh"): Row(2e-3, 0.02),
+    ("pretrain", "adamw", "train.sh"): Row(2e-3, 0.02, measured="sweep: best of lr 1e-3 / 2e-3 / 4e-3"),
+    ("pretrain", "muon", "train.sh"): Row(2e-3, 0.02, measured="sweep: best of muon_lr 0.02 / 0.04"),
     ("sft", "adamw", "train.sh"): Row(1e-3, 0.01),
     ("sft", "muon", "train.sh"): Row(1e-3, 0.01),
     ("pretrain", "adamw", "tiny"): Row(3e-3, 0.02),  # train.sh --smoke
