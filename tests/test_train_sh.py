@@ -32,8 +32,8 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert "done in" in text
     for stage in ("pretrain", "sft"):  # optimizer and LRs from the defaults table (train/defaults.py)
         optimizer = defaults.OPTIMIZER[stage]
-        row = defaults.lookup(stage, optimizer, "tiny")
-        assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {row.muon_lr:g} --schedule {defaults.SCHEDULE}" \
+        row, muon = defaults.lookup(stage, optimizer, "tiny"), defaults.lookup(stage, "muon", "tiny")
+        assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {muon.muon_lr:g} --schedule {defaults.SCHEDULE}" \
             in next(line for line in text.splitlines() if line.startswith("$ ") and f"--stage {stage}" in line)
     pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
     assert sft.init_from.path == pre.path

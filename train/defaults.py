@@ -15,9 +15,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-STAGE_NAMES = ("pretrain", "sft", "reason", "dpo", "distill")
-OPTIMIZER_NAMES = ("adamw", "muon")
-
 
 @dataclass(frozen=True)
 class Row:
@@ -82,7 +79,8 @@ def shell_lines(preset: str) -> list[str]:
         optimizer = OPTIMIZER[stage]
         row = lookup(stage, optimizer, preset)
         prefix = stage.upper()
-        for key, value in (("OPTIMIZER", optimizer), ("LR", _num(row.lr)), ("MUON_LR", _num(row.muon_lr)),
+        muon_lr = lookup(stage, "muon", preset).muon_lr  # what --optimizer muon would use
+        for key, value in (("OPTIMIZER", optimizer), ("LR", _num(row.lr)), ("MUON_LR", _num(muon_lr)),
                            ("SCHEDULE", SCHEDULE)):
             out.append(f': "${{{prefix}_{key}:={value}}}"')
     return out
