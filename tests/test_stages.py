@@ -39,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is f
 
 def args(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--stage", stage, "--data", str(data), "--out", str(out), "--batch-size", "4", "--grad-accum", "1",
-            "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "4", "--no-progress", *extra]
+            "--optimizer", "adamw", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "4",
+            "--no-progress", *extra]
 
 
 def train_records(run: Path) -> list[dict]:

@@ -49,10 +49,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def args(data_dir: Path, out: Path, *extra: str, stage: str = "pretrain") -> list[str]:
-    """A tiny CPU run: 8 rows of 64 tokens per step in 2 micro-batches, a log line every step."""
+    """A tiny CPU run: 8 rows of 64 tokens per step in 2 micro-batches, a log line every step (AdamW: these
+    tests were written for it; tests/test_optim.py covers Muon)."""
     return ["--stage", stage, "--data", str(data_dir), "--out", str(out), "--model", "tiny", "--batch-size", "4",
-            "--grad-accum", "2", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "8",
-            "--no-progress", *extra]
+            "--grad-accum", "2", "--optimizer", "adamw", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0",
+            "--val-rows", "8", "--no-progress", *extra]
 
 
 def losses(run: Path) -> dict[int, float]:
