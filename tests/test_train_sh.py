@@ -34,7 +34,7 @@ def test_smoke_runs_end_to_end(tmp_path):
         optimizer = defaults.OPTIMIZER[stage]
         row, muon = defaults.lookup(stage, optimizer, "tiny"), defaults.lookup(stage, "muon", "tiny")
         assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {muon.muon_lr:g} --schedule {defaults.SCHEDULE}" \
-            in next(line for line in text.splitlines() if line.startswith("$ ") and f"--stage {stage}" in line)
+            in next(line for line in text.splitlines() if "train/run.py" in line and f"--stage {stage}" in line)
     pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint
