@@ -18,7 +18,10 @@
 #   MODEL           model preset                                                 [small; smoke tiny]
 #   MODEL_ARGS      space-separated key=value model overrides   [hidden_size=256 num_hidden_layers=4]
 #   PRETRAIN_STEPS / SFT_STEPS                                         [200 / 120; smoke 30 / 20]
-#   PRETRAIN_LR / SFT_LR                                         [2e-3 / 1e-3; smoke 3e-3 / 3e-3]
+#   PRETRAIN_OPTIMIZER PRETRAIN_LR PRETRAIN_MUON_LR PRETRAIN_SCHEDULE, and the same with SFT_
+#                   [the defaults table train/defaults.py for preset DEFAULTS_PRESET, which
+#                    `train/run.py --help` prints too]
+#   DEFAULTS_PRESET the table's preset for those                           [train.sh; smoke tiny]
 #   PRETRAIN_ARGS / SFT_ARGS   extra arguments for train/run.py (they win over the defaults above)
 #   NPROC           processes per node; > 1 launches torchrun (DDP)                              [1]
 #   SKIP_PACK=1 SKIP_PRETRAIN=1 SKIP_SFT=1 SKIP_CHAT=1   skip a step (its outputs must exist)
@@ -70,16 +73,20 @@ PROMPT="${PROMPT:-请介绍一下你自己。}"
 if [[ "$SMOKE" == 1 ]]; then
   OUT_DIR="${OUT_DIR:-out/smoke}"; SEQ_LEN="${SEQ_LEN:-128}"; MODEL="${MODEL:-tiny}"
   MODEL_ARGS="${MODEL_ARGS-}"; PRETRAIN_STEPS="${PRETRAIN_STEPS:-30}"; SFT_STEPS="${SFT_STEPS:-20}"
-  PRETRAIN_LR="${PRETRAIN_LR:-3e-3}"; SFT_LR="${SFT_LR:-3e-3}"
+  DEFAULTS_PRESET="${DEFAULTS_PRESET:-tiny}"
   COMMON=(--batch-size 8 --grad-accum 1 --log-every 10 --eval-every 10 --save-every 10 --val-rows 16)
 else
   OUT_DIR="${OUT_DIR:-out}"; SEQ_LEN="${SEQ_LEN:-512}"; MODEL="${MODEL:-small}"
   MODEL_ARGS="${MODEL_ARGS-hidden_size=256 num_hidden_layers=4}"
   PRETRAIN_STEPS="${PRETRAIN_STEPS:-200}"; SFT_STEPS="${SFT_STEPS:-120}"
-  PRETRAIN_LR="${PRETRAIN_LR:-2e-3}"; SFT_LR="${SFT_LR:-1e-3}"
+  DEFAULTS_PRESET="${DEFAULTS_PRESET:-train.sh}"
   COMMON=(--batch-size 8 --grad-accum 1 --log-every 10 --eval-every 50 --save-every 50)
 fi
 PACKED="$OUT_DIR/packed"
+# optimizer, LRs and schedule of pretrain and SFT: `: "${PRETRAIN_LR:=...}"` lines from the one table (a set variable wins)
+eval "$("$PYTHON" -m train.defaults --shell "$DEFAULTS_PRESET")"
+PRETRAIN_OPT=(--optimizer "$PRETRAIN_OPTIMIZER" --lr "$PRETRAIN_LR" --muon-lr "$PRETRAIN_MUON_LR" --schedule "$PRETRAIN_SCHEDULE")
+SFT_OPT=(--optimizer "$SFT_OPTIMIZER" --lr "$SFT_LR" --muon-lr "$SFT_MUON_LR" --schedule "$SFT_SCHEDULE")
 
 MODEL_FLAGS=(--model "$MODEL")
 for kv in $MODEL_ARGS; do MODEL_FLAGS+=(--model-arg "$kv"); done
@@ -161,7 +168,7 @@ if [[ "${SKIP_PRETRAIN:-0}" == 1 ]]; then
   echo "skipped (SKIP_PRETRAIN=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage pretrain --data "$PACKED/pretrain" --out "$OUT_DIR/pretrain" --resume \
-    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" --lr "$PRETRAIN_LR" "${PRETRAIN_EXTRA[@]}"
+    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" "${PRETRAIN_OPT[@]}" "${PRETRAIN_EXTRA[@]}"
   evaluate pretrain pretrain
 fi
 
@@ -170,7 +177,7 @@ if [[ "${SKIP_SFT:-0}" == 1 ]]; then
   echo "skipped (SKIP_SFT=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/sft" --out "$OUT_DIR/sft" --resume \
-    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" --lr "$SFT_LR" "${SFT_EXTRA[@]}"
+    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" "${SFT_OPT[@]}" "${SFT_EXTRA[@]}"
   evaluate sft sft
 fi
 

@@ -261,6 +261,7 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
     assert ckpt.data == DataRecord("data/packed/dpo", "dpo", 64, 30, 4, 8)
     assert ckpt.tokenizer.vocab_size == 6400 and ckpt.lora is None and ckpt.path == str(old)
     assert ckpt.training.world == 1 and ckpt.training.schedule == {"peak_lr": 1e-5}
+    assert (ckpt.training.optimizer_name, ckpt.training.muon) == ("adamw", None)  # added later: defaults
     assert ckpt.training.optimizer["state"][0]["step"] == 1
     assert all(torch.equal(ckpt.model[k], v) for k, v in model.state_dict().items())
     loaded = load_model(old)  # chat / serve / export read it too

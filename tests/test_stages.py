@@ -5,6 +5,7 @@ checkpoints, exact resume), distillation (KL 0 against itself, foreign tokenizer
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.machinery
 import importlib.util
@@ -22,11 +23,11 @@ import torch
 from model import ModelConfig, TinyLM
 from model.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merge_lora
 from preprocess import shards
-from train import checkpoint
+from train import checkpoint, defaults
 from train import run as run_mod
 from train.metrics import read_metrics
 from train.run import main
-from train.stages import DistillStage, DPOStage, ReasonStage, StageContext, StepNorm, token_cross_entropy
+from train.stages import STAGES, DistillStage, DPOStage, ReasonStage, StageContext, StepNorm, token_cross_entropy
 from train.stages.dpo import DPODataset, document_logps, valid_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is f
 
 def args(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--stage", stage, "--data", str(data), "--out", str(out), "--batch-size", "4", "--grad-accum", "1",
-            "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "4", "--no-progress", *extra]
+            "--optimizer", "adamw", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "4",
+            "--no-progress", *extra]
 
 
 def train_records(run: Path) -> list[dict]:
@@ -207,17 +209,18 @@ def test_stage_flags_are_checked(capsys):
     assert ok.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
 
 
-def test_lr_defaults_are_the_stages_and_shown_by_help(capsys, monkeypatch):
-    """One definition per stage (``Stage.default_lr``): --help shows it and the loop uses it."""
+def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
+    """One definition (``train/defaults.py``): --help prints the table and the loop uses it; --lr wins."""
     def shown() -> str:
         with pytest.raises(SystemExit):
             run_mod.parse_args(["--help"])
-        return " ".join(capsys.readouterr().out.split())
+        return capsys.readouterr().out
 
-    assert ("peak learning rate (default: pretrain 5e-4, sft 2e-4, reason 2e-4, dpo 1e-5, distill 2e-4, "
-            "grpo 1e-5)") in shown()
-    monkeypatch.setattr(DPOStage, "default_lr", 3e-6)
-    assert "dpo 3e-6," in shown()
+    assert defaults.table_text() in shown()
+    assert set(STAGES) <= {stage for stage, _, _ in defaults.TABLE} and set(defaults.OPTIMIZER) == set(STAGES)
+    row = defaults.TABLE[("dpo", "adamw", "*")]
+    monkeypatch.setitem(defaults.TABLE, ("dpo", "adamw", "*"), dataclasses.replace(row, lr=3e-6))
+    assert "dpo       adamw      *         3e-06" in shown()
     dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
     assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
     dpo.lr = 0.25

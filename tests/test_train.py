@@ -20,8 +20,9 @@ from train import checkpoint
 from train.data import PackedDataset
 from train.loop import format_line
 from train.metrics import METRICS_FILE, Throughput, read_metrics, token_byte_lengths
-from train.optim import CosineSchedule, param_groups
+from train.optim import param_groups
 from train.run import main
+from train.schedule import Schedule
 from train.stages import SFTStage, StageContext, StepNorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +49,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def args(data_dir: Path, out: Path, *extra: str, stage: str = "pretrain") -> list[str]:
-    """A tiny CPU run: 8 rows of 64 tokens per step in 2 micro-batches, a log line every step."""
+    """A tiny CPU run: 8 rows of 64 tokens per step in 2 micro-batches, a log line every step (AdamW: these
+    tests were written for it; tests/test_optim.py covers Muon)."""
     return ["--stage", stage, "--data", str(data_dir), "--out", str(out), "--model", "tiny", "--batch-size", "4",
-            "--grad-accum", "2", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--val-rows", "8",
-            "--no-progress", *extra]
+            "--grad-accum", "2", "--optimizer", "adamw", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0",
+            "--val-rows", "8", "--no-progress", *extra]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -249,7 +251,7 @@ def test_refuses_tokenizer_fingerprint_mismatch(data, pretrained, tmp_path, caps
 # ---- pieces ------------------------------------------------------------------------------------------------------
 
 def test_schedule_warmup_then_cosine():
-    s = CosineSchedule(peak_lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
+    s = Schedule("cosine", warmup_steps=4, max_steps=20, min_ratio=0.1)  # multipliers of the peak LR
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert s(19) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
     assert all(s(i) >= s(i + 1) for i in range(4, 30))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from preprocess import shards
-from train import checkpoint
+from train import checkpoint, defaults
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,11 @@ def test_smoke_runs_end_to_end(tmp_path):
     answer = next(line for line in text.splitlines() if line.startswith("answer: "))
     assert answer.removeprefix("answer: ").strip(), "empty chat answer"
     assert "done in" in text
+    for stage in ("pretrain", "sft"):  # optimizer and LRs from the defaults table (train/defaults.py)
+        optimizer = defaults.OPTIMIZER[stage]
+        row, muon = defaults.lookup(stage, optimizer, "tiny"), defaults.lookup(stage, "muon", "tiny")
+        assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {muon.muon_lr:g} --schedule {defaults.SCHEDULE}" \
+            in next(line for line in text.splitlines() if "train/run.py" in line and f"--stage {stage}" in line)
     pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint

@@ -54,6 +54,7 @@ FORMAT = "tinylm-checkpoint-2"
 VERSION = 2
 _FORMAT_PREFIX = "tinylm-checkpoint-"
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+PRE_DECAY = "pre_decay.pt"  # a WSD run's checkpoint at its decay start: never pruned, never "latest"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # version 1 kept the resume state and the stage's options at the top level
 _V1_TRAINING = ("optimizer", "schedule", "scaler", "rng", "world")
@@ -102,13 +103,17 @@ class DataRecord:
 
 @dataclass
 class ResumeState:
-    """What ``--resume`` restores besides weights and counters (one RNG entry per rank)."""
+    """What ``--resume`` restores besides weights and counters (one RNG entry per rank). ``optimizer`` is the
+    AdamW state; a Muon run (``optimizer_name`` "muon") adds the Muon part's state in ``muon``. ``schedule`` is
+    the schedule record (``train/schedule.py``: kind, warmup, max_steps, ...; no ``kind``: cosine)."""
 
     optimizer: dict[str, Any]
     rng: list[Any]
     schedule: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     world: int = 1
+    optimizer_name: str = "adamw"
+    muon: dict[str, Any] | None = None
 
 
 @dataclass
@@ -146,12 +151,13 @@ class Checkpoint:
         return cls(model=model_state(model), model_config=unwrap(model).config, tokenizer=record, **fields)
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, keep_last: int = 0) -> Path:
-        """Write atomically as ``folder/ckpt_<step>.pt``; then keep only the newest ``keep_last`` (all when
-        ``<= 0``). Refuses (CheckpointError, nothing written) non-finite weights; a full disk, a read-only or
-        file-blocked folder is one FileWriteError naming the path, and the previous checkpoints stay."""
+    def save(self, folder: str | Path, keep_last: int = 0, name: str | None = None) -> Path:
+        """Write atomically as ``folder/ckpt_<step>.pt`` (or ``folder/name``); then keep only the newest
+        ``keep_last`` ``ckpt_*.pt`` (all when ``<= 0``). Refuses (CheckpointError, nothing written) non-finite
+        weights; a full disk, a read-only or file-blocked folder is one FileWriteError naming the path, and the
+        previous checkpoints stay."""
         folder = make_dir(folder, "run folder")
-        path = folder / checkpoint_name(self.step)
+        path = folder / (name or checkpoint_name(self.step))
         bad = nonfinite_tensors(self.model)
         if bad:
             raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (nan/inf in "
@@ -490,12 +496,17 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}.pt"
 
 
+def step_of(path: Path) -> int:
+    """The step in a ``ckpt_<step>.pt`` name."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints in ``folder``, oldest step first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    found = [(step_of(p), p) for p in folder.iterdir() if _NAME.match(p.name) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 

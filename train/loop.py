@@ -12,7 +12,9 @@ One optimizer step s (0-based) on every rank:
      but the last micro-batch;
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
      grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
-     decision; optimizer step at ``lr(s)`` unless the loss or the grad norm is non-finite; zero grads;
+     decision; optimizer step(s) (AdamW, or Muon + AdamW: ``train/optim.py``) at each part's peak LR x the
+     schedule's multiplier ``m(s)`` (``train/schedule.py``) unless the loss or the grad norm is non-finite;
+     zero grads;
   5. ``step, samples_seen, tokens_seen += 1, global_batch, global_batch * seq_len``; log (with the loader's
      ``step_metrics``: rollout rewards, lengths and the generation / training time split) / eval / save.
 
@@ -23,8 +25,9 @@ checkpoint), unless ``skip_nonfinite`` allows more skipped steps: then the step 
 data move on) without an update, and a ``skipped_nonfinite`` line goes to metrics.jsonl. Weights are
 checked before every checkpoint, so no checkpoint with nan/inf weights is ever written.
 
-Exact resume: a checkpoint after step s holds the model, optimizer, grad scaler, counters
-and every rank's RNG states; the schedule is a pure function of s and the data order a pure function
+Exact resume: a checkpoint after step s holds the model, optimizer(s), grad scaler, counters
+and every rank's RNG states (a WSD run also keeps ``pre_decay.pt``, the checkpoint at its decay start);
+the schedule is a pure function of s and the data order a pure function
 of ``samples_seen``. So a run resumed from it repeats the uninterrupted run's steps s+1, s+2, ...
 (bit-identical on CPU in fp32).
 """
@@ -52,7 +55,8 @@ from train.checkpoint import Checkpoint, ResumeState
 from train.data import BatchLoader
 from train.dist import DistInfo
 from train.metrics import MetricsLogger, Throughput
-from train.optim import CosineSchedule, build_adamw, set_lr
+from train.optim import OptimConfig, Optimizers, build_optimizers
+from train.schedule import Schedule
 from train.stages import Stage, StepNorm
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,6 +78,12 @@ class LoopConfig:
     min_lr: float = 5e-5
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (train/optim.py)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | wsd (train/schedule.py)
+    decay_frac: float = 0.2  # wsd: the decaying fraction of max_steps
     grad_clip: float = 1.0
     dtype: str = "fp32"  # resolved: fp32 | bf16 | fp16
     compile: bool = False
@@ -84,6 +94,13 @@ class LoopConfig:
     stop_after: int | None = None  # end (with a checkpoint) after this step; the schedule keeps max_steps
     progress: bool = True  # tqdm bar on rank 0 (shown only on a terminal)
     skip_nonfinite: int = 0  # non-finite steps that may be skipped (no update) before the run stops
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(self.optimizer, self.lr, self.weight_decay, self.muon_lr, self.muon_momentum,
+                           self.muon_weight_decay)
+
+    def lr_schedule(self) -> Schedule:
+        return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr / self.lr, self.decay_frac)
 
 
 @dataclass
@@ -134,8 +151,8 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
         extra.to(device).eval().requires_grad_(False)
     named = list(weights.trainable(model))
     params = [p for _, p in named if p.requires_grad]
-    optimizer = build_adamw(named, cfg.lr, cfg.weight_decay, device=device)
-    schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    optimizer = build_optimizers(named, cfg.optim_config(), device=device)
+    schedule = cfg.lr_schedule()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     state = TrainState() if resume is None else restore(resume, optimizer, scaler, info)
 
@@ -163,12 +180,16 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
                                  f"{last_good(out)}")
         rng = dist.gather_objects(checkpoint.rng_state())
         if info.is_main:
-            training = ResumeState(optimizer.state_dict(), rng, schedule.state_dict(),
-                                     scaler.state_dict() if scaler.is_enabled() else None, world=info.world)
+            parts = optimizer.state_dict()
+            training = ResumeState(parts.get("adamw", {"state": {}, "param_groups": []}), rng,
+                                   schedule.state_dict(), scaler.state_dict() if scaler.is_enabled() else None,
+                                   world=info.world, optimizer_name=optimizer.name, muon=parts.get("muon"))
             ckpt = dataclasses.replace(template, model=state_dict, step=state.step, samples_seen=state.samples_seen,
                                        tokens_seen=state.tokens_seen, supervised_seen=state.supervised_seen,
                                        nonfinite_skipped=state.nonfinite_skipped, training=training)
             ckpt.save(out, cfg.keep_last)
+            if schedule.kind == "wsd" and state.step == schedule.decay_start:
+                ckpt.save(out, name=checkpoint.PRE_DECAY)  # kept: a longer run continues from here
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=None if (cfg.progress and info.is_main) else True, file=sys.stderr)
@@ -181,8 +202,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
         while state.step < end:
             micro = next(steps)
             fetched = time.perf_counter()
-            lr = schedule(state.step)
-            set_lr(optimizer, lr)
+            lrs = optimizer.set_lr(schedule(state.step))
             count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
             dist.all_reduce_sum(count)  # the one collective before the forward passes
             supervised_acc += count
@@ -199,16 +219,16 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
                 names = ["loss", *parts]
                 vals = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
                 sums = vals if sums is None else sums + vals
-            scaler.unscale_(optimizer)
+            optimizer.unscale_(scaler)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
             reduced = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
             sums = reduced[:-1]
             problem = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the step's one host sync
             if problem is None:
-                scaler.step(optimizer)
+                optimizer.step(scaler)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             if problem is not None:
                 skip_or_stop(state, problem, cfg, info, logger, bar, out)
 
@@ -221,7 +241,9 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
 
             if problem is None and (state.step % cfg.log_every == 0 or last or speed.is_first_step(state.step)):
                 state.supervised_seen = supervised_base + int(supervised_acc.item())
-                record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)), "lr": lr,
+                record = {"step": state.step, **dict(zip(names, sums.tolist(), strict=True)),
+                          "lr": lrs.get("adamw", lrs.get("muon")),
+                          **({"muon_lr": lrs["muon"]} if "muon" in lrs else {}),
                           "grad_norm": float(grad_norm), **speed.report(state.step, end, state.supervised_seen),
                           "tokens_seen": state.tokens_seen, "supervised_seen": state.supervised_seen,
                           "samples_seen": state.samples_seen,
@@ -238,7 +260,8 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
                         logger.log(record)
                         bar.write(format_line(record, cfg.max_steps))
                     state.history.append(record)
-                if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last:
+                if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last or (
+                        schedule.kind == "wsd" and state.step == schedule.decay_start):
                     state.supervised_seen = supervised_base + int(supervised_acc.item())
                     save()
     finally:
@@ -247,11 +270,14 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
     return state
 
 
-def restore(resume: Checkpoint, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradScaler,
             info: DistInfo) -> TrainState:
-    """Optimizer, scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``)."""
+    """Optimizer(s), scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``)."""
     training = resume.training
-    optimizer.load_state_dict(training.optimizer)
+    if training.optimizer_name != optimizer.name:
+        raise TinyLMError(f"{resume.path}: trained with --optimizer {training.optimizer_name}, now {optimizer.name}; "
+                          "a resumed run keeps its optimizer")
+    optimizer.load_state_dict({"adamw": training.optimizer, "muon": training.muon})
     if training.scaler:
         scaler.load_state_dict(training.scaler)
     rngs = training.rng

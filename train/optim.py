@@ -1,29 +1,55 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning-rate schedule.
+"""The optimizers: AdamW alone, or Muon on the hidden matrices with AdamW on everything else.
 
-Parameter groups: weight decay applies to parameters with ``ndim >= 2`` that are not embeddings
+AdamW parameter groups: weight decay applies to parameters with ``ndim >= 2`` that are not embeddings
 (``embed_tokens``; a tied ``lm_head`` is the same tensor and is listed once); norms, biases and every
 other 1-D tensor get none. Only parameters with ``requires_grad`` are handed over, so a stage that
 freezes weights (LoRA) simply returns fewer of them.
 
-Schedule, for step s = 0, 1, ... (the step about to be taken):
-``lr(s) = peak * (s + 1) / warmup`` while ``s < warmup``; then cosine from ``peak`` at ``s = warmup``
-down to ``min_lr`` at ``s = max_steps - 1`` (and ``min_lr`` after). It is a pure function of s, so
-resuming needs only the step counter; the hyper-parameters are saved beside it for the record.
+Muon (``torch.optim.Muon``: momentum, then a Newton-Schulz orthogonalisation of the update, as in
+modded-nanogpt and nanochat) takes the 2-D hidden matrices: the attention and MLP (and MoE expert)
+projections inside ``model.layers``. AdamW keeps the embeddings, the output head, norms, biases, the
+MoE router and LoRA adapters: a rank-r adapter factor is not a hidden matrix whose update should have
+all singular values ~1 (its product B A is what acts on activations; B starts at zero), so LoRA runs
+are AdamW whatever ``--optimizer`` says, and the run says so.
+
+Every group has a peak LR (``--lr`` for AdamW, ``--muon-lr`` for Muon); :meth:`Optimizers.set_lr` sets each
+to ``peak * multiplier`` with the schedule's multiplier (``train/schedule.py``). DDP averages gradients
+during backward, before :meth:`Optimizers.step`, so Muon orthogonalises the averaged gradient, the same
+on every rank, and the ranks' weights stay identical.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """What builds the optimizers: the name, the AdamW part's LR / decay, the Muon part's."""
+
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norm weights and biases are 1-D; embeddings are matrices that are excluded by name."""
     return param.ndim < 2 or "embed_tokens" in name
+
+
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """A 2-D projection inside a transformer block (Muon's share); not a LoRA factor, not the MoE router."""
+    return (param.ndim == 2 and name.startswith("model.layers.") and name.endswith("proj.weight"))
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -38,6 +64,79 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
     return [g for g in groups if g["params"]]
 
 
+def split_for_muon(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter],
+                                                                      list[tuple[str, nn.Parameter]]]:
+    """(Muon's hidden matrices, the named rest for AdamW) over the trainable parameters."""
+    muon, rest = [], []
+    for name, p in named:
+        if p.requires_grad and is_hidden_matrix(name, p):
+            muon.append(p)
+        else:
+            rest.append((name, p))
+    return muon, rest
+
+
+class Optimizers:
+    """One or two optimizers stepped as one: ``adamw`` always (unless it has nothing to train), ``muon``
+    when asked for and there are hidden matrices. State: ``{part: state_dict}``."""
+
+    def __init__(self, parts: dict[str, torch.optim.Optimizer], cfg: OptimConfig) -> None:
+        self.parts, self.cfg = parts, cfg
+        self.peaks = {"adamw": cfg.lr, "muon": cfg.muon_lr}
+
+    @property
+    def name(self) -> str:
+        """``muon`` when a Muon part exists, else ``adamw``."""
+        return "muon" if "muon" in self.parts else "adamw"
+
+    def set_lr(self, multiplier: float) -> dict[str, float]:
+        """Every group's LR = its part's peak x ``multiplier``; returns ``{part: lr}`` for the log."""
+        lrs = {}
+        for part, opt in self.parts.items():
+            lrs[part] = self.peaks[part] * multiplier
+            for group in opt.param_groups:
+                group["lr"] = lrs[part]
+        return lrs
+
+    def unscale_(self, scaler: torch.amp.GradScaler) -> None:
+        for opt in self.parts.values():
+            scaler.unscale_(opt)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        for opt in self.parts.values():
+            scaler.step(opt)
+
+    def zero_grad(self) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {part: opt.state_dict() for part, opt in self.parts.items()}
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        for part, opt in self.parts.items():
+            opt.load_state_dict(states[part])
+
+
+def build_optimizers(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
+                     device: torch.device | None = None) -> Optimizers:
+    """AdamW over everything (``adamw``), or Muon over the hidden matrices + AdamW over the rest (``muon``)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}")
+    named = list(named)
+    parts: dict[str, torch.optim.Optimizer] = {}
+    if cfg.name == "muon":
+        hidden, named = split_for_muon(named)
+        if hidden:
+            parts["muon"] = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                             weight_decay=cfg.muon_weight_decay)
+    if any(p.requires_grad for _, p in named):
+        parts["adamw"] = build_adamw(named, cfg.lr, cfg.weight_decay, device=device)
+    if not parts:
+        raise ValueError("no trainable parameters: the stage froze everything")
+    return Optimizers(parts, cfg)
+
+
 def build_adamw(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                 device: torch.device | None = None) -> torch.optim.AdamW:
@@ -47,26 +146,3 @@ def build_adamw(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_dec
         raise ValueError("no trainable parameters: the stage froze everything")
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-@dataclass(frozen=True)
-class CosineSchedule:
-    peak_lr: float
-    min_lr: float
-    warmup_steps: int
-    max_steps: int
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -33,22 +33,23 @@ elif str(REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import FolderLock  # noqa: E402
+from core.files import FolderLock, make_dir  # noqa: E402
 from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
-from train import checkpoint, dist  # noqa: E402
+from train import checkpoint, defaults, dist  # noqa: E402
 from train.adapters import FullWeights, weights_for  # noqa: E402
 from train.checkpoint import (  # noqa: E402
     Checkpoint,
@@ -61,7 +62,9 @@ from train.checkpoint import (  # noqa: E402
 from train.data import PackedDataset, Split  # noqa: E402
 from train.loop import LoopConfig, TrainState, resolve_dtype, train  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
-from train.stages import STAGES, Stage, StageContext, build_stage, default_lrs  # noqa: E402
+from train.optim import OPTIMIZERS  # noqa: E402
+from train.schedule import KINDS, Schedule, recorded_kind  # noqa: E402
+from train.stages import STAGES, Stage, StageContext, build_stage  # noqa: E402
 
 DEFAULT_MODEL = "small"
 # stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
@@ -80,7 +83,9 @@ class UsageError(TinyLMError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train/run.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="defaults by stage x optimizer x preset (train/defaults.py; train.sh reads the "
+                                       "same table; preset '*' is any other --model):\n" + defaults.table_text())
     g = p.add_argument_group("run")
     g.add_argument("--stage", required=True, choices=sorted(STAGES),
                    help="pretrain: next-token loss on document windows; sft: loss on assistant tokens of "
@@ -120,14 +125,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="micro-batch rows per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=2, metavar="A",
                    help="micro-batches per step; global batch = B x A x processes rows (default 2)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {default_lrs()})")
-    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of --max-steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
+    g.add_argument("--lr", type=float, help="peak learning rate of AdamW (under --optimizer muon: of the AdamW part) "
+                   "(default: the table below)")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the decay (default lr / 10; the Muon LR "
+                   "decays by the same factor)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: the table's share of "
+                   "--max-steps; a resumed run keeps its own)")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay of matrices (default: the table below)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off (default 1.0)")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="a nan/inf loss or gradient norm stops the run at once (default); allow up to N such steps "
                         "to be skipped instead (no update, counted in metrics.jsonl), then stop")
+
+    g = p.add_argument_group("optimizer and schedule (defaults: the table below; a resumed run keeps its own)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="adamw: AdamW on every weight; muon: torch.optim.Muon on the hidden matrices (attention, "
+                        "MLP), AdamW on embeddings, head, norms, biases, router (LoRA adapters: always AdamW)")
+    g.add_argument("--muon-lr", type=float, metavar="LR", help="Muon peak learning rate (default: the table below)")
+    g.add_argument("--muon-momentum", type=float, metavar="M",
+                   help="Muon (Nesterov) momentum (default: the table below)")
+    g.add_argument("--muon-weight-decay", type=float, metavar="WD",
+                   help="Muon decoupled weight decay (default: the table below)")
+    g.add_argument("--schedule", choices=KINDS,
+                   help=f"cosine: warmup then cosine decay to --min-lr; wsd: warmup, stable, then linear decay over "
+                        f"the last --decay-frac of the steps; --resume --max-steps N (larger) extends a WSD run "
+                        f"from {checkpoint.PRE_DECAY}, its checkpoint where the decay began, without a second "
+                        f"warmup (default {defaults.SCHEDULE})")
+    g.add_argument("--decay-frac", type=float, metavar="F", help="wsd: fraction of --max-steps that decays (default "
+                   "0.2)")
 
     g = p.add_argument_group("dpo (--stage dpo)")
     g.add_argument("--beta", type=float, metavar="B",
@@ -185,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
-                              ("grad_clip", 0.0, False)):
+                              ("grad_clip", 0.0, False), ("muon_lr", 0.0, True), ("muon_momentum", 0.0, False),
+                              ("muon_weight_decay", 0.0, False), ("decay_frac", 0.0, True)):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             p.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {low:g}, "
@@ -200,6 +226,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) % reuse:
             p.error(f"--{name.replace('_', '-')} must be a multiple of --rollout-reuse {reuse} (a checkpoint "
                     "between two reuses of one rollout batch could not be resumed exactly)")
+    for name, high in (("muon_momentum", 1.0), ("decay_frac", 1.0)):
+        value = getattr(args, name)
+        if value is not None and value > high:
+            p.error(f"--{name.replace('_', '-')} must be <= {high:g}, not {value}")
     takes = STAGES[args.stage].options
     for dest, flag in STAGE_FLAGS.items():
         if getattr(args, dest) not in (None, False) and dest not in takes:
@@ -294,6 +324,56 @@ def check_resume_compatible(args: argparse.Namespace, ckpt: Checkpoint) -> None:
     if ckpt.lora != args.lora:
         raise UsageError(f"{ckpt.path}: LoRA config {ckpt.lora}, now {args.lora}; a resumed run keeps its adapter "
                          "shape")
+    if args.optimizer is not None and effective_optimizer(args.optimizer, args) != ckpt.training.optimizer_name:
+        raise UsageError(f"{ckpt.path}: trained with --optimizer {ckpt.training.optimizer_name}, now "
+                         f"{args.optimizer}; a resumed run keeps its optimizer")
+    kind = recorded_kind(ckpt.training.schedule)
+    if args.schedule is not None and args.schedule != kind:
+        raise UsageError(f"{ckpt.path}: trained with --schedule {kind}, now {args.schedule}; a resumed run keeps its "
+                         "schedule")
+
+
+def effective_optimizer(name: str, args: argparse.Namespace) -> str:
+    """What ``name`` trains with: LoRA adapters are always AdamW (``train/optim.py``)."""
+    return "adamw" if args.lora is not None else name
+
+
+def extension_source(args: argparse.Namespace, latest: Checkpoint) -> tuple[Checkpoint, list[Path]]:
+    """``--resume --max-steps N`` on a WSD run recorded with another max_steps: the checkpoint to continue from
+    and the later checkpoints (decayed under the old length) it supersedes. A run still before both decay starts
+    continues from its latest; one whose decay began continues from its ``pre_decay.pt`` (weights at the old
+    decay start, which do not depend on max_steps); a length whose decay would start before that is refused."""
+    record = latest.training.schedule or {}
+    if recorded_kind(record) != "wsd" or args.max_steps == record.get("max_steps"):
+        return latest, []
+    old = Schedule(**record)
+    new = dataclasses.replace(old, max_steps=args.max_steps,
+                              warmup_steps=old.warmup_steps if args.warmup_steps is None else args.warmup_steps,
+                              decay_frac=old.decay_frac if args.decay_frac is None else args.decay_frac)
+    if latest.step <= old.decay_start:
+        source = latest
+    else:
+        pre = args.out / checkpoint.PRE_DECAY
+        if not pre.is_file():
+            raise UsageError(f"{args.out}: the decay of this WSD run began at step {old.decay_start} and "
+                             f"{checkpoint.PRE_DECAY} is missing: it cannot be extended to --max-steps "
+                             f"{args.max_steps}")
+        source = load_resume(pre)
+    if new.decay_start < source.step:
+        raise UsageError(f"--max-steps {args.max_steps}: its decay would start at step {new.decay_start}, before step "
+                         f"{source.step} of {source.path}; give a larger --max-steps")
+    later = [p for p in checkpoint.list_checkpoints(args.out) if checkpoint.step_of(p) > source.step]
+    return source, later
+
+
+def supersede(out: Path, later: list[Path], old_max: int, say: Callable[..., None]) -> None:
+    """Move the checkpoints an extension replaces into ``out/decayed_<old max_steps>/`` (still loadable there)."""
+    if not later:
+        return
+    folder = make_dir(out / f"decayed_{old_max}", "superseded checkpoints folder")
+    for path in later:
+        path.replace(folder / path.name)
+    say(f"extending: {len(later)} checkpoint(s) of the {old_max}-step schedule moved to {folder}")
 
 
 def byte_table(meta: dict, vocab_size: int, quiet: bool) -> torch.Tensor | None:
@@ -355,6 +435,7 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     dataset = open_data(args, stage, say)
     with locked_run_folder(args.out, info):
         sources = resolve(args, dataset, say)
+        dist.barrier()  # every rank chose its checkpoint before rank 0 moves superseded ones
         if stage.rollouts:
             stage.attach_source(dataset, sources.resume or sources.init)
         plan = build(args, info, stage, dataset, sources, say)
@@ -391,6 +472,7 @@ class Sources:
     resume: Checkpoint | None = None
     init: Checkpoint | None = None
     base: Checkpoint | None = None
+    superseded: list[Path] = field(default_factory=list)  # later checkpoints a WSD extension replaces
 
 
 def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[..., None]) -> Sources:
@@ -403,11 +485,11 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
     if args.resume and found is None:
         say(f"note: --resume but no checkpoint in {args.out}: starting fresh")
     if found is not None:
-        resume = load_resume(found)
+        resume, later = extension_source(args, load_resume(found))
         if fingerprint is not None:
             resume.check_tokenizer(fingerprint, str(args.data))
         check_resume_compatible(args, resume)
-        return Sources(resume=resume, base=resume.load_base() if resume.lora is not None else None)
+        return Sources(resume=resume, base=resume.load_base() if resume.lora is not None else None, superseded=later)
     if args.init_from is None:
         if args.prompts is not None:
             raise UsageError("--stage grpo improves a trained model: give it with --init-from CKPT (e.g. the reason "
@@ -477,11 +559,13 @@ def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: 
         check_rollout_layout(args, loader, info.world)
     if val_rows and args.eval_every:
         stage.byte_lengths = byte_table(meta, cfg.vocab_size, quiet=not info.is_main)
-    loop = loop_config(args, stage, info.device)
+    loop = loop_config(args, stage, info.device, resume)
     logger = MetricsLogger(args.out, enabled=info.is_main, tensorboard=args.tensorboard,
                            wandb={"project": args.wandb, "name": args.out.name, "config": jsonable(args)}
                            if args.wandb else None)
     if info.is_main:
+        if sources.superseded:
+            supersede(args.out, sources.superseded, resume.training.schedule["max_steps"], say)
         logger.truncate_after(resume.step if resume is not None else 0)
         checkpoint.copy_tokenizer(Path(meta["tokenizer"]["path"]).parent, args.out)
     dist.barrier()
@@ -510,14 +594,29 @@ def check_fits(cfg: ModelConfig, dataset: PackedDataset) -> None:
                          f"{cfg.max_position_embeddings} (--model-arg max_position_embeddings=...)")
 
 
-def loop_config(args: argparse.Namespace, stage: Stage, device: torch.device) -> LoopConfig:
-    """The loop's settings; ``--lr`` defaults to the stage's ``default_lr`` (its one definition)."""
-    lr = stage.default_lr if args.lr is None else args.lr
+def loop_config(args: argparse.Namespace, stage: Stage, device: torch.device,
+                resume: Checkpoint | None = None) -> LoopConfig:
+    """The loop's settings: a flag given wins; then (resumed run) the optimizer, schedule kind, warmup and
+    decay fraction the run recorded; then the defaults table's row (``train/defaults.py``, its one definition)."""
+    training = resume.training if resume is not None else None
+    record = (training.schedule or {}) if training is not None else {}
+    optimizer = effective_optimizer(args.optimizer or (training.optimizer_name if training is not None
+                                                       else defaults.OPTIMIZER[stage.name]), args)
+    row = defaults.lookup(stage.name, optimizer, args.model)
+    lr = row.lr if args.lr is None else args.lr
+    warmup = record.get("warmup_steps", max(1, int(row.warmup_frac * args.max_steps)))
+    kind = args.schedule or (recorded_kind(record) if training is not None else defaults.SCHEDULE)
     return LoopConfig(
         max_steps=args.max_steps, grad_accum=args.grad_accum, lr=lr,
         min_lr=lr / 10 if args.min_lr is None else args.min_lr,
-        warmup_steps=max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=resolve_dtype(args.dtype, device),
+        warmup_steps=warmup if args.warmup_steps is None else args.warmup_steps,
+        weight_decay=row.weight_decay if args.weight_decay is None else args.weight_decay,
+        optimizer=optimizer,
+        muon_lr=row.muon_lr if args.muon_lr is None else args.muon_lr,
+        muon_momentum=row.muon_momentum if args.muon_momentum is None else args.muon_momentum,
+        muon_weight_decay=row.muon_weight_decay if args.muon_weight_decay is None else args.muon_weight_decay,
+        schedule=kind, decay_frac=record.get("decay_frac", 0.2) if args.decay_frac is None else args.decay_frac,
+        grad_clip=args.grad_clip, dtype=resolve_dtype(args.dtype, device),
         compile=device.type == "cuda" if args.compile is None else args.compile,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, stop_after=args.stop_after, progress=not args.no_progress,
@@ -563,6 +662,11 @@ def say_summary(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, mod
             f"{args.max_steps * data.global_batch / max(n_train, 1):.2f} epochs")
     say(f"device {info.device} | dtype {loop.dtype} | compile {loop.compile} | lr {loop.lr:g} -> {loop.min_lr:g}, "
         f"warmup {loop.warmup_steps} | seed {args.seed}")
+    muon = f" (hidden matrices; lr {loop.muon_lr:g}, momentum {loop.muon_momentum:g}) + adamw" \
+        if loop.optimizer == "muon" else ""
+    lora_note = " (LoRA adapters: AdamW)" if args.lora is not None and args.optimizer == "muon" else ""
+    wsd = f", decay over the last {loop.decay_frac:g}" if loop.schedule == "wsd" else ""
+    say(f"optimizer {loop.optimizer}{muon}{lora_note} | schedule {loop.schedule}{wsd}")
     source = sources.resume or sources.init
     if source is not None:
         what = "resuming" if sources.resume is not None else "initialised from"

@@ -29,11 +29,6 @@ STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (PretrainStage, SFTSt
                                                             DistillStage, GRPOStage)}
 
 
-def default_lrs() -> str:
-    """``pretrain 5e-4, sft 2e-4, ...``: every stage's default learning rate (``Stage.default_lr``), for --help."""
-    return ", ".join(f"{name} {cls.default_lr:.0e}".replace("e-0", "e-") for name, cls in STAGES.items())
-
-
 def build_stage(name: str, **kwargs: Any) -> Stage:
     """The stage called ``name`` with its keyword options (StageError for an unknown name)."""
     if name not in STAGES:
@@ -42,5 +37,5 @@ def build_stage(name: str, **kwargs: Any) -> Stage:
 
 
 __all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "GRPOStage", "PretrainStage", "ReasonStage",
-           "SFTStage", "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "default_lrs", "forward",
+           "SFTStage", "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "forward",
            "token_cross_entropy"]

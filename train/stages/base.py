@@ -83,7 +83,6 @@ class Stage:
 
     name: ClassVar[str] = ""
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
-    default_lr: ClassVar[float] = 5e-4  # the one definition of the stage's default --lr
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
     options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
     rollouts: ClassVar[bool] = False  # reads --prompts and trains on the model's own rollouts (RL), not --data
@@ -199,7 +198,6 @@ class PretrainStage(CrossEntropyStage):
 
     name = "pretrain"
     dataset_stages = ("pretrain",)
-    default_lr = 5e-4
 
 
 class SFTStage(CrossEntropyStage):
@@ -207,7 +205,6 @@ class SFTStage(CrossEntropyStage):
 
     name = "sft"
     dataset_stages = ("sft",)
-    default_lr = 2e-4
 
 
 class ReasonStage(CrossEntropyStage):
@@ -216,4 +213,3 @@ class ReasonStage(CrossEntropyStage):
 
     name = "reason"
     dataset_stages = ("reason",)
-    default_lr = 2e-4

@@ -36,7 +36,6 @@ class DistillStage(CrossEntropyStage):
 
     name = "distill"
     dataset_stages = ("sft", "reason")
-    default_lr = 2e-4
     options = ("teacher", "alpha", "temperature")
 
     def __init__(self, byte_lengths: Tensor | None = None, teacher: str | Path | None = None,

@@ -90,7 +90,6 @@ class DPOStage(Stage):
 
     name = "dpo"
     dataset_stages = ("dpo",)
-    default_lr = 1e-5  # small steps: the policy should stay near the reference
     options = ("beta", "online_ref", "ref_from")
 
     def __init__(self, byte_lengths: Tensor | None = None, beta: float | None = None,

@@ -71,7 +71,6 @@ class GRPOStage(Stage):
 
     name = "grpo"
     dataset_stages = ("prompts",)
-    default_lr = 1e-5
     rollouts = True
     options = ("reward", *DEFAULTS, "eval_prompts")
 
