@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def main() -> None:
         rows.append([label, dedup, str(workers), f"{mb * scale:.0f}", f"{c['read']:,}", f"{c['kept']:,}",
                      f"{sum(c['removed'].values()):,}", f"{seconds:.1f}", f"{mb * scale / seconds:.2f}", f"{rss:.0f}"])
         (work / f"{label}_{dedup}.jsonl").unlink()
+    shutil.rmtree(work)
     table("1. clean.py --stage pretrain (default filters; time includes process start; 10x = every file at "
           "weight 10, so 9 of every 10 records are exact duplicates)",
           ["size", "dedup", "workers", "input MB", "read", "kept", "removed", "seconds", "MB/s", "peak RSS MB"], rows)

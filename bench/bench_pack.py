@@ -185,10 +185,12 @@ def throughput_table(args: argparse.Namespace, work: Path) -> None:
         path.unlink()
     table(f"1. pack.py end to end vs raw tokenizers encode_batch, same texts, {args.workers} worker process(es) vs "
           f"{args.workers} encode_batch thread(s); medians of 'runs' alternating runs; raw = encode_batch, "
-          "fast = encode_batch_fast (ids without offsets: what pack.py calls); pack/raw = raw seconds / pack seconds "
-          "(the rate ratio); CPU = user + system seconds of every process and thread of the arm",
+          "fast = encode_batch_fast (ids without offsets: what pack.py calls); pack/raw = the median over runs of raw "
+          "seconds / pack seconds (the rate ratio), pack/fast = median fast s / median pack s; CPU = user + system "
+          "seconds of every process and thread of the arm",
           ["stage", "input MB", "runs", "tokens", "raw s", "fast s", "pack s", "raw tok/s", "pack tok/s", "pack/raw",
-           "pack/fast", "raw CPU s", "pack CPU s", "CPU raw/pack", "raw peak RSS MB", "pack peak RSS MB"], rows)
+           "pack/fast", "raw CPU s", "pack CPU s", "CPU raw/pack (median per run)", "raw peak RSS MB",
+           "pack peak RSS MB"], rows)
 
 
 def time_pack(stage: str, inputs: list[str], out: Path, workers: int, tokenizer_dir: str,
