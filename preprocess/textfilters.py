@@ -56,20 +56,24 @@ def digest(key: str) -> int:
 
 @lru_cache(maxsize=1)
 def _symbols() -> re.Pattern:
-    """One character class of every Unicode symbol (categories Sm, Sc, Sk, So: math, currency, modifier and
-    other symbols such as box drawing, arrows, U+25A1 placeholder squares, emoji). Punctuation (P*) is not
-    among them: Chinese prose puts a full-width mark every few characters and LaTeX is mostly brackets,
-    both text, not noise. Built once per process from unicodedata (~0.04 s)."""
-    ranges: list[str] = []
+    """Every Unicode symbol (categories Sm, Sc, Sk, So: math, currency, modifier and other symbols such as
+    box drawing, arrows, U+25A1 placeholder squares, emoji). Punctuation (P*) is not among them: Chinese
+    prose puts a full-width mark every few characters and LaTeX is mostly brackets, both text, not noise.
+
+    Built once per process from unicodedata (~0.04 s) as two classes: the BMP one compiles to a lookup
+    table, and the astral one (a list of ranges, tried one by one) is guarded by one range check, so a
+    BMP character never walks that list."""
+    bmp, astral = [], []
     start = None
     for cp in range(SYMBOL_PLANES_END + 1):
         symbol = cp < SYMBOL_PLANES_END and unicodedata.category(chr(cp)).startswith("S")
         if symbol and start is None:
             start = cp
         elif not symbol and start is not None:
-            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
+            (bmp if start < 0x10000 else astral).append(
+                re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
             start = None
-    return re.compile("[" + "".join(ranges) + "]")
+    return re.compile("[" + "".join(bmp) + "]|(?=[\U00010000-\U0010ffff])[" + "".join(astral) + "]")
 
 
 def _count(pattern: re.Pattern, text: str) -> int:

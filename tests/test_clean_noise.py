@@ -9,7 +9,7 @@ import pytest
 from conftest import SAMPLE
 
 from preprocess import clean
-from preprocess.textfilters import Measures
+from preprocess.textfilters import SYMBOL_PLANES_END, Measures, _symbols
 
 LATEX = r"Let \( g(x) = \frac{x^2 + 1}{x^2 - 1} \). Then for \( x^2 \neq 1 \), \( g(-x) = g(x) \)."
 ANNOTATED = "逢師須安拜，（「禮拜」，伯三七一六卷作「頂禮」。）過道向前行。（「過」，伯三六五六卷作「遇」。）"
@@ -25,6 +25,13 @@ def visible(text: str) -> int:
 def symbol_share(text: str) -> float:
     """The reference: Unicode category S* characters among non-space ones, one character at a time."""
     return sum(unicodedata.category(c).startswith("S") for c in text) / visible(text)
+
+
+def test_the_symbol_class_is_exactly_unicode_category_s():
+    pattern = _symbols()
+    wrong = [cp for cp in range(0x30000) if (pattern.fullmatch(chr(cp)) is not None)
+             != unicodedata.category(chr(cp)).startswith("S")]
+    assert wrong == [] and SYMBOL_PLANES_END == 0x20000
 
 
 def test_punctuation_latex_urls_and_layout_are_not_noise():
