@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -189,36 +190,32 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
     template's constant pieces (control tokens, ``"\\n"``, ``"assistant\\n"``) come from
     ``tok.known_pieces`` without tokenizing.
 
-    Vectorised: a token-level source array places each source's ids into the output in piece order, so
-    the per-piece Python work is a few list comprehensions. Weights: 0 on unsupervised pieces, 1 on
-    supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
+    ``encode_batch_fast`` gives the ids of ``encode_batch`` without computing character offsets (unused
+    here). Each piece's ids (known or encoded) are put in piece order and flattened once into a C ``array``
+    (no per-token Python work but the ids lists the tokenizer returns). Weights: 0 on unsupervised
+    pieces, 1 on supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
     """
     pieces = [p for doc in docs for p in doc]
-    found = [tok.known_pieces.get(p) for p in pieces]
-    sources = np.array([_SOURCE[p.kind] if f is None else _KNOWN for p, f in zip(pieces, found, strict=True)],
-                       dtype=np.int8)
-    if (sources == _SOURCE[CONTROL]).any():  # a caller bug: render_pieces(tags=tok.structural_tags) never does this
-        unknown = sorted({p.text for p, f in zip(pieces, found, strict=True) if f is None and p.kind == CONTROL})
+    ids_of: list[list[int] | None] = [tok.known_pieces.get(p) for p in pieces]
+    unknown = sorted({p.text for p, f in zip(pieces, ids_of, strict=True) if f is None and p.kind == CONTROL})
+    if unknown:  # a caller bug: render_pieces(tags=tok.structural_tags) never does this
         raise ValueError(f"{tok.path}: {unknown} are not single-id control tokens of this tokenizer")
-    lens = np.array([len(f) if f is not None else 0 for f in found], dtype=np.int64)
-    parts = {_KNOWN: list(chain.from_iterable(f for f in found if f is not None))}
     for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
-        where = np.flatnonzero(sources == _SOURCE[kind])
-        if where.size:
+        where = [i for i, (p, f) in enumerate(zip(pieces, ids_of, strict=True)) if f is None and p.kind == kind]
+        if where:
             texts = [pieces[i].text for i in where]
             try:
-                encoded = [e.ids for e in encoder.encode_batch(texts, add_special_tokens=False)]
+                encoded = encoder.encode_batch_fast(texts, add_special_tokens=False)  # ids without offsets
             except Exception:  # tokenizers raises TypeError / plain Exception on text it refuses
-                raise _refused(encoder, docs, where, texts) from None
-            lens[where] = [len(e) for e in encoded]
-            parts[_SOURCE[kind]] = list(chain.from_iterable(encoded))
-    token_sources = np.repeat(sources, lens)
-    ids = np.empty(len(token_sources), dtype=np.uint32)
-    for source, values in parts.items():
-        ids[token_sources == source] = values
-    weights = np.repeat(np.array([p.supervised for p in pieces], dtype=np.uint8), lens)
+                raise _refused(encoder, docs, np.array(where), texts) from None
+            for i, e in zip(where, encoded, strict=True):
+                ids_of[i] = e.ids
+    ids = np.frombuffer(array(_U32, chain.from_iterable(ids_of)), dtype=np.uint32)
+    lens = np.fromiter(map(len, ids_of), dtype=np.int64, count=len(ids_of))
+    weights = np.repeat(np.fromiter((p.supervised for p in pieces), dtype=np.uint8, count=len(pieces)), lens)
     if tag_weight != 1:
-        is_tag = np.repeat(np.array([p.kind == CONTROL and p.text in REASONING_TAGS for p in pieces]), lens)
+        is_tag = np.repeat(np.array([p.kind == CONTROL and p.text in REASONING_TAGS for p in pieces], dtype=bool),
+                           lens)
         weights[(weights > 0) & is_tag] = tag_weight
     ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
     doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
@@ -239,8 +236,7 @@ def _refused(encoder: Tokenizer, docs: Sequence[Sequence[Piece]], where: np.ndar
     raise AssertionError("encode_batch failed but every piece encodes alone")
 
 
-_KNOWN = 0
-_SOURCE = {TEXT: 1, PARSED: 2, CONTROL: 3}  # CONTROL: only an unknown control token (an error)
+_U32 = "I" if array("I").itemsize == 4 else "L"  # the array typecode of a 32-bit unsigned int
 
 
 _NOTED: set[Path] = set()  # tokenizers whose missing_tags_note this process has printed

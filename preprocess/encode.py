@@ -135,34 +135,35 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
     tag_weight = opts.tag_weight if opts.stage == "reason" else 1
     encoded = _encode(items, docs_of_item, chunk, tok, tag_weight)
     chunk.literal_specials = _literal_specials(docs_of_item, tok)
-    ids, weights, doc_lens = encoded.ids, encoded.weights, encoded.doc_lens
-    docs_per_item = [len(docs) for docs in docs_of_item]
-    if opts.stage not in PACKED_STAGES:  # pretrain: every document kept whole
-        chunk.tokens, chunk.weights, chunk.doc_lens = ids, weights, doc_lens
-        chunk.unit_docs = docs_per_item
-        return chunk
+    chunk.tokens, chunk.weights, chunk.doc_lens = encoded.ids, encoded.weights, encoded.doc_lens
+    chunk.unit_docs = [len(docs) for docs in docs_of_item]
+    if opts.stage in PACKED_STAGES:  # pretrain keeps every document whole (shards.py cuts its windows)
+        _fit_overlong(chunk, opts)
+    return chunk
 
-    keep = np.zeros(len(ids), dtype=bool)
-    kept_lens: list[int] = []
-    doc_pos = tok_pos = 0
-    for i, n_docs in enumerate(docs_per_item):
-        lens = doc_lens[doc_pos:doc_pos + n_docs].tolist()
-        doc_pos += n_docs
-        starts = np.cumsum([tok_pos] + lens[:-1]).tolist() if lens else []
-        tok_pos += sum(lens)
-        if not n_docs:
-            chunk.unit_docs.append(0)
-            continue
-        outcome, ranges = fit_unit([weights[s:s + n] for s, n in zip(starts, lens, strict=True)],
+
+def _fit_overlong(chunk: EncodedChunk, opts: EncodeOptions) -> None:
+    """Apply :func:`fit_unit` to the chunk's units longer than ``seq_len``, in place: their outcome, kept
+    tokens and document lengths. It keeps every other unit whole (OK, already set), so those are not visited."""
+    doc_start = np.concatenate([[0], np.cumsum(chunk.unit_docs, dtype=np.int64)])  # per item: its first document
+    tok_start = np.concatenate([[0], np.cumsum(chunk.doc_lens)])  # per document: its first token
+    over = np.flatnonzero(tok_start[doc_start[1:]] - tok_start[doc_start[:-1]] > opts.seq_len)
+    if not over.size:
+        return
+    keep = np.ones(len(chunk.tokens), dtype=bool)
+    kept_lens = chunk.doc_lens.tolist()
+    for i in over[::-1]:  # last item first: replacing its documents' lengths leaves earlier indices valid
+        first, last = int(doc_start[i]), int(doc_start[i + 1])
+        starts, ends = tok_start[first:last], tok_start[first + 1:last + 1]
+        outcome, ranges = fit_unit([chunk.weights[s:e] for s, e in zip(starts, ends, strict=True)],
                                    opts.seq_len, opts.overlong)
-        chunk.outcomes[i] = outcome
+        chunk.outcomes[i], chunk.unit_docs[i] = outcome, len(ranges)
+        keep[starts[0]:ends[-1]] = False
         for s, (lo, hi) in zip(starts, ranges, strict=False):
             keep[s + lo:s + hi] = True
-            kept_lens.append(hi - lo)
-        chunk.unit_docs.append(len(ranges))
-    chunk.tokens, chunk.weights = ids[keep], weights[keep]
+        kept_lens[first:last] = [hi - lo for lo, hi in ranges]
+    chunk.tokens, chunk.weights = chunk.tokens[keep], chunk.weights[keep]
     chunk.doc_lens = np.array(kept_lens, dtype=np.int64)
-    return chunk
 
 
 # Worker-process plumbing: each worker loads the tokenizer once.

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import orjson
+
 from core.errors import TinyLMError
 from preprocess.sources import BYTES_PER_CHAR_MAX, Item
 
@@ -55,17 +57,35 @@ class Pair:
 
 
 def decode_payload(item: Item) -> dict:
-    """The JSON object of an item (UTF-8 strict); Parquet rows are already objects."""
+    """The JSON object of an item (UTF-8 strict); Parquet rows are already objects.
+
+    orjson parses the line first (the hot path). It accepts a subset of what the standard library
+    accepts, and gives the same object for it; every line it refuses (invalid JSON, a byte-order mark,
+    a lone surrogate escape, NaN, a huge integer, deep nesting) goes through :func:`_decode_slow`,
+    which accepts or refuses it exactly as ``json.loads`` does, with its precise message.
+    """
     if item.payload is None:
         raise RecordError("empty_file", "the file contains no records")
     if isinstance(item.payload, dict):
         return item.payload
     try:
+        obj = orjson.loads(item.payload)
+    except orjson.JSONDecodeError:
+        obj = _decode_slow(item)
+    if not isinstance(obj, dict):
+        hint = " (pack.py reads JSON Lines: one object per line, not one array)" if isinstance(obj, list) else ""
+        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}{hint}")
+    return obj
+
+
+def _decode_slow(item: Item) -> object:
+    """``json.loads`` of the payload: the value, or the RecordError that says why it is not JSON."""
+    try:
         text = item.payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordError("not_utf8", f"invalid UTF-8 byte at column {e.start + 1}") from None
     try:
-        obj = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark (first line of some exports)
+        return json.loads(text.removeprefix("\ufeff"))  # a byte-order mark (first line of some exports)
     except json.JSONDecodeError as e:
         if item.unterminated:
             raise RecordError("truncated_record", f"the file ends inside this record ({e.msg} at column "
@@ -73,10 +93,6 @@ def decode_payload(item: Item) -> dict:
         raise RecordError("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise RecordError("too_deep", "JSON nested too deeply") from None
-    if not isinstance(obj, dict):
-        hint = " (pack.py reads JSON Lines: one object per line, not one array)" if isinstance(obj, list) else ""
-        raise RecordError("not_object", f"expected a JSON object, got {type(obj).__name__}{hint}")
-    return obj
 
 
 def _content(value: object, field: str) -> str:

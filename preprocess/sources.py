@@ -21,6 +21,7 @@ of the broken frame and the last good line), and a Parquet file must open and de
 from __future__ import annotations
 
 import glob
+import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,22 +161,25 @@ def _raw_blocks(path: Path) -> Iterator[bytes]:
 def _lines(blocks: Iterator[bytes], max_line_bytes: int | None) -> Iterator[tuple[bytes | None, int, bool]]:
     """(line without its newline or None when oversized, its byte length, terminated) for every line.
 
-    A line is accumulated only up to ``max_line_bytes``; past that its bytes are dropped until the next
-    newline, so memory stays bounded by the limit whatever the input holds.
+    Each block is split at its newlines in one C call; only the line that spans blocks is assembled
+    from pieces. A line is accumulated only up to ``max_line_bytes``; past that its bytes are dropped
+    until the next newline, so memory stays bounded by the limit whatever the input holds.
     """
+    limit = max_line_bytes or 0
     pending: list[bytes] = []
     size, oversized = 0, False
     for block in blocks:
-        start = 0
-        while (end := block.find(b"\n", start)) >= 0:
-            piece = block[start:end]
-            size += len(piece)
-            line = None if oversized or (max_line_bytes and size > max_line_bytes) else b"".join([*pending, piece])
-            yield line, size, True
-            pending, size, oversized, start = [], 0, False, end + 1
-        piece = block[start:]
+        parts = block.split(b"\n")
+        if len(parts) > 1:  # parts[0] ends the pending line; parts[1:-1] are whole lines
+            size += len(parts[0])
+            yield (None if oversized or 0 < limit < size else b"".join([*pending, parts[0]])), size, True
+            for line in itertools.islice(parts, 1, len(parts) - 1):
+                n = len(line)
+                yield (None if 0 < limit < n else line), n, True
+            pending, size, oversized = [], 0, False
+        piece = parts[-1]
         size += len(piece)
-        if not oversized and max_line_bytes and size > max_line_bytes:
+        if not oversized and 0 < limit < size:
             pending, oversized = [], True
         elif not oversized and piece:
             pending.append(piece)
@@ -183,17 +187,7 @@ def _lines(blocks: Iterator[bytes], max_line_bytes: int | None) -> Iterator[tupl
         yield (None if oversized else b"".join(pending)), size, False
 
 
-@dataclass(frozen=True)
-class Record:
-    """What a file holds at one line: the payload, or ``oversize`` bytes of a line too long to hold."""
-
-    line: int
-    payload: bytes | dict | None
-    oversize: int = 0
-    unterminated: bool = False
-
-
-def _parquet_records(path: Path) -> Iterator[Record]:
+def _parquet_records(path: Path, source: str) -> Iterator[Item]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -202,25 +196,27 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
             for record in batch.to_pylist():
                 row += 1
-                yield Record(row, record)
+                yield Item(source, row, record)
     except (pa.ArrowException, OSError, ValueError) as e:
         where = f"after row {row}" if row else "before its first row"
         raise SourceError(f"corrupt or unreadable Parquet file, {where} ({' '.join(str(e).split())})",
                           path=path) from None
 
 
-def _records(path: Path, max_line_bytes: int | None = None) -> Iterator[Record]:
-    """Every non-blank record of one file; SourceError when its bytes cannot be decoded."""
+def _records(path: Path, max_line_bytes: int | None = None) -> Iterator[Item]:
+    """Every non-blank record of one file (as items of source ``str(path)``); SourceError when its bytes
+    cannot be decoded."""
+    source = str(path)
     if _format_of(path) == "parquet":
-        yield from _parquet_records(path)
+        yield from _parquet_records(path, source)
         return
     number = 0
     try:
         for number, (line, size, terminated) in enumerate(_lines(_raw_blocks(path), max_line_bytes), 1):
             if line is None:
-                yield Record(number, b"", oversize=size, unterminated=not terminated)
-            elif line.strip():
-                yield Record(number, line.rstrip(b"\r"), unterminated=not terminated)
+                yield Item(source, number, b"", oversize=size, unterminated=not terminated)
+            elif line and not line.isspace():  # bytes.isspace: the ASCII whitespace bytes.strip removes
+                yield Item(source, number, line.rstrip(b"\r"), unterminated=not terminated)
     except SourceError as e:  # a broken .zst frame: say how far the file was read
         raise e.with_hint(f"the last complete line read was line {number}" if number
                           else "no complete line was read") from None
@@ -236,15 +232,14 @@ def iter_items(specs: list[SourceSpec], max_line_bytes: int | None = None) -> It
     """Every record of every source, repeated / subsampled by its weight, in a fixed order."""
     for spec in specs:
         whole, fraction = int(spec.weight), spec.weight - int(spec.weight)
-        source = str(spec.path)
         empty = True
         for keep_all in [True] * whole + ([False] if fraction > 0 else []):
-            for r in _records(spec.path, max_line_bytes):
+            for item in _records(spec.path, max_line_bytes):
                 empty = False
-                if keep_all or _keep_fraction(spec.path, r.line, fraction):
-                    yield Item(source, r.line, r.payload, r.oversize, r.unterminated)
+                if keep_all or _keep_fraction(spec.path, item.line, fraction):
+                    yield item
         if empty:
-            yield Item(source, 0, None)
+            yield Item(str(spec.path), 0, None)
 
 
 def count_items(specs: list[SourceSpec], max_line_bytes: int | None = None) -> int:
