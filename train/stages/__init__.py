@@ -17,7 +17,9 @@ from train.stages.base import (
     StageContext,
     StageError,
     StepNorm,
+    Supervised,
     forward,
+    supervised_forward,
     token_cross_entropy,
 )
 from train.stages.distill import DistillStage
@@ -40,5 +42,5 @@ def build_stage(name: str, **kwargs: Any) -> Stage:
 
 
 __all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "PretrainStage", "ReasonStage", "SFTStage",
-           "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "default_lrs", "forward",
-           "token_cross_entropy"]
+           "Stage", "StageContext", "StageError", "StepNorm", "Supervised", "build_stage", "default_lrs",
+           "forward", "supervised_forward", "token_cross_entropy"]
