@@ -7,9 +7,12 @@ Arms:
 
 - ``before``: the code of commit ``--base`` (default: git main's e2d95ce), exported with ``git archive``
   into a temporary folder and imported from there (full [B, T, V] logits, dense packed mask);
-- ``after``: this checkout (head and cross-entropy on supervised positions only, chunked; per-document
-  attention);
+- ``after``: this checkout, as ``train/run.py`` runs it (head and cross-entropy on supervised positions
+  only, chunked; one shared packed mask; freed memory returned to the OS);
+- ``after heap``: this checkout with glibc's default malloc (no ``train/memory.py`` policy);
 - ``after+ckpt``: this checkout with per-block activation checkpointing.
+
+The ``after`` arms apply ``train.memory.return_freed_memory()`` first, as ``train/run.py`` does.
 
 Arms alternate for ``--repeats`` rounds; the table prints medians (and the spread of step times).
 Peak RSS is robust to other load on the machine; step times are not (a shared machine adds time).
@@ -30,8 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, time
-root, folder, preset, overrides, batch, steps, ckpt = sys.argv[1:8]
+root, folder, preset, overrides, batch, steps, ckpt, malloc = sys.argv[1:9]
 sys.path.insert(0, root)
+if malloc == "1":  # what train/run.py does first
+    from train.memory import return_freed_memory
+    assert return_freed_memory()
 import numpy as np
 import torch
 from model import ModelConfig, TinyLM
@@ -57,7 +63,7 @@ for _ in range(int(steps)):
     opt.step()
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - start)
-    losses.append(float(loss))
+    losses.append(loss.item())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"peak_kb": peak, "base_kb": base_rss, "times": times, "losses": losses,
                   "params": model.num_params(), "tokens": int(mb.input_ids.numel()),
@@ -67,6 +73,7 @@ print(json.dumps({"peak_kb": peak, "base_kb": base_rss, "times": times, "losses"
 
 def export_commit(commit: str, dest: Path) -> Path:
     """The files of ``commit`` under ``dest`` (``git archive | tar -x``): importable old code, no worktree."""
+    dest.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
@@ -80,11 +87,11 @@ def pack_sft(seq: int, dest: Path) -> Path:
     return dest
 
 
-def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool) -> dict:
+def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool, malloc: bool) -> dict:
     """One fresh process: its peak RSS, step times and losses (JSON on its last stdout line)."""
     overrides = json.dumps(args.model_arg)
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(folder), args.preset, overrides,
-                          str(args.batch), str(args.steps), "1" if ckpt else "0"],
+                          str(args.batch), str(args.steps), "1" if ckpt else "0", "1" if malloc else "0"],
                          check=True, capture_output=True, text=True, cwd=root)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,11 +111,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tinylm_mem_") as tmp:
         old = export_commit(args.base, Path(tmp) / "before")
         folder = pack_sft(args.seq, Path(tmp) / "sft")
-        arms = {"before": (old, False), "after": (ROOT, False), "after+ckpt": (ROOT, True)}
+        arms = {"before": (old, False, False), "after heap": (ROOT, False, False), "after": (ROOT, False, True),
+                "after+ckpt": (ROOT, True, True)}
         results: dict[str, list[dict]] = {name: [] for name in arms}
         for _ in range(args.repeats):
-            for name, (root, ckpt) in arms.items():
-                results[name].append(run_arm(root, folder, args, ckpt))
+            for name, (root, ckpt, malloc) in arms.items():
+                results[name].append(run_arm(root, folder, args, ckpt, malloc))
 
     first = results["before"][0]
     print(f"preset {args.preset} {' '.join(args.model_arg)} ({first['params'] / 1e6:.1f}M params), one micro-batch "

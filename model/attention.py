@@ -10,8 +10,10 @@ Two interchangeable backends for packed rows:
 - ``"flex"``: FlexAttention with a ``BlockMask`` built from a document ``mask_mod``; fully masked
   128x128 tiles are skipped. On CUDA the call is ``torch.compile``-d (fused kernel). On CPU (torch
   2.13) FlexAttention has **no backward**: it serves inference only.
-- ``"sdpa"``: ``scaled_dot_product_attention`` with a dense boolean [B, 1, T, T] mask: works
-  everywhere with autograd, but costs O(T^2) mask memory and loses the CUDA flash kernel.
+- ``"sdpa"``: ``scaled_dot_product_attention`` with a dense additive float [B, 1, T, T] mask (built
+  once per forward in the compute dtype and shared by all layers, so backward keeps one copy, not one
+  per layer): works everywhere with autograd, but costs O(T^2) mask memory and loses the CUDA flash
+  kernel.
 
 ``"auto"`` resolves to flex on CUDA and sdpa elsewhere. On CPU sdpa is the only backend that trains,
 and it is also the fastest forward: ``bench/attention.py`` (small preset, B=4, T=512, 1 thread, CPU
@@ -47,7 +49,7 @@ class InferenceMask(NamedTuple):
 
 
 AttentionMask = BlockMask | Tensor | InferenceMask | None
-"""None: plain causal rows; Tensor: dense bool [B, 1, T, T] (True = attend); BlockMask: flex;
+"""None: plain causal rows; Tensor: dense float [B, 1, T, T] (0 = attend, -inf = not); BlockMask: flex;
 InferenceMask: a KV-cache / padded generation step."""
 
 
@@ -90,14 +92,26 @@ def document_block_mask(doc_ids: Tensor) -> BlockMask:
     return create_block_mask(mask_mod, b, None, t, t, device=doc_ids.device)
 
 
-def build_attention_mask(doc_ids: Tensor | None, backend: str) -> AttentionMask:
-    """The mask for one forward pass (shared by all layers). ``backend`` is "flex" or "sdpa"."""
+def additive_document_mask(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float [B, 1, T, T] in ``dtype``: 0 where :func:`dense_document_mask` allows, -inf elsewhere.
+
+    SDPA turns a bool mask into exactly this float mask inside every call and keeps that copy for
+    backward, one per layer; given the float mask, all layers save the same tensor (the one
+    [B, 1, T, T] the training step holds, instead of one per layer).
+    """
+    allowed = dense_document_mask(doc_ids)
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~allowed, float("-inf"))
+
+
+def build_attention_mask(doc_ids: Tensor | None, backend: str, dtype: torch.dtype = torch.float32) -> AttentionMask:
+    """The mask for one forward pass (shared by all layers). ``backend`` is "flex" or "sdpa"; ``dtype``
+    is the dtype of q / k / v (the sdpa mask is built in it)."""
     if doc_ids is None:
         return None
     if backend == "flex":
         return document_block_mask(doc_ids)
     if backend == "sdpa":
-        return dense_document_mask(doc_ids)
+        return additive_document_mask(doc_ids, dtype)
     raise ValueError(f"unresolved attention backend {backend!r}")
 
 

@@ -287,7 +287,8 @@ class TinyLM(nn.Module):
                 else:
                     position_ids = positions_from_doc_ids(doc_ids)
             backend = resolve_backend(self.config.attn_backend, input_ids.device)
-            mask: AttentionMask = build_attention_mask(doc_ids, backend)  # once per forward, shared by all layers
+            # once per forward, shared by all layers
+            mask: AttentionMask = build_attention_mask(doc_ids, backend, self.compute_dtype(input_ids.device))
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) cannot be combined with a KV cache or attention_mask")
@@ -323,6 +324,12 @@ class TinyLM(nn.Module):
             x = x[:, -1:]
         logits = self.lm_head(body.norm(x)).float()
         return ModelOutput(logits, aux)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the attention inputs have: autocast's on ``device`` when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.lm_head.weight.dtype
 
     # ---- reporting ------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:

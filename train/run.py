@@ -58,6 +58,7 @@ from train.checkpoint import (  # noqa: E402
 )
 from train.data import PackedDataset, Split  # noqa: E402
 from train.loop import LoopConfig, TrainState, resolve_dtype, train  # noqa: E402
+from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
 from train.stages import STAGES, Stage, StageContext, build_stage, default_lrs  # noqa: E402
 
@@ -516,6 +517,7 @@ def report(args: argparse.Namespace, state: TrainState, took: float, logger: Met
 def main(argv: list[str] | None = None) -> int:
     """Parse, join the process group, run; every user error (TinyLMError) is one line and exit status 1."""
     args = parse_args(argv)
+    return_freed_memory()
     info = dist.setup(args.device)
     try:
         return run_main("train/run.py", lambda: run(args, info))
