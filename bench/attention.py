@@ -4,7 +4,7 @@ Prints one table: mask build time, forward time and forward+backward time per st
 
 - plain causal SDPA (``doc_ids=None``; the packing-free baseline),
 - packed rows, SDPA with the dense additive block-diagonal causal mask (the CPU training path),
-- packed rows, one SDPA ``is_causal`` call per document (kernel only: the per-document alternative),
+- packed rows, one SDPA ``is_causal`` call per document (``attn_backend="docs"``, the CPU default),
 - packed rows, FlexAttention eager and ``torch.compile``-d flex_attention.
 
 Rows have the same B x T, so the last column (model fwd+bwd time / plain causal's) is the per-position
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,18 +69,6 @@ def median_of(cells: dict[str, Callable[[], object]], rounds: int, sync: Callabl
             sync()
             times[key].append(clock() - start)
     return first, {key: statistics.median(values) for key, values in times.items()}
-
-
-def per_document_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """The per-document alternative: one causal SDPA call per run of equal doc ids, outputs concatenated."""
-    rows = []
-    for b, row in enumerate(doc_ids.tolist()):
-        cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi],
-                                                              v[b:b + 1, :, lo:hi], is_causal=True,
-                                                              enable_gqa=q.size(1) != k.size(1))
-                               for lo, hi in zip(cuts, cuts[1:], strict=False)], dim=2))
-    return torch.cat(rows)
 
 
 def main() -> None:
@@ -138,14 +125,13 @@ def main() -> None:
     q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(kv_shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
 
-    def kernel(mask_fn: Callable[[], attn.AttentionMask], backward: bool,
-               attend: Callable[..., torch.Tensor] = attn.attend) -> Callable[[], None]:
+    def kernel(mask_fn: Callable[[], attn.AttentionMask], backward: bool) -> Callable[[], None]:
         """One layer's attention call on random q/k/v (mask built once, outside the timing)."""
         mask = mask_fn()
 
         def run() -> None:
             with contextlib.nullcontext() if backward else torch.no_grad():
-                out = attend(q, k, v, mask)
+                out = attn.attend(q, k, v, mask)
                 if backward:
                     out.sum().backward()
         return run
@@ -154,7 +140,7 @@ def main() -> None:
         return attn.build_attention_mask(doc_ids, "sdpa", dtype)
 
     def segments() -> attn.AttentionMask:
-        return doc_ids
+        return attn.document_split(doc_ids)
 
     def block() -> attn.AttentionMask:
         return attn.document_block_mask(doc_ids)
@@ -162,26 +148,23 @@ def main() -> None:
     def causal() -> attn.AttentionMask:
         return None
 
-    # row -> (backend, packed, mask builder, flex compiled?, kernel; None: attn.attend)
-    rows = {"plain causal SDPA": ("sdpa", False, causal, False, None),
-            "packed SDPA dense mask": ("sdpa", True, dense, False, None),
-            "packed SDPA per document": ("sdpa", True, segments, False, per_document_attend),
-            "packed flex (eager)": ("flex", True, block, False, None)}
+    # row -> (backend, packed, mask builder, flex compiled?)
+    rows = {"plain causal SDPA": ("sdpa", False, causal, False),
+            "packed SDPA dense mask": ("sdpa", True, dense, False),
+            "packed SDPA per document": ("docs", True, segments, False),
+            "packed flex (eager)": ("flex", True, block, False)}
     if not args.no_compile:
-        rows["packed flex (compiled)"] = ("flex", True, block, True, None)
+        rows["packed flex (compiled)"] = ("flex", True, block, True)
     columns = ("mask build ms", "attn fwd ms", "attn fwd+bwd ms", "model fwd s", "model fwd+bwd s")
     cells: dict[tuple[str, str], Callable[[], object]] = {}
-    for name, (backend, packed, mask_fn, compiled, attend) in rows.items():
+    for name, (backend, packed, mask_fn, compiled) in rows.items():
         can_bwd = not (cpu and backend == "flex")  # FlexAttention: no CPU backward in torch 2.13
-        row = {"attn fwd ms": kernel(mask_fn, False, attend or attn.attend)}
-        if packed and attend is None:
+        row = {"attn fwd ms": kernel(mask_fn, False), "model fwd s": model_step(backend, packed, False)}
+        if packed:
             row["mask build ms"] = mask_fn
-        if attend is None:  # the per-document kernel is not a model backend: kernel cells only
-            row["model fwd s"] = model_step(backend, packed, False)
         if can_bwd:
-            row["attn fwd+bwd ms"] = kernel(mask_fn, True, attend or attn.attend)
-            if attend is None:
-                row["model fwd+bwd s"] = model_step(backend, packed, True)
+            row["attn fwd+bwd ms"] = kernel(mask_fn, True)
+            row["model fwd+bwd s"] = model_step(backend, packed, True)
         cells.update({(name, c): with_flex_compile(fn, compiled) for c, fn in row.items()})
     first, median = median_of(cells, args.rounds, sync, clock)  # all rows alternate, round by round
 
@@ -199,8 +182,7 @@ def main() -> None:
               + (f"{ratio / plain:>9.3f}" if ratio is not None else f"{'n/a':>9}"))
     print("x plain: model fwd+bwd time / plain causal's at the same B x T (per-position cost of packing).")
     if cpu:
-        print("n/a: FlexAttention has no backward on CPU (torch raises NotImplementedError); the per-document "
-              "kernel is measured as a kernel only.")
+        print("n/a: FlexAttention has no backward on CPU (torch raises NotImplementedError).")
 
 
 def with_flex_compile(fn: Callable[[], object], compiled: bool) -> Callable[[], object]:
