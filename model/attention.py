@@ -20,10 +20,12 @@ Two interchangeable backends for packed rows:
   than a plain causal one. Needs the row layout on the host (one sync per forward); inside
   ``torch.compile`` it falls back to "sdpa".
 
-``"auto"`` resolves to flex on CUDA and docs elsewhere. ``bench/attention.py`` (small preset, B=4,
-T=512, 2 threads, CPU seconds, median of 5 alternating rounds on a loaded machine) measured a training
-step (forward + backward) of packed rows through the dense mask at 1.032 x a plain causal step (one
-layer's attention forward + backward 116.8 vs 88.1 ms); see the README for the per-document figure.
+``"auto"`` resolves to flex on CUDA and docs elsewhere. Training step (forward + backward, head on every
+position) of the small preset, B=4, T=512, 29 document runs, CPU seconds, 7 alternating rounds on a
+shared machine: per document 0.951 x a plain causal step (median), dense mask 1.012 x; one layer's
+attention forward + backward (``bench/attention.py``): per document 70 ms, plain causal 97 ms, dense
+mask 113 ms. Without autograd the per-document forward measured slower than the dense mask (many
+small calls); evaluation is a small share of a run.
 
 The mask is built once per forward pass, with shapes fixed by (B, T) only, and is shared by all
 layers; the BlockMask construction is kept out of ``torch.compile`` graphs (``torch.compiler.disable``),
