@@ -3,17 +3,23 @@
 Prints one table: mask build time, forward time and forward+backward time per step for
 
 - plain causal SDPA (``doc_ids=None``; the packing-free baseline),
-- packed rows, SDPA with a dense bool block-diagonal causal mask,
+- packed rows, SDPA with the dense additive block-diagonal causal mask (the CPU training path),
+- packed rows, one SDPA ``is_causal`` call per document (``attn_backend="docs"``, the CPU default),
 - packed rows, FlexAttention eager and ``torch.compile``-d flex_attention.
 
-On CPU (torch 2.13) FlexAttention has no backward, so its fwd+bwd column reads "n/a".
-Usage: ``python bench/attention.py [--preset small] [--batch 4] [--seq 512] [--rounds 4] [--device cpu]``
+Rows have the same B x T, so the last column (model fwd+bwd time / plain causal's) is the per-position
+cost of packing. The model step is a training step: the head and cross-entropy at every position
+(``select``, chunked). Cells alternate round by round and the table prints medians: other processes on
+a shared machine add time to both arms alike. On CPU (torch 2.13) FlexAttention has no backward, so
+its fwd+bwd columns read "n/a".
+Usage: ``python bench/attention.py [--preset small] [--batch 4] [--seq 512] [--rounds 5] [--device cpu]``
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig, TinyLM  # noqa: E402
 from model import attention as attn  # noqa: E402
+from model.head import selected_cross_entropy  # noqa: E402
 
 
 def packed_doc_ids(batch: int, seq: int, mean_doc: int, pad_frac: float, seed: int) -> torch.Tensor:
@@ -41,12 +48,12 @@ def packed_doc_ids(batch: int, seq: int, mean_doc: int, pad_frac: float, seed: i
     return doc_ids
 
 
-def best_of(cells: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None],
-            clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
-    """First-call seconds (includes any compilation) and best-of-``rounds`` seconds per cell.
+def median_of(cells: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None],
+              clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
+    """First-call seconds (includes any compilation) and the median over ``rounds`` seconds per cell.
 
-    Cells are interleaved round by round and the minimum is kept: other processes on a shared
-    2-core machine only ever add time, so the minimum is the least noisy estimate.
+    Cells alternate round by round (every cell once per round), so slow phases of a shared machine
+    fall on all of them alike.
     """
     first: dict[str, float] = {}
     for key, fn in cells.items():
@@ -54,14 +61,14 @@ def best_of(cells: dict[str, Callable[[], object]], rounds: int, sync: Callable[
         fn()
         sync()
         first[key] = clock() - start
-    best = dict.fromkeys(cells, float("inf"))
+    times: dict[str, list[float]] = {key: [] for key in cells}
     for _ in range(rounds):
         for key, fn in cells.items():
             start = clock()
             fn()
             sync()
-            best[key] = min(best[key], clock() - start)
-    return first, best
+            times[key].append(clock() - start)
+    return first, {key: statistics.median(values) for key, values in times.items()}
 
 
 def main() -> None:
@@ -69,7 +76,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=4, help="timed rounds over all cells (after 1 warm-up)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds over all cells (after 1 warm-up)")
     ap.add_argument("--mean-doc", type=int, default=96, help="mean document length in packed rows")
     ap.add_argument("--pad-frac", type=float, default=0.05, help="padding fraction at the end of each row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,11 +99,13 @@ def main() -> None:
     cfg = ModelConfig.from_preset(args.preset)
     model = TinyLM(cfg).to(device).train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    targets = ids.roll(-1, dims=1).reshape(-1)
+    every = torch.arange(ids.numel(), device=device)
     doc_ids = packed_doc_ids(args.batch, args.seq, args.mean_doc, args.pad_frac, seed=0).to(device)
     n_segments = int(sum(len(r.unique()) for r in doc_ids))
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}, "
           f"preset {args.preset} ({model.num_params() / 1e6:.1f}M), B={args.batch} T={args.seq}, "
-          f"{n_segments} document+padding segments, best of {args.rounds} rounds, {args.clock} clock")
+          f"{n_segments} document+padding segments, median of {args.rounds} alternating rounds, {args.clock} clock")
 
     def model_step(backend: str, packed: bool, backward: bool) -> Callable[[], None]:
         def run() -> None:
@@ -105,9 +114,10 @@ def main() -> None:
             grad = contextlib.nullcontext() if backward else torch.no_grad()
             amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
             with amp, grad:
-                out = model(ids, doc_ids=doc_ids if packed else None)
+                out = model(ids, doc_ids=doc_ids if packed else None, select=every)
+                loss = selected_cross_entropy(out.hidden, out.weight, targets).mean()
                 if backward:
-                    out.logits.mean().backward()
+                    loss.backward()
         return run
 
     shape = (args.batch, cfg.num_attention_heads, args.seq, cfg.head_dim)
@@ -127,7 +137,10 @@ def main() -> None:
         return run
 
     def dense() -> attn.AttentionMask:
-        return attn.dense_document_mask(doc_ids)
+        return attn.build_attention_mask(doc_ids, "sdpa", dtype)
+
+    def segments() -> attn.AttentionMask:
+        return attn.document_split(doc_ids)
 
     def block() -> attn.AttentionMask:
         return attn.document_block_mask(doc_ids)
@@ -138,37 +151,49 @@ def main() -> None:
     # row -> (backend, packed, mask builder, flex compiled?)
     rows = {"plain causal SDPA": ("sdpa", False, causal, False),
             "packed SDPA dense mask": ("sdpa", True, dense, False),
+            "packed SDPA per document": ("docs", True, segments, False),
             "packed flex (eager)": ("flex", True, block, False)}
     if not args.no_compile:
         rows["packed flex (compiled)"] = ("flex", True, block, True)
     columns = ("mask build ms", "attn fwd ms", "attn fwd+bwd ms", "model fwd s", "model fwd+bwd s")
-    results: dict[str, dict[str, str]] = {}
-    first_call: dict[str, float] = {}
+    cells: dict[tuple[str, str], Callable[[], object]] = {}
     for name, (backend, packed, mask_fn, compiled) in rows.items():
-        attn.FLEX_COMPILE = compiled
         can_bwd = not (cpu and backend == "flex")  # FlexAttention: no CPU backward in torch 2.13
-        cells: dict[str, Callable[[], object]] = {
-            "mask build ms": mask_fn,
-            "attn fwd ms": kernel(mask_fn, False),
-            "model fwd s": model_step(backend, packed, False),
-        }
+        row = {"attn fwd ms": kernel(mask_fn, False), "model fwd s": model_step(backend, packed, False)}
+        if packed:
+            row["mask build ms"] = mask_fn
         if can_bwd:
-            cells["attn fwd+bwd ms"] = kernel(mask_fn, True)
-            cells["model fwd+bwd s"] = model_step(backend, packed, True)
-        first, best = best_of(cells, args.rounds, sync, clock)
-        first_call[name] = max(first.values())
-        results[name] = {c: "n/a" for c in columns}
-        for c, seconds in best.items():
-            results[name][c] = f"{seconds * 1e3:.1f}" if c.endswith("ms") else f"{seconds:.3f}"
-        if not packed:
-            results[name]["mask build ms"] = "-"
-    attn.FLEX_COMPILE = None
+            row["attn fwd+bwd ms"] = kernel(mask_fn, True)
+            row["model fwd+bwd s"] = model_step(backend, packed, True)
+        cells.update({(name, c): with_flex_compile(fn, compiled) for c, fn in row.items()})
+    first, median = median_of(cells, args.rounds, sync, clock)  # all rows alternate, round by round
 
-    print(f"\n{'path':<24}" + "".join(f"{c:>17}" for c in columns) + f"{'first call s':>14}")
-    for name, cells_out in results.items():
-        print(f"{name:<24}" + "".join(f"{cells_out[c]:>17}" for c in columns) + f"{first_call[name]:>14.1f}")
+    plain = median[("plain causal SDPA", "model fwd+bwd s")]
+    print(f"\n{'path':<26}" + "".join(f"{c:>17}" for c in columns) + f"{'first call s':>14}{'x plain':>9}")
+    for name in rows:
+        out = []
+        for c in columns:
+            seconds = median.get((name, c))
+            out.append("-" if seconds is None and c == "mask build ms" else "n/a" if seconds is None
+                       else f"{seconds * 1e3:.1f}" if c.endswith("ms") else f"{seconds:.3f}")
+        ratio = median.get((name, "model fwd+bwd s"))
+        print(f"{name:<26}" + "".join(f"{v:>17}" for v in out)
+              + f"{max(v for (n, _), v in first.items() if n == name):>14.1f}"
+              + (f"{ratio / plain:>9.3f}" if ratio is not None else f"{'n/a':>9}"))
+    print("x plain: model fwd+bwd time / plain causal's at the same B x T (per-position cost of packing).")
     if cpu:
         print("n/a: FlexAttention has no backward on CPU (torch raises NotImplementedError).")
+
+
+def with_flex_compile(fn: Callable[[], object], compiled: bool) -> Callable[[], object]:
+    """``fn`` run with ``attn.FLEX_COMPILE`` set for its row (restored after)."""
+    def run() -> object:
+        attn.FLEX_COMPILE = compiled
+        try:
+            return fn()
+        finally:
+            attn.FLEX_COMPILE = None
+    return run
 
 
 if __name__ == "__main__":

@@ -10,13 +10,22 @@ Two interchangeable backends for packed rows:
 - ``"flex"``: FlexAttention with a ``BlockMask`` built from a document ``mask_mod``; fully masked
   128x128 tiles are skipped. On CUDA the call is ``torch.compile``-d (fused kernel). On CPU (torch
   2.13) FlexAttention has **no backward**: it serves inference only.
-- ``"sdpa"``: ``scaled_dot_product_attention`` with a dense boolean [B, 1, T, T] mask: works
-  everywhere with autograd, but costs O(T^2) mask memory and loses the CUDA flash kernel.
+- ``"sdpa"``: ``scaled_dot_product_attention`` with a dense additive float [B, 1, T, T] mask (built
+  once per forward in the compute dtype and shared by all layers, so backward keeps one copy, not one
+  per layer): works everywhere with autograd, but costs O(T^2) mask memory and loses the CUDA flash
+  kernel.
 
-``"auto"`` resolves to flex on CUDA and sdpa elsewhere. On CPU sdpa is the only backend that trains,
-and it is also the fastest forward: ``bench/attention.py`` (small preset, B=4, T=512, 1 thread, CPU
-seconds) measured one layer's attention forward at 40 ms for the dense mask vs 138 ms eager flex and
-49 ms compiled flex (plus ~4 s compile), and a packed training step within ~1 % of a plain causal one.
+- ``"docs"``: one ``is_causal`` SDPA call per document of each row (:func:`attend_documents`): no
+  mask at all, and only the causal half of each document is computed, so a packed row costs no more
+  than a plain causal one. Needs the row layout on the host (one sync per forward); inside
+  ``torch.compile`` it falls back to "sdpa".
+
+``"auto"`` resolves to flex on CUDA and docs elsewhere. Training step (forward + backward, head on every
+position) of the small preset, B=4, T=512, 29 document runs, CPU seconds, 7 alternating rounds on a
+shared machine: per document 0.951 x a plain causal step (median), dense mask 1.012 x; one layer's
+attention forward + backward (``bench/attention.py``): per document 70 ms, plain causal 97 ms, dense
+mask 113 ms. Without autograd the per-document forward measured slower than the dense mask (many
+small calls); evaluation is a small share of a run.
 
 The mask is built once per forward pass, with shapes fixed by (B, T) only, and is shared by all
 layers; the BlockMask construction is kept out of ``torch.compile`` graphs (``torch.compiler.disable``),
@@ -46,18 +55,24 @@ class InferenceMask(NamedTuple):
     mask: Tensor | None
 
 
-AttentionMask = BlockMask | Tensor | InferenceMask | None
-"""None: plain causal rows; Tensor: dense bool [B, 1, T, T] (True = attend); BlockMask: flex;
-InferenceMask: a KV-cache / padded generation step."""
+class DocumentSplit(NamedTuple):
+    """Packed rows as runs of equal doc id: ``lengths[b]`` are row b's run lengths (sum T), host ints."""
+
+    lengths: list[list[int]]
+
+
+AttentionMask = BlockMask | Tensor | DocumentSplit | InferenceMask | None
+"""None: plain causal rows; Tensor: dense float [B, 1, T, T] (0 = attend, -inf = not); BlockMask: flex;
+DocumentSplit: one causal call per document; InferenceMask: a KV-cache / padded generation step."""
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Map "auto" to the measured default for ``device``: "flex" on CUDA, "sdpa" otherwise."""
-    if name not in ("auto", "flex", "sdpa"):
-        raise ValueError(f"attn_backend must be 'auto', 'flex' or 'sdpa', got {name!r}")
+    """Map "auto" to the measured default for ``device``: "flex" on CUDA, "docs" otherwise."""
+    if name not in ("auto", "flex", "sdpa", "docs"):
+        raise ValueError(f"attn_backend must be 'auto', 'flex', 'sdpa' or 'docs', got {name!r}")
     if name != "auto":
         return name
-    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return "flex" if torch.device(device).type == "cuda" else "docs"
 
 
 def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:
@@ -90,15 +105,54 @@ def document_block_mask(doc_ids: Tensor) -> BlockMask:
     return create_block_mask(mask_mod, b, None, t, t, device=doc_ids.device)
 
 
-def build_attention_mask(doc_ids: Tensor | None, backend: str) -> AttentionMask:
-    """The mask for one forward pass (shared by all layers). ``backend`` is "flex" or "sdpa"."""
+def additive_document_mask(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float [B, 1, T, T] in ``dtype``: 0 where :func:`dense_document_mask` allows, -inf elsewhere.
+
+    SDPA turns a bool mask into exactly this float mask inside every call and keeps that copy for
+    backward, one per layer; given the float mask, all layers save the same tensor (the one
+    [B, 1, T, T] the training step holds, instead of one per layer).
+    """
+    allowed = dense_document_mask(doc_ids)
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~allowed, float("-inf"))
+
+
+@torch.compiler.disable
+def document_split(doc_ids: Tensor) -> DocumentSplit:
+    """The run lengths of equal doc ids in every row (read on the host: one sync per forward)."""
+    return DocumentSplit([torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc_ids.cpu()])
+
+
+def build_attention_mask(doc_ids: Tensor | None, backend: str, dtype: torch.dtype = torch.float32) -> AttentionMask:
+    """The mask for one forward pass (shared by all layers). ``backend`` is "flex", "sdpa" or "docs";
+    ``dtype`` is the dtype of q / k / v (the sdpa mask is built in it). Inside ``torch.compile`` "docs"
+    becomes "sdpa": per-document calls would make every new row layout a recompilation."""
     if doc_ids is None:
         return None
+    if backend == "docs" and torch.compiler.is_compiling():
+        backend = "sdpa"
     if backend == "flex":
         return document_block_mask(doc_ids)
     if backend == "sdpa":
-        return dense_document_mask(doc_ids)
+        return additive_document_mask(doc_ids, dtype)
+    if backend == "docs":
+        return document_split(doc_ids)
     raise ValueError(f"unresolved attention backend {backend!r}")
+
+
+def attend_documents(q: Tensor, k: Tensor, v: Tensor, split: DocumentSplit) -> Tensor:
+    """Block-diagonal causal attention as one ``is_causal`` SDPA call per document (padding runs too).
+
+    Rows and documents are cut with ``unbind`` / ``split`` (views whose backward is one concatenation;
+    slicing instead would give every piece a full-size zero gradient) and the outputs concatenated.
+    Same function as the dense mask, with only the causal half of each document's tiles computed.
+    """
+    gqa = q.size(1) != k.size(1)
+    rows = []
+    for lengths, qr, kr, vr in zip(split.lengths, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):
+        parts = [F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True, enable_gqa=gqa)[0]
+                 for a, b, c in zip(qr.split(lengths, 1), kr.split(lengths, 1), vr.split(lengths, 1), strict=True)]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+    return torch.stack(rows)
 
 
 def inference_mask(attention_mask: Tensor | None, past: int, t: int, device: torch.device) -> InferenceMask:
@@ -160,6 +214,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     gqa = q.size(1) != k.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, DocumentSplit):
+        return attend_documents(q, k, v, mask)
     if isinstance(mask, BlockMask):
         cpu = q.device.type == "cpu"
         if cpu and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-ATTN_BACKENDS = ("auto", "flex", "sdpa")
+ATTN_BACKENDS = ("auto", "flex", "sdpa", "docs")
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -28,8 +28,8 @@ class ModelConfig:
 
     ``intermediate_size=None`` is replaced by :func:`default_intermediate_size` of ``hidden_size``.
     ``attn_backend`` picks the attention kernel for packed rows (``doc_ids`` given): "flex"
-    (FlexAttention block mask), "sdpa" (dense block-diagonal causal mask) or "auto" (flex on CUDA,
-    sdpa elsewhere: FlexAttention has no backward on CPU).
+    (FlexAttention block mask), "sdpa" (dense block-diagonal causal mask), "docs" (one causal SDPA call
+    per document) or "auto" (flex on CUDA, docs elsewhere: FlexAttention has no backward on CPU).
     """
 
     vocab_size: int = 6400

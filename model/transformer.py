@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import (
     AttentionMask,
@@ -40,6 +41,14 @@ from model.kv_cache import KVCache
 class ModelOutput(NamedTuple):
     logits: Tensor  # float32 [B, T, V]
     aux_loss: Tensor  # scalar; MoE load-balance loss already scaled by moe_aux_loss_coef, 0 for dense
+
+
+class HeadInput(NamedTuple):
+    """``forward(..., select=index)``: what the output head needs at the selected positions only."""
+
+    hidden: Tensor  # [N, H]: final-normalised hidden states at the N selected flat positions of [B, T]
+    weight: Tensor  # [V, H]: the output head (a view of lm_head.weight; logits = hidden @ weight.T)
+    aux_loss: Tensor  # as in ModelOutput
 
 
 class RMSNorm(nn.Module):
@@ -225,7 +234,13 @@ class TinyLM(nn.Module):
     Packed rows: ``doc_ids`` [B, T] int (padding = -1); a token attends only to earlier tokens of its
     document, ``position_ids`` restart at 0 per document (derived from ``doc_ids`` if not given).
     The caller computes the loss; for MoE add ``aux_loss`` (0-dim tensor, zero for dense models).
+
+    ``activation_checkpointing`` (a run-time switch, not part of the config): with autograd on, each
+    decoder block runs under non-reentrant ``torch.utils.checkpoint``, so backward keeps only every
+    block's input and recomputes the block's activations (same values and gradients, ~1/3 more compute).
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -250,8 +265,12 @@ class TinyLM(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, doc_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, select: Tensor | None = None) -> ModelOutput | HeadInput:
         """Logits for ``input_ids`` [B, T] (``last_only``: for the last position only, [B, 1, V]).
+
+        ``select`` (int64 [N], flat indices into the B x T positions): no logits; a :class:`HeadInput`
+        with the normalised hidden states of those positions and the head matrix, for a loss computed
+        only where it is (``model/head.py``: chunked, never [B, T, V]).
 
         Training / scoring: ``doc_ids`` and ``position_ids`` as in the class docstring. Generation:
         ``cache`` holds the k/v of the earlier ``cache.length`` positions (the T new ones are written
@@ -268,7 +287,8 @@ class TinyLM(nn.Module):
                 else:
                     position_ids = positions_from_doc_ids(doc_ids)
             backend = resolve_backend(self.config.attn_backend, input_ids.device)
-            mask: AttentionMask = build_attention_mask(doc_ids, backend)  # once per forward, shared by all layers
+            # once per forward, shared by all layers
+            mask: AttentionMask = build_attention_mask(doc_ids, backend, self.compute_dtype(input_ids.device))
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) cannot be combined with a KV cache or attention_mask")
@@ -286,16 +306,30 @@ class TinyLM(nn.Module):
         cos, sin = body.rotary_emb(position_ids)
         x = body.dropout(body.embed_tokens(input_ids))
         aux = torch.zeros((), device=input_ids.device)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(body.layers):
-            x, layer_aux = layer(x, cos, sin, mask, cache, i)
+            if recompute:
+                x, layer_aux = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, layer_aux = layer(x, cos, sin, mask, cache, i)
             if layer_aux is not None:
                 aux = aux + layer_aux
         if cache is not None:
             cache.length += t
+        if select is not None:
+            hidden = body.norm(x.reshape(b * t, x.size(-1))[select])
+            # a view, so the returned head has a grad_fn: DDP's unused-parameter search then sees it used
+            return HeadInput(hidden, self.lm_head.weight.view_as(self.lm_head.weight), aux)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(body.norm(x)).float()
         return ModelOutput(logits, aux)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the attention inputs have: autocast's on ``device`` when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.lm_head.weight.dtype
 
     # ---- reporting ------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:

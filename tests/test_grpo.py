@@ -16,6 +16,7 @@ import torch
 from core.errors import TinyLMError
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
+from model.transformer import HeadInput
 from preprocess.prompts import read_prompts
 from serve.evaluate import RewardOptions, reward_metrics
 from serve.loading import load_model
@@ -25,7 +26,7 @@ from train.metrics import read_metrics
 from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards
 from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, pass_at_k, sample_seed
 from train.run import main
-from train.stages import GRPOStage, StepNorm
+from train.stages import GRPOStage, StepNorm, Supervised
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer"
@@ -105,6 +106,15 @@ def hand_loss(logits: torch.Tensor, batch: RolloutBatch, loss: str, eps: float, 
     return step, kl_sum / n
 
 
+def as_supervised(logits: torch.Tensor, weights: torch.Tensor) -> Supervised:
+    """Given logits [B, T, V] as what the objective reads: hidden states = the logits at the supervised
+    positions under an identity head, so ``head_logits`` gives back exactly these logits."""
+    b, t, v = logits.shape
+    index = (weights.reshape(-1) > 0).nonzero().squeeze(1)
+    head = HeadInput(logits.reshape(b * t, v)[index], torch.eye(v), torch.zeros(()))
+    return Supervised(index, head, (b, t))
+
+
 def fixed_batch() -> tuple[torch.Tensor, RolloutBatch]:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 4, 5, generator=g)
@@ -125,7 +135,7 @@ def test_loss_equals_hand_computed_value(loss):
     logits, batch = fixed_batch()
     stage = GRPOStage(reward=["format"], loss=loss, group_size=2, prompts_per_step=1, max_new_tokens=3,
                       epsilon=0.2, epsilon_high=0.3, kl_coef=0.05, rollout_temperature=0.7)
-    got, metrics = stage.objective(logits, batch, StepNorm(torch.tensor(5.0), 1))
+    got, metrics = stage.objective(as_supervised(logits, batch.weights), batch, StepNorm(torch.tensor(5.0), 1))
     want, kl = hand_loss(logits, batch, loss, 0.2, 0.3, 0.05, 0.7, samples=2, max_new=3)
     assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-5)
@@ -159,7 +169,7 @@ def test_zero_std_groups_give_zero_gradient():
     batch = RolloutBatch(torch.zeros(8, 3, dtype=torch.long), torch.randint(0, 11, (8, 3)), torch.ones(8, 3),
                          advantages=adv.reshape(-1))
     stage = GRPOStage(reward=["format"], group_size=4, prompts_per_step=2)
-    loss, _ = stage.objective(logits, batch, StepNorm(torch.tensor(24.0), 1))
+    loss, _ = stage.objective(as_supervised(logits, batch.weights), batch, StepNorm(torch.tensor(24.0), 1))
     loss.backward()
     assert torch.count_nonzero(logits.grad[4:]) == 0  # the zero-std group
     assert torch.count_nonzero(logits.grad[:4]) > 0

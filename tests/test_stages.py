@@ -22,12 +22,22 @@ import torch
 
 from model import ModelConfig, TinyLM
 from model.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merge_lora
+from model.transformer import HeadInput
 from preprocess import shards
 from train import checkpoint, defaults
 from train import run as run_mod
 from train.metrics import read_metrics
 from train.run import main
-from train.stages import STAGES, DistillStage, DPOStage, ReasonStage, StageContext, StepNorm, token_cross_entropy
+from train.stages import (
+    STAGES,
+    DistillStage,
+    DPOStage,
+    ReasonStage,
+    StageContext,
+    StepNorm,
+    Supervised,
+    token_cross_entropy,
+)
 from train.stages.dpo import DPODataset, document_logps, valid_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +137,9 @@ def test_dpo_pairs_stay_in_one_row(packed_sample):
     assert (docs % 2 == 0).all() and data.width % 2 == 0
     pairs = valid_pairs(batch, data.width).sum().item()
     assert pairs == docs.sum().item() // 2 == data.meta["counts"]["documents"] // 2
-    logits = torch.zeros(*batch.input_ids.shape, 6400)  # uniform model: log-prob = -(supervised tokens) * ln V
-    per_doc = document_logps(logits, batch, data.width)
+    index = (batch.weights.reshape(-1) > 0).nonzero().squeeze(1)  # uniform model (zero head): log-prob =
+    uniform = HeadInput(torch.zeros(len(index), 8), torch.zeros(6400, 8), torch.zeros(()))  # -(supervised) ln V
+    per_doc = document_logps(Supervised(index, uniform, tuple(batch.weights.shape)), batch, data.width)
     counts = torch.zeros_like(per_doc).scatter_add_(1, batch.doc_ids.long().clamp(min=0), (batch.weights > 0).float())
     assert torch.allclose(per_doc, -counts * math.log(6400), rtol=1e-5)
 

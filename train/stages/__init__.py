@@ -18,7 +18,9 @@ from train.stages.base import (
     StageContext,
     StageError,
     StepNorm,
+    Supervised,
     forward,
+    supervised_forward,
     token_cross_entropy,
 )
 from train.stages.distill import DistillStage
@@ -37,5 +39,5 @@ def build_stage(name: str, **kwargs: Any) -> Stage:
 
 
 __all__ = ["STAGES", "CrossEntropyStage", "DPOStage", "DistillStage", "GRPOStage", "PretrainStage", "ReasonStage",
-           "SFTStage", "Stage", "StageContext", "StageError", "StepNorm", "build_stage", "forward",
-           "token_cross_entropy"]
+           "SFTStage", "Stage", "StageContext", "StageError", "StepNorm", "Supervised", "build_stage", "forward",
+           "supervised_forward", "token_cross_entropy"]

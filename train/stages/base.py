@@ -10,8 +10,12 @@ clipping, logging and checkpoints live in ``train/loop.py`` and are written once
 Hooks: ``options`` (the stage-specific command-line flags it accepts; any other stage flag is a usage
 error), :meth:`Stage.setup` (after the model is built: load a teacher, compute reference log-probs),
 :meth:`Stage.checkpoint_fields` (its records in every checkpoint: reference, teacher, options), and the
-objective: :meth:`Stage.objective` / :meth:`Stage.sums` on the logits of :func:`forward`, the one model
-call on a batch. :meth:`Stage.loss` adds the MoE load-balance loss (the one place it is handled).
+objective: :meth:`Stage.objective` / :meth:`Stage.sums` on the :class:`Supervised` head input of
+:func:`supervised_forward`, the one model call of training and evaluation: the model returns hidden
+states at the supervised positions (weight > 0) only, and the head and the loss run there, in chunks
+whose logits are recomputed in backward (``model/head.py``), so no [B, T, V] logits exist. Positions
+of weight 0 contribute nothing to any objective, so values and gradients equal those of full logits.
+:meth:`Stage.loss` adds the MoE load-balance loss (the one place it is handled).
 
 Loss contract. For a step the loop hands every micro-batch the same :class:`StepNorm`: the global
 number ``tokens`` of supervised units (summed over all micro-batches of all ranks, clamped to >= 1) and
@@ -39,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import TinyLMError
-from model.transformer import ModelOutput
+from model.head import selected_cross_entropy
+from model.transformer import HeadInput, ModelOutput
 from preprocess import shards
 from train.checkpoint import Checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
@@ -74,8 +79,39 @@ class StageContext:
 
 
 def forward(model: nn.Module, batch: Batch) -> ModelOutput:
-    """The one model call on a batch: logits [B, T, V] and the MoE aux loss (0 for dense models)."""
+    """Full logits [B, T, V] of a batch and the MoE aux loss (0 for dense models), for callers that need
+    every position; the objectives use :func:`supervised_forward`."""
     return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+
+
+@dataclass(frozen=True)
+class Supervised:
+    """The output head's input at a batch's supervised positions (weight > 0): what objectives read."""
+
+    index: Tensor  # int64 [N]: flat positions into [B, T]
+    head: HeadInput  # hidden [N, H], head weight [V, H], MoE aux loss
+    shape: tuple[int, int]  # (B, T)
+
+    def per_position(self, values: Tensor) -> Tensor:
+        """Values [N] or [N, k] at the supervised positions -> [B, T] or [B, T, k], 0 elsewhere."""
+        b, t = self.shape
+        rest = tuple(values.shape[1:])
+        return values.new_zeros((b * t, *rest)).index_put((self.index,), values).view(b, t, *rest)
+
+    def selected(self, per_position: Tensor) -> Tensor:
+        """A [B, T] tensor's entries at the supervised positions, [N]."""
+        return per_position.reshape(-1)[self.index]
+
+    def cross_entropy(self, targets: Tensor) -> Tensor:
+        """[B, T] float32: cross-entropy in nats at the supervised positions, 0 elsewhere."""
+        return self.per_position(selected_cross_entropy(self.head.hidden, self.head.weight, self.selected(targets)))
+
+
+def supervised_forward(model: nn.Module, batch: Batch) -> Supervised:
+    """The model call of every objective: hidden states at the positions of weight > 0 only."""
+    index = (batch.weights.reshape(-1) > 0).nonzero().squeeze(1)
+    head = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids, select=index)
+    return Supervised(index, head, (batch.weights.shape[0], batch.weights.shape[1]))
 
 
 class Stage:
@@ -135,22 +171,22 @@ class Stage:
 
     def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's contribution: the stage's objective, plus ``aux / micro_batches`` for MoE."""
-        logits, aux = forward(model, batch)
-        loss, metrics = self.objective(logits, batch, norm)
+        sup = supervised_forward(model, batch)
+        loss, metrics = self.objective(sup, batch, norm)
         if not self.moe:
             return loss, metrics
-        aux = aux.float() / norm.micro_batches
+        aux = sup.head.aux_loss.float() / norm.micro_batches
         return loss + aux, {**metrics, "aux": aux.detach()}
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """The validation sums of one batch (summed over batches and ranks, then :meth:`eval_metrics`)."""
-        return self.sums(forward(model, batch).logits, batch)
+        return self.sums(supervised_forward(model, batch), batch)
 
-    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -166,14 +202,14 @@ def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 class CrossEntropyStage(Stage):
     """Next-token prediction weighted by the mask: ``sum(w * ce) / N`` (+ MoE aux loss)."""
 
-    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        ce = (token_cross_entropy(logits, batch.targets) * batch.weights).sum() / norm.tokens
+    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        ce = (sup.cross_entropy(batch.targets) * batch.weights).sum() / norm.tokens
         return ce, ({"ce": ce.detach()} if self.moe else {})
 
-    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
         """Weighted nats and supervised tokens (val loss); unweighted nats and bytes of the supervised
         tokens that have bytes (special tokens have none) for bits per byte."""
-        return self.ce_sums(token_cross_entropy(logits, batch.targets), batch)
+        return self.ce_sums(sup.cross_entropy(batch.targets), batch)
 
     def ce_sums(self, ce: Tensor, batch: Batch) -> dict[str, Tensor]:
         """The evaluation sums of :meth:`sums` from per-position cross-entropy ``ce`` [B, T]."""

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.head import chunked, head_logits
 from train import checkpoint
 from train.checkpoint import SourceRecord
 from train.data import Batch
-from train.stages.base import CrossEntropyStage, StageContext, StageError, StepNorm, forward, token_cross_entropy
+from train.stages.base import CrossEntropyStage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 
 
 def token_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float, vocab: int) -> Tensor:
@@ -80,22 +81,33 @@ class DistillStage(CrossEntropyStage):
     def checkpoint_fields(self) -> dict[str, Any]:
         return {"teacher": self.teacher_record, "stage_options": {"alpha": self.alpha, "temperature": self.temperature}}
 
-    def _terms(self, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Per position: the student's cross-entropy and its KL to the teacher, [B, T] each."""
+    def _terms(self, sup: Supervised, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Per position: the student's cross-entropy and its KL to the teacher, [B, T] each (0 where the
+        weight is 0); both heads run per chunk of supervised positions (``model/head.py``)."""
         with torch.no_grad():
-            teacher_logits = forward(self.teacher, batch).logits
-        return token_cross_entropy(logits, batch.targets), token_kl(teacher_logits, logits, self.temperature,
-                                                                    self.vocab)
+            teacher = supervised_forward(self.teacher, batch).head
+        values = chunked(self._ce_kl, (sup.head.hidden, teacher.hidden, sup.selected(batch.targets)),
+                         (sup.head.weight, teacher.weight))
+        ce, kl = sup.per_position(values).unbind(-1)
+        return ce, kl
 
-    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        ce, kl = self._terms(logits, batch)
+    def _ce_kl(self, hidden: Tensor, teacher_hidden: Tensor, targets: Tensor, weight: Tensor,
+               teacher_weight: Tensor) -> Tensor:
+        """[n, 2]: cross-entropy and KL of one chunk of positions, from both models' hidden states."""
+        logits = head_logits(hidden, weight)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        kl = token_kl(head_logits(teacher_hidden, teacher_weight), logits, self.temperature, self.vocab)
+        return torch.stack((ce, kl), dim=-1)
+
+    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        ce, kl = self._terms(sup, batch)
         ce_sum = (ce * batch.weights).sum() / norm.tokens
         kl_sum = (kl * batch.weights).sum() / norm.tokens
         loss = self.alpha * ce_sum + (1.0 - self.alpha) * self.temperature ** 2 * kl_sum
         return loss, {"ce": ce_sum.detach(), "kl": kl_sum.detach()}
 
-    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
-        ce, kl = self._terms(logits, batch)
+    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
+        ce, kl = self._terms(sup, batch)
         return {**self.ce_sums(ce, batch), "kl": (kl * batch.weights).sum()}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:

@@ -34,7 +34,7 @@ from preprocess import shards
 from train import checkpoint, dist
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Batch, PackedDataset
-from train.stages.base import Stage, StageContext, StageError, StepNorm, forward, token_cross_entropy
+from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 
 
 class DPODataset(PackedDataset):
@@ -62,9 +62,9 @@ class DPODataset(PackedDataset):
         return batch
 
 
-def document_logps(logits: Tensor, batch: Batch, width: int) -> Tensor:
+def document_logps(sup: Supervised, batch: Batch, width: int) -> Tensor:
     """[B, width] float32: per document of each row, the summed log-prob of its supervised targets."""
-    logp = -token_cross_entropy(logits, batch.targets) * (batch.weights > 0)
+    logp = -sup.cross_entropy(batch.targets)  # 0 at unsupervised positions
     return torch.zeros(logp.shape[0], width, device=logp.device).scatter_add_(1, _doc_index(batch), logp)
 
 
@@ -171,24 +171,24 @@ class DPOStage(Stage):
     def _reference_logps(self, batch: Batch) -> Tensor:
         if self.ref_model is not None:
             with torch.no_grad():
-                return document_logps(forward(self.ref_model, batch).logits, batch, self.width)
+                return document_logps(supervised_forward(self.ref_model, batch), batch, self.width)
         if batch.ref_logps is None:
             raise StageError("DPO batch without reference log-probs (setup() was not run)")
         return batch.ref_logps
 
-    def _terms(self, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        losses, margin = dpo_terms(document_logps(logits, batch, self.width), self._reference_logps(batch), self.beta)
+    def _terms(self, sup: Supervised, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        losses, margin = dpo_terms(document_logps(sup, batch, self.width), self._reference_logps(batch), self.beta)
         return losses, margin, valid_pairs(batch, self.width).float()
 
-    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """``sum(-log sigmoid(d)) / N_pairs``; metrics margin = mean d, acc = share of d > 0."""
-        losses, margin, valid = self._terms(logits, batch)
+        losses, margin, valid = self._terms(sup, batch)
         metrics = {"margin": ((margin * valid).sum() / norm.tokens).detach(),
                    "acc": (((margin > 0).float() * valid).sum() / norm.tokens).detach()}
         return (losses * valid).sum() / norm.tokens, metrics
 
-    def sums(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
-        losses, margin, valid = self._terms(logits, batch)
+    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
+        losses, margin, valid = self._terms(sup, batch)
         return {"loss": (losses * valid).sum(), "margin": (margin * valid).sum(),
                 "correct": ((margin > 0).float() * valid).sum(), "pairs": valid.sum()}
 
@@ -216,7 +216,7 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
             for lo in range(0, len(rows), ctx.batch_size):
                 chunk = rows[lo:lo + ctx.batch_size]
                 batch = dataset.collate(chunk).to(ctx.device)
-                sums = document_logps(forward(model, batch).logits, batch, dataset.width).cpu().numpy()
+                sums = document_logps(supervised_forward(model, batch), batch, dataset.width).cpu().numpy()
                 for i, r in enumerate(chunk):
                     _, d0, d1 = dataset.row_documents(int(r))
                     values[d0:d1] = sums[i, :d1 - d0]

@@ -24,12 +24,15 @@ clipped term is the active one: rho outside the range in the direction A pushes;
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.head import chunked, head_logits
 from train import checkpoint
 from train.checkpoint import SourceRecord, unwrap
 from train.data import Batch
@@ -44,7 +47,7 @@ from train.rollout import (
     pass_metrics,
     pass_sums,
 )
-from train.stages.base import Stage, StageContext, StageError, StepNorm, forward, token_cross_entropy
+from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
@@ -54,16 +57,28 @@ DEFAULTS: dict[str, Any] = {"group_size": 8, "prompts_per_step": 8, "max_new_tok
                             "pass_k": None, "success_threshold": 1.0}
 
 
-def token_logps(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """[B, T] float32 log-probabilities of ``targets`` under ``softmax(logits / temperature)``."""
-    return -token_cross_entropy(logits.float() / temperature if temperature > 0 else logits, targets)
+def _logps(hidden: Tensor, targets: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    logits = head_logits(hidden, weight)
+    return -F.cross_entropy(logits / temperature if temperature > 0 else logits, targets, reduction="none")
 
 
-def token_entropy(logits: Tensor, temperature: float) -> Tensor:
-    """[B, T] entropy (nats) of ``softmax(logits / temperature)``, without gradient."""
+def _entropy(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    logp = torch.log_softmax(head_logits(hidden, weight) / (temperature if temperature > 0 else 1.0), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logps(sup: Supervised, targets: Tensor, temperature: float) -> Tensor:
+    """[B, T] float32 log-probabilities of ``targets`` under ``softmax(logits / temperature)`` at the
+    supervised (completion) positions, 0 elsewhere; the head runs there only, chunked (``model/head.py``)."""
+    fn = partial(_logps, temperature=temperature)
+    return sup.per_position(chunked(fn, (sup.head.hidden, sup.selected(targets)), (sup.head.weight,)))
+
+
+def token_entropy(sup: Supervised, temperature: float) -> Tensor:
+    """[B, T] entropy (nats) of ``softmax(logits / temperature)`` at the supervised positions, without gradient."""
     with torch.no_grad():
-        logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
-        return -(logp.exp() * logp).sum(-1)
+        fn = partial(_entropy, temperature=temperature)
+        return sup.per_position(chunked(fn, (sup.head.hidden.detach(),), (sup.head.weight.detach(),)))
 
 
 class GRPOStage(Stage):
@@ -201,14 +216,14 @@ class GRPOStage(Stage):
             model.eval()
             device = next(model.parameters()).device
             on = batch.to(device)
-            setattr(batch, name, token_logps(forward(model, on).logits, on.targets, self.temperature).cpu())
+            setattr(batch, name, token_logps(supervised_forward(model, on), on.targets, self.temperature).cpu())
             model.train(was)
 
     # ---- objective ---------------------------------------------------------------------------------------------
-    def objective(self, logits: Tensor, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """The step loss of the module docstring, and its token-mean metrics."""
         assert isinstance(batch, RolloutBatch) and batch.advantages is not None
-        loss, metrics = self.token_loss(logits, batch)
+        loss, metrics = self.token_loss(sup, batch)
         m = batch.weights
         samples = float(self.o["prompts_per_step"] * self.o["group_size"])
         if self.loss_type == "grpo":
@@ -219,9 +234,9 @@ class GRPOStage(Stage):
             total = (loss * m).sum() / norm.tokens
         return total, {k: ((v * m).sum() / norm.tokens).detach() for k, v in metrics.items()}
 
-    def token_loss(self, logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def token_loss(self, sup: Supervised, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token loss l [B, T] and per-token metric values (kl, clip_frac, entropy)."""
-        logp = token_logps(logits, batch.targets, self.temperature)
+        logp = token_logps(sup, batch.targets, self.temperature)
         old = batch.old_logps if batch.old_logps is not None else logp.detach()
         adv = batch.advantages[:, None].to(logp.dtype)
         ratio = torch.exp(logp - old)
@@ -231,7 +246,7 @@ class GRPOStage(Stage):
         else:
             loss = -torch.min(ratio * adv, torch.clamp(ratio, 1.0 - self.eps, 1.0 + self.eps_high) * adv)
             clipped = ((ratio < 1.0 - self.eps) & (adv < 0)) | ((ratio > 1.0 + self.eps_high) & (adv > 0))
-        metrics = {"clip_frac": clipped.float(), "entropy": token_entropy(logits, self.temperature)}
+        metrics = {"clip_frac": clipped.float(), "entropy": token_entropy(sup, self.temperature)}
         if batch.ref_logps is not None:
             d = batch.ref_logps - logp
             kl = torch.exp(d) - d - 1.0

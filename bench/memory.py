@@ -1,0 +1,139 @@
+"""Peak memory and step time of one training step: old code path vs new, with and without checkpointing.
+
+Each arm runs in a fresh subprocess (so peak RSS, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, is the
+arm's own): build the model, take the first ``--batch`` rows of a packed SFT folder as ONE micro-batch,
+and run ``--steps`` optimizer steps (``stage.loss`` + backward + AdamW, as ``train/loop.py`` does).
+Arms:
+
+- ``before``: the code of commit ``--base`` (default: git main's e2d95ce), exported with ``git archive``
+  into a temporary folder and imported from there (full [B, T, V] logits, dense packed mask);
+- ``after``: this checkout, as ``train/run.py`` runs it (head and cross-entropy on supervised positions
+  only, chunked; one shared packed mask; freed memory returned to the OS);
+- ``after heap``: this checkout with glibc's default malloc (no ``train/memory.py`` policy);
+- ``after+ckpt``: this checkout with per-block activation checkpointing.
+
+The ``after`` arms apply ``train.memory.return_freed_memory()`` first, as ``train/run.py`` does.
+
+Arms alternate for ``--repeats`` rounds; the table prints medians (and the spread of step times).
+Peak RSS is robust to other load on the machine; step times are not (a shared machine adds time).
+Usage: ``python bench/memory.py [--preset small] [--model-arg k=v ...] [--batch 16] [--seq 512]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, resource, sys, time
+root, folder, preset, overrides, batch, steps, ckpt, malloc = sys.argv[1:9]
+sys.path.insert(0, root)
+if malloc == "1":  # what train/run.py does first
+    from train.memory import return_freed_memory
+    assert return_freed_memory()
+import numpy as np
+import torch
+from model import ModelConfig, TinyLM
+from train.data import PackedDataset
+from train.stages import StepNorm, build_stage
+
+torch.manual_seed(0)
+dataset = PackedDataset(folder, verify=False)
+cfg = ModelConfig.from_preset(preset).override(json.loads(overrides))
+model = TinyLM(cfg).train()
+if ckpt == "1":
+    model.activation_checkpointing = True
+stage = build_stage("sft")
+mb = dataset.collate(np.arange(int(batch)))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+norm = StepNorm(stage.count(mb).float().clamp(min=1.0), 1)
+base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times, losses = [], []
+for _ in range(int(steps)):
+    start = time.perf_counter()
+    loss, _ = stage.loss(model, mb, norm)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+    losses.append(loss.item())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kb": peak, "base_kb": base_rss, "times": times, "losses": losses,
+                  "params": model.num_params(), "tokens": int(mb.input_ids.numel()),
+                  "supervised": int(stage.count(mb))}))
+"""
+
+
+def export_commit(commit: str, dest: Path) -> Path:
+    """The files of ``commit`` under ``dest`` (``git archive | tar -x``): importable old code, no worktree."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def pack_sft(seq: int, dest: Path) -> Path:
+    """The shipped SFT sample packed at ``seq`` (rows of whole conversations) into ``dest``."""
+    subprocess.run([sys.executable, str(ROOT / "preprocess" / "pack.py"), "--stage", "sft", "--out", str(dest),
+                    "--seq-len", str(seq), "--workers", "1", "--quiet"], check=True, cwd=ROOT,
+                   stderr=subprocess.DEVNULL)
+    return dest
+
+
+def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool, malloc: bool) -> dict:
+    """One fresh process: its peak RSS, step times and losses (JSON on its last stdout line)."""
+    overrides = json.dumps(args.model_arg)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(folder), args.preset, overrides,
+                          str(args.batch), str(args.steps), "1" if ckpt else "0", "1" if malloc else "0"],
+                         check=True, capture_output=True, text=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="ModelConfig override, repeatable (train.sh: hidden_size=256 num_hidden_layers=4)")
+    ap.add_argument("--batch", type=int, default=16, help="rows of the one micro-batch")
+    ap.add_argument("--seq", type=int, default=512, help="packed row length")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per arm (time: median of them)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds over all arms (alternating)")
+    ap.add_argument("--base", default="e2d95ce", help="commit of the 'before' arm")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tinylm_mem_") as tmp:
+        old = export_commit(args.base, Path(tmp) / "before")
+        folder = pack_sft(args.seq, Path(tmp) / "sft")
+        arms = {"before": (old, False, False), "after heap": (ROOT, False, False), "after": (ROOT, False, True),
+                "after+ckpt": (ROOT, True, True)}
+        results: dict[str, list[dict]] = {name: [] for name in arms}
+        for _ in range(args.repeats):
+            for name, (root, ckpt, malloc) in arms.items():
+                results[name].append(run_arm(root, folder, args, ckpt, malloc))
+
+    first = results["before"][0]
+    print(f"preset {args.preset} {' '.join(args.model_arg)} ({first['params'] / 1e6:.1f}M params), one micro-batch "
+          f"{args.batch} x {args.seq} ({first['supervised']:,} of {first['tokens']:,} positions supervised), "
+          f"{args.steps} steps per arm, {args.repeats} fresh processes per arm, base {args.base}")
+    before_peak = statistics.median(r["peak_kb"] for r in results["before"])
+    before_time = statistics.median(statistics.median(r["times"]) for r in results["before"])
+    print(f"\n{'arm':<12}{'peak RSS GB':>13}{'x before':>10}{'step s (median)':>17}{'spread s':>15}"
+          f"{'x before':>10}{'loss step 1':>13}")
+    for name, runs in results.items():
+        peak = statistics.median(r["peak_kb"] for r in runs)
+        step = [statistics.median(r["times"]) for r in runs]
+        med = statistics.median(step)
+        print(f"{name:<12}{peak / 1e6:>13.2f}{peak / before_peak:>10.2f}{med:>17.2f}"
+              f"{f'{min(step):.2f}-{max(step):.2f}':>15}{med / before_time:>10.2f}{runs[0]['losses'][0]:>13.4f}")
+    print("peak RSS: ru_maxrss of the arm's own process (GB = 1e6 kB); step times vary with other load.")
+
+
+if __name__ == "__main__":
+    main()
