@@ -306,6 +306,9 @@ def skip_or_stop(state: TrainState, problem: str, cfg: LoopConfig, info: DistInf
         logger.log(record)
     if stop:
         allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
+        # every rank took this decision at this step (the flag is all-reduced): meet once more, so that all
+        # ranks print their line together, before the first exit makes torchrun stop the others
+        dist.barrier()
         raise NonFiniteError(
             f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
             f"{last_good(out)} (resume from it with --resume, e.g. with a lower --lr, or let up to N "
