@@ -19,7 +19,8 @@ on Muon at the table's Muon row (the candidate default: this comparison decides 
 (seeds 1, 2, ...): the table shows the median and the spread (max - min). Equal tokens: both arms take
 the same steps. Equal wall-clock: an arm's steps are scaled by (old arm's median step time / its own), so
 it gets the old arm's training time; when the factor rounds to the same steps the equal-token run is
-reused. SFT starts from the same arm's pretrain run (equal-tokens runs for the equal-tokens row, and so on).
+reused, and so is any run whose settings another arm already trained (runs are named by their settings).
+SFT starts from the same arm's pretrain run (equal-tokens runs for the equal-tokens row, and so on).
 Step time is the median of the logged per-step times (``step_time_s``), so start-up and evaluation are out.
 """
 
@@ -171,7 +172,8 @@ def compare(data: dict[str, tuple[Path, Path]], work: Path, mode: Mode, preset: 
                 losses, times = [], []
                 for seed in range(1, mode.repeats + 1):
                     start = init.get((budget, name, seed)) if stage == "sft" else None
-                    out = work / "runs" / preset / (f"{stage}_{name}_{steps}_s{seed}"
+                    slug = describe(arm[stage]).replace(", ", "_").replace(" ", "_")  # equal arms share runs
+                    out = work / "runs" / preset / (f"{stage}_{slug}_{steps}_s{seed}"
                                                     + (f"_from_{start.name}" if start is not None else ""))
                     times.append(train_run(out, stage, packed, arm[stage], steps, seed, mode, preset, start))
                     losses.append(heldout_loss(out, stage, heldout, mode.seq_len))
