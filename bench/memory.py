@@ -7,12 +7,12 @@ Arms:
 
 - ``before``: the code of commit ``--base`` (default: git main's e2d95ce), exported with ``git archive``
   into a temporary folder and imported from there (full [B, T, V] logits, dense packed mask);
-- ``after``: this checkout, as ``train/run.py`` runs it (head and cross-entropy on supervised positions
+- ``after``: this checkout, as ``train/run.py --release-memory`` runs it (head and cross-entropy on supervised positions
   only, chunked; one shared packed mask; freed memory returned to the OS);
 - ``after heap``: this checkout with glibc's default malloc (no ``train/memory.py`` policy);
 - ``after+ckpt``: this checkout with per-block activation checkpointing.
 
-The ``after`` arms apply ``train.memory.return_freed_memory()`` first, as ``train/run.py`` does.
+The ``after`` arms apply ``train.memory.return_freed_memory()`` first, as ``train/run.py --release-memory`` does.
 
 Arms alternate for ``--repeats`` rounds; the table prints medians (and the spread of step times).
 Peak RSS is robust to other load on the machine; step times are not (a shared machine adds time).

@@ -227,3 +227,15 @@ def test_activation_checkpointing_flag_under_ddp(packed_sample, tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+
+
+@pytest.mark.parametrize("flag,calls", [((), 0), (("--release-memory",), 1)])
+def test_release_memory_is_opt_in(monkeypatch, flag, calls):
+    """glibc's mmap policy costs page faults on every step, so only --release-memory applies it."""
+    from train import run as run_mod
+
+    seen = []
+    monkeypatch.setattr(run_mod, "return_freed_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(run_mod, "run", lambda args, info: 0)
+    assert run_mod.main(["--stage", "pretrain", "--data", "x", "--out", "y", "--device", "cpu", *flag]) == 0
+    assert len(seen) == calls
