@@ -27,10 +27,10 @@ class Row:
     measured: str = "carried"
 
 
-# the default --optimizer and --schedule of each stage. Muon won the equal-token sweep on pretrain (7.403 vs
-# 7.567 nats at 20 steps) but costs ~1.4x an AdamW step on CPU (bf16 Newton-Schulz); AdamW stays the default
-# until bench/learning.py's equal-wall-clock comparison (run on a quiet machine) decides.
-OPTIMIZER = {"pretrain": "adamw", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw",
+# the default --optimizer and --schedule of each stage. Pretraining: Muon, chosen by bench/learning.py at
+# equal wall-clock (train.sh's model, 8 x 512, 2 quiet cores: 6.843 vs AdamW's 7.032 nats held out; a Muon
+# step costs 1.07x an AdamW step there); fine-tuning stages keep AdamW (the sweep: SFT on Muon was behind).
+OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw",
              "grpo": "adamw"}
 SCHEDULE = "cosine"
 
