@@ -67,7 +67,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A1
 
 class NonFiniteError(TinyLMError):
     """Training produced a nan/inf loss, gradient norm or weights; the message names the step and the
-    last good checkpoint."""
+    last good checkpoint. ``agreed``: every rank raised it at the same step (an all-reduced decision)."""
+
+    agreed = False
 
 
 @dataclass(frozen=True)
@@ -306,13 +308,12 @@ def skip_or_stop(state: TrainState, problem: str, cfg: LoopConfig, info: DistInf
         logger.log(record)
     if stop:
         allowed = f" ({cfg.skip_nonfinite} skip(s) allowed, all used)" if cfg.skip_nonfinite else ""
-        # every rank took this decision at this step (the flag is all-reduced): meet once more, so that all
-        # ranks print their line together, before the first exit makes torchrun stop the others
-        dist.barrier()
-        raise NonFiniteError(
+        error = NonFiniteError(
             f"step {state.step + 1}: non-finite {problem}; the update was not applied{allowed}; "
             f"{last_good(out)} (resume from it with --resume, e.g. with a lower --lr, or let up to N "
             "such steps be skipped with --skip-nonfinite N)")
+        error.agreed = True  # the flag was all-reduced: every rank stops here (train/run.py main meets them)
+        raise error
     if info.is_main:
         bar.write(f"step {state.step + 1}: non-finite {problem}: update skipped "
                   f"({state.nonfinite_skipped}/{cfg.skip_nonfinite} allowed)")

@@ -60,7 +60,7 @@ from train.checkpoint import (  # noqa: E402
     TokenizerRecord,
 )
 from train.data import PackedDataset, Split  # noqa: E402
-from train.loop import LoopConfig, TrainState, resolve_dtype, train  # noqa: E402
+from train.loop import LoopConfig, NonFiniteError, TrainState, resolve_dtype, train  # noqa: E402
 from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
 from train.optim import OPTIMIZERS  # noqa: E402
@@ -710,8 +710,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.release_memory:
         return_freed_memory()
     info = dist.setup(args.device)
+    agreed: list[NonFiniteError] = []
+
+    def body() -> int | None:
+        try:
+            return run(args, info)
+        except NonFiniteError as e:
+            if e.agreed:
+                agreed.append(e)
+            raise
+
     try:
-        return run_main("train/run.py", lambda: run(args, info))
+        code = run_main("train/run.py", body)
+        if agreed:  # every rank stops on this error and has printed its line: meet before the first exit,
+            dist.barrier()  # which makes torchrun stop the others (a line could be lost otherwise)
+        return code
     finally:
         dist.cleanup()
 
