@@ -24,6 +24,7 @@ Numbers depend on the machine and on what else runs on it.
 from __future__ import annotations
 
 import argparse
+import copy
 import http.client
 import json
 import os
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,9 @@ from model.export_hf import export_hf  # noqa: E402
 from model.generate import generate_batch  # noqa: E402
 from serve.export import tokenizer_files  # noqa: E402
 from train.checkpoint import Checkpoint  # noqa: E402
+
+OURS, OURS_BF16 = "tinylm, KV cache", "tinylm, bf16 matmuls"
+THEIRS, THEIRS_BF16 = "transformers generate (cache)", "transformers, bf16 weights"
 
 
 def clock(kind: str) -> Callable[[], float]:
@@ -81,20 +86,25 @@ def hf_model(model: TinyLM, info: TokenizerInfo, folder: Path):
 def decode_arms(model: TinyLM, hf, args: argparse.Namespace) -> dict[str, Callable[[list[list[int]], int], object]]:
     """name -> run(prompts, new_tokens): greedy, no stop token, exactly new_tokens tokens per row."""
     arms: dict[str, Callable[[list[list[int]], int], object]] = {
-        "tinylm, KV cache": lambda p, n: generate_batch(model, p, max_new_tokens=n)}
+        OURS: lambda p, n: generate_batch(model, p, max_new_tokens=n)}
     if args.no_cache_arm:
         arms["tinylm, no cache"] = lambda p, n: generate_batch(model, p, max_new_tokens=n, use_cache=False)
     if args.bf16_arm:
-        arms["tinylm, bf16 matmuls"] = lambda p, n: generate_batch(model, p, max_new_tokens=n,
+        arms[OURS_BF16] = lambda p, n: generate_batch(model, p, max_new_tokens=n,
                                                                     matmul_dtype=torch.bfloat16)
     if hf is not None:
-        def run_hf(prompts: list[list[int]], n: int) -> None:
-            ids = torch.tensor(prompts)
-            with torch.inference_mode():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
-        arms["transformers generate (cache)"] = run_hf
+        arms[THEIRS] = partial(run_hf, hf)
+        if args.bf16_arm:  # the like-for-like peer of bf16 matmuls: transformers with its weights in bf16
+            arms[THEIRS_BF16] = partial(run_hf, copy.deepcopy(hf).to(torch.bfloat16))
     return arms
+
+
+def run_hf(hf, prompts: list[list[int]], n: int) -> None:
+    """transformers' greedy ``generate`` of exactly ``n`` new tokens per row, with its KV cache."""
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
 
 
 def bench_decode(model: TinyLM, info: TokenizerInfo, args: argparse.Namespace,
@@ -121,16 +131,18 @@ def bench_decode(model: TinyLM, info: TokenizerInfo, args: argparse.Namespace,
 
 
 def print_decode_table(rates: dict[int, dict[str, float]]) -> None:
+    """tok/s per arm, then tinylm / transformers in float32 and, with both bf16 arms, in bf16."""
     names = list(next(iter(rates.values())))
-    ours, theirs = "tinylm, KV cache", "transformers generate (cache)"
-    ratio = theirs in names
-    print("| batch | " + " | ".join(names) + (" | tinylm / transformers |" if ratio else " |"))
-    print("|------:|" + "|".join("-" * (len(n) + 1) + ":" for n in names) + ("|----------------------:|"
-                                                                              if ratio else "|"))
+    pairs = [(title, a, b) for title, a, b in (("tinylm / transformers", OURS, THEIRS),
+                                               ("bf16: tinylm / transformers", OURS_BF16, THEIRS_BF16))
+             if a in names and b in names]
+    heads = names + [title for title, _, _ in pairs]
+    print("| batch | " + " | ".join(heads) + " |")
+    print("|------:|" + "|".join("-" * (len(n) + 1) + ":" for n in heads) + "|")
     for batch, row in rates.items():
-        cells = " | ".join(f"{row[n]:>{len(n)}.1f}" for n in names)
-        tail = f" | {row[ours] / row[theirs]:>20.2f}x |" if ratio else " |"
-        print(f"| {batch:>5} | {cells}{tail}")
+        cells = [f"{row[n]:>{len(n)}.1f}" for n in names]
+        cells += [f"{row[a] / row[b]:>{len(title) - 1}.2f}x" for title, a, b in pairs]
+        print(f"| {batch:>5} | " + " | ".join(cells) + " |")
 
 
 def bench_server(ckpt: Path, args: argparse.Namespace) -> dict:
@@ -196,7 +208,8 @@ def main() -> int:
                    help="wall time, or this thread's CPU time (robust on a loaded machine; with --threads 1)")
     p.add_argument("--no-cache-arm", action="store_true", help="also time tinylm without the KV cache")
     p.add_argument("--bf16-arm", action="store_true",
-                   help="also time tinylm with bfloat16 decode matmuls (Generation(matmul_dtype=torch.bfloat16))")
+                   help="also time tinylm with bfloat16 decode matmuls (Generation(matmul_dtype=torch.bfloat16)) and "
+                        "transformers with its weights in bfloat16")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     p.add_argument("--clients", type=int, default=8, help="concurrent server clients (default 8)")

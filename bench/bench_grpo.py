@@ -10,9 +10,10 @@ GSM8K sample) with the gsm8k + format rewards, from --ckpt or from a random mode
 temporary folder, and reads metrics.jsonl: per step ``rollout_s`` (batched KV-cache generation of P x G
 completions, scoring and advantages), ``train_s`` (forward + backward + optimizer step over the same
 completions), ``rollout_tokens_per_s`` and ``completion_len``. The table shows the median over the steps
-after the first (warm-up). A random model rarely stops, so its completions run to --max-new-tokens: the
-generation share is an upper bound for a trained model that answers briefly. Numbers depend on the machine
-and on what else runs on it; the generation share is a ratio measured in one process.
+after the first (warm-up), one row per --rollout-dtypes arm (float32; bfloat16 decode matmuls).
+A random model rarely stops, so its completions run to --max-new-tokens: the generation share is an upper
+bound for a trained model that answers briefly. Numbers depend on the machine and on what else runs on it;
+the generation share is a ratio measured in one process.
 """
 
 from __future__ import annotations
@@ -49,21 +50,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--rollout-dtypes", default="float32,bfloat16",
+                   help="comma-separated --rollout-dtype arms, one run each (default float32,bfloat16)")
     return p.parse_args()
 
 
-def run(args: argparse.Namespace, tmp: Path) -> list[dict]:
+def run(args: argparse.Namespace, tmp: Path, rollout_dtype: str) -> list[dict]:
     init = args.ckpt
     if init is None:
         torch.manual_seed(0)
         init = str(tmp / "init")
         Checkpoint.of(TinyLM(ModelConfig.from_preset(args.model)), load_tokenizer(), stage="sft").save(init)
-    out = tmp / "run"
+    out = tmp / f"run-{rollout_dtype}"
     code = train_main(["--stage", "grpo", "--prompts", args.prompts, "--init-from", init, "--out", str(out),
                        "--reward", "gsm8k", "--reward", "format@0.5", "--group-size", str(args.group_size),
                        "--prompts-per-step", str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens),
                        "--grad-accum", str(args.grad_accum), "--max-steps", str(args.steps), "--log-every", "1",
-                       "--save-every", "0", "--no-progress"])
+                       "--save-every", "0", "--no-progress", "--rollout-dtype", rollout_dtype])
     if code != 0:
         raise SystemExit(code)
     return [r for r in read_metrics(out) if "rollout_s" in r]
@@ -73,18 +76,23 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-grpo-") as tmp:
-        records = run(args, Path(tmp))
-    timed = records[1:] or records
-    med = {k: statistics.median(r[k] for r in timed) for k in KEYS}
-    step = med["rollout_s"] + med["train_s"]
+        for dtype in args.rollout_dtypes.split(","):
+            records = run(args, Path(tmp), dtype)
+            timed = records[1:] or records
+            rows[dtype] = {k: statistics.median(r[k] for r in timed) for k in KEYS}
     print(f"\nRL step split ({args.ckpt or args.model + ' random'}, {args.prompts_per_step} prompts x "
           f"{args.group_size} samples, <= {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
           f"median of {len(timed)} step(s))")
-    print("| completions/step | completion_len | rollout_s | train_s | generation share | rollout tok/s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.prompts_per_step * args.group_size} | {med['completion_len']:.1f} | {med['rollout_s']:.2f} | "
-          f"{med['train_s']:.2f} | {100 * med['rollout_s'] / step:.0f}% | {med['rollout_tokens_per_s']:.0f} |")
+    print("| --rollout-dtype | completions/step | completion_len | rollout_s | train_s | generation share | "
+          "rollout tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for dtype, med in rows.items():
+        step = med["rollout_s"] + med["train_s"]
+        print(f"| {dtype} | {args.prompts_per_step * args.group_size} | {med['completion_len']:.1f} | "
+              f"{med['rollout_s']:.2f} | {med['train_s']:.2f} | {100 * med['rollout_s'] / step:.0f}% | "
+              f"{med['rollout_tokens_per_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -316,6 +316,23 @@ def test_resume_samples_the_same_completions(prompts, init, tmp_path):
         assert {k: a[step][k] for k in DETERMINISTIC} == {k: b[step][k] for k in DETERMINISTIC}, step
 
 
+def test_bf16_rollouts_resume_exactly_and_sample_other_tokens(prompts, init, tmp_path):
+    """--rollout-dtype bfloat16: the decode products run in bf16 (other tokens than float32 rollouts draw),
+    still exactly resumable, and a resumed run must keep it."""
+    common = ("--max-steps", "4", "--rollout-temperature", "1.5")
+    f32, whole, parts = tmp_path / "f32", tmp_path / "whole", tmp_path / "parts"
+    assert main(rl_args(prompts, init, f32, *common)) == 0
+    assert main(rl_args(prompts, init, whole, *common, "--rollout-dtype", "bfloat16")) == 0
+    assert main(rl_args(prompts, init, parts, *common, "--rollout-dtype", "bfloat16", "--stop-after", "2")) == 0
+    assert main(rl_args(prompts, init, parts, *common, "--rollout-dtype", "bfloat16", "--resume")) == 0
+    a, b, c = steps_of(whole), steps_of(parts), steps_of(f32)
+    assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3, 4]
+    for step in a:
+        assert {k: a[step][k] for k in DETERMINISTIC} == {k: b[step][k] for k in DETERMINISTIC}, step
+    assert any(a[s]["loss"] != c[s]["loss"] for s in a)  # bf16 products: other samples than float32 ones
+    assert checkpoint.load(parts).stage_options["rollout_dtype"] == "bfloat16"
+
+
 def test_resume_refuses_other_rl_options(prompts, init, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(rl_args(prompts, init, out, "--max-steps", "2", "--stop-after", "1")) == 0

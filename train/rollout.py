@@ -108,6 +108,7 @@ class RolloutConfig:
     scale_rewards: str = "group"
     mask_truncated: bool = False
     seed: int = 0
+    matmul_dtype: torch.dtype | None = None  # Generation(matmul_dtype=...): None = the model's precision
 
     @property
     def samples(self) -> int:
@@ -137,7 +138,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], seeds: Sequence
              stop_id: int, greedy: bool = False) -> Completions:
     """One batched KV-cache generation (eval mode, inference mode) stopping at ``stop_id``."""
     gen = Generation(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
-                     top_k=cfg.top_k, stop_ids=[stop_id], seeds=None if greedy else seeds)
+                     top_k=cfg.top_k, stop_ids=[stop_id], seeds=None if greedy else seeds,
+                     matmul_dtype=cfg.matmul_dtype)
     tokens = gen.run()  # stops matched on the device, host reads every few steps only
     return Completions(tokens, [r == FINISH_LENGTH for r in gen.finish_reasons])
 

@@ -73,7 +73,7 @@ STAGE_FLAGS = {"beta": "--beta", "online_ref": "--online-ref", "ref_from": "--re
                "alpha": "--alpha", "temperature": "--temperature"}
 RL_FLAGS = ("reward", "group_size", "prompts_per_step", "max_new_tokens", "rollout_temperature", "rollout_top_k",
             "loss", "rollout_reuse", "epsilon", "epsilon_high", "kl_coef", "scale_rewards", "mask_truncated",
-            "eval_prompts", "pass_k", "success_threshold")
+            "eval_prompts", "pass_k", "success_threshold", "rollout_dtype")
 STAGE_FLAGS.update({dest: "--" + dest.replace("_", "-") for dest in RL_FLAGS})
 LORA_FLAGS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "merge": "--merge"}
 
@@ -268,6 +268,10 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="completion length limit (default 256)")
     g.add_argument("--rollout-temperature", type=float, metavar="T", help="sampling temperature (default 1.0)")
     g.add_argument("--rollout-top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
+    g.add_argument("--rollout-dtype", choices=("float32", "bfloat16"),
+                   help="precision of the rollouts' decode matmuls: float32 (the model's, default) or bfloat16 "
+                        "(AMX / AVX512-BF16 CPUs and GPUs: ~2x faster on CPU; tokens of a bf16-rounded policy, "
+                        "while log-probs and the loss stay float32)")
     g.add_argument("--loss", choices=("dapo", "dr_grpo", "grpo", "cispo"),
                    help="dapo: token-level over the step (default); grpo: per-sequence mean; dr_grpo: / (S x "
                         "max-new-tokens); cispo: clipped IS weight (detached) x log-prob")
