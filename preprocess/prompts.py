@@ -1,12 +1,14 @@
 """Prompt records for reinforcement learning and prompt evaluation (``--prompts FILE.jsonl``).
 
 A record is any chat / reasoning record: ``{"conversations": [turns], ...}`` validated exactly as
-``pack.py`` validates conversations (:func:`preprocess.records.parse_turns`), except that it may end
-with a user turn. A final assistant turn is not shown to the model: its content becomes the
-``reference`` column (a record that also has its own ``reference`` field is refused: one of the two
-would be lost). Every other field of the record is a column, handed unchanged to reward functions.
-After dropping the answer the conversation must end with a user turn. Every failure is one
-:class:`~preprocess.records.RecordError` naming ``file:line: field``; nothing is skipped.
+``pack.py`` validates conversations (:func:`preprocess.records.parse_turns`), except that it may end with a
+user turn; or the shorthand ``{"prompt": "...", "system": "..."}`` (``system`` optional): one user turn
+after an optional system turn, each content checked as pack checks contents. A final assistant turn is not
+shown to the model: its content becomes the ``reference`` column (a record that also has its own
+``reference`` field is refused: one of the two would be lost). Every other field of the record is a column,
+handed unchanged to reward functions. After dropping the answer the conversation must end with a user turn.
+Every failure is one :class:`~preprocess.records.RecordError` naming ``file:line: field``; nothing is
+skipped.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.records import RecordError, _refuse_richer_schema, decode_payload, parse_turns
+from preprocess.records import RecordError, _content, _refuse_richer_schema, decode_payload, parse_turns
 from preprocess.sources import InputError, SourceSpec, iter_items
 
 PROMPT_KEY = "conversations"
+SHORTHAND, SYSTEM = "prompt", "system"
 REFERENCE = "reference"
 
 
@@ -35,6 +38,14 @@ class Prompt:
 def parse_prompt(obj: dict) -> tuple[list[dict], dict[str, Any]]:
     """(turns ending with a user turn, columns) of one decoded record; RecordError names the field."""
     _refuse_richer_schema(obj, "")
+    if PROMPT_KEY not in obj and SHORTHAND in obj:
+        turns = [{"role": "user", "content": _content(obj[SHORTHAND], SHORTHAND)}]
+        if obj.get(SYSTEM) is not None:
+            turns.insert(0, {"role": "system", "content": _content(obj[SYSTEM], SYSTEM)})
+        return turns, {k: v for k, v in obj.items() if k not in (SHORTHAND, SYSTEM)}
+    if PROMPT_KEY not in obj and "messages" not in obj:
+        raise RecordError("missing_field", "missing: a prompt record has a 'conversations' list or a 'prompt' "
+                          "string", PROMPT_KEY)
     turns = parse_turns(obj, PROMPT_KEY, final="any")
     columns = {k: v for k, v in obj.items() if k != PROMPT_KEY}
     if turns[-1]["role"] == "assistant":

@@ -8,10 +8,11 @@ Cross-entropy stages (pretrain, sft, reason) give ``loss`` (nats per supervised 
 mask), ``perplexity = exp(loss)``, ``bpb`` (bits per UTF-8 byte of the supervised tokens) and
 ``tokens``; dpo gives the DPO loss, margin and accuracy against a reference model.
 
-Prompts: each JSONL line is ``{"prompt": str, "system"?: str}`` or ``{"conversations" | "messages":
-[{role, content}, ...]}`` (a final assistant turn is kept as ``reference`` and not shown to the model);
-answers are generated (greedy by default) and written, one line per prompt, to a JSONL file that
-appears only when complete. Each evaluation appends one JSON line to the results file.
+Prompts (``preprocess/prompts.py``, the reader the RL stage uses): each record is ``{"prompt": str,
+"system"?: str}`` or ``{"conversations": [{role, content}, ...]}`` (a final assistant turn is kept as
+``reference`` and not shown to the model), JSONL / .jsonl.zst / Parquet; answers are generated (greedy by
+default) and written, one line per prompt, to a JSONL file that appears only when complete. Each evaluation
+appends one JSON line to the results file.
 
 Rewards (``--prompts FILE --reward SPEC``): instead of answers, the prompts (RL prompt records,
 ``preprocess/prompts.py``) are scored as the RL stage's ``--eval-prompts`` evaluation scores them, with the
@@ -36,11 +37,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from core.chat_template import ROLES
 from core.files import append_line, atomic_write_text, check_file_target
 from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
+from preprocess.prompts import REFERENCE, read_prompts
 from serve.loading import LoadedModel, ToolError
 from train.data import PackedDataset, Split
 from train.loop import evaluate
@@ -156,47 +157,6 @@ def _recorded_reference(loaded: LoadedModel) -> str | None:
 
 # ---- prompts -------------------------------------------------------------------------------------------
 
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """``[{"turns": [...], "reference": str | None}]`` from a prompts JSONL (ToolError names line and field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToolError(f"{path}: no such prompts file")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ToolError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ToolError(f"{where}: expected a JSON object")
-        reference = None
-        if isinstance(record.get("prompt"), str):
-            turns = [{"role": "user", "content": record["prompt"]}]
-            if isinstance(record.get("system"), str):
-                turns.insert(0, {"role": "system", "content": record["system"]})
-        else:
-            key = next((k for k in ("conversations", "messages") if k in record), None)
-            if key is None:
-                raise ToolError(f"{where}: needs a 'prompt' string or a 'conversations' / 'messages' list")
-            turns = record[key]
-            if not isinstance(turns, list) or not turns or not all(
-                    isinstance(t, dict) and t.get("role") in ROLES and isinstance(t.get("content"), str)
-                    for t in turns):
-                raise ToolError(f"{where}: field {key!r}: expected a list of {{role: system|user|assistant, "
-                                "content: string}}")
-            if turns[-1]["role"] == "assistant":
-                reference, turns = turns[-1]["content"], turns[:-1]
-            if not turns or turns[-1]["role"] != "user":
-                raise ToolError(f"{where}: field {key!r}: the conversation must end with a user turn")
-        out.append({"turns": turns, "reference": reference})
-    if not out:
-        raise ToolError(f"{path}: no prompts in this file")
-    return out
-
-
 def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path, device: torch.device,
                    max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                    quiet: bool = False) -> dict[str, Any]:
@@ -208,14 +168,14 @@ def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path,
     generator = torch.Generator(device=device).manual_seed(seed)
     lines, new_tokens, started = [], 0, time.perf_counter()
     for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
-        ids = prompt_ids(info, p["turns"])
+        ids = prompt_ids(info, p.turns)
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        generator=generator)
         new_tokens += len(out)
-        record = {"conversations": p["turns"], "answer": info.tokenizer.decode(out, skip_special_tokens=True).strip(),
+        record = {"conversations": p.turns, "answer": info.tokenizer.decode(out, skip_special_tokens=True).strip(),
                   "answer_tokens": len(out)}
-        if p["reference"] is not None:
-            record["reference"] = p["reference"]
+        if p.columns.get(REFERENCE) is not None:
+            record["reference"] = p.columns[REFERENCE]
         lines.append(json.dumps(record, ensure_ascii=False))
     atomic_write_text(check_file_target(answers, "answers file"), "".join(line + "\n" for line in lines))
     return {"prompts": str(prompts_file), "answers": str(answers), "n_prompts": len(prompts),

@@ -18,7 +18,8 @@ from core.chat_template import render_text
 from core.errors import TinyLMError
 from core.tokenizer import encode_chat, prompt_ids
 from model.generate import generate
-from serve.evaluate import DataOptions, append_result, held_out_metrics, read_prompts, run_eval
+from preprocess.prompts import read_prompts
+from serve.evaluate import DataOptions, append_result, held_out_metrics, run_eval
 from serve.loading import ToolError, load_model
 from train.metrics import token_byte_lengths
 
@@ -133,12 +134,25 @@ def test_cli_answers_and_appends_results(trained, tmp_path):
 def test_errors_name_the_file_and_write_nothing(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(ToolError, match=rf"{bad}:2: not valid JSON"):
+    with pytest.raises(TinyLMError) as info:  # the one prompt reader, RL's: pack's messages
         read_prompts(bad)
+    assert str(info.value) == f"{bad}:2: invalid JSON: Expecting value at column 12"
     bad.write_text('{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
                    ' {"role": "assistant", "content": "c"}]}\n')
-    with pytest.raises(ToolError, match=rf"{bad}:1: field 'conversations': the conversation must end with a user"):
+    with pytest.raises(TinyLMError, match=rf"{bad}:1: field 'conversations\[2\]\.role': expected 'user'"):
         read_prompts(bad)
+    for line, message in (('{"prompt": 3}', "field 'prompt': expected a string, got int"),
+                          ('{"prompt": "q", "system": " "}', "field 'system': empty"),
+                          ('{"question": "q"}', "field 'conversations': missing: a prompt record has a "
+                                                "'conversations' list or a 'prompt' string")):
+        bad.write_text(line + "\n")
+        with pytest.raises(TinyLMError) as info:
+            read_prompts(bad)
+        assert str(info.value) == f"{bad}:1: {message}"
+    bad.write_text('{"prompt": "q", "system": "s", "level": 2}\n')
+    (only,) = read_prompts(bad)
+    assert only.turns == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert only.columns == {"level": 2}
     results = tmp_path / "r.jsonl"
     with pytest.raises(ToolError, match=r"missing.jsonl: no such data file"):
         run_eval(trained, [str(tmp_path / "missing.jsonl")], DataOptions("sft", 64), None, None, results, CPU)
