@@ -281,9 +281,9 @@ def prepare_out(opts: PackOptions, fingerprint: str, tok: TokenizerInfo,
     return done, None
 
 
-def chunks(items: Iterator[Item], records: int, size: int) -> Iterator[list[Item]]:
+def chunks(items: Iterator[Item], records: int, size: float = float("inf")) -> Iterator[list[Item]]:
     """``items`` in consecutive batches of at most ``records`` items, each closed as soon as its JSONL
-    lines hold ``size`` bytes or more (Parquet rows count by number only).
+    lines hold ``size`` bytes or more (Parquet rows count by number only; no ``size``: by number only).
 
     Tokenizing costs about the same per byte, so chunks of equal bytes take the workers equally long: a
     run of long records (the first lines of a mix, say) is not one chunk that keeps the in-order consumer,

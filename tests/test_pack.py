@@ -102,6 +102,7 @@ def test_chunks_close_at_the_record_count_or_the_byte_size():
     batches = list(pack.chunks(iter(items), 3, 25))
     assert [len(b) for b in batches] == [2, 3, 2, 3, 1]
     assert [i for b in batches for i in b] == items
+    assert [len(b) for b in pack.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
 
 
 def test_output_identical_for_any_chunking(tmp_path, monkeypatch):
