@@ -23,7 +23,6 @@ import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -191,17 +190,15 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
     ``tok.known_pieces`` without tokenizing.
 
     ``encode_batch_fast`` gives the ids of ``encode_batch`` without computing character offsets (unused
-    here). Each piece's ids (known or encoded) are put in piece order and flattened once into a C ``array``
-    (no per-token Python work but the ids lists the tokenizer returns). Weights: 0 on unsupervised
-    pieces, 1 on supervised ones, ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
+    here). One pass over the pieces sorts them into known ones and the indices to encode per kind; each
+    piece's ids are then appended in piece order to one C ``array`` (``fromlist``: no per-token Python work
+    but the ids lists the tokenizer returns). Weights: 0 on unsupervised pieces, 1 on supervised ones,
+    ``tag_weight`` on supervised CONTROL reasoning tags (only structural tags).
     """
     pieces = [p for doc in docs for p in doc]
-    ids_of: list[list[int] | None] = [tok.known_pieces.get(p) for p in pieces]
-    unknown = sorted({p.text for p, f in zip(pieces, ids_of, strict=True) if f is None and p.kind == CONTROL})
-    if unknown:  # a caller bug: render_pieces(tags=tok.structural_tags) never does this
-        raise ValueError(f"{tok.path}: {unknown} are not single-id control tokens of this tokenizer")
+    ids_of, to_encode = _known_ids(tok, pieces)
     for kind, encoder in ((TEXT, tok.literal), (PARSED, tok.tokenizer)):
-        where = [i for i, (p, f) in enumerate(zip(pieces, ids_of, strict=True)) if f is None and p.kind == kind]
+        where = to_encode[kind]
         if where:
             texts = [pieces[i].text for i in where]
             try:
@@ -210,7 +207,10 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
                 raise _refused(encoder, docs, np.array(where), texts) from None
             for i, e in zip(where, encoded, strict=True):
                 ids_of[i] = e.ids
-    ids = np.frombuffer(array(_U32, chain.from_iterable(ids_of)), dtype=np.uint32)
+    flat = array(_U32)
+    for piece_ids in ids_of:
+        flat.fromlist(piece_ids)
+    ids = np.frombuffer(flat, dtype=np.uint32)
     lens = np.fromiter(map(len, ids_of), dtype=np.int64, count=len(ids_of))
     weights = np.repeat(np.fromiter((p.supervised for p in pieces), dtype=np.uint8, count=len(pieces)), lens)
     if tag_weight != 1:
@@ -220,6 +220,22 @@ def encode_documents(tok: TokenizerInfo, docs: Sequence[Sequence[Piece]], tag_we
     ends = np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)))  # piece index per doc end
     doc_lens = np.diff(np.concatenate([[0], np.cumsum(lens)])[ends], prepend=0)
     return Encoded(ids, weights, doc_lens)
+
+
+def _known_ids(tok: TokenizerInfo, pieces: list[Piece]) -> tuple[list, dict[str, list[int]]]:
+    """(per piece: its ids when ``tok.known_pieces`` has them, else None; the indices of the other
+    pieces by kind, TEXT and PARSED). A CONTROL piece that is not a single id is a caller bug (ValueError):
+    ``render_pieces(tags=tok.structural_tags)`` never makes one."""
+    get = tok.known_pieces.get
+    ids_of = [get(p) for p in pieces]
+    to_encode: dict[str, list[int]] = {TEXT: [], PARSED: [], CONTROL: []}
+    for i, ids in enumerate(ids_of):
+        if ids is None:
+            to_encode[pieces[i].kind].append(i)
+    if to_encode[CONTROL]:
+        unknown = sorted({pieces[i].text for i in to_encode[CONTROL]})
+        raise ValueError(f"{tok.path}: {unknown} are not single-id control tokens of this tokenizer")
+    return ids_of, to_encode
 
 
 def _refused(encoder: Tokenizer, docs: Sequence[Sequence[Piece]], where: np.ndarray, texts: list[str]) -> TextRefused:

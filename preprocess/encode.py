@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece, render_pieces
-from core.tokenizer import Encoded, TextRefused, TokenizerInfo, encode_documents, load_tokenizer
+from core.tokenizer import Encoded, TextRefused, TokenizerInfo, encode_documents
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, Pair, RecordError, parse_record
 from preprocess.sources import Item
 
@@ -166,14 +166,16 @@ def _fit_overlong(chunk: EncodedChunk, opts: EncodeOptions) -> None:
     chunk.doc_lens = np.array(kept_lens, dtype=np.int64)
 
 
-# Worker-process plumbing: each worker loads the tokenizer once.
+# Worker-process plumbing: each worker keeps the tokenizer it was started with.
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_path: str, opts: EncodeOptions, single_threaded: bool) -> None:
+def init_worker(tok: TokenizerInfo, opts: EncodeOptions, single_threaded: bool) -> None:
+    """Set up a worker process with the main process's loaded (and checked) tokenizer: a forked worker
+    inherits it at no cost, a spawned one receives it pickled; either way it is not loaded again."""
     if single_threaded:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = load_tokenizer(tokenizer_path)
+    _WORKER["tok"] = tok
     _WORKER["opts"] = opts
 
 

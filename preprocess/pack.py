@@ -27,13 +27,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # pack.py does no linear algebra: numpy's OpenBLAS would start (and spin) a thread
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # per core at import, ~40 ms of CPU for nothing
 
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import FolderLock, atomic_write_json, is_temp_file, read_json  # noqa: E402
@@ -63,7 +65,8 @@ from preprocess.sources import (  # noqa: E402
 )
 
 STATE_FILE = ".pack_state.json"
-CHUNK_RECORDS = 512
+CHUNK_RECORDS = 512  # a chunk (the work one worker takes at a time) holds at most this many records
+CHUNK_BYTES = 128 << 10  # and closes once its lines hold this many bytes, so chunks cost about the same
 WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
 
 
@@ -278,8 +281,23 @@ def prepare_out(opts: PackOptions, fingerprint: str, tok: TokenizerInfo,
     return done, None
 
 
-def chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
-    while batch := list(itertools.islice(items, size)):
+def chunks(items: Iterator[Item], records: int, size: float = float("inf")) -> Iterator[list[Item]]:
+    """``items`` in consecutive batches of at most ``records`` items, each closed as soon as its JSONL
+    lines hold ``size`` bytes or more (Parquet rows count by number only; no ``size``: by number only).
+
+    Tokenizing costs about the same per byte, so chunks of equal bytes take the workers equally long: a
+    run of long records (the first lines of a mix, say) is not one chunk that keeps the in-order consumer,
+    and with it every other worker, waiting. The output does not depend on where chunks end."""
+    batch: list[Item] = []
+    held = 0
+    for item in items:
+        batch.append(item)
+        if isinstance(item.payload, bytes):
+            held += len(item.payload)
+        if held >= size or len(batch) == records:
+            yield batch
+            batch, held = [], 0
+    if batch:
         yield batch
 
 
@@ -414,16 +432,16 @@ def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, it
                    workers: int) -> Iterator[EncodedChunk]:
     """Encoded chunks in input order; several workers go through :func:`preprocess.parallel.pool_map` (at
     most ``2 x workers`` chunks in flight; a worker that dies is a PackError naming the records it held)."""
-    batches = chunks(items, CHUNK_RECORDS)
+    batches = chunks(items, CHUNK_RECORDS, CHUNK_BYTES)
     if workers == 1:
         yield from (encode_items(b, enc, tok) for b in batches)
         return
 
     def died(first: Item) -> PackError:
         return PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding the "
-                         f"{CHUNK_RECORDS} records from {first.source}:{first.line} on; lower --workers or "
+                         f"chunk of records from {first.source}:{first.line} on; lower --workers or "
                          "--max-record-chars and re-run to resume")
-    yield from pool_map(encode_in_worker, batches, workers, init_worker, (str(tok.path), enc, True), died)
+    yield from pool_map(encode_in_worker, batches, workers, init_worker, (tok, enc, True), died)
 
 
 def check_has_rows(opts: PackOptions, counts: dict) -> None:
@@ -535,6 +553,29 @@ def pack(options: PackOptions) -> PackResult:
     return result
 
 
+def progress_bar(opts: PackOptions, total: int, initial: int) -> AbstractContextManager:
+    """The tqdm bar of the records packed; with ``--quiet`` a stand-in that shows nothing, so tqdm (~60 ms
+    of imports) is imported only when a bar is shown."""
+    if opts.quiet:
+        return SilentBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="rec", desc=f"pack {opts.stage}", dynamic_ncols=True)
+
+
+class SilentBar(nullcontext):
+    """What ``--quiet`` shows: nothing (the calls :func:`_pack_rest` makes on a tqdm bar do nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(self)
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **values: object) -> None:
+        pass
+
+
 def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, fingerprint: str,
                done: list[dict], total_items: int, max_line: int, result: PackResult) -> None:
     """Encode and write every shard after ``done``, then meta.json (last); fills ``result``."""
@@ -545,8 +586,7 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
-    with tqdm(total=total_items, initial=records_before, unit="rec", disable=opts.quiet,
-              desc=f"pack {opts.stage}", dynamic_ncols=True) as bar:
+    with progress_bar(opts, total_items, records_before) as bar:
         for chunk in encoded_chunks(opts, enc, tok, items, worker_count(opts, result)):
             bad = None if r.skip_bad else next((e for e in chunk.errors if e is not None), None)
             if bad is not None:

@@ -4,6 +4,8 @@ overlong units, and a record the tokenizer refuses."""
 
 from __future__ import annotations
 
+import json
+import pickle
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from core.chat_template import ENDOFTEXT, IM_END, IM_START, REASONING_TAGS, rend
 from core.tokenizer import TextRefused, encode_chat
 from preprocess import encode, shards
 from preprocess.encode import DROPPED_NO_LOSS, DROPPED_OVERLONG, OK, TRUNCATED, fit_unit
+from preprocess.sources import Item
 
 # ---------------------------------------------------------------- loss masks
 
@@ -222,3 +225,18 @@ def test_record_the_tokenizer_refuses_is_a_bad_record(tmp_path, capsys, monkeypa
     rc, _, err = run(capsys, "--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--skip-bad")
     counts = shards.read_meta(tmp_path / "o")["counts"]
     assert rc == 0 and counts["skipped"] == {"tokenizer_refused": 1} and counts["records_kept"] == 2
+
+
+# ---------------------------------------------------------------- worker processes
+
+def test_a_worker_given_the_tokenizer_pickled_encodes_as_the_main_process(monkeypatch):
+    """What a worker started by spawn (not fork) receives: the main process's TokenizerInfo, pickled; it encodes
+    a chunk exactly as the main process does."""
+    items = [Item("a.jsonl", n, json.dumps(r, ensure_ascii=False).encode())
+             for n, r in enumerate(records("sft")[:20], 1)]
+    opts = encode.EncodeOptions("sft", 64)
+    monkeypatch.setattr(encode, "_WORKER", {})
+    encode.init_worker(pickle.loads(pickle.dumps(TOK)), opts, single_threaded=False)
+    there, here = encode.encode_in_worker(items), encode.encode_items(items, opts, TOK)
+    assert there.tokens.tolist() == here.tokens.tolist() and there.weights.tolist() == here.weights.tolist()
+    assert there.outcomes == here.outcomes and there.unit_docs == here.unit_docs and len(there.tokens) > 500

@@ -43,6 +43,7 @@ from core.chat_template import render_text
 from core.files import FolderLock
 from preprocess import encode, pack, shards
 from preprocess.records import parse_conversation
+from preprocess.sources import Item
 
 # ---------------------------------------------------------------- round trips
 
@@ -92,6 +93,32 @@ def test_output_identical_for_any_worker_count(tmp_path):
     run_pack(*args, "--out", str(tmp_path / "w2"), "--workers", "2")
     assert files_of(tmp_path / "w1") == files_of(tmp_path / "w2")
     assert len(shards.read_meta(tmp_path / "w1")["shards"]) > 2
+
+
+def test_chunks_close_at_the_record_count_or_the_byte_size():
+    sizes = [10, 20, 5, 5, 5, 5, 100]
+    items = [Item("a.jsonl", n, b"x" * size) for n, size in enumerate(sizes, 1)]
+    items += [Item("b.parquet", n, {"text": "y" * 100}) for n in range(1, 5)]  # rows count by number only
+    batches = list(pack.chunks(iter(items), 3, 25))
+    assert [len(b) for b in batches] == [2, 3, 2, 3, 1]
+    assert [i for b in batches for i in b] == items
+    assert [len(b) for b in pack.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
+
+
+def test_output_identical_for_any_chunking(tmp_path, monkeypatch):
+    src = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(GOOD), BAD_RECORDS["bad_unicode"][0], "not json", json.dumps(
+        {"conversations": [{"role": "user", "content": LONG_USER}, {"role": "assistant", "content": "好"}]})]
+    src.write_text("\n".join(lines * 5) + "\n")
+    args = ["--stage", "sft", "--input", str(SAMPLE / "sft" / "*.jsonl"), str(src), "--seq-len", "128",
+            "--shard-tokens", "30000", "--skip-bad"]
+    assert pack.main([*args, "--out", str(tmp_path / "default"), "--workers", "1", "--quiet"]) == 0
+    for name, per_chunk, size in (("one_each", 512, 1), ("seven", 7, 1 << 30)):
+        monkeypatch.setattr(pack, "CHUNK_RECORDS", per_chunk)
+        monkeypatch.setattr(pack, "CHUNK_BYTES", size)
+        assert pack.main([*args, "--out", str(tmp_path / name), "--workers", "1", "--quiet"]) == 0
+        assert files_of(tmp_path / name) == files_of(tmp_path / "default")
+    assert len(shards.read_meta(tmp_path / "default")["shards"]) > 2
 
 
 def test_resume_after_kill_is_byte_identical(tmp_path):
@@ -224,7 +251,7 @@ def test_workers_capped_at_usable_cores(tmp_path, capsys, monkeypatch):
 
 
 def _encode_or_die(items):
-    """A worker that is killed (as by the OOM killer) on the second pass over the file."""
+    """A worker that is killed (as by the OOM killer) on every chunk but one that ends the file's first pass."""
     if items[-1].line != 370:
         os.kill(os.getpid(), signal.SIGKILL)
     return encode.encode_in_worker(items)
@@ -233,12 +260,12 @@ def _encode_or_die(items):
 def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pack, "usable_cores", lambda: 2)
     monkeypatch.setattr(pack, "encode_in_worker", _encode_or_die)
-    src = SAMPLE / "sft" / "alpaca_zh_demo.jsonl"  # 370 records, twice: 512-record chunks end at lines 142, 370
+    src = SAMPLE / "sft" / "alpaca_zh_demo.jsonl"  # 370 records (247 kB), twice: the first 128 KiB chunk is killed
     out = tmp_path / "o"
     rc = pack.main(["--stage", "sft", "--input", f"{src}:2", "--out", str(out), "--workers", "2", "--quiet"])
     _, err = capsys.readouterr()
     assert rc == 1
-    one_line_error(err, "a tokenizer worker process died", "the 512 records from", f"{src}:1 on", "--workers")
+    one_line_error(err, "a tokenizer worker process died", "the chunk of records from", f"{src}:1 on", "--workers")
     assert_nothing_left(out)
 
 
