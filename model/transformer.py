@@ -5,7 +5,7 @@
                 x = x + dropout(mlp(.))                                  on post_attention_layernorm(x)
     logits = lm_head(norm(x)).float()
 
-RMSNorm is computed in fp32 and cast back before the weight multiply; RoPE uses the rotate-half
+RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE uses the rotate-half
 convention with cos/sin tables precomputed in fp32 exactly as transformers does and indexed by
 ``position_ids``. Generation passes a preallocated :class:`KVCache` (k/v written in place per layer)
 and, for left-padded batches, a key-padding ``attention_mask``; the training path (no cache, no
@@ -20,7 +20,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -36,6 +35,7 @@ from model.attention import (
 )
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.lean import rms_norm, swiglu_down
 
 
 class ModelOutput(NamedTuple):
@@ -52,7 +52,9 @@ class HeadInput(NamedTuple):
 
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32, cast back to x's dtype."""
+    """y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32 (fp64 for fp64 x), cast back to x's dtype.
+
+    Backward keeps x and the per-row rstd only (:func:`model.lean.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -60,9 +62,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -132,7 +132,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)).
+
+    Backward keeps gate_proj(x) and up_proj(x) only, not silu(gate) nor the product
+    (:func:`model.lean.swiglu_down`); the three projections stay separate ``nn.Linear`` s (state dict,
+    LoRA targets and export see the same modules)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -141,7 +145,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,143 @@
+"""Memory-lean autograd for the two biggest savers of activations: SwiGLU and RMSNorm.
+
+Plain autograd keeps, per SwiGLU ``down(silu(gate) * up)``, four [N, intermediate] tensors for backward
+(silu's input ``gate``, the product's operands ``silu(gate)`` and ``up``, and ``down``'s input
+``silu(gate) * up``), and per RMSNorm both its input and the normalised input. The Functions here keep
+only what backward cannot cheaply recompute and redo the cheap elementwise work in backward:
+
+- :func:`swiglu_down`: keeps ``gate`` and ``up`` (and ``down``'s weight); ``silu(gate) * up`` is recomputed
+  for ``down``'s weight gradient. When ``down`` is not a bias-free plain ``nn.Linear`` (a LoRA adapter),
+  only ``silu(gate) * up`` is a lean Function (keeping ``gate`` and ``up``) and ``down`` runs as itself.
+- :func:`rms_norm`: keeps the input and the per-row ``rstd`` [..., 1] (fp32, or fp64 for fp64 input);
+  the normalised input is recomputed from them.
+
+Forward values are bit-identical to the plain formulas (the same operations, in the same order and
+dtypes). The SwiGLU gradients use the same kernels autograd uses (``silu_backward``, the products and
+``mm`` s of ``MulBackward`` / ``MmBackward``); RMSNorm's input gradient is the closed form
+``rstd * (g_n - n * mean(g_n * n))`` (``n`` normalised, ``g_n`` its gradient, both in at least fp32),
+equal to autograd's to rounding. The normalisation runs in at least fp32: bf16 / fp16 inputs are upcast
+to fp32 (as before), fp64 inputs stay fp64 (they used to be rounded to fp32 here). Under autocast the
+SwiGLU operands arrive in the autocast dtype (the projections' outputs), and ``down``'s weight is cast
+to it outside the Function (a differentiable cast, as autocast's own).
+Without autograd (no grad mode, or nothing requires grad) the plain formulas run, with no Function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _swiglu_input_grads(grad_h: Tensor, gate: Tensor, up: Tensor, silu: Tensor,
+                        needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``h = silu(gate) * up`` w.r.t. gate and up, given dL/dh (autograd's own kernels)."""
+    grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if needs[0] else None
+    grad_up = grad_h * silu if needs[1] else None
+    return grad_gate, grad_up
+
+
+class _SiluMul(torch.autograd.Function):
+    """h = silu(gate) * up, keeping gate and up only."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_h: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gate, up = ctx.saved_tensors
+        return _swiglu_input_grads(grad_h, gate, up, F.silu(gate), ctx.needs_input_grad)
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """y = (silu(gate) * up) @ weight.T, keeping gate, up and weight; the product is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        gate, up, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        silu = F.silu(gate)
+        grad_weight = None
+        if needs[2]:  # as MmBackward: (h^T g)^T over the flattened positions
+            h = (silu * up).reshape(-1, up.shape[-1])
+            grad_weight = h.t().mm(grad_out.reshape(-1, grad_out.shape[-1])).t()
+        if not (needs[0] or needs[1]):
+            return None, None, grad_weight
+        grad_h = grad_out.reshape(-1, grad_out.shape[-1]).mm(weight).view(up.shape)
+        return (*_swiglu_input_grads(grad_h, gate, up, silu, needs), grad_weight)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``; under autograd keeps gate and up only (not silu(gate))."""
+    if not _needs_grad(gate, up):
+        return F.silu(gate) * up
+    return _SiluMul.apply(gate, up)
+
+
+def swiglu_down(gate: Tensor, up: Tensor, down: nn.Module) -> Tensor:
+    """``down(silu(gate) * up)``; under autograd keeps gate and up, never the [N, intermediate] product.
+
+    ``down`` fuses in when it is a bias-free plain ``nn.Linear``; any other module (a LoRA adapter) is
+    called on :func:`silu_mul`'s output.
+    """
+    if type(down) is not nn.Linear or down.bias is not None:
+        return down(silu_mul(gate, up))
+    if not _needs_grad(gate, up, down.weight):
+        return down(F.silu(gate) * up)
+    return _SwiGLUDown.apply(gate, up, down.weight.to(gate.dtype))
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """x in at least fp32 (bf16 / fp16 -> fp32; fp32 and fp64 unchanged)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / sqrt(mean(x^2) + eps), rstd [..., 1]), both computed in at least fp32."""
+    x32 = _upcast(x)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32 * rstd, rstd
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * normalised(x).to(x.dtype), keeping x, rstd and weight (not the normalised x)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        n32, rstd = _normalise(x, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * n32.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        n32 = _upcast(x) * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # as MulBackward: g * n, summed over the broadcast dims, weight's dtype
+            rows = grad_y * n32.to(x.dtype)
+            grad_weight = rows.sum(tuple(range(rows.dim() - 1))).to(weight.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None
+        grad_n = _upcast((grad_y * weight).to(x.dtype))
+        grad_x = rstd * (grad_n - n32 * (grad_n * n32).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in at least fp32 and cast back to x's dtype before the
+    weight multiply (so the result has the promoted dtype of weight and x); under autograd keeps x and rstd."""
+    if not _needs_grad(x, weight):
+        return weight * _normalise(x, eps)[0].to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps)
