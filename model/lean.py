@@ -10,6 +10,8 @@ only what backward cannot cheaply recompute and redo the cheap elementwise work 
   only ``silu(gate) * up`` is a lean Function (keeping ``gate`` and ``up``) and ``down`` runs as itself.
 - :func:`rms_norm`: keeps the input and the per-row ``rstd`` [..., 1] (fp32, or fp64 for fp64 input);
   the normalised input is recomputed from them.
+- :func:`norm_linear`: an RMSNorm and the projections that read it (q/k/v; gate/up) as one Function that
+  keeps x and rstd, not the normalised x the projections would otherwise keep for their weight gradients.
 
 Forward values are bit-identical to the plain formulas (the same operations, in the same order and
 dtypes). The SwiGLU gradients use the same kernels autograd uses (``silu_backward``, the products and
@@ -111,6 +113,25 @@ def _normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x32 * rstd, rstd
 
 
+def _rms_norm_grads(grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Tensor,
+                    needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``y = weight * n.to(x.dtype)``, ``n = x * rstd``, w.r.t. x and weight, from x and rstd.
+
+    dL/dx = rstd * (g_n - n * mean(g_n * n)) with g_n = dL/dn (in at least fp32); dL/dweight as MulBackward
+    computes it (g * n summed over the broadcast dims, in weight's dtype).
+    """
+    n32 = _upcast(x) * rstd
+    grad_weight = None
+    if needs[1]:
+        rows = grad_y * n32.to(x.dtype)
+        grad_weight = rows.sum(tuple(range(rows.dim() - 1))).to(weight.dtype)
+    if not needs[0]:
+        return None, grad_weight
+    grad_n = _upcast((grad_y * weight).to(x.dtype))
+    grad_x = rstd * (grad_n - n32 * (grad_n * n32).mean(-1, keepdim=True))
+    return grad_x.to(x.dtype), grad_weight
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight * normalised(x).to(x.dtype), keeping x, rstd and weight (not the normalised x)."""
 
@@ -123,16 +144,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
-        n32 = _upcast(x) * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:  # as MulBackward: g * n, summed over the broadcast dims, weight's dtype
-            rows = grad_y * n32.to(x.dtype)
-            grad_weight = rows.sum(tuple(range(rows.dim() - 1))).to(weight.dtype)
-        if not ctx.needs_input_grad[0]:
-            return None, grad_weight, None
-        grad_n = _upcast((grad_y * weight).to(x.dtype))
-        grad_x = rstd * (grad_n - n32 * (grad_n * n32).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
+        return (*_rms_norm_grads(grad_y, x, rstd, weight, ctx.needs_input_grad[:2]), None)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -141,3 +153,49 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if not _needs_grad(x, weight):
         return weight * _normalise(x, eps)[0].to(x.dtype)
     return _RMSNorm.apply(x, weight, eps)
+
+
+class _NormLinear(torch.autograd.Function):
+    """outs_i = F.linear(rms_norm(x).to(W_i.dtype), W_i): keeps x, rstd and the weights, never the normalised x.
+
+    The projections' weight gradients need the normalised input; backward recomputes it from x and rstd.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, norm_weight: Tensor, eps: float, *weights: Tensor) -> tuple[Tensor, ...]:
+        n32, rstd = _normalise(x, eps)
+        y = norm_weight * n32.to(x.dtype)
+        ctx.save_for_backward(x, rstd, norm_weight, *weights)
+        ctx.eps = eps
+        return tuple(F.linear(y.to(w.dtype), w) for w in weights)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grad_outs: Tensor) -> tuple[Tensor | None, ...]:
+        x, rstd, norm_weight, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        y = norm_weight * (_upcast(x) * rstd).to(x.dtype)
+        flat = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        grad_weights = [y.reshape(-1, y.shape[-1]).to(w.dtype).t().mm(g).t() if need else None  # as MmBackward
+                        for w, g, need in zip(weights, flat, needs[3:], strict=True)]
+        if not (needs[0] or needs[1]):
+            return None, None, None, *grad_weights
+        grad_y = sum(g.mm(w).to(y.dtype) for g, w in zip(flat, weights, strict=True)).view(y.shape)
+        return (*_rms_norm_grads(grad_y, x, rstd, norm_weight, needs[:2]), None, *grad_weights)
+
+
+def norm_linear(x: Tensor, norm: nn.Module, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    """``tuple(p(norm(x)) for p in projections)`` for an RMSNorm module ``norm`` (``weight``, ``eps``);
+    under autograd the normalised x is never kept (backward recomputes it from x and rstd).
+
+    Fused only when every projection is a bias-free plain ``nn.Linear`` (else, e.g. LoRA adapters: the
+    modules are called on ``norm(x)``). Under autocast the weights are cast to the autocast dtype outside
+    the Function (differentiably, as autocast's own cast) and the normalised x is cast to it inside.
+    """
+    weights = [p.weight for p in projections if type(p) is nn.Linear and p.bias is None]
+    if len(weights) < len(projections) or not _needs_grad(x, norm.weight, *weights):
+        h = norm(x)
+        return tuple(p(h) for p in projections)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        weights = [w.to(torch.get_autocast_dtype(device)) for w in weights]
+    return _NormLinear.apply(x, norm.weight, norm.eps, *weights)

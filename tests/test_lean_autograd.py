@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import model.transformer as transformer
 from model import ModelConfig, TinyLM
-from model.lean import rms_norm, silu_mul, swiglu_down
+from model.lean import norm_linear, rms_norm, silu_mul, swiglu_down
 from model.lora import LoRAConfig, apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +30,33 @@ def plain_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, fp64 for fp64
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def plain_norm_linear(x: Tensor, norm: nn.Module, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    h = norm(x)
+    return tuple(p(h) for p in projections)
+
+
+class Norm(nn.Module):
+    """An RMSNorm module (``weight``, ``eps``) computing ``fn(x, weight, eps)``."""
+
+    def __init__(self, weight: Tensor, fn=plain_rms_norm) -> None:
+        super().__init__()
+        self.weight, self.eps, self.fn = weight, 1e-6, fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x, self.weight, self.eps)
+
+
+def norm_weight(dim: int) -> nn.Parameter:
+    return nn.Parameter(1 + 0.3 * torch.randn(dim, dtype=torch.float64))
+
+
+def use_plain(m: pytest.MonkeyPatch) -> None:
+    """The model's lean functions replaced by the plain formulas (inside a monkeypatch context)."""
+    m.setattr(transformer, "swiglu_down", plain_swiglu_down)
+    m.setattr(transformer, "rms_norm", plain_rms_norm)
+    m.setattr(transformer, "norm_linear", plain_norm_linear)
 
 
 def leaves(*tensors: Tensor) -> list[Tensor]:
@@ -150,14 +177,18 @@ def test_bf16_autocast_same_values_and_dtypes():
     norm_w = (1 + 0.1 * torch.randn(16)).requires_grad_()
     probe = torch.randn(4, 8, 16)
     runs = []
-    for norm_fn, mlp_fn in ((rms_norm, swiglu_down), (plain_rms_norm, plain_swiglu_down)):
+    up = nn.Linear(16, 32, bias=False)
+    fns = ((rms_norm, norm_linear, swiglu_down), (plain_rms_norm, plain_norm_linear, plain_swiglu_down))
+    for norm_fn, norm_linear_fn, mlp_fn in fns:
         xi, wi = leaves(x, norm_w)
-        down.zero_grad(set_to_none=True)
-        proj.zero_grad(set_to_none=True)
+        norm = Norm(wi, norm_fn)
+        for module in (down, proj, up):
+            module.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = norm_fn(xi, wi, 1e-6)
-            out = mlp_fn(proj(h), proj(h) * 0.5, down)
-        grads = grads_of(out.float(), [xi, wi, down.weight, proj.weight], probe)
+            gate, up_out = norm_linear_fn(xi, norm, (proj, up))
+            out = mlp_fn(gate, up_out, down) + mlp_fn(proj(h), proj(h) * 0.5, down)
+        grads = grads_of(out.float(), [xi, wi, down.weight, proj.weight, up.weight], probe)
         runs.append((h.detach(), out.detach(), grads))
     (h1, o1, g1), (h2, o2, g2) = runs
     assert h1.dtype == h2.dtype == torch.float32 and o1.dtype == o2.dtype == torch.bfloat16
@@ -167,6 +198,50 @@ def test_bf16_autocast_same_values_and_dtypes():
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("frozen", ["none", "projections", "input"])
+def test_norm_linear_equals_plain(frozen):
+    """RMSNorm followed by q/k/v-like projections: the fused Function's outputs are bit-identical and its
+    gradients (x, norm weight, every projection) equal to < 1e-10; it keeps x and rstd only."""
+    torch.manual_seed(4)
+    norm = Norm(norm_weight(16))
+    projections = tuple(nn.Linear(16, n, bias=False).double() for n in (16, 8, 8))
+    for p in projections:
+        p.weight.requires_grad_(frozen != "projections")
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=frozen != "input")
+    probes = [torch.randn(3, 5, n, dtype=torch.float64) for n in (16, 8, 8)]
+    params = [norm.weight, *(p.weight for p in projections)]
+    runs = []
+    for fn in (norm_linear, plain_norm_linear):
+        (xi,) = leaves(x)
+        for p in params:
+            p.grad = None
+        outs, kept = saved_shapes(lambda fn=fn, xi=xi: fn(xi, norm, projections), params)
+        sum((o * pr).sum() for o, pr in zip(outs, probes, strict=True)).backward()
+        runs.append(([o.detach() for o in outs], [xi.grad, *(p.grad for p in params)], kept))
+    (lean, lean_grads, lean_kept), (ref, ref_grads, ref_kept) = runs
+    assert all(torch.equal(a, b) for a, b in zip(lean, ref, strict=True))
+    for a, b in zip(lean_grads, ref_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max().item() < 1e-10
+    assert sorted(lean_kept) == [(3, 5, 1), (3, 5, 16)]  # x and rstd
+    if frozen != "projections":  # the projections keep the norm output for their weight gradients
+        assert (3, 5, 16) in ref_kept and len(ref_kept) > len(lean_kept)
+
+
+def test_norm_linear_falls_back_for_lora():
+    torch.manual_seed(4)
+    norm = Norm(norm_weight(16))
+    holder = nn.Module()
+    holder.q_proj, holder.k_proj = nn.Linear(16, 8, bias=False).double(), nn.Linear(16, 8, bias=False).double()
+    apply_lora(holder, LoRAConfig(2, 4.0, ("q_proj",)))
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    lean = norm_linear(x, norm, (holder.q_proj, holder.k_proj))
+    ref = plain_norm_linear(x, norm, (holder.q_proj, holder.k_proj))
+    assert all(torch.equal(a, b) for a, b in zip(lean, ref, strict=True))
+    assert lean[0].grad_fn.name() == ref[0].grad_fn.name() != "_NormLinearBackward"
+
+
 # ---- whole models ------------------------------------------------------------------------------------------
 
 def model_loss_and_grads(model: TinyLM, ids: Tensor, doc_ids: Tensor | None,
@@ -174,8 +249,7 @@ def model_loss_and_grads(model: TinyLM, ids: Tensor, doc_ids: Tensor | None,
     """Loss (mean CE of next tokens) and gradients with the lean functions, or with the plain formulas."""
     with monkeypatch.context() as m:
         if plain:
-            m.setattr(transformer, "swiglu_down", plain_swiglu_down)
-            m.setattr(transformer, "rms_norm", plain_rms_norm)
+            use_plain(m)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(11)  # the same dropout masks for both
         run = torch.compile(model, backend="aot_eager") if compiled else model
@@ -230,7 +304,8 @@ def test_compiled_model_gradients_equal_plain_autograd(monkeypatch):
 
 def test_model_keeps_fewer_tensors(monkeypatch):
     """One forward of a tiny dense model keeps per layer 2 [B, T, intermediate] tensors (not 4) and no
-    normalised copy of the hidden state (the lean norms keep their inputs, which plain autograd also keeps)."""
+    normalised copy of the hidden state (the lean norms keep their inputs, which plain autograd also keeps),
+    nor the norm outputs the projections read."""
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
@@ -239,8 +314,7 @@ def test_model_keeps_fewer_tensors(monkeypatch):
     def count(plain: bool) -> tuple[int, int]:
         with monkeypatch.context() as m:
             if plain:
-                m.setattr(transformer, "swiglu_down", plain_swiglu_down)
-                m.setattr(transformer, "rms_norm", plain_rms_norm)
+                use_plain(m)
             seen: dict[int, int] = {}
 
             def pack(t: Tensor) -> Tensor:
@@ -257,5 +331,6 @@ def test_model_keeps_fewer_tensors(monkeypatch):
     (lean_big, lean_total), (plain_big, plain_total) = count(False), count(True)
     assert (lean_big, plain_big) == (2 * layers, 4 * layers)
     hidden = 4 * 2 * 16 * model.config.hidden_size
-    # saved: 2 intermediate-sized tensors and 2 normalised hidden states fewer per layer (+ the final norm's)
-    assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 2 * hidden) + hidden
+    # fewer per layer: 2 intermediate-sized tensors, the 2 normalised hidden states and the 2 norm outputs the
+    # projections kept; and the final norm's normalised hidden state
+    assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 4 * hidden) + hidden
