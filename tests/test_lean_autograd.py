@@ -1,10 +1,12 @@
-"""The memory-lean SwiGLU and RMSNorm (``model/lean.py``) compute the plain formulas' values and gradients
-while keeping fewer tensors for backward.
+"""The memory-lean SwiGLU, RMSNorm and norm + projections (``model/lean.py``) and the CPU per-document
+attention (``model.attention.attend_documents``) compute the plain formulas' values and gradients while
+keeping fewer tensors for backward.
 
 References are the formulas written out here with plain autograd (float64: forward bit-identical,
 gradients < 1e-10), per function and through whole models (dense with dropout, MoE, LoRA on every
 projection, QK-norm, activation checkpointing, ``torch.compile``), plus bf16 autocast (same dtypes, same
-forward values) and the saved tensors themselves (counted by ``saved_tensors_hooks``).
+forward values) and the saved tensors themselves (counted by ``saved_tensors_hooks``). The per-document
+attention is bit-identical to its composition from public SDPA calls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 import model.transformer as transformer
 from model import ModelConfig, TinyLM
+from model.attention import DocumentSplit, attend_documents
 from model.lean import norm_linear, rms_norm, silu_mul, swiglu_down
 from model.lora import LoRAConfig, apply_lora
 
@@ -334,3 +337,39 @@ def test_model_keeps_fewer_tensors(monkeypatch):
     # fewer per layer: 2 intermediate-sized tensors, the 2 normalised hidden states and the 2 norm outputs the
     # projections kept; and the final norm's normalised hidden state
     assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 4 * hidden) + hidden
+
+
+# ---- per-document attention (CPU) -------------------------------------------------------------------------
+
+def composed_document_attention(q: Tensor, k: Tensor, v: Tensor, split: DocumentSplit) -> Tensor:
+    """The per-document attention written with public SDPA calls and plain autograd (cat / stack)."""
+    rows = []
+    for lengths, qr, kr, vr in zip(split.lengths, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):
+        parts = [F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True, enable_gqa=True)[0]
+                 for a, b, c in zip(qr.split(lengths, 1), kr.split(lengths, 1), vr.split(lengths, 1), strict=True)]
+        rows.append(torch.cat(parts, 1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_document_attention_equals_composed_sdpa(dtype):
+    """Bit-identical output and q/k/v gradients (the same flash kernels per document), with autograd and
+    without; it keeps one output buffer that o_proj's input is a view of, and no per-document copies."""
+    torch.manual_seed(6)
+    b, h, hkv, t, d = 2, 8, 2, 40, 16
+    q = torch.randn(b, t, h, d, dtype=dtype).transpose(1, 2).requires_grad_()  # the projection layout
+    k = torch.randn(b, hkv, t, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, t, d, dtype=dtype, requires_grad=True)
+    split = DocumentSplit([[10, 25, 5], [40]])
+    probe = torch.randn(b, h, t, d, dtype=dtype)
+    out, kept = saved_shapes(lambda: attend_documents(q, k, v, split), [q, k, v])
+    ref = composed_document_attention(q, k, v, split)
+    assert torch.equal(out, ref)
+    lean_grads = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, k, v))
+    assert all(torch.equal(a, c) for a, c in zip(lean_grads, ref_grads, strict=True))
+    assert kept == [(b, h, t, d), (b, h, t)]  # the output buffer and the logsumexp (q, k, v: inputs)
+    flat = out.transpose(1, 2).reshape(b, t, h * d)
+    assert flat.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()  # o_proj keeps no copy
+    with torch.no_grad():
+        assert torch.equal(attend_documents(q, k, v, split), ref)
