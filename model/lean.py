@@ -166,7 +166,6 @@ class _NormLinear(torch.autograd.Function):
         n32, rstd = _normalise(x, eps)
         y = norm_weight * n32.to(x.dtype)
         ctx.save_for_backward(x, rstd, norm_weight, *weights)
-        ctx.eps = eps
         return tuple(F.linear(y.to(w.dtype), w) for w in weights)
 
     @staticmethod
