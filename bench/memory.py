@@ -36,7 +36,7 @@ ARMS = {"before": (False, False), "default": (False, False), "release": (False, 
 
 CHILD = r"""
 import json, resource, sys, time
-root, folder, preset, overrides, batch, steps, ckpt, malloc = sys.argv[1:9]
+root, folder, preset, overrides, batch, steps, ckpt, malloc, ab = sys.argv[1:10]
 sys.path.insert(0, root)
 if malloc == "1":  # what train/run.py does first
     from train.memory import return_freed_memory
@@ -58,8 +58,13 @@ mb = dataset.collate(np.arange(int(batch)))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 norm = StepNorm(stage.count(mb).float().clamp(min=1.0), 1)
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-times, cpu, losses = [], [], []
-for _ in range(int(steps)):
+times, cpu, losses, labels = [], [], [], []
+if ab == "1":
+    import model.lean as lean
+for i in range(int(steps)):
+    if ab == "1":  # lean, plain, plain, lean, ...
+        lean.ENABLED = i % 4 in (0, 3)
+        labels.append("lean" if lean.ENABLED else "plain")
     start, start_cpu = time.perf_counter(), time.process_time()
     loss, _ = stage.loss(model, mb, norm)
     loss.backward()
@@ -69,7 +74,7 @@ for _ in range(int(steps)):
     cpu.append(time.process_time() - start_cpu)
     losses.append(loss.item())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_kb": peak, "base_kb": base_rss, "times": times, "cpu": cpu, "losses": losses,
+print(json.dumps({"peak_kb": peak, "base_kb": base_rss, "times": times, "cpu": cpu, "losses": losses, "labels": labels,
                   "params": model.num_params(), "tokens": int(mb.input_ids.numel()),
                   "supervised": int(stage.count(mb))}))
 """
@@ -91,12 +96,14 @@ def pack_sft(seq: int, dest: Path) -> Path:
     return dest
 
 
-def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool, malloc: bool) -> dict:
-    """One fresh process: its peak RSS, step times and losses (JSON on its last stdout line)."""
+def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool, malloc: bool,
+            steps: int | None = None, ab: bool = False) -> dict:
+    """One fresh process: its peak RSS, step times and losses (JSON on its last stdout line). ``ab``: the
+    steps alternate lean / plain autograd (``model.lean.ENABLED``), labelled in ``labels``."""
     overrides = json.dumps(args.model_arg)
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(folder), args.preset, overrides,
-                          str(args.batch), str(args.steps), "1" if ckpt else "0", "1" if malloc else "0"],
-                         check=True, capture_output=True, text=True, cwd=root)
+                          str(args.batch), str(steps or args.steps), "1" if ckpt else "0", "1" if malloc else "0",
+                          "1" if ab else "0"], check=True, capture_output=True, text=True, cwd=root)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,7 +118,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds over all arms (alternating)")
     ap.add_argument("--base", default="e2d95ce", help="commit of the 'before' arm")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="instead: step time of lean vs plain autograd in ONE process (default malloc), ROUNDS "
+                         "rounds of lean, plain, plain, lean steps after one warm-up step of each")
     args = ap.parse_args()
+    if args.ab:
+        with tempfile.TemporaryDirectory(prefix="tinylm_mem_") as tmp:
+            result = run_arm(ROOT, pack_sft(args.seq, Path(tmp) / "sft"), args, False, False, 4 * args.ab + 2, True)
+        print_ab(result, args)
+        return
     names = args.arms.split(",")
     unknown = sorted(set(names) - set(ARMS))
     if unknown or not names:
@@ -126,6 +141,20 @@ def main() -> None:
                 ckpt, malloc = ARMS[name]
                 results[name].append(run_arm(old if name == "before" else ROOT, folder, args, ckpt, malloc))
     print_table(results, args)
+
+
+def print_ab(result: dict, args: argparse.Namespace) -> None:
+    """Median wall and CPU seconds of the lean and the plain steps of one process (warm-up steps dropped)."""
+    print(f"preset {args.preset} {' '.join(args.model_arg)}, one micro-batch {args.batch} x {args.seq}, "
+          f"{args.ab} rounds of lean / plain / plain / lean steps in one process (after 1 warm-up step each)")
+    rows = {}
+    for arm in ("plain", "lean"):
+        picked = [i for i, label in enumerate(result["labels"]) if label == arm and i >= 2]
+        rows[arm] = (statistics.median(result["times"][i] for i in picked),
+                     statistics.median(result["cpu"][i] for i in picked), len(picked))
+    print(f"\n{'autograd':<10}{'steps':>7}{'step s':>9}{'x plain':>9}{'cpu s':>8}{'x plain':>9}")
+    for arm, (wall, cpu, n) in rows.items():
+        print(f"{arm:<10}{n:>7}{wall:>9.2f}{wall / rows['plain'][0]:>9.3f}{cpu:>8.2f}{cpu / rows['plain'][1]:>9.3f}")
 
 
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:

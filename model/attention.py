@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from model import lean
+
 
 class InferenceMask(NamedTuple):
     """Mask of a generation step (queries are the T newest of S = past + T positions).
@@ -207,16 +209,15 @@ def attend_documents(q: Tensor, k: Tensor, v: Tensor, split: DocumentSplit) -> T
     """Block-diagonal causal attention as one ``is_causal`` SDPA call per document (padding runs too).
 
     On CPU: the flash kernel per run, into one output buffer (under autograd :class:`_DocumentAttention`,
-    which keeps that buffer, not a copy per document). Elsewhere rows and documents are cut with
-    ``unbind`` / ``split`` (views whose backward is one concatenation; slicing instead would give every
-    piece a full-size zero gradient) and the outputs concatenated.
+    which keeps that buffer, not a copy per document; unless ``model.lean.ENABLED`` is off). Elsewhere
+    rows and documents are cut with ``unbind`` / ``split`` (views whose backward is one concatenation;
+    slicing instead would give every piece a full-size zero gradient) and the outputs concatenated.
     Same function as the dense mask, with only the causal half of each document's tiles computed.
     """
-    if q.device.type == "cpu":
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and (lean.use_lean(q, k, v) or not grad):
         runs = _document_runs(split)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _DocumentAttention.apply(q, k, v, runs)
-        return _flash_documents_cpu(q, k, v, runs)[0]
+        return _DocumentAttention.apply(q, k, v, runs) if grad else _flash_documents_cpu(q, k, v, runs)[0]
     gqa = q.size(1) != k.size(1)
     rows = []
     for lengths, qr, kr, vr in zip(split.lengths, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):

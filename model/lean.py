@@ -21,7 +21,8 @@ equal to autograd's to rounding. The normalisation runs in at least fp32: bf16 /
 to fp32 (as before), fp64 inputs stay fp64 (they used to be rounded to fp32 here). Under autocast the
 SwiGLU operands arrive in the autocast dtype (the projections' outputs), and ``down``'s weight is cast
 to it outside the Function (a differentiable cast, as autocast's own).
-Without autograd (no grad mode, or nothing requires grad) the plain formulas run, with no Function.
+Without autograd (no grad mode, or nothing requires grad), or with :data:`ENABLED` off, the plain
+formulas run, with no Function.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+ENABLED = True
+"""False: every function here (and the CPU per-document attention) runs the plain formulas under plain
+autograd, as before these Functions existed (``bench/memory.py --ab`` times both in one process)."""
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+def use_lean(*tensors: Tensor) -> bool:
+    """Whether to run a lean Function: enabled, autograd on, and some input requires grad."""
+    return ENABLED and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _swiglu_input_grads(grad_h: Tensor, gate: Tensor, up: Tensor, silu: Tensor,
@@ -83,7 +89,7 @@ class _SwiGLUDown(torch.autograd.Function):
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up``; under autograd keeps gate and up only (not silu(gate))."""
-    if not _needs_grad(gate, up):
+    if not use_lean(gate, up):
         return F.silu(gate) * up
     return _SiluMul.apply(gate, up)
 
@@ -96,7 +102,7 @@ def swiglu_down(gate: Tensor, up: Tensor, down: nn.Module) -> Tensor:
     """
     if type(down) is not nn.Linear or down.bias is not None:
         return down(silu_mul(gate, up))
-    if not _needs_grad(gate, up, down.weight):
+    if not use_lean(gate, up, down.weight):
         return down(F.silu(gate) * up)
     return _SwiGLUDown.apply(gate, up, down.weight.to(gate.dtype))
 
@@ -150,7 +156,7 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in at least fp32 and cast back to x's dtype before the
     weight multiply (so the result has the promoted dtype of weight and x); under autograd keeps x and rstd."""
-    if not _needs_grad(x, weight):
+    if not use_lean(x, weight):
         return weight * _normalise(x, eps)[0].to(x.dtype)
     return _RMSNorm.apply(x, weight, eps)
 
@@ -191,7 +197,7 @@ def norm_linear(x: Tensor, norm: nn.Module, projections: tuple[nn.Module, ...]) 
     the Function (differentiably, as autocast's own cast) and the normalised x is cast to it inside.
     """
     weights = [p.weight for p in projections if type(p) is nn.Linear and p.bias is None]
-    if len(weights) < len(projections) or not _needs_grad(x, norm.weight, *weights):
+    if len(weights) < len(projections) or not use_lean(x, norm.weight, *weights):
         h = norm(x)
         return tuple(p(h) for p in projections)
     device = x.device.type
