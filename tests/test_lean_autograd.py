@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import model.lean as lean
 import model.transformer as transformer
 from model import ModelConfig, TinyLM
 from model.attention import DocumentSplit, attend_documents
@@ -249,10 +250,12 @@ def test_norm_linear_falls_back_for_lora():
 
 def model_loss_and_grads(model: TinyLM, ids: Tensor, doc_ids: Tensor | None,
                          plain: bool, monkeypatch, compiled: bool = False):
-    """Loss (mean CE of next tokens) and gradients with the lean functions, or with the plain formulas."""
+    """Loss (mean CE of next tokens) and gradients with the lean functions, or with the plain formulas (and
+    the attention composed of SDPA calls)."""
     with monkeypatch.context() as m:
         if plain:
             use_plain(m)
+            m.setattr(lean, "ENABLED", False)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(11)  # the same dropout masks for both
         run = torch.compile(model, backend="aot_eager") if compiled else model
@@ -306,18 +309,21 @@ def test_compiled_model_gradients_equal_plain_autograd(monkeypatch):
 
 
 def test_model_keeps_fewer_tensors(monkeypatch):
-    """One forward of a tiny dense model keeps per layer 2 [B, T, intermediate] tensors (not 4) and no
-    normalised copy of the hidden state (the lean norms keep their inputs, which plain autograd also keeps),
-    nor the norm outputs the projections read."""
+    """One forward of a tiny dense model on packed rows keeps per layer 2 [B, T, intermediate] tensors (not
+    4), no normalised copy of the hidden state (the lean norms keep their inputs, which plain autograd also
+    keeps), nor the norm outputs the projections read, nor a copy of the attention output for o_proj.
+    ``model.lean.ENABLED = False`` keeps exactly what the plain formulas keep."""
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
     inter = (2, 16, model.config.intermediate_size)
 
-    def count(plain: bool) -> tuple[int, int]:
+    def count(mode: str) -> tuple[int, int]:
         with monkeypatch.context() as m:
-            if plain:
+            if mode == "plain":  # the formulas written out here; the attention composed of SDPA calls
                 use_plain(m)
+            m.setattr(lean, "ENABLED", mode == "lean")
             seen: dict[int, int] = {}
 
             def pack(t: Tensor) -> Tensor:
@@ -325,18 +331,19 @@ def test_model_keeps_fewer_tensors(monkeypatch):
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(ids)
+                model(ids, doc_ids=doc_ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         big = sum(1 for ptr, n in seen.items() if ptr not in params and n == 4 * inter[0] * inter[1] * inter[2])
         return big, sum(n for ptr, n in seen.items() if ptr not in params)
 
     layers = model.config.num_hidden_layers
-    (lean_big, lean_total), (plain_big, plain_total) = count(False), count(True)
+    (lean_big, lean_total), (plain_big, plain_total) = count("lean"), count("plain")
+    assert count("disabled") == (plain_big, plain_total)
     assert (lean_big, plain_big) == (2 * layers, 4 * layers)
     hidden = 4 * 2 * 16 * model.config.hidden_size
-    # fewer per layer: 2 intermediate-sized tensors, the 2 normalised hidden states and the 2 norm outputs the
-    # projections kept; and the final norm's normalised hidden state
-    assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 4 * hidden) + hidden
+    # fewer per layer: 2 intermediate-sized tensors, the 2 normalised hidden states, the 2 norm outputs the
+    # projections kept and o_proj's copy of the attention output; and the final norm's normalised hidden state
+    assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 5 * hidden) + hidden
 
 
 # ---- per-document attention (CPU) -------------------------------------------------------------------------
