@@ -1,4 +1,4 @@
-"""Memory-lean autograd for the two biggest savers of activations: SwiGLU and RMSNorm.
+"""Memory-lean autograd for the decoder block's biggest keepers of activations: SwiGLU and RMSNorm.
 
 Plain autograd keeps, per SwiGLU ``down(silu(gate) * up)``, four [N, intermediate] tensors for backward
 (silu's input ``gate``, the product's operands ``silu(gate)`` and ``up``, and ``down``'s input
