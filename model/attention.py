@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from model import lean
+
 
 class InferenceMask(NamedTuple):
     """Mask of a generation step (queries are the T newest of S = past + T positions).
@@ -139,13 +141,83 @@ def build_attention_mask(doc_ids: Tensor | None, backend: str, dtype: torch.dtyp
     raise ValueError(f"unresolved attention backend {backend!r}")
 
 
+def _document_runs(split: DocumentSplit) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every run of equal doc id (padding runs too); together they cover [B, T]."""
+    runs = []
+    for row, lengths in enumerate(split.lengths):
+        start = 0
+        for n in lengths:
+            runs.append((row, start, start + n))
+            start += n
+    return runs
+
+
+def _piece(t: Tensor, run: tuple[int, int, int]) -> Tensor:
+    """Run ``run``'s [1, heads, length, D] view of a [B, heads, T, D] tensor ([1, heads, length] of [B, heads, T])."""
+    row, start, end = run
+    return t[row:row + 1, :, start:end]
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _flash_documents_cpu(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
+    """(output [B, H, T, D] as the transpose of a [B, T, H, D] buffer, logsumexp [B, H, T]): one CPU flash
+    ``is_causal`` call per run, written into the two buffers."""
+    b, h, t, d = q.shape
+    out = q.new_empty(b, t, h, d).transpose(1, 2)
+    lse = None
+    for run in runs:
+        o, piece_lse = _FLASH_CPU(_piece(q, run), _piece(k, run), _piece(v, run), 0.0, True)
+        if lse is None:
+            lse = piece_lse.new_empty(b, h, t)
+        _piece(out, run).copy_(o)
+        _piece(lse, run).copy_(piece_lse)
+    return out, lse
+
+
+class _DocumentAttention(torch.autograd.Function):
+    """CPU per-document causal attention writing into one output buffer: keeps q, k, v, that output and
+    one logsumexp [B, H, T], not a separately allocated output (and logsumexp) per document plus the
+    concatenated copies. The output buffer is laid out [B, T, H, D] (returned as its [B, H, T, D]
+    transpose), so ``o_proj``'s input ``y.transpose(1, 2).reshape(B, T, H * D)`` is a view of it and
+    is not kept a second time. Forward and backward run the same CPU flash kernels, per document, as
+    ``F.scaled_dot_product_attention(..., is_causal=True)`` and its autograd do.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int, int]]) -> Tensor:
+        out, lse = _flash_documents_cpu(q, k, v, runs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.runs = runs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        for run in ctx.runs:
+            pieces = _FLASH_CPU_BACKWARD(_piece(grad_out, run), _piece(q, run), _piece(k, run), _piece(v, run),
+                                         _piece(out, run), _piece(lse, run), 0.0, True)
+            for grad, piece in zip(grads, pieces, strict=True):
+                _piece(grad, run).copy_(piece)
+        return (*grads, None)
+
+
 def attend_documents(q: Tensor, k: Tensor, v: Tensor, split: DocumentSplit) -> Tensor:
     """Block-diagonal causal attention as one ``is_causal`` SDPA call per document (padding runs too).
 
-    Rows and documents are cut with ``unbind`` / ``split`` (views whose backward is one concatenation;
+    On CPU: the flash kernel per run, into one output buffer (under autograd :class:`_DocumentAttention`,
+    which keeps that buffer, not a copy per document; unless ``model.lean.ENABLED`` is off). Elsewhere
+    rows and documents are cut with ``unbind`` / ``split`` (views whose backward is one concatenation;
     slicing instead would give every piece a full-size zero gradient) and the outputs concatenated.
     Same function as the dense mask, with only the causal half of each document's tiles computed.
     """
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and (lean.use_lean(q, k, v) or not grad):
+        runs = _document_runs(split)
+        return _DocumentAttention.apply(q, k, v, runs) if grad else _flash_documents_cpu(q, k, v, runs)[0]
     gqa = q.size(1) != k.size(1)
     rows = []
     for lengths, qr, kr, vr in zip(split.lengths, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):

@@ -5,7 +5,7 @@
                 x = x + dropout(mlp(.))                                  on post_attention_layernorm(x)
     logits = lm_head(norm(x)).float()
 
-RMSNorm is computed in fp32 and cast back before the weight multiply; RoPE uses the rotate-half
+RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE uses the rotate-half
 convention with cos/sin tables precomputed in fp32 exactly as transformers does and indexed by
 ``position_ids``. Generation passes a preallocated :class:`KVCache` (k/v written in place per layer)
 and, for left-padded batches, a key-padding ``attention_mask``; the training path (no cache, no
@@ -20,7 +20,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -36,6 +35,7 @@ from model.attention import (
 )
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.lean import norm_linear, rms_norm, swiglu_down
 
 
 class ModelOutput(NamedTuple):
@@ -52,7 +52,9 @@ class HeadInput(NamedTuple):
 
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32, cast back to x's dtype."""
+    """y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32 (fp64 for fp64 x), cast back to x's dtype.
+
+    Backward keeps x and the per-row rstd only (:func:`model.lean.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -60,9 +62,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -113,14 +113,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0, norm: RMSNorm | None = None) -> Tensor:
+        """Attention over ``x`` [B, T, H], or over ``norm(x)`` when ``norm`` is given (fused: see norm_linear)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = norm_linear(x, norm, projections) if norm is not None else (p(x) for p in projections)
+        q = q.view(b, t, self.n_head, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None and not isinstance(mask, InferenceMask):
             y = attend(q, k, v, mask)
@@ -132,7 +135,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)).
+
+    Backward keeps gate_proj(x) and up_proj(x) only, not silu(gate) nor the product
+    (:func:`model.lean.swiglu_down`), and with ``norm`` not the normalised input either
+    (:func:`model.lean.norm_linear`); the three projections stay separate ``nn.Linear`` s (state dict,
+    LoRA targets and export see the same modules)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -140,8 +148,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, norm: RMSNorm | None = None) -> Tensor:
+        """The SwiGLU of ``x``, or of ``norm(x)`` when ``norm`` is given (fused: see norm_linear)."""
+        projections = (self.gate_proj, self.up_proj)
+        gate, up = norm_linear(x, norm, projections) if norm is not None else (p(x) for p in projections)
+        return swiglu_down(gate, up, self.down_proj)
 
 
 class MoE(nn.Module):
@@ -204,12 +215,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
-        h = self.post_attention_layernorm(x)
+        x = x + self.dropout(self.self_attn(x, cos, sin, mask, cache, layer, norm=self.input_layernorm))
         if isinstance(self.mlp, MoE):
-            out, aux = self.mlp(h)
+            out, aux = self.mlp(self.post_attention_layernorm(x))
         else:
-            out, aux = self.mlp(h), None
+            out, aux = self.mlp(x, norm=self.post_attention_layernorm), None
         return x + self.dropout(out), aux
 
 
