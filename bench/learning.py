@@ -66,7 +66,9 @@ QUICK = Mode(128, {"pretrain": 8, "sft": 4}, 8, 600, 8, 2)
 SWEEP = Mode(128, {"pretrain": 20, "sft": 10}, 8, 1500, 12, 1)
 # (preset, stage, optimizer) -> the LRs tried (Muon: --muon-lr; its AdamW part keeps the old --lr)
 SWEEP_LRS = {("train.sh", "pretrain", "adamw"): [1e-3, 2e-3, 4e-3], ("train.sh", "pretrain", "muon"): [0.02, 0.04],
-             ("train.sh", "sft", "adamw"): [1e-3, 2e-3], ("train.sh", "sft", "muon"): [0.02]}
+             ("train.sh", "sft", "adamw"): [1e-3, 2e-3], ("train.sh", "sft", "muon"): [0.02],
+             ("small", "pretrain", "adamw"): [5e-4, 1e-3, 2e-3], ("small", "pretrain", "muon"): [0.02, 0.04],
+             ("small", "sft", "adamw"): [2e-4, 1e-3, 2e-3]}
 SWEEP_STEPS: dict[str, dict[str, int]] = {}  # per preset, when it differs from the mode's steps
 
 

@@ -51,6 +51,9 @@ TABLE: dict[tuple[str, str, str], Row] = {
     ("pretrain", "muon", "train.sh"): Row(2e-3, 0.02, measured="sweep: best of muon_lr 0.02 / 0.04"),
     ("sft", "adamw", "train.sh"): Row(2e-3, 0.01, measured="sweep: best of lr 1e-3 / 2e-3 (and of muon)"),
     ("sft", "muon", "train.sh"): Row(1e-3, 0.02, measured="sweep: muon_lr 0.02, behind adamw 2e-3"),
+    ("pretrain", "adamw", "small"): Row(1e-3, 0.02, measured="small sweep: best of lr 5e-4 / 1e-3 / 2e-3"),
+    ("pretrain", "muon", "small"): Row(2e-3, 0.02, measured="small sweep: muon_lr 0.02 = 0.04, AdamW part 2e-3"),
+    ("sft", "adamw", "small"): Row(2e-3, 0.01, measured="small sweep: best of lr 2e-4 / 1e-3 / 2e-3"),
     ("pretrain", "adamw", "tiny"): Row(3e-3, 0.02),  # train.sh --smoke
     ("pretrain", "muon", "tiny"): Row(3e-3, 0.02),
     ("sft", "adamw", "tiny"): Row(3e-3, 0.02),
