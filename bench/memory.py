@@ -10,8 +10,9 @@ Arms (``--arms``, comma-separated; default all):
 - ``default``: this checkout as ``train/run.py`` runs it by default (glibc's default malloc);
 - ``release``: this checkout as ``train/run.py --release-memory`` runs it (``train.memory.return_freed_memory()``
   first: freed memory returned to the OS at once);
-- ``ckpt``: this checkout with per-block activation checkpointing (``--activation-checkpointing``), default malloc;
-- ``ckpt+release``: both flags.
+- ``ckpt``: this checkout with per-block activation checkpointing and glibc's default malloc
+  (``--activation-checkpointing --no-release-memory``);
+- ``ckpt+release``: both (``--activation-checkpointing`` alone: it implies ``--release-memory``).
 
 Arms alternate for ``--repeats`` rounds; the table prints medians (and the spread of step times): wall
 seconds and the process's CPU seconds per step (``time.process_time``; less sensitive to other load

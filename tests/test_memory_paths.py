@@ -229,9 +229,11 @@ def test_activation_checkpointing_flag_under_ddp(packed_sample, tmp_path):
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
 
 
-@pytest.mark.parametrize("flag,calls", [((), 0), (("--release-memory",), 1)])
+@pytest.mark.parametrize("flag,calls", [((), 0), (("--release-memory",), 1), (("--activation-checkpointing",), 1),
+                                        (("--activation-checkpointing", "--no-release-memory"), 0)])
 def test_release_memory_is_opt_in(monkeypatch, flag, calls):
-    """glibc's mmap policy costs page faults on every step, so only --release-memory applies it."""
+    """glibc's mmap policy costs page faults on every step: --release-memory applies it, and so does
+    --activation-checkpointing (both trade time for memory) unless --no-release-memory."""
     from train import run as run_mod
 
     seen = []
