@@ -48,14 +48,22 @@ def _restore(cls: type[TinyLMError], state: dict) -> TinyLMError:
     return error
 
 
+def say_line(text: str) -> None:
+    """``text`` and its newline to stderr in ONE write: processes sharing the stream (DDP ranks printing the
+    same error at once) cannot interleave inside a line (``print`` writes the text and the newline
+    separately, which an unbuffered stderr passes on as two writes)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def run_main(tool: str, main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run a tool's body: a TinyLMError is printed as one ``tool: error:`` line (exit 1); Ctrl-C prints
     ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130."""
     try:
         return main() or 0
     except TinyLMError as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
+        say_line(f"{tool}: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print(f"{tool}: {interrupted}", file=sys.stderr)
+        say_line(f"{tool}: {interrupted}")
         return 130

@@ -5,6 +5,7 @@ run_main prints one line."""
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 
@@ -58,3 +59,25 @@ def test_run_main_prints_one_line(capsys):
     assert run_main("tool", interrupted, "interrupted; re-run to resume") == 130
     assert capsys.readouterr().err == "tool: interrupted; re-run to resume\n"
     assert run_main("tool", lambda: None) == 0
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    """DDP ranks print the same error at the same moment into one pipe: each line must reach it in one
+    write, or the texts interleave (seen in CI: two ranks' lines joined into one, the newlines after)."""
+    writes: list[str] = []
+
+    class Stream:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+
+    def fails() -> None:
+        raise located()
+
+    assert run_main("tool", fails) == 1
+    assert writes == [f"tool: error: {located()}\n"]
