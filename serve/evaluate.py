@@ -47,7 +47,7 @@ from train.data import PackedDataset, Split
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
 from train.rewards import load_rewards
-from train.rollout import PassConfig, PromptSet, RolloutConfig, pass_metrics, pass_sums
+from train.rollout import ROLLOUT_DTYPES, PassConfig, PromptSet, RolloutConfig, pass_metrics, pass_sums
 from train.stages import StageContext, build_stage
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
@@ -196,6 +196,7 @@ class RewardOptions:
     max_new_tokens: int = 256
     seed: int = 1337  # train/run.py's default --seed: the same samples as a run's --eval-prompts evaluation
     batch: int = 8  # prompts per generation batch
+    rollout_dtype: str = "float32"  # train/run.py's --rollout-dtype: the decode matmuls' precision
 
 
 def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOptions, device: torch.device,
@@ -208,7 +209,10 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
     prompts = PromptSet(prompts_file)
     prompts.attach(loaded.tokenizer, opts.max_new_tokens, loaded.config.max_position_embeddings)
     model = loaded.model.to(device)
-    cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed)
+    if opts.rollout_dtype not in ROLLOUT_DTYPES:
+        raise ToolError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {opts.rollout_dtype!r}")
+    cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed,
+                        matmul_dtype=ROLLOUT_DTYPES[opts.rollout_dtype])
     how = PassConfig(opts.samples, k, opts.threshold)
     totals: dict[str, float] = {}
     started = time.perf_counter()
@@ -220,7 +224,8 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
             totals[key] = totals.get(key, 0.0) + float(value)
     return {"prompts": str(prompts_file), "rewards": list(opts.specs), "samples": opts.samples,
             "success_threshold": opts.threshold, "temperature": opts.temperature,
-            "max_new_tokens": opts.max_new_tokens, "reward_metrics": pass_metrics(totals, k, prefix=""),
+            "max_new_tokens": opts.max_new_tokens, "rollout_dtype": opts.rollout_dtype,
+            "reward_metrics": pass_metrics(totals, k, prefix=""),
             "reward_seconds": round(time.perf_counter() - started, 3)}
 
 

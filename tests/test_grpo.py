@@ -408,14 +408,16 @@ def test_eval_prompts_give_pass_at_k(prompts, init, tmp_path):
         assert record[key] == pytest.approx(2 / 3), key
 
 
-def test_bin_eval_rewards_equal_the_runs_evaluation(prompts, init, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bin_eval_rewards_equal_the_runs_evaluation(prompts, init, tmp_path, dtype):
     out = tmp_path / "run"
     args = rl_args(prompts, init, out, "--max-steps", "2", "--eval-prompts", str(prompts), "--eval-every", "2",
-                   "--pass-k", "2", "--group-size", "4", "--success-threshold", "0.1", "--rollout-temperature", "1.5")
+                   "--pass-k", "2", "--group-size", "4", "--success-threshold", "0.1", "--rollout-temperature", "1.5",
+                   "--rollout-dtype", dtype)
     assert main(args) == 0
     logged = next(r for r in read_metrics(out) if "val_prompts" in r)
     opts = RewardOptions((f"{REWARDS}:digits",), samples=4, k=2, threshold=0.1, temperature=1.5, max_new_tokens=8,
-                         batch=4)
+                         batch=4, rollout_dtype=dtype)
     got = reward_metrics(load_model(out), prompts, opts, torch.device("cpu"), quiet=True)["reward_metrics"]
     assert got == {k.removeprefix("val_"): v for k, v in logged.items() if k.startswith("val_")}
     assert 0 < got["pass@1"] < got["pass@2"] < 1  # samples differ: the comparison is not between constants

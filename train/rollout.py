@@ -95,6 +95,12 @@ class PromptSet:
         self.seq_len = min(max(len(i) for i in self.ids) + max_new_tokens, max_positions)
 
 
+ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+"""--rollout-dtype -> Generation(matmul_dtype=...): float32 = the model's own precision; bfloat16 = the decode
+steps' weight products in bf16 (AMX / AVX512-BF16 on CPU: faster; the sampled tokens are then those of a
+bf16-rounded policy, while log-probs, ratios and the loss stay in the model's precision)."""
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """How rollouts are drawn and turned into advantages (the stage's command-line options)."""

@@ -38,6 +38,7 @@ from train.checkpoint import SourceRecord, unwrap
 from train.data import Batch
 from train.rewards import load_rewards
 from train.rollout import (
+    ROLLOUT_DTYPES,
     EvalChunk,
     PassConfig,
     PromptSet,
@@ -55,10 +56,6 @@ DEFAULTS: dict[str, Any] = {"group_size": 8, "prompts_per_step": 8, "max_new_tok
                             "rollout_top_k": None, "loss": "dapo", "rollout_reuse": 1, "epsilon": 0.2,
                             "epsilon_high": None, "kl_coef": 0.0, "scale_rewards": "group", "mask_truncated": False,
                             "pass_k": None, "success_threshold": 1.0, "rollout_dtype": "float32"}
-ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-"""--rollout-dtype -> Generation(matmul_dtype=...): float32 = the model's own precision; bfloat16 = the decode
-steps' weight products in bf16 (AMX / AVX512-BF16 on CPU: faster; the sampled tokens are then those of a
-bf16-rounded policy, while log-probs, ratios and the loss stay in the model's precision)."""
 
 
 def _logps(hidden: Tensor, targets: Tensor, weight: Tensor, temperature: float) -> Tensor:
