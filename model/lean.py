@@ -112,21 +112,21 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x / sqrt(mean(x^2) + eps), rstd [..., 1]), both computed in at least fp32."""
+def _normalise(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype), rstd [..., 1]): normalised in at least fp32."""
     x32 = _upcast(x)
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return x32 * rstd, rstd
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
-def _rms_norm_grads(grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Tensor,
+def _rms_norm_grads(grad_y: Tensor, x: Tensor, n32: Tensor, rstd: Tensor, weight: Tensor,
                     needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of ``y = weight * n.to(x.dtype)``, ``n = x * rstd``, w.r.t. x and weight, from x and rstd.
+    """Gradients of ``y = weight * n.to(x.dtype)``, ``n = x * rstd`` (``n32``: n in at least fp32, recomputed
+    by the caller from x and rstd), w.r.t. x and weight.
 
     dL/dx = rstd * (g_n - n * mean(g_n * n)) with g_n = dL/dn (in at least fp32); dL/dweight as MulBackward
     computes it (g * n summed over the broadcast dims, in weight's dtype).
     """
-    n32 = _upcast(x) * rstd
     grad_weight = None
     if needs[1]:
         rows = grad_y * n32.to(x.dtype)
@@ -143,21 +143,21 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        n32, rstd = _normalise(x, eps)
+        y, rstd = _normalise(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return weight * n32.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
-        return (*_rms_norm_grads(grad_y, x, rstd, weight, ctx.needs_input_grad[:2]), None)
+        return (*_rms_norm_grads(grad_y, x, _upcast(x) * rstd, rstd, weight, ctx.needs_input_grad[:2]), None)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in at least fp32 and cast back to x's dtype before the
     weight multiply (so the result has the promoted dtype of weight and x); under autograd keeps x and rstd."""
     if not use_lean(x, weight):
-        return weight * _normalise(x, eps)[0].to(x.dtype)
+        return _normalise(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -169,8 +169,7 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, norm_weight: Tensor, eps: float, *weights: Tensor) -> tuple[Tensor, ...]:
-        n32, rstd = _normalise(x, eps)
-        y = norm_weight * n32.to(x.dtype)
+        y, rstd = _normalise(x, norm_weight, eps)
         ctx.save_for_backward(x, rstd, norm_weight, *weights)
         return tuple(F.linear(y.to(w.dtype), w) for w in weights)
 
@@ -178,14 +177,15 @@ class _NormLinear(torch.autograd.Function):
     def backward(ctx: FunctionCtx, *grad_outs: Tensor) -> tuple[Tensor | None, ...]:
         x, rstd, norm_weight, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        y = norm_weight * (_upcast(x) * rstd).to(x.dtype)
+        n32 = _upcast(x) * rstd  # recomputed once: for the projections' weight gradients and the norm's
+        y = norm_weight * n32.to(x.dtype)
         flat = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
         grad_weights = [y.reshape(-1, y.shape[-1]).to(w.dtype).t().mm(g).t() if need else None  # as MmBackward
                         for w, g, need in zip(weights, flat, needs[3:], strict=True)]
         if not (needs[0] or needs[1]):
             return None, None, None, *grad_weights
         grad_y = sum(g.mm(w).to(y.dtype) for g, w in zip(flat, weights, strict=True)).view(y.shape)
-        return (*_rms_norm_grads(grad_y, x, rstd, norm_weight, needs[:2]), None, *grad_weights)
+        return (*_rms_norm_grads(grad_y, x, n32, rstd, norm_weight, needs[:2]), None, *grad_weights)
 
 
 def norm_linear(x: Tensor, norm: nn.Module, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:

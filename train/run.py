@@ -64,6 +64,7 @@ from train.loop import LoopConfig, NonFiniteError, TrainState, resolve_dtype, tr
 from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
 from train.optim import OPTIMIZERS  # noqa: E402
+from train.rollout import ROLLOUT_DTYPES  # noqa: E402
 from train.schedule import KINDS, Schedule, recorded_kind  # noqa: E402
 from train.stages import STAGES, Stage, StageContext, build_stage  # noqa: E402
 
@@ -269,7 +270,7 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="completion length limit (default 256)")
     g.add_argument("--rollout-temperature", type=float, metavar="T", help="sampling temperature (default 1.0)")
     g.add_argument("--rollout-top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
-    g.add_argument("--rollout-dtype", choices=("float32", "bfloat16"),
+    g.add_argument("--rollout-dtype", choices=tuple(ROLLOUT_DTYPES),
                    help="precision of the rollouts' decode matmuls: float32 (the model's, default) or bfloat16 "
                         "(AMX / AVX512-BF16 CPUs and GPUs: ~2x faster on CPU; tokens of a bf16-rounded policy, "
                         "while log-probs and the loss stay float32)")
