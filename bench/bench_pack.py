@@ -7,7 +7,9 @@
    small (5 MB) and a large (>= 250 MB, generated: the pretrain set repeated with every copy's texts rotated,
    so no two records are equal) pretrain input and a 5 MB sft input. The arms run alternately, ``--repeats``
    times, and the medians are printed, with each arm's CPU seconds (all its processes and threads) and
-   peak RSS (its largest process); the generated file is deleted afterwards;
+   peak RSS (its largest process); the generated file is deleted afterwards. The project's modules are
+   byte-compiled first, as any second run of a tool finds them (PYTHONDONTWRITEBYTECODE stops Python
+   writing them, and each run would compile them again);
 2. loader batches/s (micro-batch x seq_len) and peak RSS for a dataset at 1x and 10x size;
 3. packing efficiency (real tokens / row slots) against padding every record to the row length.
 
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -256,6 +259,8 @@ def main() -> None:
     p.add_argument("--skip-throughput", action="store_true", help="only the loader and packing tables")
     args = p.parse_args()
     print(f"data {args.data}, tokenizer {args.tokenizer}, {args.workers} worker(s), {os.cpu_count()} cores")
+    for package in ("core", "preprocess"):  # the bytecode any second run finds; with PYTHONDONTWRITEBYTECODE
+        compileall.compile_dir(REPO / package, quiet=1)  # (CI, containers) each pack.py run would compile it
 
     work = Path(tempfile.mkdtemp(prefix="tinylm-bench-"))
     if not args.skip_throughput:

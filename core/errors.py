@@ -8,6 +8,7 @@ exits 1. Anything else escaping is a bug in tinylm, not in the user's input.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 
@@ -58,7 +59,13 @@ def say_line(text: str) -> None:
 
 def run_main(tool: str, main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run a tool's body: a TinyLMError is printed as one ``tool: error:`` line (exit 1); Ctrl-C prints
-    ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130."""
+    ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130.
+
+    First the objects that exist now (the imported modules, which live until exit) are moved out of the
+    garbage collector's reach (``gc.freeze``): its collections stop re-scanning them, a forked worker
+    does not copy their pages when a collection would touch them, and exit does not walk them (~15 ms
+    of a pack.py run)."""
+    gc.freeze()
     try:
         return main() or 0
     except TinyLMError as e:

@@ -4,20 +4,20 @@ and encode rendered documents (:func:`encode_documents`, :func:`encode_chat`, :f
 The fingerprint is the sha256 of ``tokenizer.json``'s bytes: shards and checkpoints record it, and
 anything that mixes a dataset or model with a different tokenizer is refused by name.
 
-Literal encoding: ``TokenizerInfo.literal`` is a second ``tokenizers.Tokenizer`` built from the same
-``tokenizer.json`` with its ``added_tokens`` removed, so the added-vocabulary pre-split never runs and
+Literal encoding: ``TokenizerInfo.literal`` is a second ``tokenizers.Tokenizer``: the same
+``tokenizer.json`` without its ``added_tokens``, so the added-vocabulary pre-split never runs and
 no added token, special or not, can match inside content. (``Tokenizer.encode_special_tokens = True``
 is not enough: in tokenizers 0.23 it covers only tokens marked ``special``, and ``<think>`` is a
 non-special added token here and in other tokenizers.) On text without added-token strings both
 tokenizers give the same ids (the added tokens only split the text before the model runs); loading
 checks that the literal encoding of every added-token string yields no added id, so a control id can
-only come from the template.
+only come from the template. A file's truncation and padding settings (for batching in transformers) are
+switched off in both: tinylm cuts and pads nothing per piece, it fits whole documents to rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from array import array
@@ -141,6 +141,8 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
         raise TokenizerError(f"{file}: not a valid tokenizers file ({e})") from None
+    tokenizer.no_truncation()  # a file's truncation / padding (set for batching in transformers) would cut or
+    tokenizer.no_padding()  # pad every piece tinylm encodes: tinylm fits documents to rows itself
     specials = {}
     for token in (*REQUIRED_SPECIALS, *CHAT_SPECIALS, *STRUCTURE_TAGS):
         token_id = tokenizer.token_to_id(token)
@@ -149,7 +151,7 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
     missing = [t for t in REQUIRED_SPECIALS if t not in specials]
     if missing:
         raise TokenizerError(f"{file}: special token(s) {', '.join(missing)} are not single ids in this tokenizer")
-    literal, pattern = _literal_tokenizer(file, data, tokenizer)
+    literal, pattern = _literal_tokenizer(file, tokenizer)
     known = {Piece(text, kind, flag): ids for flag in (False, True)
              for text, kind, ids in [*((t, CONTROL, [i]) for t, i in specials.items()),
                                      *((t, TEXT, literal.encode(t, add_special_tokens=False).ids)
@@ -158,12 +160,16 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
                          tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known)
 
 
-def _literal_tokenizer(file: Path, data: bytes, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
-    """The tokenizer without added tokens, and a pattern of the added-token strings; checked (see above)."""
-    spec = json.loads(data)
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-    spec["added_tokens"] = []
-    literal = Tokenizer.from_str(json.dumps(spec))
+def _literal_tokenizer(file: Path, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
+    """The tokenizer without added tokens, and a pattern of the added-token strings; checked (see above).
+
+    It is assembled from ``tokenizer``'s own model, normalizer, pre-tokenizer, post-processor and decoder
+    (shared, not copied), so the file is not parsed a second time; serialized, it is exactly the file with
+    ``added_tokens`` emptied and no truncation or padding (tests/test_tokenizer.py)."""
+    added = {token.content: i for i, token in tokenizer.get_added_tokens_decoder().items()}
+    literal = Tokenizer(tokenizer.model)
+    literal.normalizer, literal.pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+    literal.post_processor, literal.decoder = tokenizer.post_processor, tokenizer.decoder
     for content in added:
         leaked = set(literal.encode(content, add_special_tokens=False).ids) & set(added.values())
         if leaked:

@@ -67,6 +67,7 @@ from preprocess.sources import (  # noqa: E402
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512  # a chunk (the work one worker takes at a time) holds at most this many records
 CHUNK_BYTES = 128 << 10  # and closes once its lines hold this many bytes, so chunks cost about the same
+TAIL_RECORDS = 8  # the fewest records of a chunk near the end (see chunks)
 WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
 
 
@@ -281,21 +282,31 @@ def prepare_out(opts: PackOptions, fingerprint: str, tok: TokenizerInfo,
     return done, None
 
 
-def chunks(items: Iterator[Item], records: int, size: float = float("inf")) -> Iterator[list[Item]]:
+def chunks(items: Iterator[Item], records: int, size: float = float("inf"), expected: int | None = None,
+           parts: int = 1) -> Iterator[list[Item]]:
     """``items`` in consecutive batches of at most ``records`` items, each closed as soon as its JSONL
     lines hold ``size`` bytes or more (Parquet rows count by number only; no ``size``: by number only).
 
     Tokenizing costs about the same per byte, so chunks of equal bytes take the workers equally long: a
     run of long records (the first lines of a mix, say) is not one chunk that keeps the in-order consumer,
-    and with it every other worker, waiting. The output does not depend on where chunks end."""
+    and with it every other worker, waiting. With ``expected`` (how many items there will be) a batch also
+    holds at most ``1/parts`` of the items still to come (and at least TAIL_RECORDS): the last batches
+    shrink, so the workers finish within a few records of each other instead of all but one idling while
+    it encodes a whole batch. The output does not depend on where chunks end."""
+    def limit(left: int | None) -> int:
+        return records if left is None else max(min(records, left // parts), TAIL_RECORDS)
     batch: list[Item] = []
     held = 0
+    left, most = expected, limit(expected)
     for item in items:
         batch.append(item)
         if isinstance(item.payload, bytes):
             held += len(item.payload)
-        if held >= size or len(batch) == records:
+        if held >= size or len(batch) >= most:
             yield batch
+            if left is not None:
+                left -= len(batch)
+                most = limit(left)
             batch, held = [], 0
     if batch:
         yield batch
@@ -428,14 +439,15 @@ def unused_tokens(opts: PackOptions, records: list[dict]) -> int:
     return sum(shards.unused_window_tokens(r["tokens"], opts.seq_len) for r in records)
 
 
-def encoded_chunks(opts: PackOptions, enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item],
-                   workers: int) -> Iterator[EncodedChunk]:
-    """Encoded chunks in input order; several workers go through :func:`preprocess.parallel.pool_map` (at
-    most ``2 x workers`` chunks in flight; a worker that dies is a PackError naming the records it held)."""
-    batches = chunks(items, CHUNK_RECORDS, CHUNK_BYTES)
+def encoded_chunks(enc: EncodeOptions, tok: TokenizerInfo, items: Iterator[Item], workers: int,
+                   expected: int) -> Iterator[EncodedChunk]:
+    """Encoded chunks of ``items`` (``expected`` of them, about) in input order; several workers go through
+    :func:`preprocess.parallel.pool_map` (at most ``2 x workers`` chunks in flight, and the last chunks
+    shrink so the workers end together; a worker that dies is a PackError naming the records it held)."""
     if workers == 1:
-        yield from (encode_items(b, enc, tok) for b in batches)
+        yield from (encode_items(b, enc, tok) for b in chunks(items, CHUNK_RECORDS, CHUNK_BYTES))
         return
+    batches = chunks(items, CHUNK_RECORDS, CHUNK_BYTES, expected, parts=2 * workers)
 
     def died(first: Item) -> PackError:
         return PackError(f"a tokenizer worker process died (killed, or out of memory?) while encoding the "
@@ -587,7 +599,7 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
     with progress_bar(opts, total_items, records_before) as bar:
-        for chunk in encoded_chunks(opts, enc, tok, items, worker_count(opts, result)):
+        for chunk in encoded_chunks(enc, tok, items, worker_count(opts, result), total_items - records_before):
             bad = None if r.skip_bad else next((e for e in chunk.errors if e is not None), None)
             if bad is not None:
                 raise bad.with_hint("pass --skip-bad to skip and count bad records")

@@ -19,8 +19,8 @@ def pool_map(fn: Callable[[list], object], batches: Iterator[list], workers: int
     At most ``2 x workers`` batches are in flight, so memory stays bounded; a worker that dies (killed,
     out of memory) raises ``died(first item of the batch it held)``, never a hang (``concurrent.futures``
     notices a dead worker, ``multiprocessing.Pool`` would wait for its lost task forever)."""
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=initializer,
-                             initargs=initargs) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=initializer, initargs=initargs)
+    try:
         in_flight: deque[tuple[object, Future]] = deque()
         for batch in itertools.chain(batches, [None]):
             if batch is not None:
@@ -31,3 +31,5 @@ def pool_map(fn: Callable[[list], object], batches: Iterator[list], workers: int
                     yield future.result()
                 except BrokenProcessPool:
                     raise died(first) from None
+    finally:  # not waiting: the workers exit while the caller writes its output (interpreter exit joins them)
+        pool.shutdown(wait=False, cancel_futures=True)

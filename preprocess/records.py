@@ -124,7 +124,11 @@ def parse_text(obj: dict) -> str:
 
 
 def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant") -> list[dict]:
-    """The validated turns under ``key``; the last one must have role ``final`` (``"any"``: either role)."""
+    """The validated turns under ``key``; the last one must have role ``final`` (``"any"``: either role).
+
+    A plain turn (a dict of ``role`` and ``content`` only, in the expected role, with non-blank ASCII or
+    encodable content) passes in a few comparisons; any other turn goes through :func:`_check_turn` and
+    :func:`_content`, which accept it or raise the precise error."""
     turns = obj.get(key)
     if turns is None:
         renamed = key == "conversations" and "messages" in obj
@@ -132,24 +136,46 @@ def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant")
         raise RecordError("missing_field", f"missing{hint}", key)
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_type", "expected a non-empty list of turns", key)
+    has_system = isinstance(turns[0], dict) and turns[0].get("role") == "system"
     out: list[dict] = []
     for i, turn in enumerate(turns):
-        field = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError("bad_type", f"expected an object, got {type(turn).__name__}", field)
-        _refuse_richer_schema(turn, field)
-        role = turn.get("role")
-        if isinstance(role, str) and role in UNSUPPORTED_ROLES:
-            raise RecordError("unsupported_field", f"role {role!r}: {UNSUPPORTED_HINT}", f"{field}.role")
-        if role not in ("system", "user", "assistant"):
-            raise RecordError("bad_role", f"unknown role {role!r}", f"{field}.role")
-        expected = _expected_role(i, turns[0].get("role") == "system")
-        if role != expected:
-            raise RecordError("bad_role_order", f"expected {expected!r}, got {role!r}", f"{field}.role")
-        out.append({"role": role, "content": _content(turn.get("content"), f"{field}.content")})
+        expected = _expected_role(i, has_system)
+        if not (type(turn) is dict and turn.keys() <= _PLAIN_TURN and turn.get("role") == expected):
+            _check_turn(turn, f"{key}[{i}]", expected)
+        content = turn.get("content")
+        if not (type(content) is str and content.strip() and (content.isascii() or _encodes(content))):
+            content = _content(content, f"{key}[{i}].content")
+        out.append({"role": expected, "content": content})
     if final != "any" and out[-1]["role"] != final:
         raise RecordError("bad_role_order", f"the last turn must be {final!r}", f"{key}[{len(out) - 1}].role")
     return out
+
+
+_PLAIN_TURN = frozenset(("role", "content"))
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate: only such text fails to encode as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_turn(turn: object, field: str, expected: str) -> None:
+    """Refuse a turn that is not an object, carries a key of the richer schema, or has a role that is
+    unknown or out of order (in that order of precedence); return for a turn that is fine."""
+    if not isinstance(turn, dict):
+        raise RecordError("bad_type", f"expected an object, got {type(turn).__name__}", field)
+    _refuse_richer_schema(turn, field)
+    role = turn.get("role")
+    if isinstance(role, str) and role in UNSUPPORTED_ROLES:
+        raise RecordError("unsupported_field", f"role {role!r}: {UNSUPPORTED_HINT}", f"{field}.role")
+    if role not in ("system", "user", "assistant"):
+        raise RecordError("bad_role", f"unknown role {role!r}", f"{field}.role")
+    if role != expected:
+        raise RecordError("bad_role_order", f"expected {expected!r}, got {role!r}", f"{field}.role")
 
 
 def parse_conversation(obj: dict) -> list[dict]:

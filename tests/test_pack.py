@@ -105,6 +105,15 @@ def test_chunks_close_at_the_record_count_or_the_byte_size():
     assert [len(b) for b in pack.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
 
 
+def test_the_last_chunks_shrink_so_workers_end_together():
+    items = [Item("a.jsonl", n, b"x") for n in range(1, 101)]
+    batches = list(pack.chunks(iter(items), 512, expected=100, parts=4))
+    assert [len(b) for b in batches] == [25, 18, 14, 10, 8, 8, 8, 8, 1]  # a quarter of what is left, at least 8
+    assert [i for b in batches for i in b] == items
+    wrong = list(pack.chunks(iter(items), 30, expected=40, parts=2))  # more items than expected: all still come
+    assert [len(b) for b in wrong] == [20, 10, 8, 8, 8, 8, 8, 8, 8, 8, 6] and sum(map(len, wrong)) == 100
+
+
 def test_output_identical_for_any_chunking(tmp_path, monkeypatch):
     src = tmp_path / "mixed.jsonl"
     lines = [json.dumps(GOOD), BAD_RECORDS["bad_unicode"][0], "not json", json.dumps(

@@ -263,6 +263,26 @@ def test_literal_tokenizer_equals_the_tokenizer_on_the_whole_sample() -> None:
         assert [e.ids for e in info.literal.encode_batch(plain, add_special_tokens=False)] == full
 
 
+def test_literal_tokenizer_is_the_file_without_its_added_tokens(tmp_path: Path) -> None:
+    """The literal tokenizer, assembled from the loaded one's parts, serializes exactly as the file with
+    ``added_tokens`` emptied and no truncation or padding, which a file may set for batching in transformers
+    and which would otherwise cut and pad every piece: both tokenizers ignore them."""
+    spec = json.loads((SHIPPED / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["truncation"] = {"max_length": 7, "stride": 1, "strategy": "OnlyFirst", "direction": "Left"}
+    spec["padding"] = {"strategy": {"Fixed": 9}, "direction": "Left", "pad_to_multiple_of": 3, "pad_id": 2,
+                       "pad_type_id": 1, "pad_token": "<|im_end|>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    for info in [*tokenizers_under_test(SHIPPED), load_tokenizer(tmp_path)]:
+        expected = json.loads(info.path.read_text(encoding="utf-8"))
+        expected.update(added_tokens=[], truncation=None, padding=None)
+        assert json.loads(info.literal.to_str()) == json.loads(Tokenizer.from_str(json.dumps(expected)).to_str())
+    text = "a sentence of more than seven tokens, unpadded and uncut"
+    shipped = load_tokenizer(SHIPPED)
+    for tok in (info.tokenizer, info.literal):
+        assert tok.truncation is None and tok.padding is None
+        assert tok.encode(text, add_special_tokens=False).ids == shipped.literal.encode(text).ids
+
+
 def control_tokens(info, ids: list[int]) -> list[str]:
     names = added_ids(info)
     return [names[i] for i in ids if i in names]
