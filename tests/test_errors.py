@@ -5,7 +5,9 @@ run_main prints one line."""
 from __future__ import annotations
 
 import pickle
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,8 @@ from core.tokenizer import TextRefused
 from preprocess.records import RecordError
 from preprocess.shards import ShardError
 from preprocess.sources import Item
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def located() -> RecordError:
@@ -81,3 +85,14 @@ def test_the_error_line_is_one_write(monkeypatch):
 
     assert run_main("tool", fails) == 1
     assert writes == [f"tool: error: {located()}\n"]
+
+
+def test_the_first_run_main_freezes_what_exists_and_only_the_first():
+    """The imports of a tool run as a script leave the collector's reach; a second in-process call (a test
+    session) freezes nothing more, so garbage made between calls is still collected."""
+    code = ("import gc, sys; sys.path.insert(0, sys.argv[1]); from core.errors import run_main; "
+            "run_main('t', lambda: 0); first = gc.get_freeze_count(); junk = [[] for _ in range(5000)]; "
+            "run_main('t', lambda: 0); print(first, gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True)
+    first, second = map(int, out.stdout.split())
+    assert first > 1_000 and second == first
