@@ -54,7 +54,14 @@ from preprocess.sources import (  # noqa: E402
     iter_items,
     parse_input_args,
 )
-from preprocess.textfilters import DuplicateIndex, Fingerprint, Fingerprinter, Measures, normalise  # noqa: E402
+from preprocess.textfilters import (  # noqa: E402
+    DuplicateIndex,
+    Fingerprint,
+    Fingerprinter,
+    Measures,
+    build_tables,
+    normalise,
+)
 
 REPORT_VERSION = 1
 EXAMPLES = 3  # examples kept per removal reason in the report
@@ -388,6 +395,7 @@ class Preparer:
 
     def __init__(self, opts: CleanOptions):
         self.opts = opts
+        build_tables()
         self.fingerprint = Fingerprinter(opts.dedup == "near", opts.near_threshold)
         self.needs_key = opts.dedup != "none" or bool(opts.exclude)
         self.filters = [load_filter(spec) for spec in opts.filters]
