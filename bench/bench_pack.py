@@ -5,7 +5,8 @@
    writing) against the raw ``tokenizers`` ``encode_batch`` rate on the same texts and cores (a fresh process
    whose timer covers only its ``encode_batch`` calls, on ``RAYON_NUM_THREADS=--workers`` threads), on a
    small (5 MB) and a large (>= 250 MB, generated: the pretrain set repeated with every copy's texts rotated,
-   so no two records are equal) pretrain input and a 5 MB sft input. The arms run alternately, ``--repeats``
+   so no two records are equal) pretrain input, a 5 MB sft input, and the whole pretrain and sft sets
+   (their files interleaved a line at a time into one). The arms run alternately, ``--repeats``
    times, and the medians are printed, with each arm's CPU seconds (all its processes and threads) and
    peak RSS (its largest process); the generated file is deleted afterwards. The project's modules are
    byte-compiled first, as any second run of a tool finds them (PYTHONDONTWRITEBYTECODE stops Python
@@ -120,7 +121,7 @@ def pack_run(stage: str, inputs: list[str], out: Path, workers: int, tokenizer_d
 
 def head_file(files: list[Path], mb: float, dest: Path) -> Path:
     """The first ``mb`` MB of whole lines of ``files`` (taken in turn, a line at a time) in one file."""
-    budget = int(mb * 1e6)
+    budget = mb * 1e6  # inf: every line
     handles = [f.open("rb") for f in files]
     with dest.open("wb") as out:
         while budget > 0 and handles:
@@ -178,7 +179,9 @@ def throughput_table(args: argparse.Namespace, work: Path) -> None:
     pretrain = sorted((args.data / "pretrain").glob("*.jsonl"))
     sft = sorted((args.data / "sft").glob("*.jsonl"))
     cases = [("pretrain", head_file(pretrain, 5, work / "pretrain_5mb.jsonl"), args.repeats),
-             ("sft", head_file(sft, 5, work / "sft_5mb.jsonl"), args.repeats)]
+             ("sft", head_file(sft, 5, work / "sft_5mb.jsonl"), args.repeats),
+             ("pretrain", head_file(pretrain, float("inf"), work / "pretrain_all.jsonl"), args.repeats),
+             ("sft", head_file(sft, float("inf"), work / "sft_all.jsonl"), args.repeats)]
     if args.large_mb:
         cases.append(("pretrain", generated_file(pretrain, args.large_mb, work / "pretrain_large.jsonl"),
                       args.large_repeats))
