@@ -46,8 +46,7 @@ class SourceSpec:
 
 class Item(NamedTuple):
     """One raw record: the bytes of a JSONL line, a Parquet row dict, or None for an empty file. A named
-    tuple, not a dataclass: one is made, pickled to a worker and unpickled per record, at a third of the
-    cost."""
+    tuple, not a dataclass: one is made and (in a worker) unpickled per record, at under half the cost."""
 
     source: str
     line: int
