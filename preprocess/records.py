@@ -126,9 +126,9 @@ def parse_text(obj: dict) -> str:
 def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant") -> list[dict]:
     """The validated turns under ``key``; the last one must have role ``final`` (``"any"``: either role).
 
-    A plain turn (a dict of ``role`` and ``content`` only, in the expected role, with non-blank ASCII or
-    encodable content) passes in a few comparisons; any other turn goes through :func:`_check_turn` and
-    :func:`_content`, which accept it or raise the precise error."""
+    A plain turn (a dict of ``role`` and ``content`` only, in the expected role) skips the checks of
+    :func:`_check_turn`, which any other turn goes through (it accepts the turn or raises the precise
+    error); every content goes through :func:`_content`."""
     turns = obj.get(key)
     if turns is None:
         renamed = key == "conversations" and "messages" in obj
@@ -139,28 +139,16 @@ def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant")
     has_system = isinstance(turns[0], dict) and turns[0].get("role") == "system"
     out: list[dict] = []
     for i, turn in enumerate(turns):
-        expected = _expected_role(i, has_system)
+        expected, field = _expected_role(i, has_system), f"{key}[{i}]"
         if not (type(turn) is dict and turn.keys() <= _PLAIN_TURN and turn.get("role") == expected):
-            _check_turn(turn, f"{key}[{i}]", expected)
-        content = turn.get("content")
-        if not (type(content) is str and content.strip() and (content.isascii() or _encodes(content))):
-            content = _content(content, f"{key}[{i}].content")
-        out.append({"role": expected, "content": content})
+            _check_turn(turn, field, expected)
+        out.append({"role": expected, "content": _content(turn.get("content"), f"{field}.content")})
     if final != "any" and out[-1]["role"] != final:
         raise RecordError("bad_role_order", f"the last turn must be {final!r}", f"{key}[{len(out) - 1}].role")
     return out
 
 
 _PLAIN_TURN = frozenset(("role", "content"))
-
-
-def _encodes(text: str) -> bool:
-    """Whether ``text`` is valid Unicode (no lone surrogate: only such text fails to encode as UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_turn(turn: object, field: str, expected: str) -> None:

@@ -83,21 +83,25 @@ def _count(pattern: re.Pattern, text: str) -> int:
     return len(text) - len(pattern.sub("", text))
 
 
-# The one-character classes Measures counts, each defined by its regular expression (bit i of a class flag).
 _SPACE_CHAR = re.compile(r"\s")
-_CLASSES = (_LETTER, _CJK, _ASCII_LETTER, _DIGIT, _SPACE_CHAR, _CONTROL)
-_SYMBOL_BIT = len(_CLASSES)
 _FLAG_BITS = np.unpackbits(np.arange(256, dtype=np.uint8).reshape(-1, 1), axis=1, bitorder="little").astype(np.int64)
 
 
 @lru_cache(maxsize=1)
+def _counted_classes() -> tuple[re.Pattern, ...]:
+    """The one-character classes Measures counts, each defined by its regular expression, in flag-bit
+    order: letters, CJK, ASCII letters, digits, spaces, controls, symbols."""
+    return _LETTER, _CJK, _ASCII_LETTER, _DIGIT, _SPACE_CHAR, _CONTROL, _symbols()
+
+
+@lru_cache(maxsize=1)
 def _bmp_flags() -> np.ndarray:
-    """Per code point below U+10000, the bit flags of the classes it belongs to (``_CLASSES``, then the
-    symbols), found by running each class's own regular expression once over all 65,536 code points, so a
-    table lookup counts exactly what the expression would (~0.03 s, once per process)."""
+    """Per code point below U+10000, the bit flags of the classes it belongs to (bit i: class i), found by
+    running each class's own regular expression once over all 65,536 code points, so a table lookup
+    counts exactly what the expression would."""
     every = "".join(map(chr, range(0x10000)))
     flags = np.zeros(0x10000, dtype=np.uint8)
-    for bit, pattern in enumerate((*_CLASSES, _symbols())):
+    for bit, pattern in enumerate(_counted_classes()):
         flags[[m.start() for m in pattern.finditer(every)]] |= np.uint8(1 << bit)
     return flags
 
@@ -108,14 +112,14 @@ def build_tables() -> None:
 
 
 def _class_counts(codes: np.ndarray) -> list[int]:
-    """How many of the code points ``codes`` are in each class (``_CLASSES``, then the symbols): for the BMP a
-    table lookup, a histogram of the flag bytes and its product with their bits (``_FLAG_BITS[v, i]``: bit i
-    of v); the expressions themselves for the rare characters above it."""
-    bmp = codes < 0x10000
-    counts = (np.bincount(_bmp_flags()[codes[bmp]], minlength=256) @ _FLAG_BITS)[:_SYMBOL_BIT + 1].tolist()
+    """How many of the code points ``codes`` are in each class: for the BMP a table lookup, a histogram of
+    the flag bytes and its product with their bits (``_FLAG_BITS[v, i]``: bit i of v); the expressions
+    themselves for the rare characters above it."""
+    classes, bmp = _counted_classes(), codes < 0x10000
+    counts = (np.bincount(_bmp_flags()[codes[bmp]], minlength=256) @ _FLAG_BITS)[:len(classes)].tolist()
     if not bmp.all():
         astral = "".join(map(chr, codes[~bmp].tolist()))
-        counts = [n + _count(p, astral) for n, p in zip(counts, (*_CLASSES, _symbols()), strict=True)]
+        counts = [n + _count(p, astral) for n, p in zip(counts, classes, strict=True)]
     return counts
 
 

@@ -198,6 +198,10 @@ class RewardOptions:
     batch: int = 8  # prompts per generation batch
     rollout_dtype: str = "float32"  # train/run.py's --rollout-dtype: the decode matmuls' precision
 
+    def __post_init__(self) -> None:
+        if self.rollout_dtype not in ROLLOUT_DTYPES:
+            raise ToolError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {self.rollout_dtype!r}")
+
 
 def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOptions, device: torch.device,
                    quiet: bool = False) -> dict[str, Any]:
@@ -209,8 +213,6 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
     prompts = PromptSet(prompts_file)
     prompts.attach(loaded.tokenizer, opts.max_new_tokens, loaded.config.max_position_embeddings)
     model = loaded.model.to(device)
-    if opts.rollout_dtype not in ROLLOUT_DTYPES:
-        raise ToolError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {opts.rollout_dtype!r}")
     cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed,
                         matmul_dtype=ROLLOUT_DTYPES[opts.rollout_dtype])
     how = PassConfig(opts.samples, k, opts.threshold)

@@ -19,7 +19,7 @@ from model import ModelConfig, TinyLM
 from model.transformer import HeadInput
 from preprocess.prompts import read_prompts
 from serve.evaluate import RewardOptions, reward_metrics
-from serve.loading import load_model
+from serve.loading import ToolError, load_model
 from train import checkpoint
 from train.checkpoint import Checkpoint
 from train.metrics import read_metrics
@@ -421,6 +421,11 @@ def test_bin_eval_rewards_equal_the_runs_evaluation(prompts, init, tmp_path, dty
     got = reward_metrics(load_model(out), prompts, opts, torch.device("cpu"), quiet=True)["reward_metrics"]
     assert got == {k.removeprefix("val_"): v for k, v in logged.items() if k.startswith("val_")}
     assert 0 < got["pass@1"] < got["pass@2"] < 1  # samples differ: the comparison is not between constants
+
+
+def test_an_unknown_rollout_dtype_is_refused_by_the_one_table():
+    with pytest.raises(ToolError, match=r"--rollout-dtype is one of float32, bfloat16, got 'float16'"):
+        RewardOptions(("m:f",), rollout_dtype="float16")
 
 
 def test_bin_eval_reward_cli(prompts, init, tmp_path):
