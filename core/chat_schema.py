@@ -111,7 +111,7 @@ def _decoded(value: object, field: str, shapes: Shapes, reason: str) -> object:
 
 
 def _not_function(kind: object, reason: str, where: str) -> SchemaError:
-    return SchemaError(reason, f"expected \"type\": \"function\", got {kind!r}", f"{where}.type")
+    return SchemaError(reason, f"expected \"type\": \"function\", got {kind!r}", where)
 
 
 def tool_name(tool: dict) -> str:
@@ -127,7 +127,8 @@ def parse_tools(value: object, field: str = "tools", shapes: Shapes = RECORD_SHA
     names: set[str] = set()
     for i, tool in enumerate(value):
         where = f"{field}[{i}]"
-        _expect(tool, dict, "an object", where)
+        if not isinstance(tool, dict):
+            raise SchemaError("bad_tools", f"expected a function definition object, got {type(tool).__name__}", where)
         flat = shapes.flat and "function" not in tool and not (tool.get("type") == "function" and "name" not in tool)
         if flat:
             function, at = tool, where
@@ -180,7 +181,8 @@ def parse_tool_calls(value: object, field: str, tool_names: set[str] | None = No
     calls = []
     for i, call in enumerate(value):
         where = f"{field}[{i}]"
-        _expect(call, dict, "an object", where)
+        if not isinstance(call, dict):
+            raise SchemaError("bad_tool_call", f"expected a tool call object, got {type(call).__name__}", where)
         if call.get("type", "function") != "function":
             raise _not_function(call["type"], "bad_tool_call", where)
         if shapes.flat and "function" not in call:
