@@ -19,11 +19,14 @@ Conversation (:func:`parse_conversation`): an optional leading ``system`` turn, 
 ``user`` -> ``assistant``; an assistant turn without calls -> ``user``; an assistant turn with N calls ->
 1..N ``tool`` turns -> ``assistant``. Results pair with calls in order: the k-th tool turn after a calling
 turn answers its k-th call; a ``tool_call_id``, when given and the calls have ids, must name one of them.
+An assistant turn without ``tool_calls`` whose content holds N ``<tool_call>`` blocks (a model's raw output)
+may be followed by ``user`` or by 1..N ``tool`` turns.
 ``tools`` belong on the record (passed as ``tools``) or on the leading system turn, not both;
 ``reasoning_content`` and ``tool_calls`` on assistant turns only. Contents are non-empty strings of valid
-Unicode; a calling assistant turn may have an empty or null content. ``reasoning_content`` holds no
-``</think>``, and a turn that has it holds no ``<think>`` in its content. The roles ``function`` and
-``ipython`` are refused by name (``unsupported_field``); other roles are unknown (``bad_role``).
+Unicode; a calling assistant turn may have an empty or null content. A blank ``reasoning_content`` is
+absent; a given one holds no ``</think>``, and a turn that has it holds no ``<think>`` in its content. The
+roles ``function`` and ``ipython`` are refused by name (``unsupported_field``); other roles are unknown
+(``bad_role``).
 
 Normalised turn form (what ``core.chat_template`` renders; only these keys):
 - ``{"role": "system" | "user", "content": str}``; the leading system turn also holds ``"tools": [...]``
@@ -40,7 +43,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.chat_template import THINK_CLOSE, THINK_OPEN
+from core.chat_template import THINK_CLOSE, THINK_OPEN, TOOL_CALL_OPEN
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 ROLES = ("system", "user", "assistant", "tool")
@@ -203,6 +206,11 @@ def parse_tool_calls(value: object, field: str, tool_names: set[str] | None = No
     return calls
 
 
+def given(value: object) -> bool:
+    """Present and, for a string, not blank (a blank reasoning_content is no reasoning)."""
+    return present(value) and not (isinstance(value, str) and not value.strip())
+
+
 def parse_reasoning(value: object, content: str, field: str) -> str:
     """An assistant turn's ``reasoning_content``: text without ``</think>``, beside a content without ``<think>``."""
     reasoning = check_text(value, field)
@@ -223,7 +231,7 @@ def parse_assistant(turn: dict, field: str, tool_names: set[str] | None = None,
     out: dict = {"role": "assistant",
                  "content": check_text("" if content is None and calls else content, f"{field}.content",
                                        allow_empty=bool(calls))}
-    if present(turn.get("reasoning_content")):
+    if given(turn.get("reasoning_content")):
         out["reasoning_content"] = parse_reasoning(turn["reasoning_content"], out["content"],
                                                    f"{field}.reasoning_content")
     if calls:
@@ -306,22 +314,28 @@ def parse_conversation(turns: object, field: str = "conversations", *, tools: ob
     out: list[dict] = []
     allowed: tuple[str, ...] = ("user",)
     calls: list[dict] = []
-    answered = 0
+    answered = made = 0
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
         if type(turn) is dict and turn.keys() <= _PLAIN and (role := turn.get("role")) in allowed and role != TOOL_ROLE:
-            out.append({"role": role, "content": check_text(turn.get("content"), f"{where}.content")})
-            allowed = ("assistant",) if role == "user" else ("user",)
+            content = check_text(turn.get("content"), f"{where}.content")
+            out.append({"role": role, "content": content})
+            if role == "user":
+                allowed = ("assistant",)
+            else:
+                calls, answered, made = [], 0, content.count(TOOL_CALL_OPEN)
+                allowed = ("user", TOOL_ROLE) if made else ("user",)
             continue
         role = _check_role(turn, where, i, allowed)
         if role == "assistant":
             out.append(parse_assistant(turn, where, names, shapes))  # type: ignore[arg-type]
             calls, answered = out[-1].get("tool_calls", []), 0
-            allowed = (TOOL_ROLE,) if calls else ("user",)
+            made = len(calls) or out[-1]["content"].count(TOOL_CALL_OPEN)  # calls written into the content
+            allowed = (TOOL_ROLE,) if calls else ("user", TOOL_ROLE) if made else ("user",)
         elif role == TOOL_ROLE:
             out.append(parse_tool_result(turn, where, calls))  # type: ignore[arg-type]
             answered += 1
-            allowed = (TOOL_ROLE, "assistant") if answered < len(calls) else ("assistant",)
+            allowed = (TOOL_ROLE, "assistant") if answered < made else ("assistant",)
         else:
             content = turn.get("content")  # type: ignore[union-attr]
             empty_ok = role == "system" and bool(listed) and content in (None, "")  # a system turn of tools only

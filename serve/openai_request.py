@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core import chat_schema
-from core.chat_schema import API_SHAPES, SchemaError, parse_reasoning, parse_tool_calls, present
+from core.chat_schema import API_SHAPES, SchemaError, given, parse_reasoning, parse_tool_calls
 from core.chat_template import CONTROL, TEXT, THINKING_PROMPTS, Piece, render_text
 from core.completion import CALL_CLOSE, CALL_OPEN
 from core.errors import TinyLMError
@@ -234,7 +234,7 @@ def _assistant_fields(message: dict, content: str, i: int) -> dict:
     (OpenAI's wire shapes: wrapped calls, no JSON strings; the names are not checked against ``tools``)."""
     fields: dict = {}
     try:
-        if present(message.get("reasoning_content")):
+        if given(message.get("reasoning_content")):
             fields["reasoning_content"] = parse_reasoning(message["reasoning_content"], content,
                                                           f"messages[{i}].reasoning_content")
         calls = message.get("tool_calls")

@@ -111,3 +111,15 @@ def test_normalised_form_has_only_the_known_keys():
                      {"role": "assistant", "content": "", "reasoning_content": "think", "tool_calls": [
                          {"id": "k", "type": "function", "function": {"name": "calc", "arguments": "{}"}}]},
                      {"role": "tool", "content": "r", "name": "calc"}, A]
+
+
+def test_calls_written_into_the_content_may_be_answered():
+    """A model's raw output (``<tool_call>`` blocks in the content, no ``tool_calls``) may be followed by
+    its results or by a user turn; a blank reasoning_content is no reasoning."""
+    raw = {"role": "assistant", "content": '<tool_call>\n{"name": "calc", "arguments": {}}\n</tool_call>'}
+    result = {"role": "tool", "content": "1"}
+    assert [t["role"] for t in chat_schema.parse_conversation([Q, raw, result, A])][2] == "tool"
+    assert len(chat_schema.parse_conversation([Q, raw, Q, A])) == 4
+    e = refused(chat_schema.parse_conversation, [Q, raw, result, result, A])
+    assert (e.field, e.message) == ("conversations[3].role", "expected 'assistant', got 'tool'")
+    assert chat_schema.parse_conversation([Q, {**A, "reasoning_content": "\n"}]) == [Q, A]
