@@ -13,11 +13,10 @@ numbers), an out-of-range value, a feature this server does not implement and te
 Thinking and tools: ``tools``, the history's ``tool_calls`` and ``reasoning_content`` are checked by
 ``core.chat_schema`` (the rules pack applies to records, in OpenAI's wire shapes: wrapped definitions and
 calls, no JSON strings; a schema error is a 400 whose ``param`` is its field). ``tools`` are rendered into
-the system turn by the template; ``tool_choice`` ``"auto"``
-(default) lets the model decide, ``"none"`` renders no tools, ``"required"`` prefills ``<tool_call>\n``
-and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut from the template's
-own rendering of a call, and fed to the parser as the completion's start, like the ``<think>\n`` that
-``chat_template_kwargs.enable_thinking=true`` appends).
+the system turn by the template; ``tool_choice`` ``"auto"`` (default) lets the model decide, ``"none"``
+renders no tools, ``"required"`` prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name":
+N}}`` also the call's name (both cut from the template's own rendering of a call, and fed to the parser as
+the completion's start, like the ``<think>\n`` that ``chat_template_kwargs.enable_thinking=true`` appends).
 """
 
 from __future__ import annotations
