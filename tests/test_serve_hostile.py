@@ -27,7 +27,8 @@ from test_serve import HI, KEY, ROOT, Server, request
 
 from core.tokenizer import load_tokenizer, prompt_ids
 from model import ModelConfig, TinyLM
-from serve.app import APIError, encode_prompt, max_token_bytes, parse_body
+from serve.engine import max_token_bytes
+from serve.openai_request import APIError, encode_prompt, parse_body
 
 openai = pytest.importorskip("openai")
 

@@ -18,7 +18,9 @@ from test_serve import KEY, browser, free_port, needs_browser, send_and_wait
 
 from core.tokenizer import load_tokenizer, prompt_ids
 from serve import calculator
-from serve.app import Engine, create_app, forced_call_ids, forced_call_text
+from serve.app import create_app
+from serve.engine import Engine
+from serve.openai_request import forced_call_ids, forced_call_text
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

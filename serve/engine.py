@@ -1,0 +1,184 @@
+"""The generation engine: one model, one worker thread, a bounded FIFO queue of validated jobs.
+
+Contract: :class:`Engine` takes :class:`Job` s (a validated :class:`Sampling` plus the asyncio loop and queue
+of the request that waits for it); :meth:`Engine.submit` queues one or raises :class:`QueueFull`. A single
+daemon thread owns the model and generates the jobs in order: token ids go through
+:class:`~core.detokenize.IncrementalDecoder` (a chunk never splits a UTF-8 character), then the ``stop``
+strings filter (:class:`StopFilter`: text that could be the start of a stop string is held back until it is
+decided; at a stop string the answer ends there, finish ``"stop"``), then
+:class:`~core.completion.CompletionParser`. The worker sends ``("event", Event)`` for each parsed event,
+then ``("done", (finish_reason, usage))`` or ``("error", message)``, to the job's queue with
+``call_soon_threadsafe``. A job whose ``cancelled`` flag is set is skipped when queued and stops at its next
+token when running. Nothing here knows HTTP or JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+from torch import nn
+
+from core.completion import CompletionParser, Event
+from core.detokenize import IncrementalDecoder
+from core.tokenizer import TokenizerInfo
+from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
+
+FINISH_TOOL_CALLS = "tool_calls"
+
+
+class QueueFull(Exception):
+    """The engine's queue holds ``max_queue`` jobs already."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A validated request: prompt ids and sampling settings."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    repetition_penalty: float
+    stop: list[str]
+    seed: int
+    prefill: str = ""  # the completion's start already in the prompt (<think>\n, a forced call's start)
+    tool_calls: bool = True  # parse <tool_call> blocks as calls (False: tool_choice "none", they stay text)
+
+
+@dataclass
+class Job:
+    """One queued request; events flow back to its event loop through ``events``."""
+
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def send_parsed(self, events: list[Event]) -> None:
+        for event in events:
+            self.send("event", event)
+
+
+class StopFilter:
+    """Cuts the text at the first stop string; holds back a tail that may still become one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, stopped?)."""
+        text = self.held + text
+        self.held = ""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return text[:min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def max_token_bytes(tokenizer: Tokenizer) -> int | None:
+    """Most UTF-8 bytes of text one token can stand for, or None when no such bound holds.
+
+    For a BPE model without an unknown token and without a normalizer, every token covers a substring
+    of the text whose byte length is at most the UTF-8 length of its vocabulary string (a byte-level
+    symbol is one byte written as one character of up to 2 bytes), so a text of B bytes needs at least
+    ceil(B / bound) tokens. A normalizer (which may shrink text) or an unknown token voids the bound."""
+    model = tokenizer.model
+    if tokenizer.normalizer is not None or not isinstance(model, BPE) or model.unk_token is not None:
+        return None
+    return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab(with_added_tokens=True))
+
+
+class Engine:
+    """The model, its tokenizer and the single generation worker thread with its bounded queue."""
+
+    def __init__(self, model: nn.Module, tokenizer: TokenizerInfo, stop_ids: list[int], max_queue: int = 64) -> None:
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+        self.context = model.config.max_position_embeddings
+        self.max_token_bytes = max_token_bytes(tokenizer.tokenizer)
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.served = 0
+        self.cancelled = 0
+        self.thread = threading.Thread(target=self._work, name="tinylm-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; QueueFull when ``max_queue`` jobs are already waiting."""
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.busy = True
+            try:
+                if not self._run(job):
+                    self.cancelled += 1
+            except Exception as e:  # report, never kill the worker
+                job.send("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                self.busy = False
+                self.served += 1
+
+    def _run(self, job: Job) -> bool:
+        """Generate ``job``; False when it was cancelled (before it started or at a token)."""
+        if job.cancelled.is_set():
+            return False
+        s = job.sampling
+        generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(s.seed)
+        gen = Generation(self.model, [s.prompt], max_new_tokens=s.max_tokens, temperature=s.temperature,
+                         top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                         stop_ids=self.stop_ids, generator=generator)
+        decoder = IncrementalDecoder(self.tokenizer.tokenizer)
+        stops = StopFilter(s.stop)
+        parser = CompletionParser(s.prefill, s.tool_calls)
+        finish = None
+        for (token,) in gen:
+            if job.cancelled.is_set():
+                return False
+            text, hit = stops.push(decoder.push(token))
+            if text:
+                job.send_parsed(parser.feed(text))
+            if hit:
+                finish = FINISH_STOP
+                break
+        if finish is None:
+            text, hit = stops.push(decoder.flush())
+            text += "" if hit else stops.flush()
+            job.send_parsed(parser.feed(text))
+            finish = FINISH_STOP if hit else gen.finish_reasons[0] or FINISH_LENGTH
+        job.send_parsed(parser.finish())
+        if parser.calls and finish == FINISH_STOP:
+            finish = FINISH_TOOL_CALLS
+        usage = {"prompt_tokens": len(s.prompt), "completion_tokens": len(gen.tokens[0]),
+                 "total_tokens": len(s.prompt) + len(gen.tokens[0])}
+        job.send("done", (finish, usage))
+        return True
+
