@@ -25,6 +25,7 @@
 #   PRETRAIN_ARGS / SFT_ARGS   extra arguments for train/run.py (they win over the defaults above)
 #   NPROC           processes per node; > 1 launches torchrun (DDP)                              [1]
 #   SKIP_PACK=1 SKIP_PRETRAIN=1 SKIP_SFT=1 SKIP_CHAT=1   skip a step (its outputs must exist)
+#   SKIP_REPORT=1   no OUT_DIR/report.md (bin/report over the runs trained here; its failure is one warning)
 #   HELDOUT_EVERY   1 record in N of every pretrain/sft source is kept out of training (in
 #                   OUT_DIR/data/heldout) and bin/eval scores pretrain and SFT on it   [50; 0 = no split]
 #   SKIP_EVAL=1     skip those two evaluations (results: OUT_DIR/{pretrain,sft}/eval_results.jsonl)
@@ -327,6 +328,19 @@ fi
 if [[ -n "$RECIPE" && -d "$OUT_DIR/sft" ]]; then
   ln -sfn sft "$OUT_DIR/final"  # the last stage's run folder
   echo "final model: $OUT_DIR/final -> $OUT_DIR/sft"
+fi
+REPORT_RUNS=()  # the run folders this invocation trained, in stage order
+[[ "${SKIP_PRETRAIN:-0}" == 1 ]] || REPORT_RUNS+=("$OUT_DIR/pretrain")
+[[ "${SKIP_SFT:-0}" == 1 ]] || REPORT_RUNS+=("$OUT_DIR/sft")
+for opt in REASON:reason DPO:dpo LORA:lora DISTILL:distill TOOLS:tools GRPO:grpo; do
+  flag="${opt%%:*}"; if [[ "${!flag:-0}" == 1 ]]; then REPORT_RUNS+=("$OUT_DIR/${opt#*:}"); fi
+done
+if [[ "${SKIP_REPORT:-0}" != 1 && ${#REPORT_RUNS[@]} -gt 0 ]]; then  # a failed report warns, never fails the run
+  if report_said="$("$PYTHON" bin/report "${REPORT_RUNS[@]}" --out "$OUT_DIR/report.md" 2>&1)"; then
+    echo "$report_said"
+  else
+    echo "train.sh: warning: no report written: ${report_said##*$'\n'}" >&2
+  fi
 fi
 echo
 echo "done in $((SECONDS - START)) s. Runs: $OUT_DIR/pretrain $OUT_DIR/sft (metrics.jsonl, loss.png, ckpt_*.pt)"
