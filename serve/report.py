@@ -119,10 +119,14 @@ def attach_data(run: Run, clean_reports: list[Path]) -> None:
     if run.ckpt is None or run.ckpt.data is None:
         run.data_note = "no checkpoint records the run's data"
         return
-    packed = Path(run.ckpt.data.folder)
+    data = run.ckpt.data
+    packed = Path(data.folder)
+    if packed.is_file():  # the RL stage trains on a prompts file
+        run.data_note = f"prompts `{packed}`: {data.rows:,} prompts, rows up to {data.seq_len} tokens"
+        return
     if not (packed / "meta.json").is_file():
-        run.data_note = (f"`{packed}` is not a packed folder here (RL prompts, or the data moved): "
-                         f"{run.ckpt.data.rows:,} rows of {run.ckpt.data.seq_len}")
+        run.data_note = (f"the run's data `{packed}` is not found here (moved, deleted, or relative to another "
+                         f"folder); the run recorded {data.rows:,} rows of {data.seq_len} tokens")
         return
     try:
         run.meta = read_meta(packed)
@@ -350,9 +354,9 @@ def model_lines(run: Run) -> list[str]:
         adapter = sum(t.numel() for t in ck.model.values())
         lines.append(f"- LoRA rank {ck.lora.rank}: {adapter:,} adapter parameters over `{ck.base.path}`"
                      if ck.base is not None else f"- LoRA rank {ck.lora.rank}: {adapter:,} adapter parameters")
-    source = ck.init_from or ck.teacher
-    if source is not None:
-        lines.append(f"- {'started from' if ck.init_from else 'teacher'} `{source.path}` (step {source.step})")
+    for what, source in (("started from", ck.init_from), ("reference", ck.reference), ("teacher", ck.teacher)):
+        if source is not None:
+            lines.append(f"- {what} `{source.path}` (step {source.step})")
     lines.append(f"- checkpoint `{ck.path}`: step {ck.step:,}, {ck.tokens_seen:,} tokens seen, "
                  f"{ck.supervised_seen:,} with loss")
     return [*lines, ""]
@@ -389,6 +393,14 @@ def results_lines(run: Run) -> list[str]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in run.results:
         groups.setdefault(result_kind(record), []).append(record)
+    for record in groups.get("held-out", []):
+        m = record.get("metrics")
+        if isinstance(m, dict):
+            shown = ", ".join(f"{k} {number(m[k])}" for k in ("loss", "perplexity", "bpb", "tokens") if k in m)
+            lines.append(f"- held-out {record.get('stage', '')} at step {record.get('step', '?')}: {shown} "
+                         f"({', '.join(f'`{d}`' for d in record.get('data') or [])})")
+    if "held-out" in groups:
+        lines.append("")
     for kind, records in groups.items():
         flat = [flatten({k: v for k, v in r.items() if k != "kind"}) for r in records]
         keys = list(dict.fromkeys(k for f in flat for k in f))
@@ -443,7 +455,7 @@ def check_outputs(paths: list[Path], runs: list[Run], markdown: Path) -> None:
             if folder not in resolved.parents:
                 continue
             earlier = ours and (path == markdown or path.name.startswith(f"{markdown.stem}-"))
-            if RUN_FILES.match(path.name) or (path.exists() and not earlier):
+            if RUN_FILES.match(path.name) or RUN_FILES.match(resolved.name) or (path.exists() and not earlier):
                 raise ReportError(f"--out would replace a file of run folder {run.folder}; write the report "
                                   "elsewhere", path=path)
 

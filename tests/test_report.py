@@ -84,6 +84,7 @@ def test_report_of_a_smoke_chain(chain, tmp_path):
     params = checkpoint.load(chain / "sft").model_config.num_params()
     assert f"parameters: {params:,}" in text
     assert "| 7.123 |" in text and "| 3.457 |" in text  # held-out loss and bpb in the runs table
+    assert "- held-out sft at step 2: loss 7.123, perplexity 1239, bpb 3.457, tokens 2,048" in text
     assert "#### held-out (1)" in text and "#### tool-eval (1)" in text and "| accuracy | 0.25 |" in text
     assert "## Hardware" in text and "tokens/s:" in text and "training time:" in text
     assert "cleaning (" in text and "sft.report.json" in text  # the clean report found by train.sh's layout
