@@ -468,6 +468,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path, clean_reports: Ite
         if not path.is_file():
             raise ReportError("no such clean report file", path=path)
     runs = [read_run(d, reports) for d in run_dirs]
+    for path in reports:
+        if not any(path.resolve() == shown.resolve() for run in runs for shown, _ in run.clean):
+            raise ReportError("--clean-report: not the clean report of any run's packed data (a JSON object "
+                              "whose stage is that data's stage)", path=path)
     images = [loss_png(run.records, f"{run.folder.name} ({run.stage})") for run in runs]
     names = picture_names(runs, out)
     pictures = [name if image is not None else None for name, image in zip(names, images, strict=True)]

@@ -95,10 +95,11 @@ def test_report_of_a_smoke_chain(chain, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not_a_run", "missing", "corrupt_metrics", "corrupt_results", "out_is_metrics",
-                                  "out_is_tokenizer"])
+                                  "out_is_tokenizer", "clean_report_of_no_run"])
 def test_bad_input_is_one_line_and_writes_nothing(case, chain, tmp_path, capsys):
     run = chain / "pretrain"
     out = tmp_path / "report.md"
+    extra = []
     if case == "not_a_run":
         run = tmp_path / "empty"
         run.mkdir()
@@ -112,10 +113,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case, chain, tmp_path, capsys)
         (run / name).write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2}\n', encoding="utf-8")
     elif case == "out_is_metrics":
         out = run / "metrics.jsonl"
-    else:
+    elif case == "out_is_tokenizer":
         out = run / "tokenizer" / "tokenizer.json"
+    else:
+        extra = ["--clean-report", str(chain / "data" / "clean" / "sft.report.json")]  # pretrain data: no match
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} if run.is_dir() else {}
-    assert bin_report().main([str(run), "--out", str(out)]) == 1
+    assert bin_report().main([str(run), "--out", str(out), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("report: error: ") and err.count("\n") == 1, err
     if case.startswith("out_is"):
@@ -124,6 +127,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, chain, tmp_path, capsys)
         assert "metrics.jsonl:2:" in err
     if case == "corrupt_results":
         assert f"{RESULTS_FILE}:2:" in err
+    if case == "clean_report_of_no_run":
+        assert "sft.report.json: --clean-report: not the clean report of any run" in err
     if not case.startswith("out_is"):
         assert not out.exists()
     assert not list(tmp_path.glob("report-*.png"))
