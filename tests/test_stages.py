@@ -6,6 +6,7 @@ checkpoints, exact resume), distillation (KL 0 against itself, foreign tokenizer
 from __future__ import annotations
 
 import dataclasses
+import re
 import errno
 import importlib.machinery
 import importlib.util
@@ -231,7 +232,7 @@ def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
     assert set(STAGES) <= {stage for stage, _, _ in defaults.TABLE} and set(defaults.OPTIMIZER) == set(STAGES)
     row = defaults.TABLE[("dpo", "adamw", "*")]
     monkeypatch.setitem(defaults.TABLE, ("dpo", "adamw", "*"), dataclasses.replace(row, lr=3e-6))
-    assert "dpo       adamw      *         3e-06" in shown()
+    assert re.search(r"^dpo +adamw +\* +3e-06 ", shown(), re.M)  # the row, whatever the column widths
     dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
     assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
     dpo.lr = 0.25
