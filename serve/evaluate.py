@@ -16,7 +16,7 @@ appends one JSON line to the results file.
 
 Rewards (``--prompts FILE --reward SPEC``): instead of answers, the prompts (RL prompt records,
 ``preprocess/prompts.py``) are scored as the RL stage's ``--eval-prompts`` evaluation scores them, with the
-same code (``train.rollout.pass_sums``) and the same per-sample seeds: sampled pass@1 and pass@k, greedy
+same code (``train.passk.pass_sums``) and the same per-sample seeds: sampled pass@1 and pass@k, greedy
 pass@1 and the mean sampled reward, a sample succeeding when its total reward >= the threshold.
 """
 
@@ -46,15 +46,17 @@ from serve.loading import LoadedModel, ToolError
 from train.data import PackedDataset, Split
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
+from train.passk import PassConfig, pass_metrics, pass_sums
+from train.prompt_set import PromptSet
 from train.rewards import load_rewards
-from train.rollout import ROLLOUT_DTYPES, PassConfig, PromptSet, RolloutConfig, pass_metrics, pass_sums
+from train.rollout import ROLLOUT_DTYPES, RolloutConfig
 from train.stages import StageContext, build_stage
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
 RESULTS_FILE = "eval_results.jsonl"
 
 
-class AllRows(Split):
+class AllRows(Split[PackedDataset]):
     """Every row of a dataset is a validation row (no training rows)."""
 
     def __init__(self, dataset: PackedDataset) -> None:  # Split itself refuses val_rows == n_rows
@@ -215,13 +217,13 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
     model = loaded.model.to(device)
     cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed,
                         matmul_dtype=ROLLOUT_DTYPES[opts.rollout_dtype])
-    how = PassConfig(opts.samples, k, opts.threshold)
+    passing = PassConfig(opts.samples, k, opts.threshold)
     totals: dict[str, float] = {}
     started = time.perf_counter()
     chunks = range(0, prompts.n_rows, opts.batch)
     for lo in tqdm(chunks, desc="reward", unit="batch", disable=quiet, dynamic_ncols=True):
         sums = pass_sums(model, prompts, range(lo, min(lo + opts.batch, prompts.n_rows)), loaded.tokenizer, rewards,
-                         cfg, how)
+                         cfg, passing)
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return {"prompts": str(prompts_file), "rewards": list(opts.specs), "samples": opts.samples,

@@ -23,8 +23,9 @@ from serve.loading import ToolError, load_model
 from train import checkpoint
 from train.checkpoint import Checkpoint
 from train.metrics import read_metrics
+from train.passk import pass_at_k
 from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards
-from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, pass_at_k, sample_seed
+from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, sample_seed
 from train.run import main
 from train.stages import GRPOStage, StepNorm, Supervised
 
@@ -89,12 +90,12 @@ def hand_loss(logits: torch.Tensor, batch: RolloutBatch, loss: str, eps: float, 
             if batch.weights[i, t] == 0:
                 continue
             lp = log_softmax_at(logits[i, t].tolist(), int(batch.targets[i, t]), temperature)
-            ratio = math.exp(lp - float(batch.old_logps[i, t]))
+            ratio = math.exp(lp - float(batch.old_token_logps[i, t]))
             if loss == "cispo":
                 value = -min(ratio, 1 + eps_high) * a * lp
             else:
                 value = -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps_high) * a)
-            d = float(batch.ref_logps[i, t]) - lp
+            d = float(batch.ref_token_logps[i, t]) - lp
             k3 = math.exp(d) - d - 1
             value += beta * k3
             kl_sum += k3
@@ -126,7 +127,7 @@ def fixed_batch() -> tuple[torch.Tensor, RolloutBatch]:
     old = true + torch.tensor([[0.0, 0.5, -0.4, 0.0], [0.0, -0.05, 0.6, -0.3]])  # ratios in and out of the clip range
     ref = true + torch.tensor([[0.0, 0.2, -0.1, 0.0], [0.0, 0.3, 0.05, -0.2]])
     batch = RolloutBatch(torch.zeros(2, 4, dtype=torch.long), targets, weights, advantages=torch.tensor([0.7, -0.7]),
-                         old_logps=old, ref_logps=ref)
+                         old_token_logps=old, ref_token_logps=ref)
     return logits, batch
 
 
@@ -152,7 +153,7 @@ def test_kl_is_zero_when_policy_is_reference(init):
                          advantages=torch.tensor([1.0, -1.0]))
     stage.model = model
     stage.annotate(batch)
-    assert batch.ref_logps is not None and batch.old_logps is None  # reuse 1: the old policy is the policy
+    assert batch.ref_token_logps is not None and batch.old_token_logps is None  # reuse 1: the old policy is the policy
     _, metrics = stage.loss(model, batch, StepNorm(torch.tensor(6.0), 1))
     assert float(metrics["kl"]) == 0.0
 
