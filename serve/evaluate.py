@@ -38,16 +38,16 @@ import torch
 from tqdm import tqdm
 
 from core.files import append_line, atomic_write_text, check_file_target
-from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
 from preprocess.prompts import REFERENCE, read_prompts
 from serve.loading import LoadedModel, ToolError
+from train import dist
 from train.data import PackedDataset, Split
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
 from train.passk import PassConfig, pass_metrics, pass_sums
-from train.prompt_set import PromptSet
+from train.prompt_set import PromptSet, tokenize
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, RolloutConfig
 from train.stages import StageContext, build_stage
@@ -64,6 +64,18 @@ class AllRows(Split[PackedDataset]):
 
 
 _RECORD_DEFAULTS = RecordOptions()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (``cuda``, else ``mps``), else ``cpu``; a named device must be a device
+    torch knows and, for CUDA, present (ToolError naming ``--device`` otherwise)."""
+    try:
+        device = dist.resolve_device(name)
+    except (RuntimeError, ValueError):
+        raise ToolError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ToolError(f"--device {name}: no such CUDA device here (--device auto picks what there is)")
+    return device
 
 
 @dataclass
@@ -162,15 +174,18 @@ def _recorded_reference(loaded: LoadedModel) -> str | None:
 def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path, device: torch.device,
                    max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                    quiet: bool = False) -> dict[str, Any]:
-    """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part."""
+    """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part. Every
+    prompt is tokenized first: one the tokenizer refuses or that fills the model's context is refused
+    (``file:line`` and the lengths) before anything is generated."""
     prompts = read_prompts(prompts_file)
-    model = loaded.model.to(device)
     info = loaded.tokenizer
+    all_ids = [tokenize(p, info, loaded.config.max_position_embeddings) for p in prompts]
+    model = loaded.model.to(device)
     stops = loaded.stop_ids
     generator = torch.Generator(device=device).manual_seed(seed)
     lines, new_tokens, started = [], 0, time.perf_counter()
-    for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
-        ids = prompt_ids(info, p.turns)
+    for p, ids in tqdm(list(zip(prompts, all_ids, strict=True)), desc="answer", unit="prompt", disable=quiet,
+                       dynamic_ncols=True):
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        generator=generator)
         new_tokens += len(out)
