@@ -84,3 +84,7 @@ def numpy_values(prompts, completions, **kwargs):
 
 def overflowing(prompts, completions, **kwargs):
     return [1e300] * len(completions)
+
+
+def exits(prompts, completions, **kwargs):
+    raise SystemExit(0)

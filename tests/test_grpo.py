@@ -218,6 +218,7 @@ def test_bad_reward_specs_are_one_line(spec, message):
     ("float_raises", r"reward float_raises \(.*\) returned <.*_NoFloat.* at index 0, not a finite number "
                      r"\(ArithmeticError: no float for you\)"),
     ("bad_message", r"reward bad_message \(.*\) raised _BadMessage: \(its message cannot be shown\)"),
+    ("exits", r"reward exits \(.*\) raised SystemExit: 0"),
 ])
 def test_misbehaving_reward_functions_are_one_line(name, message):
     reward = load_rewards([f"{REWARDS}:{name}"])[0]

@@ -162,12 +162,12 @@ def _load_module(name: str, target: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001  (the user's file: any failure is theirs, said in one line)
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's file: any failure is theirs, said in one line)
             raise RewardError(f"--reward {target}: loading {path} failed ({_said(e)})") from None
         return module
     try:
         return importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001  (ImportError, or the module's own error on import)
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (ImportError, or the module's own error on import)
         raise RewardError(f"--reward {target}: cannot import {name} ({_said(e)})") from None
 
 
@@ -200,9 +200,10 @@ def load_rewards(specs: Sequence[str]) -> list[Reward]:
 
 def call_reward(reward: Reward, prompts: list, completions: list, columns: dict[str, list]) -> list[float]:
     """One function's values (None -> nan). Everything the user's code gives back is read inside the guard:
-    a call or a read of its values that raises, a wrong count, a value that is not a finite number (a 2-D
-    array, an int too large for a float, an object whose ``float()`` raises) is a RewardError naming the
-    function. The function gets copies of its arguments, so one that edits them changes nothing else."""
+    a call or a read of its values that raises (``SystemExit`` included), a wrong count, a value that is not
+    a finite number (a 2-D array, an int too large for a float, an object whose ``float()`` raises) is a
+    RewardError naming the function. The function gets copies of its arguments, so one that edits them
+    changes nothing else."""
     who = f"reward {reward.name} ({reward.spec})"
     n = len(completions)
     prompts, completions, columns = copy.deepcopy((prompts, completions, columns))
@@ -210,7 +211,7 @@ def call_reward(reward: Reward, prompts: list, completions: list, columns: dict[
         returned = reward.fn(prompts=prompts, completions=completions, **columns)
     except RewardError as e:
         raise RewardError(f"{who}: {_message(e)}") from None
-    except Exception as e:  # noqa: BLE001  (a user's function: its failure stops the run in one line)
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (a user's function: its failure stops the run in one line)
         raise RewardError(f"{who} raised {_said(e)}") from None
     values = _values(returned, n, who)
     return [_number(v, i, who) for i, v in enumerate(values)]
@@ -229,7 +230,7 @@ def _values(returned: Any, n: int, who: str) -> list[Any]:
         raise
     except TypeError:
         raise RewardError(f"{who} returned {type(returned).__name__}, not a list of {n} numbers") from None
-    except Exception as e:  # noqa: BLE001  (a generator of the user's that raises while it is read)
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (a generator of the user's that raises while it is read)
         raise RewardError(f"{who}: reading its values raised {_said(e)}") from None
     if len(values) != n:
         count = f"more than {n}" if len(values) > n and not isinstance(returned, (list, tuple)) else len(values)
