@@ -56,8 +56,9 @@ def sample_seed(seed: int, batch: int, position: int, sample: int) -> int:
 
 ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 """--rollout-dtype -> Generation(matmul_dtype=...): float32 = the model's own precision; bfloat16 = the decode
-steps' weight products in bf16 (AMX / AVX512-BF16 on CPU: faster; the sampled tokens are then those of a
-bf16-rounded policy, while log-probs, ratios and the loss stay in the model's precision)."""
+steps' weight products in bf16 (for CPUs with AMX / AVX512-BF16: ``bench/bench_grpo.py`` measures the split);
+the sampled tokens are then those of a bf16-rounded policy, while log-probs, ratios and the loss stay in the
+model's precision."""
 
 
 @dataclass(frozen=True)
