@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
@@ -79,12 +79,15 @@ class Batch:
     position_ids: torch.Tensor | None = None  # [B, T] int64, packed rows only
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return type(self)(**{f.name: None if t is None else t.to(device, non_blocking=non_blocking)
-                             for f, t in ((f, getattr(self, f.name)) for f in fields(self))})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return type(self)(**{f.name: None if t is None else t.pin_memory()
-                             for f, t in ((f, getattr(self, f.name)) for f in fields(self))})
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A batch of the same type with ``fn`` applied to every tensor field (None stays None)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{name: None if t is None else fn(t) for name, t in values.items()})
 
 
 class PackedDataset(shards.PackedFolder):
