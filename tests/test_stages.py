@@ -119,7 +119,7 @@ def test_dpo_stored_reference_equals_online(packed_sample, base, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     rows = np.arange(data_stored.n_rows)[::3]  # rows from every shard
     a, b = data_stored.collate(rows), data_online.collate(rows)
-    assert a.ref_logps is not None and b.ref_logps is None
+    assert a.ref_doc_logps is not None and b.ref_doc_logps is None
     norm = StepNorm(stored.count(a).float(), 1)
     loss_a, parts_a = stored.loss(policy, a, norm)
     loss_b, parts_b = online.loss(policy, b, norm)

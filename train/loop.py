@@ -3,8 +3,8 @@ evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) s
 weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
-  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``; the RL stage's
-     ``RolloutLoader`` generates them here, with the weights of this moment: on-policy);
+  1. take the step's ``accum`` micro-batches (``loader.steps`` from ``samples_seen``, the ``train.batches.Batches``
+     protocol: packed rows, or the RL stage's rollouts, generated here with the weights of this moment);
   2. ``N = all_reduce(sum of stage.count(micro-batch))`` once, clamped to >= 1;
   3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
@@ -51,8 +51,8 @@ from tqdm import tqdm
 from core.errors import TinyLMError
 from train import checkpoint, dist
 from train.adapters import FullWeights
+from train.batches import Batches
 from train.checkpoint import Checkpoint, ResumeState
-from train.data import BatchLoader
 from train.dist import DistInfo
 from train.metrics import MetricsLogger, Throughput
 from train.optim import OptimConfig, Optimizers, build_optimizers
@@ -137,7 +137,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoader, cfg: LoopConfig,
+def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches, cfg: LoopConfig,
           info: DistInfo, out: Path, logger: MetricsLogger, template: Checkpoint,
           resume: Checkpoint | None = None) -> TrainState:
     """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
@@ -166,7 +166,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
             find_unused_parameters=stage.find_unused_parameters)
     train_model = ddp if ddp is not None else fwd
 
-    seq_len = loader.split.dataset.seq_len
+    seq_len = loader.seq_len
     global_batch = loader.global_batch(cfg.grad_accum)
     peak = peak_flops(device)
     flops_per_token = model.config.flops_per_token(seq_len) if peak and hasattr(model, "config") else None
@@ -331,16 +331,16 @@ def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor, grad_norm: to
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stage: Stage, loader: BatchLoader, device: torch.device,
+def evaluate(model: nn.Module, stage: Stage, loader: Batches, device: torch.device,
              amp: contextlib.AbstractContextManager) -> dict[str, float]:
     """The stage's validation metrics over the whole validation split (sums all-reduced over ranks)."""
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    for batch in loader.val_batches():
+    for batch in loader.val_batches(device):
         with amp:
-            sums = stage.eval_sums(model, batch.to(device))
+            sums = stage.eval_sums(model, batch)
         for k, v in sums.items():
             totals[k] = totals[k] + v.to(acc) if k in totals else v.to(acc)
     keys = sorted(totals)

@@ -51,6 +51,7 @@ from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
 from train import checkpoint, defaults, dist  # noqa: E402
 from train.adapters import FullWeights, weights_for  # noqa: E402
+from train.batches import Batches  # noqa: E402
 from train.checkpoint import (  # noqa: E402
     Checkpoint,
     CheckpointError,
@@ -537,7 +538,7 @@ class Plan:
 
     model: TinyLM
     weights: FullWeights
-    loader: Any
+    loader: Batches
     loop: LoopConfig
     logger: MetricsLogger
     template: Checkpoint

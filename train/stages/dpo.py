@@ -20,6 +20,7 @@ The reference is the ``--init-from`` checkpoint unless ``--ref-from`` names anot
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,17 @@ from train.data import Batch, PackedDataset
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 
 
+@dataclass(kw_only=True)
+class DPOBatch(Batch):
+    """Packed pair rows; ``ref_doc_logps`` [B, D] float32: the reference's log-prob of each row's documents
+    once reference values are attached (D = the most documents any row holds; absent documents and padding
+    rows get 0)."""
+
+    ref_doc_logps: Tensor | None = None
+
+
 class DPODataset(PackedDataset):
-    """A dpo folder whose batches carry ``ref_logps`` [B, D] once reference values are attached
-    (D = the most documents any row holds; absent documents and padding rows get 0)."""
+    """A dpo folder whose batches (:class:`DPOBatch`) carry the stored reference log-probs once attached."""
 
     def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         super().__init__(folder, tokenizer_fingerprint, verify)
@@ -50,15 +59,15 @@ class DPODataset(PackedDataset):
         self.width = self.max_row_documents()
         self.ref: list[np.ndarray] | None = None
 
-    def collate(self, rows: np.ndarray) -> Batch:
-        batch = super().collate(rows)
+    def collate(self, rows: np.ndarray) -> DPOBatch:
+        batch = DPOBatch(**vars(super().collate(rows)))
         if self.ref is not None:
             ref = np.zeros((len(rows), self.width), dtype=np.float32)
             for i, r in enumerate(rows):
                 if r >= 0:
                     s, d0, d1 = self.row_documents(int(r))
                     ref[i, :d1 - d0] = self.ref[s][d0:d1]
-            batch.ref_logps = torch.from_numpy(ref)
+            batch.ref_doc_logps = torch.from_numpy(ref)
         return batch
 
 
@@ -85,7 +94,7 @@ def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, T
     return -F.logsigmoid(margin), margin
 
 
-class DPOStage(Stage):
+class DPOStage(Stage[DPOBatch, DPOBatch]):
     """Direct preference optimisation on packed (chosen, rejected) pairs against a frozen reference."""
 
     name = "dpo"
@@ -168,26 +177,26 @@ class DPOStage(Stage):
         """Pairs with supervised tokens on both sides."""
         return valid_pairs(batch, self.width).sum()
 
-    def _reference_logps(self, batch: Batch) -> Tensor:
+    def _reference_logps(self, batch: DPOBatch) -> Tensor:
         if self.ref_model is not None:
             with torch.no_grad():
                 return document_logps(supervised_forward(self.ref_model, batch), batch, self.width)
-        if batch.ref_logps is None:
+        if batch.ref_doc_logps is None:
             raise StageError("DPO batch without reference log-probs (setup() was not run)")
-        return batch.ref_logps
+        return batch.ref_doc_logps
 
-    def _terms(self, sup: Supervised, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    def _terms(self, sup: Supervised, batch: DPOBatch) -> tuple[Tensor, Tensor, Tensor]:
         losses, margin = dpo_terms(document_logps(sup, batch, self.width), self._reference_logps(batch), self.beta)
         return losses, margin, valid_pairs(batch, self.width).float()
 
-    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: DPOBatch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """``sum(-log sigmoid(d)) / N_pairs``; metrics margin = mean d, acc = share of d > 0."""
         losses, margin, valid = self._terms(sup, batch)
         metrics = {"margin": ((margin * valid).sum() / norm.tokens).detach(),
                    "acc": (((margin > 0).float() * valid).sum() / norm.tokens).detach()}
         return (losses * valid).sum() / norm.tokens, metrics
 
-    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, sup: Supervised, batch: DPOBatch) -> dict[str, Tensor]:
         losses, margin, valid = self._terms(sup, batch)
         return {"loss": (losses * valid).sum(), "margin": (margin * valid).sum(),
                 "correct": ((margin > 0).float() * valid).sum(), "pairs": valid.sum()}
