@@ -6,13 +6,13 @@ checkpoints, exact resume), distillation (KL 0 against itself, foreign tokenizer
 from __future__ import annotations
 
 import dataclasses
-import re
 import errno
 import importlib.machinery
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
