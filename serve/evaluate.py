@@ -42,8 +42,9 @@ from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
 from preprocess.prompts import REFERENCE, read_prompts
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
 from train.data import PackedDataset, Split
+from train.loading import LoadedModel
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
 from train.rewards import load_rewards

@@ -21,9 +21,9 @@ from scripted import random_checkpoint
 
 from core.files import FileWriteError, is_temp_file
 from model import ModelConfig, TinyLM
-from serve.loading import load_model
-from train import checkpoint
+from train import checkpoint, dist, loading, weights
 from train.checkpoint import Checkpoint, CheckpointError, DataRecord, ResumeState, SourceRecord, TokenizerRecord
+from train.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -106,9 +106,9 @@ NOT_CHECKPOINTS = {
 def test_what_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, good, kind):
     write, expected = NOT_CHECKPOINTS[kind]
     path = tmp_path / "ckpt_00000001.pt"
-    write(path, checkpoint.resolve(good))
+    write(path, loading.resolve(good))
     with pytest.raises(CheckpointError) as info:
-        checkpoint.load(path)
+        loading.load(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message, message
     assert "\n" not in message and "weights_only" not in message  # never advise the unsafe flag
@@ -116,12 +116,12 @@ def test_what_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, good, kind):
 
 def test_resume_needs_resume_state(tmp_path, good):
     with pytest.raises(CheckpointError, match=r"field 'training': missing.* cannot resume from this file"):
-        checkpoint.load(good, resume=True)
-    checkpoint.load(good)  # fine for inference or --init-from
+        loading.load(good, resume=True)
+    loading.load(good)  # fine for inference or --init-from
 
 
 def nan_checkpoint(source: Path, folder: Path) -> Path:
-    payload = torch.load(checkpoint.resolve(source), weights_only=True)
+    payload = torch.load(loading.resolve(source), weights_only=True)
     payload["model"]["model.norm.weight"][3] = float("nan")
     payload["model"]["lm_head.weight"][0, 0] = float("inf")
     folder.mkdir(parents=True)
@@ -133,7 +133,7 @@ def nan_checkpoint(source: Path, folder: Path) -> Path:
 
 def test_nonfinite_weights_are_refused_by_the_loader(tmp_path, good):
     bad = nan_checkpoint(good, tmp_path / "nan")
-    for load in (checkpoint.load, load_model):
+    for load in (loading.load, load_model):
         with pytest.raises(CheckpointError) as info:
             load(bad)
         assert str(info.value) == (f"{bad}: non-finite weights (nan/inf in model.embed_tokens.weight, "
@@ -191,17 +191,17 @@ def test_save_on_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_
 # ---- loading into a model, names ----------------------------------------------------------------------------
 
 def test_load_refuses_missing_unexpected_and_misshaped(good):
-    ckpt = checkpoint.load(good)
+    ckpt = loading.load(good)
     model = TinyLM(ckpt.model_config)
     missing = {k: v for k, v in ckpt.model.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match=r"missing keys model\.norm\.weight"):
-        checkpoint.load_model_state(model, missing, "ckpt")
+        weights.load_model_state(model, missing, "ckpt")
     with pytest.raises(CheckpointError, match=r"unexpected keys extra\.weight"):
-        checkpoint.load_model_state(model, {**ckpt.model, "extra.weight": torch.zeros(1)}, "ckpt")
+        weights.load_model_state(model, {**ckpt.model, "extra.weight": torch.zeros(1)}, "ckpt")
     narrow = TinyLM(ModelConfig.from_preset("tiny", hidden_size=32))
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        checkpoint.load_model_state(narrow, ckpt.model, "ckpt")
-    checkpoint.load_model_state(model, ckpt.model, "ckpt")  # the real thing loads
+        weights.load_model_state(narrow, ckpt.model, "ckpt")
+    weights.load_model_state(model, ckpt.model, "ckpt")  # the real thing loads
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
@@ -209,7 +209,7 @@ def test_saved_state_has_no_wrapper_prefixes(tmp_path):
     model = TinyLM(ModelConfig.from_preset("tiny"))
     compiled = torch.compile(model)  # wrapping only; nothing is compiled until it runs
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    state = checkpoint.model_state(compiled)
+    state = weights.model_state(compiled)
     assert set(state) == set(model.state_dict())
     path = Checkpoint(state, model.config, step=3).save(tmp_path, keep_last=1)
     Checkpoint(state, model.config, step=5).save(tmp_path, keep_last=1)
@@ -219,9 +219,9 @@ def test_saved_state_has_no_wrapper_prefixes(tmp_path):
 
 def test_missing_checkpoint_message(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
-        checkpoint.load(tmp_path / "nope")
+        loading.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"no checkpoint \(ckpt_\*\.pt\) in this folder"):
-        checkpoint.load(tmp_path)
+        loading.load(tmp_path)
 
 
 # ---- the type, its versions and its strictness ---------------------------------------------------------------
@@ -232,9 +232,9 @@ def save_v1(path: Path, model: TinyLM, tokenizer: Path) -> None:
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()
     payload = {"format": "tinylm-checkpoint-1", "step": 7, "samples_seen": 56, "tokens_seen": 3584,
-               "supervised_seen": 900, "nonfinite_skipped": 1, "model": checkpoint.model_state(model),
+               "supervised_seen": 900, "nonfinite_skipped": 1, "model": weights.model_state(model),
                "optimizer": optimizer.state_dict(), "schedule": {"peak_lr": 1e-5}, "scaler": None, "stage_state": {},
-               "rng": [checkpoint.rng_state()], "world": 1, "model_config": model.config.to_dict(), "stage": "dpo",
+               "rng": [dist.rng_state()], "world": 1, "model_config": model.config.to_dict(), "stage": "dpo",
                "tokenizer": {"fingerprint": hashlib.sha256(tokenizer.read_bytes()).hexdigest(), "path": str(tokenizer),
                              "vocab_size": 6400, "special_ids": {"<|im_end|>": 2}},
                "data": {"folder": "data/packed/dpo", "stage": "dpo", "seq_len": 64, "rows": 30, "val_rows": 4,
@@ -252,7 +252,7 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
     model = TinyLM(TINY)
     old = tmp_path / "old" / "ckpt_00000007.pt"
     save_v1(old, model, ROOT / "data" / "tokenizer" / "tokenizer.json")
-    ckpt = checkpoint.load(old, resume=True)
+    ckpt = loading.load(old, resume=True)
     assert (ckpt.step, ckpt.samples_seen, ckpt.tokens_seen, ckpt.supervised_seen, ckpt.nonfinite_skipped) == (
         7, 56, 3584, 900, 1)
     assert ckpt.model_config == TINY and ckpt.stage == "dpo" and ckpt.stage_options == {"beta": 0.5}
@@ -270,7 +270,7 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
         assert torch.equal(loaded.model(ids).logits, model.eval()(ids).logits)
     again = ckpt.save(tmp_path / "new")  # and it is rewritten in the current version, losing nothing
     assert torch.load(again, weights_only=True)["format"] == checkpoint.FORMAT
-    new = checkpoint.load(again, resume=True)
+    new = loading.load(again, resume=True)
     assert (new.stage_options, new.reference, new.data, new.training.schedule) == (
         ckpt.stage_options, ckpt.reference, ckpt.data, ckpt.training.schedule)
 
@@ -278,13 +278,13 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
 def test_round_trip_keeps_every_record(tmp_path):
     torch.manual_seed(0)
     model = TinyLM(TINY)
-    ckpt = Checkpoint(checkpoint.model_state(model), TINY, stage="sft", step=3, samples_seen=24, tokens_seen=1536,
+    ckpt = Checkpoint(weights.model_state(model), TINY, stage="sft", step=3, samples_seen=24, tokens_seen=1536,
                       supervised_seen=700, tokenizer=TokenizerRecord("f" * 64, "tok.json", 6400, {"<|im_end|>": 2}),
                       data=DataRecord("d", "sft", 64, 10, 2, 8), args={"lr": 0.1},
                       training=ResumeState({"state": {}, "param_groups": []}, [{"torch": torch.get_rng_state()}]),
                       base=SourceRecord("b", 1, "sft", "0" * 64), teacher=SourceRecord("t", 2, "sft", "1" * 64),
                       stage_options={"alpha": 0.5})
-    back = checkpoint.load(ckpt.save(tmp_path), resume=True)
+    back = loading.load(ckpt.save(tmp_path), resume=True)
     for name in ("model_config", "stage", "step", "samples_seen", "tokens_seen", "supervised_seen", "tokenizer",
                  "data", "args", "base", "teacher", "stage_options", "lora", "reference", "init_from"):
         assert getattr(back, name) == getattr(ckpt, name), name
@@ -310,10 +310,10 @@ STRICT = {
 @pytest.mark.parametrize("kind", sorted(STRICT))
 def test_strict_about_fields_and_versions(tmp_path, good, kind):
     change, expected = STRICT[kind]
-    payload = change(torch.load(checkpoint.resolve(good), weights_only=True))
+    payload = change(torch.load(loading.resolve(good), weights_only=True))
     path = tmp_path / "ckpt_00000001.pt"
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as info:
-        checkpoint.load(path)
+        loading.load(path)
     assert str(info.value).startswith(f"{path}: ") and expected in str(info.value), str(info.value)
     assert "\n" not in str(info.value)

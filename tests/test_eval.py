@@ -20,7 +20,8 @@ from core.tokenizer import encode_chat, prompt_ids
 from model.generate import generate
 from preprocess.prompts import read_prompts
 from serve.evaluate import DataOptions, append_result, held_out_metrics, run_eval
-from serve.loading import ToolError, load_model
+from serve.source_args import ToolError
+from train.loading import load_model
 from train.metrics import token_byte_lengths
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import torch
 from core.tokenizer import load_tokenizer
 from model.generate import generate
 from serve.export import export
-from serve.loading import load_model
-from train import checkpoint
+from train import loading, weights
 from train.checkpoint import CheckpointError
+from train.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -80,7 +80,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize(("arch", "tied"), KINDS)
 def test_transformers_folder_gives_transformers_logits_and_tokens(folders, arch, tied):
     folder, hf = folders[arch, tied]
-    ckpt = checkpoint.load(folder)
+    ckpt = loading.load(folder)
     assert ckpt.model_config.qk_norm == (arch == "qwen3") and ckpt.model_config.tie_word_embeddings == tied
     assert ckpt.model_config.head_dim == (32 if arch == "qwen3" else 16)
     lm = load_model(folder)  # what bin/chat, bin/serve, bin/eval, bin/export use
@@ -94,16 +94,16 @@ def test_transformers_folder_gives_transformers_logits_and_tokens(folders, arch,
     assert mine == hf_greedy(hf, PROMPT, 12)
     # the fingerprint is the mapped state dict's, the same on every read (LoRA bases, DPO references)
     record = ckpt.source_record()
-    assert record.path == str(folder) and record.fingerprint == checkpoint.load(folder).source_record().fingerprint
-    assert record.fingerprint == checkpoint.state_fingerprint(ckpt.model)
+    assert record.path == str(folder) and record.fingerprint == loading.load(folder).source_record().fingerprint
+    assert record.fingerprint == weights.state_fingerprint(ckpt.model)
 
 
 def test_sharded_folder_loads_like_one_file(folders, tmp_path):
     _, hf = folders["qwen3", False]
     folder = save(hf, tmp_path / "sharded", max_shard_size="300KB")
     assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
-    one = checkpoint.load(folders["qwen3", False][0])
-    assert checkpoint.load(folder).source_record().fingerprint == one.source_record().fingerprint
+    one = loading.load(folders["qwen3", False][0])
+    assert loading.load(folder).source_record().fingerprint == one.source_record().fingerprint
 
 
 @pytest.mark.parametrize(("arch", "tied"), KINDS)
@@ -162,7 +162,7 @@ def edit_config(folder: Path, dst: Path, **changes) -> Path:
 def test_unsupported_config_is_one_line_naming_the_field(folders, tmp_path, changes, field, words):
     folder = edit_config(folders["llama", True][0], tmp_path / "bad", **changes)
     with pytest.raises(CheckpointError) as e:
-        checkpoint.load(folder)
+        loading.load(folder)
     text = str(e.value)
     assert "\n" not in text and str(folder / "config.json") in text and words in text
     if field:
@@ -187,7 +187,7 @@ def rewrite_weights(folder: Path, dst: Path, edit) -> Path:
 def test_mismatched_tensors_are_named(folders, tmp_path, edit, words):
     folder = rewrite_weights(folders["qwen3", False][0], tmp_path / "bad", edit)
     with pytest.raises(CheckpointError) as e:
-        checkpoint.load(folder)
+        loading.load(folder)
     assert "\n" not in str(e.value) and words in str(e.value) and str(folder) in str(e.value)
 
 
@@ -195,7 +195,7 @@ def test_tied_config_with_another_head_is_refused(folders, tmp_path):
     folder = rewrite_weights(folders["llama", True][0], tmp_path / "bad",
                              lambda s: s.__setitem__("lm_head.weight", torch.zeros(VOCAB, 64)))
     with pytest.raises(CheckpointError, match="field 'tie_word_embeddings': lm_head.weight differs"):
-        checkpoint.load(folder)
+        loading.load(folder)
 
 
 def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
@@ -210,7 +210,7 @@ def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bin/export: error: ") and "field 'hidden_act'" in lines[0]
     with pytest.raises(CheckpointError, match="no training state to resume"):
-        checkpoint.load(folder, resume=True)
+        loading.load(folder, resume=True)
 
 
 def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, tmp_path):
@@ -225,8 +225,8 @@ def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, 
                  "--no-progress", "--merge"]) == 0
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
-    ckpt = checkpoint.load(out)
-    assert ckpt.lora is not None and ckpt.base == checkpoint.load(folder).source_record()
+    ckpt = loading.load(out)
+    assert ckpt.lora is not None and ckpt.base == loading.load(folder).source_record()
     assert ckpt.model_config.qk_norm
     lm = load_model(out / "merged")  # adapter folded into the imported base
     exported = tmp_path / "hf"
@@ -288,7 +288,7 @@ def test_minimind_state_dict_loads_with_its_shape_and_tokenizer(tmp_path, qk_nor
     add_source_arguments(p)
     args = p.parse_args(["--model", "tiny", "--tokenizer", str(TOKENIZER),
                          *(f"--model-arg={a}" for a in MINIMIND_ARGS[qk_norm])])
-    lm = load_model(pth, options=source_options(args))
+    lm = load_model(pth, options=source_options(args.model, args.model_arg, args.tokenizer))
     assert lm.config.qk_norm == qk_norm and lm.config.head_dim == head_dim and lm.tokenizer.path.parent == TOKENIZER
     # the reference: transformers' Llama / Qwen3 with the same tensors (MiniMind uses their names and math)
     conf = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -303,7 +303,7 @@ def test_minimind_state_dict_loads_with_its_shape_and_tokenizer(tmp_path, qk_nor
         assert (lm.model(ids).logits - ref(input_ids=ids).logits.float()).abs().max().item() < 1e-4
     assert generate(lm.model, PROMPT, max_new_tokens=8) == hf_greedy(ref, PROMPT, 8)
     # a LoRA base / DPO reference recorded from it is recognised by the fingerprint of the mapped weights
-    ckpt = checkpoint.load(pth, options=checkpoint.SourceOptions(lm.config))
+    ckpt = loading.load(pth, options=loading.SourceOptions(lm.config))
     assert ckpt.source_record().fingerprint == lm.checkpoint.source_record().fingerprint
 
 
@@ -343,7 +343,7 @@ def test_training_starts_from_a_minimind_state_dict(packed_sample, tmp_path, cap
     shape = ["--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False])]
     assert main([*common, "--out", str(tmp_path / "run"), *shape]) == 0
     assert "--model tiny ignored" not in capsys.readouterr().err
-    ckpt = checkpoint.load(tmp_path / "run")
+    ckpt = loading.load(tmp_path / "run")
     assert ckpt.init_from.path == str(pth) and ckpt.model_config.intermediate_size == 96
 
 
@@ -358,7 +358,7 @@ def test_dpo_reference_from_a_minimind_state_dict_takes_the_policy_shape(packed_
     assert main(["--stage", "dpo", "--data", str(data), "--out", str(tmp_path / "run"), "--init-from", str(policy),
                  "--ref-from", str(ref), *shape, "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1",
                  "--eval-every", "0", "--val-rows", "2", "--no-progress"]) == 0
-    ckpt = checkpoint.load(tmp_path / "run")
-    want = checkpoint.load(ref, options=checkpoint.SourceOptions(ckpt.model_config)).source_record()
+    ckpt = loading.load(tmp_path / "run")
+    want = loading.load(ref, options=loading.SourceOptions(ckpt.model_config)).source_record()
     assert ckpt.reference == want and ckpt.reference.path == str(ref)
     assert ckpt.init_from.path == str(policy)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from preprocess import shards
-from train import checkpoint, defaults
+from train import defaults, loading
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_smoke_runs_end_to_end(tmp_path):
         row, muon = defaults.lookup(stage, optimizer, "tiny"), defaults.lookup(stage, "muon", "tiny")
         assert f"--optimizer {optimizer} --lr {row.lr:g} --muon-lr {muon.muon_lr:g} --schedule {defaults.SCHEDULE}" \
             in next(line for line in text.splitlines() if "train/run.py" in line and f"--stage {stage}" in line)
-    pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
+    pre, sft = loading.load(out / "pretrain"), loading.load(out / "sft")
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint
     assert any("val_loss" in r for r in read_metrics(out / "sft"))
@@ -54,11 +54,11 @@ def test_smoke_runs_end_to_end(tmp_path):
                                  "LORA_STEPS": "2", "TOOLS": "1", "TOOLS_STEPS": "2"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout and "skipped (SKIP_CHAT=1)" in again.stdout
-    dpo, lora = checkpoint.load(out / "dpo"), checkpoint.load(out / "lora")
+    dpo, lora = loading.load(out / "dpo"), loading.load(out / "lora")
     assert dpo.stage == "dpo" and dpo.reference.path == sft.path and dpo.step == 2
     assert lora.base.path == sft.path and lora.lora.rank == 8
-    assert checkpoint.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
-    tools = checkpoint.load(out / "tools")
+    assert loading.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
+    tools = loading.load(out / "tools")
     assert tools.stage == "sft" and tools.init_from.path == sft.path and tools.step == 2
     assert shards.read_meta(out / "packed" / "tools")["counts"]["records_read"] == 120
 
@@ -67,8 +67,8 @@ def test_smoke_runs_end_to_end(tmp_path):
                               "SKIP_PACK": "1", "SKIP_PRETRAIN": "1", "SKIP_SFT": "1", "SKIP_CHAT": "1",
                               "REASON": "1", "REASON_STEPS": "2", "GRPO": "1"})
     assert rl.returncode == 0, rl.stdout[-3000:] + rl.stderr[-3000:]
-    grpo = checkpoint.load(out / "grpo")
-    assert grpo.stage == "grpo" and grpo.step == 2 and grpo.init_from.path == checkpoint.load(out / "reason").path
+    grpo = loading.load(out / "grpo")
+    assert grpo.stage == "grpo" and grpo.step == 2 and grpo.init_from.path == loading.load(out / "reason").path
     assert grpo.stage_options["reward"] == ["gsm8k", "format@0.5"]
     assert all("reward/gsm8k" in r and "reward/format" in r for r in read_metrics(out / "grpo") if "loss" in r)
     scored = [json.loads(line) for line in (out / "grpo" / "eval_results.jsonl").read_text().splitlines()]
