@@ -45,6 +45,8 @@ class ConfigError(ValueError):
 
 def _show(value: Any) -> str:
     """A value for a message, cut short (a hostile config may hold a 5,000-digit number)."""
+    if isinstance(value, int) and value.bit_length() > 100:  # repr itself refuses past 4300 digits
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -26,8 +26,8 @@ class UnsupportedConfig(TinyLMError):
 
 def _arch(conf: dict[str, Any]) -> str:
     archs = conf.get("architectures")
-    if not (isinstance(archs, list) and len(archs) == 1 and archs[0] in ARCHITECTURES.keys() - {None}
-            and isinstance(archs[0], str)):
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
+            and archs[0] in ARCHITECTURES):
         raise UnsupportedConfig(f"{repr(archs)[:80]}: tinylm loads exactly one of {', '.join(ARCHITECTURES)}",
                                 field="architectures")
     kind = ARCHITECTURES[archs[0]]

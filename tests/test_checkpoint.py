@@ -1,5 +1,7 @@
-"""train/checkpoint.py, the checkpoint type and its one loader and writer: anything that is not a tinylm checkpoint,
-and any checkpoint with nan/inf weights, is refused in one line naming the file (in-process and by every tool that
+"""train/checkpoint.py, the checkpoint type and its strict reader and writer (read through train/loading.py): anything
+that is not a tinylm checkpoint, any checkpoint with nan/inf weights, a model config with a value of the wrong type,
+non-finite or out of range, and tensors that are not what they claim (an expanded view, a dtype that is no weight,
+shapes other than the config's) are refused in one line naming the file (in-process and by every tool that
 reads checkpoints); ``weights_only=True`` is never bypassed nor advised against; ``save`` writes neither
 non-finite weights nor, on a full disk, a partial file; unknown / missing fields and unknown versions are refused
 naming the field; a checkpoint written in the version-1 layout (before the type) still loads and resumes."""
@@ -317,3 +319,127 @@ def test_strict_about_fields_and_versions(tmp_path, good, kind):
         loading.load(path)
     assert str(info.value).startswith(f"{path}: ") and expected in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ---- values that are not what they claim: refused before anything is allocated -------------------------------
+
+def edited(good: Path, folder: Path, edit) -> Path:  # noqa: ANN001
+    """A copy of the checkpoint ``good`` with ``edit(payload)`` applied, written past ``save``'s checks."""
+    payload = torch.load(loading.resolve(good), weights_only=True)
+    edit(payload)
+    folder.mkdir(parents=True)
+    path = folder / "ckpt_00000001.pt"
+    torch.save(payload, path)
+    return path
+
+
+HOSTILE_CONFIG = {
+    "rope_theta nan": ("rope_theta", float("nan"), "must be finite"),
+    "rope_theta inf": ("rope_theta", float("inf"), "must be finite"),
+    "rms_norm_eps negative": ("rms_norm_eps", -1.0, "must be finite and in (0, 1)"),
+    "rms_norm_eps nan": ("rms_norm_eps", float("nan"), "must be finite"),
+    "rms_norm_eps text": ("rms_norm_eps", "abc", "expected a number, got 'abc'"),
+    "rms_norm_eps null": ("rms_norm_eps", None, "expected a number, got None"),
+    "initializer_range list": ("initializer_range", [1], "expected a number, got [1]"),
+    "a billion layers": ("num_hidden_layers", 10**9, "must be in [1, 1024]"),
+    "a trillion positions": ("max_position_embeddings", 10**12, "must be in [1, 16777216]"),
+    "a 41-digit width": ("hidden_size", 10**40, "must be in [1, 65536]"),
+    "a bool as text": ("qk_norm", "no", "expected true or false"),
+    "heads as a bool": ("num_attention_heads", True, "expected an integer, got True"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_CONFIG))
+def test_a_hostile_model_config_is_one_line_naming_the_field(tmp_path, good, kind):
+    name, value, words = HOSTILE_CONFIG[kind]
+    path = edited(good, tmp_path / "bad", lambda p: p["model_config"].__setitem__(name, value))
+    with pytest.raises(CheckpointError) as info:
+        loading.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'model_config.{name}': ") and words in message, message
+    assert "\n" not in message and len(message) < 300
+
+
+NORM = "model.norm.weight"
+HOSTILE_TENSORS = {
+    "a stride-0 view of 10^12 elements": (lambda m: m.__setitem__(NORM, torch.zeros(1).expand(10**12)),
+                                          f"field 'model.{NORM}': claims 1000000000000 elements over a storage of 4"),
+    "float8": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.float8_e4m3fn)), f"tensor {NORM} is float8_e4m3fn"),
+    "complex": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.complex64)), f"tensor {NORM} is complex64"),
+    "integer": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.int64)), f"tensor {NORM} is int64"),
+    # a config that claims a 4 GB embedding over the file's small one: compared before any model is built
+    "a config larger than its tensors": (lambda m: None, "the weights do not fit its model_config: shape mismatch "
+                                                         "lm_head.weight (6400, 64) vs model (16777216, 64)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TENSORS))
+def test_tensors_that_are_not_what_they_claim_are_refused_before_use(tmp_path, good, kind):
+    edit, words = HOSTILE_TENSORS[kind]
+
+    def change(payload: dict) -> None:
+        edit(payload["model"])
+        if kind == "a config larger than its tensors":
+            payload["model_config"]["vocab_size"] = 2**24
+
+    path = edited(good, tmp_path / "bad", change)
+    (path.parent / "tokenizer").symlink_to(ROOT / "data" / "tokenizer")
+    for load in (loading.load, load_model):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+
+
+def test_an_expanded_tensor_in_the_resume_state_is_refused(tmp_path, good):
+    def change(payload: dict) -> None:
+        payload["training"] = {"optimizer": {"state": {0: {"exp_avg": torch.zeros(1).expand(10**12)}},
+                                             "param_groups": []}, "rng": [dist.rng_state()]}
+
+    path = edited(good, tmp_path / "bad", change)
+    with pytest.raises(CheckpointError, match=r"field 'training\.optimizer\.state\.0\.exp_avg': claims 10{12} "):
+        loading.load(path, resume=True)
+
+
+def test_a_lora_checkpoint_is_checked_against_its_config_before_the_adapter_is_built(tmp_path):
+    from model.lora import LoRAConfig, apply_lora, lora_state_dict
+
+    lora = LoRAConfig(2, 4.0, ("q_proj", "v_proj"))
+    adapter = lora_state_dict(apply_lora(TinyLM(TINY), lora))
+    base = SourceRecord("elsewhere", 1, "sft", "0" * 64)
+    Checkpoint(model=adapter, model_config=TINY, lora=lora, base=base, step=1).save(tmp_path / "ok")
+    loading.load(tmp_path / "ok")  # a well-formed adapter reads
+    payload = torch.load(loading.resolve(tmp_path / "ok"), weights_only=True)
+    cases = {
+        "huge rank": ({**payload, "lora": {**payload["lora"], "rank": 10**12}},
+                      "field 'lora': LoRA rank must be >= 1 and <= 65536"),
+        "nan alpha": ({**payload, "lora": {**payload["lora"], "alpha": float("nan")}},
+                      "field 'lora': LoRA alpha must be a finite number"),
+        "rank not as stored": ({**payload, "lora": {**payload["lora"], "rank": 3}},
+                               "the adapter does not fit its model_config and lora: shape mismatch"),
+        "another target": ({**payload, "lora": {**payload["lora"], "targets": ["k_proj"]}},
+                           "the adapter does not fit its model_config and lora: missing keys"),
+    }
+    for name, (bad, words) in cases.items():
+        path = tmp_path / name.replace(" ", "_") / "ckpt_00000001.pt"
+        path.parent.mkdir()
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError) as info:
+            loading.load(path)
+        assert str(info.value).startswith(f"{path}: ") and words in str(info.value), (name, str(info.value))
+
+
+def test_chat_refuses_an_expanded_tensor_without_allocating_it(tmp_path, good):
+    """The CLI under a 6 GB address-space limit: 10^12 float32 elements (4 TB) would not fit, one line does."""
+    import resource
+
+    path = edited(good, tmp_path / "bad", lambda p: p["model"].__setitem__(NORM, torch.zeros(1).expand(10**12)))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    run = subprocess.run([PY, str(ROOT / "bin" / "chat"), "--ckpt", str(path), "--prompt", "hi"], env=ENV,
+                         capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and str(path) in lines[0], run.stderr
+    assert "claims 1000000000000 elements" in lines[0]

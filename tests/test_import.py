@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from core.tokenizer import load_tokenizer
+from model import ModelConfig
 from model.generate import generate
 from serve.export import export
 from train import loading, weights
@@ -169,6 +170,46 @@ def test_unsupported_config_is_one_line_naming_the_field(folders, tmp_path, chan
         assert f"field '{field}'" in text
 
 
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers", "must be in [1, 1024], got 1000000000"),
+    ({"max_position_embeddings": 10**12}, "max_position_embeddings", "must be in [1, 16777216]"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps", "expected a number, got 'abc'"),
+    ({"rms_norm_eps": None}, "rms_norm_eps", "expected a number, got None"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps", "must be finite"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps", "must be finite and in (0, 1)"),
+    ({"initializer_range": [1]}, "initializer_range", "expected a number, got [1]"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta", "must be finite"),
+    ({"rope_parameters": None, "rope_theta": float("inf")}, "rope_theta", "must be finite"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings", "expected true or false"),
+    ({"vocab_size": 1.5}, "vocab_size", "expected an integer, got 1.5"),
+    ({"intermediate_size": None}, "intermediate_size", "expected a positive integer"),
+    ({"intermediate_size": -96}, "intermediate_size", "expected a positive integer"),
+    ({"head_dim": 0}, "head_dim", "must be in [2, 4096]"),
+    ({"layer_types": 5}, "layer_types", "full_attention"),
+    ({"architectures": [{}]}, "architectures", "tinylm loads exactly one of"),
+])
+def test_a_config_value_that_is_not_what_it_claims_is_one_line_naming_the_field(folders, tmp_path, changes, field,
+                                                                                 words):
+    """Type, finiteness and range of every field, checked before any tensor is read or any model built: a
+    billion layers or a trillion positions are refused at once, not built."""
+    folder = edit_config(folders["llama", True][0], tmp_path / "bad", **changes)
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    text = str(e.value)
+    assert text.startswith(f"{folder / 'config.json'}: field '{field}': ") and words in text, text
+    assert "\n" not in text and len(text) < 400
+
+
+def test_a_number_too_long_to_read_is_one_line(folders, tmp_path):
+    folder = edit_config(folders["llama", True][0], tmp_path / "bad")
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace('"vocab_size": ',
+                                                                                    '"vocab_size": ' + "9" * 5000))
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    assert str(e.value).startswith(f"{folder / 'config.json'}: the transformers config is corrupt")
+    assert "\n" not in str(e.value)
+
+
 def rewrite_weights(folder: Path, dst: Path, edit) -> Path:
     shutil.copytree(folder, dst)
     state = safetensors_torch.load_file(str(dst / "model.safetensors"))
@@ -189,6 +230,32 @@ def test_mismatched_tensors_are_named(folders, tmp_path, edit, words):
     with pytest.raises(CheckpointError) as e:
         loading.load(folder)
     assert "\n" not in str(e.value) and words in str(e.value) and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32, torch.complex64, torch.bool])
+def test_a_tensor_of_a_dtype_that_is_no_weight_is_one_line_naming_it(folders, tmp_path, dtype):
+    folder = rewrite_weights(folders["qwen3", False][0], tmp_path / "bad",
+                             lambda s: s.__setitem__("model.norm.weight", s["model.norm.weight"].to(dtype)))
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    name = str(dtype).removeprefix("torch.")
+    assert str(e.value).startswith(f"{folder}: tensor model.norm.weight is {name}, not a weight dtype"), str(e.value)
+
+
+def test_a_state_dict_that_claims_more_than_it_stores_is_refused(tmp_path):
+    """A MiniMind-style .pth whose tensor is a stride-0 view of 10^12 elements (4 TB claimed, 4 bytes stored),
+    and one of float8: one line each, nothing materialised."""
+    state = minimind_state_dict(False)
+    for name, tensor, words in [("expanded", torch.zeros(1).expand(10**12),
+                                 "field 'model.norm.weight': claims 1000000000000 elements"),
+                                ("float8", state["model.norm.weight"].to(torch.float8_e5m2),
+                                 "tensor model.norm.weight is float8_e5m2")]:
+        pth = tmp_path / f"{name}.pth"
+        torch.save({**state, "model.norm.weight": tensor}, pth)
+        shape = loading.SourceOptions(ModelConfig.from_preset("tiny").override(MINIMIND_ARGS[False]))
+        with pytest.raises(CheckpointError) as e:
+            loading.load(pth, options=shape)
+        assert str(e.value).startswith(f"{pth}: ") and words in str(e.value), str(e.value)
 
 
 def test_tied_config_with_another_head_is_refused(folders, tmp_path):

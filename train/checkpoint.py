@@ -312,11 +312,14 @@ def parse(payload: Any, path: str, resume: bool) -> Checkpoint:
     fields = {k: v for k, v in payload.items() if k != "format"}
     ckpt: Checkpoint = _from_plain(Checkpoint, fields if version == FORMAT else _upgrade_v1(fields), path)
     ckpt.path = path
-    if ckpt.lora is None:
-        problems = state_problems(state_shapes(ckpt.model_config), model)
-        if problems:
-            raise CheckpointError("the weights do not fit its model_config: " + "; ".join(problems), path=path,
-                                  field="model")
+    expected = state_shapes(ckpt.model_config)
+    if ckpt.lora is not None:
+        expected = adapter_shapes(expected, ckpt.lora)
+    problems = state_problems(expected, model)
+    if problems:
+        what = "the adapter does not fit its model_config and lora" if ckpt.lora else \
+            "the weights do not fit its model_config"
+        raise CheckpointError(f"{what}: " + "; ".join(problems), path=path, field="model")
     if resume:
         _check_resume_state(ckpt)
     bad = nonfinite_tensors(model)
@@ -324,6 +327,18 @@ def parse(payload: Any, path: str, resume: bool) -> Checkpoint:
         raise CheckpointError(f"non-finite weights (nan/inf in {short_list(bad)}): this checkpoint is unusable; "
                               "take an earlier one", path=path)
     return ckpt
+
+
+def adapter_shapes(shapes: dict[str, tuple[int, ...]], lora: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """The name -> shape of a LoRA adapter's tensors over a model of ``shapes``: ``lora_A`` [r, in] and
+    ``lora_B`` [out, r] for every targeted projection (``model/lora.py``)."""
+    out = {}
+    for name, shape in shapes.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module.rpartition(".")[2] in lora.targets and len(shape) == 2:
+            out[f"{module}.lora_A"] = (lora.rank, shape[1])
+            out[f"{module}.lora_B"] = (shape[0], lora.rank)
+    return out
 
 
 def _check_resume_state(ckpt: Checkpoint) -> None:

@@ -21,6 +21,7 @@ file's dtype, so a re-read gives the same fingerprint).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ def load_transformers(folder: Path, tokenizer: str | Path | None = None) -> Chec
     ``tokenizer`` replaces the folder's own."""
     conf_file = folder / CONFIG
     try:
-        cfg = config_from_hf(read_json(conf_file, "transformers config", CheckpointError))
+        cfg = config_from_hf(_read_json(conf_file, "transformers config"))
     except UnsupportedConfig as e:  # the model layer does not know the file: name it
         raise CheckpointError(e.message, path=conf_file, field=e.field) from None
     state = map_state(read_safetensors(folder), cfg, folder)
@@ -88,7 +89,7 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
         return _read_file(folder / WEIGHTS)
     if not (folder / INDEX).is_file():
         raise CheckpointError(f"no {WEIGHTS} nor {INDEX} (tinylm reads safetensors weights)", path=folder)
-    index = read_json(folder / INDEX, "safetensors index", CheckpointError)
+    index = _read_json(folder / INDEX, "safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError("expected an object of tensor name -> shard file", path=folder / INDEX,
@@ -109,6 +110,14 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"tensor {absent[0]} is listed but not in {weight_map[absent[0]]}",
                               path=folder / INDEX, field="weight_map")
     return state
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """``read_json``, and a number too long to convert (``ValueError`` past 4300 digits) is one line too."""
+    try:
+        return read_json(path, what, CheckpointError)
+    except ValueError as e:
+        raise CheckpointError(f"the {what} is corrupt: {e}", path=path) from None
 
 
 def _read_file(file: Path) -> dict[str, Tensor]:
