@@ -443,3 +443,18 @@ def test_chat_refuses_an_expanded_tensor_without_allocating_it(tmp_path, good):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1 and str(path) in lines[0], run.stderr
     assert "claims 1000000000000 elements" in lines[0]
+
+
+def test_a_resume_state_whose_rng_is_not_one_is_refused(tmp_path, good):
+    cases = {"torch": {"torch": torch.zeros(3)}, "numpy": {**dist.rng_state(), "numpy": {"keys": torch.zeros(2)}},
+             "python": {**dist.rng_state(), "python": (3, (1, 2), None)}}
+    for part, entry in cases.items():
+        def change(payload: dict, entry: dict = entry) -> None:
+            payload["training"] = {"optimizer": {"state": {}, "param_groups": []}, "rng": [dist.rng_state(), entry]}
+
+        path = edited(good, tmp_path / part, change)
+        with pytest.raises(CheckpointError) as info:
+            loading.load(path, resume=True)
+        assert f"field 'training.rng.1': {part}: not a {part} generator state" in str(info.value), str(info.value)
+    loading.load(edited(good, tmp_path / "ok", lambda p: p.__setitem__("training", {
+        "optimizer": {"state": {}, "param_groups": []}, "rng": [dist.rng_state()]})), resume=True)

@@ -188,8 +188,8 @@ class Checkpoint:
 
     def check_tokenizer(self, fingerprint: str, dataset: str, role: str = "checkpoint",
                         required: bool = False) -> None:
-        """Refuse a dataset packed with another tokenizer than this model was trained with (the one
-        tokenizer-fingerprint check); ``required``: a checkpoint without a recorded tokenizer is refused too."""
+        """Refuse a dataset packed with another tokenizer than this model was trained with (by fingerprint);
+        ``required``: a checkpoint without a recorded tokenizer is refused too."""
         mine = self.tokenizer.fingerprint if self.tokenizer is not None else None
         if mine == fingerprint or (mine is None and not required):
             return
@@ -352,6 +352,33 @@ def _check_resume_state(ckpt: Checkpoint) -> None:
                               field="training.optimizer")
     if not training.rng or not all(isinstance(r, dict) and "torch" in r for r in training.rng):
         raise CheckpointError("missing RNG state; cannot resume from this file", path=ckpt.path, field="training.rng")
+    for rank, entry in enumerate(training.rng):
+        bad = _rng_problem(entry)
+        if bad:
+            raise CheckpointError(f"{bad}; cannot resume from this file", path=ckpt.path,
+                                  field=f"training.rng.{rank}")
+
+
+def _rng_problem(entry: dict[str, Any]) -> str | None:
+    """What keeps one rank's RNG record (``train.dist.rng_state``) from being restored, or None."""
+    state = entry["torch"]
+    want = torch.get_rng_state()
+    if not isinstance(state, Tensor) or state.dtype != want.dtype or state.shape != want.shape:
+        return f"torch: not a torch generator state ({want.dtype} [{want.numel()}])"
+    npy = entry.get("numpy")
+    if npy is not None and not (
+            isinstance(npy, dict) and isinstance(npy.get("name"), str) and isinstance(npy.get("keys"), Tensor)
+            and npy["keys"].dtype == torch.int64 and npy["keys"].shape == (624,)
+            and all(isinstance(npy.get(k), int) for k in ("pos", "has_gauss"))
+            and isinstance(npy.get("cached_gaussian"), float)):
+        return "numpy: not a numpy generator state"
+    py = entry.get("python")
+    if py is not None and not (
+            isinstance(py, (tuple, list)) and len(py) == 3 and isinstance(py[0], int)
+            and isinstance(py[1], (tuple, list)) and len(py[1]) == 625 and all(isinstance(i, int) for i in py[1])
+            and (py[2] is None or isinstance(py[2], float))):
+        return "python: not a python generator state"
+    return None
 
 
 def read_payload(path: Path) -> Any:

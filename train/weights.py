@@ -9,7 +9,7 @@
 - :func:`nonfinite_tensors` names the tensors holding a nan or an inf; :func:`state_fingerprint` names the
   weights themselves (not a file), so a LoRA base or a DPO reference is recognised wherever it was copied.
 
-:class:`CheckpointError` is the one error of everything that reads or writes weights (format, sources,
+:class:`CheckpointError` is the error of everything that reads or writes weights (format, sources,
 these checks): one line naming the file and, where there is one, the field or tensor.
 """
 
