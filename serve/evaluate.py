@@ -41,9 +41,10 @@ from core.files import append_line, atomic_write_text, check_file_target
 from model.generate import generate
 from preprocess.options import RecordOptions
 from preprocess.prompts import REFERENCE, read_prompts
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
 from train import dist
 from train.data import PackedDataset, Split
+from train.loading import LoadedModel
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
 from train.passk import PassConfig, pass_metrics, pass_sums

@@ -29,7 +29,7 @@ from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
 from serve import calculator
-from serve.loading import LoadedModel, load_model
+from train.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [sys.executable, str(ROOT / "bin" / "chat")]

@@ -23,7 +23,8 @@ from core.tokenizer import encode_chat, prompt_ids
 from model.generate import generate
 from preprocess.prompts import read_prompts
 from serve.evaluate import DataOptions, append_result, held_out_metrics, resolve_device, run_eval
-from serve.loading import ToolError, load_model
+from serve.source_args import ToolError
+from train.loading import load_model
 from train.metrics import token_byte_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,12 +209,12 @@ def test_device_auto_is_the_gpu_when_there_is_one(monkeypatch):
 
 def test_the_cli_defaults_to_device_auto(bin_eval, monkeypatch, trained, tmp_path):
     import serve.evaluate
-    import serve.loading
+    import train.loading
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(serve.loading, "load_model", lambda *a, **k: trained)
+    monkeypatch.setattr(train.loading, "load_model", lambda *a, **k: trained)
     monkeypatch.setattr(serve.evaluate, "run_eval",
                         lambda *a, **k: seen.update(device=a[6]) or {"ckpt": "x", "step": 0})
     assert bin_eval(["--ckpt", "x", "--prompts", str(tmp_path / "q.jsonl"), "--results", str(tmp_path / "r")]) == 0

@@ -19,9 +19,10 @@ from model import ModelConfig, TinyLM
 from model.transformer import HeadInput
 from preprocess.prompts import read_prompts
 from serve.evaluate import RewardOptions, reward_metrics
-from serve.loading import ToolError, load_model
-from train import checkpoint
+from serve.source_args import ToolError
+from train import loading
 from train.checkpoint import Checkpoint
+from train.loading import load_model
 from train.metrics import read_metrics
 from train.passk import pass_at_k
 from train.prompt_set import PromptSet
@@ -145,9 +146,9 @@ def test_loss_equals_hand_computed_value(loss):
 
 
 def test_kl_is_zero_when_policy_is_reference(init):
-    model = checkpoint.load(init).dense_model().train()
+    model = loading.dense_model(loading.load(init)).train()
     stage = GRPOStage(reward=["format"], kl_coef=0.1, group_size=2, prompts_per_step=1)
-    stage.ref_model = checkpoint.load(init).frozen_model()
+    stage.ref_model = loading.frozen_model(loading.load(init))
     ids = torch.randint(7, 6400, (2, 6), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=torch.long)], dim=1)
     batch = RolloutBatch(ids, targets, torch.tensor([[0, 0, 1, 1, 1, 0]] * 2, dtype=torch.float32),
@@ -375,7 +376,7 @@ def test_bf16_rollouts_resume_exactly_and_sample_other_tokens(prompts, init, tmp
     for step in a:
         assert {k: a[step][k] for k in DETERMINISTIC} == {k: b[step][k] for k in DETERMINISTIC}, step
     assert any(a[s]["loss"] != c[s]["loss"] for s in a)  # bf16 products: other samples than float32 ones
-    assert checkpoint.load(parts).stage_options["rollout_dtype"] == "bfloat16"
+    assert loading.load(parts).stage_options["rollout_dtype"] == "bfloat16"
 
 
 def test_resume_refuses_other_rl_options(prompts, init, tmp_path, capsys):
@@ -407,7 +408,7 @@ def test_ddp_two_processes_match_one_with_doubled_accumulation(prompts, init, tm
 def test_lora_trains_only_the_adapter(prompts, init, tmp_path):
     out = tmp_path / "lora"
     assert main(rl_args(prompts, init, out, "--max-steps", "2", "--lora-rank", "4")) == 0
-    ckpt = checkpoint.load(out)
+    ckpt = loading.load(out)
     assert ckpt.lora is not None and ckpt.lora.rank == 4 and all("lora" in k for k in ckpt.model)
     assert ckpt.stage == "grpo" and ckpt.stage_options["reward"] == [f"{REWARDS}:digits"]
 

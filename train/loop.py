@@ -1,6 +1,6 @@
 """The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
 evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
-weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
+weights policy (``train/weights_policy.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
   1. take the step's ``accum`` micro-batches (``loader.steps`` from ``samples_seen``, the ``train.batches.Batches``
@@ -50,7 +50,6 @@ from tqdm import tqdm
 
 from core.errors import TinyLMError
 from train import checkpoint, dist
-from train.adapters import FullWeights
 from train.batches import Batches
 from train.checkpoint import Checkpoint, ResumeState
 from train.dist import DistInfo
@@ -58,6 +57,8 @@ from train.metrics import MetricsLogger, Throughput
 from train.optim import OptimConfig, Optimizers, build_optimizers
 from train.schedule import Schedule
 from train.stages import Stage, StepNorm
+from train.weights import nonfinite_tensors
+from train.weights_policy import FullWeights
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
@@ -175,12 +176,12 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
 
     def save() -> None:
         state_dict = weights.state(model)
-        bad = checkpoint.nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
+        bad = nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
         if bad:
             raise NonFiniteError(f"step {state.step}: non-finite weights after the update (nan/inf in "
                                  f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); no checkpoint written, "
                                  f"{last_good(out)}")
-        rng = dist.gather_objects(checkpoint.rng_state())
+        rng = dist.gather_objects(dist.rng_state())
         if info.is_main:
             parts = optimizer.state_dict()
             training = ResumeState(parts.get("adamw", {"state": {}, "param_groups": []}), rng,
@@ -286,7 +287,7 @@ def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradSca
     if len(rngs) != info.world and info.is_main:
         print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
               "random streams (dropout) differ from an uninterrupted run", file=sys.stderr)
-    checkpoint.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    dist.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
     return TrainState(resume.step, resume.samples_seen, resume.tokens_seen, resume.supervised_seen,
                       nonfinite_skipped=resume.nonfinite_skipped)
 

@@ -4,7 +4,7 @@ A :class:`Stage` chooses (1) the dataset view (which packed folders it accepts, 
 and batched), (2) the loss of one micro-batch, (3) extra frozen models (DPO reference, distillation
 teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in ``train.stages.STAGES``.
 What trains and what a checkpoint stores (all weights, or LoRA adapters) is not the stage's business:
-``train/adapters.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
+``train/weights_policy.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
 clipping, logging and checkpoints live in ``train/loop.py`` and are written once.
 
 Hooks: ``options`` (the stage-specific command-line flags it accepts; any other stage flag is a usage

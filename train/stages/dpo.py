@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from core.files import FileWriteError
 from preprocess import shards
-from train import checkpoint, dist
+from train import dist, loading
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Batch, PackedDataset
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
+from train.weights import state_fingerprint
 
 
 @dataclass(kw_only=True)
@@ -145,17 +146,17 @@ class DPOStage(Stage[DPOBatch, DPOBatch]):
         ref_dir = shards.ref_folder(dataset.folder, fingerprint)
         need_model = self.online_ref or not (ref_dir / "meta.json").is_file()
         if need_model and ref_ckpt is None:
-            ref_ckpt = checkpoint.load(self.reference.path, options=_policy_shape(ctx))
-            if checkpoint.state_fingerprint(ref_ckpt.model) != fingerprint:
+            ref_ckpt = loading.load(self.reference.path, options=_policy_shape(ctx))
+            if state_fingerprint(ref_ckpt.model) != fingerprint:
                 raise StageError(f"{ref_ckpt.path}: the reference checkpoint of this run has changed since it "
                                  f"started (weights fingerprint {fingerprint[:12]} expected)")
         if self.online_ref:
-            self.ref_model = ref_ckpt.frozen_model()
+            self.ref_model = loading.frozen_model(ref_ckpt)
             ctx.say(f"dpo: beta {self.beta} | online reference {self.reference.path} (kept in memory)")
             return
         if need_model:
             try:
-                compute_reference(ref_ckpt.frozen_model().to(ctx.device), dataset, ref_dir, ctx,
+                compute_reference(loading.frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx,
                                   dataclasses.asdict(self.reference))
             except FileWriteError as e:
                 raise StageError(f"{e}: the reference log-probs are stored beside the dataset; make it writable "
@@ -166,7 +167,7 @@ class DPOStage(Stage[DPOBatch, DPOBatch]):
     def _reference_checkpoint(self, ctx: StageContext) -> Checkpoint:
         """``--ref-from``, else the ``--init-from`` checkpoint."""
         if self.ref_from is not None:
-            return checkpoint.load(self.ref_from, options=_policy_shape(ctx))
+            return loading.load(self.ref_from, options=_policy_shape(ctx))
         if ctx.init is None:
             raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
                              "usually the SFT run) or --ref-from CKPT")
@@ -237,8 +238,8 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
     ctx.barrier()
 
 
-def _policy_shape(ctx: StageContext) -> checkpoint.SourceOptions:
+def _policy_shape(ctx: StageContext) -> loading.SourceOptions:
     """A reference given as a bare state dict (a MiniMind ``.pth``) holds no config: it has the policy's shape
     (the checkpoint the run starts from or resumes), the one a DPO reference must have anyway."""
     known = ctx.resume or ctx.init
-    return checkpoint.SourceOptions(known.model_config if known is not None else None)
+    return loading.SourceOptions(known.model_config if known is not None else None)

@@ -34,14 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.head import chunked, head_logits
-from train import checkpoint
-from train.checkpoint import SourceRecord, unwrap
+from train import loading
+from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Split
 from train.passk import PassConfig, pass_metrics, pass_sums
 from train.prompt_set import PromptSet
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, EvalChunk, RolloutBatch, RolloutConfig, RolloutLoader
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
+from train.weights import state_fingerprint, unwrap
 
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
@@ -131,9 +132,9 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
             self.eval_set = PromptSet(self.eval_path)
         return prompts
 
-    def attach_source(self, dataset: PromptSet, source: checkpoint.Checkpoint) -> None:
+    def attach_source(self, dataset: PromptSet, source: Checkpoint) -> None:
         """Tokenize the prompts (and evaluation prompts) with the tokenizer of the model being trained."""
-        self.tok = source.find_tokenizer()
+        self.tok = loading.find_tokenizer(source)
         limit = source.model_config.max_position_embeddings
         dataset.attach(self.tok, int(self.o["max_new_tokens"]), limit)
         if self.eval_set is not None:
@@ -171,8 +172,8 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         """The --init-from model (on resume: the recorded reference, checked by its weights' fingerprint)."""
         if ctx.resume is not None and ctx.resume.reference is not None:
             self.reference = ctx.resume.reference
-            ref = checkpoint.load(self.reference.path, options=checkpoint.SourceOptions(ctx.resume.model_config))
-            if checkpoint.state_fingerprint(ref.model) != self.reference.fingerprint:
+            ref = loading.load(self.reference.path, options=loading.SourceOptions(ctx.resume.model_config))
+            if state_fingerprint(ref.model) != self.reference.fingerprint:
                 raise StageError(f"{ref.path}: the reference of this run has changed since it started (weights "
                                  f"fingerprint {self.reference.fingerprint[:12]} expected)")
         elif ctx.init is not None:
@@ -180,9 +181,9 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
             self.reference = ref.source_record()
         else:
             raise StageError("--kl-coef needs the reference model: --init-from CKPT")
-        self.ref_model = ref.frozen_model()
+        self.ref_model = loading.frozen_model(ref)
 
-    def check_same_options(self, resume: checkpoint.Checkpoint) -> None:
+    def check_same_options(self, resume: Checkpoint) -> None:
         """A resumed run draws and scores rollouts as it started: its RL options must be the recorded ones."""
         now, old = self.checkpoint_fields()["stage_options"], resume.stage_options
         changed = [k for k in now if k in old and now[k] != old[k]]
