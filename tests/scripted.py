@@ -1,4 +1,4 @@
-"""Checkpoints for the chat/serve tests, written in milliseconds instead of trained.
+"""Checkpoints for the chat/serve tests, written directly instead of trained.
 
 ``scripted_checkpoint``: a tiny untied model whose greedy answer to any ChatML prompt is exactly
 SCRIPTED_ANSWER (English, CJK, and 鬱, a character the shipped tokenizer splits across two byte tokens),

@@ -31,8 +31,8 @@ from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
 from serve import calculator
-from serve.device import resolve_device
 from serve.loading import LoadedModel, load_model
+from serve.options import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [sys.executable, str(ROOT / "bin" / "chat")]
@@ -157,6 +157,8 @@ def chat(monkeypatch, capsys):
         run_chat.stderr = output.err
         return output.out, model
 
+    run_chat.module = module
+
     return run_chat
 
 
@@ -266,3 +268,14 @@ def test_text_that_is_not_utf8_is_one_line(ckpts):
 def test_unknown_tool_is_a_usage_error(ckpts):
     proc = run("--ckpt", str(ckpts["scripted"]), "--prompt", "hi", "--tools", "calculator,shell")
     assert proc.returncode == 2 and "--tools: unknown tool(s) shell; built in: calculator" in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "0"),
+                                             ("--top-p", "inf"), ("--top-k", "0"), ("--seed", "-1"),
+                                             ("--max-new-tokens", "0"), ("--repetition-penalty", "0"),
+                                             ("--max-new-tokens", "9" * 5000)])
+def test_bad_numbers_are_usage_errors(chat, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        chat.module.main(["--ckpt", "x", "--prompt", "hi", flag, value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"bin/chat: error: argument {flag}: must be")
