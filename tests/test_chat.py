@@ -279,3 +279,15 @@ def test_bad_numbers_are_usage_errors(chat, capsys, flag, value):
         chat.module.main(["--ckpt", "x", "--prompt", "hi", flag, value])
     err = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and err.startswith(f"bin/chat: error: argument {flag}: must be")
+
+
+def test_reader_that_goes_away_is_no_traceback(ckpts):
+    """`bin/chat ... | head -c 1`: the closed pipe ends the session quietly (exit 0, nothing on stderr)."""
+    proc = subprocess.Popen([*CHAT, "--ckpt", str(ckpts["scripted"]), "--temperature", "0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdin.write(b"hi\n" * 2000)
+    proc.stdin.close()
+    assert proc.stdout.read(1) == SCRIPTED_ANSWER[:1].encode()
+    proc.stdout.close()  # the reader goes away while answers are still being written
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
