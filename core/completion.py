@@ -6,8 +6,9 @@ returns :class:`Event` s that can be routed at once: ``reasoning`` and ``content
 It is told what the request made meaningful: ``tools``, the names of the functions offered (empty: no call
 can be made), and ``thinking``, the request's ``enable_thinking`` (True: the prompt opened the reasoning,
 so the completion starts inside it; False: the prompt holds an empty reasoning block; None: the model
-decides). It knows nothing of HTTP or the terminal; bin/serve, bin/chat and any other consumer of model
-output use it.
+decides). :func:`parse_completion` gives the same events for a whole completion at once. It knows nothing
+of HTTP or the terminal; bin/serve, bin/chat and any other consumer of model output use it, one parser per
+sequence.
 
 Structure comes only from control ids. A tag (``<think>`` ``</think>`` ``<answer>`` ``</answer>``
 ``<tool_call>`` ``</tool_call>``) that the tokenizer has as a single id is structure only when the model
@@ -120,8 +121,7 @@ class CompletionParser:
                  prefill: Iterable[int] = ()) -> None:
         self.tools = frozenset(tools)
         self.thinking = thinking
-        meaningful = (*(CALL_TAGS if self.tools else ()), *((*THINK_TAGS, *ANSWER_TAGS) if thinking is not False
-                                                            else ()))
+        meaningful = (CALL_TAGS if self.tools else ()) + (THINK_TAGS + ANSWER_TAGS if thinking is not False else ())
         ids = tokenizer.special_ids
         self.control = {ids[tag]: tag for tag in PARSED_TAGS if tag in ids}  # id -> tag, for tags that are ids
         self.text_tags = frozenset(tag for tag in meaningful if tag not in ids)  # tags parsed in decoded text
@@ -259,6 +259,14 @@ class CompletionParser:
     def _take(self) -> list[Event]:
         events, self.events = self.events, []
         return events
+
+
+def parse_completion(tokenizer: TokenizerInfo, ids: Iterable[int], tools: Collection[str] = (),
+                     thinking: bool | None = None, prefill: Iterable[int] = ()) -> list[Event]:
+    """The events of a whole completion at once, adjacent text of one kind merged (evaluation, rollouts):
+    what :class:`CompletionParser` streams, for callers that have all the ids."""
+    parser = CompletionParser(tokenizer, tools, thinking, prefill)
+    return merged(parser.feed(ids) + parser.finish())
 
 
 def merged(events: list[Event]) -> list[Event]:

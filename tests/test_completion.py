@@ -17,7 +17,17 @@ import pytest
 from scripted import TOKENIZER
 
 from core.chat_template import STRUCTURE_TAGS, TOOL_RESPONSE_OPEN
-from core.completion import CONTENT, REASONING, TOOL_CALL, CompletionParser, Event, ToolCall, merged, parse_tool_call
+from core.completion import (
+    CONTENT,
+    REASONING,
+    TOOL_CALL,
+    CompletionParser,
+    Event,
+    ToolCall,
+    merged,
+    parse_completion,
+    parse_tool_call,
+)
 from core.tokenizer import load_tokenizer
 
 INFO = load_tokenizer(TOKENIZER)
@@ -87,7 +97,7 @@ def test_every_split_point_gives_the_same_events(name, info, encode):
     same, however the ids are split into feed calls."""
     text, expected = CASES[name]
     ids = encode(text)
-    assert parse([ids], info) == expected
+    assert parse([ids], info) == expected == parse_completion(info, ids, TOOLS)
     assert parse([[i] for i in ids], info) == expected  # one id at a time
     for i in range(len(ids) + 1):
         assert parse([ids[:i], ids[i:]], info) == expected, f"split at {i}"
