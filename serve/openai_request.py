@@ -11,10 +11,12 @@ numbers), an out-of-range value, a feature this server does not implement and te
 400 with ``param``. Pure functions of the body and the engine's tokenizer and context; no web framework.
 
 Thinking and tools: ``tools`` are rendered into the system turn by the template; ``tool_choice`` ``"auto"``
-(default) lets the model decide, ``"none"`` renders no tools, ``"required"`` prefills ``<tool_call>\n``
-and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut from the template's
-own rendering of a call, and fed to the parser as the completion's start, like the ``<think>\n`` that
-``chat_template_kwargs.enable_thinking=true`` appends).
+(default) lets the model decide, ``"none"`` renders no tools (and the parser is offered none, so a call
+the model writes anyway is text), ``"required"`` prefills ``<tool_call>\n`` and ``{"type": "function",
+"function": {"name": N}}`` also the call's name (both cut from the template's own rendering of a call; their
+ids are the parser's ``prefill``). ``chat_template_kwargs.enable_thinking`` is the parser's ``thinking``.
+A ``tool`` message must answer a call of the assistant message before its run of tool messages
+(:func:`check_tool_answers`).
 """
 
 from __future__ import annotations
