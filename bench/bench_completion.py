@@ -8,8 +8,8 @@ The completion is ``--copies`` copies of a block holding reasoning, answer text 
 tool call, wrapped as one model answer and tokenized with the shipped tokenizer. Two arms, alternated
 --repeat times in this process; the minimum and the median wall time are reported (on a loaded machine
 the minimum is the better estimate of the cost itself): "decode" feeds the ids one at a time to
-IncrementalDecoder (what bin/serve did per token before); "decode + parse" also feeds each decoded piece
-to CompletionParser and finishes it. The table gives milliseconds, microseconds per token and the ratio.
+IncrementalDecoder; "decode + parse" feeds them one at a time to CompletionParser (which decodes them
+itself) and finishes it. The table gives milliseconds, microseconds per token and the ratio.
 Numbers depend on the machine and on what else runs on it.
 """
 
@@ -40,10 +40,9 @@ def decode(tok, ids: list[int]) -> int:
     return sum(len(dec.push(i)) for i in ids) + len(dec.flush())
 
 
-def decode_parse(tok, ids: list[int]) -> int:
-    dec, parser = IncrementalDecoder(tok), CompletionParser("<think>\n")
-    events = sum(len(parser.feed(dec.push(i))) for i in ids)
-    return events + len(parser.feed(dec.flush()) + parser.finish())
+def decode_parse(info, ids: list[int]) -> int:
+    parser = CompletionParser(info, tools=("calculator",), thinking=True)  # decodes the ids itself
+    return sum(len(parser.feed((i,))) for i in ids) + len(parser.finish())
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -60,7 +59,7 @@ def main() -> None:
     info = load_tokenizer(ROOT / "data" / "tokenizer")
     text = "thinking about it\n</think>\n\n" + BLOCK * args.copies
     ids = info.tokenizer.encode(text, add_special_tokens=False).ids
-    arms = {"decode": lambda: decode(info.tokenizer, ids), "decode + parse": lambda: decode_parse(info.tokenizer, ids)}
+    arms = {"decode": lambda: decode(info.tokenizer, ids), "decode + parse": lambda: decode_parse(info, ids)}
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeat):
         for name, fn in arms.items():

@@ -16,7 +16,7 @@ A request's life, and the invariant at each step (no client can stall the event 
 2. JSON parsing, validation and prompt tokenization run in a small thread pool (``PARSE_THREADS``),
    never on the event loop (``encode_batch`` releases the GIL, so the loop keeps running). A prompt that
    cannot fit the context by a byte count is refused before it is tokenized;
-3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for the engine's one generation
+3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for the engine's single generation
    worker. A client that disconnects, streaming or not, cancels its job: a queued job is skipped, a
    running one stops at its next token (``/health`` counts them as ``cancelled``).
 

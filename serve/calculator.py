@@ -6,8 +6,9 @@ other node (names, calls, attributes, subscripts, comparisons, strings, ...) is 
 passed to ``eval``/``exec``. Limits keep every step cheap: the expression is at most ``MAX_CHARS``
 characters, integers stay under ``MAX_BITS`` bits (checked *before* a ``*`` or ``**`` is computed:
 a product's size is bounded by the sum of its factors' sizes, a power's by base bits x
-exponent), exponents are at most ``MAX_EXPONENT`` in magnitude, and float overflow, division by zero and
-non-finite results are errors. Every refusal is a :class:`CalculatorError` with one line.
+exponent), exponents are at most ``MAX_EXPONENT`` in magnitude, and float overflow (of a result or of a
+literal such as ``1e999``), division by zero and non-finite results are errors. Every refusal is a
+:class:`CalculatorError` with one line.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def _apply(op: type, a: Number, b: Number) -> Number:
 
 def _eval(node: ast.AST) -> Number:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if isinstance(node.value, float) and not math.isfinite(node.value):  # a literal such as 1e999
+            raise CalculatorError("a number in the expression is too large")
+        if _bits(node.value) > MAX_BITS:
+            raise CalculatorError(f"a number in the expression has more than {MAX_BITS} bits")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_eval(node.operand))
@@ -110,5 +115,5 @@ def run(arguments: str) -> str:
         return format_number(evaluate(expression))
     except CalculatorError as e:
         return f"error: {e}"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "error: the arguments are not a JSON object"

@@ -2,14 +2,14 @@
 
 Contract: :class:`Engine` takes :class:`Job` s (a validated :class:`Sampling` plus the asyncio loop and queue
 of the request that waits for it); :meth:`Engine.submit` queues one or raises :class:`QueueFull`. A single
-daemon thread owns the model and generates the jobs in order: token ids go through
-:class:`~core.detokenize.IncrementalDecoder` (a chunk never splits a UTF-8 character), then the ``stop``
-strings filter (:class:`StopFilter`: text that could be the start of a stop string is held back until it is
-decided; at a stop string the answer ends there, finish ``"stop"``), then
-:class:`~core.completion.CompletionParser`. The worker sends ``("event", Event)`` for each parsed event,
-then ``("done", (finish_reason, usage))`` or ``("error", message)``, to the job's queue with
-``call_soon_threadsafe``. A job whose ``cancelled`` flag is set is skipped when queued and stops at its next
-token when running. Nothing here knows HTTP or JSON.
+daemon thread owns the model and generates the jobs in order: the generated ids go to
+:class:`~core.completion.CompletionParser` (told the request's offered tools, thinking switch and prefilled
+ids), whose events go through the ``stop`` strings filter (:class:`StopFilter`: text that could be the start
+of a stop string is held back until it is decided; at a stop string the answer ends there, finish
+``"stop"``); an answer that stops with a call finishes ``"tool_calls"``. The worker sends
+``("event", Event)`` for each event, then ``("done", (finish_reason, usage))`` or ``("error", message)``,
+to the job's queue with ``call_soon_threadsafe``. A job whose ``cancelled`` flag is set is skipped when
+queued and stops at its next token when running. Nothing here knows HTTP or JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from torch import nn
 
-from core.completion import CompletionParser, Event
-from core.detokenize import IncrementalDecoder
+from core.completion import CONTENT, TOOL_CALL, CompletionParser, Event
 from core.tokenizer import TokenizerInfo
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
 
@@ -49,8 +48,9 @@ class Sampling:
     repetition_penalty: float
     stop: list[str]
     seed: int
-    prefill: str = ""  # the completion's start already in the prompt (<think>\n, a forced call's start)
-    tool_calls: bool = True  # parse <tool_call> blocks as calls (False: tool_choice "none", they stay text)
+    tools: frozenset[str] = frozenset()  # names of the offered functions (empty: calls stay text)
+    thinking: bool | None = None  # enable_thinking: the prompt opened (True) or closed (False) the reasoning
+    prefill: tuple[int, ...] = ()  # ids of the completion's start already in the prompt (a forced call's start)
 
 
 @dataclass
@@ -71,31 +71,53 @@ class Job:
 
 
 class StopFilter:
-    """Cuts the text at the first stop string; holds back a tail that may still become one."""
+    """Cuts the parsed answer at the first stop string; holds back a tail that may still become one.
+
+    Stop strings are matched in the text the client sees, within one run of reasoning or content events
+    (never inside a tool call, never across a change of kind); the text before a hit is sent with its
+    trailing whitespace dropped, and nothing after it."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.held = ""
+        self.held = Event(CONTENT, "")
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, stopped?)."""
-        text = self.held + text
-        self.held = ""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return text[:min(hits)], True
+    def push(self, events: list[Event]) -> tuple[list[Event], bool]:
+        """(events safe to send, stopped?)."""
+        out: list[Event] = []
+        for event in events:
+            if event.kind == TOOL_CALL or event.kind != self.held.kind:
+                out += self.flush()
+            if event.kind == TOOL_CALL:
+                out.append(event)
+                continue
+            text = self.held.text + event.text
+            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                self.held = Event(event.kind, "")
+                cut = text[:min(hits)].rstrip()
+                return out + ([Event(event.kind, cut)] if cut else []), True
+            keep = self._stop_prefix(text)
+            if keep:  # and the whitespace before it: it is sent only if no stop string follows
+                keep = len(text) - len(text[:len(text) - keep].rstrip())
+            if keep < len(text):
+                out.append(Event(event.kind, text[:len(text) - keep]))
+            self.held = Event(event.kind, text[len(text) - keep:])
+        return out, False
+
+    def _stop_prefix(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is the start of a stop string."""
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:n]):
                     keep = max(keep, n)
                     break
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        return keep
 
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
+    def flush(self) -> list[Event]:
+        """The held tail, which no stop string can complete any more."""
+        held, self.held = self.held, Event(self.held.kind, "")
+        return [held] if held.text else []
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int | None:
@@ -156,25 +178,21 @@ class Engine:
         gen = Generation(self.model, [s.prompt], max_new_tokens=s.max_tokens, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                          stop_ids=self.stop_ids, generator=generator)
-        decoder = IncrementalDecoder(self.tokenizer.tokenizer)
+        parser = CompletionParser(self.tokenizer, s.tools, s.thinking, s.prefill)
         stops = StopFilter(s.stop)
-        parser = CompletionParser(s.prefill, s.tool_calls)
         finish = None
         for (token,) in gen:
             if job.cancelled.is_set():
                 return False
-            text, hit = stops.push(decoder.push(token))
-            if text:
-                job.send_parsed(parser.feed(text))
+            events, hit = stops.push(parser.feed((token,)))
+            job.send_parsed(events)
             if hit:
                 finish = FINISH_STOP
                 break
         if finish is None:
-            text, hit = stops.push(decoder.flush())
-            text += "" if hit else stops.flush()
-            job.send_parsed(parser.feed(text))
+            events, hit = stops.push(parser.finish())
+            job.send_parsed(events if hit else events + stops.flush())
             finish = FINISH_STOP if hit else gen.finish_reasons[0] or FINISH_LENGTH
-        job.send_parsed(parser.finish())
         if parser.calls and finish == FINISH_STOP:
             finish = FINISH_TOOL_CALLS
         usage = {"prompt_tokens": len(s.prompt), "completion_tokens": len(gen.tokens[0]),

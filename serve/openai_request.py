@@ -14,9 +14,11 @@ Thinking and tools: ``tools``, the history's ``tool_calls`` and ``reasoning_cont
 ``core.chat_schema`` (the rules pack applies to records, in OpenAI's wire shapes: wrapped definitions and
 calls, no JSON strings; a schema error is a 400 whose ``param`` is its field). ``tools`` are rendered into
 the system turn by the template; ``tool_choice`` ``"auto"`` (default) lets the model decide, ``"none"``
-renders no tools, ``"required"`` prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name":
-N}}`` also the call's name (both cut from the template's own rendering of a call, and fed to the parser as
-the completion's start, like the ``<think>\n`` that ``chat_template_kwargs.enable_thinking=true`` appends).
+renders no tools (and the parser is offered none, so a call the model writes anyway is text), ``"required"``
+prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut
+from the template's own rendering of a call; their ids are the parser's ``prefill``).
+``chat_template_kwargs.enable_thinking`` is the parser's ``thinking``. A ``tool`` message must answer a call
+of the assistant message before its run of tool messages (:func:`check_tool_answers`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from core import chat_schema
 from core.chat_schema import API_SHAPES, SchemaError, given, parse_reasoning, parse_tool_calls
-from core.chat_template import CONTROL, TEXT, THINKING_PROMPTS, Piece, render_text
+from core.chat_template import CONTROL, TEXT, Piece, render_text
 from core.completion import CALL_CLOSE, CALL_OPEN
 from core.errors import TinyLMError
 from core.tokenizer import TokenizerInfo, encode_documents, prompt_ids
@@ -256,6 +258,29 @@ def _tool_fields(message: dict, i: int) -> dict:
     return {**_optional_string(message, "tool_call_id", where), **_optional_string(message, "name", where)}
 
 
+def check_tool_answers(turns: list[dict]) -> None:
+    """Each ``tool`` message answers one call of the assistant message before its run of tool messages: a 400
+    on ``messages[i].role`` when no call is left to answer, on ``messages[i].tool_call_id`` when the id names
+    none of the calls not yet answered (a message without an id answers the next call)."""
+    open_calls: list[str | None] = []  # ids of the calls not yet answered (None: a call without an id)
+    for i, turn in enumerate(turns):
+        if turn["role"] != "tool":
+            open_calls = [call.get("id") for call in turn.get("tool_calls", ())]
+            continue
+        where = f"messages[{i}]"
+        if not open_calls:
+            raise APIError(400, f"{where} has role 'tool' but answers no call: it must follow an assistant message "
+                           "with 'tool_calls' (one tool message per call)", f"{where}.role", "invalid_value")
+        answered = turn.get("tool_call_id")
+        if answered is None:
+            open_calls.pop(0)
+        elif answered in open_calls:
+            open_calls.remove(answered)
+        else:
+            raise APIError(400, f"{where}.tool_call_id {_show(answered)} is not the id of an unanswered call of the "
+                           "preceding assistant message", f"{where}.tool_call_id", "invalid_value")
+
+
 def parse_tools(body: dict) -> list[dict] | None:
     """The request's function definitions (``core.chat_schema.parse_tools`` with OpenAI's wire shapes: names of
     1-64 letters, digits, ``_`` or ``-``, each defined once), as ``[{"type": "function", "function": {"name",
@@ -383,13 +408,12 @@ def check_prompt_size(engine: Engine, turns: list[dict]) -> None:
 
 
 def encode_prompt(engine: Engine, turns: list[dict], tools: list[dict] | None = None,
-                  enable_thinking: bool | None = None, forced: str = "") -> list[int]:
-    """Prompt ids of ``turns`` (and ``tools``) plus the generation prompt and a forced call's start (content
-    encoded as text, never as control tokens); text the tokenizer refuses is a 400 on messages.
-    ``prompt_ids`` tokenizes with ``encode_batch``, which releases the GIL, so the event loop runs on."""
+                  enable_thinking: bool | None = None) -> list[int]:
+    """Prompt ids of ``turns`` (and ``tools``) plus the generation prompt (content encoded as text, never as
+    control tokens); text the tokenizer refuses is a 400 on messages. ``prompt_ids`` tokenizes with
+    ``encode_batch``, which releases the GIL, so the event loop runs on."""
     try:
-        ids = prompt_ids(engine.tokenizer, turns, tools=tools, enable_thinking=enable_thinking)
-        return ids + forced_call_ids(engine.tokenizer, forced) if forced else ids
+        return prompt_ids(engine.tokenizer, turns, tools=tools, enable_thinking=enable_thinking)
     except TinyLMError as e:
         reason = " ".join(str(e).split())[:200]
         raise APIError(400, f"the tokenizer refused the messages ({reason})", "messages", "invalid_value") from None
@@ -398,6 +422,7 @@ def encode_prompt(engine: Engine, turns: list[dict], tools: list[dict] | None = 
 def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampling, bool, bool]:
     """(sampling settings, stream?, include_usage?) of a parsed body, or an APIError naming the param."""
     turns = parse_messages(body)
+    check_tool_answers(turns)
     n = _integer(body, "n")
     if n not in (None, 1):
         raise APIError(400, f"only n=1 is supported, got n={_show(n)}", "n", "invalid_value")
@@ -414,16 +439,15 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
     seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
     stop = parse_stop(body)
     tools, forced = parse_tool_choice(body, parse_tools(body))
-    calls = body.get("tool_choice") != "none"
     thinking = parse_thinking(body)
     if forced is not None and thinking:
         raise APIError(400, "a forced 'tool_choice' cannot be combined with chat_template_kwargs.enable_thinking="
                        "true (the call would start inside the reasoning)", "tool_choice", "invalid_value")
-    forced_text = "" if forced is None else forced_call_text(forced)
+    prefill = [] if forced is None else forced_call_ids(engine.tokenizer, forced_call_text(forced))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, 1)
     check_prompt_size(engine, turns)
-    prompt = encode_prompt(engine, turns, tools, thinking, forced_text)
+    prompt = encode_prompt(engine, turns, tools, thinking) + prefill
     room = engine.context - len(prompt)
     if room < 1:
         raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
@@ -435,6 +459,6 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
                        f"{engine.context}-token context: at most {room} tokens are left", name,
                        "context_length_exceeded")
     sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                        secrets.randbits(63) if seed is None else seed, THINKING_PROMPTS[thinking] + forced_text,
-                        calls)
+                        secrets.randbits(63) if seed is None else seed,
+                        frozenset(t["function"]["name"] for t in tools or ()), thinking, tuple(prefill))
     return sampling, stream, include_usage

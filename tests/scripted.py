@@ -1,4 +1,4 @@
-"""Checkpoints for the chat/serve tests, written in milliseconds instead of trained.
+"""Checkpoints for the chat/serve tests, written directly instead of trained.
 
 ``scripted_checkpoint``: a tiny untied model whose greedy answer to any ChatML prompt is exactly
 SCRIPTED_ANSWER (English, CJK, and 鬱, a character the shipped tokenizer splits across two byte tokens),
@@ -81,17 +81,20 @@ class ScriptedLM(nn.Module):
 
     ``scripts`` is ``[(needle, completion), ...]``: the first whose needle occurs in the prompt's text (decoded
     with its control tokens; "" always matches) is played. Completions are encoded with the full tokenizer, so
-    tags it has as single ids come out as those ids, as from a trained model. The prompt is recognised at the
+    tags it has as single ids come out as those ids, as from a trained model; ``literal=True`` encodes them as
+    ordinary text pieces instead (a model that writes a tag's characters: it must not forge structure).
+    The prompt is recognised at the
     prefill (an empty KV cache); each later call is one step.
     ``prompts`` records every prompt's ids.
     """
 
-    def __init__(self, info: TokenizerInfo, scripts: list[tuple[str, str]]) -> None:
+    def __init__(self, info: TokenizerInfo, scripts: list[tuple[str, str]], literal: bool = False) -> None:
         super().__init__()
         self.config = ModelConfig.from_preset("tiny")
         self.anchor = nn.Parameter(torch.zeros(1))  # a parameter: callers read the device and dtype from it
         self.info, self.end = info, info.special_ids["<|im_end|>"]
-        self.scripts = [(needle, info.tokenizer.encode(text, add_special_tokens=False).ids) for needle, text in scripts]
+        encoder = info.literal if literal else info.tokenizer
+        self.scripts = [(needle, encoder.encode(text, add_special_tokens=False).ids) for needle, text in scripts]
         self.script: list[int] = []
         self.prompt_len = 0
         self.prompts: list[list[int]] = []

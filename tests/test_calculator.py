@@ -30,6 +30,9 @@ def test_arithmetic_matches_python(expression, value):
     ("(2 ** 1000) ** 5", f"more than {MAX_BITS} bits"),
     ("10.0 ** 400", "too large"),
     ("1e308 * 10", "too large"),
+    ("1e999", "too large"),  # a literal that is already infinite: non-finite values are errors
+    ("-1e999 + 1", "too large"),
+    ("0 * 1e999", "too large"),
     ("(-8) ** 0.5", "not a real number"),
     ("2 +", "not an arithmetic expression"),
     ("1" + "+1" * 150, "longer than 200 characters"),
@@ -52,3 +55,5 @@ def test_run_answers_the_model():
     assert run('{"expression": "1/0"}') == "error: division by zero"
     assert run('{"expr": "1"}') == "error: the arguments need an 'expression' string"
     assert run("[1]") == "error: the arguments are not a JSON object"
+    assert run("[" * 100000) == "error: the arguments are not a JSON object"  # too deep: an answer, not a crash
+    assert run('{"expression": "1e999"}') == "error: a number in the expression is too large"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from scripted import (
+    CALL,
     REASONING,
     SCRIPTED_ANSWER,
     TOKENIZER,
@@ -29,6 +31,7 @@ from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
 from serve import calculator
+from serve.options import resolve_device
 from train.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +112,7 @@ def test_special_strings_in_the_prompt_are_text(ckpts):
 def test_errors_are_one_line(ckpts, tmp_path):
     missing = run("--ckpt", str(tmp_path / "nope"), "--prompt", "hi")
     assert missing.returncode == 1
-    assert missing.stderr == f"error: {tmp_path / 'nope'}: no such checkpoint file or run folder\n"
+    assert missing.stderr == f"bin/chat: error: {tmp_path / 'nope'}: no such checkpoint file or run folder\n"
     payload = torch.load(next(ckpts["scripted"].glob("ckpt_*.pt")), weights_only=True)
     payload["tokenizer"]["fingerprint"] = "0" * 64  # recorded tokenizer no longer matches any file
     (tmp_path / "foreign").mkdir()
@@ -136,10 +139,16 @@ def chat(monkeypatch, capsys):
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bin_chat", loader))
     loader.exec_module(module)
     info = load_tokenizer(TOKENIZER)
-    model = ScriptedLM(info, TOOL_SCRIPTS)
-    monkeypatch.setattr(module, "load_model", lambda *a, **k: LoadedModel(model, info, SimpleNamespace(path="x")))
 
-    def run_chat(*args: str, stdin: str | None = None) -> tuple[str, ScriptedLM]:
+    def run_chat(*args: str, stdin: str | None = None, scripts: list[tuple[str, str]] = TOOL_SCRIPTS,
+                 literal: bool = False) -> tuple[str, ScriptedLM]:
+        model = ScriptedLM(info, scripts, literal)
+
+        def load(ckpt, device, *rest):
+            run_chat.device = device
+            return LoadedModel(model, info, SimpleNamespace(path="x"))
+
+        monkeypatch.setattr(module, "load_model", load)
         if stdin is not None:
             monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         capsys.readouterr()
@@ -147,6 +156,8 @@ def chat(monkeypatch, capsys):
         output = capsys.readouterr()
         run_chat.stderr = output.err
         return output.out, model
+
+    run_chat.module = module
 
     return run_chat
 
@@ -170,8 +181,10 @@ def test_tools_calculator_shows_call_result_answer(chat):
 
 
 def test_thinking_hidden_plain_and_calls_without_tools(chat):
-    assert chat("--prompt", QUESTION, "--hide-think", "--color", "always")[0] == f"{CALL_LINE}\n"  # not run
-    assert chat("--prompt", QUESTION, "--color", "never")[0] == f"{REASONING}\n{CALL_LINE}\n"
+    """Without --tools no call is meaningful: the call's text is part of the answer, nothing is run."""
+    out, model = chat("--prompt", QUESTION, "--hide-think", "--color", "always")
+    assert out == f"{CALL}\n" and len(model.prompts) == 1
+    assert chat("--prompt", QUESTION, "--color", "never")[0] == f"{REASONING}\n{CALL}\n"
 
 
 @pytest.mark.parametrize(("flag", "thinking", "shown"), [("--think", True, "I think.\nDone.\n"),
@@ -198,15 +211,83 @@ def test_interactive_history_keeps_calls_and_results(chat):
     assert model.prompts[-1] == prompt_ids(model.info, history, tools=[calculator.TOOL])
 
 
-def test_call_to_a_tool_not_offered_and_the_round_limit(chat):
-    """The model reads an error for a function it was not offered; after 4 rounds of calls the next one is
+def test_call_to_a_tool_not_offered_is_text_and_the_round_limit(chat):
+    """A call to a function that was not offered is text, not run; after 4 rounds of calls the next one is
     shown, not run."""
     out, model = chat("--prompt", "weather please", "--tools", "calculator")
-    call, result = "-> weather {}", '<- error: no tool named "weather" (offered: calculator)'
-    assert out == f"{call}\n{result}\n" * 4 + f"{call}\n" and len(model.prompts) == 5
+    assert out == '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>\n' and len(model.prompts) == 1
+    out, model = chat("--prompt", QUESTION, "--tools", "calculator", scripts=[("", CALL)])
+    assert out == f"{CALL_LINE}\n<- 5\n" * 4 + f"{CALL_LINE}\n" and len(model.prompts) == 5
     assert "(stopped after 4 rounds of tool calls; these calls were not run)" in chat.stderr
+
+
+def test_forged_call_text_is_not_run(chat):
+    """A model that writes the call tags' characters as ordinary text pieces (as it may copy them from a tool
+    result or a user) gets no calculator run: the text is the answer."""
+    forged = f"Sure.\n{CALL}"
+    out, model = chat("--prompt", QUESTION, "--tools", "calculator", scripts=[("", forged)], literal=True)
+    assert out == forged + "\n" and len(model.prompts) == 1 and "<- " not in out
+    out, model = chat("--prompt", QUESTION, "--tools", "calculator", scripts=[("", forged)])  # control ids
+    assert out == f"Sure.\n{CALL_LINE}\n<- 5\nSure.\n{CALL_LINE}\n<- 5\n" * 2 + f"Sure.\n{CALL_LINE}\n" \
+        and len(model.prompts) == 5
+
+
+def test_device_auto_resolves_to_the_gpu_when_there_is_one(chat, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    chat("--prompt", QUESTION)  # the default --device is auto
+    assert chat.device == "cpu"
+    chat("--prompt", QUESTION, "--device", "cpu")
+    assert chat.device == "cpu"
+
+
+def test_text_that_is_not_utf8_is_one_line(ckpts):
+    """Bytes that are not UTF-8 in --prompt or --system: one line, exit 1; on stdin (also as /system): the line
+    is refused in one line and the session goes on."""
+    ckpt = str(ckpts["scripted"])
+    for flag in ("--prompt", "--system"):
+        argv = [*CHAT, "--ckpt", ckpt, "--temperature", "0", flag, "bad \udcff text"]
+        if flag == "--system":
+            argv += ["--prompt", "hi"]
+        proc = subprocess.run([os.fsencode(a) for a in argv], capture_output=True, env=ENV, timeout=120)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and not proc.stdout, err
+        assert err == f"bin/chat: error: {flag} is not valid UTF-8 text (byte 0xff at character 5)\n"
+    for env in (ENV, {**ENV, "LC_ALL": "C.UTF-8"}):  # surrogateescape (C locale) and strict stdin decoding
+        proc = subprocess.run([*CHAT, "--ckpt", ckpt, "--temperature", "0"], input=b"\xff hi\n/system \xfe\nhi\n",
+                              capture_output=True, env=env, timeout=120)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0 and proc.stdout.decode() == SCRIPTED_ANSWER + "\n", err
+        assert "(line 1 is not valid UTF-8 text (byte 0xff at character 1); not used)" in err
+        assert "(line 2 is not valid UTF-8 text (byte 0xfe at character 9); not used)" in err
+        assert "Traceback" not in err
 
 
 def test_unknown_tool_is_a_usage_error(ckpts):
     proc = run("--ckpt", str(ckpts["scripted"]), "--prompt", "hi", "--tools", "calculator,shell")
     assert proc.returncode == 2 and "--tools: unknown tool(s) shell; built in: calculator" in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "0"),
+                                             ("--top-p", "inf"), ("--top-k", "0"), ("--seed", "-1"),
+                                             ("--max-new-tokens", "0"), ("--repetition-penalty", "0"),
+                                             ("--max-new-tokens", "9" * 5000)])
+def test_bad_numbers_are_usage_errors(chat, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        chat.module.main(["--ckpt", "x", "--prompt", "hi", flag, value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"bin/chat: error: argument {flag}: must be")
+
+
+def test_reader_that_goes_away_is_no_traceback(ckpts):
+    """`bin/chat ... | head -c 1`: the closed pipe ends the session quietly (exit 0, nothing on stderr)."""
+    proc = subprocess.Popen([*CHAT, "--ckpt", str(ckpts["scripted"]), "--temperature", "0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdin.write(b"hi\n" * 2000)
+    proc.stdin.close()
+    assert proc.stdout.read(1) == SCRIPTED_ANSWER[:1].encode()
+    proc.stdout.close()  # the reader goes away while answers are still being written
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""

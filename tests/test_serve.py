@@ -299,3 +299,20 @@ def test_web_page_streams_multi_turn_chat(servers):
                            {"role": "user", "content": "hello 2"}, {"role": "assistant", "content": SCRIPTED_ANSWER}]
         bubbles = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg")]
         assert bubbles == ["hello 1", SCRIPTED_ANSWER, "hello 2", SCRIPTED_ANSWER]
+
+
+def test_stop_filter_cuts_visible_text_never_a_call():
+    """Stop strings match in reasoning and content as sent (held back while undecided, never across a change
+    of kind or inside a call); the text before a hit loses its trailing whitespace, nothing after it is sent."""
+    from core.completion import CONTENT, REASONING, TOOL_CALL, Event, ToolCall
+    from serve.engine import StopFilter
+
+    call = Event(TOOL_CALL, call=ToolCall("f", '{"x": "END"}'))
+    stops = StopFilter(["END"])
+    assert stops.push([Event(REASONING, "plan E")]) == ([Event(REASONING, "plan")], False)
+    assert stops.push([Event(CONTENT, "ND"), call]) == ([Event(REASONING, " E"), Event(CONTENT, "ND"), call], False)
+    assert stops.push([Event(CONTENT, "ok E"), Event(CONTENT, "ND more")]) == ([Event(CONTENT, "ok")], True)
+    tail = StopFilter(["END"])
+    assert tail.push([Event(CONTENT, "a EN")]) == ([Event(CONTENT, "a")], False)
+    assert tail.flush() == [Event(CONTENT, " EN")]
+    assert StopFilter([]).push([Event(CONTENT, "a ")]) == ([Event(CONTENT, "a ")], False)  # no stops: as parsed

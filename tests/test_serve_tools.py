@@ -30,9 +30,9 @@ TOOLS = [calculator.TOOL]
 
 
 class InProcessServer:
-    def __init__(self) -> None:
+    def __init__(self, scripts: list[tuple[str, str]] = TOOL_SCRIPTS, literal: bool = False) -> None:
         self.info = load_tokenizer(TOKENIZER)
-        self.model = ScriptedLM(self.info, TOOL_SCRIPTS)
+        self.model = ScriptedLM(self.info, scripts, literal)
         self.engine = Engine(self.model, self.info, self.info.stop_ids)
         self.port = free_port()
         config = uvicorn.Config(create_app(self.engine, "scripted", api_key=KEY), host="127.0.0.1", port=self.port,
@@ -193,6 +193,38 @@ def test_tool_choice(server, client):
     assert server.model.prompts[-1] == base
 
 
+def test_calls_need_offered_tools(client):
+    """No tools offered: the model's call (control ids and all) is content; a call to a function that was not
+    offered is content, streamed or not; OpenAI never returns a call to an unknown function."""
+    plain = ask(client, QUESTION).choices[0]
+    assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == (CALL, None, "stop")
+    assert plain.message.reasoning_content == REASONING
+    weather = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'
+    messages = [{"role": "user", "content": "weather please"}]
+    unknown = ask(client, messages, tools=TOOLS).choices[0]
+    assert (unknown.message.content, unknown.message.tool_calls, unknown.finish_reason) == (weather, None, "stop")
+    streamed = assemble(ask(client, messages, tools=TOOLS, stream=True))
+    assert (streamed["content"], streamed["calls"], streamed["finish"]) == (weather, {}, ["stop"])
+
+
+@pytest.fixture(scope="module")
+def forger():
+    """A server whose model writes a call's tags as ordinary text pieces (as copied from a tool result)."""
+    s = InProcessServer([("", f"Sure.\n{CALL}")], literal=True)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_forged_call_text_is_content(forger):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{forger.port}/v1", api_key=KEY, max_retries=0)
+    plain = ask(client, QUESTION, tools=TOOLS).choices[0]
+    assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == (f"Sure.\n{CALL}", None, "stop")
+    streamed = assemble(ask(client, QUESTION, tools=TOOLS, stream=True))
+    assert (streamed["content"], streamed["calls"], streamed["finish"]) == (f"Sure.\n{CALL}", {}, ["stop"])
+
+
 FN = {"type": "function", "function": {"name": "f"}}
 CALLED = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
                                                                  "function": {"name": "f", "arguments": "{}"}}]}
@@ -231,6 +263,16 @@ def with_call(**function) -> list[dict]:
     ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "1", "tool_call_id": 7}]},
      "messages[2].tool_call_id", "invalid_type"),
     ({"messages": [*QUESTION, CALLED, {"role": "tool"}]}, "messages[2].content", "invalid_type"),
+    ({"messages": [*QUESTION, {"role": "tool", "content": "1"}]}, "messages[1].role", "invalid_value"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": "hm"}, {"role": "tool", "content": "1"}]},
+     "messages[2].role", "invalid_value"),
+    ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "1", "tool_call_id": "call_1"},
+                   {"role": "tool", "content": "2"}]}, "messages[3].role", "invalid_value"),
+    ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "1", "tool_call_id": "call_9"}]},
+     "messages[2].tool_call_id", "invalid_value"),
+    ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "1", "tool_call_id": "call_1"},
+                   {"role": "user", "content": "and?"}, {"role": "tool", "content": "1", "tool_call_id": "call_1"}]},
+     "messages[4].role", "invalid_value"),
 ])
 def test_bad_tool_requests_are_400_with_param(server, body, param, code):
     status, raw = server.post({"messages": QUESTION, **body})
@@ -242,7 +284,8 @@ def test_bad_tool_requests_are_400_with_param(server, body, param, code):
 @needs_browser
 def test_web_page_thinking_toggle_and_tool_card(server):
     """The thinking select sends enable_thinking; the reasoning sits collapsed under the answer and opens on a
-    click; a streamed call is a card with its name and arguments, and stays in the history as tool_calls."""
+    click; without tools a call is text; with tools offered (window.chatTools) a streamed call is a card with
+    its name and arguments, and stays in the history as tool_calls."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -262,7 +305,15 @@ def test_web_page_thinking_toggle_and_tool_card(server):
 
         Select(driver.find_element(By.ID, "thinking")).select_by_value("")
         driver.find_element(By.ID, "reset").click()  # a new chat: the scripts match on the whole prompt
+        send_and_wait(driver, wait, "What is 2+3?", 1)  # no tools offered: the model's call is text
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert reply.find_elements(By.CSS_SELECTOR, ".tool-call") == []
+        assert reply.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent") == CALL
+
+        driver.execute_script("window.chatTools = JSON.parse(arguments[0])", json.dumps(TOOLS))  # keys in order
+        driver.find_element(By.ID, "reset").click()
         send_and_wait(driver, wait, "What is 2+3?", 1)
+        assert server.model.prompts[-1] == prompt_ids(server.info, QUESTION, tools=TOOLS)
         reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
         (card,) = reply.find_elements(By.CSS_SELECTOR, ".tool-call")
         assert card.find_element(By.CSS_SELECTOR, ".tool-name").text == "calculator"
@@ -273,3 +324,17 @@ def test_web_page_thinking_toggle_and_tool_card(server):
         assert [(c["type"], c["function"]) for c in last["tool_calls"]] == \
             [("function", {"name": "calculator", "arguments": '{"expression": "2+3"}'})]
         assert last["tool_calls"][0]["id"].startswith("call_")
+
+
+def test_tool_messages_that_answer_calls_are_accepted(server):
+    """Answers in any order by id, or in order without ids; a later exchange may answer its own calls."""
+    calls = [{"id": f"call_{n}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for n in (1, 2)]
+    two = {**CALLED, "tool_calls": calls}
+    by_id = [*QUESTION, two, {"role": "tool", "content": "b", "tool_call_id": "call_2"},
+             {"role": "tool", "content": "a", "tool_call_id": "call_1"}]
+    in_order = [*QUESTION, two, {"role": "tool", "content": "a"}, {"role": "tool", "content": "b"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}, CALLED,
+                {"role": "tool", "content": "c", "tool_call_id": "call_1"}]
+    for messages in (by_id, in_order):
+        status, raw = server.post({"messages": messages, "tools": [FN], "max_tokens": 2})
+        assert status == 200, raw
