@@ -217,7 +217,7 @@ def test_stage_flags_are_checked(capsys):
     assert "LoRA targets foo unknown" in usage("--stage", "sft", "--lora-rank", "2", "--lora-targets", "q_proj,foo")
     ok = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "reason", "--lora-rank", "2", "--lora-targets",
                              "q_proj,v_proj"])
-    assert ok.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
+    assert ok.model.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
 
 
 def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
@@ -233,9 +233,9 @@ def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
     monkeypatch.setitem(defaults.TABLE, ("dpo", "adamw", "*"), dataclasses.replace(row, lr=3e-6))
     assert "dpo       adamw      *         3e-06" in shown()
     dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
-    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
-    dpo.lr = 0.25
-    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 0.25
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).optim.lr == 3e-6
+    dpo = dataclasses.replace(dpo, optim=dataclasses.replace(dpo.optim, lr=0.25))
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).optim.lr == 0.25
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ import torch
 from model import ModelConfig, TinyLM
 from train import checkpoint
 from train.data import PackedDataset
-from train.loop import format_line
-from train.metrics import METRICS_FILE, Throughput, read_metrics, token_byte_lengths
+from train.metrics import METRICS_FILE, Throughput, format_line, read_metrics, token_byte_lengths
 from train.optim import param_groups
 from train.run import main
 from train.schedule import Schedule
