@@ -56,11 +56,9 @@ def add_flags(group: Any, cls: type, names: tuple[str, ...] | None = None) -> No
         if spec is None or (names is not None and f.name not in names):
             continue
         kwargs: dict[str, Any] = {"help": spec["help"].replace("{default}", _shown(f.default)),
-                                  "dest": f.name, "default": spec["cli_default"]}
+                                  "dest": f.name, "default": _absent(spec)}
         if spec["action"] is not None:
             kwargs["action"] = spec["action"]
-            if spec["action"] == "store_true":
-                kwargs["default"] = False
         else:
             if spec["kind"] is not None:
                 low, high, low_open, high_open = spec["range"]
@@ -78,10 +76,15 @@ def add_flags(group: Any, cls: type, names: tuple[str, ...] | None = None) -> No
         group.add_argument(flag_name(f.name), **kwargs)
 
 
+def _absent(spec: dict[str, Any]) -> Any:
+    """What argparse stores for the flag when it is not on the command line."""
+    return False if spec["action"] == "store_true" else spec["cli_default"]
+
+
 def given(values: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The fields of ``cls`` that ``values`` (parsed flags) actually set: None / False mean "not given"."""
-    names = {f.name for f in dataclasses.fields(cls) if "flag" in f.metadata}
-    return {k: v for k, v in values.items() if k in names and v is not None and v is not False}
+    """The flag fields of ``cls`` that ``values`` (parsed flags) actually set (not their absent value)."""
+    specs = {f.name: f.metadata["flag"] for f in dataclasses.fields(cls) if "flag" in f.metadata}
+    return {k: v for k, v in values.items() if k in specs and v is not None and v != _absent(specs[k])}
 
 
 @dataclass(frozen=True)
