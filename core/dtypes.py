@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 NAMES = ("float32", "bfloat16", "float16")
 ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # the file formats' own names (GGUF, export)
 
 
 def canonical(text: str) -> str | None:
@@ -21,9 +22,11 @@ def canonical(text: str) -> str | None:
     return key if key in NAMES else ALIASES.get(key)
 
 
-def dtype_flag(*allowed: str, extra: tuple[str, ...] = ()) -> Callable[[str], str]:
+def dtype_flag(*allowed: str, extra: tuple[str, ...] = (), returns: dict[str, str] | None = None
+               ) -> Callable[[str], str]:
     """An argparse ``type=`` accepting ``allowed`` (full names, default: all) by any spelling, plus the
-    flag's own ``extra`` words; returns the full name."""
+    flag's own ``extra`` words; returns the full name (or ``returns[full name]``, e.g. :data:`SHORT` for a
+    consumer that keys by the short names)."""
     names = allowed or NAMES
     spelled = [a for a, full in ALIASES.items() if full in names]
 
@@ -34,7 +37,7 @@ def dtype_flag(*allowed: str, extra: tuple[str, ...] = ()) -> Callable[[str], st
         if name is None or name not in names:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join((*extra, *names))} (or {', '.join(spelled)}),"
                                              f" got {text!r}")
-        return name
+        return returns[name] if returns is not None else name
 
     parse.__name__ = "dtype"
     return parse
