@@ -1,4 +1,4 @@
-"""The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
+"""The training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
 evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
 weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
 
@@ -11,7 +11,7 @@ One optimizer step s (0-based) on every rank:
      ranks' contributions, i.e. the gradient of the single-process objective), DDP ``no_sync`` on all
      but the last micro-batch;
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
-     grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
+     grad norm is non-finite" flag (the loop's only host sync of the step reads them), so every rank takes the same
      decision; optimizer step(s) (AdamW, or Muon + AdamW: ``train/optim.py``) at each part's peak LR x the
      schedule's multiplier ``m(s)`` (``train/schedule.py``) unless the loss or the grad norm is non-finite;
      zero grads;
@@ -24,6 +24,10 @@ then stops with :class:`NonFiniteError` (one line: the step, what was non-finite
 checkpoint), unless ``skip_nonfinite`` allows more skipped steps: then the step counts (schedule and
 data move on) without an update, and a ``skipped_nonfinite`` line goes to metrics.jsonl. Weights are
 checked before every checkpoint, so no checkpoint with nan/inf weights is ever written.
+
+Divergence. A finite loss far above the first step's (:data:`DIVERGENCE_SCALES`) is said once on rank 0
+and the run goes on; with ``stop_on_divergence`` every rank (the loss is all-reduced) raises
+:class:`DivergenceError` before the step is applied, so the last checkpoint is the one before.
 
 Exact resume: a checkpoint after step s holds the model, optimizer(s), grad scaler, counters
 and every rank's RNG states (a WSD run also keeps ``pre_decay.pt``, the checkpoint at its decay start);
@@ -201,7 +205,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
             fetched = time.perf_counter()
             lrs = optimizer.set_lr(schedule(state.step))
             count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
-            dist.all_reduce_sum(count)  # the one collective before the forward passes
+            dist.all_reduce_sum(count)  # the only collective before the forward passes
             supervised_acc += count
             norm = StepNorm(count.float().clamp(min=1.0), micro_total)
             sums: torch.Tensor | None = None
@@ -221,7 +225,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
             grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
             reduced = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
             sums = reduced[:-1]
-            problem, loss_value = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the step's one host sync
+            problem, loss_value = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the loop's host sync
             if problem is None:
                 watch.check(state.step + 1, loss_value, cfg, info, out)
                 optimizer.step(scaler)
@@ -315,7 +319,7 @@ def skip_or_stop(state: TrainState, problem: str, cfg: LoopConfig, info: DistInf
 def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor,
                       grad_norm: torch.Tensor) -> tuple[str | None, float]:
     """What was non-finite this step ("loss nan", "gradient norm inf", both) or None, and the step loss
-    (reads the values: the step's one host sync)."""
+    (reads the values: the loop's only host sync of the step)."""
     loss_v, bad_v, norm_v = torch.stack([loss.float(), bad_ranks.float(), grad_norm.float()]).tolist()
     parts = []
     if not math.isfinite(loss_v):

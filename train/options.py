@@ -100,8 +100,9 @@ class Options:
             value = getattr(self, f.name)
             if spec is None or spec["kind"] is None or value is None:
                 continue
-            problem = check_number(value if spec["kind"] is int or isinstance(value, bool) else
-                                   float(value) if isinstance(value, int) else value, spec["kind"], *spec["range"])
+            if spec["kind"] is float and type(value) is int:
+                value = float(value)  # an int where a float is expected is that float (beta=1)
+            problem = check_number(value, spec["kind"], *spec["range"])
             if problem:
                 raise OptionError(f"{flag_name(f.name)} {problem}")
 

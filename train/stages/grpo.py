@@ -1,5 +1,6 @@
 """Reinforcement learning with verifiable rewards (GRPO family): batches are the policy's own rollouts
-(``train/rollout.py``), scored by reward functions (``train/rewards.py``); everything else is the one loop.
+(``train/rollout.py``), scored by reward functions (``train/rewards.py``); everything else is the loop
+of ``train/loop.py``.
 
 Per completion token t of sample i (loss weight m = 1, see ``train/rollout.py`` "Rows"), with
 ``logp = log pi(y_t)`` under ``softmax(logits / T)`` (T = ``--rollout-temperature``, the distribution the
