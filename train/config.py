@@ -237,12 +237,12 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
         p.error(f"--stage {ns.stage} trains on rollouts of --prompts FILE.jsonl (and takes no --data)")
     if not stage_cls.rollouts and (ns.data is None or ns.prompts is not None):
         p.error(f"--stage {ns.stage} reads --data DIR (--prompts is for --stage grpo)")
+    takes = {name: {f.name for f in dataclasses.fields(cls.Options)} for name, cls in STAGES.items()}
     for other in STAGES.values():
-        own = {f.name for f in dataclasses.fields(stage_cls.Options)}
-        for name in given(values, other.Options):
-            if name not in own:
-                users = [s.name for s in STAGES.values() if name in {f.name for f in dataclasses.fields(s.Options)}]
-                p.error(f"{flag_name(name)} applies to --stage {' / '.join(users)} only, not --stage {ns.stage}")
+        for flag in given(values, other.Options):
+            if flag not in takes[ns.stage]:
+                users = [name for name, own in takes.items() if flag in own]
+                p.error(f"{flag_name(flag)} applies to --stage {' / '.join(users)} only, not --stage {ns.stage}")
     reuse = getattr(ns, "rollout_reuse", None) or 1
     for name in ("save_every", "stop_after"):
         if getattr(ns, name) is not None and getattr(ns, name) % reuse:
