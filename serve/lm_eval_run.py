@@ -88,12 +88,18 @@ def check_include(folder: str) -> Path:
 
 
 def task_manager(opts: HarnessOptions) -> Any:
-    """The harness's task index (its own tasks plus ``opts.include``), every requested name checked."""
+    """The harness's task index (its own tasks plus ``opts.include``; the include folder's alone when every
+    requested name is a task defined there), every requested name checked."""
     require_lm_eval()
     include = check_include(opts.include) if opts.include else None
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include) if include else None)
+    manager = None
+    if include and not any(c in name for name in opts.tasks for c in "*?["):
+        local = TaskManager(include_path=str(include), include_defaults=False)
+        if all(local.match_tasks([name]) and name in local.all_subtasks for name in opts.tasks):
+            manager = local  # only leaf tasks of the include folder: they name no other task, skip the big index
+    manager = manager or TaskManager(include_path=str(include) if include else None)
     for name in opts.tasks:
         if not manager.match_tasks([name]):
             where = f" or in {include}" if include else " (local task YAMLs: --lm-eval-include DIR)"
