@@ -200,3 +200,13 @@ def test_missing_lm_eval_is_one_line_saying_how_to_install(model_pair, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bin/setup --eval" in err[0] and "pip install 'lm-eval[hf]'" in err[0]
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_eval_extra_and_dev_requirements_name_the_same_lm_eval():
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["eval"]
+    dev = [line.split("#")[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()]
+    setup = (ROOT / "bin" / "setup").read_text()
+    assert extra == [line for line in dev if line.startswith("lm-eval")]
+    assert "--eval)" in setup and "requirements-dev.txt" in setup  # bin/setup --eval installs that line
