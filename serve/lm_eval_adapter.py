@@ -43,7 +43,7 @@ from tqdm import tqdm
 from core.chat_template import render_text
 from model.generate import Generation
 from serve.export import tokenizer_files
-from serve.loading import LoadedModel
+from serve.loading import LoadedModel, ToolError
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF model's default answer length
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
@@ -168,7 +168,8 @@ class HarnessModel(TemplateLM):
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.eos_text)
         budget = int(kwargs.pop("max_gen_toks"))
         if budget >= self.max_length:
-            raise ValueError(f"max_gen_toks {budget} must be less than the model's context {self.max_length}")
+            raise ToolError(f"a task asks for max_gen_toks {budget}: must be less than the model's context "
+                            f"{self.max_length}")
         sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
         skip_specials = self.bos_text and contexts[0].startswith(self.bos_text)  # tok_batch_encode's rule
         prompts = [self.encoder.encode(c, add_special_tokens=not skip_specials).ids[-(self.max_length - budget):]

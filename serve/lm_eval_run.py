@@ -161,7 +161,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         loaded = load_model(args.ckpt, options=source_options(args))
         results = args.results or loaded.run_folder / "eval_results.jsonl"
         check_file_target(results, "results file")
-        record, table = run_harness(loaded, opts, results, torch.device(args.device), args.quiet, manager)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        record, table = run_harness(loaded, opts, results, torch.device(device), args.quiet, manager)
     except TinyLMError as e:
         print(f"bin/eval: error: {e}", file=sys.stderr)
         return 1

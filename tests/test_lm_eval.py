@@ -203,7 +203,7 @@ def test_missing_lm_eval_is_one_line_saying_how_to_install(model_pair, monkeypat
 
 
 def test_eval_extra_and_dev_requirements_name_the_same_lm_eval():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["eval"]
     dev = [line.split("#")[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()]
