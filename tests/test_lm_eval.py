@@ -58,10 +58,11 @@ def hf_model(model_pair):
     return HFLM(pretrained=str(model_pair[1]), dtype="float32", batch_size=4, device="cpu")
 
 
-def evaluate_both(model_pair, tasks: list[str], chat: bool) -> tuple[dict, dict]:
+def evaluate_both(model_pair, tasks: list[str], chat: bool, fewshot: int | None = None) -> tuple[dict, dict]:
     loaded, folder = model_pair
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
-    common = dict(tasks=tasks, task_manager=manager, log_samples=True, apply_chat_template=chat, bootstrap_iters=0)
+    common = dict(tasks=tasks, task_manager=manager, log_samples=True, apply_chat_template=chat, bootstrap_iters=0,
+                  num_fewshot=fewshot)
     ours = lm_eval.simple_evaluate(model=HarnessModel(loaded, batch_size=4, progress=False), **common)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", batch_size=4,
                                      device="cpu", **common)
@@ -103,11 +104,12 @@ def test_adapter_matches_hf_model_on_local_tasks(model_pair):
                                                                       rel=1e-6)
 
 
-def test_adapter_matches_hf_model_with_chat_template(model_pair):
+def test_adapter_matches_hf_model_with_chat_template_and_few_shot_turns(model_pair):
     tasks = ["tinylm_mc", "tinylm_gen"]
-    ours, theirs = evaluate_both(model_pair, tasks, chat=True)
+    ours, theirs = evaluate_both(model_pair, tasks, chat=True, fewshot=1)
     prompt = ours["samples"]["tinylm_gen"][0]["arguments"][0][0]
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.count("<|im_start|>user\n") == 2  # the example is a turn of its own
     assert prompt == theirs["samples"]["tinylm_gen"][0]["arguments"][0][0]
     assert_same_numbers(ours, theirs, tasks)
 
