@@ -25,7 +25,12 @@ from typing import Any
 from core.errors import TinyLMError
 from core.files import check_file_target
 from core.numbers import check_number, parse_number
-from serve.loading import ToolError
+
+
+class HarnessError(TinyLMError):
+    """Bad ``--lm-eval`` input (a task name, the include folder, the options) or a dataset the harness
+    could not load: one line."""
+
 
 INSTALL_HINT = ("lm-eval is not installed; install it with bin/setup --eval "
                 "(or: .venv/bin/python -m pip install 'lm-eval[hf]')")
@@ -58,32 +63,32 @@ class HarnessOptions:
     def __post_init__(self) -> None:
         problem = check_number(self.batch_size, int, low=1)
         if problem:
-            raise ToolError(f"--batch-size {problem}")
+            raise HarnessError(f"--batch-size {problem}")
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
     """``TASK[,TASK...]`` -> names; an empty name is refused."""
     names = tuple(t.strip() for t in text.split(","))
     if not names or any(not t for t in names):
-        raise ToolError(f"--lm-eval {text!r}: give task names separated by commas (e.g. arc_easy,piqa)")
+        raise HarnessError(f"--lm-eval {text!r}: give task names separated by commas (e.g. arc_easy,piqa)")
     return names
 
 
 def require_lm_eval() -> None:
     """Refuse, in one line saying how to install it, when the ``lm-eval`` package is missing."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise ToolError(INSTALL_HINT)
+        raise HarnessError(INSTALL_HINT)
 
 
 def check_include(folder: str) -> Path:
     """The include folder, which must be a readable directory."""
     path = Path(folder)
     if not path.is_dir():
-        raise ToolError(f"--lm-eval-include {folder}: no such directory")
+        raise HarnessError(f"--lm-eval-include {folder}: no such directory")
     try:
         os.listdir(path)
     except OSError as e:
-        raise ToolError(f"--lm-eval-include {folder}: cannot read it ({e.strerror or e})") from None
+        raise HarnessError(f"--lm-eval-include {folder}: cannot read it ({e.strerror or e})") from None
     return path
 
 
@@ -103,7 +108,7 @@ def task_manager(opts: HarnessOptions) -> Any:
     for name in opts.tasks:
         if not manager.match_tasks([name]):
             where = f" or in {include}" if include else " (local task YAMLs: --lm-eval-include DIR)"
-            raise ToolError(f"--lm-eval: unknown task {name!r}: not among lm-eval's tasks{where}")
+            raise HarnessError(f"--lm-eval: unknown task {name!r}: not among lm-eval's tasks{where}")
     return manager
 
 
@@ -123,7 +128,7 @@ def run_harness(loaded: Any, opts: HarnessOptions, results: Path, device: Any, q
                                       limit=opts.limit, apply_chat_template=opts.apply_chat_template,
                                       task_manager=manager, batch_size=opts.batch_size, log_samples=False)
     except OSError as e:  # a dataset the harness could not download or read
-        raise ToolError(f"--lm-eval {','.join(opts.tasks)}: lm-eval could not load a dataset: "
+        raise HarnessError(f"--lm-eval {','.join(opts.tasks)}: lm-eval could not load a dataset: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     table = lm_eval.utils.make_table(out)
     if out.get("groups"):
