@@ -16,8 +16,9 @@ generation (``model/generate.py``), with the numbers ``lm_eval --model hf`` give
   ``generation_config`` eos ids) or one of the ``until`` strings (the eos string added), then decoded
   without special tokens and cut at the first stop string (the harness's own ``postprocess_generated_text``).
 
-The special tokens are those the export writes (``serve.export.tokenizer_files``): eos is the
-end-of-text id, bos (else eos) the prefix token; ``max_length`` is the model's context.
+The special tokens are those the export writes (``serve.export.tokenizer_files``): its eos token
+(``<|im_end|>`` by default) is the harness's end-of-text id, its bos (else eos) the prefix token of empty
+contexts and rolling windows; ``max_length`` is the model's context.
 
 Text is text, with one stated exception: the harness hands over strings that already hold rendered chat
 templates (``--apply-chat-template``), so :meth:`HarnessModel.tok_encode` tokenizes them the way the
@@ -171,7 +172,7 @@ class HarnessModel(TemplateLM):
             raise ToolError(f"a task asks for max_gen_toks {budget}: must be less than the model's context "
                             f"{self.max_length}")
         sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
-        skip_specials = self.bos_text and contexts[0].startswith(self.bos_text)  # tok_batch_encode's rule
+        skip_specials = bool(self.bos_text) and contexts[0].startswith(self.bos_text)  # tok_batch_encode's rule
         prompts = [self.encoder.encode(c, add_special_tokens=not skip_specials).ids[-(self.max_length - budget):]
                    for c in contexts]
         run = Generation(self.net, prompts, max_new_tokens=budget, stop_ids=self.stop_ids,
