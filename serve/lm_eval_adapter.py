@@ -44,7 +44,8 @@ from tqdm import tqdm
 from core.chat_template import render_text
 from model.generate import Generation
 from serve.export import tokenizer_files
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
+from train.loading import LoadedModel
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF model's default answer length
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message

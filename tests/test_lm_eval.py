@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve.loading import load_model
 
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from serve.export import export
 from train.checkpoint import Checkpoint
+from train.loading import load_model
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
