@@ -181,6 +181,15 @@ class ChatTemplateChoice:
     template_sha256: str | None = None
     declared: bool = False
     problem: str | None = None
+    template: str | None = field(default=None, repr=False)  # the folder's template text (None: it has none)
+
+    @property
+    def jinja(self) -> str | None:
+        """The Jinja text that renders as this choice does (for an exported tokenizer_config.json): tinylm's
+        own for the tinylm family, else the folder's template (None when the family is unknown)."""
+        if self.family is None:
+            return None
+        return CHAT_TEMPLATE if self.family is TINYLM else self.template
 
     def record(self) -> dict:
         """The JSON record of this choice (meta.json ``chat_template``, checkpoint tokenizer records)."""
@@ -197,14 +206,19 @@ def choose_family(folder: Path, declared: str | None = None) -> ChatTemplateChoi
     if declared is not None:
         if declared not in FAMILIES:
             raise ValueError(f"unknown chat template family {declared!r} (known: {', '.join(FAMILY_NAMES)})")
-        return ChatTemplateChoice(FAMILIES[declared], digest, declared=True)
+        return ChatTemplateChoice(FAMILIES[declared], digest, declared=True, template=template)
     if template is None:
         return ChatTemplateChoice(TINYLM)
     family = family_of_template(template)
     if family is not None:
-        return ChatTemplateChoice(family, digest)
-    return ChatTemplateChoice(None, digest, problem=(
+        return ChatTemplateChoice(family, digest, template=template)
+    return ChatTemplateChoice(None, digest, template=template, problem=(
         f"{source}: its chat template (sha256 {digest[:12]}) is none of the known families "
         f"({', '.join(FAMILY_NAMES)}), so tinylm cannot render what it renders; pass --chat-template tinylm to "
         "use tinylm's template anyway, or --chat-template FAMILY if it renders as one of them"))
 
+
+def trained_family(record: dict | None) -> str | None:
+    """The family to declare when loading the tokenizer of a model whose data recorded ``record`` (meta.json's
+    ``chat_template``, kept in the checkpoint): the model renders as it was trained. None: no record."""
+    return record.get("family") if isinstance(record, dict) else None

@@ -82,7 +82,7 @@ STRUCTURE_TAGS = (*REASONING_TAGS, *TOOL_TAGS)  # single ids in the shipped toke
 CONTENT_TAGS = (*REASONING_TAGS, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)  # structure inside assistant content
 _CALL_TAGS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *STRUCTURE_TAGS)
-STOP_TOKENS = (IM_END, ENDOFTEXT)  # end an assistant turn: generation stops at either (the one stop list)
+STOP_TOKENS = (IM_END, ENDOFTEXT)  # end an assistant turn: generation stops at either
 ROLES = ("system", "user", "assistant", "tool")
 THINKING_PROMPTS = TINYLM.generation_think  # the tinylm family's generation-prompt endings
 

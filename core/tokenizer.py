@@ -306,8 +306,7 @@ def chat_pieces(tok: TokenizerInfo, turns: list[dict], supervise: str = "all", a
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
                 supervise: str = "all", tag_weight: int = 1, tools: list | None = None,
                 enable_thinking: bool | None = None) -> Encoded:
-    """One conversation through the tokenizer's chat family and :func:`encode_documents` (the only way
-    chats are encoded)."""
+    """One conversation through the tokenizer's chat family and :func:`encode_documents`."""
     tok.require_chat("a conversation")
     note_missing_tags(tok)
     pieces = chat_pieces(tok, turns, supervise, add_generation_prompt, tools, enable_thinking)

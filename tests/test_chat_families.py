@@ -166,3 +166,17 @@ def test_qwen3_content_stays_text(tmp_path: Path) -> None:
                                             "<|im_end|>"]
     assert info.tokenizer.decode(ids, skip_special_tokens=False) == ct.render_text(turns, family=cf.QWEN3)
     assert np.count_nonzero(encode_chat(info, turns).weights) > 0
+
+
+def test_export_text_and_the_family_a_checkpoint_declares(tmp_path: Path) -> None:
+    """``chat.jinja`` renders as the chosen family (what an export writes); ``trained_family`` of a recorded
+    choice loads the tokenizer with the family the model was trained with, even over an unknown template."""
+    mm3 = load_tokenizer(folder_with(tmp_path / "mm3", TEMPLATES["minimind3"]))
+    assert mm3.chat.jinja == TEMPLATES["minimind3"]
+    assert load_tokenizer(folder_with(tmp_path / "none", None)).chat.jinja == cf.CHAT_TEMPLATE
+    odd = folder_with(tmp_path / "odd", "{{ messages }}")
+    assert load_tokenizer(odd).chat.jinja is None
+    record = load_tokenizer(odd, chat_template="tinylm").chat.record()
+    assert cf.trained_family(record) == "tinylm" and cf.trained_family(None) is None
+    again = load_tokenizer(odd, chat_template=cf.trained_family(record))
+    assert again.chat_family is cf.TINYLM and again.chat.jinja == cf.CHAT_TEMPLATE
