@@ -27,7 +27,7 @@ import re
 import sys
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,10 +154,7 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, chat_template: str | No
     :attr:`TokenizerInfo.has_chat` (checked by :meth:`TokenizerInfo.require_chat` where a chat is rendered).
     ``chat_template``: the declared family (``--chat-template``), else the directory's template decides."""
     file = tokenizer_file(path)
-    try:
-        chat = choose_family(file.parent, chat_template)
-    except ValueError as e:
-        raise TokenizerError(str(e), path=file) from None
+    chat = _choose(file, chat_template)
     data = file.read_bytes()
     try:
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
@@ -180,6 +177,20 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, chat_template: str | No
                                        for t in TEMPLATE_TEXTS)]}
     return TokenizerInfo(file, tokenizer, hashlib.sha256(data).hexdigest(),
                          tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known, chat)
+
+
+def declare_chat_template(tok: TokenizerInfo, family: str | None) -> TokenizerInfo:
+    """``tok`` rendering chats as the declared ``family`` (``--chat-template``); ``tok`` itself when None."""
+    if family is None:
+        return tok
+    return replace(tok, chat=_choose(tok.path, family))
+
+
+def _choose(file: Path, declared: str | None) -> ChatTemplateChoice:
+    try:
+        return choose_family(file.parent, declared)
+    except ValueError as e:
+        raise TokenizerError(str(e), path=file) from None
 
 
 def _literal_tokenizer(file: Path, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:

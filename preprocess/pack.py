@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import FolderLock, atomic_write_json, is_temp_file, read_json  # noqa: E402
-from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
+from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, declare_chat_template, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
     OK,
@@ -544,7 +544,7 @@ def pack(options: PackOptions) -> PackResult:
     if message := options.problem():
         raise PackError(message)
     specs = parse_input_args(options.inputs)
-    tok = load_tokenizer(options.tokenizer, options.records.chat_template)
+    tok = declare_chat_template(load_tokenizer(options.tokenizer), options.records.chat_template)
     if options.stage != "pretrain":
         tok.require_chat(f"--stage {options.stage}")
     if options.stage == "reason" and options.records.tag_weight != 1 and not tok.has_reasoning_tags:
