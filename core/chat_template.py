@@ -86,6 +86,7 @@ STOP_TOKENS = (IM_END, ENDOFTEXT)  # end an assistant turn: generation stops at 
 ROLES = ("system", "user", "assistant", "tool")
 THINKING_PROMPTS = TINYLM.generation_think  # the tinylm family's generation-prompt endings
 
+
 class Piece(NamedTuple):
     """One part of a rendered document: its text, how it becomes ids (``kind``), and its loss flag."""
 
@@ -219,7 +220,7 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
     if add_generation_prompt:
         out.put(_START)
         out.put(_ASSISTANT_HEADER)
-        out.split_tags(family.thinking_prompt(enable_thinking), False, _THINK_SPLITTER if THINK_OPEN in tags else None)
+        out.split_tags(family.thinking_prompt(enable_thinking), False, _THINK_SPLITTER)
     return out.pieces
 
 
