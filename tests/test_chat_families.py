@@ -180,3 +180,45 @@ def test_export_text_and_the_family_a_checkpoint_declares(tmp_path: Path) -> Non
     assert cf.trained_family(record) == "tinylm" and cf.trained_family(None) is None
     again = load_tokenizer(odd, chat_template=cf.trained_family(record))
     assert again.chat_family is cf.TINYLM and again.chat.jinja == cf.CHAT_TEMPLATE
+
+
+FUZZ_TEXTS = ["", "\n", "hi", "\n\nx\n", "<think>a</think>b", "<think>\n\n</think>\n\nc", "</think>z",
+              "<tool_response>r</tool_response>", "a<think>b", "中文"]
+
+
+def random_conversation(rng) -> list[dict]:
+    """System, user, assistant (content, reasoning, calls in any mix, None content) and tool turns in any order."""
+    turns = [{"role": "system", "content": rng.choice(FUZZ_TEXTS)}] if rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, 4)):
+        r = rng.random()
+        if r < 0.4:
+            turns.append({"role": "user", "content": rng.choice(FUZZ_TEXTS)})
+        elif r < 0.8:
+            turn = {"role": "assistant", "content": rng.choice([*FUZZ_TEXTS, None])}
+            if rng.random() < 0.4:
+                turn["reasoning_content"] = rng.choice(FUZZ_TEXTS)
+            if rng.random() < 0.3:
+                arguments = rng.choice(['{"a": 1}', {"b": "中"}])
+                turn["tool_calls"] = [{"type": "function", "function": {"name": "f", "arguments": arguments}}
+                                      ] * rng.randint(1, 2)
+            turns.append(turn)
+        else:
+            turns.append({"role": "tool", "content": rng.choice(FUZZ_TEXTS)})
+    return turns
+
+
+def test_random_conversations_render_as_transformers_does(transformers) -> None:
+    """Seeded random conversations (edge texts: empty, newlines, think tags in content, tool-response look-alikes)
+    render byte for byte as transformers renders each family's template."""
+    import random
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(SHIPPED))
+    rng = random.Random(0)
+    for _ in range(300):
+        turns = random_conversation(rng)
+        tools = [{"type": "function", "function": {"name": "f"}}] if rng.random() < 0.3 else None
+        gen, thinking = rng.random() < 0.5, rng.choice([None, True, False])
+        for family in TEMPLATES:
+            expected = hf_apply(hf, family, turns, tools, gen, thinking)
+            assert ct.render_text(turns, gen, tools=tools, enable_thinking=thinking,
+                                  family=cf.FAMILIES[family]) == expected, (family, turns, tools, gen, thinking)
