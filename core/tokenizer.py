@@ -311,7 +311,7 @@ def chat_pieces(tok: TokenizerInfo, turns: list[dict], supervise: str = "all", a
                 drop_empty_think: bool = False) -> list[Piece]:
     """One conversation rendered by the tokenizer's chat family, with its structure tags (pack, encode_chat)."""
     return render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags, tools, enable_thinking,
-                         tok.chat_family, drop_empty_think)
+                         tok.chat.family or tok.chat_family, drop_empty_think)
 
 
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,

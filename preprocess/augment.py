@@ -61,11 +61,13 @@ class Augment:
     def active(self) -> bool:
         return self.drop_empty_think > 0 or self.add_system_prompt > 0
 
-    def choose(self, key: str) -> Choice:
-        """The choices for the record named ``key`` (deterministic for a seed and key)."""
+    def choose(self, source: str, line: int) -> Choice:
+        """The choices for the record at ``line`` of ``source`` (deterministic for a seed, the file's name and
+        the line)."""
         if not self.active:
             return NO_CHOICE
-        rng = random.Random(f"{self.seed}\0{key}")  # a str seed is hashed with sha512: stable across processes
+        # a str seed is hashed with sha512, so the draws are the same in every process
+        rng = random.Random(f"{self.seed}\0{record_key(source, line)}")
         prompt = rng.choice(SYSTEM_PROMPTS) if rng.random() < self.add_system_prompt else None
         return Choice(prompt, rng.random() < self.drop_empty_think)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece
 from core.tokenizer import Encoded, TextRefused, TokenizerInfo, encode_documents
-from preprocess.augment import Augment, chat_documents, record_key
+from preprocess.augment import Augment, chat_documents
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, Pair, RecordError, parse_record
 from preprocess.sources import Item
 
@@ -65,7 +65,7 @@ def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tok: Tokeni
                item: Item) -> list[list[Piece]]:
     if opts.stage == "pretrain":
         return [[Piece(record, PARSED if opts.parse_special else TEXT, True), Piece(ENDOFTEXT, CONTROL, True)]]
-    return chat_documents(tok, record, opts.stage, opts.augment.choose(record_key(item.source, item.line)))
+    return chat_documents(tok, record, opts.stage, opts.augment.choose(item.source, item.line))
 
 
 def _literal_specials(docs_of_item: list[list[list[Piece]]], tok: TokenizerInfo) -> list[bool]:

@@ -11,22 +11,23 @@ from test_chat_families import TEMPLATES, folder_with
 
 from core.tokenizer import load_tokenizer
 from preprocess import shards
-from preprocess.augment import SYSTEM_PROMPTS, Augment, chat_documents, record_key, with_system_prompt
+from preprocess.augment import SYSTEM_PROMPTS, Augment, chat_documents, with_system_prompt
 
 SFT = SAMPLE / "sft" / "kdconv_zh.jsonl"
 
 
 def test_choices_are_deterministic_for_a_seed_and_follow_the_probabilities() -> None:
     aug = Augment(drop_empty_think=0.8, add_system_prompt=0.2, seed=3)
-    keys = [record_key("/some/where/sft.jsonl", i) for i in range(2000)]
-    first = [aug.choose(k) for k in keys]
-    assert first == [Augment(0.8, 0.2, 3).choose(record_key("/else/sft.jsonl", i)) for i in range(2000)]
-    assert first != [Augment(0.8, 0.2, 4).choose(k) for k in keys]
+    first = [aug.choose("/some/where/sft.jsonl", i) for i in range(2000)]
+    assert first == [Augment(0.8, 0.2, 3).choose("/else/sft.jsonl", i) for i in range(2000)]
+    assert first != [Augment(0.8, 0.2, 4).choose("/some/where/sft.jsonl", i) for i in range(2000)]
+    assert first != [aug.choose("/some/where/other.jsonl", i) for i in range(2000)]
     dropped = sum(c.drop_empty_think for c in first) / len(first)
     added = [c.system_prompt for c in first if c.system_prompt is not None]
     assert 0.76 < dropped < 0.84 and 0.17 < len(added) / len(first) < 0.23
     assert set(added) == set(SYSTEM_PROMPTS)
-    assert all(Augment().choose(k).system_prompt is None and not Augment().choose(k).drop_empty_think for k in keys)
+    assert all(Augment().choose("sft.jsonl", i) == Augment(0.0, 0.0, 3).choose("sft.jsonl", i) for i in range(100))
+    assert Augment().choose("sft.jsonl", 0).system_prompt is None and not Augment().choose("x", 0).drop_empty_think
 
 
 def test_system_prompt_only_where_there_is_none_and_no_tools() -> None:
@@ -42,8 +43,8 @@ def test_system_prompt_only_where_there_is_none_and_no_tools() -> None:
 def test_documents_drop_empty_think_blocks(tmp_path: Path) -> None:
     tok = load_tokenizer(folder_with(tmp_path / "mm3", TEMPLATES["minimind3"]))
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    kept, = chat_documents(tok, turns, "sft", Augment().choose("x"))
-    dropped, = chat_documents(tok, turns, "sft", Augment(drop_empty_think=1.0).choose("x"))
+    kept, = chat_documents(tok, turns, "sft", Augment().choose("x", 0))
+    dropped, = chat_documents(tok, turns, "sft", Augment(drop_empty_think=1.0).choose("x", 0))
     assert "".join(p.text for p in kept).endswith("assistant\n<think>\n\n</think>\n\na<|im_end|>\n")
     assert "".join(p.text for p in dropped).endswith("assistant\na<|im_end|>\n")
 
