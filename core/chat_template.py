@@ -202,19 +202,26 @@ def render_pieces(turns: list[dict], add_generation_prompt: bool = False, superv
         out.put(_NEWLINE)
     last = len(turns) - 1
     last_query = _last_query(turns) if family.think == "after_last_query" else -1
+    as_given = family.think == "reasoning"
     for i, turn in enumerate(turns):
         role = turn["role"]
         if role == "assistant":
-            think = _think_block(turn, family, i > last_query, i == last)
-            block = think is not None and not (drop_empty_think and not think[0])
+            if as_given:  # tinylm: content as given, a block only for reasoning_content
+                content = turn.get("content")
+                content = content if isinstance(content, str) else ""
+                reasoning = turn.get("reasoning_content")
+                parts = (content, content, reasoning if reasoning and isinstance(reasoning, str) else None)
+            else:
+                parts = _assistant_parts(turn, family, i > last_query, i == last, drop_empty_think)
             _render_assistant(out, turn, supervise == "all" or supervise == "last" and i == last, splitter,
-                              family, think, block)
+                              family, *parts)
         elif role == "tool":
             _render_tool(out, turn, i == 0 or turns[i - 1]["role"] != "tool",
                          i == last or turns[i + 1]["role"] != "tool")
         elif not (i == 0 and role == "system" and tools):
             out.put(_START)
-            out.put(Piece(f"{role}\n{_text(turn.get('content'))}", TEXT, False))
+            content = turn.get("content")
+            out.put(Piece(f"{role}\n{content if isinstance(content, str) else ''}", TEXT, False))
             out.put(_END)
             out.put(_NEWLINE)
     if add_generation_prompt:
@@ -254,19 +261,21 @@ def _split_think(turn: dict) -> tuple[str, str]:
     return "", content
 
 
-def _think_block(turn: dict, family: ChatFamily, after_query: bool, is_last: bool) -> tuple[str, str] | None:
-    """(reasoning, content) when the family renders this assistant turn with a think block (reasoning with
-    its newlines stripped, content with its leading ones), else None. ``after_query``: the turn comes after
-    the last user query (Qwen3 renders blocks only there: on the last turn, and on others with reasoning)."""
+def _assistant_parts(turn: dict, family: ChatFamily, after_query: bool, is_last: bool,
+                     drop_empty_think: bool) -> tuple[str, str, str | None]:
+    """(content, content as shown, reasoning of the think block or None: no block) of an assistant turn for a
+    family other than tinylm. A block's reasoning has its newlines stripped and the content shown after it
+    its leading ones. ``after_query``: the turn comes after the last user query (Qwen3 renders blocks only
+    there: on the last turn, and on others with reasoning). An empty block left out by ``drop_empty_think``
+    still trims the content, as removing the block's text from the rendered string does."""
     if family.think == "never":
-        return None
-    if family.think == "reasoning":
-        reasoning = turn.get("reasoning_content")
-        return (reasoning, _text(turn.get("content"))) if isinstance(reasoning, str) and reasoning else None
+        content = _text(turn.get("content"))
+        return content, content, None
     reasoning, content = _split_think(turn)
     if family.think == "after_last_query" and not (after_query and (is_last or reasoning)):
-        return None
-    return reasoning.strip("\n"), content.lstrip("\n")
+        return content, content, None
+    reasoning = reasoning.strip("\n")
+    return content, content.lstrip("\n"), None if drop_empty_think and not reasoning else reasoning
 
 
 def _render_tools(out: _Builder, turns: list[dict], tools: list, family: ChatFamily) -> None:
@@ -282,20 +291,16 @@ def _render_tools(out: _Builder, turns: list[dict], tools: list, family: ChatFam
 
 
 def _render_assistant(out: _Builder, turn: dict, learn: bool, splitter: re.Pattern | None, family: ChatFamily,
-                      think: tuple[str, str] | None, block: bool) -> None:
-    """Header, then (supervised when ``learn``) the think block when ``block``, the content, the tool calls
-    and ``<|im_end|>``. ``think``: (reasoning, content as shown after a block) when the family renders one."""
-    content = _split_think(turn)[1] if family.think_from_content else _text(turn.get("content"))
+                      content: str, shown: str, reasoning: str | None) -> None:
+    """Header, then (supervised when ``learn``) the think block holding ``reasoning`` (None: no block), the
+    content as ``shown``, the tool calls and ``<|im_end|>``."""
     out.put(_START)
     out.put(_ASSISTANT_HEADER)
-    shown = content
-    if think is not None:
-        reasoning, shown = think
-        if block:
-            out.tag(THINK_OPEN, learn)
-            out.text(f"\n{reasoning}\n", learn)
-            out.tag(THINK_CLOSE, learn)
-            out.text("\n\n", learn)
+    if reasoning is not None:
+        out.tag(THINK_OPEN, learn)
+        out.text(f"\n{reasoning}\n", learn)
+        out.tag(THINK_CLOSE, learn)
+        out.text("\n\n", learn)
     out.split_tags(shown, learn, splitter)
     for j, call in enumerate(turn.get("tool_calls") or ()):
         if content or j:  # the templates test the content before its leading newlines are trimmed
