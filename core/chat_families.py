@@ -11,14 +11,14 @@ every family). :class:`ChatFamily` holds what differs; ``core.chat_template.rend
 - which assistant turns get a think block ``<think>\\n{reasoning}\\n</think>\\n\\n`` (``think``): ``"reasoning"``
   only those with reasoning_content (as given); ``"always"`` every turn (empty when there is no reasoning);
   ``"after_last_query"`` the turns after the last user query, the last one always, others only with reasoning;
-  ``"never"``: reasoning_content is not rendered. Families other than ``"reasoning"`` take the reasoning from
-  ``<think>…</think>`` in the content when reasoning_content is not a string (``think_from_content``), strip
-  its newlines and the content's leading ones;
+  ``"never"``: reasoning_content is not rendered. ``"always"`` and ``"after_last_query"`` take the reasoning
+  from a ``<think>…</think>`` prefix of the content when reasoning_content is not a string, and strip the
+  reasoning's newlines and the content's leading ones in a block;
 - how a call's name is written: as JSON (``call_name_json``) or verbatim between quotes;
 - the keyword of the thinking switch (``switch``: ``enable_thinking`` / ``open_thinking``) and what the
   generation prompt adds after ``<|im_start|>assistant\\n`` for the switch off / on / not given.
 
-A tokenizer directory's template is matched to a family by the sha256 of its text (:func:`detect`); a template
+A tokenizer directory's template is matched to a family by the sha256 of its text (:func:`choose_family`); a template
 that matches none is refused by name, never guessed; a user may declare the family instead
 (``--chat-template FAMILY``). No template at all means tinylm's.
 """
@@ -109,9 +109,9 @@ class ChatFamily:
     default_system: str | None = None
     template_sha256: tuple[str, ...] = field(default=())  # the template texts known to render this family
 
-    @property
-    def think_from_content(self) -> bool:
-        return self.think in ("always", "after_last_query")
+    def __post_init__(self) -> None:
+        if self.think not in THINK_BLOCKS:
+            raise ValueError(f"think must be one of {THINK_BLOCKS}, not {self.think!r}")
 
     def thinking_prompt(self, thinking: bool | None) -> str:
         """The text the generation prompt adds after ``<|im_start|>assistant\\n`` for the switch ``thinking``."""
