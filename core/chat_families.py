@@ -5,8 +5,7 @@ turn, a tools block in the system turn, ``<tool_call>`` blocks after assistant c
 turns as one ``user`` turn of ``\\n<tool_response>\\n{content}\\n</tool_response>`` parts (the same wrapping in
 every family). :class:`ChatFamily` holds what differs; ``core.chat_template.render_pieces`` reads it:
 
-- the tools block's text (``tools_intro`` / ``tools_outro``) and whether the system content is written before it
-  even when empty (``system_always``);
+- the tools block's text (``tools_intro`` / ``tools_outro``);
 - a default system turn when a conversation has neither a system turn nor tools (``default_system``);
 - which assistant turns get a think block ``<think>\\n{reasoning}\\n</think>\\n\\n`` (``think``): ``"reasoning"``
   only those with reasoning_content (as given); ``"always"`` every turn (empty when there is no reasoning);
@@ -101,7 +100,6 @@ class ChatFamily:
     name: str
     tools_intro: str
     tools_outro: str
-    system_always: bool
     think: str
     call_name_json: bool
     switch: str
@@ -118,20 +116,20 @@ class ChatFamily:
         return self.generation_think[thinking]
 
 
-TINYLM = ChatFamily("tinylm", TOOLS_INTRO, TOOLS_OUTRO, system_always=False, think="reasoning",
+TINYLM = ChatFamily("tinylm", TOOLS_INTRO, TOOLS_OUTRO, think="reasoning",
                     call_name_json=True, switch="enable_thinking",
                     generation_think={None: "", True: OPEN_THINK, False: EMPTY_THINK},
                     template_sha256=(hashlib.sha256(CHAT_TEMPLATE.encode("utf-8")).hexdigest(),))
-MINIMIND2 = ChatFamily("minimind2", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, system_always=True, think="never",
+MINIMIND2 = ChatFamily("minimind2", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, think="never",
                        call_name_json=False, switch="enable_thinking",
                        generation_think={None: "", True: "", False: EMPTY_THINK},
                        default_system="You are a helpful assistant",
                        template_sha256=("4f57494cd38c0e4e50e27f4632fb6907414a68cc48d0bbc48da5449c596c69fa",))
-MINIMIND3 = ChatFamily("minimind3", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, system_always=True, think="always",
+MINIMIND3 = ChatFamily("minimind3", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, think="always",
                        call_name_json=False, switch="open_thinking",
                        generation_think={None: EMPTY_THINK, True: OPEN_THINK, False: EMPTY_THINK},
                        template_sha256=("97c6a9ef3f8d35044f435bb7773f1af160a7328ab6e8d2e9d67702941320a711",))
-QWEN3 = ChatFamily("qwen3", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, system_always=True, think="after_last_query",
+QWEN3 = ChatFamily("qwen3", QWEN_TOOLS_INTRO, QWEN_TOOLS_OUTRO, think="after_last_query",
                    call_name_json=False, switch="enable_thinking",
                    generation_think={None: "", True: "", False: EMPTY_THINK},
                    template_sha256=("a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",))

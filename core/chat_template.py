@@ -11,8 +11,9 @@ MiniMind-3's, Qwen3's), and nothing else:
 - ``tools`` (OpenAI function definitions, passed explicitly or held by the leading system turn under
   ``"tools"``): the system turn becomes ``<|im_start|>system\n`` + ``{system content}\n\n`` + the family's
   tools intro, one ``json.dumps(tool, ensure_ascii=False)`` line per tool, its tools outro, ``<|im_end|>\n``;
-  with tools and no system turn that block opens the conversation. tinylm writes the system content only
-  when it is not empty.
+  with tools and no system turn that block opens the conversation. A system turn with empty content that
+  holds the tools is only their holder (``preprocess.chat_fields`` adds one for record-level tools): it
+  renders as no system turn does, the tools block alone.
 - assistant: the family's think block ``<think>\n{reasoning}\n</think>\n\n`` where it renders one; then its
   content; then each of ``tool_calls`` as ``<tool_call>\n{"name": <name>, "arguments": <arguments>}\n</tool_call>``
   (a string argument verbatim, an object as JSON; the name as JSON for tinylm, verbatim between quotes for
@@ -280,8 +281,8 @@ def _assistant_parts(turn: dict, family: ChatFamily, after_query: bool, is_last:
 
 def _render_tools(out: _Builder, turns: list[dict], tools: list, family: ChatFamily) -> None:
     """The system turn with the tools block (unsupervised; the format line's call tags are structure)."""
-    system = _text(turns[0].get("content")) if turns and turns[0]["role"] == "system" else None
-    head = f"{system}\n\n" if system is not None and (system or family.system_always) else ""
+    system = _text(turns[0].get("content")) if turns and turns[0]["role"] == "system" else ""
+    head = f"{system}\n\n" if system else ""
     out.put(_START)
     out.text("system\n" + head + family.tools_intro
              + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools), False)

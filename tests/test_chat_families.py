@@ -65,8 +65,14 @@ def folder_with(tmp: Path, template: str | None, source: Path = SHIPPED) -> Path
 
 
 def hf_apply(hf, family: str, turns, tools, gen: bool, thinking, tokenize: bool = False):
+    """transformers' rendering of the conversation ``turns`` means: tools passed as ``tools``; a leading system
+    turn with empty content that holds tools is only their holder (as pack's normalization adds it for
+    record-level tools), so the conversation has no system turn."""
     kwargs = {} if thinking is None else {cf.FAMILIES[family].switch: thinking}
-    out = hf.apply_chat_template(turns, tools=ct.tools_of(turns, tools), tokenize=tokenize, add_generation_prompt=gen,
+    tools = ct.tools_of(turns, tools)
+    if tools and turns and turns[0]["role"] == "system" and not turns[0].get("content"):
+        turns = turns[1:]
+    out = hf.apply_chat_template(turns, tools=tools, tokenize=tokenize, add_generation_prompt=gen,
                                  chat_template=TEMPLATES[family], **({"return_dict": False} if tokenize else {}),
                                  **kwargs)
     return list(out) if tokenize else out
