@@ -48,7 +48,8 @@ def tokenizer_files(info: TokenizerInfo) -> TokenizerFiles:
     ids = {t: info.tokenizer.token_to_id(t) for t in {bos, eos, pad, *stops} if t is not None}
     keep = {k: conf[k] for k in ("unk_token", "clean_up_tokenization_spaces", "spaces_between_special_tokens",
                                  "add_prefix_space") if k in conf}
-    return TokenizerFiles(info.path.read_text(encoding="utf-8"), CHAT_TEMPLATE, bos, eos, pad, ids, stops,
+    template = info.chat.jinja or CHAT_TEMPLATE  # the family the model renders with, as its Jinja text
+    return TokenizerFiles(info.path.read_text(encoding="utf-8"), template, bos, eos, pad, ids, stops,
                           conf.get("model_max_length"), keep)
 
 

@@ -202,7 +202,7 @@ def run_record(cfg: RunConfig, model_cfg: ModelConfig, stage: Stage, meta: dict,
         base_record = base.source_record() if base is not None else None
     return Checkpoint(model={}, model_config=model_cfg, stage=stage.name,
                       tokenizer=TokenizerRecord(tok["fingerprint"], tok["path"], tok["vocab_size"],
-                                                tok.get("special_ids", {})),
+                                                tok.get("special_ids", {}), meta.get("chat_template")),
                       data=data, args=dict(cfg.record), lora=cfg.model.lora, base=base_record, init_from=init_from,
                       **stage.checkpoint_fields())
 
