@@ -25,6 +25,7 @@
 #   PRETRAIN_ARGS / SFT_ARGS   extra arguments for train/run.py (they win over the defaults above)
 #   NPROC           processes per node; > 1 launches torchrun (DDP)                              [1]
 #   SKIP_PACK=1 SKIP_PRETRAIN=1 SKIP_SFT=1 SKIP_CHAT=1   skip a step (its outputs must exist)
+#   SKIP_REPORT=1   no OUT_DIR/report.md (bin/report over the runs trained here; its failure is one warning)
 #   HELDOUT_EVERY   1 record in N of every pretrain/sft source is kept out of training (in
 #                   OUT_DIR/data/heldout) and bin/eval scores pretrain and SFT on it   [50; 0 = no split]
 #   SKIP_EVAL=1     skip those two evaluations (results: OUT_DIR/{pretrain,sft}/eval_results.jsonl)
@@ -45,6 +46,19 @@
 #              rewards -> OUT_DIR/grpo, then bin/eval pass@k on GRPO_EVAL_N [16; smoke 4] of those prompts
 #              (GRPO_STEPS [20; smoke 2], GRPO_LR, GRPO_ARGS; smoke: 2 prompts x 4 samples of <= 32 tokens)
 #
+# Recipes: RECIPE=NAME bash train.sh runs a named configuration of the same steps under OUT_DIR/NAME, and
+# links its last stage's run folder as OUT_DIR/NAME/final. The MiniMind recipes read MiniMind's published files
+# from MINIMIND_DATA [dataset] (README: "Train on MiniMind's data on a GPU"), use MiniMind's tokenizer
+# (data/tokenizers/), skip clean and the held-out copy (CLEAN [0], HELDOUT_EVERY [0]: validation rows come from
+# the packed data), and turn EPOCHS [1] into steps from the packed row counts; NPROC=8 for 8 GPUs keeps the
+# global batch (rows per optimizer step) the same:
+#   minimind3-mini    pretrain_t2t_mini.jsonl -> sft_t2t_mini.jsonl, preset minimind3 (64M), rows of 768,
+#                     128 rows (98K tokens) per pretrain step, 32 rows per SFT step
+#   minimind2-small   pretrain_hq.jsonl (--parse-special) -> sft_mini_512.jsonl, preset small (26M), rows of
+#                     512, 256 rows per pretrain step, 32 rows per SFT step
+#   RECIPE_ROWS_PRETRAIN / RECIPE_ROWS_SFT (global rows per step), MICRO_BATCH [32] (rows per process and
+#   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above.
+#
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
 set -euo pipefail
@@ -60,6 +74,34 @@ for arg in "$@"; do
     *) echo "train.sh: unknown argument '$arg' (use --smoke or --help)" >&2; exit 2 ;;
   esac
 done
+
+RECIPE="${RECIPE:-}"
+case "$RECIPE" in
+  "") ;;
+  minimind3-mini|minimind2-small)
+    MINIMIND_DATA="${MINIMIND_DATA:-dataset}"
+    if [[ "$RECIPE" == minimind3-mini ]]; then
+      PRETRAIN_FILES="${PRETRAIN_FILES:-$MINIMIND_DATA/pretrain_t2t_mini.jsonl}"
+      SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_t2t_mini.jsonl}"
+      TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizers/minimind3}"; MODEL="${MODEL:-minimind3}"
+      SEQ_LEN="${SEQ_LEN:-768}"; RECIPE_ROWS_PRETRAIN="${RECIPE_ROWS_PRETRAIN:-128}"
+    else
+      PRETRAIN_FILES="${PRETRAIN_FILES:-$MINIMIND_DATA/pretrain_hq.jsonl}"
+      SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_mini_512.jsonl}"
+      TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizers/minimind2}"; MODEL="${MODEL:-small}"
+      SEQ_LEN="${SEQ_LEN:-512}"; RECIPE_ROWS_PRETRAIN="${RECIPE_ROWS_PRETRAIN:-256}"
+      PRETRAIN_PACK_ARGS="${PRETRAIN_PACK_ARGS:---parse-special}"  # pretrain_hq embeds ChatML in its text
+    fi
+    RECIPE_ROWS_SFT="${RECIPE_ROWS_SFT:-32}"; MICRO_BATCH="${MICRO_BATCH:-32}"; EPOCHS="${EPOCHS:-1}"
+    MODEL_ARGS="${MODEL_ARGS-}"; DEFAULTS_PRESET="${DEFAULTS_PRESET:-$RECIPE}"
+    CLEAN="${CLEAN:-0}"; HELDOUT_EVERY="${HELDOUT_EVERY:-0}"
+    OUT_DIR="${OUT_DIR:-out}/$RECIPE"
+    for f in $PRETRAIN_FILES $SFT_FILES; do
+      [[ -f "$f" ]] || { echo "train.sh: RECIPE=$RECIPE needs $f (download it first: README, \"Train on MiniMind's data on a GPU\"; or set MINIMIND_DATA)" >&2; exit 2; }
+    done
+    ;;
+  *) echo "train.sh: unknown RECIPE '$RECIPE' (known: minimind3-mini, minimind2-small)" >&2; exit 2 ;;
+esac
 
 if [[ -z "${PYTHON:-}" ]]; then
   bin/setup  # idempotent: creates .venv and installs requirements.txt the first time only
@@ -78,9 +120,26 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   OUT_DIR="${OUT_DIR:-out}"; SEQ_LEN="${SEQ_LEN:-512}"; MODEL="${MODEL:-small}"
   MODEL_ARGS="${MODEL_ARGS-hidden_size=256 num_hidden_layers=4}"
+  if [[ -n "$RECIPE" ]]; then  # EPOCHS over the packed rows, counted after packing
+    PRETRAIN_STEPS="${PRETRAIN_STEPS:-epochs}"; SFT_STEPS="${SFT_STEPS:-epochs}"
+  fi
   PRETRAIN_STEPS="${PRETRAIN_STEPS:-200}"; SFT_STEPS="${SFT_STEPS:-120}"
   DEFAULTS_PRESET="${DEFAULTS_PRESET:-train.sh}"
   COMMON=(--batch-size 8 --grad-accum 1 --log-every 10 --eval-every 50 --save-every 50)
+fi
+PRETRAIN_FILES="${PRETRAIN_FILES:-$DATA_DIR/pretrain/*.jsonl}"; SFT_FILES="${SFT_FILES:-$DATA_DIR/sft/*.jsonl}"
+PRETRAIN_BATCH=(); SFT_BATCH=()
+batch_flags() {  # batch_flags ROWS: --batch-size/--grad-accum for ROWS rows per optimizer step over NPROC processes
+  local per=$(( $1 / NPROC )) size
+  (( per >= 1 && per * NPROC == $1 )) || { echo "train.sh: $1 rows per step do not split over NPROC=$NPROC" >&2; exit 2; }
+  size=$(( per < MICRO_BATCH ? per : MICRO_BATCH ))
+  (( per % size == 0 )) || { echo "train.sh: $per rows per process are not a multiple of MICRO_BATCH=$size" >&2; exit 2; }
+  echo "--batch-size $size --grad-accum $(( per / size ))"
+}
+if [[ -n "$RECIPE" ]]; then
+  COMMON=(--log-every 50 --eval-every 500 --save-every 1000)
+  flags="$(batch_flags "$RECIPE_ROWS_PRETRAIN")"; read -r -a PRETRAIN_BATCH <<< "$flags"
+  flags="$(batch_flags "$RECIPE_ROWS_SFT")"; read -r -a SFT_BATCH <<< "$flags"
 fi
 PACKED="$OUT_DIR/packed"
 # optimizer, LRs and schedule of pretrain and SFT: `: "${PRETRAIN_LR:=...}"` lines from the one table (a set variable wins)
@@ -119,13 +178,15 @@ else
   echo "using the shipped tokenizer $TOKENIZER_DIR (TRAIN_TOKENIZER=1 trains a new one)"
 fi
 
-HELDOUT_EVERY="${HELDOUT_EVERY:-50}"; HELDOUT="$OUT_DIR/data/heldout"; TRAIN_DATA="$DATA_DIR"
+HELDOUT_EVERY="${HELDOUT_EVERY:-50}"; HELDOUT="$OUT_DIR/data/heldout"
+stage_files() { if [[ "$1" == pretrain ]]; then echo "$PRETRAIN_FILES"; else echo "$SFT_FILES"; fi; }
 # shellcheck disable=SC2206
 CLEAN="${CLEAN:-1}"; CLEAN_EXTRA=(${CLEAN_ARGS:-}); CLEANED="$OUT_DIR/data/clean"
 clean_stage() {  # clean_stage STAGE: DATA_DIR/STAGE/*.jsonl -> CLEANED/STAGE/STAGE.jsonl (once) + its report
   local out="$CLEANED/$1/$1.jsonl"
   [[ -f "$out" ]] && { echo "already cleaned: $out"; return 0; }  # once: pack records its inputs' mtimes
-  run "$PYTHON" preprocess/clean.py --stage "$1" --input "$DATA_DIR/$1/*.jsonl" --out "$out" \
+  local inputs; read -r -a inputs <<< "$(stage_files "$1")"
+  run "$PYTHON" preprocess/clean.py --stage "$1" --input "${inputs[@]}" --out "$out" \
     --report "$CLEANED/$1.report.json" "${CLEAN_EXTRA[@]}"
 }
 split_heldout() {  # split_heldout STAGE SRC: record k of each SRC/*.jsonl goes to HELDOUT/STAGE.jsonl when k % N == 0
@@ -150,25 +211,38 @@ if [[ "${SKIP_PACK:-0}" == 1 ]]; then
   echo "skipped (SKIP_PACK=1)"
 else
   for stage in pretrain sft; do
-    SRC_DATA="$DATA_DIR"; TRAIN_DATA="$DATA_DIR"
+    INPUT="$(stage_files "$stage")"; SRC_DATA=""
     if [[ "$CLEAN" == 1 ]]; then
-      clean_stage "$stage"; SRC_DATA="$CLEANED"; TRAIN_DATA="$CLEANED"
+      clean_stage "$stage"; SRC_DATA="$CLEANED"; INPUT="$CLEANED/$stage/*.jsonl"
     fi
     if [[ "$HELDOUT_EVERY" -gt 0 ]]; then
-      split_heldout "$stage" "$SRC_DATA/$stage"; TRAIN_DATA="$OUT_DIR/data/train"
+      [[ -n "$SRC_DATA" ]] || { SRC_DATA="$OUT_DIR/data/raw"; mkdir -p "$SRC_DATA/$stage"
+        for f in $INPUT; do ln -sf "$(realpath "$f")" "$SRC_DATA/$stage/"; done; }
+      split_heldout "$stage" "$SRC_DATA/$stage"; INPUT="$OUT_DIR/data/train/$stage/*.jsonl"
       echo "held out 1 record in $HELDOUT_EVERY of $SRC_DATA/$stage for bin/eval: $HELDOUT/$stage.jsonl"
     fi
-    run "$PYTHON" preprocess/pack.py --stage "$stage" --input "$TRAIN_DATA/$stage/*.jsonl" --out "$PACKED/$stage" \
-      --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${PACK_EXTRA[@]}"
+    STAGE_PACK=(); [[ "$stage" == pretrain ]] && read -r -a STAGE_PACK <<< "${PRETRAIN_PACK_ARGS:-}"
+    read -r -a INPUTS <<< "$INPUT"  # words, not globs: pack.py expands the patterns itself
+    run "$PYTHON" preprocess/pack.py --stage "$stage" --input "${INPUTS[@]}" --out "$PACKED/$stage" \
+      --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${STAGE_PACK[@]}" "${PACK_EXTRA[@]}"
   done
 fi
+
+epoch_steps() {  # epoch_steps PACKED_DIR ROWS_PER_STEP: EPOCHS passes over the packed rows, in optimizer steps
+  "$PYTHON" -c 'import json, math, sys
+rows = json.load(open(sys.argv[1] + "/meta.json"))["counts"]["rows"]
+print(max(1, math.ceil(float(sys.argv[3]) * rows / int(sys.argv[2]))))' "$1" "$2" "$EPOCHS"
+}
+if [[ "$PRETRAIN_STEPS" == epochs ]]; then PRETRAIN_STEPS="$(epoch_steps "$PACKED/pretrain" "$RECIPE_ROWS_PRETRAIN")"; fi
+if [[ "$SFT_STEPS" == epochs ]]; then SFT_STEPS="$(epoch_steps "$PACKED/sft" "$RECIPE_ROWS_SFT")"; fi
 
 step 3/5 "pretrain $MODEL ${MODEL_ARGS} for $PRETRAIN_STEPS steps -> $OUT_DIR/pretrain"
 if [[ "${SKIP_PRETRAIN:-0}" == 1 ]]; then
   echo "skipped (SKIP_PRETRAIN=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage pretrain --data "$PACKED/pretrain" --out "$OUT_DIR/pretrain" --resume \
-    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" "${PRETRAIN_OPT[@]}" "${PRETRAIN_EXTRA[@]}"
+    "${MODEL_FLAGS[@]}" --max-steps "$PRETRAIN_STEPS" "${COMMON[@]}" "${PRETRAIN_BATCH[@]}" "${PRETRAIN_OPT[@]}" \
+    "${PRETRAIN_EXTRA[@]}"
   evaluate pretrain pretrain
 fi
 
@@ -177,7 +251,8 @@ if [[ "${SKIP_SFT:-0}" == 1 ]]; then
   echo "skipped (SKIP_SFT=1)"
 else
   run "${LAUNCH[@]}" train/run.py --stage sft --data "$PACKED/sft" --out "$OUT_DIR/sft" --resume \
-    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" "${SFT_OPT[@]}" "${SFT_EXTRA[@]}"
+    --init-from "$OUT_DIR/pretrain" --max-steps "$SFT_STEPS" "${COMMON[@]}" "${SFT_BATCH[@]}" "${SFT_OPT[@]}" \
+    "${SFT_EXTRA[@]}"
   evaluate sft sft
 fi
 
@@ -249,6 +324,23 @@ else
   printf 'answer: '
   "$PYTHON" bin/chat --ckpt "$OUT_DIR/sft" --prompt "$PROMPT" --temperature 0 --repetition-penalty 1.3 \
     --max-new-tokens 64
+fi
+if [[ -n "$RECIPE" && -d "$OUT_DIR/sft" ]]; then
+  ln -sfn sft "$OUT_DIR/final"  # the last stage's run folder
+  echo "final model: $OUT_DIR/final -> $OUT_DIR/sft"
+fi
+REPORT_RUNS=()  # the run folders this invocation trained, in stage order
+[[ "${SKIP_PRETRAIN:-0}" == 1 ]] || REPORT_RUNS+=("$OUT_DIR/pretrain")
+[[ "${SKIP_SFT:-0}" == 1 ]] || REPORT_RUNS+=("$OUT_DIR/sft")
+for opt in REASON:reason DPO:dpo LORA:lora DISTILL:distill TOOLS:tools GRPO:grpo; do
+  flag="${opt%%:*}"; if [[ "${!flag:-0}" == 1 ]]; then REPORT_RUNS+=("$OUT_DIR/${opt#*:}"); fi
+done
+if [[ "${SKIP_REPORT:-0}" != 1 && ${#REPORT_RUNS[@]} -gt 0 ]]; then  # a failed report warns, never fails the run
+  if report_said="$("$PYTHON" bin/report "${REPORT_RUNS[@]}" --out "$OUT_DIR/report.md" 2>&1)"; then
+    echo "$report_said"
+  else
+    echo "train.sh: warning: no report written: ${report_said##*$'\n'}" >&2
+  fi
 fi
 echo
 echo "done in $((SECONDS - START)) s. Runs: $OUT_DIR/pretrain $OUT_DIR/sft (metrics.jsonl, loss.png, ckpt_*.pt)"

@@ -5,7 +5,7 @@
    pretrain set at 1x and 10x, with 1 and 2 workers (``FILE:10``: every record read ten times, so the copies are exact
    duplicates), with --dedup near and exact;
 2. the duplicate index's memory per million records: a DuplicateIndex fed a million distinct synthetic
-   fingerprints (it stores 64-bit digests, whatever the text), against the plain Python sets it replaced.
+   fingerprints (it stores 64-bit digests, whatever the text), against plain Python sets of the same ints.
 
     python bench/bench_clean.py                 # ../shared/data/pretrain if present, else data/sample
     python bench/bench_clean.py --data DIR --index-records 200000
@@ -62,8 +62,8 @@ def set_bytes(values: set[int]) -> int:
 
 
 def index_bytes_per_million(bands: int, n: int) -> tuple[float, float]:
-    """(bytes of a DuplicateIndex fed ``n`` distinct records, the same for the two plain Python sets of ints
-    it replaced), per million records. Counted from the structures: each DigestSet's sorted array and its
+    """(bytes of a DuplicateIndex fed ``n`` distinct records, the same for two plain Python sets of the same
+    ints), per million records. Counted from the structures: each DigestSet's sorted array and its
     buffer set of ints. A merge briefly holds up to two more copies of the array it merges into."""
     index, exact, band_set = DuplicateIndex(), set(), set()
     plain = min(n, 200_000)  # the plain sets take ~0.9 GB per million: measured on fewer, scaled

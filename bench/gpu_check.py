@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One prepared check of the CUDA paths (and, without a GPU, the same checks in CPU mode), printed as a table.
 
-    bash bench/gpu_check.sh            # on a CUDA machine: < 5 minutes including start-up
+    bash bench/gpu_check.sh            # on a CUDA machine: budgeted at <= 6 minutes (not yet timed on one)
     bash bench/gpu_check.sh --quick    # CPU mode as CI runs it: no pytest, no DDP, tiny shapes
 
 Checks, each one row of the table (status ok / FAIL / skip, a value, a note):
@@ -13,7 +13,14 @@ Checks, each one row of the table (status ok / FAIL / skip, a value, a note):
 - ``train:<preset>:<rows>``: compiled bf16 AdamW steps (eager fp32 on CPU), tokens/s and MFU
   (``6N + 12LHQT`` FLOPs per token over the device's dense bf16 peak, see ``train.loop.PEAK_FLOPS``);
 - ``ddp``: 2 processes of ``train/run.py`` under torchrun (NCCL) equal 1 process with doubled accumulation;
-  skipped on one GPU (said so); gloo on CPU.
+  skipped on one GPU (said so); gloo on CPU;
+- ``recipe:*``: ``RECIPE=minimind3-mini bash train.sh`` for ``--recipe-steps`` on a slice of realistic data
+  (``bench/gpu_recipe.py``): tokens/s, MFU, peak memory and the loss curve of pretrain and SFT; with
+  ``--minimind DIR`` (a MiniMind checkout, never part of this repository) also ``minimind:*``, MiniMind's own
+  pretrain trainer on the same file for the same minutes.
+
+Make a larger slice to carry to a device (git-ignored ``out/``):
+``python bench/gpu_check.py --make-slice out/gpu_slice --from ../shared/data --mb 30``.
 It uses only torch and the project (pytest optional); it runs with whatever ``python`` runs it, so a CUDA
 machine's system torch works without ``.venv``. Exit status 1 when any check fails.
 """
@@ -37,6 +44,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.gpu_recipe import make_slice, recipe_rows  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from train.loop import peak_flops  # noqa: E402
 
@@ -203,7 +211,24 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="no pytest run and no DDP check (CI's CPU mode)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    p.add_argument("--recipe-data", type=Path, metavar="DIR",
+                   help="folder with pretrain_t2t_mini.jsonl and sft_t2t_mini.jsonl (default: from data/sample)")
+    p.add_argument("--recipe-steps", default=None, metavar="P,S",
+                   help="pretrain and SFT steps of the recipe rows (default 100,50 on CUDA, 4,3 on CPU)")
+    p.add_argument("--minimind", type=Path, metavar="DIR", help="a MiniMind checkout: also run its pretrain trainer")
+    p.add_argument("--no-recipe", action="store_true", help="skip the recipe rows")
+    p.add_argument("--make-slice", type=Path, metavar="OUT",
+                   help="only write a recipe slice to OUT from --from DIR (its pretrain/ and sft/ JSONL), --mb MB")
+    p.add_argument("--from", dest="source", type=Path, metavar="DIR")
+    p.add_argument("--mb", type=float, default=30.0)
     args = p.parse_args()
+    if args.make_slice:
+        if not args.source or not args.source.is_dir():
+            p.error("--make-slice needs --from DIR (a folder with pretrain/ and sft/ JSONL files)")
+        make_slice(args.make_slice, sorted((args.source / "pretrain").glob("*.jsonl")),
+                   sorted((args.source / "sft").glob("*.jsonl")), int(args.mb * 2**20))
+        print(f"slice written: {args.make_slice}")
+        return 0
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     cuda = device.type == "cuda"
@@ -221,6 +246,11 @@ def main() -> int:
         rows.append(train_row(device, "tiny", 4, 128, packed=True, steps=3, compile_model=False))
     if not args.quick:
         rows.append(ddp_row(device, timeout=300))
+    if not args.no_recipe:
+        steps = tuple(int(x) for x in (args.recipe_steps or ("100,50" if cuda else "4,3")).split(","))
+        with tempfile.TemporaryDirectory() as work:
+            rows += recipe_rows(cuda, args.recipe_data, args.minimind, Path(work), (steps[0], steps[1]),
+                                timeout=420 if cuda else 300)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps([dict(zip(("check", "status", "value", "note"), r, strict=True))

@@ -61,7 +61,7 @@ norm = StepNorm(stage.count(mb).float().clamp(min=1.0), 1)
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times, cpu, losses, labels = [], [], [], []
 if ab == "1":
-    import model.lean as lean
+    import model.lean_autograd as lean
 for i in range(int(steps)):
     if ab == "1":  # lean, plain, plain, lean, ...
         lean.ENABLED = i % 4 in (0, 3)
@@ -100,7 +100,7 @@ def pack_sft(seq: int, dest: Path) -> Path:
 def run_arm(root: Path, folder: Path, args: argparse.Namespace, ckpt: bool, malloc: bool,
             steps: int | None = None, ab: bool = False) -> dict:
     """One fresh process: its peak RSS, step times and losses (JSON on its last stdout line). ``ab``: the
-    steps alternate lean / plain autograd (``model.lean.ENABLED``), labelled in ``labels``."""
+    steps alternate lean / plain autograd (``model.lean_autograd.ENABLED``), labelled in ``labels``."""
     overrides = json.dumps(args.model_arg)
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(folder), args.preset, overrides,
                           str(args.batch), str(steps or args.steps), "1" if ckpt else "0", "1" if malloc else "0",

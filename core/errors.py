@@ -8,7 +8,6 @@ exits 1. Anything else escaping is a bug in tinylm, not in the user's input.
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable
 
@@ -59,15 +58,7 @@ def say_line(text: str) -> None:
 
 def run_main(tool: str, main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run a tool's body: a TinyLMError is printed as one ``tool: error:`` line (exit 1); Ctrl-C prints
-    ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130.
-
-    The first call in a process first moves the objects that exist then (the imported modules, which live
-    until exit) out of the garbage collector's reach (``gc.freeze``): its collections stop re-scanning
-    them, a forked worker does not copy their pages when a collection would touch them, and exit does not
-    walk them (~45 ms of a 5 MB pack.py run, a third of its fixed cost). Only the first: a frozen object is
-    never collected, so a test session that calls tools in-process keeps at most what its first call found."""
-    if not gc.get_freeze_count():
-        gc.freeze()
+    ``tool: <interrupted>`` (say what to do next, e.g. how to resume) and exits 130."""
     try:
         return main() or 0
     except TinyLMError as e:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from model import lean
+from model import lean_autograd as lean
 
 
 class InferenceMask(NamedTuple):

@@ -35,7 +35,7 @@ from model.attention import (
 )
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.lean import norm_linear, rms_norm, swiglu_down
+from model.lean_autograd import norm_linear, rms_norm, swiglu_down
 
 
 class ModelOutput(NamedTuple):

@@ -1,22 +1,21 @@
 """Decode and validate one raw record for a stage; every failure is a :class:`RecordError`.
 
-Schemas (``../shared/data/README.md``):
+Schemas:
 - pretrain: ``{"text": str}``
-- sft / reason: ``{"conversations": [turn, ...]}``, a turn ``{"role", "content"}``; an optional leading
-  ``system`` turn, then ``user`` / ``assistant`` strictly alternating, the last one ``assistant``.
-- dpo: ``{"chosen": [turns], "rejected": [turns]}``, both valid conversations with the same prompt
-  (``chosen[:-1] == rejected[:-1]``) and different final answers.
-Contents must be non-empty strings of valid Unicode (no lone UTF-16 surrogates). Extra keys are ignored,
-except the keys of the richer schema (MiniMind-3 / OpenAI ``reasoning_content``, ``tool_calls`` and
-``tools`` on turns or records, a ``tool`` role): sft / reason records with them are validated and
-normalized by ``preprocess/chat_fields.py`` (:func:`parse_conversation`); elsewhere (dpo) ignoring them
-would silently strip part of the record, so such a record is refused (``unsupported_field``), as are the
-roles ``function`` / ``ipython``. A record whose contents hold
-more than ``max_chars`` characters in all is refused (``too_long``) before it is tokenized.
+- sft / reason: ``{"conversations": [turn, ...], "tools"?: [...]}``: the OpenAI / MiniMind chat schema of
+  ``core.chat_schema`` (record shapes: tools and tool calls as lists or JSON strings, flat or OpenAI-wrapped;
+  ``reasoning_content``; ``tool`` turns), ending with an ``assistant`` turn, returned in its normalised form.
+- dpo: ``{"chosen": [turns], "rejected": [turns]}``, both plain conversations (``role`` / ``content``) with
+  the same prompt (``chosen[:-1] == rejected[:-1]``) and different final answers. Tools, tool calls,
+  reasoning_content and tool turns are refused by name (``unsupported_field``): the pair's rendering
+  would otherwise silently strip them.
+Contents must be non-empty strings of valid Unicode (no lone UTF-16 surrogates); other keys are ignored.
+A record whose contents hold more than ``max_chars`` characters in all is refused (``too_long``) before it
+is tokenized.
 
 A RecordError carries a short ``reason`` (the key under which ``--skip-bad`` counts it) and the
-offending ``field``; :func:`parse_record` turns every failure a record can cause (deep nesting, odd
-types) into one.
+offending ``field``; a ``core.chat_schema.SchemaError`` becomes one with the same reason and field.
+:func:`parse_record` turns every failure a record can cause (deep nesting, odd types) into one.
 """
 
 from __future__ import annotations
@@ -26,14 +25,14 @@ from dataclasses import dataclass
 
 import orjson
 
+from core import chat_schema
+from core.chat_schema import OTHER_TOOL_ROLES, RICH_HINT, RICH_KEYS, TOOL_ROLE, SchemaError, check_text, present
 from core.errors import TinyLMError
 from preprocess.sources import BYTES_PER_CHAR_MAX, Item
 
 STAGES = ("pretrain", "sft", "reason", "dpo")
 DEFAULT_MAX_RECORD_CHARS = 1_000_000
-UNSUPPORTED_KEYS = ("reasoning_content", "tool_calls", "tools")
-UNSUPPORTED_ROLES = ("tool", "function", "ipython")
-UNSUPPORTED_HINT = "tinylm renders tool calls, tools, reasoning_content and 'tool' turns in sft / reason records only"
+RICH_ONLY_HINT = f"{RICH_HINT} in sft / reason records only"
 
 
 class RecordError(TinyLMError):
@@ -48,6 +47,11 @@ class RecordError(TinyLMError):
         line 0, names the file alone); returns it."""
         self.path, self.line = item.source, item.line or None
         return self
+
+    @classmethod
+    def of(cls, error: SchemaError) -> RecordError:
+        """The record error of a schema error: the same reason, message and field."""
+        return cls(error.reason, error.message, error.field)
 
 
 @dataclass(frozen=True)
@@ -95,95 +99,46 @@ def _decode_slow(item: Item) -> object:
         raise RecordError("too_deep", "JSON nested too deeply") from None
 
 
-def _content(value: object, field: str) -> str:
-    if value is None:
-        raise RecordError("missing_field", "missing", field)
-    if not isinstance(value, str):
-        raise RecordError("bad_type", f"expected a string, got {type(value).__name__}", field)
-    if not value.strip():
-        raise RecordError("empty_content", "empty", field)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RecordError("bad_unicode", f"lone UTF-16 surrogate {value[e.start]!r} at character {e.start + 1}",
-                          field) from None
-    return value
-
-
-def _refuse_richer_schema(obj: dict, field: str) -> None:
-    """A key that tinylm would silently strip (tool calls, reasoning_content) -> ``unsupported_field``."""
-    for key in UNSUPPORTED_KEYS:
-        value = obj.get(key)
-        if value is not None and value != "" and value != []:
-            where = f"{field}.{key}" if field else key
-            raise RecordError("unsupported_field", f"{UNSUPPORTED_HINT}; remove the key or the record", where)
-
-
 def parse_text(obj: dict) -> str:
-    return _content(obj.get("text"), "text")
+    try:
+        return check_text(obj.get("text"), "text")
+    except SchemaError as e:
+        raise RecordError.of(e) from None
 
 
-def parse_turns(obj: dict, key: str = "conversations", final: str = "assistant") -> list[dict]:
-    """The validated turns under ``key``; the last one must have role ``final`` (``"any"``: either role).
-
-    A plain turn (a dict of ``role`` and ``content`` only, in the expected role) skips the checks of
-    :func:`_check_turn`, which any other turn goes through (it accepts the turn or raises the precise
-    error); every content goes through :func:`_content`."""
-    turns = obj.get(key)
-    if turns is None:
-        renamed = key == "conversations" and "messages" in obj
-        hint = " (this record has 'messages': rename it to 'conversations')" if renamed else ""
-        raise RecordError("missing_field", f"missing{hint}", key)
-    if not isinstance(turns, list) or not turns:
-        raise RecordError("bad_type", "expected a non-empty list of turns", key)
-    has_system = isinstance(turns[0], dict) and turns[0].get("role") == "system"
-    out: list[dict] = []
-    for i, turn in enumerate(turns):
-        expected, field = _expected_role(i, has_system), f"{key}[{i}]"
-        if not (type(turn) is dict and turn.keys() <= _PLAIN_TURN and turn.get("role") == expected):
-            _check_turn(turn, field, expected)
-        out.append({"role": expected, "content": _content(turn.get("content"), f"{field}.content")})
-    if final != "any" and out[-1]["role"] != final:
-        raise RecordError("bad_role_order", f"the last turn must be {final!r}", f"{key}[{len(out) - 1}].role")
-    return out
+def parse_conversation(obj: dict, key: str = "conversations") -> list[dict]:
+    """The validated, normalised turns under ``key`` (``core.chat_schema.parse_conversation`` with the
+    record's own ``tools``); the last turn is ``assistant``."""
+    if key not in obj and key == "conversations" and "messages" in obj:
+        raise RecordError("missing_field", "missing (this record has 'messages': rename it to 'conversations')", key)
+    try:
+        return chat_schema.parse_conversation(obj.get(key), key, tools=obj.get("tools"))
+    except SchemaError as e:
+        raise RecordError.of(e) from None
 
 
-_PLAIN_TURN = frozenset(("role", "content"))
-
-
-def _check_turn(turn: object, field: str, expected: str) -> None:
-    """Refuse a turn that is not an object, carries a key of the richer schema, or has a role that is
-    unknown or out of order (in that order of precedence); return for a turn that is fine."""
-    if not isinstance(turn, dict):
-        raise RecordError("bad_type", f"expected an object, got {type(turn).__name__}", field)
-    _refuse_richer_schema(turn, field)
-    role = turn.get("role")
-    if isinstance(role, str) and role in UNSUPPORTED_ROLES:
-        raise RecordError("unsupported_field", f"role {role!r}: {UNSUPPORTED_HINT}", f"{field}.role")
-    if role not in ("system", "user", "assistant"):
-        raise RecordError("bad_role", f"unknown role {role!r}", f"{field}.role")
-    if role != expected:
-        raise RecordError("bad_role_order", f"expected {expected!r}, got {role!r}", f"{field}.role")
-
-
-def parse_conversation(obj: dict) -> list[dict]:
-    """sft / reason turns: a record with tools, tool calls, tool turns or reasoning_content goes through
-    preprocess.chat_fields (validated there, normalized for the template); any other through parse_turns."""
-    from preprocess import chat_fields  # imported here: chat_fields builds on this module
-
-    return chat_fields.parse_chat(obj) if chat_fields.has_rich_fields(obj) else parse_turns(obj)
-
-
-def _expected_role(i: int, has_system: bool) -> str:
-    if has_system:
-        if i == 0:
-            return "system"
-        i -= 1
-    return "user" if i % 2 == 0 else "assistant"
+def refuse_rich_fields(obj: dict, keys: tuple[str, ...]) -> None:
+    """Refuse (``unsupported_field``) tools, tool calls, reasoning_content and tool turns in a record whose
+    stage would silently strip them: on the record and on each turn under ``keys``."""
+    for key in RICH_KEYS:
+        if present(obj.get(key)):
+            raise RecordError("unsupported_field", f"{RICH_ONLY_HINT}; remove the key or the record", key)
+    for key in keys:
+        turns = obj.get(key)
+        for i, turn in enumerate(turns if isinstance(turns, list) else ()):
+            if not isinstance(turn, dict):
+                continue
+            if turn.get("role") in (TOOL_ROLE, *OTHER_TOOL_ROLES):
+                raise RecordError("unsupported_field", f"role {turn['role']!r}: {RICH_ONLY_HINT}", f"{key}[{i}].role")
+            for rich in RICH_KEYS if len(turn) > 2 else ():
+                if present(turn.get(rich)):
+                    raise RecordError("unsupported_field", f"{RICH_ONLY_HINT}; remove the key or the record",
+                                      f"{key}[{i}].{rich}")
 
 
 def parse_pair(obj: dict) -> Pair:
-    chosen, rejected = parse_turns(obj, "chosen"), parse_turns(obj, "rejected")
+    refuse_rich_fields(obj, ("chosen", "rejected"))
+    chosen, rejected = parse_conversation(obj, "chosen"), parse_conversation(obj, "rejected")
     if chosen[:-1] != rejected[:-1]:
         raise RecordError("dpo_prompt_mismatch", "chosen and rejected must share the same prompt turns", "rejected")
     if chosen[-1]["content"] == rejected[-1]["content"]:
@@ -205,7 +160,6 @@ def _parse(item: Item, stage: str) -> str | list[dict] | Pair:
         return parse_text(obj)
     if stage in ("sft", "reason"):
         return parse_conversation(obj)
-    _refuse_richer_schema(obj, "")
     if stage == "dpo":
         return parse_pair(obj)
     raise ValueError(f"unknown stage {stage!r}")

@@ -10,11 +10,13 @@ OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` body: a wrong t
 numbers), an out-of-range value, a feature this server does not implement and text the tokenizer refuses are
 400 with ``param``. Pure functions of the body and the engine's tokenizer and context; no web framework.
 
-Thinking and tools: ``tools`` are rendered into the system turn by the template; ``tool_choice`` ``"auto"``
-(default) lets the model decide, ``"none"`` renders no tools, ``"required"`` prefills ``<tool_call>\n``
-and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut from the template's
-own rendering of a call, and fed to the parser as the completion's start, like the ``<think>\n`` that
-``chat_template_kwargs.enable_thinking=true`` appends).
+Thinking and tools: ``tools``, the history's ``tool_calls`` and ``reasoning_content`` are checked by
+``core.chat_schema`` (the rules pack applies to records, in OpenAI's wire shapes: wrapped definitions and
+calls, no JSON strings; a schema error is a 400 whose ``param`` is its field). ``tools`` are rendered into
+the system turn by the template; ``tool_choice`` ``"auto"`` (default) lets the model decide, ``"none"``
+renders no tools, ``"required"`` prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name":
+N}}`` also the call's name (both cut from the template's own rendering of a call, and fed to the parser as
+the completion's start, like the ``<think>\n`` that ``chat_template_kwargs.enable_thinking=true`` appends).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from core import chat_schema
+from core.chat_schema import API_SHAPES, SchemaError, given, parse_reasoning, parse_tool_calls
 from core.chat_template import CONTROL, TEXT, Piece, render_text
-from core.completion import CALL_CLOSE, CALL_OPEN, parse_json_object
+from core.completion import CALL_CLOSE, CALL_OPEN
 from core.errors import TinyLMError
 from core.tokenizer import TokenizerInfo, encode_documents, prompt_ids
 from serve.engine import Engine, Sampling
@@ -38,7 +42,6 @@ MAX_INT_DIGITS = 40  # longer integer literals are refused without converting th
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop string (the filter's hold-back is O(length) per token)
 MAX_TOOLS = 128  # function definitions per request (OpenAI's limit)
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -205,7 +208,7 @@ def parse_messages(body: dict) -> list[dict]:
                            "system, developer, user, assistant, tool", f"messages[{i}].role", "invalid_value")
         turn = {"role": ROLES[role], "content": _content(m, i)}
         if role == "assistant":
-            turn.update(_assistant_fields(m, i))
+            turn.update(_assistant_fields(m, turn["content"], i))
         elif role == "tool":
             turn.update(_tool_fields(m, i))
         turns.append(turn)
@@ -222,37 +225,30 @@ def _optional_string(message: dict, name: str, where: str) -> dict:
     return {name: value}
 
 
-def _assistant_fields(message: dict, i: int) -> dict:
-    """``reasoning_content`` and validated ``tool_calls`` of an assistant history turn."""
-    fields = _optional_string(message, "reasoning_content", f"messages[{i}]")
-    calls = message.get("tool_calls")
-    if calls is None:
-        return fields
-    where = f"messages[{i}].tool_calls"
-    if not isinstance(calls, list) or not calls:
-        raise APIError(400, f"{where} must be a non-empty array", where, "invalid_value")
-    fields["tool_calls"] = [_history_call(call, f"{where}[{j}]") for j, call in enumerate(calls)]
+def _schema(error: SchemaError) -> APIError:
+    """The 400 of a schema error: ``param`` is its field; a value of the wrong JSON type is ``invalid_type``."""
+    return APIError(400, f"{error.field}: {error.message}", error.field,
+                    "invalid_type" if error.reason == "bad_type" else "invalid_value")
+
+
+def _assistant_fields(message: dict, content: str, i: int) -> dict:
+    """``reasoning_content`` and ``tool_calls`` of an assistant history turn, validated by ``core.chat_schema``
+    (OpenAI's wire shapes: wrapped calls, no JSON strings; the names are not checked against ``tools``)."""
+    fields: dict = {}
+    try:
+        if given(message.get("reasoning_content")):
+            fields["reasoning_content"] = parse_reasoning(message["reasoning_content"], content,
+                                                          f"messages[{i}].reasoning_content")
+        calls = message.get("tool_calls")
+        if calls is None:
+            return fields
+        where = f"messages[{i}].tool_calls"
+        if not isinstance(calls, list) or not calls:
+            raise APIError(400, f"{where} must be a non-empty array", where, "invalid_value")
+        fields["tool_calls"] = parse_tool_calls(calls, where, shapes=API_SHAPES)
+    except SchemaError as e:
+        raise _schema(e) from None
     return fields
-
-
-def _history_call(call: Any, where: str) -> dict:
-    """One ``{"id"?, "type": "function", "function": {"name", "arguments"}}``; arguments are the JSON text of
-    an object (or an object)."""
-    if not (isinstance(call, dict) and call.get("type", "function") == "function"
-            and isinstance(call.get("function"), dict)):
-        raise APIError(400, f'{where} must be {{"type": "function", "function": {{"name", "arguments"}}}}', where,
-                       "invalid_value")
-    function = call["function"]
-    name = function.get("name")
-    if not (isinstance(name, str) and name):
-        raise APIError(400, f"{where}.function.name must be a non-empty string", f"{where}.function.name",
-                       "invalid_value")
-    arguments = function.get("arguments", "{}")
-    if not (isinstance(arguments, dict) or isinstance(arguments, str) and parse_json_object(arguments) is not None):
-        raise APIError(400, f"{where}.function.arguments must be the JSON text of an object, got {_show(arguments)}",
-                       f"{where}.function.arguments", "invalid_value")
-    return {**_optional_string(call, "id", where), "type": "function",
-            "function": {"name": name, "arguments": arguments}}
 
 
 def _tool_fields(message: dict, i: int) -> dict:
@@ -284,33 +280,20 @@ def check_tool_answers(turns: list[dict]) -> None:
 
 
 def parse_tools(body: dict) -> list[dict] | None:
-    """The request's function definitions, ``[{"type": "function", "function": {"name", "description"?,
-    "parameters"?}}]`` (None when there are none)."""
+    """The request's function definitions (``core.chat_schema.parse_tools`` with OpenAI's wire shapes: names of
+    1-64 letters, digits, ``_`` or ``-``, each defined once), as ``[{"type": "function", "function": {"name",
+    "description"?, "parameters"?}}]`` (None when there are none)."""
     tools = body.get("tools")
     if tools is None:
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise APIError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools", "invalid_value")
-    names: set[str] = set()
-    out = []
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
-        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)):
-            raise APIError(400, f'{where} must be {{"type": "function", "function": {{...}}}}', where,
-                           "invalid_value")
-        function = tool["function"]
-        name = function.get("name")
-        if not (isinstance(name, str) and _FUNCTION_NAME.fullmatch(name)) or name in names:
-            raise APIError(400, f"{where}.function.name must be a new name of 1-64 letters, digits, _ or -, got "
-                           f"{_show(name)}", f"{where}.function.name", "invalid_value")
-        names.add(name)
-        for key, kind in (("description", str), ("parameters", dict)):
-            if function.get(key) is not None and not isinstance(function[key], kind):
-                raise APIError(400, f"{where}.function.{key} must be a{'n object' if kind is dict else ' string'}",
-                               f"{where}.function.{key}", "invalid_type")
-        out.append({"type": "function", "function": {k: function[k] for k in ("name", "description", "parameters")
-                                                      if function.get(k) is not None}})
-    return out or None
+    try:
+        tools = chat_schema.parse_tools(tools, "tools", API_SHAPES)
+    except SchemaError as e:
+        raise _schema(e) from None
+    return [{"type": "function", "function": {k: t["function"][k] for k in ("name", "description", "parameters")
+                                              if t["function"].get(k) is not None}} for t in tools] or None
 
 
 def parse_tool_choice(body: dict, tools: list[dict] | None) -> tuple[list[dict] | None, str | None]:

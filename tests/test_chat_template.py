@@ -5,11 +5,11 @@ prompts, the loss mask, which strings are structure, and tokenizers that lack so
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, needs_shared
 
 from core import chat_template as ct
 from core import tokenizer as core_tokenizer
@@ -17,7 +17,6 @@ from core.tokenizer import encode_chat, load_tokenizer, prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data" / "tokenizer"
-SHARED_DATA = Path(os.environ.get("TINYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 MINIMIND3 = SHARED_DATA / "reference_tokenizer" / "minimind3"
 
 CALC = {"type": "function", "function": {
@@ -132,7 +131,7 @@ def test_jinja_files_hold_the_template() -> None:
 
 
 def tokenizers() -> list[Path]:
-    return [SHIPPED, *([MINIMIND3] if (MINIMIND3 / "tokenizer.json").is_file() else [])]
+    return [SHIPPED, MINIMIND3]  # MiniMind-3's: the development data (needs_shared)
 
 
 @pytest.mark.parametrize("thinking", [None, True, False])
@@ -141,6 +140,8 @@ def tokenizers() -> list[Path]:
 def test_prompt_ids_parity_with_transformers(tok_dir: Path, name: str, thinking) -> None:
     """Prompts (supervise="none") encode token for token as transformers encodes the rendered chat, with the
     shipped tokenizer and with MiniMind-3's (its own template replaced by ours; <answer> is text there)."""
+    if tok_dir == MINIMIND3:
+        needs_shared("reference_tokenizer", "minimind3", "tokenizer.json")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     info = load_tokenizer(tok_dir)
@@ -223,8 +224,8 @@ def test_missing_tags_render_as_text_and_are_noted_once(tmp_path: Path, capsys, 
     assert load_tokenizer(SHIPPED).missing_tags_note() is None
 
 
-@pytest.mark.skipif(not (MINIMIND3 / "tokenizer.json").is_file(), reason="MiniMind-3's tokenizer is absent")
 def test_minimind3_tokenizer_has_tool_tags_but_no_answer() -> None:
+    needs_shared("reference_tokenizer", "minimind3", "tokenizer.json")
     info = load_tokenizer(MINIMIND3)
     assert info.missing_tags == (ct.ANSWER_OPEN, ct.ANSWER_CLOSE)
     assert info.special_ids[ct.THINK_OPEN] == 25 and info.special_ids[ct.TOOL_CALL_OPEN] == 21

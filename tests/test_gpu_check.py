@@ -21,3 +21,7 @@ def test_gpu_check_runs_in_cpu_mode(tmp_path):
     assert {rows[k]["status"] for k in ("train:tiny:plain", "train:tiny:packed")} == {"ok"}
     assert "tok/s" in rows["train:tiny:packed"]["value"]
     assert proc.stdout.splitlines()[0].startswith("| check")
+    # the minimind3-mini recipe at toy scale: both stages ran, their loss curves and the final link exist
+    assert {rows[k]["status"] for k in ("recipe:pretrain", "recipe:sft", "recipe:final")} == {"ok"}
+    assert "tok/s" in rows["recipe:pretrain"]["value"] and "4 steps" in rows["recipe:pretrain"]["note"]
+    assert rows["recipe:sft:loss"]["value"].startswith("1:") and "val" in rows["recipe:sft:loss"]["note"]

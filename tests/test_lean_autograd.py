@@ -1,4 +1,4 @@
-"""The memory-lean SwiGLU, RMSNorm and norm + projections (``model/lean.py``) and the CPU per-document
+"""The memory-lean SwiGLU, RMSNorm and norm + projections (``model/lean_autograd.py``) and the CPU per-document
 attention (``model.attention.attend_documents``) compute the plain formulas' values and gradients while
 keeping fewer tensors for backward.
 
@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import model.lean as lean
+import model.lean_autograd as lean
 import model.transformer as transformer
 from model import ModelConfig, TinyLM
 from model.attention import DocumentSplit, attend_documents
-from model.lean import norm_linear, rms_norm, silu_mul, swiglu_down
+from model.lean_autograd import norm_linear, rms_norm, silu_mul, swiglu_down
 from model.lora import LoRAConfig, apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -308,18 +308,23 @@ def test_compiled_model_gradients_equal_plain_autograd(monkeypatch):
         assert (compiled[1][k] - ref[1][k]).abs().max().item() < 1e-5, k
 
 
-def test_model_keeps_fewer_tensors(monkeypatch):
-    """One forward of a tiny dense model on packed rows keeps per layer 2 [B, T, intermediate] tensors (not
-    4), no normalised copy of the hidden state (the lean norms keep their inputs, which plain autograd also
-    keeps), nor the norm outputs the projections read, nor a copy of the attention output for o_proj.
-    ``model.lean.ENABLED = False`` keeps exactly what the plain formulas keep."""
+def test_model_keeps_about_half_the_bytes_for_backward(monkeypatch):
+    """One forward of a tiny dense model on packed rows keeps at most 0.6 x the bytes (storages counted once,
+    parameters excluded) that the plain formulas keep for backward; ``model.lean_autograd.ENABLED = False``
+    keeps exactly what the plain formulas keep.
+
+    Why 0.6: the two savings are each about a quarter of plain's bytes in a decoder block whose
+    intermediate size is ~3x its hidden size -- the SwiGLU keeps 2 of its 4 [B, T, intermediate] tensors,
+    and the norms keep their inputs only (no normalised copy, no copy for the projections or for
+    ``o_proj``). Lean keeps 0.52 x here (0.49 x for a ``small`` 16 x 512 SFT step, docs/BENCHMARKS.md);
+    losing either saving puts it above 0.7 x, which this bound refuses, while a harmless change to the
+    residual or attention moves it by a few hundredths."""
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     doc_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
-    inter = (2, 16, model.config.intermediate_size)
 
-    def count(mode: str) -> tuple[int, int]:
+    def saved_bytes(mode: str) -> int:
         with monkeypatch.context() as m:
             if mode == "plain":  # the formulas written out here; the attention composed of SDPA calls
                 use_plain(m)
@@ -333,17 +338,11 @@ def test_model_keeps_fewer_tensors(monkeypatch):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(ids, doc_ids=doc_ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        big = sum(1 for ptr, n in seen.items() if ptr not in params and n == 4 * inter[0] * inter[1] * inter[2])
-        return big, sum(n for ptr, n in seen.items() if ptr not in params)
+        return sum(n for ptr, n in seen.items() if ptr not in params)
 
-    layers = model.config.num_hidden_layers
-    (lean_big, lean_total), (plain_big, plain_total) = count("lean"), count("plain")
-    assert count("disabled") == (plain_big, plain_total)
-    assert (lean_big, plain_big) == (2 * layers, 4 * layers)
-    hidden = 4 * 2 * 16 * model.config.hidden_size
-    # fewer per layer: 2 intermediate-sized tensors, the 2 normalised hidden states, the 2 norm outputs the
-    # projections kept and o_proj's copy of the attention output; and the final norm's normalised hidden state
-    assert plain_total - lean_total == layers * (2 * 4 * inter[0] * inter[1] * inter[2] + 5 * hidden) + hidden
+    lean_bytes, plain_bytes = saved_bytes("lean"), saved_bytes("plain")
+    assert saved_bytes("disabled") == plain_bytes
+    assert lean_bytes <= 0.6 * plain_bytes, (lean_bytes, plain_bytes)
 
 
 # ---- per-document attention (CPU) -------------------------------------------------------------------------

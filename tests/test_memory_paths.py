@@ -60,7 +60,7 @@ def ready_stage(name: str, dataset: PackedDataset, batch: Batch, online: bool = 
 
 
 def full_logits_loss(stage, model: TinyLM, batch: Batch, n: torch.Tensor) -> torch.Tensor:
-    """The objective as it was computed before, from the logits of every position."""
+    """The reference objective, computed from the logits of every position."""
     logits = forward(model, batch).logits
     ce = token_cross_entropy(logits, batch.targets)
     if stage.name == "dpo":

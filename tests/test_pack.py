@@ -237,10 +237,8 @@ def test_missing_input_and_bad_tokenizer(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_reference_tokenizer_has_no_reasoning_tags(tmp_path):
-    ref = REPO.parent / "shared" / "data" / "reference_tokenizer"
-    if not ref.is_dir():
-        pytest.skip("MiniMind's reference tokenizer (../shared) is not on this machine")
+def test_reference_tokenizer_has_no_reasoning_tags(tmp_path, shared_data):
+    ref = shared_data("reference_tokenizer")
     src = SAMPLE / "reasoning" / "gsm8k_en_think.jsonl"
     proc = run_pack("--stage", "reason", "--input", str(src), "--out", str(tmp_path / "o"), "--tokenizer", str(ref),
                     check=False)

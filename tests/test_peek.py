@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, run_pack
+from conftest import REPO, optional_shared, run_pack
 
 
 def peek(*args: str) -> subprocess.CompletedProcess:
@@ -47,8 +47,8 @@ def test_verify_names_the_broken_file(packed_sample, tmp_path):
     victim.write_bytes(bytes(data))
     failed = peek(folder, "--verify")
     assert failed.returncode == 1 and str(victim) in failed.stdout
-    ref = REPO.parent / "shared" / "data" / "reference_tokenizer"
-    if ref.is_dir():
+    ref = optional_shared("reference_tokenizer")  # another tokenizer: MiniMind's
+    if ref:
         other = peek(packed_sample["pretrain"], "--verify", "--tokenizer", ref)
         assert other.returncode == 1 and "tokenizer fingerprint" in other.stdout
     missing = peek(tmp_path / "nothing", "--verify")

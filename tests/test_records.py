@@ -86,8 +86,12 @@ Q, A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
 CALLING = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **CALL}]}
 RESULT = {"role": "tool", "tool_call_id": "c1", "content": "2"}
 RICH_ERRORS = {  # record -> (skip reason, field, message)
-    "old_call_shape": ({"conversations": [Q, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
-                       "bad_type", "conversations[1].tool_calls[0].function", "expected an object"),
+    "flat_call_without_arguments": ({"conversations": [Q, {"role": "assistant", "content": "",
+                                                           "tool_calls": [{"name": "f"}]}]},
+                                    "missing_field", "conversations[1].tool_calls[0].arguments", "missing"),
+    "wrapped_call_without_function": ({"conversations": [Q, {"role": "assistant", "content": "",
+                                                             "tool_calls": [{"type": "function", "function": "f"}]}]},
+                                      "bad_type", "conversations[1].tool_calls[0].function", "expected an object"),
     "tools_not_json": ({"conversations": [{"role": "system", "content": "s", "tools": "[{...}]"}, Q, A]},
                        "bad_tools", "conversations[0].tools", "a string that is not JSON"),
     "tool_without_call": ({"conversations": [Q, A, {"role": "tool", "content": "42"}, A]},

@@ -54,6 +54,18 @@ TABLE: dict[tuple[str, str, str], Row] = {
     ("pretrain", "adamw", "small"): Row(1e-3, 0.02, measured="small sweep: best of lr 5e-4 / 1e-3 / 2e-3"),
     ("pretrain", "muon", "small"): Row(2e-3, 0.02, measured="small sweep: muon_lr 0.02 = 0.04, AdamW part 2e-3"),
     ("sft", "adamw", "small"): Row(2e-3, 0.01, measured="small sweep: best of lr 2e-4 / 1e-3 / 2e-3"),
+    # GPU recipes (train.sh RECIPE=...): MiniMind's published trainer settings and nanochat's Muon rate, not yet
+    # measured by tinylm on a GPU. MiniMind trains SFT on padded rows of one conversation; tinylm packs 32 rows
+    # of several conversations per step (~5x the supervised tokens), hence twice MiniMind-3's SFT rate.
+    ("pretrain", "muon", "minimind3-mini"): Row(5e-4, 0.02, measured="GPU, unmeasured: MiniMind-3 lr 5e-4 + nanochat "
+                                                                     "matrix_lr 0.02"),
+    ("pretrain", "adamw", "minimind3-mini"): Row(5e-4, 0.02, measured="GPU, unmeasured: MiniMind-3 train_pretrain lr"),
+    ("sft", "adamw", "minimind3-mini"): Row(2e-5, 0.01, measured="GPU, unmeasured: 2 x MiniMind-3 full_sft lr 1e-5"),
+    ("pretrain", "muon", "minimind2-small"): Row(5e-4, 0.02, measured="GPU, unmeasured: MiniMind2 lr 5e-4 + nanochat "
+                                                                      "matrix_lr 0.02"),
+    ("pretrain", "adamw", "minimind2-small"): Row(5e-4, 0.02, measured="GPU, unmeasured: MiniMind2 train_pretrain lr"),
+    ("sft", "adamw", "minimind2-small"): Row(2e-5, 0.01, measured="GPU, unmeasured: as minimind3-mini (MiniMind2 "
+                                                                  "used 5e-7)"),
     ("pretrain", "adamw", "tiny"): Row(3e-3, 0.02),  # train.sh --smoke
     ("pretrain", "muon", "tiny"): Row(3e-3, 0.02),
     ("sft", "adamw", "tiny"): Row(3e-3, 0.02),

@@ -18,7 +18,7 @@ dtypes). The SwiGLU gradients use the same kernels autograd uses (``silu_backwar
 ``mm`` s of ``MulBackward`` / ``MmBackward``); RMSNorm's input gradient is the closed form
 ``rstd * (g_n - n * mean(g_n * n))`` (``n`` normalised, ``g_n`` its gradient, both in at least fp32),
 equal to autograd's to rounding. The normalisation runs in at least fp32: bf16 / fp16 inputs are upcast
-to fp32 (as before), fp64 inputs stay fp64 (they used to be rounded to fp32 here). Under autocast the
+to fp32, fp64 inputs stay fp64. Under autocast the
 SwiGLU operands arrive in the autocast dtype (the projections' outputs), and ``down``'s weight is cast
 to it outside the Function (a differentiable cast, as autocast's own).
 Without autograd (no grad mode, or nothing requires grad), or with :data:`ENABLED` off, the plain
@@ -34,7 +34,7 @@ from torch.autograd.function import FunctionCtx
 
 ENABLED = True
 """False: every function here (and the CPU per-document attention) runs the plain formulas under plain
-autograd, as before these Functions existed (``bench/memory.py --ab`` times both in one process)."""
+autograd (``bench/memory.py --ab`` times both in one process)."""
 
 
 def use_lean(*tensors: Tensor) -> bool:
