@@ -284,7 +284,8 @@ def test_bad_tool_requests_are_400_with_param(server, body, param, code):
 @needs_browser
 def test_web_page_thinking_toggle_and_tool_card(server):
     """The thinking select sends enable_thinking; the reasoning sits collapsed under the answer and opens on a
-    click; a streamed call is a card with its name and arguments, and stays in the history as tool_calls."""
+    click; without tools a call is text; with tools offered (window.chatTools) a streamed call is a card with
+    its name and arguments, and stays in the history as tool_calls."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -304,7 +305,15 @@ def test_web_page_thinking_toggle_and_tool_card(server):
 
         Select(driver.find_element(By.ID, "thinking")).select_by_value("")
         driver.find_element(By.ID, "reset").click()  # a new chat: the scripts match on the whole prompt
+        send_and_wait(driver, wait, "What is 2+3?", 1)  # no tools offered: the model's call is text
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert reply.find_elements(By.CSS_SELECTOR, ".tool-call") == []
+        assert reply.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent") == CALL
+
+        driver.execute_script("window.chatTools = JSON.parse(arguments[0])", json.dumps(TOOLS))  # keys in order
+        driver.find_element(By.ID, "reset").click()
         send_and_wait(driver, wait, "What is 2+3?", 1)
+        assert server.model.prompts[-1] == prompt_ids(server.info, QUESTION, tools=TOOLS)
         reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
         (card,) = reply.find_elements(By.CSS_SELECTOR, ".tool-call")
         assert card.find_element(By.CSS_SELECTOR, ".tool-name").text == "calculator"
