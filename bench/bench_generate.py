@@ -220,7 +220,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="tinylm-bench-")
     if args.ckpt:
-        from serve.loading import load_model
+        from train.loading import load_model
 
         lm = load_model(args.ckpt)
         model, info, ckpt = lm.model, lm.tokenizer, Path(lm.checkpoint.path)

@@ -33,13 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model import ModelConfig, TinyLM  # noqa: E402
-from train.adapters import FullWeights  # noqa: E402
 from train.checkpoint import Checkpoint  # noqa: E402
 from train.data import Batch, BatchLoader, PackedDataset, Split, permute  # noqa: E402
 from train.dist import DistInfo  # noqa: E402
 from train.loop import LoopConfig, train  # noqa: E402
 from train.metrics import MetricsLogger  # noqa: E402
 from train.stages import build_stage  # noqa: E402
+from train.weights_policy import FullWeights  # noqa: E402
 
 CASES = [("pretrain", "packed", False), ("pretrain", "packed", True), ("sft", "packed", False),
          ("sft", "padded", False), ("sft", "packed", True), ("sft", "padded", True)]

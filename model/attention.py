@@ -20,12 +20,9 @@ Two interchangeable backends for packed rows:
   than a plain causal one. Needs the row layout on the host (one sync per forward); inside
   ``torch.compile`` it falls back to "sdpa".
 
-``"auto"`` resolves to flex on CUDA and docs elsewhere. Training step (forward + backward, head on every
-position) of the small preset, B=4, T=512, 29 document runs, CPU seconds, 7 alternating rounds on a
-shared machine: per document 0.951 x a plain causal step (median), dense mask 1.012 x; one layer's
-attention forward + backward (``bench/attention.py``): per document 70 ms, plain causal 97 ms, dense
-mask 113 ms. Without autograd the per-document forward measured slower than the dense mask (many
-small calls); evaluation is a small share of a run.
+``"auto"`` resolves to flex on CUDA and docs elsewhere: on CPU a training step with per-document calls
+costs about what a plain causal step does, less than the dense mask (``bench/attention.py`` measures the
+three).
 
 The mask is built once per forward pass, with shapes fixed by (B, T) only, and is shared by all
 layers; the BlockMask construction is kept out of ``torch.compile`` graphs (``torch.compiler.disable``),
@@ -69,7 +66,7 @@ DocumentSplit: one causal call per document; InferenceMask: a KV-cache / padded 
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Map "auto" to the measured default for ``device``: "flex" on CUDA, "docs" otherwise."""
+    """Map "auto" to the default for ``device``: "flex" on CUDA, "docs" otherwise (``bench/attention.py``)."""
     if name not in ("auto", "flex", "sdpa", "docs"):
         raise ValueError(f"attn_backend must be 'auto', 'flex', 'sdpa' or 'docs', got {name!r}")
     if name != "auto":
@@ -250,9 +247,9 @@ def attend_inference(q: Tensor, k: Tensor, v: Tensor, mask: InferenceMask) -> Te
     """q [B, H, T, D] over cached k/v [B, Hkv, S, D] with an :class:`InferenceMask` -> [B, H, T, D].
 
     Few queries (decode steps, T <= 8): explicit grouped matmuls, softmax in fp32 -- the query heads of
-    one kv head are stacked as rows ([B, Hkv, G*T, D]), so k/v are neither copied nor repeated. On CPU
-    this is ~10x faster than SDPA's flash kernel for one query over strided cache views. Longer
-    prefills go to SDPA.
+    one kv head are stacked as rows ([B, Hkv, G*T, D]), so k/v are neither copied nor repeated: on CPU this
+    beats SDPA's flash kernel for a few queries over strided cache views.
+    Longer prefills go to SDPA.
     """
     b, h, t, d = q.shape
     hkv, s = k.size(1), k.size(2)

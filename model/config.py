@@ -10,11 +10,45 @@ dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 ATTN_BACKENDS = ("auto", "flex", "sdpa", "docs")
+
+# inclusive ranges of the integer fields: wide enough for every published decoder, narrow enough that a
+# config cannot claim a model nobody could build (a billion layers, a trillion positions)
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**24), "hidden_size": (1, 2**16), "intermediate_size": (1, 2**20),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 2**12), "num_key_value_heads": (1, 2**12),
+    "max_position_embeddings": (1, 2**24), "num_experts": (0, 1024), "num_experts_per_tok": (0, 1024),
+    "n_shared_experts": (0, 64), "head_dim": (2, 2**12),
+}
+# ranges of the float fields (finite always): (low, high, low inclusive, high inclusive)
+FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "rope_theta": (0.0, math.inf, False, False), "rms_norm_eps": (0.0, 1.0, False, False),
+    "dropout": (0.0, 1.0, True, False), "moe_aux_loss_coef": (0.0, math.inf, True, False),
+    "initializer_range": (0.0, math.inf, True, False),
+}
+BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "qk_norm")
+
+
+class ConfigError(ValueError):
+    """A model config field of the wrong type, non-finite or out of range, or fields that contradict each
+    other; ``field`` names the (first) field, ``message`` says what is wrong with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid ModelConfig: {field}: {message}")
+        self.field, self.message = field, message
+
+
+def _show(value: Any) -> str:
+    """A value for a message, cut short (a hostile config may hold a 5,000-digit number)."""
+    if isinstance(value, int) and value.bit_length() > 100:  # repr itself refuses past 4300 digits
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -55,39 +89,66 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each q / k head before RoPE
 
     def __post_init__(self) -> None:
-        if self.intermediate_size is None or self.intermediate_size <= 0:
+        self._check_types()
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            self.intermediate_size = None
+        self._check_ranges()  # before deriving: a huge hidden_size must not overflow the derivation
+        if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
     # ---- invariants -------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        """Each field has its type (an int for a float field becomes a float; a bool is not a number)."""
+        for name in INT_RANGES:
+            value = getattr(self, name)
+            if value is None and name in ("intermediate_size", "head_dim"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(name, f"expected an integer, got {_show(value)}")
+        for name in FLOAT_RANGES:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(name, f"expected a number, got {_show(value)}")
+            setattr(self, name, float(value))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"expected true or false, got {_show(getattr(self, name))}")
+        if not isinstance(self.attn_backend, str) or self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError("attn_backend", f"must be one of {ATTN_BACKENDS}, got {_show(self.attn_backend)}")
+
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
-        problems = []
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        """Raise :class:`ConfigError` (a ValueError) naming the first field of the wrong type, non-finite, out
+        of its range, or inconsistent with another."""
+        self._check_types()
+        self._check_ranges()
         if self.head_dim is None:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by "
-                            f"num_attention_heads {self.num_attention_heads} (give head_dim)")
-        elif self.head_dim <= 0 or self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even and > 0 for RoPE")
-        if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                            f"num_key_value_heads {self.num_key_value_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            problems.append(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
-        if self.num_experts < 0 or self.n_shared_experts < 0:
-            problems.append("num_experts and n_shared_experts must be >= 0")
+            raise ConfigError("head_dim", f"hidden_size {self.hidden_size} is not divisible by "
+                                          f"num_attention_heads {self.num_attention_heads} (give head_dim)")
+        if self.head_dim % 2:
+            raise ConfigError("head_dim", f"head_dim {self.head_dim} must be even and > 0 for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_key_value_heads", f"num_attention_heads {self.num_attention_heads} is not a "
+                                                     f"multiple of num_key_value_heads {self.num_key_value_heads}")
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            problems.append(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
-                            f"got {self.num_experts_per_tok}")
-        if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ConfigError("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], "
+                                                     f"got {self.num_experts_per_tok}")
+
+    def _check_ranges(self) -> None:
+        """Every number within its range (``INT_RANGES``, ``FLOAT_RANGES``; floats finite)."""
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(name, f"must be in [{low}, {high}], got {_show(value)}")
+        for name, (low, high, low_in, high_in) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (math.isfinite(value) and above and below):
+                span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                raise ConfigError(name, f"must be finite and in {span}, got {value}")
 
     @property
     def derived_head_dim(self) -> bool:

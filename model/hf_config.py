@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import TinyLMError
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen3": 32768}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -25,8 +26,9 @@ class UnsupportedConfig(TinyLMError):
 
 def _arch(conf: dict[str, Any]) -> str:
     archs = conf.get("architectures")
-    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise UnsupportedConfig(f"{archs!r}: tinylm loads exactly one of {', '.join(ARCHITECTURES)}",
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
+            and archs[0] in ARCHITECTURES):
+        raise UnsupportedConfig(f"{repr(archs)[:80]}: tinylm loads exactly one of {', '.join(ARCHITECTURES)}",
                                 field="architectures")
     kind = ARCHITECTURES[archs[0]]
     if conf.get("model_type", kind) != kind:
@@ -35,7 +37,7 @@ def _arch(conf: dict[str, Any]) -> str:
     return kind
 
 
-def _rope_theta(conf: dict[str, Any]) -> float:
+def _rope_theta(conf: dict[str, Any]) -> Any:
     """``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` (4.x); only plain RoPE."""
     params = conf.get("rope_parameters")
     for name, value in (("rope_parameters", params), ("rope_scaling", conf.get("rope_scaling"))):
@@ -47,10 +49,7 @@ def _rope_theta(conf: dict[str, Any]) -> float:
         if kind != "default":
             raise UnsupportedConfig(f"rope type {kind!r}: tinylm implements only plain RoPE ('default')",
                                     field=name)
-    theta = (params or {}).get("rope_theta", conf.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise UnsupportedConfig(f"expected a positive number, got {theta!r}", field="rope_theta")
-    return float(theta)
+    return (params or {}).get("rope_theta", conf.get("rope_theta", 10000.0))  # checked by ModelConfig
 
 
 def _refuse_unsupported(conf: dict[str, Any]) -> None:
@@ -62,19 +61,12 @@ def _refuse_unsupported(conf: dict[str, Any]) -> None:
     if conf.get("use_sliding_window", False):
         raise UnsupportedConfig("true: tinylm has no sliding-window attention", field="use_sliding_window")
     layers = conf.get("layer_types")
-    if layers is not None and any(t != "full_attention" for t in layers):
+    if layers is not None and (not isinstance(layers, list) or any(t != "full_attention" for t in layers)):
         raise UnsupportedConfig("only 'full_attention' layers are supported", field="layer_types")
     for name in _MOE_FIELDS:
         if conf.get(name):
             raise UnsupportedConfig(f"{conf[name]!r}: a mixture-of-experts layout tinylm does not implement",
                                     field=name)
-
-
-def _int(conf: dict[str, Any], name: str, default: int | None = None) -> int:
-    value = conf.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UnsupportedConfig(f"expected a positive integer, got {value!r}", field=name)
-    return value
 
 
 def config_from_hf(conf: dict[str, Any]) -> ModelConfig:
@@ -83,18 +75,22 @@ def config_from_hf(conf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(f"expected a JSON object, got {type(conf).__name__}")
     kind = _arch(conf)
     _refuse_unsupported(conf)
-    heads = _int(conf, "num_attention_heads")
-    head_dim = conf.get("head_dim")
-    values = dict(
-        vocab_size=_int(conf, "vocab_size"), hidden_size=_int(conf, "hidden_size"),
-        intermediate_size=_int(conf, "intermediate_size"), num_hidden_layers=_int(conf, "num_hidden_layers"),
-        num_attention_heads=heads, num_key_value_heads=_int(conf, "num_key_value_heads", heads),
-        head_dim=None if head_dim is None else _int(conf, "head_dim"),
-        max_position_embeddings=_int(conf, "max_position_embeddings", _DEFAULT_MAX_POSITIONS[kind]),
-        rope_theta=_rope_theta(conf), rms_norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(conf.get("tie_word_embeddings", False)),
-        initializer_range=float(conf.get("initializer_range", 0.02)), qk_norm=kind == "qwen3")
-    try:
+    for name in _REQUIRED:
+        if name not in conf:
+            raise UnsupportedConfig("missing", field=name)
+    size = conf["intermediate_size"]
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size <= 0):
+        raise UnsupportedConfig(f"expected a positive integer, got {conf.get('intermediate_size')!r}",
+                                field="intermediate_size")  # tinylm would derive one: never guess
+    values = {name: conf[name] for name in _REQUIRED}
+    values.update(
+        num_key_value_heads=conf.get("num_key_value_heads", conf["num_attention_heads"]),
+        head_dim=conf.get("head_dim"),
+        max_position_embeddings=conf.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[kind]),
+        rope_theta=_rope_theta(conf), rms_norm_eps=conf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=conf.get("tie_word_embeddings", False),
+        initializer_range=conf.get("initializer_range", 0.02), qk_norm=kind == "qwen3")
+    try:  # every value's type, finiteness and range: ModelConfig's own checks, the same for every source
         return ModelConfig(**values)
-    except ValueError as e:
-        raise UnsupportedConfig(str(e)) from None
+    except ConfigError as e:
+        raise UnsupportedConfig(e.message, field=e.field) from None

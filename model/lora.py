@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 2**16
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,14 @@ class LoRAConfig:
     targets: tuple[str, ...] = ALL_TARGETS  # module-name suffixes (the last path component)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool):
+            raise ValueError(f"LoRA rank must be an integer, got {repr(self.rank)[:40]}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be >= 1 and <= {MAX_RANK}, got {repr(self.rank)[:40]}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {repr(self.alpha)[:40]}")
+        if not all(isinstance(t, str) for t in self.targets):
+            raise ValueError("LoRA targets must be names of projections")
         unknown = sorted(set(self.targets) - set(ALL_TARGETS))
         if unknown or not self.targets:
             raise ValueError(f"LoRA targets {', '.join(unknown) or '(none)'} unknown; choose from "
@@ -47,7 +54,13 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> LoRAConfig:
-        return cls(int(values["rank"]), float(values["alpha"]), tuple(values["targets"]))
+        """Inverse of :meth:`to_dict`; a value of the wrong type or range raises ValueError."""
+        targets = values["targets"]
+        if not isinstance(targets, (list, tuple)):
+            raise ValueError(f"LoRA targets must be a list, got {type(targets).__name__}")
+        alpha = values["alpha"]
+        return cls(values["rank"], float(alpha) if isinstance(alpha, int) and not isinstance(alpha, bool) else alpha,
+                   tuple(targets))
 
 
 class LoRALinear(nn.Linear):

@@ -5,13 +5,13 @@
                 x = x + dropout(mlp(.))                                  on post_attention_layernorm(x)
     logits = lm_head(norm(x)).float()
 
-RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE uses the rotate-half
-convention with cos/sin tables precomputed in fp32 exactly as transformers does and indexed by
-``position_ids``. Generation passes a preallocated :class:`KVCache` (k/v written in place per layer)
-and, for left-padded batches, a key-padding ``attention_mask``; the training path (no cache, no
-attention_mask) is untouched by either. Attention is grouped-query, no
-biases anywhere. With ``num_experts > 0`` each ``mlp`` is a :class:`MoE` block (DeepSeek/MiniMind
-style: softmax router, top-k routed experts plus always-on shared experts).
+RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE uses the
+rotate-half convention with cos/sin computed in fp32 for the ``position_ids`` of each forward, exactly as
+transformers does (no table sized by ``max_position_embeddings``). Generation passes a preallocated
+:class:`KVCache` (k/v written in place per layer) and, for left-padded batches, a key-padding
+``attention_mask``; the training path (no cache, no attention_mask) is untouched by either. Attention is
+grouped-query, no biases anywhere. With ``num_experts > 0`` each ``mlp`` is a :class:`MoE` block
+(DeepSeek/MiniMind style: softmax router, top-k routed experts plus always-on shared experts).
 """
 
 from __future__ import annotations
@@ -66,22 +66,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [max_pos, head_dim] (frequencies repeated twice: rotate-half layout).
+    """cos/sin [B or 1, 1, T, head_dim] of the positions asked for (frequencies repeated twice: rotate-half).
 
-    Buffers are non-persistent: they are not in the state dict and are rebuilt from the config.
+    Computed per forward from the fp32 inverse frequencies (one buffer of head_dim / 2, non-persistent: not
+    in the state dict), so memory follows the positions actually run, never ``max_position_embeddings``;
+    each angle is one fp32 product ``position * inv_freq``, the same value a precomputed table holds.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """position_ids [B or 1, T] -> cos, sin [B or 1, 1, T, head_dim] (broadcast over heads)."""
-        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return angles.cos(), angles.sin()
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -231,8 +232,44 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.dropout = nn.Dropout(cfg.dropout)
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The name -> shape of every tensor in ``TinyLM(cfg).state_dict()``, computed from the config alone (no
+    module built, nothing allocated), so a checkpoint's tensors are compared with its config before a model
+    of that config exists."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    assert i is not None and d is not None  # filled in by ModelConfig.__post_init__
+
+    def mlp(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
+        return {f"{prefix}.gate_proj.weight": (width, h), f"{prefix}.up_proj.weight": (width, h),
+                f"{prefix}.down_proj.weight": (h, width)}
+
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        layer = f"model.layers.{n}"
+        shapes[f"{layer}.input_layernorm.weight"] = (h,)
+        shapes[f"{layer}.self_attn.q_proj.weight"] = (cfg.num_attention_heads * d, h)
+        shapes[f"{layer}.self_attn.k_proj.weight"] = (cfg.num_key_value_heads * d, h)
+        shapes[f"{layer}.self_attn.v_proj.weight"] = (cfg.num_key_value_heads * d, h)
+        shapes[f"{layer}.self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * d)
+        if cfg.qk_norm:
+            shapes[f"{layer}.self_attn.q_norm.weight"] = (d,)
+            shapes[f"{layer}.self_attn.k_norm.weight"] = (d,)
+        shapes[f"{layer}.post_attention_layernorm.weight"] = (h,)
+        if cfg.is_moe:
+            shapes[f"{layer}.mlp.gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                shapes.update(mlp(f"{layer}.mlp.experts.{e}", i))
+            if cfg.n_shared_experts > 0:
+                shapes.update(mlp(f"{layer}.mlp.shared_experts", i * cfg.n_shared_experts))
+        else:
+            shapes.update(mlp(f"{layer}.mlp", i))
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
 
 
 class TinyLM(nn.Module):

@@ -16,7 +16,7 @@ appends one JSON line to the results file.
 
 Rewards (``--prompts FILE --reward SPEC``): instead of answers, the prompts (RL prompt records,
 ``preprocess/prompts.py``) are scored as the RL stage's ``--eval-prompts`` evaluation scores them, with the
-same code (``train.rollout.pass_sums``) and the same per-sample seeds: sampled pass@1 and pass@k, greedy
+same code (``train.passk.pass_sums``) and the same per-sample seeds: sampled pass@1 and pass@k, greedy
 pass@1 and the mean sampled reward, a sample succeeding when its total reward >= the threshold.
 """
 
@@ -38,23 +38,26 @@ import torch
 from tqdm import tqdm
 
 from core.files import append_line, atomic_write_text, check_file_target
-from core.tokenizer import prompt_ids
 from model.generate import generate
 from preprocess.options import RecordOptions
 from preprocess.prompts import REFERENCE, read_prompts
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
+from train import dist
 from train.data import PackedDataset, Split
+from train.loading import LoadedModel
 from train.loop import evaluate
 from train.metrics import token_byte_lengths
+from train.passk import PassConfig, pass_metrics, pass_sums
+from train.prompt_set import PromptSet, tokenize
 from train.rewards import load_rewards
-from train.rollout import ROLLOUT_DTYPES, PassConfig, PromptSet, RolloutConfig, pass_metrics, pass_sums
+from train.rollout import ROLLOUT_DTYPES, RolloutConfig
 from train.stages import StageContext, build_stage
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
 RESULTS_FILE = "eval_results.jsonl"
 
 
-class AllRows(Split):
+class AllRows(Split[PackedDataset]):
     """Every row of a dataset is a validation row (no training rows)."""
 
     def __init__(self, dataset: PackedDataset) -> None:  # Split itself refuses val_rows == n_rows
@@ -62,6 +65,18 @@ class AllRows(Split):
 
 
 _RECORD_DEFAULTS = RecordOptions()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (``cuda``, else ``mps``), else ``cpu``; a named device must be a device
+    torch knows and, for CUDA, present (ToolError naming ``--device`` otherwise)."""
+    try:
+        device = dist.resolve_device(name)
+    except (RuntimeError, ValueError):
+        raise ToolError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ToolError(f"--device {name}: no such CUDA device here (--device auto picks what there is)")
+    return device
 
 
 @dataclass
@@ -160,15 +175,18 @@ def _recorded_reference(loaded: LoadedModel) -> str | None:
 def answer_prompts(loaded: LoadedModel, prompts_file: str | Path, answers: Path, device: torch.device,
                    max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                    quiet: bool = False) -> dict[str, Any]:
-    """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part."""
+    """Answer every prompt; write ``answers`` (JSONL, atomically); returns the results record part. Every
+    prompt is tokenized first: one the tokenizer refuses or that fills the model's context is refused
+    (``file:line`` and the lengths) before anything is generated."""
     prompts = read_prompts(prompts_file)
-    model = loaded.model.to(device)
     info = loaded.tokenizer
+    all_ids = [tokenize(p, info, loaded.config.max_position_embeddings) for p in prompts]
+    model = loaded.model.to(device)
     stops = loaded.stop_ids
     generator = torch.Generator(device=device).manual_seed(seed)
     lines, new_tokens, started = [], 0, time.perf_counter()
-    for p in tqdm(prompts, desc="answer", unit="prompt", disable=quiet, dynamic_ncols=True):
-        ids = prompt_ids(info, p.turns)
+    for p, ids in tqdm(list(zip(prompts, all_ids, strict=True)), desc="answer", unit="prompt", disable=quiet,
+                       dynamic_ncols=True):
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        generator=generator)
         new_tokens += len(out)
@@ -215,13 +233,13 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
     model = loaded.model.to(device)
     cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed,
                         matmul_dtype=ROLLOUT_DTYPES[opts.rollout_dtype])
-    how = PassConfig(opts.samples, k, opts.threshold)
+    passing = PassConfig(opts.samples, k, opts.threshold)
     totals: dict[str, float] = {}
     started = time.perf_counter()
     chunks = range(0, prompts.n_rows, opts.batch)
     for lo in tqdm(chunks, desc="reward", unit="batch", disable=quiet, dynamic_ncols=True):
         sums = pass_sums(model, prompts, range(lo, min(lo + opts.batch, prompts.n_rows)), loaded.tokenizer, rewards,
-                         cfg, how)
+                         cfg, passing)
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return {"prompts": str(prompts_file), "rewards": list(opts.specs), "samples": opts.samples,

@@ -1,6 +1,6 @@
 """From a loaded model to exported files: the tokenizer as the writers take it, and the writer of each format.
 
-``bin/export`` loads the checkpoint with :func:`serve.loading.load_model` (a LoRA checkpoint comes back
+``bin/export`` loads the checkpoint with :func:`train.loading.load_model` (a LoRA checkpoint comes back
 merged into the base it records, so it exports like the dense model ``bin/merge`` writes) and hands it to
 :func:`export`. The writers themselves are ``model/export_hf.py`` and ``model/export_gguf.py``.
 """
@@ -15,7 +15,8 @@ from core.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, STOP_
 from core.files import atomic_write_text, read_json
 from core.tokenizer import TokenizerInfo
 from model.export_hf import ExportError, TokenizerFiles, export_hf
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
+from train.loading import LoadedModel
 
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 GGUF_DTYPES = ("f32", "f16", "q8_0")

@@ -14,9 +14,9 @@ Thinking and tools: ``tools``, the history's ``tool_calls`` and ``reasoning_cont
 ``core.chat_schema`` (the rules pack applies to records, in OpenAI's wire shapes: wrapped definitions and
 calls, no JSON strings; a schema error is a 400 whose ``param`` is its field). ``tools`` are rendered into
 the system turn by the template; ``tool_choice`` ``"auto"`` (default) lets the model decide, ``"none"``
-renders no tools (and the parser is offered none, so a call the model writes anyway is text),
-``"required"`` prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name": N}}`` also the
-call's name (both cut from the template's own rendering of a call; their ids are the parser's ``prefill``).
+renders no tools (and the parser is offered none, so a call the model writes anyway is text), ``"required"``
+prefills ``<tool_call>\n`` and ``{"type": "function", "function": {"name": N}}`` also the call's name (both cut
+from the template's own rendering of a call; their ids are the parser's ``prefill``).
 ``chat_template_kwargs.enable_thinking`` is the parser's ``thinking``. A ``tool`` message must answer a call
 of the assistant message before its run of tool messages (:func:`check_tool_answers`).
 """

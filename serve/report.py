@@ -1,7 +1,7 @@
 """A Markdown report over finished run folders, with one loss picture per run (``bin/report``).
 
 A run folder is what ``train/run.py --out`` fills: ``metrics.jsonl`` and/or ``ckpt_*.pt``. For each run the
-report reads, only through the readers that own those files: the latest checkpoint (``train.checkpoint.load``:
+report reads, only through the readers that own those files: the latest checkpoint (``train.loading.load``:
 stage, model config, tokenizer, data record, arguments, counters), ``metrics.jsonl``
 (``train.metrics.read_metrics``), the packed dataset's ``meta.json`` that the checkpoint names
 (``preprocess.shards.read_meta``), the clean report of that dataset when there is one (train.sh's layout
@@ -38,7 +38,7 @@ from core.errors import TinyLMError
 from core.files import atomic_write_bytes, atomic_write_text, check_file_target, os_reason, read_json
 from preprocess.shards import read_meta
 from serve.evaluate import RESULTS_FILE
-from train import checkpoint
+from train import checkpoint, loading
 from train.checkpoint import Checkpoint
 from train.metrics import METRICS_FILE, read_metrics
 
@@ -108,7 +108,7 @@ def read_run(folder: str | Path, clean_reports: Iterable[Path] = ()) -> Run:
             f"not a run folder (no {METRICS_FILE}, no ckpt_*.pt)"
         raise ReportError(what, path=folder)
     records = read_metrics(folder) if (folder / METRICS_FILE).exists() else []
-    ckpt = checkpoint.load(folder) if checkpoint.latest(folder) is not None else None
+    ckpt = loading.load(folder) if checkpoint.latest(folder) is not None else None
     run = Run(folder, records, ckpt, read_results(folder / RESULTS_FILE))
     attach_data(run, list(clean_reports))
     return run

@@ -55,7 +55,8 @@ from core.tokenizer import prompt_ids
 from model.generate import Generation
 from preprocess.prompts import TOOLS, read_prompts
 from preprocess.records import RecordError
-from serve.loading import LoadedModel, ToolError
+from serve.source_args import ToolError
+from train.loading import LoadedModel
 
 KIND = "tool-eval"
 MAX_TOOL_ROUNDS = 3
@@ -431,9 +432,9 @@ def run_from_args(args: Any) -> int:
     """``bin/eval --tool-eval``: the evaluation of ``--ckpt`` (loaded here) or of the server at ``--api-base``;
     prints the table and appends the record to ``--results`` (default for a checkpoint: its run folder's
     eval_results.jsonl; for a server only when given). TinyLMError: one line, nothing appended."""
-    from serve.evaluate import RESULTS_FILE, append_result
-    from serve.loading import load_model
+    from serve.evaluate import RESULTS_FILE, append_result, resolve_device
     from serve.source_args import source_options
+    from train.loading import load_model
 
     opts = ToolEvalOptions(args.tool_eval, args.max_tool_rounds, tuple(builtin_tools.tool_names(args.tools)),
                            args.answers)
@@ -445,10 +446,10 @@ def run_from_args(args: Any) -> int:
         about: dict[str, Any] = {"api_base": args.api_base, "model": name}
         results = args.results
     else:
-        loaded = load_model(args.ckpt, options=source_options(args))
+        device = resolve_device(args.device)
+        loaded = load_model(args.ckpt, options=source_options(args.model, args.model_arg, args.tokenizer))
         loaded.tokenizer.require_chat("bin/eval --tool-eval")
-        responder = LocalModel(loaded, torch.device(args.device), args.max_new_tokens, temperature, args.seed or 0,
-                               args.batch_size)
+        responder = LocalModel(loaded, device, args.max_new_tokens, temperature, args.seed or 0, args.batch_size)
         about = {"ckpt": loaded.checkpoint.path, "step": loaded.checkpoint.step,
                  "ckpt_stage": loaded.checkpoint.stage}
         results = args.results or loaded.run_folder / RESULTS_FILE

@@ -31,8 +31,8 @@ from core.chat_template import render_text
 from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
-from serve.loading import LoadedModel, load_model
 from serve.options import resolve_device
+from train.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [sys.executable, str(ROOT / "bin" / "chat")]

@@ -1,5 +1,7 @@
-"""train/checkpoint.py, the checkpoint type and its one loader and writer: anything that is not a tinylm checkpoint,
-and any checkpoint with nan/inf weights, is refused in one line naming the file (in-process and by every tool that
+"""train/checkpoint.py, the checkpoint type and its strict reader and writer (read through train/loading.py): anything
+that is not a tinylm checkpoint, any checkpoint with nan/inf weights, a model config with a value of the wrong type,
+non-finite or out of range, and tensors that are not what they claim (an expanded view, a dtype that is no weight,
+shapes other than the config's) are refused in one line naming the file (in-process and by every tool that
 reads checkpoints); ``weights_only=True`` is never bypassed nor advised against; ``save`` writes neither
 non-finite weights nor, on a full disk, a partial file; unknown / missing fields and unknown versions are refused
 naming the field; a checkpoint written in the version-1 layout (before the type) still loads and resumes."""
@@ -21,9 +23,9 @@ from scripted import random_checkpoint
 
 from core.files import FileWriteError, is_temp_file
 from model import ModelConfig, TinyLM
-from serve.loading import load_model
-from train import checkpoint
+from train import checkpoint, dist, loading, weights
 from train.checkpoint import Checkpoint, CheckpointError, DataRecord, ResumeState, SourceRecord, TokenizerRecord
+from train.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -106,9 +108,9 @@ NOT_CHECKPOINTS = {
 def test_what_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, good, kind):
     write, expected = NOT_CHECKPOINTS[kind]
     path = tmp_path / "ckpt_00000001.pt"
-    write(path, checkpoint.resolve(good))
+    write(path, loading.resolve(good))
     with pytest.raises(CheckpointError) as info:
-        checkpoint.load(path)
+        loading.load(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message, message
     assert "\n" not in message and "weights_only" not in message  # never advise the unsafe flag
@@ -116,12 +118,12 @@ def test_what_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, good, kind):
 
 def test_resume_needs_resume_state(tmp_path, good):
     with pytest.raises(CheckpointError, match=r"field 'training': missing.* cannot resume from this file"):
-        checkpoint.load(good, resume=True)
-    checkpoint.load(good)  # fine for inference or --init-from
+        loading.load(good, resume=True)
+    loading.load(good)  # fine for inference or --init-from
 
 
 def nan_checkpoint(source: Path, folder: Path) -> Path:
-    payload = torch.load(checkpoint.resolve(source), weights_only=True)
+    payload = torch.load(loading.resolve(source), weights_only=True)
     payload["model"]["model.norm.weight"][3] = float("nan")
     payload["model"]["lm_head.weight"][0, 0] = float("inf")
     folder.mkdir(parents=True)
@@ -133,7 +135,7 @@ def nan_checkpoint(source: Path, folder: Path) -> Path:
 
 def test_nonfinite_weights_are_refused_by_the_loader(tmp_path, good):
     bad = nan_checkpoint(good, tmp_path / "nan")
-    for load in (checkpoint.load, load_model):
+    for load in (loading.load, load_model):
         with pytest.raises(CheckpointError) as info:
             load(bad)
         assert str(info.value) == (f"{bad}: non-finite weights (nan/inf in model.embed_tokens.weight, "
@@ -191,17 +193,17 @@ def test_save_on_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_
 # ---- loading into a model, names ----------------------------------------------------------------------------
 
 def test_load_refuses_missing_unexpected_and_misshaped(good):
-    ckpt = checkpoint.load(good)
+    ckpt = loading.load(good)
     model = TinyLM(ckpt.model_config)
     missing = {k: v for k, v in ckpt.model.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match=r"missing keys model\.norm\.weight"):
-        checkpoint.load_model_state(model, missing, "ckpt")
+        weights.load_model_state(model, missing, "ckpt")
     with pytest.raises(CheckpointError, match=r"unexpected keys extra\.weight"):
-        checkpoint.load_model_state(model, {**ckpt.model, "extra.weight": torch.zeros(1)}, "ckpt")
+        weights.load_model_state(model, {**ckpt.model, "extra.weight": torch.zeros(1)}, "ckpt")
     narrow = TinyLM(ModelConfig.from_preset("tiny", hidden_size=32))
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        checkpoint.load_model_state(narrow, ckpt.model, "ckpt")
-    checkpoint.load_model_state(model, ckpt.model, "ckpt")  # the real thing loads
+        weights.load_model_state(narrow, ckpt.model, "ckpt")
+    weights.load_model_state(model, ckpt.model, "ckpt")  # the real thing loads
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
@@ -209,7 +211,7 @@ def test_saved_state_has_no_wrapper_prefixes(tmp_path):
     model = TinyLM(ModelConfig.from_preset("tiny"))
     compiled = torch.compile(model)  # wrapping only; nothing is compiled until it runs
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    state = checkpoint.model_state(compiled)
+    state = weights.model_state(compiled)
     assert set(state) == set(model.state_dict())
     path = Checkpoint(state, model.config, step=3).save(tmp_path, keep_last=1)
     Checkpoint(state, model.config, step=5).save(tmp_path, keep_last=1)
@@ -219,9 +221,9 @@ def test_saved_state_has_no_wrapper_prefixes(tmp_path):
 
 def test_missing_checkpoint_message(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
-        checkpoint.load(tmp_path / "nope")
+        loading.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"no checkpoint \(ckpt_\*\.pt\) in this folder"):
-        checkpoint.load(tmp_path)
+        loading.load(tmp_path)
 
 
 # ---- the type, its versions and its strictness ---------------------------------------------------------------
@@ -232,9 +234,9 @@ def save_v1(path: Path, model: TinyLM, tokenizer: Path) -> None:
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()
     payload = {"format": "tinylm-checkpoint-1", "step": 7, "samples_seen": 56, "tokens_seen": 3584,
-               "supervised_seen": 900, "nonfinite_skipped": 1, "model": checkpoint.model_state(model),
+               "supervised_seen": 900, "nonfinite_skipped": 1, "model": weights.model_state(model),
                "optimizer": optimizer.state_dict(), "schedule": {"peak_lr": 1e-5}, "scaler": None, "stage_state": {},
-               "rng": [checkpoint.rng_state()], "world": 1, "model_config": model.config.to_dict(), "stage": "dpo",
+               "rng": [dist.rng_state()], "world": 1, "model_config": model.config.to_dict(), "stage": "dpo",
                "tokenizer": {"fingerprint": hashlib.sha256(tokenizer.read_bytes()).hexdigest(), "path": str(tokenizer),
                              "vocab_size": 6400, "special_ids": {"<|im_end|>": 2}},
                "data": {"folder": "data/packed/dpo", "stage": "dpo", "seq_len": 64, "rows": 30, "val_rows": 4,
@@ -252,7 +254,7 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
     model = TinyLM(TINY)
     old = tmp_path / "old" / "ckpt_00000007.pt"
     save_v1(old, model, ROOT / "data" / "tokenizer" / "tokenizer.json")
-    ckpt = checkpoint.load(old, resume=True)
+    ckpt = loading.load(old, resume=True)
     assert (ckpt.step, ckpt.samples_seen, ckpt.tokens_seen, ckpt.supervised_seen, ckpt.nonfinite_skipped) == (
         7, 56, 3584, 900, 1)
     assert ckpt.model_config == TINY and ckpt.stage == "dpo" and ckpt.stage_options == {"beta": 0.5}
@@ -270,7 +272,7 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
         assert torch.equal(loaded.model(ids).logits, model.eval()(ids).logits)
     again = ckpt.save(tmp_path / "new")  # and it is rewritten in the current version, losing nothing
     assert torch.load(again, weights_only=True)["format"] == checkpoint.FORMAT
-    new = checkpoint.load(again, resume=True)
+    new = loading.load(again, resume=True)
     assert (new.stage_options, new.reference, new.data, new.training.schedule) == (
         ckpt.stage_options, ckpt.reference, ckpt.data, ckpt.training.schedule)
 
@@ -278,13 +280,13 @@ def test_a_version_1_checkpoint_loads_resumes_and_serves(tmp_path):
 def test_round_trip_keeps_every_record(tmp_path):
     torch.manual_seed(0)
     model = TinyLM(TINY)
-    ckpt = Checkpoint(checkpoint.model_state(model), TINY, stage="sft", step=3, samples_seen=24, tokens_seen=1536,
+    ckpt = Checkpoint(weights.model_state(model), TINY, stage="sft", step=3, samples_seen=24, tokens_seen=1536,
                       supervised_seen=700, tokenizer=TokenizerRecord("f" * 64, "tok.json", 6400, {"<|im_end|>": 2}),
                       data=DataRecord("d", "sft", 64, 10, 2, 8), args={"lr": 0.1},
                       training=ResumeState({"state": {}, "param_groups": []}, [{"torch": torch.get_rng_state()}]),
                       base=SourceRecord("b", 1, "sft", "0" * 64), teacher=SourceRecord("t", 2, "sft", "1" * 64),
                       stage_options={"alpha": 0.5})
-    back = checkpoint.load(ckpt.save(tmp_path), resume=True)
+    back = loading.load(ckpt.save(tmp_path), resume=True)
     for name in ("model_config", "stage", "step", "samples_seen", "tokens_seen", "supervised_seen", "tokenizer",
                  "data", "args", "base", "teacher", "stage_options", "lora", "reference", "init_from"):
         assert getattr(back, name) == getattr(ckpt, name), name
@@ -310,10 +312,149 @@ STRICT = {
 @pytest.mark.parametrize("kind", sorted(STRICT))
 def test_strict_about_fields_and_versions(tmp_path, good, kind):
     change, expected = STRICT[kind]
-    payload = change(torch.load(checkpoint.resolve(good), weights_only=True))
+    payload = change(torch.load(loading.resolve(good), weights_only=True))
     path = tmp_path / "ckpt_00000001.pt"
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as info:
-        checkpoint.load(path)
+        loading.load(path)
     assert str(info.value).startswith(f"{path}: ") and expected in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ---- values that are not what they claim: refused before anything is allocated -------------------------------
+
+def edited(good: Path, folder: Path, edit) -> Path:  # noqa: ANN001
+    """A copy of the checkpoint ``good`` with ``edit(payload)`` applied, written past ``save``'s checks."""
+    payload = torch.load(loading.resolve(good), weights_only=True)
+    edit(payload)
+    folder.mkdir(parents=True)
+    path = folder / "ckpt_00000001.pt"
+    torch.save(payload, path)
+    return path
+
+
+HOSTILE_CONFIG = {
+    "rope_theta nan": ("rope_theta", float("nan"), "must be finite"),
+    "rope_theta inf": ("rope_theta", float("inf"), "must be finite"),
+    "rms_norm_eps negative": ("rms_norm_eps", -1.0, "must be finite and in (0, 1)"),
+    "rms_norm_eps nan": ("rms_norm_eps", float("nan"), "must be finite"),
+    "rms_norm_eps text": ("rms_norm_eps", "abc", "expected a number, got 'abc'"),
+    "rms_norm_eps null": ("rms_norm_eps", None, "expected a number, got None"),
+    "initializer_range list": ("initializer_range", [1], "expected a number, got [1]"),
+    "a billion layers": ("num_hidden_layers", 10**9, "must be in [1, 1024]"),
+    "a trillion positions": ("max_position_embeddings", 10**12, "must be in [1, 16777216]"),
+    "a 41-digit width": ("hidden_size", 10**40, "must be in [1, 65536]"),
+    "a bool as text": ("qk_norm", "no", "expected true or false"),
+    "heads as a bool": ("num_attention_heads", True, "expected an integer, got True"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_CONFIG))
+def test_a_hostile_model_config_is_one_line_naming_the_field(tmp_path, good, kind):
+    name, value, words = HOSTILE_CONFIG[kind]
+    path = edited(good, tmp_path / "bad", lambda p: p["model_config"].__setitem__(name, value))
+    with pytest.raises(CheckpointError) as info:
+        loading.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'model_config.{name}': ") and words in message, message
+    assert "\n" not in message and len(message) < 300
+
+
+NORM = "model.norm.weight"
+HOSTILE_TENSORS = {
+    "a stride-0 view of 10^12 elements": (lambda m: m.__setitem__(NORM, torch.zeros(1).expand(10**12)),
+                                          f"field 'model.{NORM}': claims 1000000000000 elements over a storage of 4"),
+    "float8": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.float8_e4m3fn)), f"tensor {NORM} is float8_e4m3fn"),
+    "complex": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.complex64)), f"tensor {NORM} is complex64"),
+    "integer": (lambda m: m.__setitem__(NORM, m[NORM].to(torch.int64)), f"tensor {NORM} is int64"),
+    # a config that claims a 4 GB embedding over the file's small one: compared before any model is built
+    "a config larger than its tensors": (lambda m: None, "the weights do not fit its model_config: shape mismatch "
+                                                         "lm_head.weight (6400, 64) vs model (16777216, 64)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TENSORS))
+def test_tensors_that_are_not_what_they_claim_are_refused_before_use(tmp_path, good, kind):
+    edit, words = HOSTILE_TENSORS[kind]
+
+    def change(payload: dict) -> None:
+        edit(payload["model"])
+        if kind == "a config larger than its tensors":
+            payload["model_config"]["vocab_size"] = 2**24
+
+    path = edited(good, tmp_path / "bad", change)
+    (path.parent / "tokenizer").symlink_to(ROOT / "data" / "tokenizer")
+    for load in (loading.load, load_model):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+
+
+def test_an_expanded_tensor_in_the_resume_state_is_refused(tmp_path, good):
+    def change(payload: dict) -> None:
+        payload["training"] = {"optimizer": {"state": {0: {"exp_avg": torch.zeros(1).expand(10**12)}},
+                                             "param_groups": []}, "rng": [dist.rng_state()]}
+
+    path = edited(good, tmp_path / "bad", change)
+    with pytest.raises(CheckpointError, match=r"field 'training\.optimizer\.state\.0\.exp_avg': claims 10{12} "):
+        loading.load(path, resume=True)
+
+
+def test_a_lora_checkpoint_is_checked_against_its_config_before_the_adapter_is_built(tmp_path):
+    from model.lora import LoRAConfig, apply_lora, lora_state_dict
+
+    lora = LoRAConfig(2, 4.0, ("q_proj", "v_proj"))
+    adapter = lora_state_dict(apply_lora(TinyLM(TINY), lora))
+    base = SourceRecord("elsewhere", 1, "sft", "0" * 64)
+    Checkpoint(model=adapter, model_config=TINY, lora=lora, base=base, step=1).save(tmp_path / "ok")
+    loading.load(tmp_path / "ok")  # a well-formed adapter reads
+    payload = torch.load(loading.resolve(tmp_path / "ok"), weights_only=True)
+    cases = {
+        "huge rank": ({**payload, "lora": {**payload["lora"], "rank": 10**12}},
+                      "field 'lora': LoRA rank must be >= 1 and <= 65536"),
+        "nan alpha": ({**payload, "lora": {**payload["lora"], "alpha": float("nan")}},
+                      "field 'lora': LoRA alpha must be a finite number"),
+        "rank not as stored": ({**payload, "lora": {**payload["lora"], "rank": 3}},
+                               "the adapter does not fit its model_config and lora: shape mismatch"),
+        "another target": ({**payload, "lora": {**payload["lora"], "targets": ["k_proj"]}},
+                           "the adapter does not fit its model_config and lora: missing keys"),
+    }
+    for name, (bad, words) in cases.items():
+        path = tmp_path / name.replace(" ", "_") / "ckpt_00000001.pt"
+        path.parent.mkdir()
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError) as info:
+            loading.load(path)
+        assert str(info.value).startswith(f"{path}: ") and words in str(info.value), (name, str(info.value))
+
+
+def test_chat_refuses_an_expanded_tensor_without_allocating_it(tmp_path, good):
+    """The CLI under a 6 GB address-space limit: 10^12 float32 elements (4 TB) would not fit, one line does."""
+    import resource
+
+    path = edited(good, tmp_path / "bad", lambda p: p["model"].__setitem__(NORM, torch.zeros(1).expand(10**12)))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    run = subprocess.run([PY, str(ROOT / "bin" / "chat"), "--ckpt", str(path), "--prompt", "hi"], env=ENV,
+                         capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and str(path) in lines[0], run.stderr
+    assert "claims 1000000000000 elements" in lines[0]
+
+
+def test_a_resume_state_whose_rng_is_not_one_is_refused(tmp_path, good):
+    cases = {"torch": {"torch": torch.zeros(3)}, "numpy": {**dist.rng_state(), "numpy": {"keys": torch.zeros(2)}},
+             "python": {**dist.rng_state(), "python": (3, (1, 2), None)}}
+    for part, entry in cases.items():
+        def change(payload: dict, entry: dict = entry) -> None:
+            payload["training"] = {"optimizer": {"state": {}, "param_groups": []}, "rng": [dist.rng_state(), entry]}
+
+        path = edited(good, tmp_path / part, change)
+        with pytest.raises(CheckpointError) as info:
+            loading.load(path, resume=True)
+        assert f"field 'training.rng.1': {part}: not a {part} generator state" in str(info.value), str(info.value)
+    loading.load(edited(good, tmp_path / "ok", lambda p: p.__setitem__("training", {
+        "optimizer": {"state": {}, "param_groups": []}, "rng": [dist.rng_state()]})), resume=True)

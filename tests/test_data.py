@@ -133,3 +133,15 @@ def test_a_dpo_row_that_splits_a_pair_is_refused(tmp_path):
         DPODataset(folder)  # ... but not a dpo one
     assert str(info.value) == (f"{folder / 'shard_00000.idx'}: a dpo row starts inside a (chosen, rejected) pair: "
                                "rows must hold whole pairs")
+
+
+def test_packed_rows_and_rollouts_each_implement_the_loops_protocol():
+    """The loop reads only ``train.batches.Batches``; both sources provide every member of it themselves."""
+    from train.batches import Batches
+    from train.rollout import RolloutLoader
+
+    members = {name for name in vars(Batches) if not name.startswith("_")} | set(Batches.__annotations__)
+    assert {"steps", "val_batches", "global_batch", "eval_rows", "step_metrics", "shown", "seq_len"} <= members
+    for source in (BatchLoader, RolloutLoader):
+        assert all(hasattr(source, name) for name in members), source
+    assert not issubclass(RolloutLoader, BatchLoader)

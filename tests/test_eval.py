@@ -3,11 +3,14 @@ is exactly log 2, prompts are answered greedily into JSONL, results are appended
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,8 +22,9 @@ from core.errors import TinyLMError
 from core.tokenizer import encode_chat, prompt_ids
 from model.generate import generate
 from preprocess.prompts import read_prompts
-from serve.evaluate import DataOptions, append_result, held_out_metrics, run_eval
-from serve.loading import ToolError, load_model
+from serve.evaluate import DataOptions, append_result, held_out_metrics, resolve_device, run_eval
+from serve.source_args import ToolError
+from train.loading import load_model
 from train.metrics import token_byte_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +166,71 @@ def test_errors_name_the_file_and_write_nothing(trained, tmp_path):
     with pytest.raises(ToolError, match="--seq-len 4096 > the model's max_position_embeddings 1024"):
         run_eval(trained, [str(bad)], DataOptions("sft", 4096), None, None, results, CPU)
     assert not results.exists()
+
+
+@pytest.fixture
+def bin_eval(monkeypatch):
+    """bin/eval's ``main`` run in this process (``_bootstrap`` replaced: no re-exec inside pytest)."""
+    monkeypatch.setitem(sys.modules, "_bootstrap", ModuleType("_bootstrap"))
+    loader = importlib.machinery.SourceFileLoader("bin_eval", str(ROOT / "bin" / "eval"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bin_eval", loader))
+    loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "nan"), ("--temperature", "-1"), ("--seed", "-1"), ("--seed", "1e3"), ("--batch-size", "0"),
+    ("--max-new-tokens", "inf"), ("--seq-len", "4"), ("--samples", "9" * 80), ("--pass-k", "0"),
+    ("--success-threshold", "nan"), ("--top-k", "1.5"),
+])
+def test_numeric_options_are_refused_in_one_line_naming_the_flag(bin_eval, capsys, tmp_path, flag, value):
+    with pytest.raises(SystemExit) as done:
+        bin_eval(["--ckpt", str(tmp_path), "--prompts", str(tmp_path / "q.jsonl"), flag, value])
+    assert done.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bin/eval: error: argument {flag}: must be ") and "Traceback" not in last
+
+
+def test_device_auto_is_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ToolError, match="--device cuda:3: no such CUDA device here"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ToolError, match="--device cuda: no such CUDA device here"):
+        resolve_device("cuda")
+    with pytest.raises(ToolError, match="--device 'gpu please': not a device"):
+        resolve_device("gpu please")
+
+
+def test_the_cli_defaults_to_device_auto(bin_eval, monkeypatch, trained, tmp_path):
+    import serve.evaluate
+    import train.loading
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train.loading, "load_model", lambda *a, **k: trained)
+    monkeypatch.setattr(serve.evaluate, "run_eval",
+                        lambda *a, **k: seen.update(device=a[6]) or {"ckpt": "x", "step": 0})
+    assert bin_eval(["--ckpt", "x", "--prompts", str(tmp_path / "q.jsonl"), "--results", str(tmp_path / "r")]) == 0
+    assert seen["device"] == torch.device("cuda", 0)
+
+
+def test_a_prompt_longer_than_the_context_is_one_line_before_any_answer(bin_eval, trained, tmp_path, capsys):
+    context = trained.config.max_position_embeddings
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}, {"prompt": "word " * context}])
+    answers, results = tmp_path / "a.jsonl", tmp_path / "r.jsonl"
+    with pytest.raises(TinyLMError) as info:
+        run_eval(trained, None, None, str(prompts), answers, results, CPU)
+    message = str(info.value)
+    assert message.startswith(f"{prompts}:2: the prompt has ") and f"model's context of {context}" in message
+    assert int(message.split("the prompt has ")[1].split()[0]) >= context
+    assert bin_eval(["--ckpt", trained.checkpoint.path, "--prompts", str(prompts), "--answers", str(answers),
+                     "--results", str(results), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"bin/eval: error: {message}"]
+    assert not answers.exists() and not results.exists()

@@ -21,9 +21,9 @@ from model.export_gguf import permute_rotary
 from model.export_hf import ExportError
 from model.generate import generate
 from serve.export import ToolError, export
-from serve.loading import load_model
-from train import checkpoint
+from train import loading
 from train.checkpoint import Checkpoint
+from train.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
@@ -289,7 +289,7 @@ def test_lora_checkpoint_exports_merged(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     from model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
 
-    base = checkpoint.load(runs["tied"])
+    base = loading.load(runs["tied"])
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     model = load_model(runs["tied"]).model
     apply_lora(model, lora)

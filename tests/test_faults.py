@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from bench.bench_verify import build_dataset
 from core.errors import TinyLMError
 from core.files import LOCK_NAME, FileWriteError, append_line
-from train import checkpoint
+from train import checkpoint, loading, weights
 from train.metrics import METRICS_FILE, read_metrics
 from train.run import main
 from train.stages.base import CrossEntropyStage
@@ -167,7 +167,7 @@ BOTH = "loss (nan) and gradient norm (nan)"  # a nan loss gives nan gradients
 
 
 def all_finite(out: Path) -> bool:
-    return all(not checkpoint.nonfinite_tensors(torch.load(p, weights_only=True)["model"])
+    return all(not weights.nonfinite_tensors(torch.load(p, weights_only=True)["model"])
                for p in checkpoint.list_checkpoints(out))
 
 
@@ -202,11 +202,11 @@ def test_skip_nonfinite_skips_the_update_counts_and_resumes_with_the_count(data,
         {"step": 3, "skipped_nonfinite": 1, "nonfinite": BOTH},
         {"step": 5, "skipped_nonfinite": 2, "nonfinite": BOTH}]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 4]
-    two, three = (checkpoint.load(out / checkpoint.checkpoint_name(s), resume=True) for s in (2, 3))
+    two, three = (loading.load(out / checkpoint.checkpoint_name(s), resume=True) for s in (2, 3))
     assert all(torch.equal(two.model[k], three.model[k]) for k in two.model)  # no update at step 3
     assert three.training.optimizer["state"][0]["step"] == two.training.optimizer["state"][0]["step"]
     assert three.samples_seen == two.samples_seen + 8  # the bad batch was consumed, not retried
-    assert checkpoint.load(out).nonfinite_skipped == 2 and all_finite(out)
+    assert loading.load(out).nonfinite_skipped == 2 and all_finite(out)
     # the count survives a resume: one more bad step is one too many
     monkeypatch.undo()
     poison(monkeypatch, {1})
@@ -258,12 +258,12 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_keeps_the_previou
     err = fails(capsys, args(data, out, "--max-steps", "3", "--save-every", "1"))
     assert err == f"train/run.py: error: {out / 'ckpt_00000002.pt'}: cannot write (no space left on device)"
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt_00000001.pt"] and no_temp_files(out)
-    checkpoint.load(out)  # the previous one is whole
+    loading.load(out)  # the previous one is whole
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from serve.loading import load_model
+    from train.loading import load_model
 
     return load_model(random_checkpoint(tmp_path_factory.mktemp("export") / "run"))
 
@@ -357,11 +357,10 @@ def test_results_lines_are_appended_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_merge_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
     from model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
-    from serve.loading import load_model
-    from train.checkpoint import merge_checkpoint
+    from train.loading import load_model, merge_checkpoint
 
     base_path = random_checkpoint(tmp_path / "base")
-    base = checkpoint.load(base_path)
+    base = loading.load(base_path)
     model = load_model(base_path).model
     apply_lora(model, LoRAConfig(rank=2, alpha=2.0, targets=("q_proj",)))
     with torch.no_grad():

@@ -19,12 +19,15 @@ from model import ModelConfig, TinyLM
 from model.transformer import HeadInput
 from preprocess.prompts import read_prompts
 from serve.evaluate import RewardOptions, reward_metrics
-from serve.loading import ToolError, load_model
-from train import checkpoint
+from serve.source_args import ToolError
+from train import loading
 from train.checkpoint import Checkpoint
+from train.loading import load_model
 from train.metrics import read_metrics
-from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards
-from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, pass_at_k, sample_seed
+from train.passk import pass_at_k
+from train.prompt_set import PromptSet
+from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards, score
+from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, sample_seed
 from train.run import main
 from train.stages import GRPOStage, StepNorm, Supervised
 
@@ -89,12 +92,12 @@ def hand_loss(logits: torch.Tensor, batch: RolloutBatch, loss: str, eps: float, 
             if batch.weights[i, t] == 0:
                 continue
             lp = log_softmax_at(logits[i, t].tolist(), int(batch.targets[i, t]), temperature)
-            ratio = math.exp(lp - float(batch.old_logps[i, t]))
+            ratio = math.exp(lp - float(batch.old_token_logps[i, t]))
             if loss == "cispo":
                 value = -min(ratio, 1 + eps_high) * a * lp
             else:
                 value = -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps_high) * a)
-            d = float(batch.ref_logps[i, t]) - lp
+            d = float(batch.ref_token_logps[i, t]) - lp
             k3 = math.exp(d) - d - 1
             value += beta * k3
             kl_sum += k3
@@ -126,7 +129,7 @@ def fixed_batch() -> tuple[torch.Tensor, RolloutBatch]:
     old = true + torch.tensor([[0.0, 0.5, -0.4, 0.0], [0.0, -0.05, 0.6, -0.3]])  # ratios in and out of the clip range
     ref = true + torch.tensor([[0.0, 0.2, -0.1, 0.0], [0.0, 0.3, 0.05, -0.2]])
     batch = RolloutBatch(torch.zeros(2, 4, dtype=torch.long), targets, weights, advantages=torch.tensor([0.7, -0.7]),
-                         old_logps=old, ref_logps=ref)
+                         old_token_logps=old, ref_token_logps=ref)
     return logits, batch
 
 
@@ -143,16 +146,16 @@ def test_loss_equals_hand_computed_value(loss):
 
 
 def test_kl_is_zero_when_policy_is_reference(init):
-    model = checkpoint.load(init).dense_model().train()
+    model = loading.dense_model(loading.load(init)).train()
     stage = GRPOStage(reward=["format"], kl_coef=0.1, group_size=2, prompts_per_step=1)
-    stage.ref_model = checkpoint.load(init).frozen_model()
+    stage.ref_model = loading.frozen_model(loading.load(init))
     ids = torch.randint(7, 6400, (2, 6), generator=torch.Generator().manual_seed(0))
     targets = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=torch.long)], dim=1)
     batch = RolloutBatch(ids, targets, torch.tensor([[0, 0, 1, 1, 1, 0]] * 2, dtype=torch.float32),
                          advantages=torch.tensor([1.0, -1.0]))
     stage.model = model
     stage.annotate(batch)
-    assert batch.ref_logps is not None and batch.old_logps is None  # reuse 1: the old policy is the policy
+    assert batch.ref_token_logps is not None and batch.old_token_logps is None  # reuse 1: the old policy is the policy
     _, metrics = stage.loss(model, batch, StepNorm(torch.tensor(6.0), 1))
     assert float(metrics["kl"]) == 0.0
 
@@ -208,11 +211,42 @@ def test_bad_reward_specs_are_one_line(spec, message):
     ("raises", r"reward raises \(.*\) raised ValueError: bad reward"),
     ("too_short", r"reward too_short \(.*\) returned 1 values for 2 completions"),
     ("not_numbers", r"reward not_numbers \(.*\) returned str at index 0, not a number"),
+    ("huge_int", r"reward huge_int \(.*\) returned 1000000000.*\(int\) at index 0, not a finite number "
+                 r"\(OverflowError"),
+    ("raising_generator", r"reward raising_generator \(.*\): reading its values raised RuntimeError: generator broke"),
+    ("endless", r"reward endless \(.*\) returned more than 2 values for 2 completions"),
+    ("matrix", r"reward matrix \(.*\) returned a 2-D array, not a list of 2 numbers"),
+    ("float_raises", r"reward float_raises \(.*\) returned <.*_NoFloat.* at index 0, not a finite number "
+                     r"\(ArithmeticError: no float for you\)"),
+    ("bad_message", r"reward bad_message \(.*\) raised _BadMessage: \(its message cannot be shown\)"),
+    ("exits", r"reward exits \(.*\) raised SystemExit: 0"),
 ])
 def test_misbehaving_reward_functions_are_one_line(name, message):
     reward = load_rewards([f"{REWARDS}:{name}"])[0]
     with pytest.raises(RewardError, match=message):
         call_reward(reward, [[]] * 2, [[{"role": "assistant", "content": "x"}]] * 2, {})
+
+
+def test_reward_values_are_read_as_numbers_and_arguments_are_the_functions_own():
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    completions = [[{"role": "assistant", "content": "x"}]] * 2
+    columns = {"level": [1, 2]}
+    assert call_reward(load_rewards([f"{REWARDS}:numpy_values"])[0], prompts, completions, columns) == [0.0, 1.0]
+    call_reward(load_rewards([f"{REWARDS}:edits_its_arguments"])[0], prompts, completions, columns)
+    assert prompts == [[{"role": "user", "content": "q"}]] * 2 and columns == {"level": [1, 2]}
+
+
+def test_a_total_beyond_float32_is_one_line():
+    rewards = load_rewards([f"{REWARDS}:overflowing", f"{REWARDS}:overflowing@2"])
+    with pytest.raises(RewardError, match=r"the total reward of completion 0 \(overflowing 1e\+300 x 1, "
+                                          r"overflowing_2 1e\+300 x 2\) is 3e\+300, beyond float32's range"):
+        score(rewards, [[]], [[{"role": "assistant", "content": "x"}]], {})
+
+
+def test_a_reward_file_that_is_not_python_is_one_line(tmp_path):
+    (tmp_path / "r.txt").write_text("def f(**k): return []\n", encoding="utf-8")
+    with pytest.raises(RewardError, match=r"r.txt is not a Python file"):
+        load_rewards([f"{tmp_path / 'r.txt'}:f"])
 
 
 def test_bad_reward_stops_the_run_in_one_line(prompts, init, tmp_path, capsys):
@@ -254,6 +288,18 @@ def test_bad_prompt_records_are_one_line(tmp_path, line, message):
     with pytest.raises(TinyLMError) as e:
         read_prompts(path)
     assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+@pytest.mark.parametrize("column", ["prompts", "completions"])
+def test_a_column_named_like_a_reward_argument_is_refused_when_read(tmp_path, init, capsys, column):
+    path = write_prompts(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", column: ["x"]}])
+    with pytest.raises(TinyLMError) as e:
+        PromptSet(path)
+    assert str(e.value).startswith(f"{path}:2: field '{column}': a column named '{column}' would replace")
+    assert main(rl_args(path, init, tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train/run.py: error: {e.value}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_columns_reach_reward_functions(prompts, init, tmp_path):
@@ -330,7 +376,7 @@ def test_bf16_rollouts_resume_exactly_and_sample_other_tokens(prompts, init, tmp
     for step in a:
         assert {k: a[step][k] for k in DETERMINISTIC} == {k: b[step][k] for k in DETERMINISTIC}, step
     assert any(a[s]["loss"] != c[s]["loss"] for s in a)  # bf16 products: other samples than float32 ones
-    assert checkpoint.load(parts).stage_options["rollout_dtype"] == "bfloat16"
+    assert loading.load(parts).stage_options["rollout_dtype"] == "bfloat16"
 
 
 def test_resume_refuses_other_rl_options(prompts, init, tmp_path, capsys):
@@ -362,7 +408,7 @@ def test_ddp_two_processes_match_one_with_doubled_accumulation(prompts, init, tm
 def test_lora_trains_only_the_adapter(prompts, init, tmp_path):
     out = tmp_path / "lora"
     assert main(rl_args(prompts, init, out, "--max-steps", "2", "--lora-rank", "4")) == 0
-    ckpt = checkpoint.load(out)
+    ckpt = loading.load(out)
     assert ckpt.lora is not None and ckpt.lora.rank == 4 and all("lora" in k for k in ckpt.model)
     assert ckpt.stage == "grpo" and ckpt.stage_options["reward"] == [f"{REWARDS}:digits"]
 

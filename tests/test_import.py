@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from core.tokenizer import load_tokenizer
+from model import ModelConfig
 from model.generate import generate
 from serve.export import export
-from serve.loading import load_model
-from train import checkpoint
+from train import loading, weights
 from train.checkpoint import CheckpointError
+from train.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -80,7 +81,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize(("arch", "tied"), KINDS)
 def test_transformers_folder_gives_transformers_logits_and_tokens(folders, arch, tied):
     folder, hf = folders[arch, tied]
-    ckpt = checkpoint.load(folder)
+    ckpt = loading.load(folder)
     assert ckpt.model_config.qk_norm == (arch == "qwen3") and ckpt.model_config.tie_word_embeddings == tied
     assert ckpt.model_config.head_dim == (32 if arch == "qwen3" else 16)
     lm = load_model(folder)  # what bin/chat, bin/serve, bin/eval, bin/export use
@@ -94,16 +95,16 @@ def test_transformers_folder_gives_transformers_logits_and_tokens(folders, arch,
     assert mine == hf_greedy(hf, PROMPT, 12)
     # the fingerprint is the mapped state dict's, the same on every read (LoRA bases, DPO references)
     record = ckpt.source_record()
-    assert record.path == str(folder) and record.fingerprint == checkpoint.load(folder).source_record().fingerprint
-    assert record.fingerprint == checkpoint.state_fingerprint(ckpt.model)
+    assert record.path == str(folder) and record.fingerprint == loading.load(folder).source_record().fingerprint
+    assert record.fingerprint == weights.state_fingerprint(ckpt.model)
 
 
 def test_sharded_folder_loads_like_one_file(folders, tmp_path):
     _, hf = folders["qwen3", False]
     folder = save(hf, tmp_path / "sharded", max_shard_size="300KB")
     assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
-    one = checkpoint.load(folders["qwen3", False][0])
-    assert checkpoint.load(folder).source_record().fingerprint == one.source_record().fingerprint
+    one = loading.load(folders["qwen3", False][0])
+    assert loading.load(folder).source_record().fingerprint == one.source_record().fingerprint
 
 
 @pytest.mark.parametrize(("arch", "tied"), KINDS)
@@ -162,11 +163,51 @@ def edit_config(folder: Path, dst: Path, **changes) -> Path:
 def test_unsupported_config_is_one_line_naming_the_field(folders, tmp_path, changes, field, words):
     folder = edit_config(folders["llama", True][0], tmp_path / "bad", **changes)
     with pytest.raises(CheckpointError) as e:
-        checkpoint.load(folder)
+        loading.load(folder)
     text = str(e.value)
     assert "\n" not in text and str(folder / "config.json") in text and words in text
     if field:
         assert f"field '{field}'" in text
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers", "must be in [1, 1024], got 1000000000"),
+    ({"max_position_embeddings": 10**12}, "max_position_embeddings", "must be in [1, 16777216]"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps", "expected a number, got 'abc'"),
+    ({"rms_norm_eps": None}, "rms_norm_eps", "expected a number, got None"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps", "must be finite"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps", "must be finite and in (0, 1)"),
+    ({"initializer_range": [1]}, "initializer_range", "expected a number, got [1]"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta", "must be finite"),
+    ({"rope_parameters": None, "rope_theta": float("inf")}, "rope_theta", "must be finite"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings", "expected true or false"),
+    ({"vocab_size": 1.5}, "vocab_size", "expected an integer, got 1.5"),
+    ({"intermediate_size": None}, "intermediate_size", "expected a positive integer"),
+    ({"intermediate_size": -96}, "intermediate_size", "expected a positive integer"),
+    ({"head_dim": 0}, "head_dim", "must be in [2, 4096]"),
+    ({"layer_types": 5}, "layer_types", "full_attention"),
+    ({"architectures": [{}]}, "architectures", "tinylm loads exactly one of"),
+])
+def test_a_config_value_that_is_not_what_it_claims_is_one_line_naming_the_field(folders, tmp_path, changes, field,
+                                                                                 words):
+    """Type, finiteness and range of every field, checked before any tensor is read or any model built: a
+    billion layers or a trillion positions are refused at once, not built."""
+    folder = edit_config(folders["llama", True][0], tmp_path / "bad", **changes)
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    text = str(e.value)
+    assert text.startswith(f"{folder / 'config.json'}: field '{field}': ") and words in text, text
+    assert "\n" not in text and len(text) < 400
+
+
+def test_a_number_too_long_to_read_is_one_line(folders, tmp_path):
+    folder = edit_config(folders["llama", True][0], tmp_path / "bad")
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace('"vocab_size": ',
+                                                                                    '"vocab_size": ' + "9" * 5000))
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    assert str(e.value).startswith(f"{folder / 'config.json'}: the transformers config is corrupt")
+    assert "\n" not in str(e.value)
 
 
 def rewrite_weights(folder: Path, dst: Path, edit) -> Path:
@@ -187,15 +228,41 @@ def rewrite_weights(folder: Path, dst: Path, edit) -> Path:
 def test_mismatched_tensors_are_named(folders, tmp_path, edit, words):
     folder = rewrite_weights(folders["qwen3", False][0], tmp_path / "bad", edit)
     with pytest.raises(CheckpointError) as e:
-        checkpoint.load(folder)
+        loading.load(folder)
     assert "\n" not in str(e.value) and words in str(e.value) and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32, torch.complex64, torch.bool])
+def test_a_tensor_of_a_dtype_that_is_no_weight_is_one_line_naming_it(folders, tmp_path, dtype):
+    folder = rewrite_weights(folders["qwen3", False][0], tmp_path / "bad",
+                             lambda s: s.__setitem__("model.norm.weight", s["model.norm.weight"].to(dtype)))
+    with pytest.raises(CheckpointError) as e:
+        loading.load(folder)
+    name = str(dtype).removeprefix("torch.")
+    assert str(e.value).startswith(f"{folder}: tensor model.norm.weight is {name}, not a weight dtype"), str(e.value)
+
+
+def test_a_state_dict_that_claims_more_than_it_stores_is_refused(tmp_path):
+    """A MiniMind-style .pth whose tensor is a stride-0 view of 10^12 elements (4 TB claimed, 4 bytes stored),
+    and one of float8: one line each, nothing materialised."""
+    state = minimind_state_dict(False)
+    for name, tensor, words in [("expanded", torch.zeros(1).expand(10**12),
+                                 "field 'model.norm.weight': claims 1000000000000 elements"),
+                                ("float8", state["model.norm.weight"].to(torch.float8_e5m2),
+                                 "tensor model.norm.weight is float8_e5m2")]:
+        pth = tmp_path / f"{name}.pth"
+        torch.save({**state, "model.norm.weight": tensor}, pth)
+        shape = loading.SourceOptions(ModelConfig.from_preset("tiny").override(MINIMIND_ARGS[False]))
+        with pytest.raises(CheckpointError) as e:
+            loading.load(pth, options=shape)
+        assert str(e.value).startswith(f"{pth}: ") and words in str(e.value), str(e.value)
 
 
 def test_tied_config_with_another_head_is_refused(folders, tmp_path):
     folder = rewrite_weights(folders["llama", True][0], tmp_path / "bad",
                              lambda s: s.__setitem__("lm_head.weight", torch.zeros(VOCAB, 64)))
     with pytest.raises(CheckpointError, match="field 'tie_word_embeddings': lm_head.weight differs"):
-        checkpoint.load(folder)
+        loading.load(folder)
 
 
 def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
@@ -210,7 +277,7 @@ def test_cli_tools_take_the_folder_and_refuse_in_one_line(folders, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bin/export: error: ") and "field 'hidden_act'" in lines[0]
     with pytest.raises(CheckpointError, match="no training state to resume"):
-        checkpoint.load(folder, resume=True)
+        loading.load(folder, resume=True)
 
 
 def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, tmp_path):
@@ -225,8 +292,8 @@ def test_lora_sft_on_an_imported_model_trains_merges_and_exports(packed_sample, 
                  "--no-progress", "--merge"]) == 0
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
-    ckpt = checkpoint.load(out)
-    assert ckpt.lora is not None and ckpt.base == checkpoint.load(folder).source_record()
+    ckpt = loading.load(out)
+    assert ckpt.lora is not None and ckpt.base == loading.load(folder).source_record()
     assert ckpt.model_config.qk_norm
     lm = load_model(out / "merged")  # adapter folded into the imported base
     exported = tmp_path / "hf"
@@ -288,7 +355,7 @@ def test_minimind_state_dict_loads_with_its_shape_and_tokenizer(tmp_path, qk_nor
     add_source_arguments(p)
     args = p.parse_args(["--model", "tiny", "--tokenizer", str(TOKENIZER),
                          *(f"--model-arg={a}" for a in MINIMIND_ARGS[qk_norm])])
-    lm = load_model(pth, options=source_options(args))
+    lm = load_model(pth, options=source_options(args.model, args.model_arg, args.tokenizer))
     assert lm.config.qk_norm == qk_norm and lm.config.head_dim == head_dim and lm.tokenizer.path.parent == TOKENIZER
     # the reference: transformers' Llama / Qwen3 with the same tensors (MiniMind uses their names and math)
     conf = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -303,7 +370,7 @@ def test_minimind_state_dict_loads_with_its_shape_and_tokenizer(tmp_path, qk_nor
         assert (lm.model(ids).logits - ref(input_ids=ids).logits.float()).abs().max().item() < 1e-4
     assert generate(lm.model, PROMPT, max_new_tokens=8) == hf_greedy(ref, PROMPT, 8)
     # a LoRA base / DPO reference recorded from it is recognised by the fingerprint of the mapped weights
-    ckpt = checkpoint.load(pth, options=checkpoint.SourceOptions(lm.config))
+    ckpt = loading.load(pth, options=loading.SourceOptions(lm.config))
     assert ckpt.source_record().fingerprint == lm.checkpoint.source_record().fingerprint
 
 
@@ -343,7 +410,7 @@ def test_training_starts_from_a_minimind_state_dict(packed_sample, tmp_path, cap
     shape = ["--model", "tiny", *(f"--model-arg={a}" for a in MINIMIND_ARGS[False])]
     assert main([*common, "--out", str(tmp_path / "run"), *shape]) == 0
     assert "--model tiny ignored" not in capsys.readouterr().err
-    ckpt = checkpoint.load(tmp_path / "run")
+    ckpt = loading.load(tmp_path / "run")
     assert ckpt.init_from.path == str(pth) and ckpt.model_config.intermediate_size == 96
 
 
@@ -358,7 +425,7 @@ def test_dpo_reference_from_a_minimind_state_dict_takes_the_policy_shape(packed_
     assert main(["--stage", "dpo", "--data", str(data), "--out", str(tmp_path / "run"), "--init-from", str(policy),
                  "--ref-from", str(ref), *shape, "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1",
                  "--eval-every", "0", "--val-rows", "2", "--no-progress"]) == 0
-    ckpt = checkpoint.load(tmp_path / "run")
-    want = checkpoint.load(ref, options=checkpoint.SourceOptions(ckpt.model_config)).source_record()
+    ckpt = loading.load(tmp_path / "run")
+    want = loading.load(ref, options=loading.SourceOptions(ckpt.model_config)).source_record()
     assert ckpt.reference == want and ckpt.reference.path == str(ref)
     assert ckpt.init_from.path == str(policy)

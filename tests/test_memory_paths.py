@@ -52,7 +52,7 @@ def ready_stage(name: str, dataset: PackedDataset, batch: Batch, online: bool = 
         if online:
             stage.ref_model = tiny(seed=3).eval().requires_grad_(False)
         else:
-            batch.ref_logps = -torch.rand(batch.input_ids.shape[0], dataset.width, dtype=torch.float64) * 50
+            batch.ref_doc_logps = -torch.rand(batch.input_ids.shape[0], dataset.width, dtype=torch.float64) * 50
     if name == "distill":
         stage.teacher = tiny(seed=5, hidden_size=32).eval().requires_grad_(False)
         stage.vocab = 6000
@@ -71,7 +71,7 @@ def full_logits_loss(stage, model: TinyLM, batch: Batch, n: torch.Tensor) -> tor
             ref_ce = token_cross_entropy(forward(stage.ref_model, batch).logits, batch.targets)
             ref = torch.zeros_like(policy).scatter_add_(1, idx, -ref_ce * (batch.weights > 0))
         else:
-            ref = batch.ref_logps
+            ref = batch.ref_doc_logps
         losses, _ = dpo_terms(policy, ref, stage.beta)
         return (losses * valid_pairs(batch, stage.width).float()).sum() / n
     if stage.name == "distill":

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from model import PRESETS, ModelConfig, TinyLM
 from model.attention import dense_document_mask, positions_from_doc_ids
-from model.config import parse_overrides
-from model.transformer import MLP, MoE
+from model.config import ConfigError, parse_overrides
+from model.transformer import MLP, MoE, state_shapes
 
 # Two packed rows: documents of different lengths, then padding (doc id -1).
 ROWS = [[7, 13, 11], [15, 5, 12, 3]]
@@ -292,3 +292,49 @@ def test_qk_norm_state_dict_loads_into_transformers_qwen3(tied: bool) -> None:
     ids = torch.randint(0, c.vocab_size, (2, 21), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (ours(ids).logits - hf(input_ids=ids).logits.float()).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("rms_norm_eps", "abc", "expected a number, got 'abc'"),
+    ("rms_norm_eps", None, "expected a number, got None"),
+    ("rms_norm_eps", float("nan"), "must be finite"),
+    ("rms_norm_eps", 0.0, "must be finite and in (0, 1)"),
+    ("rope_theta", float("inf"), "must be finite"),
+    ("rope_theta", -1.0, "must be finite and in (0, inf)"),
+    ("initializer_range", [1], "expected a number, got [1]"),
+    ("moe_aux_loss_coef", float("nan"), "must be finite"),
+    ("dropout", 1.0, "must be finite and in [0, 1)"),
+    ("num_hidden_layers", 10**9, "must be in [1, 1024]"),
+    ("max_position_embeddings", 10**12, "must be in [1, 16777216]"),
+    ("vocab_size", 10**5000, "must be in [1, 16777216], got an integer of about 5001 digits"),
+    ("hidden_size", 64.0, "expected an integer, got 64.0"),
+    ("tie_word_embeddings", 1, "expected true or false, got 1"),
+    ("attn_backend", ["auto"], "must be one of"),
+], ids=lambda v: repr(v)[:30] if not isinstance(v, int) else str(v.bit_length()))
+def test_every_config_field_is_type_finiteness_and_range_checked(field, value, words) -> None:
+    """One place checks every field (every source builds its config through it); the error names the field
+    and stays short whatever the value, and nothing is built."""
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_preset("tiny", **{field: value})
+    assert info.value.field == field and words in info.value.message and len(str(info.value)) < 200, str(info.value)
+
+
+def test_a_long_context_allocates_no_rope_table() -> None:
+    """RoPE follows the positions run, not max_position_embeddings: a 16M-position model holds only its
+    head_dim / 2 inverse frequencies, and its cos/sin at any position equal the closed form."""
+    model = tiny(max_position_embeddings=2**24)
+    assert sum(b.numel() for b in model.buffers()) == model.config.head_dim // 2
+    positions = torch.tensor([[0, 5, 2**24 - 1]])
+    cos, sin = model.model.rotary_emb(positions)
+    d = model.config.head_dim
+    inv = 1.0 / (model.config.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.cat((positions[0, :, None].float() * inv,) * 2, dim=-1)
+    assert cos.shape == (1, 1, 3, d) and torch.equal(cos[0, 0], angles.cos()) and torch.equal(sin[0, 0], angles.sin())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_state_shapes_are_the_models_without_building_it(preset) -> None:
+    cfg = ModelConfig.from_preset(preset)
+    with torch.device("meta"):
+        built = {k: tuple(v.shape) for k, v in TinyLM(cfg).state_dict().items()}
+    assert state_shapes(cfg) == built

@@ -13,7 +13,7 @@ from test_train import PY, ROOT, args, losses, pack
 
 from model import ModelConfig, TinyLM
 from model.lora import LoRAConfig, apply_lora
-from train import checkpoint, defaults
+from train import checkpoint, defaults, loading
 from train.optim import OptimConfig, build_optimizers
 from train.run import main
 from train.schedule import Schedule
@@ -35,7 +35,7 @@ def opt_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    x, y = checkpoint.load(a), checkpoint.load(b)
+    x, y = loading.load(a), loading.load(b)
     return x.model.keys() == y.model.keys() and all(torch.equal(x.model[k], y.model[k]) for k in x.model)
 
 
@@ -70,7 +70,7 @@ def test_a_lora_run_asked_for_muon_trains_its_adapters_with_adamw(pretrain, tmp_
     assert main(args(pretrain, lora, "--max-steps", "2", "--init-from", str(base), "--lora-rank", "2",
                      "--optimizer", "muon")) == 0
     assert "optimizer adamw (LoRA adapters: AdamW)" in capsys.readouterr().out
-    training = checkpoint.load(lora).training
+    training = loading.load(lora).training
     assert (training.optimizer_name, training.muon) == ("adamw", None)
 
 
@@ -98,7 +98,7 @@ def test_stop_and_resume_is_bit_exact(pretrain, tmp_path, optimizer, schedule):
     assert main(opt_args(pretrain, out, "--max-steps", "12", "--resume")) == 0  # the recorded choices are kept
     assert losses(out) == losses(ref) and sorted(losses(ref)) == list(range(1, 13))
     assert same_weights(ref, out)
-    a, b = checkpoint.load(ref).training, checkpoint.load(out).training
+    a, b = loading.load(ref).training, loading.load(out).training
     assert a.optimizer_name == b.optimizer_name == optimizer and a.schedule == b.schedule
     assert a.schedule["kind"] == schedule
     if optimizer == "muon":
@@ -106,7 +106,7 @@ def test_stop_and_resume_is_bit_exact(pretrain, tmp_path, optimizer, schedule):
                    for x, y in zip(a.muon["state"].values(), b.muon["state"].values(), strict=True))
     assert (ref / checkpoint.PRE_DECAY).is_file() == (schedule == "wsd")
     if schedule == "wsd":
-        assert checkpoint.load(ref / checkpoint.PRE_DECAY).step == 9  # 12 - round(0.25 * 12)
+        assert loading.load(ref / checkpoint.PRE_DECAY).step == 9  # 12 - round(0.25 * 12)
 
 
 def test_a_checkpoint_from_before_muon_and_wsd_resumes_exactly(pretrain, tmp_path):
@@ -122,7 +122,7 @@ def test_a_checkpoint_from_before_muon_and_wsd_resumes_exactly(pretrain, tmp_pat
     training["schedule"] = {"peak_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": record["warmup_steps"],
                             "max_steps": record["max_steps"]}  # what CosineSchedule.state_dict() wrote
     torch.save({**payload, "training": training}, path)
-    assert checkpoint.load(path, resume=True).training.optimizer_name == "adamw"
+    assert loading.load(path, resume=True).training.optimizer_name == "adamw"
     assert main(opt_args(pretrain, out, "--max-steps", "8", "--resume")) == 0
     assert losses(out) == losses(ref) and same_weights(ref, out)
 
@@ -144,18 +144,18 @@ def test_extending_a_finished_wsd_run_equals_the_longer_run(pretrain, tmp_path, 
     wsd = ("--optimizer", "muon", "--schedule", "wsd", "--decay-frac", "0.2", "--keep-last", "1")
     short, longer = tmp_path / "short", tmp_path / "longer"
     assert main(opt_args(pretrain, short, "--max-steps", "20", *wsd)) == 0
-    finished = checkpoint.load(short)
-    assert finished.step == 20 and checkpoint.load(short / checkpoint.PRE_DECAY).step == 16
+    finished = loading.load(short)
+    assert finished.step == 20 and loading.load(short / checkpoint.PRE_DECAY).step == 16
     assert main(opt_args(pretrain, short, "--max-steps", "40", "--resume")) == 0
     assert f"resuming {short / checkpoint.PRE_DECAY} (step 16)" in capsys.readouterr().out
     assert main(opt_args(pretrain, longer, "--max-steps", "40", "--warmup-steps", "1", *wsd)) == 0
     assert losses(short) == losses(longer) and sorted(losses(short)) == list(range(1, 41))
     assert same_weights(short, longer)
-    extended = checkpoint.load(short)
+    extended = loading.load(short)
     assert extended.training.schedule == {"kind": "wsd", "warmup_steps": 1, "max_steps": 40, "min_ratio": 0.1,
                                           "decay_frac": 0.2}
-    assert checkpoint.load(short / checkpoint.PRE_DECAY).step == 32  # the new decay start
-    moved = checkpoint.load(short / "decayed_20" / checkpoint.checkpoint_name(20))  # the finished 20-step model
+    assert loading.load(short / checkpoint.PRE_DECAY).step == 32  # the new decay start
+    moved = loading.load(short / "decayed_20" / checkpoint.checkpoint_name(20))  # the finished 20-step model
     assert moved.step == 20 and all(torch.equal(moved.model[k], finished.model[k]) for k in finished.model)
 
 

@@ -16,7 +16,7 @@ import pytest
 from preprocess.clean import main as clean_main
 from serve.evaluate import RESULTS_FILE, append_result
 from tests.conftest import run_pack
-from train import checkpoint
+from train import checkpoint, loading
 from train.run import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_report_of_a_smoke_chain(chain, tmp_path):
         assert picture.read_bytes().startswith(PNG)
         assert f"]({picture.name})" in text
     assert "## pretrain: pretrain" in text and "## sft: sft" in text
-    params = checkpoint.load(chain / "sft").model_config.num_params()
+    params = loading.load(chain / "sft").model_config.num_params()
     assert f"parameters: {params:,}" in text
     assert "| 7.123 |" in text and "| 3.457 |" in text  # held-out loss and bpb in the runs table
     assert "- held-out sft at step 2: loss 7.123, perplexity 1239, bpb 3.457, tokens 2,048" in text

@@ -19,8 +19,8 @@ from test_serve import Server, free_port
 from core.tokenizer import load_tokenizer, prompt_ids
 from model import ModelConfig
 from model.transformer import ModelOutput
-from serve.loading import LoadedModel
 from serve.tool_eval import LocalModel, ToolEvalOptions, read_cases, run_dialogues, score, tool_eval
+from train.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMIND = ROOT / "tests" / "fixtures" / "minimind" / "minimind3"
@@ -163,15 +163,15 @@ def bin_eval(monkeypatch, capsys, info):
     loader = importlib.machinery.SourceFileLoader("bin_eval", str(ROOT / "bin" / "eval"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bin_eval", loader))
     loader.exec_module(module)
-    import serve.loading
+    import train.loading
 
     def load(ckpt, *rest, **kwargs):
         if ckpt != "scripted":
             return real(ckpt, *rest, **kwargs)
         return LoadedModel(RowScriptedLM(info, SCRIPTS), info, SimpleNamespace(path="scripted", step=7, stage="sft"))
 
-    real = serve.loading.load_model
-    monkeypatch.setattr(serve.loading, "load_model", load)
+    real = train.loading.load_model
+    monkeypatch.setattr(train.loading, "load_model", load)
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import ModelConfig, TinyLM
-from train import checkpoint
+from train import checkpoint, loading
 from train.data import PackedDataset
 from train.loop import format_line
 from train.metrics import METRICS_FILE, Throughput, read_metrics, token_byte_lengths
@@ -88,7 +88,7 @@ def test_stop_and_resume_is_bit_exact(data, reference, tmp_path):
     ref, got = losses(reference), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == ref  # exactly equal floats, every step
-    a, b = checkpoint.load(reference), checkpoint.load(out)
+    a, b = loading.load(reference), loading.load(out)
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert all(torch.equal(x, y) for x, y in zip(a.training.optimizer["state"][0].values(),
                                                  b.training.optimizer["state"][0].values(), strict=True))
@@ -115,7 +115,7 @@ def test_kill_9_then_resume_matches(data, reference, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"run was not killed mid-way (rc {proc.returncode}, {last} lines)"
     killed_at = checkpoint.latest(out)
-    assert killed_at is not None and 10 <= checkpoint.load(killed_at).step < STEPS
+    assert killed_at is not None and 10 <= loading.load(killed_at).step < STEPS
     assert main([*run, "--resume"]) == 0
     assert losses(out) == losses(reference)
 
@@ -175,7 +175,7 @@ def test_loss_falls_on_sample(pretrained):
 def test_sft_starts_from_pretrain(data, pretrained, tmp_path):
     out = tmp_path / "sft"
     assert main(args(data["sft"], out, "--max-steps", "3", "--init-from", str(pretrained), stage="sft")) == 0
-    ckpt, base = checkpoint.load(out), checkpoint.load(pretrained)
+    ckpt, base = loading.load(out), loading.load(pretrained)
     assert ckpt.stage == "sft" and ckpt.init_from.path == base.path
     assert ckpt.model_config == base.model_config
     first = read_metrics(out)[0]
@@ -191,7 +191,7 @@ def test_sft_starts_from_pretrain(data, pretrained, tmp_path):
         sums = SFTStage().eval_sums(model.eval(), batch)
         return (sums["nats"] / sums["tokens"]).item()
 
-    assert val_loss(ckpt.dense_model()) < val_loss(TinyLM(ckpt.model_config)) - 0.5
+    assert val_loss(loading.dense_model(ckpt)) < val_loss(TinyLM(ckpt.model_config)) - 0.5
 
 
 def test_moe_aux_loss_and_router_gradient(data, tmp_path):
@@ -228,14 +228,14 @@ def test_all_masked_step_is_finite(data, tmp_path, monkeypatch):
     assert len(records) == 2
     for r in records:
         assert math.isfinite(r["loss"]) and r["ce"] == 0.0 and r["loss"] == pytest.approx(r["aux"])
-    state = checkpoint.load(out).model
+    state = loading.load(out).model
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
 # ---- checkpoints of a run -------------------------------------------------------------------------------------
 
 def test_refuses_tokenizer_fingerprint_mismatch(data, pretrained, tmp_path, capsys):
-    payload = torch.load(checkpoint.resolve(pretrained), weights_only=True)
+    payload = torch.load(loading.resolve(pretrained), weights_only=True)
     payload["tokenizer"]["fingerprint"] = "f" * 64
     payload["tokenizer"]["path"] = "/elsewhere/tokenizer.json"
     foreign = tmp_path / "foreign" / "ckpt_00000040.pt"
@@ -289,7 +289,7 @@ def test_fp16_autocast_with_grad_scaler(data, tmp_path):
     out = tmp_path / "fp16"
     assert main(args(data["sft"], out, "--max-steps", "2", "--dtype", "fp16", stage="sft")) == 0
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
-    scaler = checkpoint.load(out).training.scaler
+    scaler = loading.load(out).training.scaler
     assert scaler is not None and scaler["scale"] > 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from preprocess import shards
-from train import checkpoint, defaults
+from train import defaults, loading
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def rerun(smoke) -> tuple[Path, str, str]:
     """The same OUT_DIR again, with three optional stages (2 steps each): DPO from the SFT model, LoRA + merge,
     and tool-use / thinking SFT on data/sample/tools: (OUT_DIR, its stdout, the first run's SFT checkpoint)."""
     out, _ = smoke
-    sft = checkpoint.load(out / "sft").path
+    sft = loading.load(out / "sft").path
     return out, run_ok(out, SKIP_PACK="1", SKIP_CHAT="1", DPO="1", DPO_STEPS="2", LORA="1", LORA_STEPS="2",
                        TOOLS="1", TOOLS_STEPS="2").stdout, sft
 
@@ -82,7 +82,7 @@ def test_optimizer_and_learning_rates_come_from_the_defaults_table(smoke):
 
 def test_sft_starts_from_the_pretrained_model_with_its_tokenizer(smoke):
     out, _ = smoke
-    pre, sft = checkpoint.load(out / "pretrain"), checkpoint.load(out / "sft")
+    pre, sft = loading.load(out / "pretrain"), loading.load(out / "sft")
     assert sft.init_from.path == pre.path
     assert pre.tokenizer.fingerprint == sft.tokenizer.fingerprint
 
@@ -109,27 +109,27 @@ def test_a_rerun_resumes_and_skip_chat_skips_the_answer(rerun):
 
 def test_dpo_trains_from_sft_with_it_as_the_reference(rerun):
     out, _, sft = rerun
-    dpo = checkpoint.load(out / "dpo")
+    dpo = loading.load(out / "dpo")
     assert dpo.stage == "dpo" and dpo.reference.path == sft and dpo.step == 2
 
 
 def test_lora_trains_adapters_on_sft_and_merges_them(rerun):
     out, _, sft = rerun
-    lora = checkpoint.load(out / "lora")
+    lora = loading.load(out / "lora")
     assert lora.base.path == sft and lora.lora.rank == 8
-    assert checkpoint.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
+    assert loading.load(out / "lora" / "merged").merged_from["adapter"] == lora.path
 
 
 def test_tools_stage_fine_tunes_sft_on_the_whole_tools_sample(rerun):
     out, _, sft = rerun
-    tools = checkpoint.load(out / "tools")
+    tools = loading.load(out / "tools")
     assert tools.stage == "sft" and tools.init_from.path == sft and tools.step == 2
     assert shards.read_meta(out / "packed" / "tools")["counts"]["records_read"] == 120
 
 
 def test_grpo_trains_from_reason_with_both_rewards_logged(rl):
-    grpo = checkpoint.load(rl / "grpo")
-    assert grpo.stage == "grpo" and grpo.step == 2 and grpo.init_from.path == checkpoint.load(rl / "reason").path
+    grpo = loading.load(rl / "grpo")
+    assert grpo.stage == "grpo" and grpo.step == 2 and grpo.init_from.path == loading.load(rl / "reason").path
     assert grpo.stage_options["reward"] == ["gsm8k", "format@0.5"]
     assert all("reward/gsm8k" in r and "reward/format" in r for r in read_metrics(rl / "grpo") if "loss" in r)
 
@@ -137,7 +137,7 @@ def test_grpo_trains_from_reason_with_both_rewards_logged(rl):
 def test_grpo_scores_pass_at_k_before_and_after(rl):
     scored = [json.loads(line) for line in (rl / "grpo" / "eval_results.jsonl").read_text().splitlines()]
     assert [r["reward_metrics"]["prompts"] for r in scored] == [4, 4]
-    assert scored[1]["ckpt"] == checkpoint.load(rl / "grpo").path
+    assert scored[1]["ckpt"] == loading.load(rl / "grpo").path
 
 
 def test_clean_0_packs_the_raw_files(tmp_path):

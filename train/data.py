@@ -24,20 +24,23 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
 from preprocess import shards
+from train.batches import TrainingData
 
 SPLIT_KEY = 0x7E57  # the train/validation split never depends on the training seed
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(x: np.ndarray, key: int) -> np.ndarray:
-    """A 64-bit integer hash (splitmix64 finaliser) of x xor key, vectorised."""
+def splitmix64(x: np.ndarray, key: int) -> np.ndarray:
+    """A 64-bit integer hash (the splitmix64 finaliser) of ``x xor key``, vectorised over uint64 ``x``: the keyed
+    mixing of the data order (:func:`permute`) and of the RL stage's sampling seeds."""
     with np.errstate(over="ignore"):
         z = (x ^ np.uint64(key & _MASK64)) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -57,7 +60,7 @@ def permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
     while todo.any():
         left, right = x[todo] >> np.uint64(half), x[todo] & low
         for r in range(rounds):
-            left, right = right, left ^ (_mix(right, key * 16 + r) & low)
+            left, right = right, left ^ (splitmix64(right, key * 16 + r) & low)
         x[todo] = (left << np.uint64(half)) | right
         todo = x >= np.uint64(n)
     return x.astype(np.int64)
@@ -65,20 +68,26 @@ def permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
 
 @dataclass
 class Batch:
+    """Rows the model reads (module docstring, "Batch layout"). Stages that need more per row extend it with
+    their own tensor fields (DPO: the reference's per-document log-probs; RL: advantages and per-token
+    log-probs); :meth:`to` and :meth:`pin_memory` carry every field."""
+
     input_ids: torch.Tensor  # [B, T] int64
     targets: torch.Tensor  # [B, T] int64
     weights: torch.Tensor  # [B, T] float32 loss weights (0 = no loss)
     doc_ids: torch.Tensor | None = None  # [B, T] int32, packed rows only
     position_ids: torch.Tensor | None = None  # [B, T] int64, packed rows only
-    ref_logps: torch.Tensor | None = None  # [B, D] float32, DPO: reference log-prob of each row's documents
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return type(self)(*(None if t is None else t.to(device, non_blocking=non_blocking)
-                            for t in (getattr(self, f.name) for f in fields(self))))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return type(self)(*(None if t is None else t.pin_memory()
-                            for t in (getattr(self, f.name) for f in fields(self))))
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A batch of the same type with ``fn`` applied to every tensor field (None stays None)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{name: None if t is None else fn(t) for name, t in values.items()})
 
 
 class PackedDataset(shards.PackedFolder):
@@ -113,10 +122,13 @@ class PackedDataset(shards.PackedFolder):
                      None if doc_ids is None else as_t(doc_ids), None if positions is None else as_t(positions))
 
 
-class Split:
-    """The training or validation rows of a dataset, in a keyed order."""
+D = TypeVar("D", bound=TrainingData)
 
-    def __init__(self, dataset: PackedDataset, val_rows: int):
+
+class Split(Generic[D]):
+    """The training and validation rows of a dataset (packed rows, or RL prompts), in a keyed order."""
+
+    def __init__(self, dataset: D, val_rows: int):
         if not 0 <= val_rows < dataset.n_rows:
             raise ValueError(f"{dataset.folder}: {dataset.n_rows} rows cannot spare {val_rows} for validation "
                              "and keep any for training")
@@ -138,14 +150,19 @@ class Split:
 
 
 class BatchLoader:
-    """Micro-batches of one rank, prefetched by a background thread (pinned memory when asked)."""
+    """The loop's batches (``train.batches.Batches``) from packed rows: micro-batches of one rank, prefetched
+    by a background thread (pinned memory when asked)."""
 
     shown: tuple[str, ...] = ()  # keys of :meth:`step_metrics` printed on the progress line
 
-    def __init__(self, split: Split, micro_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+    def __init__(self, split: Split[PackedDataset], micro_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
                  prefetch: int = 2, pin_memory: bool = False):
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
         self.seed, self.prefetch, self.pin_memory = seed, prefetch, pin_memory
+
+    @property
+    def seq_len(self) -> int:
+        return self.split.dataset.seq_len
 
     def global_batch(self, accum: int) -> int:
         return self.micro_batch * accum * self.world
@@ -156,8 +173,7 @@ class BatchLoader:
         return self.split.val_rows
 
     def step_metrics(self, train_s: float) -> dict[str, float]:
-        """Extra metrics of the step just taken, for its metrics line (none for packed data; rollouts: rewards,
-        lengths, timings); ``train_s`` is the step's time after its batches were ready."""
+        """None: packed data adds nothing to a step's metrics line."""
         return {}
 
     def micro_batch_at(self, step_start: int, micro: int) -> Batch:
@@ -176,15 +192,16 @@ class BatchLoader:
 
         yield from _prefetched(produce, self.prefetch)
 
-    def val_batches(self) -> Iterator[Batch]:
-        """This rank's share of the validation rows (strided by rank), padded to whole micro-batches."""
+    def val_batches(self, device: torch.device | str = "cpu") -> Iterator[Batch]:
+        """This rank's share of the validation rows (strided by rank), padded to whole micro-batches, on
+        ``device``."""
         rows = self.split.val_rows_list()[self.rank::self.world]
         per_rank = -(-self.split.val_rows // self.world)
         rows = np.concatenate([rows, np.full(per_rank - len(rows), -1, dtype=np.int64)])
         for lo in range(0, per_rank, self.micro_batch):
             chunk = rows[lo:lo + self.micro_batch]
             chunk = np.concatenate([chunk, np.full(self.micro_batch - len(chunk), -1, dtype=np.int64)])
-            yield self.split.dataset.collate(chunk)
+            yield self.split.dataset.collate(chunk).to(device)
 
 
 def _prefetched(produce, depth: int) -> Iterator:

@@ -4,14 +4,18 @@ torchrun (any node count: ``--nnodes``, ``--rdzv-endpoint`` ...) exports ``RANK`
 ``LOCAL_RANK``; their presence with ``WORLD_SIZE > 1`` means DDP. The backend is nccl on CUDA and gloo
 on CPU; each process drives ``cuda:LOCAL_RANK`` on a GPU machine. Invariant: with ``world == 1`` no
 process group is created and every collective here is a no-op, so single-process code paths pay nothing.
+Each rank's random generators (torch, numpy, python, CUDA) are saved and restored by :func:`rng_state` /
+:func:`set_rng_state`, one entry per rank in a checkpoint, so a resumed run draws the same numbers.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -101,3 +105,35 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch / numpy / python (and CUDA when present) generator states, as tensors and plain
+    values (what a checkpoint stores)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (each part that is there; the CUDA part only on as many devices as it was
+    saved from)."""
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        npy = state["numpy"]
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

@@ -1,10 +1,10 @@
 """The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
 evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
-weights policy (``train/adapters.py``: all weights or LoRA adapters) what trains and what is saved.
+weights policy (``train/weights_policy.py``: all weights or LoRA adapters) what trains and what is saved.
 
 One optimizer step s (0-based) on every rank:
-  1. take the step's ``accum`` micro-batches (``BatchLoader.steps`` from ``samples_seen``; the RL stage's
-     ``RolloutLoader`` generates them here, with the weights of this moment: on-policy);
+  1. take the step's ``accum`` micro-batches (``loader.steps`` from ``samples_seen``, the ``train.batches.Batches``
+     protocol: packed rows, or the RL stage's rollouts, generated here with the weights of this moment);
   2. ``N = all_reduce(sum of stage.count(micro-batch))`` once, clamped to >= 1;
   3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
@@ -50,14 +50,15 @@ from tqdm import tqdm
 
 from core.errors import TinyLMError
 from train import checkpoint, dist
-from train.adapters import FullWeights
+from train.batches import Batches
 from train.checkpoint import Checkpoint, ResumeState
-from train.data import BatchLoader
 from train.dist import DistInfo
 from train.metrics import MetricsLogger, Throughput
 from train.optim import OptimConfig, Optimizers, build_optimizers
 from train.schedule import Schedule
 from train.stages import Stage, StepNorm
+from train.weights import nonfinite_tensors
+from train.weights_policy import FullWeights
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
@@ -137,7 +138,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoader, cfg: LoopConfig,
+def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches, cfg: LoopConfig,
           info: DistInfo, out: Path, logger: MetricsLogger, template: Checkpoint,
           resume: Checkpoint | None = None) -> TrainState:
     """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
@@ -166,7 +167,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
             find_unused_parameters=stage.find_unused_parameters)
     train_model = ddp if ddp is not None else fwd
 
-    seq_len = loader.split.dataset.seq_len
+    seq_len = loader.seq_len
     global_batch = loader.global_batch(cfg.grad_accum)
     peak = peak_flops(device)
     flops_per_token = model.config.flops_per_token(seq_len) if peak and hasattr(model, "config") else None
@@ -175,12 +176,12 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: BatchLoa
 
     def save() -> None:
         state_dict = weights.state(model)
-        bad = checkpoint.nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
+        bad = nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
         if bad:
             raise NonFiniteError(f"step {state.step}: non-finite weights after the update (nan/inf in "
                                  f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); no checkpoint written, "
                                  f"{last_good(out)}")
-        rng = dist.gather_objects(checkpoint.rng_state())
+        rng = dist.gather_objects(dist.rng_state())
         if info.is_main:
             parts = optimizer.state_dict()
             training = ResumeState(parts.get("adamw", {"state": {}, "param_groups": []}), rng,
@@ -286,7 +287,7 @@ def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradSca
     if len(rngs) != info.world and info.is_main:
         print(f"note: checkpoint written by {len(rngs)} process(es), resuming on {info.world}: "
               "random streams (dropout) differ from an uninterrupted run", file=sys.stderr)
-    checkpoint.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    dist.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
     return TrainState(resume.step, resume.samples_seen, resume.tokens_seen, resume.supervised_seen,
                       nonfinite_skipped=resume.nonfinite_skipped)
 
@@ -331,16 +332,16 @@ def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor, grad_norm: to
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stage: Stage, loader: BatchLoader, device: torch.device,
+def evaluate(model: nn.Module, stage: Stage, loader: Batches, device: torch.device,
              amp: contextlib.AbstractContextManager) -> dict[str, float]:
     """The stage's validation metrics over the whole validation split (sums all-reduced over ranks)."""
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    for batch in loader.val_batches():
+    for batch in loader.val_batches(device):
         with amp:
-            sums = stage.eval_sums(model, batch.to(device))
+            sums = stage.eval_sums(model, batch)
         for k, v in sums.items():
             totals[k] = totals[k] + v.to(acc) if k in totals else v.to(acc)
     keys = sorted(totals)

@@ -10,13 +10,16 @@ nothing to the total and is left out of that function's mean.
 A SPEC is ``NAME[@WEIGHT]``: a built-in name (:data:`BUILTINS`), ``module:function`` (a dotted importable
 module) or ``path/to/file.py:function``; several specs are summed with their weights (default 1).
 Every problem (an unknown name, a missing module or function, a function that raises or returns the
-wrong number of values or a non-number) is a :class:`RewardError`: one line naming the function.
+wrong number of values or something that is not a finite number) is a :class:`RewardError`: one line
+naming the function.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -28,6 +31,7 @@ from core.errors import TinyLMError
 from preprocess.sources import split_number_suffix
 
 RewardFn = Callable[..., Sequence[float | None]]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class RewardError(TinyLMError):
@@ -134,10 +138,14 @@ def load_function(target: str) -> RewardFn:
         raise RewardError(f"--reward {target}: not a built-in ({', '.join(BUILTINS)}) nor module:function / "
                           "path/to/file.py:function")
     module = _load_module(module_name, target)
-    fn = getattr(module, attr, None)
+    try:
+        fn = getattr(module, attr, None)
+        usable = callable(fn)
+    except Exception as e:  # noqa: BLE001  (a module __getattr__ of the user's that raises)
+        raise RewardError(f"--reward {target}: reading {module_name}.{attr} raised {_said(e)}") from None
     if fn is None:
         raise RewardError(f"--reward {target}: {module_name} has no function {attr!r}")
-    if not callable(fn):
+    if not usable:
         raise RewardError(f"--reward {target}: {module_name}.{attr} is not callable")
     return fn
 
@@ -149,16 +157,27 @@ def _load_module(name: str, target: str) -> Any:
         if not path.is_file():
             raise RewardError(f"--reward {target}: no such file {path}")
         spec = importlib.util.spec_from_file_location(f"tinylm_reward_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise RewardError(f"--reward {target}: {path} is not a Python file (.py)")
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001  (the user's file: any failure is theirs, said in one line)
-            raise RewardError(f"--reward {target}: loading {path} failed ({type(e).__name__}: {e})") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's file: any failure is theirs, said in one line)
+            raise RewardError(f"--reward {target}: loading {path} failed ({_said(e)})") from None
         return module
     try:
         return importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001  (ImportError, or the module's own error on import)
-        raise RewardError(f"--reward {target}: cannot import {name} ({type(e).__name__}: {e})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (ImportError, or the module's own error on import)
+        raise RewardError(f"--reward {target}: cannot import {name} ({_said(e)})") from None
+
+
+def _function_name(fn: RewardFn, fallback: str) -> str:
+    """The function's ``__name__`` when it is a plain string, else ``fallback`` (the name in the spec)."""
+    try:
+        name = getattr(fn, "__name__", fallback)
+    except Exception:  # noqa: BLE001  (a callable object of the user's whose attribute lookup raises)
+        return fallback
+    return name if isinstance(name, str) and name else fallback
 
 
 def load_rewards(specs: Sequence[str]) -> list[Reward]:
@@ -171,7 +190,7 @@ def load_rewards(specs: Sequence[str]) -> list[Reward]:
     for spec in specs:
         target, weight = split_weight(spec)
         fn = load_function(target)
-        base = target if target in BUILTINS else getattr(fn, "__name__", target.rpartition(":")[2])
+        base = target if target in BUILTINS else _function_name(fn, target.rpartition(":")[2])
         seen[base] = seen.get(base, 0) + 1
         out.append(Reward(base if seen[base] == 1 else f"{base}_{seen[base]}", fn, weight, spec))
     return out
@@ -180,35 +199,85 @@ def load_rewards(specs: Sequence[str]) -> list[Reward]:
 # ---- scoring -----------------------------------------------------------------------------------------------
 
 def call_reward(reward: Reward, prompts: list, completions: list, columns: dict[str, list]) -> list[float]:
-    """One function's values (None -> nan); RewardError when it raises or returns a wrong value."""
+    """One function's values (None -> nan). Everything the user's code gives back is read inside the guard:
+    a call or a read of its values that raises (``SystemExit`` included), a wrong count, a value that is not
+    a finite number (a 2-D array, an int too large for a float, an object whose ``float()`` raises) is a
+    RewardError naming the function. The function gets copies of its arguments, so one that edits them
+    changes nothing else."""
+    who = f"reward {reward.name} ({reward.spec})"
+    n = len(completions)
+    prompts, completions, columns = copy.deepcopy((prompts, completions, columns))
     try:
-        values = reward.fn(prompts=prompts, completions=completions, **columns)
+        returned = reward.fn(prompts=prompts, completions=completions, **columns)
     except RewardError as e:
-        raise RewardError(f"reward {reward.name} ({reward.spec}): {e}") from None
-    except Exception as e:  # noqa: BLE001  (a user's function: its failure stops the run in one line)
-        raise RewardError(f"reward {reward.name} ({reward.spec}) raised {type(e).__name__}: {e}") from None
+        raise RewardError(f"{who}: {_message(e)}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (a user's function: its failure stops the run in one line)
+        raise RewardError(f"{who} raised {_said(e)}") from None
+    values = _values(returned, n, who)
+    return [_number(v, i, who) for i, v in enumerate(values)]
+
+
+def _values(returned: Any, n: int, who: str) -> list[Any]:
+    """The returned sequence as a list of exactly ``n`` items (at most n + 1 are read from an iterator)."""
+    if isinstance(returned, (str, bytes, dict)):
+        raise RewardError(f"{who} returned {type(returned).__name__}, not a list of {n} numbers")
     try:
-        values = list(values)
+        ndim = getattr(returned, "ndim", 1)
+        if ndim != 1:
+            raise RewardError(f"{who} returned a {ndim}-D array, not a list of {n} numbers")
+        values = list(returned) if isinstance(returned, (list, tuple)) else list(itertools.islice(returned, n + 1))
+    except RewardError:
+        raise
     except TypeError:
-        raise RewardError(f"reward {reward.name} ({reward.spec}) returned {type(values).__name__}, not a list of "
-                          f"{len(completions)} numbers") from None
-    if len(values) != len(completions):
-        raise RewardError(f"reward {reward.name} ({reward.spec}) returned {len(values)} values for "
-                          f"{len(completions)} completions")
-    out = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(math.nan)
-            continue
-        if not isinstance(v, (int, float)) and not hasattr(v, "__float__"):  # bools and numpy / torch scalars pass
-            raise RewardError(f"reward {reward.name} ({reward.spec}) returned {type(v).__name__} at index {i}, "
-                              "not a number")
-        v = float(v)
-        if not math.isfinite(v):
-            raise RewardError(f"reward {reward.name} ({reward.spec}) returned {v} at index {i} (use None for "
-                              "'does not apply')")
-        out.append(v)
-    return out
+        raise RewardError(f"{who} returned {type(returned).__name__}, not a list of {n} numbers") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (a generator of the user's that raises while it is read)
+        raise RewardError(f"{who}: reading its values raised {_said(e)}") from None
+    if len(values) != n:
+        count = f"more than {n}" if len(values) > n and not isinstance(returned, (list, tuple)) else len(values)
+        raise RewardError(f"{who} returned {count} values for {n} completions")
+    return values
+
+
+def _number(value: Any, index: int, who: str) -> float:
+    """One returned value as a finite float (None -> nan); RewardError naming the index otherwise."""
+    if value is None:
+        return math.nan
+    try:
+        scalar = getattr(value, "ndim", 0) == 0  # numpy / torch scalars pass, arrays do not
+        if isinstance(value, (str, bytes)) or not scalar or not hasattr(value, "__float__"):
+            shape = f"a {value.ndim}-D array" if not scalar else type(value).__name__
+            raise RewardError(f"{who} returned {shape} at index {index}, not a number")
+        number = float(value)
+    except RewardError:
+        raise
+    except Exception as e:  # noqa: BLE001  (10**400, an object whose float() raises)
+        raise RewardError(f"{who} returned {_shown(value)} at index {index}, not a finite number ({_said(e)})") \
+            from None
+    if not math.isfinite(number):
+        raise RewardError(f"{who} returned {number} at index {index} (use None for 'does not apply')")
+    return number
+
+
+def _message(e: BaseException) -> str:
+    """``str(e)`` of a user's exception, or a placeholder when its ``__str__`` raises."""
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001
+        return "(its message cannot be shown)"
+
+
+def _said(e: BaseException) -> str:
+    message = _message(e)
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A short repr of a user's value (a 400-digit int is cut), or its type when ``repr`` raises."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        return type(value).__name__
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
 
 
 def score(rewards: Sequence[Reward], prompts: list, completions: list,
@@ -217,4 +286,8 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list,
     each = {r.name: call_reward(r, prompts, completions, columns) for r in rewards}
     totals = [sum(r.weight * each[r.name][i] for r in rewards if not math.isnan(each[r.name][i]))
               for i in range(len(completions))]
+    for i, total in enumerate(totals):
+        if not abs(total) <= FLOAT32_MAX:  # advantages are float32
+            parts = ", ".join(f"{r.name} {each[r.name][i]:g} x {r.weight:g}" for r in rewards)
+            raise RewardError(f"the total reward of completion {i} ({parts}) is {total:g}, beyond float32's range")
     return totals, each

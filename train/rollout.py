@@ -1,5 +1,5 @@
 """Rollouts for the RL stage: the model's own batched KV-cache generation, scored by reward functions, as
-the loop's batches (:class:`RolloutLoader`), and pass@k evaluation of a prompt file (:func:`pass_sums`).
+the loop's batches (:class:`RolloutLoader`, a ``train.batches.Batches``).
 
 Step layout. Optimizer step s trains on rollout batch ``b = s // reuse`` (``--rollout-reuse``: the same
 rollouts for ``reuse`` consecutive steps, generated at the first of them by the policy of that moment,
@@ -19,7 +19,7 @@ truncated completion under ``--mask-truncated``. Rewards see the completion text
 chat control tokens (``<think>`` / ``<answer>`` tags kept).
 
 Advantages (group-relative): ``A_ij = r_ij - mean_j r_ij``, divided by ``std_j r_ij + 1e-4`` (unbiased
-std, as TRL) under ``--scale-rewards group``; a group whose rewards are all equal (std 0) has A = 0 for
+std, TRL's convention) under ``--scale-rewards group``; a group whose rewards are all equal (std 0) has A = 0 for
 all its samples, so it gives no policy gradient, and it is counted in ``frac_reward_zero_std``.
 """
 
@@ -29,76 +29,36 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.tokenizer import TextRefused, TokenizerInfo, prompt_ids
+from core.tokenizer import TokenizerInfo
 from model.generate import FINISH_LENGTH, Generation
-from preprocess.prompts import Prompt, read_prompts
-from preprocess.records import RecordError
 from train import dist
-from train.data import Batch, BatchLoader, Split, _mix
+from train.data import Batch, Split, splitmix64
+from train.prompt_set import PromptSet
 from train.rewards import Reward, score
 
 STD_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
-EVAL_BATCH = 1 << 40  # the rollout-batch key of evaluation samples: the same seeds at every evaluation
 
 
 def sample_seed(seed: int, batch: int, position: int, sample: int) -> int:
     """The 63-bit sampling seed of sample ``sample`` of the prompt at ``position`` of rollout batch ``batch``:
     a splitmix64 chain over (batch, position, sample) keyed by the run's seed."""
-    h = _mix(np.array([batch], dtype=np.uint64), seed)
-    h = _mix(h ^ np.uint64(position), seed + 1)
-    h = _mix(h ^ np.uint64(sample), seed + 2)
+    h = splitmix64(np.array([batch], dtype=np.uint64), seed)
+    h = splitmix64(h ^ np.uint64(position), seed + 1)
+    h = splitmix64(h ^ np.uint64(sample), seed + 2)
     return int(h[0] >> np.uint64(1))
-
-
-class PromptSet:
-    """The prompts of a ``--prompts`` file, read and validated at once, tokenized by :meth:`attach` with the
-    model's tokenizer. Duck-types the parts of a packed dataset that ``train/run.py`` and the loop read
-    (``folder``, ``stage``, ``n_rows``, ``seq_len``, ``meta["tokenizer"]``)."""
-
-    stage = "prompts"
-
-    def __init__(self, path: str | Path) -> None:
-        self.folder = Path(path)
-        self.prompts: list[Prompt] = read_prompts(path)  # an empty file is refused there
-        self.ids: list[list[int]] = []
-        self.meta: dict[str, Any] = {}
-        self.seq_len = 0
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.prompts)
-
-    def attach(self, tok: TokenizerInfo, max_new_tokens: int, max_positions: int) -> None:
-        """Tokenize every prompt with the chat template (``core.tokenizer.prompt_ids``) and record the
-        tokenizer; ``seq_len`` = longest prompt + ``max_new_tokens`` (the widest row a rollout can make). A
-        prompt that leaves no room for a completion in the model's context is refused (file:line)."""
-        tok.require_chat(f"the prompts of {self.folder}")
-        self.ids = []
-        for p in self.prompts:
-            try:
-                ids = prompt_ids(tok, p.turns)
-            except TextRefused as e:
-                raise RecordError("bad_unicode", e.message).at(p) from None  # type: ignore[arg-type]
-            if len(ids) >= max_positions:
-                raise RecordError("too_long", f"the prompt has {len(ids)} tokens, no room for a completion in the "
-                                  f"model's context of {max_positions}").at(p)  # type: ignore[arg-type]
-            self.ids.append(ids)
-        self.meta = {"tokenizer": {"fingerprint": tok.fingerprint, "path": str(tok.path),
-                                   "vocab_size": tok.vocab_size, "special_ids": dict(tok.special_ids)}}
-        self.seq_len = min(max(len(i) for i in self.ids) + max_new_tokens, max_positions)
 
 
 ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 """--rollout-dtype -> Generation(matmul_dtype=...): float32 = the model's own precision; bfloat16 = the decode
-steps' weight products in bf16 (AMX / AVX512-BF16 on CPU: faster; the sampled tokens are then those of a
-bf16-rounded policy, while log-probs, ratios and the loss stay in the model's precision)."""
+steps' weight products in bf16 (for CPUs with AMX / AVX512-BF16: ``bench/bench_grpo.py`` measures the split);
+the sampled tokens are then those of a bf16-rounded policy, while log-probs, ratios and the loss stay in the
+model's precision."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +82,16 @@ class RolloutConfig:
         return self.prompts_per_step * self.group_size
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RolloutBatch(Batch):
-    """A micro-batch of rollouts: the packed-batch fields (one completion per row, plain causal attention)
-    plus per-row ``advantages`` [B] and, when needed, the old policy's per-token log-probs [B, T]
-    (``ref_logps`` holds the reference model's per-token log-probs [B, T] when there is a KL term)."""
+    """A micro-batch of rollouts: rows of prompt + completion (module docstring, "Rows"; plain causal attention,
+    no ``doc_ids`` / ``position_ids``) with per-row ``advantages`` [B] and, when the loss needs them, per-token
+    log-probs [B, T] of the completions: ``old_token_logps`` under the policy that drew them (``--rollout-reuse``
+    > 1) and ``ref_token_logps`` under the frozen reference (a KL term)."""
 
-    advantages: Tensor | None = None
-    old_logps: Tensor | None = None
+    advantages: Tensor
+    old_token_logps: Tensor | None = None
+    ref_token_logps: Tensor | None = None
 
 
 @dataclass
@@ -183,13 +145,13 @@ def decode(tok: TokenizerInfo, tokens: list[int]) -> str:
     return tok.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def reward_inputs(set_: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
+def reward_inputs(prompt_set: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
                   done: Completions) -> tuple[list, list, dict[str, list]]:
-    """TRL's (prompts, completions, columns) for rows whose prompts are ``indices`` of ``set_``."""
-    prompts = [set_.prompts[i].turns for i in indices]
+    """TRL's (prompts, completions, columns) for rows whose prompts are ``indices`` of ``prompt_set``."""
+    prompts = [prompt_set.prompts[i].turns for i in indices]
     completions = [[{"role": "assistant", "content": decode(tok, t)}] for t in done.tokens]
-    keys = sorted({k for i in set(indices) for k in set_.prompts[i].columns})
-    columns = {k: [set_.prompts[i].columns.get(k) for i in indices] for k in keys}
+    keys = sorted({k for i in set(indices) for k in prompt_set.prompts[i].columns})
+    columns = {k: [prompt_set.prompts[i].columns.get(k) for i in indices] for k in keys}
     return prompts, completions, columns
 
 
@@ -198,23 +160,35 @@ def reward_inputs(set_: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
 STAT_SUMS = ("reward", "reward_std", "frac_reward_zero_std", "completion_len", "truncated_frac", "tokens")
 
 
-class RolloutLoader(BatchLoader):
-    """The loop's batches for the RL stage: each step's micro-batches are this rank's rollouts (generated
-    when the step is taken, by the current policy; see the module docstring). :meth:`step_metrics` gives the
-    step's global rollout statistics (all-reduced once per rollout batch)."""
+@dataclass
+class EvalChunk:
+    """Evaluation prompts: indices into the evaluation set (the stage generates and scores them)."""
+
+    indices: list[int] = field(default_factory=list)
+
+
+class RolloutLoader:
+    """The loop's batches (``train.batches.Batches``) for the RL stage: each step's micro-batches are this
+    rank's rollouts, generated when the step is taken, by the current policy (module docstring); evaluation
+    batches are chunks of the evaluation prompts. :meth:`step_metrics` gives the step's global rollout
+    statistics (all-reduced once per rollout batch)."""
 
     shown = ("reward",)
 
-    def __init__(self, split: Split, model: nn.Module, tok: TokenizerInfo, rewards: list[Reward], cfg: RolloutConfig,
-                 rank: int, world: int, annotate: Callable[[RolloutBatch], None],
+    def __init__(self, split: Split[PromptSet], model: nn.Module, tok: TokenizerInfo, rewards: list[Reward],
+                 cfg: RolloutConfig, rank: int, world: int, annotate: Callable[[RolloutBatch], None],
                  eval_set: PromptSet | None = None) -> None:
-        super().__init__(split, cfg.samples, rank, world, seed=cfg.seed, prefetch=0)
+        self.split, self.prompts, self.rank, self.world = split, split.dataset, rank, world
         self.model, self.tok, self.rewards, self.cfg, self.annotate = model, tok, rewards, cfg, annotate
-        self.prompts: PromptSet = split.dataset  # type: ignore[assignment]
         self.eval_set = eval_set
         self.stop_id = tok.special_ids["<|im_end|>"]
         self._stats: dict[str, float] = {}
         self._rollout_s = 0.0
+
+    @property
+    def seq_len(self) -> int:
+        """The widest row a rollout can make: the longest prompt + ``max_new_tokens``."""
+        return self.prompts.seq_len
 
     def global_batch(self, accum: int) -> int:
         """Completions per step, over all ranks (samples_seen counts completions)."""
@@ -249,7 +223,7 @@ class RolloutLoader(BatchLoader):
         """This rank's micro-batches of rollout batch ``b`` and their local statistics."""
         cfg, per = self.cfg, self.micro_prompts(accum)
         first = b * cfg.prompts_per_step
-        order = self.split.train_rows(np.arange(first, first + cfg.prompts_per_step), self.seed)
+        order = self.split.train_rows(np.arange(first, first + cfg.prompts_per_step), cfg.seed)
         out, stats = [], {k: 0.0 for k in STAT_SUMS}
         stats.update({"len_max": 0.0, "names": {r.name: [0.0, 0.0] for r in self.rewards}})
         for m in range(accum):
@@ -307,71 +281,11 @@ class RolloutLoader(BatchLoader):
         reused batch) and its training time."""
         return {**self._stats, "rollout_s": self._rollout_s, "train_s": train_s}
 
-    def val_batches(self) -> Iterator[EvalChunk]:
-        """This rank's evaluation prompts (strided by rank), in chunks of P."""
+    def val_batches(self, device: torch.device | str = "cpu") -> Iterator[EvalChunk]:
+        """This rank's evaluation prompts (strided by rank), in chunks of P; the stage generates on the model's
+        device, so ``device`` changes nothing here."""
         if self.eval_set is None:
             return
         mine = list(range(self.rank, self.eval_set.n_rows, self.world))
         for lo in range(0, len(mine), self.cfg.prompts_per_step):
             yield EvalChunk(mine[lo:lo + self.cfg.prompts_per_step])
-
-
-@dataclass
-class EvalChunk:
-    """Evaluation prompts (indices into the evaluation set); ``to`` is a no-op (the loop moves batches)."""
-
-    indices: list[int] = field(default_factory=list)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> EvalChunk:
-        return self
-
-
-# ---- pass@k ------------------------------------------------------------------------------------------------
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimate from n samples with c successes: ``1 - C(n - c, k) / C(n, k)``."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@dataclass(frozen=True)
-class PassConfig:
-    """pass@k evaluation: samples per prompt (n), k <= n, and the total reward that counts as a success."""
-
-    samples: int = 8
-    k: int = 8
-    threshold: float = 1.0
-
-
-def pass_sums(model: nn.Module, set_: PromptSet, indices: Sequence[int], tok: TokenizerInfo, rewards: list[Reward],
-              cfg: RolloutConfig, how: PassConfig) -> dict[str, Tensor]:
-    """Sums over prompts ``indices``: sampled pass@1 and pass@k, greedy pass@1, mean sampled reward, prompts.
-
-    Sample j of prompt i uses ``sample_seed(seed, EVAL_BATCH, i, j)``: the same seeds at every evaluation."""
-    stop = tok.special_ids["<|im_end|>"]
-    rows = [i for i in indices for _ in range(how.samples)]
-    ids = [set_.ids[i] for i in rows]
-    seeds = [sample_seed(cfg.seed, EVAL_BATCH, i, j) for i in indices for j in range(how.samples)]
-    sampled = generate(model, ids, seeds, cfg, stop)
-    totals, _ = score(rewards, *reward_inputs(set_, rows, tok, sampled))
-    greedy = generate(model, [set_.ids[i] for i in indices], None, cfg, stop, greedy=True)
-    greedy_totals, _ = score(rewards, *reward_inputs(set_, list(indices), tok, greedy))
-    pass1 = passk = 0.0
-    for g in range(len(indices)):
-        c = sum(t >= how.threshold for t in totals[g * how.samples:(g + 1) * how.samples])
-        pass1 += c / how.samples
-        passk += pass_at_k(how.samples, c, how.k)
-    f64 = torch.float64
-    return {"prompts": torch.tensor(float(len(indices)), dtype=f64), "pass1": torch.tensor(pass1, dtype=f64),
-            "passk": torch.tensor(passk, dtype=f64),
-            "greedy": torch.tensor(float(sum(t >= how.threshold for t in greedy_totals)), dtype=f64),
-            "reward": torch.tensor(sum(totals) / how.samples, dtype=f64)}
-
-
-def pass_metrics(sums: dict[str, float], k: int, prefix: str = "val_") -> dict[str, float]:
-    """pass@1 / pass@k / greedy pass@1 / mean reward from :func:`pass_sums` (summed over chunks and ranks)."""
-    n = max(sums["prompts"], 1.0)
-    return {f"{prefix}pass@1": sums["pass1"] / n, f"{prefix}pass@{k}": sums["passk"] / n,
-            f"{prefix}greedy_pass@1": sums["greedy"] / n, f"{prefix}reward": sums["reward"] / n,
-            f"{prefix}prompts": int(sums["prompts"])}

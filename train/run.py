@@ -49,17 +49,11 @@ from core.files import FolderLock, make_dir  # noqa: E402
 from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
-from train import checkpoint, defaults, dist  # noqa: E402
-from train.adapters import FullWeights, weights_for  # noqa: E402
-from train.checkpoint import (  # noqa: E402
-    Checkpoint,
-    CheckpointError,
-    DataRecord,
-    SourceOptions,
-    SourceRecord,
-    TokenizerRecord,
-)
+from train import checkpoint, defaults, dist, loading  # noqa: E402
+from train.batches import Batches  # noqa: E402
+from train.checkpoint import Checkpoint, DataRecord, SourceRecord, TokenizerRecord  # noqa: E402
 from train.data import PackedDataset, Split  # noqa: E402
+from train.loading import SourceOptions  # noqa: E402
 from train.loop import LoopConfig, NonFiniteError, TrainState, resolve_dtype, train  # noqa: E402
 from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
@@ -67,6 +61,8 @@ from train.optim import OPTIMIZERS  # noqa: E402
 from train.rollout import ROLLOUT_DTYPES  # noqa: E402
 from train.schedule import KINDS, Schedule, recorded_kind  # noqa: E402
 from train.stages import STAGES, Stage, StageContext, build_stage  # noqa: E402
+from train.weights import CheckpointError, load_model_state  # noqa: E402
+from train.weights_policy import FullWeights, weights_for  # noqa: E402
 
 DEFAULT_MODEL = "small"
 # stage-specific flags (argparse dests) -> the stages that take them (Stage.options); LoRA flags fit every stage
@@ -503,7 +499,8 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
         if fingerprint is not None:
             resume.check_tokenizer(fingerprint, str(args.data))
         check_resume_compatible(args, resume)
-        return Sources(resume=resume, base=resume.load_base() if resume.lora is not None else None, superseded=later)
+        base = loading.load_base(resume) if resume.lora is not None else None
+        return Sources(resume=resume, base=base, superseded=later)
     if args.init_from is None:
         if args.prompts is not None:
             raise UsageError("--stage grpo improves a trained model: give it with --init-from CKPT (e.g. the reason "
@@ -514,7 +511,7 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
     # the shape of a bare state dict (a MiniMind .pth), which holds no config
     shape = model_config(args, dataset.meta.get("tokenizer", {}).get("vocab_size"), None) \
         if args.model or args.model_arg else None
-    init = checkpoint.load(args.init_from, options=SourceOptions(shape))
+    init = loading.load(args.init_from, options=SourceOptions(shape))
     if fingerprint is not None:
         init.check_tokenizer(fingerprint, str(args.data))
     if args.model is not None and init.model_config is not shape:
@@ -525,7 +522,7 @@ def resolve(args: argparse.Namespace, dataset: PackedDataset, say: Callable[...,
 def load_resume(path: Path) -> Checkpoint:
     """The latest checkpoint of --out for --resume; a damaged one is refused with what to do about it."""
     try:
-        return checkpoint.load(path, resume=True)
+        return loading.load(path, resume=True)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (it is the latest checkpoint in --out: move it away to resume from the one "
                               "before)") from None
@@ -537,7 +534,7 @@ class Plan:
 
     model: TinyLM
     weights: FullWeights
-    loader: Any
+    loader: Batches
     loop: LoopConfig
     logger: MetricsLogger
     template: Checkpoint
@@ -555,7 +552,7 @@ def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: 
     model = TinyLM(cfg)
     start = sources.base or sources.init
     if start is not None:
-        checkpoint.load_model_state(model, start.model, start.path)
+        load_model_state(model, start.model, start.path)
     weights = weights_for(args.lora)
     model = weights.apply(model)
     model.activation_checkpointing = args.activation_checkpointing
@@ -582,7 +579,7 @@ def build(args: argparse.Namespace, info: dist.DistInfo, stage: Stage, dataset: 
         if sources.superseded:
             supersede(args.out, sources.superseded, resume.training.schedule["max_steps"], say)
         logger.truncate_after(resume.step if resume is not None else 0)
-        checkpoint.copy_tokenizer(Path(meta["tokenizer"]["path"]).parent, args.out)
+        loading.copy_tokenizer(Path(meta["tokenizer"]["path"]).parent, args.out)
     dist.barrier()
     global_batch = loader.global_batch(args.grad_accum)
     data = DataRecord(str(args.data or args.prompts), dataset.stage, dataset.seq_len, dataset.n_rows, val_rows,
@@ -709,7 +706,7 @@ def report(args: argparse.Namespace, state: TrainState, took: float, logger: Met
     say(f"metrics    {logger.path}")
     say(f"plot       {plot}" if plot else "plot       skipped (pip install matplotlib for loss.png)")
     if args.merge and found is not None:
-        say(f"merged     {checkpoint.merge_checkpoint(found, out / 'merged')}  (adapter folded into the base)")
+        say(f"merged     {loading.merge_checkpoint(found, out / 'merged')}  (adapter folded into the base)")
 
 
 def release_memory(args: argparse.Namespace) -> bool:

@@ -38,8 +38,8 @@ from core.chat_template import CHAT_TEMPLATE, render_text  # noqa: E402
 from core.tokenizer import load_tokenizer, prompt_ids  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.export_gguf import gguf_architecture  # noqa: E402
-from serve.loading import load_model  # noqa: E402
 from train.checkpoint import Checkpoint  # noqa: E402
+from train.loading import load_model  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"

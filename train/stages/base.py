@@ -4,7 +4,7 @@ A :class:`Stage` chooses (1) the dataset view (which packed folders it accepts, 
 and batched), (2) the loss of one micro-batch, (3) extra frozen models (DPO reference, distillation
 teacher), plus its evaluation sums. Adding a stage = a subclass + an entry in ``train.stages.STAGES``.
 What trains and what a checkpoint stores (all weights, or LoRA adapters) is not the stage's business:
-``train/adapters.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
+``train/weights_policy.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
 clipping, logging and checkpoints live in ``train/loop.py`` and are written once.
 
 Hooks: ``options`` (the stage-specific command-line flags it accepts; any other stage flag is a usage
@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,13 @@ from core.errors import TinyLMError
 from model.head import selected_cross_entropy
 from model.transformer import HeadInput, ModelOutput
 from preprocess import shards
+from train.batches import Batches, TrainingData
 from train.checkpoint import Checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
 from train.metrics import bits_per_byte
+
+B = TypeVar("B", bound=Batch)  # a stage's training micro-batch
+E = TypeVar("E")  # a stage's evaluation batch (rows for the supervised stages, prompt chunks for RL)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class StageError(TinyLMError):
 class StageContext:
     """What :meth:`Stage.setup` may use: the run's data, device, processes, model kind and source checkpoints."""
 
-    dataset: PackedDataset
+    dataset: TrainingData
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -114,8 +118,9 @@ def supervised_forward(model: nn.Module, batch: Batch) -> Supervised:
     return Supervised(index, head, (batch.weights.shape[0], batch.weights.shape[1]))
 
 
-class Stage:
-    """Base stage: no extra model; the objective and its evaluation sums are left to subclasses."""
+class Stage(Generic[B, E]):
+    """Base stage over training micro-batches ``B`` and evaluation batches ``E`` (its loader's
+    ``Batches[B, E]``): no extra model; the objective and its evaluation sums are left to subclasses."""
 
     name: ClassVar[str] = ""
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
@@ -129,7 +134,7 @@ class Stage:
 
     # ---- data ---------------------------------------------------------------------------------------
     def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None,
-                     verify: bool = True) -> PackedDataset:
+                     verify: bool = True) -> TrainingData:
         """The packed folder, its stage checked first (from meta.json), then every shard checked against
         meta.json (``verify``: with sha256 checksums too); ShardError / StageError name the file."""
         self.check_dataset_stage(folder)
@@ -146,7 +151,7 @@ class Stage:
         """After the source checkpoint is resolved: prepare data that needs its tokenizer (RL prompts)."""
 
     def loader(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
-               pin_memory: bool) -> BatchLoader:
+               pin_memory: bool) -> Batches[B, E]:
         """The training/validation batches over ``split`` (DPO would keep chosen/rejected pairs together)."""
         return BatchLoader(split, micro_batch, rank, world, seed=seed, prefetch=2, pin_memory=pin_memory)
 
@@ -165,11 +170,11 @@ class Stage:
         return {}
 
     # ---- objective --------------------------------------------------------------------------------------
-    def count(self, batch: Batch) -> Tensor:
+    def count(self, batch: B) -> Tensor:
         """Supervised units of a micro-batch (the loss normaliser), computed on the CPU batch."""
         return (batch.weights > 0).sum()
 
-    def loss(self, model: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, model: nn.Module, batch: B, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's contribution: the stage's objective, plus ``aux / micro_batches`` for MoE."""
         sup = supervised_forward(model, batch)
         loss, metrics = self.objective(sup, batch, norm)
@@ -179,14 +184,15 @@ class Stage:
         return loss + aux, {**metrics, "aux": aux.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        """The validation sums of one batch (summed over batches and ranks, then :meth:`eval_metrics`)."""
+    def eval_sums(self, model: nn.Module, batch: E) -> dict[str, Tensor]:
+        """The validation sums of one batch (summed over batches and ranks, then :meth:`eval_metrics`); here
+        for stages whose evaluation batches are rows (:meth:`sums` on the supervised forward)."""
         return self.sums(supervised_forward(model, batch), batch)
 
-    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: B, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, sup: Supervised, batch: E) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -199,7 +205,7 @@ def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none").view(b, t)
 
 
-class CrossEntropyStage(Stage):
+class CrossEntropyStage(Stage[Batch, Batch]):
     """Next-token prediction weighted by the mask: ``sum(w * ce) / N`` (+ MoE aux loss)."""
 
     def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.head import chunked, head_logits
-from train import checkpoint
+from train import loading
 from train.checkpoint import SourceRecord
 from train.data import Batch
 from train.stages.base import CrossEntropyStage, StageContext, StageError, StepNorm, Supervised, supervised_forward
@@ -60,7 +60,7 @@ class DistillStage(CrossEntropyStage):
         path = self.teacher_path or (recorded.path if recorded is not None else None)
         if path is None:
             raise StageError("--stage distill needs --teacher CKPT (a checkpoint file or run folder)")
-        ckpt = checkpoint.load(path)
+        ckpt = loading.load(path)
         ckpt.check_tokenizer(ctx.dataset.meta["tokenizer"]["fingerprint"], str(ctx.dataset.folder), role="teacher",
                              required=True)
         self.teacher_record = ckpt.source_record()
@@ -71,7 +71,7 @@ class DistillStage(CrossEntropyStage):
         if ckpt.model_config.vocab_size < self.vocab:
             raise StageError(f"teacher {ckpt.path}: vocab_size {ckpt.model_config.vocab_size} < the "
                              f"tokenizer's {self.vocab}")
-        self.teacher = ckpt.frozen_model()
+        self.teacher = loading.frozen_model(ckpt)
         ctx.say(f"distill: teacher {ckpt.path} ({self.teacher.num_params() / 1e6:.2f}M params) | alpha "
                 f"{self.alpha} | temperature {self.temperature}")
 

@@ -20,6 +20,7 @@ The reference is the ``--init-from`` checkpoint unless ``--ref-from`` names anot
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,24 @@ from tqdm import tqdm
 
 from core.files import FileWriteError
 from preprocess import shards
-from train import checkpoint, dist
+from train import dist, loading
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Batch, PackedDataset
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
+from train.weights import state_fingerprint
+
+
+@dataclass(kw_only=True)
+class DPOBatch(Batch):
+    """Packed pair rows; ``ref_doc_logps`` [B, D] float32: the reference's log-prob of each row's documents
+    once reference values are attached (D = the most documents any row holds; absent documents and padding
+    rows get 0)."""
+
+    ref_doc_logps: Tensor | None = None
 
 
 class DPODataset(PackedDataset):
-    """A dpo folder whose batches carry ``ref_logps`` [B, D] once reference values are attached
-    (D = the most documents any row holds; absent documents and padding rows get 0)."""
+    """A dpo folder whose batches (:class:`DPOBatch`) carry the stored reference log-probs once attached."""
 
     def __init__(self, folder: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         super().__init__(folder, tokenizer_fingerprint, verify)
@@ -50,15 +60,15 @@ class DPODataset(PackedDataset):
         self.width = self.max_row_documents()
         self.ref: list[np.ndarray] | None = None
 
-    def collate(self, rows: np.ndarray) -> Batch:
-        batch = super().collate(rows)
+    def collate(self, rows: np.ndarray) -> DPOBatch:
+        batch = DPOBatch(**vars(super().collate(rows)))
         if self.ref is not None:
             ref = np.zeros((len(rows), self.width), dtype=np.float32)
             for i, r in enumerate(rows):
                 if r >= 0:
                     s, d0, d1 = self.row_documents(int(r))
                     ref[i, :d1 - d0] = self.ref[s][d0:d1]
-            batch.ref_logps = torch.from_numpy(ref)
+            batch.ref_doc_logps = torch.from_numpy(ref)
         return batch
 
 
@@ -85,7 +95,7 @@ def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, T
     return -F.logsigmoid(margin), margin
 
 
-class DPOStage(Stage):
+class DPOStage(Stage[DPOBatch, DPOBatch]):
     """Direct preference optimisation on packed (chosen, rejected) pairs against a frozen reference."""
 
     name = "dpo"
@@ -136,17 +146,17 @@ class DPOStage(Stage):
         ref_dir = shards.ref_folder(dataset.folder, fingerprint)
         need_model = self.online_ref or not (ref_dir / "meta.json").is_file()
         if need_model and ref_ckpt is None:
-            ref_ckpt = checkpoint.load(self.reference.path, options=_policy_shape(ctx))
-            if checkpoint.state_fingerprint(ref_ckpt.model) != fingerprint:
+            ref_ckpt = loading.load(self.reference.path, options=_policy_shape(ctx))
+            if state_fingerprint(ref_ckpt.model) != fingerprint:
                 raise StageError(f"{ref_ckpt.path}: the reference checkpoint of this run has changed since it "
                                  f"started (weights fingerprint {fingerprint[:12]} expected)")
         if self.online_ref:
-            self.ref_model = ref_ckpt.frozen_model()
+            self.ref_model = loading.frozen_model(ref_ckpt)
             ctx.say(f"dpo: beta {self.beta} | online reference {self.reference.path} (kept in memory)")
             return
         if need_model:
             try:
-                compute_reference(ref_ckpt.frozen_model().to(ctx.device), dataset, ref_dir, ctx,
+                compute_reference(loading.frozen_model(ref_ckpt).to(ctx.device), dataset, ref_dir, ctx,
                                   dataclasses.asdict(self.reference))
             except FileWriteError as e:
                 raise StageError(f"{e}: the reference log-probs are stored beside the dataset; make it writable "
@@ -157,7 +167,7 @@ class DPOStage(Stage):
     def _reference_checkpoint(self, ctx: StageContext) -> Checkpoint:
         """``--ref-from``, else the ``--init-from`` checkpoint."""
         if self.ref_from is not None:
-            return checkpoint.load(self.ref_from, options=_policy_shape(ctx))
+            return loading.load(self.ref_from, options=_policy_shape(ctx))
         if ctx.init is None:
             raise StageError("--stage dpo needs a reference model: --init-from CKPT (the default reference, "
                              "usually the SFT run) or --ref-from CKPT")
@@ -168,26 +178,26 @@ class DPOStage(Stage):
         """Pairs with supervised tokens on both sides."""
         return valid_pairs(batch, self.width).sum()
 
-    def _reference_logps(self, batch: Batch) -> Tensor:
+    def _reference_logps(self, batch: DPOBatch) -> Tensor:
         if self.ref_model is not None:
             with torch.no_grad():
                 return document_logps(supervised_forward(self.ref_model, batch), batch, self.width)
-        if batch.ref_logps is None:
+        if batch.ref_doc_logps is None:
             raise StageError("DPO batch without reference log-probs (setup() was not run)")
-        return batch.ref_logps
+        return batch.ref_doc_logps
 
-    def _terms(self, sup: Supervised, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    def _terms(self, sup: Supervised, batch: DPOBatch) -> tuple[Tensor, Tensor, Tensor]:
         losses, margin = dpo_terms(document_logps(sup, batch, self.width), self._reference_logps(batch), self.beta)
         return losses, margin, valid_pairs(batch, self.width).float()
 
-    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: DPOBatch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """``sum(-log sigmoid(d)) / N_pairs``; metrics margin = mean d, acc = share of d > 0."""
         losses, margin, valid = self._terms(sup, batch)
         metrics = {"margin": ((margin * valid).sum() / norm.tokens).detach(),
                    "acc": (((margin > 0).float() * valid).sum() / norm.tokens).detach()}
         return (losses * valid).sum() / norm.tokens, metrics
 
-    def sums(self, sup: Supervised, batch: Batch) -> dict[str, Tensor]:
+    def sums(self, sup: Supervised, batch: DPOBatch) -> dict[str, Tensor]:
         losses, margin, valid = self._terms(sup, batch)
         return {"loss": (losses * valid).sum(), "margin": (margin * valid).sum(),
                 "correct": ((margin > 0).float() * valid).sum(), "pairs": valid.sum()}
@@ -228,8 +238,8 @@ def compute_reference(model: nn.Module, dataset: DPODataset, ref_dir: Path, ctx:
     ctx.barrier()
 
 
-def _policy_shape(ctx: StageContext) -> checkpoint.SourceOptions:
+def _policy_shape(ctx: StageContext) -> loading.SourceOptions:
     """A reference given as a bare state dict (a MiniMind ``.pth``) holds no config: it has the policy's shape
     (the checkpoint the run starts from or resumes), the one a DPO reference must have anyway."""
     known = ctx.resume or ctx.init
-    return checkpoint.SourceOptions(known.model_config if known is not None else None)
+    return loading.SourceOptions(known.model_config if known is not None else None)

@@ -1,5 +1,6 @@
 """Reinforcement learning with verifiable rewards (GRPO family): batches are the policy's own rollouts
-(``train/rollout.py``), scored by reward functions (``train/rewards.py``); everything else is the one loop.
+(``train/rollout.py``), scored by reward functions (``train/rewards.py``); the loop (``train/loop.py``) is
+every stage's.
 
 Per completion token t of sample i (loss weight m = 1, see ``train/rollout.py`` "Rows"), with
 ``logp = log pi(y_t)`` under ``softmax(logits / T)`` (T = ``--rollout-temperature``, the distribution the
@@ -33,22 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.head import chunked, head_logits
-from train import checkpoint
-from train.checkpoint import SourceRecord, unwrap
-from train.data import Batch
+from train import loading
+from train.checkpoint import Checkpoint, SourceRecord
+from train.data import Split
+from train.passk import PassConfig, pass_metrics, pass_sums
+from train.prompt_set import PromptSet
 from train.rewards import load_rewards
-from train.rollout import (
-    ROLLOUT_DTYPES,
-    EvalChunk,
-    PassConfig,
-    PromptSet,
-    RolloutBatch,
-    RolloutConfig,
-    RolloutLoader,
-    pass_metrics,
-    pass_sums,
-)
+from train.rollout import ROLLOUT_DTYPES, EvalChunk, RolloutBatch, RolloutConfig, RolloutLoader
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
+from train.weights import state_fingerprint, unwrap
 
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
@@ -82,7 +76,7 @@ def token_entropy(sup: Supervised, temperature: float) -> Tensor:
         return sup.per_position(chunked(fn, (sup.head.hidden.detach(),), (sup.head.weight.detach(),)))
 
 
-class GRPOStage(Stage):
+class GRPOStage(Stage[RolloutBatch, EvalChunk]):
     """On-policy RL from prompts and reward functions (see the module docstring)."""
 
     name = "grpo"
@@ -138,9 +132,9 @@ class GRPOStage(Stage):
             self.eval_set = PromptSet(self.eval_path)
         return prompts
 
-    def attach_source(self, dataset: PromptSet, source: checkpoint.Checkpoint) -> None:
+    def attach_source(self, dataset: PromptSet, source: Checkpoint) -> None:
         """Tokenize the prompts (and evaluation prompts) with the tokenizer of the model being trained."""
-        self.tok = source.find_tokenizer()
+        self.tok = loading.find_tokenizer(source)
         limit = source.model_config.max_position_embeddings
         dataset.attach(self.tok, int(self.o["max_new_tokens"]), limit)
         if self.eval_set is not None:
@@ -153,7 +147,7 @@ class GRPOStage(Stage):
                              int(o["rollout_reuse"]), o["scale_rewards"], bool(o["mask_truncated"]), seed,
                              ROLLOUT_DTYPES[o["rollout_dtype"]])
 
-    def loader(self, split: Any, micro_batch: int, rank: int, world: int, seed: int,
+    def loader(self, split: Split[PromptSet], micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> RolloutLoader:
         if self.model is None or self.tok is None:
             raise StageError("--stage grpo: setup() was not run before the loader was built")
@@ -178,8 +172,8 @@ class GRPOStage(Stage):
         """The --init-from model (on resume: the recorded reference, checked by its weights' fingerprint)."""
         if ctx.resume is not None and ctx.resume.reference is not None:
             self.reference = ctx.resume.reference
-            ref = checkpoint.load(self.reference.path, options=checkpoint.SourceOptions(ctx.resume.model_config))
-            if checkpoint.state_fingerprint(ref.model) != self.reference.fingerprint:
+            ref = loading.load(self.reference.path, options=loading.SourceOptions(ctx.resume.model_config))
+            if state_fingerprint(ref.model) != self.reference.fingerprint:
                 raise StageError(f"{ref.path}: the reference of this run has changed since it started (weights "
                                  f"fingerprint {self.reference.fingerprint[:12]} expected)")
         elif ctx.init is not None:
@@ -187,9 +181,9 @@ class GRPOStage(Stage):
             self.reference = ref.source_record()
         else:
             raise StageError("--kl-coef needs the reference model: --init-from CKPT")
-        self.ref_model = ref.frozen_model()
+        self.ref_model = loading.frozen_model(ref)
 
-    def check_same_options(self, resume: checkpoint.Checkpoint) -> None:
+    def check_same_options(self, resume: Checkpoint) -> None:
         """A resumed run draws and scores rollouts as it started: its RL options must be the recorded ones."""
         now, old = self.checkpoint_fields()["stage_options"], resume.stage_options
         changed = [k for k in now if k in old and now[k] != old[k]]
@@ -212,9 +206,9 @@ class GRPOStage(Stage):
         (only with a KL term), computed in eval mode on the rollout's device, kept on the CPU."""
         models = {}
         if int(self.o["rollout_reuse"]) > 1:
-            models["old_logps"] = self.model
+            models["old_token_logps"] = self.model
         if self.ref_model is not None:
-            models["ref_logps"] = self.ref_model
+            models["ref_token_logps"] = self.ref_model
         for name, model in models.items():
             was = model.training
             model.eval()
@@ -224,9 +218,8 @@ class GRPOStage(Stage):
             model.train(was)
 
     # ---- objective ---------------------------------------------------------------------------------------------
-    def objective(self, sup: Supervised, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, sup: Supervised, batch: RolloutBatch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """The step loss of the module docstring, and its token-mean metrics."""
-        assert isinstance(batch, RolloutBatch) and batch.advantages is not None
         loss, metrics = self.token_loss(sup, batch)
         m = batch.weights
         samples = float(self.o["prompts_per_step"] * self.o["group_size"])
@@ -241,7 +234,7 @@ class GRPOStage(Stage):
     def token_loss(self, sup: Supervised, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token loss l [B, T] and per-token metric values (kl, clip_frac, entropy)."""
         logp = token_logps(sup, batch.targets, self.temperature)
-        old = batch.old_logps if batch.old_logps is not None else logp.detach()
+        old = batch.old_token_logps if batch.old_token_logps is not None else logp.detach()
         adv = batch.advantages[:, None].to(logp.dtype)
         ratio = torch.exp(logp - old)
         if self.loss_type == "cispo":
@@ -251,8 +244,8 @@ class GRPOStage(Stage):
             loss = -torch.min(ratio * adv, torch.clamp(ratio, 1.0 - self.eps, 1.0 + self.eps_high) * adv)
             clipped = ((ratio < 1.0 - self.eps) & (adv < 0)) | ((ratio > 1.0 + self.eps_high) & (adv > 0))
         metrics = {"clip_frac": clipped.float(), "entropy": token_entropy(sup, self.temperature)}
-        if batch.ref_logps is not None:
-            d = batch.ref_logps - logp
+        if batch.ref_token_logps is not None:
+            d = batch.ref_token_logps - logp
             kl = torch.exp(d) - d - 1.0
             loss = loss + self.kl_coef * kl
             metrics["kl"] = kl.detach()
@@ -260,7 +253,7 @@ class GRPOStage(Stage):
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: EvalChunk) -> dict[str, Tensor]:  # type: ignore[override]
+    def eval_sums(self, model: nn.Module, batch: EvalChunk) -> dict[str, Tensor]:
         return pass_sums(unwrap(model), self.eval_set, batch.indices, self.tok, self.rewards,
                          self.rollout_config(self.seed), self.pass_cfg)
 

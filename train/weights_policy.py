@@ -1,4 +1,5 @@
-"""What of the model trains and what a checkpoint stores: all weights, or LoRA adapters over a frozen base.
+"""The weights policy of a run: which weights train and what a checkpoint stores of them, all weights
+(:class:`FullWeights`) or LoRA adapters over a frozen base (:class:`LoRAWeights`).
 
 Chosen once by ``train/run.py`` from ``--lora-*`` and handed to the loop; stages never see it, so every
 stage trains with LoRA the same way. :class:`FullWeights`: every parameter trains and is saved.
@@ -14,8 +15,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
-from train import checkpoint
-from train.checkpoint import CheckpointError
+from train.weights import CheckpointError, load_model_state, model_state, unwrap
 
 
 class FullWeights:
@@ -33,11 +33,11 @@ class FullWeights:
 
     def state(self, model: nn.Module) -> dict[str, Tensor]:
         """What a checkpoint stores of the model."""
-        return checkpoint.model_state(model)
+        return model_state(model)
 
     def load_state(self, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
         """Inverse of :meth:`state` (strict: missing, unexpected or mis-shaped keys are refused)."""
-        checkpoint.load_model_state(model, state, source)
+        load_model_state(model, state, source)
 
 
 class LoRAWeights(FullWeights):
@@ -53,11 +53,11 @@ class LoRAWeights(FullWeights):
         return lora_parameters(model)
 
     def state(self, model: nn.Module) -> dict[str, Tensor]:
-        return lora_state_dict(checkpoint.unwrap(model))
+        return lora_state_dict(unwrap(model))
 
     def load_state(self, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
         try:
-            load_lora_state_dict(checkpoint.unwrap(model), state)
+            load_lora_state_dict(unwrap(model), state)
         except ValueError as e:
             raise CheckpointError(str(e), path=source, field="model") from None
 

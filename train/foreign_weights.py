@@ -6,13 +6,14 @@ A transformers folder is ``config.json`` + ``model.safetensors`` (or shards list
 
 - reads the config with :func:`model.hf_config.config_from_hf` (anything tinylm cannot represent is refused
   naming the field);
-- reads every tensor and maps them strictly: tinylm's parameter names are transformers' names, so the
+- reads every tensor and maps them strictly (dtypes and shapes checked against the config before any model
+  is built): tinylm's parameter names are transformers' names, so the
   mapping is the identity, plus the tied head (a tied file has no ``lm_head.weight``; one that holds a
   *different* head is refused). A missing, unexpected or mis-shaped tensor is one line naming it;
 - records the folder's ``tokenizer.json`` (if any) as the checkpoint's tokenizer, so
-  :meth:`Checkpoint.find_tokenizer` and the dataset-tokenizer check treat it like a run's own.
+  :func:`train.loading.find_tokenizer` and the dataset-tokenizer check treat it like a run's own.
 
-The Checkpoint's ``path`` is the folder, so :func:`train.checkpoint.load` of a recorded path (a LoRA base, a DPO
+The Checkpoint's ``path`` is the folder, so :func:`train.loading.load` of a recorded path (a LoRA base, a DPO
 reference) reads it again, and its weights fingerprint is that of the mapped state dict (tensors kept in the
 file's dtype, so a re-read gives the same fingerprint).
 """
@@ -20,16 +21,18 @@ file's dtype, so a re-read gives the same fingerprint).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.files import read_json
 from core.tokenizer import TokenizerError, load_tokenizer
-from model import TinyLM
 from model.config import ModelConfig
 from model.hf_config import UnsupportedConfig, config_from_hf
-from train.checkpoint import Checkpoint, CheckpointError, TokenizerRecord, nonfinite_tensors, state_problems
+from model.transformer import state_shapes
+from train.checkpoint import Checkpoint, TokenizerRecord
+from train.weights import CheckpointError, nonfinite_tensors, state_problems, tensor_problems
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -47,7 +50,7 @@ def load_transformers(folder: Path, tokenizer: str | Path | None = None) -> Chec
     ``tokenizer`` replaces the folder's own."""
     conf_file = folder / CONFIG
     try:
-        cfg = config_from_hf(read_json(conf_file, "transformers config", CheckpointError))
+        cfg = config_from_hf(_read_json(conf_file, "transformers config"))
     except UnsupportedConfig as e:  # the model layer does not know the file: name it
         raise CheckpointError(e.message, path=conf_file, field=e.field) from None
     state = map_state(read_safetensors(folder), cfg, folder)
@@ -86,7 +89,7 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
         return _read_file(folder / WEIGHTS)
     if not (folder / INDEX).is_file():
         raise CheckpointError(f"no {WEIGHTS} nor {INDEX} (tinylm reads safetensors weights)", path=folder)
-    index = read_json(folder / INDEX, "safetensors index", CheckpointError)
+    index = _read_json(folder / INDEX, "safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError("expected an object of tensor name -> shard file", path=folder / INDEX,
@@ -109,6 +112,14 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
     return state
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """``read_json``, and a number too long to convert (``ValueError`` past 4300 digits) is one line too."""
+    try:
+        return read_json(path, what, CheckpointError)
+    except ValueError as e:
+        raise CheckpointError(f"the {what} is corrupt: {e}", path=path) from None
+
+
 def _read_file(file: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -124,7 +135,11 @@ def _read_file(file: Path) -> dict[str, Tensor]:
 def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path,
               shape_from: str = "its config.json") -> dict[str, Tensor]:
     """transformers' tensors -> tinylm's state dict for ``cfg`` (the same names; a tied head added), strictly:
-    refused unless it is exactly the model's tensors with the model's shapes, all floating point."""
+    refused unless it is exactly the model's tensors with the model's shapes and float weight dtypes, each
+    storing every element it claims. Nothing is allocated: the shapes come from the config."""
+    problems = tensor_problems(state)
+    if problems:
+        raise CheckpointError(problems[0], path=source)
     out = dict(state)
     if cfg.tie_word_embeddings:
         if HEAD in out and EMBED in out and not torch.equal(out[HEAD], out[EMBED]):
@@ -132,14 +147,9 @@ def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path,
                                   field="tie_word_embeddings")
         if EMBED in out:
             out[HEAD] = out[EMBED]
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in TinyLM(cfg).state_dict().items()}
-    problems = state_problems(expected, out)
+    problems = state_problems(state_shapes(cfg), out)
     if problems:
         raise CheckpointError(f"the weights do not fit {shape_from}: " + "; ".join(problems), path=source)
-    ints = sorted(k for k, v in out.items() if not v.is_floating_point())
-    if ints:
-        raise CheckpointError(f"tensor {ints[0]} is {out[ints[0]].dtype}, not floating point", path=source)
     return out
 
 
