@@ -178,7 +178,7 @@ def read_cases(path: str | Path, default_tools: Sequence[str] = builtin_tools.BU
 
 # ---- answering -----------------------------------------------------------------------------------------
 
-def reply_of(events: list, names: Sequence[str]) -> Reply:
+def reply_of(events: list) -> Reply:
     """The reply of a parsed completion: content, reasoning, calls (ids call_0, call_1, ...), malformed blocks."""
     content = "".join(e.text for e in events if e.kind == CONTENT)
     reasoning = "".join(e.text for e in events if e.kind == REASONING)
@@ -203,15 +203,17 @@ class LocalModel:
         prompts = [prompt_ids(info, turns, tools=case.tools) for case, turns, _ in batch]
         replies: list[Reply | None] = [Reply("", overflow=True) if len(p) >= context else None for p in prompts]
         todo = [i for i, r in enumerate(replies) if r is None]
-        for lo in range(0, len(todo), self.batch_size):
-            rows = todo[lo:lo + self.batch_size]
+        # a batch's answer budget is set by its longest prompt: a row whose full answer would not fit beside
+        # the others runs alone, so that no row's answer depends on the batch it landed in
+        fits = [i for i in todo if len(prompts[i]) + self.max_new_tokens <= context]
+        groups = [fits[lo:lo + self.batch_size] for lo in range(0, len(fits), self.batch_size)]
+        for rows in groups + [[i] for i in todo if i not in fits]:
             seeds = [(self.seed * 1_000_003 + batch[i][0].index * 31 + batch[i][2]) % 2 ** 62 for i in rows]
             gen = Generation(model, [prompts[i] for i in rows], max_new_tokens=self.max_new_tokens,
                              temperature=self.temperature, stop_ids=self.loaded.stop_ids,
                              seeds=seeds if self.temperature > 0 else None)
             for i, ids in zip(rows, gen.run(), strict=True):
-                names = batch[i][0].names
-                replies[i] = reply_of(parse_completion(info, ids, tools=names), names)
+                replies[i] = reply_of(parse_completion(info, ids, tools=batch[i][0].names))
         return [r for r in replies if r is not None]
 
 
@@ -382,9 +384,9 @@ def table(metrics: dict[str, float | int]) -> str:
             ("no call", metrics["no_call"], None),
             ("unfinished (calling at the round limit)", metrics["unfinished"], None),
             ("tool rounds run", metrics["tool_rounds"], None), ("call attempts", metrics["calls"], None),
-            ("well-formed calls", metrics["well_formed"], metrics["well_formed_rate"]),
-            ("right tool", metrics["right_tool"], metrics["right_tool_rate"]),
-            ("right arguments", metrics["right_arguments"], metrics["right_arguments_rate"])]
+            *((name, metrics[key], metrics[f"{key}_rate"] if metrics["calls"] else None)  # rates per attempt
+              for name, key in (("well-formed calls", "well_formed"), ("right tool", "right_tool"),
+                                ("right arguments", "right_arguments")))]
     width = max(len(r[0]) for r in rows)
     lines = [f"  {'cases':<{width}}  {metrics['cases']:>6}"]
     lines += [f"  {name:<{width}}  {count:>6}" + (f"  {rate:7.1%}" if rate is not None else "")
@@ -402,14 +404,14 @@ class ToolEvalOptions:
     details: Path | None = None  # per-case JSONL (the dialogue and its scores)
 
 
-def tool_eval(responder: Responder, opts: ToolEvalOptions, about: dict[str, Any],
-              progress: Any = None) -> dict[str, Any]:
-    """Read the cases, run the dialogues, score them; returns the results record (``about`` names the model:
-    ``ckpt`` / ``step`` or ``api_base`` / ``model``). The caller appends it. Bad records, an unreachable
-    server or an unwritable ``details`` fail before anything is written."""
+def tool_eval(responder: Responder, opts: ToolEvalOptions, about: dict[str, Any], progress: Any = None,
+              cases: list[ToolCase] | None = None) -> dict[str, Any]:
+    """Read the cases (unless given), run the dialogues, score them; returns the results record (``about``
+    names the model: ``ckpt`` / ``step`` or ``api_base`` / ``model``). The caller appends it. Bad records, an
+    unreachable server or an unwritable ``details`` fail before anything is written."""
     if not 1 <= opts.max_rounds <= 100:
         raise ToolError(f"--max-tool-rounds {opts.max_rounds}: must be in [1, 100]")
-    cases = read_cases(opts.file, opts.tools)
+    cases = read_cases(opts.file, opts.tools) if cases is None else cases
     if opts.details is not None:
         check_file_target(opts.details, "answers file")
     started = time.perf_counter()
@@ -438,6 +440,7 @@ def run_from_args(args: Any) -> int:
 
     opts = ToolEvalOptions(args.tool_eval, args.max_tool_rounds, tuple(builtin_tools.tool_names(args.tools)),
                            args.answers)
+    cases = read_cases(opts.file, opts.tools)  # a bad record fails before a model is loaded or a server asked
     temperature = args.temperature or 0.0
     responder: Responder
     if args.api_base:
@@ -456,7 +459,8 @@ def run_from_args(args: Any) -> int:
     if results is not None:
         check_file_target(results, "results file")
     say = (lambda *a: None) if args.quiet else print
-    record = tool_eval(responder, opts, about, progress=lambda r, live: say(f"  round {r}: {live} still calling"))
+    record = tool_eval(responder, opts, about, progress=lambda r, live: say(f"  round {r}: {live} still calling"),
+                       cases=cases)
     if results is not None:
         append_result(results, record)
     if args.quiet:
