@@ -11,7 +11,7 @@ Checks, each one row of the table (status ok / FAIL / skip, a value, a note):
 - ``packed_parity``: logits of one packed row (several documents, FlexAttention ``BlockMask`` on CUDA in
   bf16, dense-mask SDPA on CPU in fp32) against each document run alone: max |diff| under a tolerance;
 - ``train:<preset>:<rows>``: compiled bf16 AdamW steps (eager fp32 on CPU), tokens/s and MFU
-  (``6N + 12LHQT`` FLOPs per token over the device's dense bf16 peak, see ``train.loop.PEAK_FLOPS``);
+  (``6N + 12LHQT`` FLOPs per token over the device's dense bf16 peak, see ``train.metrics.PEAK_FLOPS``);
 - ``ddp``: 2 processes of ``train/run.py`` under torchrun (NCCL) equal 1 process with doubled accumulation;
   skipped on one GPU (said so); gloo on CPU;
 - ``recipe:*``: ``RECIPE=minimind3-mini bash train.sh`` for ``--recipe-steps`` on a slice of realistic data
@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.gpu_recipe import make_slice, recipe_rows  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
-from train.loop import peak_flops  # noqa: E402
+from train.metrics import peak_flops  # noqa: E402
 
 Row = tuple[str, str, str, str]  # check, status, value, note
 

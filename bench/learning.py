@@ -239,7 +239,8 @@ def step_cost(preset: str, seq_len: int, batch: int, repeats: int = 5) -> list[l
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset(flags[1]).override(overrides))
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
-    optimizers = {name: build_optimizers(model.named_parameters(), OptimConfig(name)) for name in ("adamw", "muon")}
+    optimizers = {name: build_optimizers(model.named_parameters(), OptimConfig.for_stage(name))
+                  for name in ("adamw", "muon")}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in optimizers}
     for _ in range(repeats):

@@ -38,6 +38,7 @@ from train.data import Batch, BatchLoader, PackedDataset, Split, permute  # noqa
 from train.dist import DistInfo  # noqa: E402
 from train.loop import LoopConfig, train  # noqa: E402
 from train.metrics import MetricsLogger  # noqa: E402
+from train.optim import OptimConfig  # noqa: E402
 from train.stages import build_stage  # noqa: E402
 from train.weights_policy import FullWeights  # noqa: E402
 
@@ -92,8 +93,10 @@ def run_case(args: argparse.Namespace) -> dict:
     else:
         loader = BatchLoader(Split(dataset, 0), args.batch_size, prefetch=2)
     steps = args.warmup + args.steps
-    loop = LoopConfig(max_steps=steps, grad_accum=args.grad_accum, lr=1e-4, warmup_steps=1, dtype="fp32",
-                      compile=args.compile, eval_every=0, save_every=0, keep_last=1, log_every=1, progress=False)
+    loop = LoopConfig(max_steps=steps, grad_accum=args.grad_accum, optim=OptimConfig.for_stage("adamw", lr=1e-4),
+                      min_lr=5e-5, warmup_steps=1, schedule="cosine", decay_frac=0.2, grad_clip=1.0, dtype="float32",
+                      compile=args.compile, eval_every=0, save_every=0, keep_last=1, log_every=1, stop_after=None,
+                      progress=False, skip_nonfinite=0, stop_on_divergence=False)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         logger = MetricsLogger(Path(tmp), enabled=False)

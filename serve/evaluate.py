@@ -43,6 +43,7 @@ from preprocess.options import RecordOptions
 from preprocess.prompts import REFERENCE, read_prompts
 from serve.source_args import ToolError
 from train import dist
+from train.config import RunOptions
 from train.data import PackedDataset, Split
 from train.loading import LoadedModel
 from train.loop import evaluate
@@ -52,6 +53,7 @@ from train.prompt_set import PromptSet, tokenize
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, RolloutConfig
 from train.stages import StageContext, build_stage
+from train.stages.grpo import GRPOOptions
 
 EVAL_STAGES = ("pretrain", "sft", "reason", "dpo")
 RESULTS_FILE = "eval_results.jsonl"
@@ -206,15 +208,15 @@ class RewardOptions:
     """``bin/eval --reward``: the reward specs, samples per prompt, k, success threshold and sampling."""
 
     specs: tuple[str, ...]
-    samples: int = 8
+    samples: int = GRPOOptions.group_size
     k: int | None = None  # default: samples
-    threshold: float = 1.0
-    temperature: float = 1.0
+    threshold: float = GRPOOptions.success_threshold
+    temperature: float = GRPOOptions.rollout_temperature
     top_k: int | None = None
-    max_new_tokens: int = 256
-    seed: int = 1337  # train/run.py's default --seed: the same samples as a run's --eval-prompts evaluation
-    batch: int = 8  # prompts per generation batch
-    rollout_dtype: str = "float32"  # train/run.py's --rollout-dtype: the decode matmuls' precision
+    max_new_tokens: int = GRPOOptions.max_new_tokens
+    seed: int = RunOptions.seed  # train/run.py's default: the same samples as a run's --eval-prompts evaluation
+    batch: int = GRPOOptions.prompts_per_step  # prompts per generation batch
+    rollout_dtype: str = GRPOOptions.rollout_dtype  # the decode matmuls' precision
 
     def __post_init__(self) -> None:
         if self.rollout_dtype not in ROLLOUT_DTYPES:
@@ -231,8 +233,9 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
     prompts = PromptSet(prompts_file)
     prompts.attach(loaded.tokenizer, opts.max_new_tokens, loaded.config.max_position_embeddings)
     model = loaded.model.to(device)
-    cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k, seed=opts.seed,
-                        matmul_dtype=ROLLOUT_DTYPES[opts.rollout_dtype])
+    cfg = RolloutConfig(opts.samples, opts.batch, opts.max_new_tokens, opts.temperature, opts.top_k,
+                        GRPOOptions.rollout_reuse, GRPOOptions.scale_rewards, GRPOOptions.mask_truncated, opts.seed,
+                        ROLLOUT_DTYPES[opts.rollout_dtype])
     passing = PassConfig(opts.samples, k, opts.threshold)
     totals: dict[str, float] = {}
     started = time.perf_counter()

@@ -28,8 +28,9 @@ from train.passk import pass_at_k
 from train.prompt_set import PromptSet
 from train.rewards import RewardError, call_reward, final_number, format_reward, gsm8k, length, load_rewards, score
 from train.rollout import Completions, RolloutBatch, completion_rows, group_advantages, sample_seed
-from train.run import main
+from train.run import main, parse_args
 from train.stages import GRPOStage, StepNorm, Supervised
+from train.stages.grpo import GRPOOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer"
@@ -467,6 +468,15 @@ def test_bin_eval_rewards_equal_the_runs_evaluation(prompts, init, tmp_path, dty
     got = reward_metrics(load_model(out), prompts, opts, torch.device("cpu"), quiet=True)["reward_metrics"]
     assert got == {k.removeprefix("val_"): v for k, v in logged.items() if k.startswith("val_")}
     assert 0 < got["pass@1"] < got["pass@2"] < 1  # samples differ: the comparison is not between constants
+
+
+def test_bin_eval_samples_as_a_run_evaluates_by_default():
+    """bin/eval's reward options default to the run's: GRPO's sampling options and train/run.py's seed."""
+    grpo, run = GRPOOptions(), parse_args(["--stage", "grpo", "--prompts", "p", "--out", "o"])
+    opts = RewardOptions(("m:f",))
+    assert (opts.samples, opts.threshold, opts.temperature, opts.max_new_tokens, opts.rollout_dtype) == (
+        grpo.group_size, grpo.success_threshold, grpo.rollout_temperature, grpo.max_new_tokens, grpo.rollout_dtype)
+    assert opts.seed == run.run.seed and run.stage == grpo
 
 
 def test_an_unknown_rollout_dtype_is_refused_by_the_one_table():

@@ -43,7 +43,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def test_muon_takes_the_hidden_matrices_adamw_the_rest():
     model = TinyLM(ModelConfig.from_preset("tiny-moe"))
-    opt = build_optimizers(model.named_parameters(), OptimConfig("muon", lr=1e-3, muon_lr=0.02))
+    opt = build_optimizers(model.named_parameters(), OptimConfig.for_stage("muon", lr=1e-3, muon_lr=0.02))
     names = {id(p): n for n, p in model.named_parameters()}
     muon = {names[id(p)] for g in opt.parts["muon"].param_groups for p in g["params"]}
     adamw = {names[id(p)] for g in opt.parts["adamw"].param_groups for p in g["params"]}
@@ -58,7 +58,7 @@ def test_muon_takes_the_hidden_matrices_adamw_the_rest():
 
 def test_lora_adapters_train_with_adamw_under_muon():
     model = apply_lora(TinyLM(ModelConfig.from_preset("tiny")).requires_grad_(False), LoRAConfig(4, 4.0))
-    opt = build_optimizers(model.named_parameters(), OptimConfig("muon"))
+    opt = build_optimizers(model.named_parameters(), OptimConfig.for_stage("muon"))
     assert list(opt.parts) == ["adamw"] and opt.name == "adamw"
     n_adapter = sum(1 for n, p in model.named_parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in opt.parts["adamw"].param_groups) == n_adapter == 7 * 2 * 2

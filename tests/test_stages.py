@@ -28,6 +28,7 @@ from preprocess import shards
 from train import defaults, loading, weights
 from train import run as run_mod
 from train.metrics import read_metrics
+from train.options import OptionError
 from train.run import main
 from train.stages import (
     STAGES,
@@ -40,6 +41,7 @@ from train.stages import (
     token_cross_entropy,
 )
 from train.stages.dpo import DPODataset, document_logps, valid_pairs
+from train.stages.grpo import GRPOOptions
 from train.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +221,65 @@ def test_stage_flags_are_checked(capsys):
     assert "LoRA targets foo unknown" in usage("--stage", "sft", "--lora-rank", "2", "--lora-targets", "q_proj,foo")
     ok = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "reason", "--lora-rank", "2", "--lora-targets",
                              "q_proj,v_proj"])
-    assert ok.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
+    assert ok.model.lora == LoRAConfig(2, 2.0, ("q_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (("--stage", "grpo", "--prompts", "p", "--rollout-temperature", "inf"), "--rollout-temperature"),
+    (("--stage", "grpo", "--prompts", "p", "--success-threshold", "nan"), "--success-threshold"),
+    (("--stage", "grpo", "--prompts", "p", "--group-size", "1"), "--group-size"),
+    (("--stage", "sft", "--data", "x", "--seed", "-1"), "--seed"),
+    (("--stage", "sft", "--data", "x", "--max-steps", "9" * 5000), "--max-steps"),
+    (("--stage", "sft", "--data", "x", "--lr", "nan"), "--lr"),
+    (("--stage", "sft", "--data", "x", "--warmup-steps", "-3"), "--warmup-steps"),
+    (("--stage", "dpo", "--data", "x", "--beta", "inf"), "--beta"),
+    (("--stage", "distill", "--data", "x", "--alpha", "1.5"), "--alpha"),
+    (("--stage", "sft", "--data", "x", "--dtype", "fp8"), "--dtype"),
+])
+def test_bad_numbers_and_dtypes_are_one_line_naming_the_flag(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        run_mod.parse_args(["--out", "y", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"train/run.py: error: argument {flag}: must be ") and len(err[-1]) < 200, err[-1]
+
+
+def test_dtype_flags_take_one_vocabulary_and_the_old_spellings():
+    def dtypes(*argv: str) -> tuple[str, str]:
+        cfg = run_mod.parse_args(["--stage", "grpo", "--prompts", "p", "--out", "y", *argv])
+        return cfg.hardware.dtype, cfg.stage.rollout_dtype
+
+    assert dtypes() == ("auto", "float32")
+    assert dtypes("--dtype", "bf16", "--rollout-dtype", "bf16") == ("bfloat16", "bfloat16")
+    assert dtypes("--dtype", "float16", "--rollout-dtype", "float32") == ("float16", "float32")
+    assert dtypes("--dtype", "fp32") == ("float32", "float32")
+
+
+def test_stage_options_are_checked_however_they_are_built():
+    """The ranges argparse applies are applied again to options built in code (one line naming the flag)."""
+    with pytest.raises(OptionError, match=r"^--beta must be a finite number > 0, got 0\.0$"):
+        DPOStage(beta=0.0)
+    with pytest.raises(OptionError, match=r"^--alpha must be a finite number >= 0 and <= 1, got 2\.0$"):
+        DistillStage(alpha=2.0)
+    with pytest.raises(OptionError, match=r"^--group-size must be an integer >= 2, got 1$"):
+        GRPOOptions(group_size=1)
+    with pytest.raises(OptionError, match=r"--pass-k must be in \[1, --group-size 4\], got 5"):
+        GRPOOptions(group_size=4, pass_k=5)
+
+
+def test_help_shows_the_defaults_the_run_uses(capsys):
+    """--help is generated from the option fields: the default it prints is the value a run gets."""
+    with pytest.raises(SystemExit):
+        run_mod.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    grpo = run_mod.parse_args(["--stage", "grpo", "--prompts", "p", "--out", "y"])
+    dpo = run_mod.parse_args(["--stage", "dpo", "--data", "x", "--out", "y"])
+    assert f"samples per prompt (default {grpo.stage.group_size})" in text
+    assert f"completion length limit (default {grpo.stage.max_new_tokens})" in text
+    assert f"(pi_r - ref_r))) (default {dpo.stage.beta})" in text
+    assert f"optimizer steps (default {dpo.optim.max_steps})" in text
+    assert f"seed (default {dpo.run.seed})" in text
+    assert grpo.stage.rollout_config(0).group_size == grpo.stage.group_size == 8
 
 
 def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
@@ -235,9 +295,9 @@ def test_lr_defaults_come_from_the_table_and_help_shows_it(capsys, monkeypatch):
     monkeypatch.setitem(defaults.TABLE, ("dpo", "adamw", "*"), dataclasses.replace(row, lr=3e-6))
     assert re.search(r"^dpo +adamw +\* +3e-06 ", shown(), re.M)  # the row, whatever the column widths
     dpo = run_mod.parse_args(["--data", "x", "--out", "y", "--stage", "dpo"])
-    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 3e-6
-    dpo.lr = 0.25
-    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).lr == 0.25
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).optim.lr == 3e-6
+    dpo = dataclasses.replace(dpo, optim=dataclasses.replace(dpo.optim, lr=0.25))
+    assert run_mod.loop_config(dpo, DPOStage(), torch.device("cpu")).optim.lr == 0.25
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ import torch
 from model import ModelConfig, TinyLM
 from train import checkpoint, loading
 from train.data import PackedDataset
-from train.loop import format_line
-from train.metrics import METRICS_FILE, Throughput, read_metrics, token_byte_lengths
+from train.metrics import METRICS_FILE, Throughput, format_line, read_metrics, token_byte_lengths
 from train.optim import param_groups
 from train.run import main
 from train.schedule import Schedule
@@ -291,6 +290,29 @@ def test_fp16_autocast_with_grad_scaler(data, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
     scaler = loading.load(out).training.scaler
     assert scaler is not None and scaler["scale"] > 0
+
+
+def test_a_diverging_loss_warns_once_and_can_stop_the_run(data, tmp_path, capsys):
+    """A finite loss far above its start (lr 10) is said once on stderr and the run ends normally; with
+    --stop-on-divergence it is one error line, exit 1, and the last checkpoint is the one before it."""
+    common = ("--max-steps", "4", "--lr", "10", "--warmup-steps", "0")
+    assert main(args(data["pretrain"], tmp_path / "healthy", "--max-steps", "4")) == 0
+    assert "diverged" not in capsys.readouterr().err
+    assert main(args(data["pretrain"], tmp_path / "warn", *common)) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "diverged" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: step "), warned
+    logged = losses(tmp_path / "warn")
+    assert logged[4] > 4 * logged[1] and all(math.isfinite(v) for v in logged.values())  # finite, yet diverged
+
+    stop = tmp_path / "stop"
+    assert main(args(data["pretrain"], stop, *common, "--save-every", "1", "--stop-on-divergence")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train/run.py: error: step "), err
+    step = int(err.split("step ", 1)[1].split(":", 1)[0])
+    assert "the loss diverged" in err and "at step 1" in err and "the update was not applied" in err
+    assert [p.name for p in checkpoint.list_checkpoints(stop)] == [checkpoint.checkpoint_name(s)
+                                                                    for s in range(max(1, step - 2), step)]
+    assert f"the last good checkpoint is {stop / checkpoint.checkpoint_name(step - 1)}" in err
 
 
 def test_throughput_window_leaves_out_pauses(monkeypatch):

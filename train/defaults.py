@@ -1,12 +1,13 @@
 """The defaults table: per stage x optimizer (x preset), the learning rates, warmup and weight decay that
 ``train/run.py`` uses when a flag is not given, that ``--help`` prints, and that ``train.sh`` reads
-(``python -m train.defaults --shell``). The one copy of these numbers.
+(``python -m train.defaults --shell``); also each stage's default optimizer and the schedule's defaults.
+No other module states these numbers.
 
 Lookup: the row ``(stage, optimizer, preset)``, else ``(stage, optimizer, "*")``. ``preset`` is the
 ``--model`` name (``train.sh`` asks for its own model, ``hidden_size=256 num_hidden_layers=4`` of ``small``,
 as preset ``train.sh``). ``measured`` says where a row's numbers come from: ``bench/learning.py --sweep``
-(held-out loss of ``bin/eval`` after a fixed number of steps, i.e. at equal tokens), or ``carried`` (the
-values before the sweep, kept where it did not reach).
+(held-out loss of ``bin/eval`` after a fixed number of steps, i.e. at equal tokens), or ``carried`` (not
+swept).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ class Row:
     measured: str = "carried"
 
 
-# the default --optimizer and --schedule of each stage. Pretraining: Muon, chosen by bench/learning.py at
-# equal wall-clock (train.sh's model, 8 x 512, 2 quiet cores: 6.843 vs AdamW's 7.032 nats held out; a Muon
-# step costs 1.07x an AdamW step there); fine-tuning stages keep AdamW (the sweep: SFT on Muon was behind).
+# the default --optimizer of each stage. Pretraining: Muon, chosen by bench/learning.py at equal wall-clock;
+# fine-tuning stages keep AdamW (the sweep: SFT on Muon was behind).
 OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw",
              "grpo": "adamw"}
 SCHEDULE = "cosine"
+DECAY_FRAC = 0.2  # wsd: the fraction of --max-steps that decays
 
 TABLE: dict[tuple[str, str, str], Row] = {
     ("pretrain", "adamw", "*"): Row(5e-4, 0.02),

@@ -1,4 +1,4 @@
-"""The one training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
+"""The training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
 evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
 weights policy (``train/weights_policy.py``: all weights or LoRA adapters) what trains and what is saved.
 
@@ -11,7 +11,7 @@ One optimizer step s (0-based) on every rank:
      ranks' contributions, i.e. the gradient of the single-process objective), DDP ``no_sync`` on all
      but the last micro-batch;
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
-     grad norm is non-finite" flag (the step's one host sync reads them), so every rank takes the same
+     grad norm is non-finite" flag (the loop's only host sync of the step reads them), so every rank takes the same
      decision; optimizer step(s) (AdamW, or Muon + AdamW: ``train/optim.py``) at each part's peak LR x the
      schedule's multiplier ``m(s)`` (``train/schedule.py``) unless the loss or the grad norm is non-finite;
      zero grads;
@@ -24,6 +24,10 @@ then stops with :class:`NonFiniteError` (one line: the step, what was non-finite
 checkpoint), unless ``skip_nonfinite`` allows more skipped steps: then the step counts (schedule and
 data move on) without an update, and a ``skipped_nonfinite`` line goes to metrics.jsonl. Weights are
 checked before every checkpoint, so no checkpoint with nan/inf weights is ever written.
+
+Divergence. A finite loss far above the first step's (:data:`DIVERGENCE_SCALES`) is said once on rank 0
+and the run goes on; with ``stop_on_divergence`` every rank (the loss is all-reduced) raises
+:class:`DivergenceError` before the step is applied, so the last checkpoint is the one before.
 
 Exact resume: a checkpoint after step s holds the model, optimizer(s), grad scaler, counters
 and every rank's RNG states (a WSD run also keeps ``pre_decay.pt``, the checkpoint at its decay start);
@@ -48,62 +52,59 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from core.dtypes import canonical as canonical_dtype
 from core.errors import TinyLMError
 from train import checkpoint, dist
 from train.batches import Batches
 from train.checkpoint import Checkpoint, ResumeState
 from train.dist import DistInfo
-from train.metrics import MetricsLogger, Throughput
+from train.metrics import MetricsLogger, Throughput, format_line, peak_flops
 from train.optim import OptimConfig, Optimizers, build_optimizers
 from train.schedule import Schedule
 from train.stages import Stage, StepNorm
 from train.weights import nonfinite_tensors
 from train.weights_policy import FullWeights
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12,
-              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NonFiniteError(TinyLMError):
-    """Training produced a nan/inf loss, gradient norm or weights; the message names the step and the
-    last good checkpoint. ``agreed``: every rank raised it at the same step (an all-reduced decision)."""
+class TrainingStopped(TinyLMError):
+    """The loop stopped the run; the message names the step and the last good checkpoint. ``agreed``:
+    every rank raised it at the same step (an all-reduced decision)."""
 
     agreed = False
 
 
+class NonFiniteError(TrainingStopped):
+    """Training produced a nan/inf loss, gradient norm or weights."""
+
+
 @dataclass(frozen=True)
 class LoopConfig:
-    max_steps: int
-    grad_accum: int = 1
-    lr: float = 5e-4
-    min_lr: float = 5e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    optimizer: str = "adamw"  # adamw | muon (train/optim.py)
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | wsd (train/schedule.py)
-    decay_frac: float = 0.2  # wsd: the decaying fraction of max_steps
-    grad_clip: float = 1.0
-    dtype: str = "fp32"  # resolved: fp32 | bf16 | fp16
-    compile: bool = False
-    eval_every: int = 100
-    save_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    stop_after: int | None = None  # end (with a checkpoint) after this step; the schedule keeps max_steps
-    progress: bool = True  # tqdm bar on rank 0 (shown only on a terminal)
-    skip_nonfinite: int = 0  # non-finite steps that may be skipped (no update) before the run stops
+    """The loop's settings, every one given (``train/config.py`` resolves them from flags and defaults)."""
 
-    def optim_config(self) -> OptimConfig:
-        return OptimConfig(self.optimizer, self.lr, self.weight_decay, self.muon_lr, self.muon_momentum,
-                           self.muon_weight_decay)
+    max_steps: int
+    grad_accum: int
+    optim: OptimConfig  # the optimizer(s) and their peak LRs (train/optim.py)
+    min_lr: float  # the AdamW part's final LR; the Muon LR decays by the same factor
+    warmup_steps: int
+    schedule: str  # cosine | wsd (train/schedule.py)
+    decay_frac: float  # wsd: the decaying fraction of max_steps
+    grad_clip: float  # max global grad norm, 0 = off
+    dtype: str  # resolved autocast dtype: float32 | bfloat16 | float16
+    compile: bool
+    eval_every: int
+    save_every: int
+    keep_last: int
+    log_every: int
+    stop_after: int | None  # end (with a checkpoint) after this step; the schedule keeps max_steps
+    progress: bool  # tqdm bar on rank 0 (shown only on a terminal)
+    skip_nonfinite: int  # non-finite steps that may be skipped (no update) before the run stops
+    stop_on_divergence: bool  # a diverging loss (Divergence) stops the run instead of a warning
 
     def lr_schedule(self) -> Schedule:
-        return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr / self.lr, self.decay_frac)
+        return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr / self.optim.lr,
+                        self.decay_frac)
 
 
 @dataclass
@@ -117,25 +118,22 @@ class TrainState:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA when supported, else fp16 there; fp32 elsewhere (CPU bf16 is ~40x slower)."""
+    """``auto``: bfloat16 on CUDA when supported, else float16 there; float32 elsewhere (CPUs without
+    AVX512-BF16 run bfloat16 autocast slowly); any spelling of ``core/dtypes.py`` -> its full name."""
     if name != "auto":
-        return name
+        full = canonical_dtype(name)
+        if full is None:
+            raise ValueError(f"unknown dtype {name!r}")
+        return full
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "fp32":
+    if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype])
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches, cfg: LoopConfig,
@@ -154,9 +152,9 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
         extra.to(device).eval().requires_grad_(False)
     named = list(weights.trainable(model))
     params = [p for _, p in named if p.requires_grad]
-    optimizer = build_optimizers(named, cfg.optim_config(), device=device)
+    optimizer = build_optimizers(named, cfg.optim, device=device)
     schedule = cfg.lr_schedule()
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     state = TrainState() if resume is None else restore(resume, optimizer, scaler, info)
 
     fwd = torch.compile(model) if cfg.compile else model
@@ -201,13 +199,14 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
     supervised_acc = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: no per-step sync
     speed = Throughput(state.step, state.supervised_seen, flops_per_token, peak * info.world if peak else None)
     end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
+    watch = DivergenceWatch()
     try:
         while state.step < end:
             micro = next(steps)
             fetched = time.perf_counter()
             lrs = optimizer.set_lr(schedule(state.step))
             count = torch.stack([stage.count(b) for b in micro]).sum().to(device, torch.int64)
-            dist.all_reduce_sum(count)  # the one collective before the forward passes
+            dist.all_reduce_sum(count)  # the only collective before the forward passes
             supervised_acc += count
             norm = StepNorm(count.float().clamp(min=1.0), micro_total)
             sums: torch.Tensor | None = None
@@ -227,8 +226,9 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
             grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
             reduced = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
             sums = reduced[:-1]
-            problem = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the step's one host sync
+            problem, loss_value = nonfinite_problem(sums[0], reduced[-1], grad_norm)  # the loop's host sync
             if problem is None:
+                watch.check(state.step + 1, loss_value, cfg, info, out)
                 optimizer.step(scaler)
             scaler.update()
             optimizer.zero_grad()
@@ -276,10 +276,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
 def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradScaler,
             info: DistInfo) -> TrainState:
     """Optimizer(s), scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``)."""
-    training = resume.training
-    if training.optimizer_name != optimizer.name:
-        raise TinyLMError(f"{resume.path}: trained with --optimizer {training.optimizer_name}, now {optimizer.name}; "
-                          "a resumed run keeps its optimizer")
+    training = resume.training  # its optimizer is this run's (train/resume.py checked it)
     optimizer.load_state_dict({"adamw": training.optimizer, "muon": training.muon})
     if training.scaler:
         scaler.load_state_dict(training.scaler)
@@ -320,15 +317,55 @@ def skip_or_stop(state: TrainState, problem: str, cfg: LoopConfig, info: DistInf
                   f"({state.nonfinite_skipped}/{cfg.skip_nonfinite} allowed)")
 
 
-def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
-    """What was non-finite this step ("loss nan", "gradient norm inf", both), or None (reads the values)."""
+def nonfinite_problem(loss: torch.Tensor, bad_ranks: torch.Tensor,
+                      grad_norm: torch.Tensor) -> tuple[str | None, float]:
+    """What was non-finite this step ("loss nan", "gradient norm inf", both) or None, and the step loss
+    (reads the values: the loop's only host sync of the step)."""
     loss_v, bad_v, norm_v = torch.stack([loss.float(), bad_ranks.float(), grad_norm.float()]).tolist()
     parts = []
     if not math.isfinite(loss_v):
         parts.append(f"loss ({loss_v})")
     if bad_v > 0:
         parts.append(f"gradient norm ({norm_v if not math.isfinite(norm_v) else 'on another rank'})")
-    return " and ".join(parts) or None
+    return " and ".join(parts) or None, loss_v
+
+
+# "Far above its start": more than 3 x max(|start|, 1) above the first step's loss, i.e. 4x a cross-entropy
+# start (>= 1 nat) and +3 nats for losses near or under 1 (DPO, RL); noise stays well inside that, while a
+# far too high LR leaves it within a few steps.
+DIVERGENCE_SCALES = 3.0
+
+
+class DivergenceError(TrainingStopped):
+    """The loss rose far above its start and ``--stop-on-divergence`` was given (the step was not applied)."""
+
+
+@dataclass
+class DivergenceWatch:
+    """Compares each step's loss (all-reduced: the same on every rank) with the first step's of this run."""
+
+    start: float | None = None
+    start_step: int = 0
+    warned: bool = False
+
+    def check(self, step: int, loss: float, cfg: LoopConfig, info: DistInfo, out: Path) -> None:
+        """Warn once (rank 0), or raise :class:`DivergenceError` on every rank with ``stop_on_divergence``."""
+        if self.start is None:
+            self.start, self.start_step = loss, step
+            return
+        if loss - self.start <= DIVERGENCE_SCALES * max(abs(self.start), 1.0):
+            return
+        what = (f"step {step}: the loss diverged: {loss:.4g}, against {self.start:.4g} at step {self.start_step} "
+                f"(more than {DIVERGENCE_SCALES:g} x max(|start|, 1) above it)")
+        if cfg.stop_on_divergence:
+            error = DivergenceError(f"{what}; the update was not applied; {last_good(out)} (resume from it with "
+                                    "--resume and a lower --lr)")
+            error.agreed = True  # the loss is all-reduced: every rank stops at this step
+            raise error
+        if not self.warned and info.is_main:
+            tqdm.write(f"warning: {what}; training goes on (a lower --lr may help; --stop-on-divergence stops "
+                       "such a run)", file=sys.stderr)
+        self.warned = True
 
 
 @torch.no_grad()
@@ -348,40 +385,3 @@ def evaluate(model: nn.Module, stage: Stage, loader: Batches, device: torch.devi
     packed = dist.all_reduce_sum(torch.stack([totals[k] for k in keys])) if keys else torch.zeros(0)
     model.train(was_training)
     return stage.eval_metrics(dict(zip(keys, packed.tolist(), strict=True)))
-
-
-def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple[str, ...] = ()) -> str:
-    """One human line: ``step 20/200 | loss 5.1234 | lr 4.2e-04 | 12.3k tok/s | mfu 31.0% | eta 1m20s``.
-
-    ``parts`` are the stage's own metrics (e.g. DPO ``margin``, ``acc``), printed after the loss; an
-    evaluation record prints every ``val_*`` value the stage reported."""
-    width = len(str(max_steps))
-    out = [f"step {record['step']:>{width}}/{max_steps}"]
-    if "loss" not in record:  # an evaluation record (the RL stage's has no val_loss)
-        if "val_loss" in record:
-            out.append(f"val_loss {record['val_loss']:.4f}")
-        for key, value in record.items():
-            if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
-                out.append(f"{key} {value:.4f}")
-        return " | ".join(out)
-    out.append(f"loss {record['loss']:.4f}")
-    out.extend(f"{key} {record[key]:.4f}" for key in parts)
-    out.append(f"lr {record['lr']:.2e}")
-    out.append(f"{_si(record['tokens_per_s'])} tok/s")
-    if record.get("supervised_per_s", math.inf) < 0.99 * record["tokens_per_s"]:  # packed data: show both
-        out.append(f"{_si(record['supervised_per_s'])} sup/s")
-    if "mfu" in record:
-        out.append(f"mfu {100 * record['mfu']:.1f}%")
-    out.append(f"eta {_duration(record['eta_s'])}")
-    return " | ".join(out)
-
-
-def _si(x: float) -> str:
-    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

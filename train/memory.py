@@ -2,9 +2,9 @@
 
 A training step allocates and frees the same few hundred large activation tensors every step. glibc's
 malloc serves a request by ``mmap`` only above its *dynamic* threshold, which rises to the size of
-every mmapped block freed (up to 32 MiB), so after the first step the 16-46 MB activations of a
-``small`` model come from the heap, whose freed holes fragment and are kept: the second step's peak
-RSS was ~0.9 GB above the first's (``bench/memory.py``). Fixing the threshold at 1 MiB
+every mmapped block freed (up to 32 MiB), so after the first step a model's large activations come
+from the heap, whose freed holes fragment and are kept: later steps peak above the first
+(``bench/memory.py`` measures it). Fixing the threshold at 1 MiB
 (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment off) returns every large
 tensor's pages on free, so the peak is the live set. Small allocations are unaffected. Other C
 libraries (macOS, musl) keep their default.

@@ -1,5 +1,6 @@
 """Run outputs on rank 0: ``metrics.jsonl``, optional TensorBoard / W&B, the loss-curve PNG, the
-throughput window of the log lines, and the per-token byte lengths that bits-per-byte needs.
+throughput window of the log lines, the console line of a step, the GPU peak FLOP/s table behind MFU, and
+the per-token byte lengths that bits-per-byte needs.
 
 ``metrics.jsonl`` holds one JSON object per line, flushed as written (a ``kill -9`` loses at most the
 line being written). Training lines carry ``step`` and ``loss``; evaluation lines ``step``, ``val_loss``
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from core.errors import TinyLMError
 from core.files import FileWriteError, atomic_write_bytes, atomic_write_text, make_dir, os_reason
@@ -258,3 +260,53 @@ def token_byte_lengths(tokenizer_file: str | Path, vocab_size: int) -> np.ndarra
 
 def bits_per_byte(nats: float, n_bytes: float) -> float:
     return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
+
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of the device name (for MFU).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s from :data:`PEAK_FLOPS` (None: not a CUDA device, or unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def format_line(record: dict[str, Any], max_steps: int, parts: list[str] | tuple[str, ...] = ()) -> str:
+    """One human line: ``step 20/200 | loss 5.1234 | lr 4.2e-04 | 12.3k tok/s | mfu 31.0% | eta 1m20s``.
+
+    ``parts`` are the stage's own metrics (e.g. DPO ``margin``, ``acc``), printed after the loss; an
+    evaluation record prints every ``val_*`` value the stage reported."""
+    width = len(str(max_steps))
+    out = [f"step {record['step']:>{width}}/{max_steps}"]
+    if "loss" not in record:  # an evaluation record (the RL stage's has no val_loss)
+        if "val_loss" in record:
+            out.append(f"val_loss {record['val_loss']:.4f}")
+        for key, value in record.items():
+            if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
+                out.append(f"{key} {value:.4f}")
+        return " | ".join(out)
+    out.append(f"loss {record['loss']:.4f}")
+    out.extend(f"{key} {record[key]:.4f}" for key in parts)
+    out.append(f"lr {record['lr']:.2e}")
+    out.append(f"{_si(record['tokens_per_s'])} tok/s")
+    if record.get("supervised_per_s", math.inf) < 0.99 * record["tokens_per_s"]:  # packed data: show both
+        out.append(f"{_si(record['supervised_per_s'])} sup/s")
+    if "mfu" in record:
+        out.append(f"mfu {100 * record['mfu']:.1f}%")
+    out.append(f"eta {_duration(record['eta_s'])}")
+    return " | ".join(out)
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -20,12 +20,15 @@ on every rank, and the ranks' weights stay identical.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from train import defaults
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -34,12 +37,19 @@ OPTIMIZERS = ("adamw", "muon")
 class OptimConfig:
     """What builds the optimizers: the name, the AdamW part's LR / decay, the Muon part's."""
 
-    name: str = "adamw"
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
+    name: str
+    lr: float
+    weight_decay: float
+    muon_lr: float
+    muon_momentum: float
+    muon_weight_decay: float
+
+    @classmethod
+    def for_stage(cls, name: str, stage: str = "pretrain", preset: str | None = None, **changes: float) -> OptimConfig:
+        """Optimizer ``name`` with the defaults table's row for ``stage`` / ``preset``, ``changes`` applied."""
+        row = defaults.lookup(stage, name, preset)
+        base = cls(name, row.lr, row.weight_decay, row.muon_lr, row.muon_momentum, row.muon_weight_decay)
+        return dataclasses.replace(base, **changes)
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:

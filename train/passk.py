@@ -35,11 +35,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass(frozen=True)
 class PassConfig:
-    """pass@k evaluation: samples per prompt (n), k <= n, and the total reward that counts as a success."""
+    """pass@k evaluation: samples per prompt (n), k <= n, and the total reward that counts as a success
+    (built by ``GRPOOptions.pass_config``)."""
 
-    samples: int = 8
-    k: int = 8
-    threshold: float = 1.0
+    samples: int
+    k: int
+    threshold: float
 
 
 def pass_sums(model: nn.Module, prompts: PromptSet, indices: Sequence[int], tok: TokenizerInfo,

@@ -63,18 +63,18 @@ model's precision."""
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How rollouts are drawn and turned into advantages (the stage's command-line options)."""
+    """How rollouts are drawn and turned into advantages (built by ``GRPOOptions.rollout_config``)."""
 
-    group_size: int = 8
-    prompts_per_step: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None
-    reuse: int = 1
-    scale_rewards: str = "group"
-    mask_truncated: bool = False
-    seed: int = 0
-    matmul_dtype: torch.dtype | None = None  # Generation(matmul_dtype=...): None = the model's precision
+    group_size: int
+    prompts_per_step: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    reuse: int
+    scale_rewards: str
+    mask_truncated: bool
+    seed: int
+    matmul_dtype: torch.dtype | None  # Generation(matmul_dtype=...): None = the model's precision
 
     @property
     def samples(self) -> int:

@@ -20,6 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from train.defaults import DECAY_FRAC
+
 KINDS = ("cosine", "wsd")
 
 
@@ -29,7 +31,7 @@ class Schedule:
     warmup_steps: int
     max_steps: int
     min_ratio: float = 0.1  # final LR / peak LR
-    decay_frac: float = 0.2  # wsd: the last fraction of max_steps that decays
+    decay_frac: float = DECAY_FRAC  # wsd: the last fraction of max_steps that decays
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

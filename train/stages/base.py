@@ -7,15 +7,16 @@ What trains and what a checkpoint stores (all weights, or LoRA adapters) is not 
 ``train/weights_policy.py``, chosen by ``train/run.py``. DDP, accumulation, compile, autocast, schedule,
 clipping, logging and checkpoints live in ``train/loop.py`` and are written once.
 
-Hooks: ``options`` (the stage-specific command-line flags it accepts; any other stage flag is a usage
-error), :meth:`Stage.setup` (after the model is built: load a teacher, compute reference log-probs),
-:meth:`Stage.checkpoint_fields` (its records in every checkpoint: reference, teacher, options), and the
-objective: :meth:`Stage.objective` / :meth:`Stage.sums` on the :class:`Supervised` head input of
-:func:`supervised_forward`, the one model call of training and evaluation: the model returns hidden
-states at the supervised positions (weight > 0) only, and the head and the loss run there, in chunks
-whose logits are recomputed in backward (``model/head.py``), so no [B, T, V] logits exist. Positions
-of weight 0 contribute nothing to any objective, so values and gradients equal those of full logits.
-:meth:`Stage.loss` adds the MoE load-balance loss (the one place it is handled).
+Hooks: ``Options`` (a :class:`~train.options.Options` dataclass: the stage's own command-line flags
+with their defaults and checks; any other stage's flag is a usage error), :meth:`Stage.setup` (after
+the model is built: load a teacher, compute reference log-probs), :meth:`Stage.checkpoint_fields` (its
+records in every checkpoint: reference, teacher, options), and the objective: :meth:`Stage.objective` /
+:meth:`Stage.sums` on the :class:`Supervised` head input of :func:`supervised_forward`, the model call of
+training and evaluation: the model returns hidden states at the supervised positions (weight > 0) only,
+and the head and the loss run there, in chunks whose logits are recomputed in backward
+(``model/head.py``), so no [B, T, V] logits exist. Positions of weight 0 contribute nothing to any
+objective, so values and gradients equal those of full logits. :meth:`Stage.loss` adds the MoE
+load-balance loss.
 
 Loss contract. For a step the loop hands every micro-batch the same :class:`StepNorm`: the global
 number ``tokens`` of supervised units (summed over all micro-batches of all ranks, clamped to >= 1) and
@@ -50,6 +51,7 @@ from train.batches import Batches, TrainingData
 from train.checkpoint import Checkpoint
 from train.data import Batch, BatchLoader, PackedDataset, Split
 from train.metrics import bits_per_byte
+from train.options import Options
 
 B = TypeVar("B", bound=Batch)  # a stage's training micro-batch
 E = TypeVar("E")  # a stage's evaluation batch (rows for the supervised stages, prompt chunks for RL)
@@ -125,11 +127,13 @@ class Stage(Generic[B, E]):
     name: ClassVar[str] = ""
     dataset_stages: ClassVar[tuple[str, ...]] = ()  # the ``meta.json`` stages this stage can read
     find_unused_parameters: ClassVar[bool] = False  # DDP flag for stages that skip parameters
-    options: ClassVar[tuple[str, ...]] = ()  # stage-specific keyword arguments (= command-line dests)
+    Options: ClassVar[type[Options]] = Options  # the stage's own flags (fields of an ``Options`` dataclass)
     rollouts: ClassVar[bool] = False  # reads --prompts and trains on the model's own rollouts (RL), not --data
 
-    def __init__(self, byte_lengths: Tensor | None = None):
+    def __init__(self, byte_lengths: Tensor | None = None, options: Options | None = None, **values: Any):
+        """``options``: the stage's options object; or its field ``values`` (the rest take their defaults)."""
         self.byte_lengths = byte_lengths  # int64 [vocab]: UTF-8 bytes per token id (for bits per byte)
+        self.options = options if options is not None else self.Options(**values)
         self.moe = False
 
     # ---- data ---------------------------------------------------------------------------------------

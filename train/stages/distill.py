@@ -11,6 +11,7 @@ independent of T (Hinton et al. 2015). A student identical to its teacher has KL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from model.head import chunked, head_logits
 from train import loading
 from train.checkpoint import SourceRecord
 from train.data import Batch
+from train.options import Options, option
 from train.stages.base import CrossEntropyStage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 
 
@@ -32,23 +34,30 @@ def token_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float,
     return (t.exp() * (t - s)).sum(-1)
 
 
+@dataclass(frozen=True)
+class DistillOptions(Options):
+    title = "distillation (--stage distill)"
+
+    teacher: Path | None = option(None, "frozen teacher checkpoint or run folder (any size, same tokenizer)",
+                                  metavar="CKPT", type=Path)
+    alpha: float = option(0.5, "loss = A * CE + (1 - A) * T^2 * KL(teacher || student) (default {default})",
+                          metavar="A", kind=float, low=0, high=1)
+    temperature: float = option(2.0, "softmax temperature of the KL term (default {default})", metavar="T",
+                                kind=float, low=0, low_open=True)
+
+
 class DistillStage(CrossEntropyStage):
     """SFT / reasoning data with a teacher's soft targets: alpha * CE + (1 - alpha) * T^2 * KL."""
 
     name = "distill"
     dataset_stages = ("sft", "reason")
-    options = ("teacher", "alpha", "temperature")
+    Options = DistillOptions
 
-    def __init__(self, byte_lengths: Tensor | None = None, teacher: str | Path | None = None,
-                 alpha: float | None = None, temperature: float | None = None):
-        super().__init__(byte_lengths)
-        self.teacher_path = teacher
-        self.alpha = 0.5 if alpha is None else float(alpha)
-        self.temperature = 2.0 if temperature is None else float(temperature)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise StageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise StageError(f"--temperature must be > 0, got {self.temperature}")
+    def __init__(self, byte_lengths: Tensor | None = None, options: DistillOptions | None = None, **values: Any):
+        super().__init__(byte_lengths, options, **values)
+        self.teacher_path = self.options.teacher
+        self.alpha = float(self.options.alpha)
+        self.temperature = float(self.options.temperature)
         self.teacher: nn.Module | None = None
         self.teacher_record: SourceRecord | None = None
         self.vocab = 0

@@ -35,6 +35,7 @@ from preprocess import shards
 from train import dist, loading
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Batch, PackedDataset
+from train.options import Options, option
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 from train.weights import state_fingerprint
 
@@ -95,21 +96,31 @@ def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, T
     return -F.logsigmoid(margin), margin
 
 
+@dataclass(frozen=True)
+class DPOOptions(Options):
+    title = "dpo (--stage dpo)"
+
+    beta: float = option(0.1, "DPO temperature: loss -log sigmoid(B * ((pi_c - ref_c) - (pi_r - ref_r))) "
+                         "(default {default})", metavar="B", kind=float, low=0, low_open=True)
+    ref_from: Path | None = option(None, "reference model (default: the --init-from checkpoint); its log-probs are "
+                                   "computed once into DATA/ref_<fingerprint>/ and reused by later runs",
+                                   metavar="CKPT", type=Path)
+    online_ref: bool = option(False, "score every batch with the frozen reference model kept in memory instead of "
+                              "stored log-probs (same loss, more memory and compute)", action="store_true")
+
+
 class DPOStage(Stage[DPOBatch, DPOBatch]):
     """Direct preference optimisation on packed (chosen, rejected) pairs against a frozen reference."""
 
     name = "dpo"
     dataset_stages = ("dpo",)
-    options = ("beta", "online_ref", "ref_from")
+    Options = DPOOptions
 
-    def __init__(self, byte_lengths: Tensor | None = None, beta: float | None = None,
-                 online_ref: bool = False, ref_from: str | Path | None = None):
-        super().__init__(byte_lengths)
-        self.beta = 0.1 if beta is None else float(beta)
-        if self.beta <= 0:
-            raise StageError(f"--beta must be > 0, got {self.beta}")
-        self.online_ref = bool(online_ref)
-        self.ref_from = ref_from
+    def __init__(self, byte_lengths: Tensor | None = None, options: DPOOptions | None = None, **values: Any):
+        super().__init__(byte_lengths, options, **values)
+        self.beta = float(self.options.beta)
+        self.online_ref = self.options.online_ref
+        self.ref_from = self.options.ref_from
         self.width = 0
         self.reference: SourceRecord | None = None
         self.ref_model: nn.Module | None = None

@@ -1,6 +1,6 @@
 """Reinforcement learning with verifiable rewards (GRPO family): batches are the policy's own rollouts
-(``train/rollout.py``), scored by reward functions (``train/rewards.py``); the loop (``train/loop.py``) is
-every stage's.
+(``train/rollout.py``), scored by reward functions (``train/rewards.py``); everything else is the loop
+of ``train/loop.py``.
 
 Per completion token t of sample i (loss weight m = 1, see ``train/rollout.py`` "Rows"), with
 ``logp = log pi(y_t)`` under ``softmax(logits / T)`` (T = ``--rollout-temperature``, the distribution the
@@ -25,6 +25,7 @@ clipped term is the active one: rho outside the range in the direction A pushes;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.dtypes import canonical as canonical_dtype
+from core.dtypes import dtype_flag
+from core.dtypes import metavar as dtype_metavar
 from model.head import chunked, head_logits
 from train import loading
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Split
+from train.options import OptionError, Options, option
 from train.passk import PassConfig, pass_metrics, pass_sums
 from train.prompt_set import PromptSet
 from train.rewards import load_rewards
@@ -46,10 +51,75 @@ from train.weights import state_fingerprint, unwrap
 
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
-DEFAULTS: dict[str, Any] = {"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 256, "rollout_temperature": 1.0,
-                            "rollout_top_k": None, "loss": "dapo", "rollout_reuse": 1, "epsilon": 0.2,
-                            "epsilon_high": None, "kl_coef": 0.0, "scale_rewards": "group", "mask_truncated": False,
-                            "pass_k": None, "success_threshold": 1.0, "rollout_dtype": "float32"}
+
+
+@dataclass(frozen=True)
+class GRPOOptions(Options):
+    """The --stage grpo flags: how rollouts are drawn, scored and turned into a loss (the module docstring)."""
+    title = "reinforcement learning (--stage grpo: --prompts, no --data)"
+
+
+    reward: tuple[str, ...] = option((), "reward function, repeatable (weights sum): gsm8k, format, length, "
+                                     "module:function or path/to/file.py:function in TRL's convention f(prompts, "
+                                     "completions, **columns)", metavar="SPEC[@W]", action="append")
+    group_size: int = option(8, "samples per prompt (default {default})", metavar="G", kind=int, low=2)
+    prompts_per_step: int = option(8, "prompts per optimizer step, all ranks (default {default}); a multiple of "
+                                   "--grad-accum x processes", metavar="P", kind=int, low=1)
+    max_new_tokens: int = option(256, "completion length limit (default {default})", metavar="N", kind=int, low=1)
+    rollout_temperature: float = option(1.0, "sampling temperature (default {default})", metavar="T", kind=float,
+                                        low=0, low_open=True)
+    rollout_top_k: int | None = option(None, "sample from the K most likely tokens only", metavar="K", kind=int,
+                                       low=1)
+    rollout_dtype: str = option("float32", "precision of the rollouts' decode matmuls: float32 (the model's, "
+                                "default) or bfloat16 (faster on AMX / AVX512-BF16 CPUs and GPUs; tokens of a "
+                                "bf16-rounded policy, while log-probs and the loss stay float32)",
+                                type=dtype_flag(*ROLLOUT_DTYPES), metavar=dtype_metavar(*ROLLOUT_DTYPES))
+    loss: str = option("dapo", "dapo: token-level over the step (default); grpo: per-sequence mean; dr_grpo: / (S x "
+                       "max-new-tokens); cispo: clipped IS weight (detached) x log-prob", choices=LOSSES)
+    rollout_reuse: int = option(1, "optimizer steps per batch of rollouts (default {default})", metavar="K",
+                                kind=int, low=1)
+    epsilon: float = option(0.2, "clip range low: ratio >= 1 - eps (default {default})", kind=float, low=0)
+    epsilon_high: float | None = option(None, "clip range high: ratio <= 1 + eps_high (default --epsilon)",
+                                        kind=float, low=0)
+    kl_coef: float = option(0.0, "k3 KL to the frozen --init-from model (default 0: not loaded)", kind=float, low=0)
+    scale_rewards: str = option("group", "divide advantages by the group's reward std (group, default) or not "
+                                "(none)", choices=SCALES)
+    mask_truncated: bool = option(False, "no loss on completions cut by --max-new-tokens", action="store_true")
+    eval_prompts: Path | None = option(None, "pass@1 / pass@k (sampled and greedy) on these prompts every "
+                                       "--eval-every steps", metavar="FILE.jsonl", type=Path)
+    pass_k: int | None = option(None, "the k of pass@k, <= --group-size (default G)", metavar="K", kind=int, low=1)
+    success_threshold: float = option(1.0, "a sample succeeds when its total reward >= R (default {default})",
+                                      metavar="R", kind=float)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "reward", tuple(self.reward))
+        dtype = canonical_dtype(self.rollout_dtype)
+        if dtype not in ROLLOUT_DTYPES:
+            raise OptionError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {self.rollout_dtype}")
+        object.__setattr__(self, "rollout_dtype", dtype)
+        if self.loss not in LOSSES or self.scale_rewards not in SCALES:
+            raise OptionError(f"--loss is one of {', '.join(LOSSES)}; --scale-rewards one of {', '.join(SCALES)}")
+        if self.pass_k is not None and not 1 <= self.pass_k <= self.group_size:
+            raise OptionError(f"--pass-k must be in [1, --group-size {self.group_size}], got {self.pass_k}")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def rollout_config(self, seed: int) -> RolloutConfig:
+        return RolloutConfig(self.group_size, self.prompts_per_step, self.max_new_tokens, self.rollout_temperature,
+                             self.rollout_top_k, self.rollout_reuse, self.scale_rewards, self.mask_truncated, seed,
+                             ROLLOUT_DTYPES[self.rollout_dtype])
+
+    def pass_config(self) -> PassConfig:
+        return PassConfig(self.group_size, self.pass_k or self.group_size, self.success_threshold)
+
+    def record(self) -> dict[str, Any]:
+        """What every checkpoint of the run records (``stage_options``; a resumed run must match it)."""
+        values = self.values()
+        return {**values, "reward": list(self.reward),
+                "eval_prompts": None if self.eval_prompts is None else str(self.eval_prompts)}
 
 
 def _logps(hidden: Tensor, targets: Tensor, weight: Tensor, temperature: float) -> Tensor:
@@ -82,47 +152,23 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
     name = "grpo"
     dataset_stages = ("prompts",)
     rollouts = True
-    options = ("reward", *DEFAULTS, "eval_prompts")
+    Options = GRPOOptions
 
-    def __init__(self, byte_lengths: Tensor | None = None, reward: list[str] | None = None,
-                 eval_prompts: str | Path | None = None, **options: Any):
-        super().__init__(byte_lengths)
-        o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-        self.o = o
-        self.check_options(o)
-        self.rewards = load_rewards(reward or [])
-        self.eps, self.eps_high = float(o["epsilon"]), float(o["epsilon_high"] if o["epsilon_high"] is not None
-                                                              else o["epsilon"])
-        self.kl_coef, self.loss_type = float(o["kl_coef"]), o["loss"]
-        self.temperature = float(o["rollout_temperature"])
-        self.eval_path = eval_prompts
-        self.pass_cfg = PassConfig(o["group_size"], o["pass_k"] or o["group_size"], float(o["success_threshold"]))
+    def __init__(self, byte_lengths: Tensor | None = None, options: GRPOOptions | None = None, **values: Any):
+        super().__init__(byte_lengths, options, **values)
+        o: GRPOOptions = self.options  # type: ignore[assignment]
+        self.rewards = load_rewards(list(o.reward))
+        self.eps, self.eps_high = o.epsilon, o.clip_high
+        self.kl_coef, self.loss_type = o.kl_coef, o.loss
+        self.temperature = o.rollout_temperature
+        self.eval_path = o.eval_prompts
+        self.pass_cfg = o.pass_config()
         self.model: nn.Module | None = None
         self.ref_model: nn.Module | None = None
         self.reference: SourceRecord | None = None
         self.tok = None
         self.eval_set: PromptSet | None = None
         self.seed = 0  # the run's --seed (given to loader()): rollout and evaluation sample seeds derive from it
-
-    @staticmethod
-    def check_options(o: dict[str, Any]) -> None:
-        """Each option in its range (StageError, one line naming the flag)."""
-        for key, low in (("group_size", 2), ("prompts_per_step", 1), ("max_new_tokens", 1), ("rollout_reuse", 1)):
-            if int(o[key]) < low:
-                raise StageError(f"--{key.replace('_', '-')} must be >= {low}, got {o[key]}")
-        if o["loss"] not in LOSSES or o["scale_rewards"] not in SCALES:
-            raise StageError(f"--loss is one of {', '.join(LOSSES)}; --scale-rewards one of {', '.join(SCALES)}")
-        if not o["rollout_temperature"] > 0:
-            raise StageError("--rollout-temperature must be > 0 (the policy is the sampling distribution)")
-        if o["rollout_top_k"] is not None and int(o["rollout_top_k"]) < 1:
-            raise StageError("--rollout-top-k must be >= 1")
-        for key in ("epsilon", "epsilon_high", "kl_coef"):
-            if o[key] is not None and not float(o[key]) >= 0:
-                raise StageError(f"--{key.replace('_', '-')} must be >= 0, got {o[key]}")
-        if o["rollout_dtype"] not in ROLLOUT_DTYPES:
-            raise StageError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {o['rollout_dtype']}")
-        if o["pass_k"] is not None and not 1 <= int(o["pass_k"]) <= int(o["group_size"]):
-            raise StageError(f"--pass-k must be in [1, --group-size {o['group_size']}], got {o['pass_k']}")
 
     # ---- data ----------------------------------------------------------------------------------------------
     def open_dataset(self, folder: str, tokenizer_fingerprint: str | None = None, verify: bool = True) -> PromptSet:
@@ -136,16 +182,12 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         """Tokenize the prompts (and evaluation prompts) with the tokenizer of the model being trained."""
         self.tok = loading.find_tokenizer(source)
         limit = source.model_config.max_position_embeddings
-        dataset.attach(self.tok, int(self.o["max_new_tokens"]), limit)
+        dataset.attach(self.tok, self.options.max_new_tokens, limit)
         if self.eval_set is not None:
-            self.eval_set.attach(self.tok, int(self.o["max_new_tokens"]), limit)
+            self.eval_set.attach(self.tok, self.options.max_new_tokens, limit)
 
     def rollout_config(self, seed: int) -> RolloutConfig:
-        o = self.o
-        return RolloutConfig(int(o["group_size"]), int(o["prompts_per_step"]), int(o["max_new_tokens"]),
-                             self.temperature, None if o["rollout_top_k"] is None else int(o["rollout_top_k"]),
-                             int(o["rollout_reuse"]), o["scale_rewards"], bool(o["mask_truncated"]), seed,
-                             ROLLOUT_DTYPES[o["rollout_dtype"]])
+        return self.options.rollout_config(seed)
 
     def loader(self, split: Split[PromptSet], micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> RolloutLoader:
@@ -164,9 +206,10 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
             self.check_same_options(ctx.resume)
         if self.kl_coef > 0:
             self._load_reference(ctx)
-        ctx.say(f"grpo: {self.o['prompts_per_step']} prompts x {self.o['group_size']} samples per step, loss "
+        o = self.options
+        ctx.say(f"grpo: {o.prompts_per_step} prompts x {o.group_size} samples per step, loss "
                 f"{self.loss_type}, rewards {', '.join(f'{r.name}@{r.weight:g}' for r in self.rewards)}, kl_coef "
-                f"{self.kl_coef:g}, reuse {self.o['rollout_reuse']}")
+                f"{self.kl_coef:g}, reuse {o.rollout_reuse}")
 
     def _load_reference(self, ctx: StageContext) -> None:
         """The --init-from model (on resume: the recorded reference, checked by its weights' fingerprint)."""
@@ -197,15 +240,14 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
 
     def checkpoint_fields(self) -> dict[str, Any]:
         return {"reference": self.reference,
-                "stage_options": {**self.o, "reward": [r.spec for r in self.rewards],
-                                  "eval_prompts": None if self.eval_path is None else str(self.eval_path)}}
+                "stage_options": {**self.options.record(), "reward": [r.spec for r in self.rewards]}}
 
     @torch.no_grad()
     def annotate(self, batch: RolloutBatch) -> None:
         """At rollout time: the old policy's per-token log-probs (only with reuse > 1) and the reference's
         (only with a KL term), computed in eval mode on the rollout's device, kept on the CPU."""
         models = {}
-        if int(self.o["rollout_reuse"]) > 1:
+        if self.options.rollout_reuse > 1:
             models["old_token_logps"] = self.model
         if self.ref_model is not None:
             models["ref_token_logps"] = self.ref_model
@@ -222,11 +264,11 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         """The step loss of the module docstring, and its token-mean metrics."""
         loss, metrics = self.token_loss(sup, batch)
         m = batch.weights
-        samples = float(self.o["prompts_per_step"] * self.o["group_size"])
+        samples = float(self.options.prompts_per_step * self.options.group_size)
         if self.loss_type == "grpo":
             total = ((loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / samples
         elif self.loss_type == "dr_grpo":
-            total = (loss * m).sum() / (samples * float(self.o["max_new_tokens"]))
+            total = (loss * m).sum() / (samples * float(self.options.max_new_tokens))
         else:
             total = (loss * m).sum() / norm.tokens
         return total, {k: ((v * m).sum() / norm.tokens).detach() for k, v in metrics.items()}
