@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
 from core.files import FolderLock, atomic_write_json, is_temp_file, read_json  # noqa: E402
-from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
+from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, declare_chat_template, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
     OK,
@@ -187,7 +187,7 @@ def plan_fingerprint(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerI
         "format": shards.VERSION, "stage": opts.stage, "seq_len": opts.seq_len, "overlong": r.overlong,
         "tag_weight": r.tag_weight if opts.stage == "reason" else None, "shard_tokens": opts.shard_tokens,
         "max_record_chars": r.max_record_chars, "parse_special": r.parse_special,
-        "tokenizer": tok.fingerprint,
+        "tokenizer": tok.fingerprint, "chat_template": r.chat_meta(tok, opts.stage),
         "sources": [[str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.weight]
                     for s in specs],
     }
@@ -417,6 +417,7 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
         "token_dtype": shards.token_dtype_for(tok.vocab_size), "plan_fingerprint": fingerprint,
         "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                       "special_ids": tok.special_ids},
+        "chat_template": r.chat_meta(tok, opts.stage),
         "options": {"overlong": r.overlong, "tag_weight": r.tag_weight if opts.stage == "reason" else None,
                     "shard_tokens": opts.shard_tokens, "max_record_chars": r.max_record_chars,
                     "skip_bad": r.skip_bad, "parse_special": r.parse_special},
@@ -543,7 +544,7 @@ def pack(options: PackOptions) -> PackResult:
     if message := options.problem():
         raise PackError(message)
     specs = parse_input_args(options.inputs)
-    tok = load_tokenizer(options.tokenizer)
+    tok = declare_chat_template(load_tokenizer(options.tokenizer), options.records.chat_template)
     if options.stage != "pretrain":
         tok.require_chat(f"--stage {options.stage}")
     if options.stage == "reason" and options.records.tag_weight != 1 and not tok.has_reasoning_tags:
@@ -594,7 +595,8 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     records_before = done[-1]["records_end"] if done else 0
     builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
     r = opts.records
-    enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars, r.parse_special)
+    enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars, r.parse_special,
+                        r.augment)
     per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
