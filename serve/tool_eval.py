@@ -29,7 +29,8 @@ Scores (:func:`score`):
 - ``right_arguments``: right-tool calls whose arguments are correct: a calculator's ``expression``
   evaluates (``core/calculator.py``) to a numeric gt (when the gt holds no number: to any value); another
   tool's required parameters are all given and non-empty;
-- ``no_call`` (cases without any call attempt), ``unfinished``, ``tool_rounds`` (rounds of calls run).
+- ``no_call`` (cases without any call attempt), ``unfinished`` (still calling after ``max_rounds`` rounds,
+  or the conversation outgrew the model's context: no final answer), ``tool_rounds`` (rounds of calls run).
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ def table(metrics: dict[str, float | int]) -> str:
     """The metrics as a two-column text table: count, and the rate where there is one."""
     rows = [("answered (final answer holds the gt)", metrics["answered"], metrics["accuracy"]),
             ("no call", metrics["no_call"], None),
-            ("unfinished (calling at the round limit)", metrics["unfinished"], None),
+            ("unfinished (round limit or context)", metrics["unfinished"], None),
             ("tool rounds run", metrics["tool_rounds"], None), ("call attempts", metrics["calls"], None),
             *((name, metrics[key], metrics[f"{key}_rate"] if metrics["calls"] else None)  # rates per attempt
               for name, key in (("well-formed calls", "well_formed"), ("right tool", "right_tool"),

@@ -89,8 +89,8 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def local(info, batch_size: int = 8) -> LocalModel:
-    model = RowScriptedLM(info, SCRIPTS)
+def local(info, batch_size: int = 8, scripts: list[tuple[str, str]] = SCRIPTS) -> LocalModel:
+    model = RowScriptedLM(info, scripts)
     return LocalModel(LoadedModel(model, info, SimpleNamespace(path="scripted", step=1, stage="sft")),
                       torch.device("cpu"), max_new_tokens=64, batch_size=batch_size)
 
@@ -130,6 +130,21 @@ def test_round_limit_is_a_flag(tmp_path, info):
     cases = read_cases(write(tmp_path / "loop.jsonl", RECORDS[-1:]), TWO_TOOLS)
     (one,) = run_dialogues(cases, local(info), max_rounds=1)
     assert one.unfinished and (one.rounds, one.calls, one.right_arguments) == (1, 2, 2)
+
+
+def test_a_call_to_a_tool_not_offered_is_malformed_and_not_run(tmp_path, info):
+    cases = read_cases(write(tmp_path / "x.jsonl", [{"prompt": "X: run ls", "gt": ["ok"]}]), TWO_TOOLS)
+    (x,) = run_dialogues(cases, local(info, scripts=[("X: run", call("shell", {"cmd": "ls"}))]))
+    assert (x.calls, x.well_formed, x.rounds, x.answered) == (1, 0, 0, False)
+    assert x.final.startswith("<tool_call>") and [t["role"] for t in x.turns] == ["assistant"]
+
+
+def test_a_prompt_beyond_the_context_leaves_the_case_unfinished(tmp_path, info):
+    responder = local(info)
+    responder.loaded.model.config.max_position_embeddings = 16
+    cases = read_cases(write(tmp_path / "c.jsonl", RECORDS[:2]), TWO_TOOLS)
+    assert all(r.unfinished and not r.answered and r.calls == 0 for r in run_dialogues(cases, responder))
+    assert responder.loaded.model.prompts == []  # nothing was generated
 
 
 def test_gt_implies_the_tool_and_expected_tools_overrides(tmp_path):
