@@ -41,7 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import atomic_open, atomic_write_json, check_file_target, temp_path  # noqa: E402
+from core.files import (  # noqa: E402
+    Named,
+    atomic_open,
+    atomic_write_json,
+    check_file_target,
+    refuse_inputs,
+    refuse_same_outputs,
+    temp_path,
+)
 from preprocess.pack import chunks, usable_cores  # noqa: E402
 from preprocess.parallel import pool_map  # noqa: E402
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, STAGES, Pair, RecordError, parse_record  # noqa: E402
@@ -563,12 +571,31 @@ def spooled_shuffle(lines: Iterator[bytes], path: Path, seed: int, budget: int) 
         spool.unlink(missing_ok=True)
 
 
+def input_paths(opts: CleanOptions, sources: list[Source]) -> list[Named]:
+    """Every file a run reads: the inputs, the --exclude files and the --filter files."""
+    named: list[Named] = [("--input", s.spec.path) for s in sources]
+    named += [("--exclude", s.path) for s in (parse_input_args(opts.exclude) if opts.exclude else [])]
+    named += [("--filter", target) for spec in opts.filters
+              if (target := spec.rpartition(":")[0]).endswith(".py")]
+    return named
+
+
+def check_outputs(opts: CleanOptions, sources: list[Source]) -> None:
+    """Refuse an --out or --report that is a file this run reads, or --report == --out (one line each)."""
+    inputs = input_paths(opts, sources)
+    refuse_same_outputs([("--out", opts.out), ("--report", opts.report)])
+    refuse_inputs(opts.out, inputs, "--out")
+    if opts.report is not None:
+        refuse_inputs(opts.report, inputs, "--report")
+
+
 def clean(opts: CleanOptions) -> CleanResult:
     """Clean ``opts.inputs`` into ``opts.out`` (and ``opts.report``); every problem is a TinyLMError
     (one line) and leaves no output, no report and no temp file."""
     if message := opts.problem():
         raise CleanError(message)
     sources = parse_sources(opts.inputs)
+    check_outputs(opts, sources)
     check_file_target(opts.out)
     if opts.report is not None:
         check_file_target(opts.report, "report file")

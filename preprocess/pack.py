@@ -38,7 +38,7 @@ if __name__ == "__main__":  # pack.py does no linear algebra: numpy's OpenBLAS w
 import numpy as np  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import FolderLock, atomic_write_json, is_temp_file, read_json  # noqa: E402
+from core.files import FolderLock, atomic_write_json, check_output_folder, is_temp_file, read_json  # noqa: E402
 from core.tokenizer import DEFAULT_TOKENIZER, REPO_ROOT, TokenizerInfo, load_tokenizer  # noqa: E402
 from preprocess import shards  # noqa: E402
 from preprocess.encode import (  # noqa: E402
@@ -243,6 +243,11 @@ def keep_finished(opts: PackOptions, tok: TokenizerInfo, records: Iterator[dict 
                                f"checksums (changed or corrupted since it was written: {problem}); packing it and "
                                "the shards after it again")
     return done
+
+
+def pack_output_file(name: str) -> bool:
+    """The names pack.py writes into --out: meta.json, its state file and shard files."""
+    return name in ("meta.json", STATE_FILE) or shards.shard_index(name) is not None
 
 
 def clear_outputs(out: Path, keep: int) -> None:
@@ -552,6 +557,8 @@ def pack(options: PackOptions) -> PackResult:
     max_line = BYTES_PER_CHAR_MAX * options.records.max_record_chars
     total_items = count_items(specs, max_line)  # reads every input once: a broken file is refused here
     fingerprint = plan_fingerprint(options, specs, tok)
+    check_output_folder(options.out, "pack.py", pack_output_file,
+                        [*(("--input", s.path) for s in specs), ("--tokenizer", tok.path)])
     result = PackResult(options.out)
     if options.stage != "pretrain" and (note := tok.missing_tags_note()):
         result.warnings.append(note)  # said once per run (the workers render quietly)
