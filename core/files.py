@@ -317,7 +317,7 @@ def check_output_folder(out: str | Path, tool: str, own: Callable[[str], bool] =
     if not out.exists():
         return out
     if not out.is_dir():
-        raise OutputClash(f"{out_flag} is a file, not a folder", path=out)
+        raise FileWriteError("the output folder is a file, not a folder", path=out)
     try:
         names = sorted(p.name for p in out.iterdir())
     except OSError as e:

@@ -76,7 +76,9 @@ def check_export_target(loaded: LoadedModel, fmt: str, out: Path, write_modelfil
     (:func:`core.files.check_output_folder`: missing, empty, or only the files an hf export writes)."""
     inputs = model_inputs(loaded)
     if fmt == "hf":
-        check_output_folder(out, "bin/export", lambda name: name in HF_FILES, inputs)
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out}: exists and is not a directory")
+        check_output_folder(out, "bin/export", HF_FILES.__contains__, inputs)
         return
     if out.is_dir():
         raise ToolError(f"{out}: is a directory; give the .gguf file to write")
@@ -111,7 +113,11 @@ def export(loaded: LoadedModel, fmt: str, out: str | Path, dtype: str, progress:
                                               eot=IM_END if IM_END in tok.token_ids else None)
             name = loaded.run_folder.name or "tinylm"
             gguf_tmp = temp_path(out)
-            export_gguf(state, config, vocab, gguf_tmp, dtype, name=name, progress=progress)
+            try:
+                export_gguf(state, config, vocab, gguf_tmp, dtype, name=name, progress=progress)
+            except FileWriteError as e:  # it wrote the temp name: the user knows --out
+                e.path = out if e.path == gguf_tmp else e.path
+                raise
             pairs = [(gguf_tmp, out)]
             if write_modelfile:
                 mf = out.parent / "Modelfile"

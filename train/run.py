@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import FolderLock, make_dir  # noqa: E402
+from core.files import FolderLock, make_dir, refuse_inputs  # noqa: E402
 from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from model.lora import ALL_TARGETS, LoRAConfig  # noqa: E402
@@ -446,6 +446,8 @@ def run(args: argparse.Namespace, info: dist.DistInfo) -> None:
     everything around it, train, report."""
     say = print if info.is_main else (lambda *a, **k: None)
     stage: Stage = build_stage(args.stage, **{dest: getattr(args, dest) for dest in STAGES[args.stage].options})
+    refuse_inputs(args.out, [(f"--{k.replace('_', '-')}", getattr(args, k, None)) for k in
+                             ("data", "prompts", "eval_prompts", "init_from", "ref_from", "teacher")], folder=True)
     dataset = open_data(args, stage, say)
     with locked_run_folder(args.out, info):
         sources = resolve(args, dataset, say)
