@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import re
 import sys
 import time
@@ -50,8 +51,16 @@ from core.files import (  # noqa: E402
     refuse_same_outputs,
     temp_path,
 )
-from preprocess.pack import chunks, usable_cores  # noqa: E402
-from preprocess.parallel import pool_map  # noqa: E402
+from core.numbers import (  # noqa: E402
+    check_number,
+    non_negative_float,
+    non_negative_int,
+    number,
+    positive_int,
+    probability,
+    seed,
+)
+from preprocess.parallel import chunks, pool_map, usable_cores  # noqa: E402
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, STAGES, Pair, RecordError, parse_record  # noqa: E402
 from preprocess.sources import (  # noqa: E402
     BYTES_PER_CHAR_MAX,
@@ -137,17 +146,18 @@ class CleanOptions:
             (self.dedup_key in ("conversation", "first-user"), "--dedup-key must be conversation or first-user"),
             (self.dedup_key == "conversation" or self.stage in ("sft", "reason", "dpo"),
              "--dedup-key first-user applies to the chat stages (sft, reason, dpo)"),
-            (0 < self.near_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
+            (check_number(self.near_threshold, float, 0, 1, low_open=True) is None,
+             "--near-dup-threshold must be in (0, 1]"),
             (min(self.min_chars, self.max_chars, self.min_turn_chars, self.max_turn_chars) >= 0,
              "--min-chars / --max-chars / --min-turn-chars / --max-turn-chars must be >= 0"),
             (not self.max_chars or self.min_chars <= self.max_chars, "--min-chars must not exceed --max-chars"),
-            (0 <= self.min_cjk_ratio <= 1, "--min-cjk-ratio must be in [0, 1]"),
+            (check_number(self.min_cjk_ratio, float, 0, 1) is None, "--min-cjk-ratio must be in [0, 1]"),
             (self.lang in LANG_CHOICES, f"--lang must be one of {', '.join(LANG_CHOICES)}"),
-            (all(0 <= r <= 1 for r in (self.max_symbol_ratio, self.max_digit_ratio, self.max_url_ratio,
-                                       self.max_dup_line_ratio)),
+            (all(check_number(r, float, 0, 1) is None for r in (
+                self.max_symbol_ratio, self.max_digit_ratio, self.max_url_ratio, self.max_dup_line_ratio)),
              "--max-symbol-ratio / --max-digit-ratio / --max-url-ratio / --max-dup-line-ratio must be in [0, 1]"),
             (self.max_char_run >= 0, "--max-char-run must be >= 0 (0: off)"),
-            (self.target_mb >= 0, "--target-mb must be > 0"),
+            (check_number(self.target_mb, float, low=0) is None, "--target-mb must be a finite number >= 0"),
             (self.max_record_chars >= 1, "--max-record-chars must be at least 1"),
             (self.workers >= 0, "--workers must be at least 1"),
         ]
@@ -433,10 +443,16 @@ class Preparer:
     def user_reason(self, obj: dict, item: Item) -> str | None:
         for name, function in self.filters:
             try:
-                keep = function(obj)
+                value = function(obj)
             except Exception as e:  # noqa: BLE001  (a user's predicate may fail in any way)
                 raise CleanError(f"--filter {name} raised {type(e).__name__}: {e}", path=item.source,
                                  line=item.line) from None
+            try:
+                keep = bool(value)
+            except Exception as e:  # noqa: BLE001  (an array, or a __bool__ that raises)
+                raise CleanError(f"--filter {name} returned a {type(value).__name__} that is neither true nor false "
+                                 f"({type(e).__name__}: {e}); return True to keep the record, False to remove it",
+                                 path=item.source, line=item.line) from None
             if not keep:
                 return f"filter:{name}"
         return None
@@ -606,28 +622,38 @@ def clean(opts: CleanOptions) -> CleanResult:
     dedup.load_exclusions(preparer, max_line)
     workers = min(opts.workers, usable_cores()) if opts.workers else usable_cores()
     items = source_items(sources, max_line)
-    kept = (line for p in prepared(opts, preparer, items, workers) if (line := dedup.decide(p)) is not None)
-    budget = int(opts.target_mb * 1_000_000)
-    if opts.shuffle or budget:
-        result.written, result.bytes_written = spooled_shuffle(kept, opts.out, opts.seed, budget)
-    else:
-        result.written, result.bytes_written = write_in_order(kept, opts.out, 0)
+    every = prepared(opts, preparer, items, workers)
+    kept = (line for p in every if (line := dedup.decide(p)) is not None)
+    budget = math.ceil(opts.target_mb * 1_000_000) if opts.target_mb else 0  # a positive budget is >= 1 byte
+    try:
+        with contextlib.closing(every):  # the worker pool is shut down here, whatever happens
+            if opts.shuffle or budget:
+                result.written, result.bytes_written = spooled_shuffle(kept, opts.out, opts.seed, budget)
+            else:
+                result.written, result.bytes_written = write_in_order(kept, opts.out, 0)
+    except TinyLMError as e:  # records were read: say what became of them
+        raise e.with_hint(f"so far: {accounting(result)}") from None
     result.seconds = time.perf_counter() - start
     if opts.report is not None:
         atomic_write_json(opts.report, result.report())
     return result
 
 
-def summary_lines(result: CleanResult) -> list[str]:
-    """``read N = kept K + removed R (reasons) + skipped S (reasons)``, then what was written."""
+def accounting(result: CleanResult) -> str:
+    """``read N = kept K + removed R (reasons) + skipped S (reasons)``."""
     def part(counts: Counter) -> str:
         return f" ({', '.join(f'{k} {v:,}' for k, v in sorted(counts.items()))})" if counts else ""
+    return (f"read {result.read:,} = kept {result.kept:,} + removed {sum(result.removed.values()):,}"
+            f"{part(result.removed)} + skipped {sum(result.skipped.values()):,}{part(result.skipped)}")
+
+
+def summary_lines(result: CleanResult) -> list[str]:
+    """``read N = kept K + removed R (reasons) + skipped S (reasons)``, then what was written."""
     mb = result.input_bytes / 1e6
     rate = f", {mb / result.seconds:.1f} MB/s" if result.seconds else ""
     cut = result.kept - result.written
     lines = [f"cleaned {result.opts.stage} -> {result.opts.out}",
-             f"  records  read {result.read:,} = kept {result.kept:,} + removed {sum(result.removed.values()):,}"
-             f"{part(result.removed)} + skipped {sum(result.skipped.values()):,}{part(result.skipped)}",
+             f"  records  {accounting(result)}",
              f"  written  {result.written:,} records, {result.bytes_written / 1e6:.2f} MB"
              + (f" ({cut:,} kept records cut by --target-mb)" if cut else "")
              + f"  [{mb:.2f} MB read in {result.seconds:.1f} s{rate}]"]
@@ -660,7 +686,8 @@ def parse_args(argv: list[str] | None = None) -> CleanOptions:
                         "whitespace-folded text; none")
     g.add_argument("--dedup-key", choices=("conversation", "first-user"), default=d.dedup_key,
                    help="chat stages: the whole conversation (default) or its first user turn")
-    g.add_argument("--near-dup-threshold", type=float, default=d.near_threshold, dest="near_threshold",
+    g.add_argument("--near-dup-threshold", type=number(float, 0, 1, low_open=True), default=d.near_threshold,
+                   dest="near_threshold",
                    help=f"Jaccard similarity of a near duplicate (default {d.near_threshold})")
     g.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
                    help="held-out / evaluation files: records matching them (exactly, or nearly with --dedup near) "
@@ -670,8 +697,9 @@ def parse_args(argv: list[str] | None = None) -> CleanOptions:
                         ("max-chars", "more content characters in the record"),
                         ("min-turn-chars", "chat: a turn with fewer characters"),
                         ("max-turn-chars", "chat: a turn with more characters")):
-        g.add_argument(f"--{name}", type=int, default=0, help=f"remove a record with {help_}")
-    g.add_argument("--min-cjk-ratio", type=float, default=0.0, help="minimum share of CJK characters among letters")
+        g.add_argument(f"--{name}", type=non_negative_int, default=0, help=f"remove a record with {help_}")
+    g.add_argument("--min-cjk-ratio", type=probability, default=0.0,
+                   help="minimum share of CJK characters among letters")
     g.add_argument("--lang", choices=LANG_CHOICES, default="any",
                    help="zh: CJK >= 50%% of letters; en: ASCII >= 80%% of letters; any (default)")
     g = p.add_argument_group("noise (1 or 0 = off)")
@@ -680,8 +708,8 @@ def parse_args(argv: list[str] | None = None) -> CleanOptions:
             ("max-digit-ratio", d.max_digit_ratio, "share of digits among non-space characters"),
             ("max-url-ratio", d.max_url_ratio, "share of characters inside URLs"),
             ("max-dup-line-ratio", d.max_dup_line_ratio, "share of non-blank lines repeating an earlier line")):
-        g.add_argument(f"--{name}", type=float, default=default, help=f"{help_} (default {default})")
-    g.add_argument("--max-char-run", type=int, default=d.max_char_run,
+        g.add_argument(f"--{name}", type=probability, default=default, help=f"{help_} (default {default})")
+    g.add_argument("--max-char-run", type=non_negative_int, default=d.max_char_run,
                    help=f"longest run of one repeated character (default {d.max_char_run}; 0: off)")
     g.add_argument("--allow-control", action="store_true", help="keep records with control characters")
     g.add_argument("--allow-mojibake", action="store_true", help="keep records with U+FFFD or mis-decoded UTF-8")
@@ -694,13 +722,13 @@ def parse_args(argv: list[str] | None = None) -> CleanOptions:
     g.add_argument("--no-source", dest="source_field", action="store_false",
                    help="do not add the 'source' field (the input file) to each record")
     g.add_argument("--shuffle", action="store_true", help="shuffle the output (through an index of offsets)")
-    g.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    g.add_argument("--target-mb", type=float, default=0.0,
+    g.add_argument("--seed", type=seed, default=0, help="shuffle seed (default 0)")
+    g.add_argument("--target-mb", type=non_negative_float, default=0.0,
                    help="stop the (shuffled) output at M megabytes, e.g. a random 72 MB of a large SFT set")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records, counted per reason")
-    p.add_argument("--max-record-chars", type=int, default=DEFAULT_MAX_RECORD_CHARS,
+    p.add_argument("--max-record-chars", type=positive_int, default=DEFAULT_MAX_RECORD_CHARS,
                    help="a record with more content characters is a bad record (too_long), as in pack.py")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=non_negative_int, default=0,
                    help="processes for the per-record work (default: every usable core); the output does not "
                         "depend on it (duplicates are decided in input order in this process)")
     p.add_argument("--quiet", action="store_true", help="no summary")

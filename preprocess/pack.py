@@ -19,6 +19,7 @@ docs/FORMAT.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -53,7 +54,7 @@ from preprocess.encode import (  # noqa: E402
 )
 from preprocess.options import RecordOptions, add_record_arguments  # noqa: E402
 from preprocess.packing import assemble_shard  # noqa: E402
-from preprocess.parallel import pool_map  # noqa: E402
+from preprocess.parallel import chunks, pool_map, usable_cores  # noqa: E402
 from preprocess.records import STAGES  # noqa: E402
 from preprocess.sources import (  # noqa: E402
     BYTES_PER_CHAR_MAX,
@@ -67,7 +68,6 @@ from preprocess.sources import (  # noqa: E402
 STATE_FILE = ".pack_state.json"
 CHUNK_RECORDS = 512  # a chunk (the work one worker takes at a time) holds at most this many records
 CHUNK_BYTES = 128 << 10  # and closes once its lines hold this many bytes, so chunks cost about the same
-TAIL_RECORDS = 8  # the fewest records of a chunk near the end (see chunks)
 WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
 
 
@@ -125,14 +125,6 @@ class PackResult:
     @property
     def counts(self) -> dict:
         return self.meta["counts"]
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> PackOptions:
@@ -287,36 +279,6 @@ def prepare_out(opts: PackOptions, fingerprint: str, tok: TokenizerInfo,
     return done, None
 
 
-def chunks(items: Iterator[Item], records: int, size: float = float("inf"), expected: int | None = None,
-           parts: int = 1) -> Iterator[list[Item]]:
-    """``items`` in consecutive batches of at most ``records`` items, each closed as soon as its JSONL
-    lines hold ``size`` bytes or more (Parquet rows count by number only; no ``size``: by number only).
-
-    Tokenizing costs about the same per byte, so chunks of equal bytes take the workers equally long: a
-    run of long records (the first lines of a mix, say) is not one chunk that keeps the in-order consumer,
-    and with it every other worker, waiting. With ``expected`` (how many items there will be) a batch also
-    holds at most ``1/parts`` of the items still to come (and at least TAIL_RECORDS): the last batches
-    shrink, so the workers finish within a few records of each other instead of all but one idling while
-    it encodes a whole batch. The output does not depend on where chunks end."""
-    def limit(left: int | None) -> int:
-        return records if left is None else max(min(records, left // parts), TAIL_RECORDS)
-    batch: list[Item] = []
-    held = 0
-    left, most = expected, limit(expected)
-    for item in items:
-        batch.append(item)
-        if isinstance(item.payload, bytes):
-            held += len(item.payload)
-        if held >= size or len(batch) >= most:
-            yield batch
-            if left is not None:
-                left -= len(batch)
-                most = limit(left)
-            batch, held = [], 0
-    if batch:
-        yield batch
-
-
 def tally(outcomes: Counter) -> dict:
     """Per-record outcomes -> counts: kept (truncated among them), dropped and skipped by reason."""
     def by_prefix(prefix: str) -> dict[str, int]:
@@ -469,7 +431,20 @@ def check_has_rows(opts: PackOptions, counts: dict) -> None:
         raise PackError(f"no record was kept from {', '.join(opts.inputs)}: {accounting_line(counts)}")
     need = f"one window of --seq-len {opts.seq_len} + 1 tokens" if opts.stage == "pretrain" else "one row"
     raise PackError(f"no training row: the {counts['records_kept']:,} kept record(s) hold {counts['tokens']:,} "
-                    f"tokens, less than {need}; lower --seq-len or add data")
+                    f"tokens, less than {need}; lower --seq-len or add data ({accounting_line(counts)})")
+
+
+def counts_before(records: list[dict], outcomes: Counter) -> dict:
+    """The accounting of the shard records written so far plus the per-record ``outcomes`` after them (for an
+    error that stops a run midway)."""
+    c = {"records_read": sum(outcomes.values()), **tally(outcomes)}
+    dropped, skipped = Counter(c["dropped"]), Counter(c["skipped"])
+    for r in records:
+        for key in ("records_read", "records_kept", "truncated"):
+            c[key] += r[key]
+        dropped.update(r["dropped"])
+        skipped.update(r["skipped"])
+    return {**c, "dropped": dict(sorted(dropped.items())), "skipped": dict(sorted(skipped.items()))}
 
 
 def accounting_line(c: dict) -> str:
@@ -605,11 +580,14 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()
-    with progress_bar(opts, total_items, records_before) as bar:
-        for chunk in encoded_chunks(enc, tok, items, worker_count(opts, result), total_items - records_before):
-            bad = None if r.skip_bad else next((e for e in chunk.errors if e is not None), None)
-            if bad is not None:
-                raise bad.with_hint("pass --skip-bad to skip and count bad records")
+    encoded = encoded_chunks(enc, tok, items, worker_count(opts, result), total_items - records_before)
+    with progress_bar(opts, total_items, records_before) as bar, contextlib.closing(encoded):
+        for chunk in encoded:
+            at = None if r.skip_bad else next((i for i, e in enumerate(chunk.errors) if e is not None), None)
+            if at is not None:
+                before = counts_before(done + builder.written, builder.outcomes + Counter(chunk.outcomes[:at]))
+                raise chunk.errors[at].with_hint(f"pass --skip-bad to skip and count bad records (before it: "
+                                                 f"{accounting_line(before)})")
             builder.add(chunk)
             bar.update(len(chunk.outcomes))
             bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}", refresh=False)

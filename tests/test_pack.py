@@ -41,7 +41,7 @@ from pack_helpers import (
 import core.files
 from core.chat_template import render_text
 from core.files import FolderLock
-from preprocess import encode, pack, shards
+from preprocess import encode, pack, parallel, shards
 from preprocess.records import parse_conversation
 from preprocess.sources import Item
 
@@ -99,18 +99,18 @@ def test_chunks_close_at_the_record_count_or_the_byte_size():
     sizes = [10, 20, 5, 5, 5, 5, 100]
     items = [Item("a.jsonl", n, b"x" * size) for n, size in enumerate(sizes, 1)]
     items += [Item("b.parquet", n, {"text": "y" * 100}) for n in range(1, 5)]  # rows count by number only
-    batches = list(pack.chunks(iter(items), 3, 25))
+    batches = list(parallel.chunks(iter(items), 3, 25))
     assert [len(b) for b in batches] == [2, 3, 2, 3, 1]
     assert [i for b in batches for i in b] == items
-    assert [len(b) for b in pack.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
+    assert [len(b) for b in parallel.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
 
 
 def test_the_last_chunks_shrink_so_workers_end_together():
     items = [Item("a.jsonl", n, b"x") for n in range(1, 101)]
-    batches = list(pack.chunks(iter(items), 512, expected=100, parts=4))
+    batches = list(parallel.chunks(iter(items), 512, expected=100, parts=4))
     assert [len(b) for b in batches] == [25, 18, 14, 10, 8, 8, 8, 8, 1]  # a quarter of what is left, at least 8
     assert [i for b in batches for i in b] == items
-    wrong = list(pack.chunks(iter(items), 30, expected=40, parts=2))  # more items than expected: all still come
+    wrong = list(parallel.chunks(iter(items), 30, expected=40, parts=2))  # more items than expected: all still come
     assert [len(b) for b in wrong] == [20, 10, 8, 8, 8, 8, 8, 8, 8, 8, 6] and sum(map(len, wrong)) == 100
 
 
