@@ -41,7 +41,7 @@ from pack_helpers import (
 import core.files
 from core.chat_template import render_text
 from core.files import FolderLock
-from preprocess import encode, pack, parallel, shards
+from preprocess import encode, pack, packer, parallel, shards
 from preprocess.records import parse_conversation
 from preprocess.sources import Item
 
@@ -123,8 +123,8 @@ def test_output_identical_for_any_chunking(tmp_path, monkeypatch):
             "--shard-tokens", "30000", "--skip-bad"]
     assert pack.main([*args, "--out", str(tmp_path / "default"), "--workers", "1", "--quiet"]) == 0
     for name, per_chunk, size in (("one_each", 512, 1), ("seven", 7, 1 << 30)):
-        monkeypatch.setattr(pack, "CHUNK_RECORDS", per_chunk)
-        monkeypatch.setattr(pack, "CHUNK_BYTES", size)
+        monkeypatch.setattr(packer, "CHUNK_RECORDS", per_chunk)
+        monkeypatch.setattr(packer, "CHUNK_BYTES", size)
         assert pack.main([*args, "--out", str(tmp_path / name), "--workers", "1", "--quiet"]) == 0
         assert files_of(tmp_path / name) == files_of(tmp_path / "default")
     assert len(shards.read_meta(tmp_path / "default")["shards"]) > 2
@@ -251,7 +251,7 @@ def test_reference_tokenizer_has_no_reasoning_tags(tmp_path):
 
 
 def test_workers_capped_at_usable_cores(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pack, "usable_cores", lambda: 1)
+    monkeypatch.setattr(packer, "usable_cores", lambda: 1)
     src = SAMPLE / "sft" / "kdconv_zh.jsonl"
     rc = pack.main(["--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "64"])
     out, err = capsys.readouterr()
@@ -267,8 +267,8 @@ def _encode_or_die(items):
 
 
 def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pack, "usable_cores", lambda: 2)
-    monkeypatch.setattr(pack, "encode_in_worker", _encode_or_die)
+    monkeypatch.setattr(packer, "usable_cores", lambda: 2)
+    monkeypatch.setattr(packer, "encode_in_worker", _encode_or_die)
     src = SAMPLE / "sft" / "alpaca_zh_demo.jsonl"  # 370 records (247 kB), twice: the first 128 KiB chunk is killed
     out = tmp_path / "o"
     rc = pack.main(["--stage", "sft", "--input", f"{src}:2", "--out", str(out), "--workers", "2", "--quiet"])
