@@ -226,15 +226,20 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     start = time.perf_counter()
     encoded = encoded_chunks(enc, tok, items, worker_count(opts, result), total_items - records_before)
     with progress_bar(opts, total_items, records_before) as bar, contextlib.closing(encoded):
-        for chunk in encoded:
-            at = None if r.skip_bad else next((i for i, e in enumerate(chunk.errors) if e is not None), None)
-            if at is not None:
-                before = counts_before(done + builder.written, builder.outcomes + Counter(chunk.outcomes[:at]))
-                raise chunk.errors[at].with_hint(f"pass --skip-bad to skip and count bad records (before it: "
-                                                 f"{accounting_line(before)})")
-            builder.add(chunk)
-            bar.update(len(chunk.outcomes))
-            bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}", refresh=False)
+        try:
+            for chunk in encoded:
+                at = None if r.skip_bad else next((i for i, e in enumerate(chunk.errors) if e is not None), None)
+                if at is not None:
+                    before = counts_before(done + builder.written, builder.outcomes + Counter(chunk.outcomes[:at]))
+                    raise chunk.errors[at].with_hint(f"pass --skip-bad to skip and count bad records (before it: "
+                                                     f"{accounting_line(before)})")
+                builder.add(chunk)
+                bar.update(len(chunk.outcomes))
+                bar.set_postfix(tokens=f"{sum(r['tokens'] for r in builder.written) + builder.tokens:,}",
+                                refresh=False)
+        except PackError as e:  # a worker died: say what became of the records read so far
+            so_far = accounting_line(counts_before(done + builder.written, builder.outcomes))
+            raise e.with_hint(f"so far: {so_far}") from None
         builder.flush()
     meta = summarize(opts, specs, tok, done + builder.written, fingerprint, per_source)
     try:

@@ -61,7 +61,7 @@ def refuse(payload: bytes) -> None:
 def reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every record through json.loads, every id through encode_batch."""
     monkeypatch.setattr(records, "orjson", types.SimpleNamespace(loads=refuse, JSONDecodeError=orjson.JSONDecodeError))
-    load = pack.load_tokenizer
+    load = packer.load_tokenizer
 
     def load_reference(path: str) -> object:
         tok = load(path)
