@@ -157,8 +157,10 @@ def prepared(opts: CleanOptions, preparer: Preparer, items: Iterator[Item], work
     def died(first: Item) -> CleanError:
         return CleanError(f"a worker process died (killed, or out of memory?) while cleaning the {CHUNK_RECORDS} "
                           f"records from {first.source}:{first.line} on; lower --workers and re-run")
-    for batch in pool_map(prepare_in_worker, chunks(items, CHUNK_RECORDS), workers, init_worker, (opts,), died):
-        yield from batch
+    batches = pool_map(prepare_in_worker, chunks(items, CHUNK_RECORDS), workers, init_worker, (opts,), died)
+    with contextlib.closing(batches):  # closing this generator shuts the pool down at once
+        for batch in batches:
+            yield from batch
 
 @contextlib.contextmanager
 def output_stream(path: Path) -> Iterator:
