@@ -54,11 +54,10 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
     if holder == 0:  # the holder: take the lock, start a long-lived child, die without releasing
         os.close(read)
         FolderLock(tmp_path, "pack").__enter__()
-        child = os.fork()
-        if child == 0:
+        if os.fork() == 0:  # the child: it reports once it runs (after the fork hooks)
+            os.write(write, f"{os.getpid()}\n".encode())
             time.sleep(30)
             os._exit(0)
-        os.write(write, f"{child}\n".encode())
         os._exit(0)
     os.close(write)
     child = int(os.read(read, 32).decode())
