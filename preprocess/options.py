@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from core.chat_families import FAMILY_NAMES
-from core.numbers import number
+from core.numbers import number, positive_int
 from core.tokenizer import TokenizerInfo
 from preprocess.augment import Augment
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS
@@ -77,10 +77,10 @@ def add_record_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                              "prompt tokens from the left, never answer tokens) or drop; counted either way")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip malformed records, counted per reason, instead of stopping at the first one")
-    parser.add_argument("--tag-weight", type=int, default=d.tag_weight,
+    parser.add_argument("--tag-weight", type=number(int, low=1, high=255), default=d.tag_weight,
                         help="reason stage: loss weight of <think> </think> <answer> </answer> "
                              f"(default {d.tag_weight})")
-    parser.add_argument("--max-record-chars", type=int, default=d.max_record_chars,
+    parser.add_argument("--max-record-chars", type=positive_int, default=d.max_record_chars,
                         help="a record with more content characters is a bad record (too_long), refused before "
                              f"tokenizing so memory stays bounded (default {d.max_record_chars:,})")
     parser.add_argument("--parse-special", action="store_true",
