@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GRPO on the "shorter completions score higher" task: each --loss with and without --scale-rewards.
 
-    OUT_DIR=/tmp/study PYTHON=.venv/bin/python SKIP_CHAT=1 SKIP_EVAL=1 bash train.sh --smoke   # the SFT model
+    OUT_DIR=/tmp/study PYTHON=.venv/bin/python SKIP_CHAT=1 SKIP_EVAL=1 SKIP_REPORT=1 bash train.sh --smoke
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_study.py --ckpt /tmp/study/sft
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_study.py --ckpt /tmp/study/sft --max-new-tokens 128 \\
         --arms dapo/group --arm "lr 1e-2=--loss dapo --lr 1e-2"
