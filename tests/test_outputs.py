@@ -166,9 +166,9 @@ def lora_run(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = TinyLM(ModelConfig.from_preset("tiny"))
     Checkpoint.of(model, load_tokenizer(TOKENIZER), step=5, stage="sft").save(root / "base")
-    from train import checkpoint
+    from train import loading
 
-    base = checkpoint.load(root / "base")
+    base = loading.load(root / "base")
     lora = LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",))
     apply_lora(model, lora)
     adapter = dataclasses.replace(base, model=lora_state_dict(model), lora=lora, base=base.source_record(), step=5)
