@@ -35,6 +35,7 @@ from preprocess.sources import Item
 PACKED_STAGES = ("sft", "reason", "dpo")
 OK, TRUNCATED = "ok", "truncated"
 DROPPED_OVERLONG, DROPPED_NO_LOSS = "dropped:overlong", "dropped:no_supervised_left"
+DROPPED_HELD_OUT, DROPPED_NOT_HELD_OUT = "dropped:held_out", "dropped:not_held_out"  # --hold-out-every
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class EncodeOptions:
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
     parse_special: bool = False  # pretrain: added-token strings in the text become their ids
     augment: Augment = Augment()  # sft / reason / dpo: MiniMind's seeded augmentations (off by default)
+    hold_out_every: int = 0  # records on line k * N are the held-out slice (0: none)
+    held_out_only: bool = False  # keep only the held-out slice instead of everything but it
 
 
 @dataclass
@@ -123,6 +126,11 @@ def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> 
     chunk = EncodedChunk(np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
     docs_of_item: list[list[list[Piece]]] = []
     for item in items:
+        if opts.hold_out_every and (item.line % opts.hold_out_every == 0) != opts.held_out_only:
+            docs_of_item.append([])  # the other side of the held-out split: counted, never parsed
+            chunk.outcomes.append(DROPPED_NOT_HELD_OUT if opts.held_out_only else DROPPED_HELD_OUT)
+            chunk.errors.append(None)
+            continue
         try:
             docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts, tok, item))
             chunk.outcomes.append(OK)

@@ -34,6 +34,8 @@ class RecordOptions:
     drop_empty_think: float = 0.0  # probability of leaving out a conversation's empty think blocks
     add_system_prompt: float = 0.0  # probability of adding a system prompt to a conversation without one
     augment_seed: int = 0  # the seed of both augmentations
+    hold_out_every: int = 0  # the records on line k * N of every source are the held-out slice (0: none)
+    held_out_only: bool = False  # False: pack everything but the held-out slice (pack.py); True: only it (bin/eval)
 
     @property
     def augment(self) -> Augment:
@@ -61,6 +63,10 @@ class RecordOptions:
                 return f"{flag} must be a probability in 0..1, not {p!r}"
         if self.augment_seed < 0:
             return "--augment-seed must be at least 0"
+        if self.hold_out_every < 0 or self.hold_out_every == 1:
+            return "--hold-out-every must be 0 (none) or at least 2"
+        if self.held_out_only and not self.hold_out_every:
+            return "the held-out slice needs --hold-out-every N"
         return None
 
     @classmethod
@@ -99,3 +105,7 @@ def add_record_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--augment-seed", type=number(int, 0), default=d.augment_seed, metavar="N",
                         help="seed of --drop-empty-think and --add-system-prompt: the same seed packs the same "
                              f"bytes (default {d.augment_seed})")
+    parser.add_argument("--hold-out-every", type=number(int, 0), default=d.hold_out_every, metavar="N",
+                        help="the record on every N-th line of each source is the held-out slice: pack.py leaves it "
+                             "out (counted as dropped: held_out), bin/eval --data evaluates only it; no second copy of "
+                             "the data is made (default 0: none)")

@@ -98,6 +98,8 @@ def plan_fingerprint(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerI
         "sources": [[str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.weight]
                     for s in specs],
     }
+    if r.hold_out_every:  # only then: folders packed before the option existed keep their fingerprint
+        plan["hold_out"] = [r.hold_out_every, r.held_out_only]
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,6 +21,7 @@ from preprocess.sources import (
     SourceSpec,
 )
 
+HOLD_OUT_REASONS = ("held_out", "not_held_out")  # --hold-out-every's two sides
 WARN_SHARE = 0.01  # warn when more than this share of the records (or pretrain tokens) is cut or unused
 
 
@@ -66,7 +67,8 @@ def summarize(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, re
                       "special_ids": tok.special_ids},
         "options": {"overlong": r.overlong, "tag_weight": r.tag_weight if opts.stage == "reason" else None,
                     "shard_tokens": opts.shard_tokens, "max_record_chars": r.max_record_chars,
-                    "skip_bad": r.skip_bad, "parse_special": r.parse_special},
+                    "skip_bad": r.skip_bad, "parse_special": r.parse_special,
+                    "hold_out_every": r.hold_out_every, "held_out_only": r.held_out_only},
         "chat_template": r.chat_meta(tok, opts.stage),
         "counts": counts,
         "packing": {
@@ -121,10 +123,11 @@ def accounting_line(c: dict) -> str:
 
 def overlong_warning(opts: PackOptions, c: dict) -> str | None:
     """One warning line when more than WARN_SHARE of the records were truncated or dropped."""
-    cut = c["truncated"] + sum(c["dropped"].values())
+    held = sum(n for reason, n in c["dropped"].items() if reason in HOLD_OUT_REASONS)  # not about length
+    dropped = sum(c["dropped"].values()) - held
+    cut = c["truncated"] + dropped
     if not c["records_read"] or cut / c["records_read"] <= WARN_SHARE:
         return None
-    dropped = sum(c["dropped"].values())
     fix = ("pass --overlong drop to drop them instead" if opts.records.overlong == "truncate"
            else "pass --overlong truncate to keep them, truncated")
     return (f"{cut / c['records_read']:.1%} of the records ({cut:,} of {c['records_read']:,}) "

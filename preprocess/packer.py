@@ -221,7 +221,7 @@ def _pack_rest(opts: PackOptions, specs: list[SourceSpec], tok: TokenizerInfo, f
     builder = ShardBuilder(opts, shards.token_dtype_for(tok.vocab_size), len(done), records_before)
     r = opts.records
     enc = EncodeOptions(opts.stage, opts.seq_len, r.overlong, r.tag_weight, r.max_record_chars, r.parse_special,
-                        r.augment)
+                        r.augment, r.hold_out_every, r.held_out_only)
     per_source: Counter = Counter()  # records each source contributed after its weight (resume included)
     items = itertools.islice(counted(iter_items(specs, max_line), per_source), records_before, None)
     start = time.perf_counter()

@@ -99,6 +99,8 @@ class DataOptions:
     drop_empty_think: float = _RECORD_DEFAULTS.drop_empty_think
     add_system_prompt: float = _RECORD_DEFAULTS.add_system_prompt
     augment_seed: int = _RECORD_DEFAULTS.augment_seed
+    hold_out_every: int = _RECORD_DEFAULTS.hold_out_every
+    held_out_only: bool = _RECORD_DEFAULTS.held_out_only
 
     def record_options(self) -> RecordOptions:
         return RecordOptions(**{f.name: getattr(self, f.name) for f in fields(RecordOptions)})
