@@ -4,6 +4,7 @@
   python train/run.py --stage pretrain --data data/packed/pretrain --out out/pretrain --model small
   python train/run.py --stage sft --data data/packed/sft --out out/sft --init-from out/pretrain
   torchrun --nproc_per_node 2 train/run.py --stage pretrain ...      (DDP; multi-node: torchrun's flags)
+  torchrun --nproc_per_node 8 train/run.py --stage sft --fsdp --optimizer adamw ...   (sharded: FSDP2)
   python train/run.py ... --resume       (continue from the latest checkpoint in --out, exactly)
   python train/run.py --stage dpo --data data/packed/dpo --out out/dpo --init-from out/sft --beta 0.1
   python train/run.py --stage reason --data data/packed/reason --out out/reason --init-from out/sft
@@ -320,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.hardware.returns_memory:
         return_freed_memory()
     info = dist.setup(cfg.hardware.device)
+    if cfg.hardware.fsdp and not info.enabled:
+        say_line("train/run.py: error: --fsdp shards the model over torchrun's processes: launch with torchrun "
+                 "--nproc_per_node N (N >= 2), or drop --fsdp")
+        return 1
     agreed: list[TrainingStopped] = []
 
     def body() -> int | None:
