@@ -167,7 +167,7 @@ class HardwareOptions(Options):
     fsdp: bool = option(False, "under torchrun: shard each block's weights, gradients and AdamW states over the "
                         "processes (FSDP2) instead of a whole copy per process (DDP), for models whose training "
                         "state does not fit one GPU; checkpoints are gathered into the ordinary format. Needs "
-                        "--optimizer adamw; not with --lora-rank", action="store_true")
+                        "--optimizer adamw; not with --lora-rank or --stage grpo", action="store_true")
 
     @property
     def returns_memory(self) -> bool:
@@ -252,6 +252,10 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
         if getattr(ns, name) is not None and getattr(ns, name) % reuse:
             p.error(f"{flag_name(name)} must be a multiple of --rollout-reuse {reuse} (a checkpoint between two reuses "
                     "of one rollout batch could not be resumed exactly)")
+    if ns.fsdp and stage_cls.rollouts:
+        p.error(f"--fsdp with --stage {ns.stage} is not supported: each process generates rollouts of its own "
+                "length token by token, and a sharded model needs every process in each forward; use DDP "
+                "(torchrun without --fsdp)")
     lora = LoRAOptions(**given(values, LoRAOptions))
     if ns.fsdp and lora.lora_rank is not None:
         p.error("--fsdp with --lora-rank is not supported: an adapter run trains a small fraction of the weights; "
