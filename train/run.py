@@ -237,6 +237,9 @@ def say_summary(cfg: RunConfig, info: dist.DistInfo, stage: Stage, model: TinyLM
     lora_note = " (LoRA adapters: AdamW)" if lora is not None and cfg.optim.optimizer == "muon" else ""
     wsd = f", decay over the last {loop.decay_frac:g}" if loop.schedule == "wsd" else ""
     say(f"optimizer {optim.name}{muon}{lora_note} | schedule {loop.schedule}{wsd}")
+    if cfg.hardware.fsdp:
+        say(f"fsdp: each of {info.world} processes holds 1/{info.world} of the weights, gradients and AdamW states "
+            "(FSDP2, block by block); checkpoints are gathered on rank 0")
     if cfg.hardware.activation_checkpointing:
         say("activation checkpointing: each block's activations are recomputed in backward"
             + ("; freed memory goes back to the OS (--no-release-memory to keep glibc's heap)"
