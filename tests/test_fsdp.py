@@ -6,6 +6,7 @@ The torchrun launches are started together (each waits mostly on start-up), so t
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     data = {"pretrain": pack("pretrain", root / "data_pretrain", 64), "sft": pack("sft", root / "data_sft", 128),
             "dpo": pack("dpo", root / "data_dpo", 128)}
-    out = {f"single_{stage}": root / f"single_{stage}" for stage in data}
+    out = {f"single_{stage}": root / f"single_{stage}" for stage in data} | {"data_pretrain": data["pretrain"]}
     extra = {"pretrain": ("--model", "tiny"),
              "sft": ("--init-from", str(out["single_pretrain"])), "dpo": ("--init-from", str(out["single_pretrain"]))}
 
@@ -138,6 +139,17 @@ def test_fsdp_stop_and_resume_is_bit_exact(runs):
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     for i, state in a.training.optimizer["state"].items():
         assert all(torch.equal(v, b.training.optimizer["state"][i][k]) for k, v in state.items())
+
+
+def test_one_process_resumes_a_sharded_checkpoint(runs, tmp_path):
+    """The gathered checkpoint of step 10 continues in a plain 1-process run as the 1-process run did."""
+    out = tmp_path / "continued"
+    out.mkdir()
+    shutil.copy(runs["fsdp_pretrain"] / checkpoint.checkpoint_name(10), out)
+    assert main(args("pretrain", runs["data_pretrain"], out, "--model", "tiny", "--resume")) == 0
+    one, got = losses(runs["single_pretrain"]), losses(out)
+    assert sorted(got) == list(range(11, STEPS + 1))
+    assert all(abs(got[step] - one[step]) < TOL for step in got), (one, got)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
