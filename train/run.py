@@ -4,6 +4,7 @@
   python train/run.py --stage pretrain --data data/packed/pretrain --out out/pretrain --model small
   python train/run.py --stage sft --data data/packed/sft --out out/sft --init-from out/pretrain
   torchrun --nproc_per_node 2 train/run.py --stage pretrain ...      (DDP; multi-node: torchrun's flags)
+  torchrun --nproc_per_node 8 train/run.py --stage sft --fsdp --optimizer adamw ...   (sharded: FSDP2)
   python train/run.py ... --resume       (continue from the latest checkpoint in --out, exactly)
   python train/run.py --stage dpo --data data/packed/dpo --out out/dpo --init-from out/sft --beta 0.1
   python train/run.py --stage reason --data data/packed/reason --out out/reason --init-from out/sft
@@ -239,6 +240,9 @@ def say_summary(cfg: RunConfig, info: dist.DistInfo, stage: Stage, model: TinyLM
     lora_note = " (LoRA adapters: AdamW)" if lora is not None and cfg.optim.optimizer == "muon" else ""
     wsd = f", decay over the last {loop.decay_frac:g}" if loop.schedule == "wsd" else ""
     say(f"optimizer {optim.name}{muon}{lora_note} | schedule {loop.schedule}{wsd}")
+    if cfg.hardware.fsdp:
+        say(f"fsdp: each of {info.world} processes holds 1/{info.world} of the weights, gradients and AdamW states "
+            "(FSDP2, block by block); checkpoints are gathered on rank 0")
     if cfg.hardware.activation_checkpointing:
         say("activation checkpointing: each block's activations are recomputed in backward"
             + ("; freed memory goes back to the OS (--no-release-memory to keep glibc's heap)"
@@ -323,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.hardware.returns_memory:
         return_freed_memory()
     info = dist.setup(cfg.hardware.device)
+    if cfg.hardware.fsdp and not info.enabled:
+        say_line("train/run.py: error: --fsdp shards the model over torchrun's processes: launch with torchrun "
+                 "--nproc_per_node N (N >= 2), or drop --fsdp")
+        return 1
     agreed: list[TrainingStopped] = []
 
     def body() -> int | None:
