@@ -25,7 +25,7 @@ clipped term is the active one: rho outside the range in the direction A pushes;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core import tools as builtin_tools
 from core.dtypes import canonical as canonical_dtype
 from core.dtypes import dtype_flag
 from core.dtypes import metavar as dtype_metavar
 from model.head import chunked, head_logits
 from train import loading
+from train.agentic import BUILTIN, ToolConfig, load_executor
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Split
 from train.options import OptionError, Options, option
@@ -49,6 +51,7 @@ from train.rollout import ROLLOUT_DTYPES, EvalChunk, RolloutBatch, RolloutConfig
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 from train.weights import state_fingerprint, unwrap
 
+TIME_LIMIT_S = builtin_tools.TIME_LIMIT_S
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
 
@@ -90,6 +93,15 @@ class GRPOOptions(Options):
     pass_k: int | None = option(None, "the k of pass@k, <= --group-size (default G)", metavar="K", kind=int, low=1)
     success_threshold: float = option(1.0, "a sample succeeds when its total reward >= R (default {default})",
                                       metavar="R", kind=float)
+
+    tools: str | None = option(None, "run the tool calls of the rollouts and continue them: builtin (core/tools.py; "
+                               "offered to prompts that list no tools) or module:function / path/to/file.py:function "
+                               "(f(name, arguments) -> str or dict); default: a rollout ends at its first answer",
+                               metavar="SPEC")
+    max_tool_rounds: int = option(3, "rounds of tool calls a rollout may run with --tools (default {default})",
+                                  metavar="N", kind=int, low=1, high=100)
+    tool_time_limit: float = option(TIME_LIMIT_S, "seconds one tool call may run before its result is an error "
+                                    "(default {default})", metavar="S", kind=float, low=0, low_open=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +175,8 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         self.temperature = o.rollout_temperature
         self.eval_path = o.eval_prompts
         self.pass_cfg = o.pass_config()
+        self.tools = None if o.tools is None else ToolConfig(load_executor(o.tools, o.tool_time_limit),
+                                                             o.max_tool_rounds)
         self.model: nn.Module | None = None
         self.ref_model: nn.Module | None = None
         self.reference: SourceRecord | None = None
@@ -182,12 +196,13 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         """Tokenize the prompts (and evaluation prompts) with the tokenizer of the model being trained."""
         self.tok = loading.find_tokenizer(source)
         limit = source.model_config.max_position_embeddings
-        dataset.attach(self.tok, self.options.max_new_tokens, limit)
+        offered = builtin_tools.tools_schema(builtin_tools.BUILTIN) if self.options.tools == BUILTIN else None
+        dataset.attach(self.tok, self.options.max_new_tokens, limit, offered)
         if self.eval_set is not None:
-            self.eval_set.attach(self.tok, self.options.max_new_tokens, limit)
+            self.eval_set.attach(self.tok, self.options.max_new_tokens, limit, offered)
 
     def rollout_config(self, seed: int) -> RolloutConfig:
-        return self.options.rollout_config(seed)
+        return replace(self.options.rollout_config(seed), tools=self.tools)
 
     def loader(self, split: Split[PromptSet], micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> RolloutLoader:
