@@ -18,6 +18,15 @@ completion token (its closing ``<|im_end|>`` included), 0 elsewhere, and 0 on th
 truncated completion under ``--mask-truncated``. Rewards see the completion text decoded without the
 chat control tokens (``<think>`` / ``<answer>`` tags kept).
 
+Tools (``--tools``, ``RolloutConfig.tools``). A rollout is multi-turn (``train/agentic.py``): the calls it
+makes to its prompt's offered tools run, their results go back as tool turns, generation continues, up to
+``--max-tool-rounds`` rounds. Its row is prompt + everything after it (model turns, tool turns, generation
+prompts; at most ``--max-new-tokens`` ids); ``weights`` are 1 on the model's own tokens only (each turn's
+closing ``<|im_end|>`` included): tool results are context, never supervised. Rewards see the trajectory's
+messages (assistant and tool turns) as the completion; ``completion_len`` counts the model's tokens and
+``tool_rounds`` the rounds of calls run. Seeds: round 0 of a sample uses its sample seed, round r its
+``train.agentic.round_seed``, so a trajectory depends only on (model, prompt, seed, tools).
+
 Advantages (group-relative): ``A_ij = r_ij - mean_j r_ij``, divided by ``std_j r_ij + 1e-4`` (unbiased
 std, TRL's convention) under ``--scale-rewards group``; a group whose rewards are all equal (std 0) has A = 0 for
 all its samples, so it gives no policy gradient, and it is counted in ``frac_reward_zero_std``.

@@ -46,6 +46,7 @@ from train.data import Split
 from train.options import OptionError, Options, option
 from train.passk import PassConfig, pass_metrics, pass_sums
 from train.prompt_set import PromptSet
+from train.reward_model import NORMS, RewardModel, parse_spec, reward_models
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, EvalChunk, RolloutBatch, RolloutConfig, RolloutLoader
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
@@ -94,6 +95,13 @@ class GRPOOptions(Options):
     success_threshold: float = option(1.0, "a sample succeeds when its total reward >= R (default {default})",
                                       metavar="R", kind=float)
 
+    reward_model: tuple[str, ...] = option((), "a transformers sequence-classification reward model folder scoring "
+                                           "(prompt, completion) with its own chat template, repeatable (weights "
+                                           "sum with --reward)", metavar="DIR[@W]", action="append")
+    reward_norm: str = option("none", "reward-model scores as they are (none, default) or through a sigmoid "
+                              "(sigmoid: into (0, 1))", choices=NORMS)
+    trust_remote_code: bool = option(False, "let a --reward-model folder run its own code (e.g. "
+                                     "InternLM2-1.8B-Reward)", action="store_true")
     tools: str | None = option(None, "run the tool calls of the rollouts and continue them: builtin (core/tools.py; "
                                "offered to prompts that list no tools) or module:function / path/to/file.py:function "
                                "(f(name, arguments) -> str or dict); default: a rollout ends at its first answer",
@@ -106,6 +114,9 @@ class GRPOOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "reward", tuple(self.reward))
+        object.__setattr__(self, "reward_model", tuple(self.reward_model))
+        if self.reward_norm not in NORMS:
+            raise OptionError(f"--reward-norm is one of {', '.join(NORMS)}, got {self.reward_norm!r}")
         dtype = canonical_dtype(self.rollout_dtype)
         if dtype not in ROLLOUT_DTYPES:
             raise OptionError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {self.rollout_dtype}")
@@ -130,7 +141,7 @@ class GRPOOptions(Options):
     def record(self) -> dict[str, Any]:
         """What every checkpoint of the run records (``stage_options``; a resumed run must match it)."""
         values = self.values()
-        return {**values, "reward": list(self.reward),
+        return {**values, "reward": list(self.reward), "reward_model": list(self.reward_model),
                 "eval_prompts": None if self.eval_prompts is None else str(self.eval_prompts)}
 
 
@@ -169,7 +180,8 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
     def __init__(self, byte_lengths: Tensor | None = None, options: GRPOOptions | None = None, **values: Any):
         super().__init__(byte_lengths, options, **values)
         o: GRPOOptions = self.options  # type: ignore[assignment]
-        self.rewards = load_rewards(list(o.reward))
+        self.rewards = load_rewards(list(o.reward)) if o.reward or not o.reward_model else []
+        self.reward_model_specs = [parse_spec(spec) for spec in o.reward_model]  # checked before any loading
         self.eps, self.eps_high = o.epsilon, o.clip_high
         self.kl_coef, self.loss_type = o.kl_coef, o.loss
         self.temperature = o.rollout_temperature
@@ -221,6 +233,10 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
             self.check_same_options(ctx.resume)
         if self.kl_coef > 0:
             self._load_reference(ctx)
+        if self.reward_model_specs and not any(isinstance(r.fn, RewardModel) for r in self.rewards):
+            device = next(ctx.model.parameters()).device  # once per process, on the run's device
+            self.rewards += reward_models(self.options.reward_model, device, self.options.trust_remote_code,
+                                          self.options.reward_norm)
         o = self.options
         ctx.say(f"grpo: {o.prompts_per_step} prompts x {o.group_size} samples per step, loss "
                 f"{self.loss_type}, rewards {', '.join(f'{r.name}@{r.weight:g}' for r in self.rewards)}, kl_coef "
@@ -255,7 +271,8 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
 
     def checkpoint_fields(self) -> dict[str, Any]:
         return {"reference": self.reference,
-                "stage_options": {**self.options.record(), "reward": [r.spec for r in self.rewards]}}
+                "stage_options": {**self.options.record(), "reward": [r.spec for r in self.rewards
+                                                                       if not isinstance(r.fn, RewardModel)]}}
 
     @torch.no_grad()
     def annotate(self, batch: RolloutBatch) -> None:
