@@ -112,3 +112,19 @@ def test_a_run_with_only_a_reward_model(rm_folder, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a sequence classifier" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_bin_eval_scores_prompts_with_a_reward_model(rm_folder, tmp_path):
+    from serve.evaluate import RewardOptions, reward_metrics
+    from train.loading import load_model
+    torch.manual_seed(0)
+    init = Checkpoint.of(TinyLM(ModelConfig.from_preset("tiny")), load_tokenizer(TOKENIZER),
+                         stage="sft").save(tmp_path / "init")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "one"}) + "\n", encoding="utf-8")
+    opts = RewardOptions((), samples=2, batch=1, max_new_tokens=4, reward_models=(f"{rm_folder}@2",))
+    record = reward_metrics(load_model(init), prompts, opts, torch.device("cpu"), quiet=True)
+    assert record["rewards"] == [f"reward-model:{rm_folder}@2"]
+    assert math.isfinite(record["reward_metrics"]["reward"])
+    with pytest.raises(RewardModelError, match="is not a sequence classifier"):
+        RewardOptions((), reward_models=(str(tiny_classifier(tmp_path / "causal", "LlamaForCausalLM")),))
