@@ -61,6 +61,13 @@ def _error(message: str) -> str:
     return json.dumps({"error": message}, ensure_ascii=False)
 
 
+def _message(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001  (an exception of the user's whose __str__ raises)
+        return "(its message cannot be shown)"
+
+
 def builtin_executor(time_limit: float) -> Executor:
     """The built-in tools (``core/tools.py``), each call bounded by ``time_limit`` seconds."""
     def run(name: str, arguments: str) -> str:
@@ -81,7 +88,7 @@ def user_executor(fn: Callable[..., Any], spec: str, time_limit: float) -> Execu
             try:
                 box["result"] = fn(name, args)
             except BaseException as e:  # noqa: BLE001  (the user's executor: its failure is the call's result)
-                box["error"] = f"{name} failed: {type(e).__name__}: {e}"
+                box["error"] = f"{name} failed: {type(e).__name__}: {_message(e)}"
 
         worker = threading.Thread(target=work, name=f"tool-{name}", daemon=True)
         worker.start()
