@@ -64,8 +64,9 @@ class GRPOOptions(Options):
 
 
     reward: tuple[str, ...] = option((), "reward function, repeatable (weights sum): gsm8k, format, length, "
-                                     "module:function or path/to/file.py:function in TRL's convention f(prompts, "
-                                     "completions, **columns)", metavar="SPEC[@W]", action="append")
+                                     "tool_answer, tool_format, module:function or path/to/file.py:function in "
+                                     "TRL's convention f(prompts, completions, **columns)", metavar="SPEC[@W]",
+                                     action="append")
     group_size: int = option(8, "samples per prompt (default {default})", metavar="G", kind=int, low=2)
     prompts_per_step: int = option(8, "prompts per optimizer step, all ranks (default {default}); a multiple of "
                                    "--grad-accum x processes", metavar="P", kind=int, low=1)
