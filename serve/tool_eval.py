@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from typing import Any, Protocol
 
 import torch
 
+from core import ground_truth
 from core import tools as builtin_tools
 from core.calculator import CalculatorError, evaluate
 from core.chat_schema import RECORD_SHAPES, SchemaError, parse_tools, present
@@ -63,8 +62,6 @@ KIND = "tool-eval"
 MAX_TOOL_ROUNDS = 3
 CALCULATORS = ("calculate_math", "calculator")
 GT, EXPECTED = "gt", "expected_tools"
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
 METRICS = ("cases", "answered", "no_call", "unfinished", "tool_rounds", "calls", "well_formed", "right_tool",
            "right_arguments")
 
@@ -114,23 +111,13 @@ def _wrapped(tool: dict) -> dict:
 
 
 def _gt(value: object) -> list[str]:
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise RecordError("bad_gt", "expected a non-empty list of strings or numbers", GT)
-    out = []
-    for i, v in enumerate(values):
-        finite = not isinstance(v, float) or math.isfinite(v)
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not finite:
-            raise RecordError("bad_gt", f"expected a string or a finite number, got {json.dumps(v)[:40]}",
-                              f"{GT}[{i}]" if isinstance(value, list) else GT)
-        if not str(v).strip():
-            raise RecordError("bad_gt", "an empty ground truth matches everything", GT)
-        out.append(str(v).strip())
-    return out
+    try:
+        return ground_truth.values(value, GT)
+    except ground_truth.GroundTruthError as e:
+        raise RecordError("bad_gt", e.message, e.field) from None
 
 
-def is_number(text: str) -> bool:
-    return bool(NUMBER.fullmatch(text.replace(",", "")))
+is_number = ground_truth.is_number
 
 
 def _expected(value: object, names: tuple[str, ...], gt: list[str]) -> frozenset[str] | None:
@@ -297,9 +284,7 @@ def _numbers(gt: list[str]) -> list[float]:
 
 def gt_found(text: str, gt: list[str]) -> set[str]:
     """The gt values found in ``text`` (MiniMind's ``validate_gt_in_text``)."""
-    numbers = [float(x) for x in NUMBER_IN_TEXT.findall(text.replace(",", ""))]
-    return {g for g in gt if g.lower() in text.lower()
-            or (is_number(g) and any(abs(float(g.replace(",", "")) - n) < 1e-6 for n in numbers))}
+    return ground_truth.found(text, gt)
 
 
 def arguments_correct(call: ToolCall, case: ToolCase) -> bool:

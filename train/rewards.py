@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import ground_truth
 from core.errors import TinyLMError
 from preprocess.sources import split_number_suffix
 
@@ -118,9 +119,8 @@ def _final_answer(completion: Any) -> str:
 
 def tool_answer(prompts: list, completions: list, gt: list | None = None, **_: Any) -> list[float | None]:
     """1.0 when every value of the ``gt`` column (a string / number or a list of them, MiniMind's
-    ``agent_rl`` records) is in the final answer (``serve.tool_eval.gt_found``: MiniMind's
-    ``validate_gt_in_text``), else 0.0; a row whose gt is None does not apply."""
-    from serve.tool_eval import _gt, gt_found  # the check bin/eval --tool-eval scores with (lazy: serve loads torch)
+    ``agent_rl`` records) is in the final answer (``core.ground_truth``: MiniMind's ``validate_gt_in_text``, as
+    ``bin/eval --tool-eval`` scores), else 0.0; a row whose gt is None does not apply."""
     if gt is None:
         raise RewardError("needs a 'gt' column (the ground truth of each prompt record)")
     out: list[float | None] = []
@@ -129,10 +129,10 @@ def tool_answer(prompts: list, completions: list, gt: list | None = None, **_: A
             out.append(None)
             continue
         try:
-            wanted = _gt(value)
-        except TinyLMError as e:
+            wanted = ground_truth.values(value)
+        except ground_truth.GroundTruthError as e:
             raise RewardError(f"the gt of completion {i}: {e}") from None
-        out.append(1.0 if gt_found(_final_answer(completion), wanted) == set(wanted) else 0.0)
+        out.append(1.0 if ground_truth.found(_final_answer(completion), wanted) == set(wanted) else 0.0)
     return out
 
 
