@@ -28,6 +28,7 @@ import torch
 from core.errors import TinyLMError
 from core.files import atomic_write_folder
 from model.config import ModelConfig
+from model.moe_gguf import check_gguf_moe
 from model.moe_hf import MoeInteropError, architecture, fuse_experts, hf_moe_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,17 +59,17 @@ class TokenizerFiles:
 
 
 def check_exportable(cfg: ModelConfig, fmt: str) -> None:
-    """Refuse what the format cannot express: an MoE layout no transformers class computes (hf), any MoE (gguf)."""
+    """Refuse an MoE layout the format's MoE class does not compute (hf: model/moe_hf.py, gguf: model/moe_gguf.py)."""
     if cfg.is_moe and fmt == "hf":
         try:
             architecture(cfg)
         except MoeInteropError as e:
             raise ExportError(f"hf export: {e.message}", field=e.field) from None
     elif cfg.is_moe:
-        raise ExportError(
-            f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
-            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has "
-            "none; llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
+        try:
+            check_gguf_moe(cfg)
+        except MoeInteropError as e:
+            raise ExportError(f"{fmt} export of a mixture-of-experts model: {e.message}", field=e.field) from None
 
 
 def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:

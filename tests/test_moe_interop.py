@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,3 +294,94 @@ def test_wrong_fused_shape_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(CheckpointError) as e:
         loading.load(tmp_path / "bad.pth", options=SourceOptions(config=cfg))
     assert "model.layers.1.mlp.experts.down_proj" in str(e.value) and "[3, 64, 96]" in str(e.value)
+
+
+# ---- GGUF: llama.cpp's qwen3moe ------------------------------------------------------------------------------
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _rope_neox(x, theta):
+    d = x.shape[-1]
+    angles = np.arange(x.shape[-2])[:, None] * theta ** (-np.arange(0, d, 2) / d)[None]
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    return x * cos + np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+
+def qwen3moe_forward(path: Path, ids: list[int]) -> np.ndarray:
+    """A float64 numpy forward of llama.cpp's qwen3moe graph read from the GGUF file alone: softmax router,
+    top-k, weights always renormalised, stacked SwiGLU experts."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    assert meta["general.architecture"] == "qwen3moe"
+    w = {t.name: np.array(t.data).astype(np.float64).reshape([int(n) for n in reversed(t.shape)])
+         for t in reader.tensors}
+    heads, kv = meta["qwen3moe.attention.head_count"], meta["qwen3moe.attention.head_count_kv"]
+    eps, theta, k = (meta["qwen3moe.attention.layer_norm_rms_epsilon"], meta["qwen3moe.rope.freq_base"],
+                     meta["qwen3moe.expert_used_count"])
+    x = w["token_embd.weight"][ids]
+    t = len(ids)
+    for layer in range(meta["qwen3moe.block_count"]):
+        p = f"blk.{layer}."
+        h = _rms(x, w[p + "attn_norm.weight"], eps)
+        q = (h @ w[p + "attn_q.weight"].T).reshape(t, heads, -1).transpose(1, 0, 2)
+        kk = (h @ w[p + "attn_k.weight"].T).reshape(t, kv, -1).transpose(1, 0, 2)
+        q, kk = _rms(q, w[p + "attn_q_norm.weight"], eps), _rms(kk, w[p + "attn_k_norm.weight"], eps)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(t, kv, -1).transpose(1, 0, 2)
+        q, kk = _rope_neox(q, theta), _rope_neox(kk, theta)
+        kk, v = np.repeat(kk, heads // kv, axis=0), np.repeat(v, heads // kv, axis=0)
+        s = q @ kk.transpose(0, 2, 1) / np.sqrt(q.shape[-1]) + np.triu(np.full((t, t), -np.inf), 1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        x = x + ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(t, -1) @ w[p + "attn_output.weight"].T
+        h = _rms(x, w[p + "ffn_norm.weight"], eps)
+        logits = h @ w[p + "ffn_gate_inp.weight"].T
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for row in range(t):
+            top = np.argsort(-probs[row])[:k]
+            weights = probs[row, top] / probs[row, top].sum()
+            for e, weight in zip(top, weights, strict=True):
+                gate, up = w[p + "ffn_gate_exps.weight"][e] @ h[row], w[p + "ffn_up_exps.weight"][e] @ h[row]
+                x[row] += weight * (w[p + "ffn_down_exps.weight"][e] @ (gate / (1 + np.exp(-gate)) * up))
+    head = w.get("output.weight", w["token_embd.weight"])
+    return _rms(x, w["output_norm.weight"], eps) @ head.T
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gguf_qwen3moe_export_matches_the_llama_cpp_graph(top_k, tmp_path):
+    pytest.importorskip("gguf")
+    import gguf
+
+    run, model = tinylm_run(tmp_path / "run", qk_norm=True, head_dim=32, n_shared_experts=0,
+                            num_experts_per_tok=top_k, norm_top1_prob=top_k == 1)
+    out = tmp_path / "m.gguf"
+    export(load_model(run), "gguf", out, "f32", write_modelfile=False)
+    reader = gguf.GGUFReader(out)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"],
+            meta["qwen3moe.expert_feed_forward_length"]) == (4, top_k, model.config.intermediate_size)
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    assert shapes["blk.1.ffn_gate_inp.weight"] == [h, 4] and shapes["blk.1.ffn_up_exps.weight"] == [h, i, 4]
+    assert shapes["blk.1.ffn_down_exps.weight"] == [i, h, 4]
+    ids = IDS[0].tolist()
+    with torch.no_grad():
+        ours = model(IDS[:1]).logits[0].double().numpy()
+    assert np.abs(qwen3moe_forward(out, ids) - ours).max() < 1e-4
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({}, "n_shared_experts"),  # tiny-moe: a shared expert
+    (dict(n_shared_experts=0), "qk_norm"),
+    (dict(qk_norm=True, head_dim=32, n_shared_experts=0, num_experts_per_tok=1), "norm_top1_prob"),
+    (dict(qk_norm=True, head_dim=32, n_shared_experts=0, norm_topk_prob=False), "norm_topk_prob"),
+])
+def test_gguf_moe_llama_cpp_cannot_compute_is_one_line_naming_the_field(fields, field, tmp_path):
+    run, _ = tinylm_run(tmp_path / "run", **fields)
+    with pytest.raises(ExportError) as e:
+        export(load_model(run), "gguf", tmp_path / "m.gguf", "f32")
+    assert "\n" not in str(e.value) and f"field '{field}'" in str(e.value)
+    assert not (tmp_path / "m.gguf").exists()
