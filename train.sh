@@ -57,7 +57,8 @@
 #   minimind2-small   pretrain_hq.jsonl (--parse-special) -> sft_mini_512.jsonl, preset small (26M), rows of
 #                     512, 256 rows per pretrain step, 32 rows per SFT step
 #   RECIPE_ROWS_PRETRAIN / RECIPE_ROWS_SFT (global rows per step), MICRO_BATCH [32] (rows per process and
-#   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above.
+#   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above; PRETRAIN_PACK_ARGS /
+#   SFT_PACK_ARGS are each stage's own pack.py flags (minimind3-mini's SFT: MiniMind's seeded augmentations).
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -85,6 +86,8 @@ case "$RECIPE" in
       SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_t2t_mini.jsonl}"
       TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizers/minimind3}"; MODEL="${MODEL:-minimind3}"
       SEQ_LEN="${SEQ_LEN:-768}"; RECIPE_ROWS_PRETRAIN="${RECIPE_ROWS_PRETRAIN:-128}"
+      # MiniMind's two SFT augmentations, seeded (pack.py --help): empty think blocks dropped, a system prompt added
+      SFT_PACK_ARGS="${SFT_PACK_ARGS---drop-empty-think 0.8 --add-system-prompt 0.2 --augment-seed 0}"
     else
       PRETRAIN_FILES="${PRETRAIN_FILES:-$MINIMIND_DATA/pretrain_hq.jsonl}"
       SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_mini_512.jsonl}"
@@ -221,7 +224,9 @@ else
       split_heldout "$stage" "$SRC_DATA/$stage"; INPUT="$OUT_DIR/data/train/$stage/*.jsonl"
       echo "held out 1 record in $HELDOUT_EVERY of $SRC_DATA/$stage for bin/eval: $HELDOUT/$stage.jsonl"
     fi
-    STAGE_PACK=(); [[ "$stage" == pretrain ]] && read -r -a STAGE_PACK <<< "${PRETRAIN_PACK_ARGS:-}"
+    STAGE_PACK=()
+    if [[ "$stage" == pretrain ]]; then read -r -a STAGE_PACK <<< "${PRETRAIN_PACK_ARGS:-}"
+    else read -r -a STAGE_PACK <<< "${SFT_PACK_ARGS:-}"; fi
     read -r -a INPUTS <<< "$INPUT"  # words, not globs: pack.py expands the patterns itself
     run "$PYTHON" preprocess/pack.py --stage "$stage" --input "${INPUTS[@]}" --out "$PACKED/$stage" \
       --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${STAGE_PACK[@]}" "${PACK_EXTRA[@]}"

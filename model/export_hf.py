@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from core.errors import TinyLMError
-from core.files import atomic_write_folder
+from core.files import atomic_write_folder, check_output_folder
 from model.config import ModelConfig
 from model.moe_gguf import check_gguf_moe
 from model.moe_hf import MoeInteropError, architecture, fuse_experts, hf_moe_config
@@ -128,9 +128,14 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -
     return out
 
 
+HF_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                      "chat_template.jinja", "tokenizer_config.json"})  # the folder's exact file set
+
+
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFiles, out: str | Path,
               dtype: str = "float32") -> Path:
-    """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``."""
+    """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``. A folder
+    holding any other file is refused (:func:`core.files.check_output_folder`), never replaced."""
     from safetensors.torch import save as safetensors_bytes
 
     check_exportable(cfg, "hf")
@@ -139,6 +144,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
+    check_output_folder(out, "bin/export", HF_FILES.__contains__)
     generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
                   "eos_token_id": tok.eos_ids,
                   "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
@@ -147,6 +153,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
              "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
              "chat_template.jinja": tok.chat_template.encode("utf-8"),
              "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
+    assert set(files) == HF_FILES
     return atomic_write_folder(out, files, "export")
 
 

@@ -95,6 +95,10 @@ class DataOptions:
     ref: str | None = None  # dpo: the reference checkpoint
     max_record_chars: int = _RECORD_DEFAULTS.max_record_chars
     parse_special: bool = _RECORD_DEFAULTS.parse_special
+    chat_template: str | None = _RECORD_DEFAULTS.chat_template
+    drop_empty_think: float = _RECORD_DEFAULTS.drop_empty_think
+    add_system_prompt: float = _RECORD_DEFAULTS.add_system_prompt
+    augment_seed: int = _RECORD_DEFAULTS.augment_seed
 
     def record_options(self) -> RecordOptions:
         return RecordOptions(**{f.name: getattr(self, f.name) for f in fields(RecordOptions)})

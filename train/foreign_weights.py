@@ -170,4 +170,5 @@ def tokenizer_record(file: Path, source: Path) -> TokenizerRecord | None:
         info = load_tokenizer(file)
     except TokenizerError as e:
         raise CheckpointError(f"its tokenizer: {e}", path=source) from None
-    return TokenizerRecord(info.fingerprint, str(info.path), info.vocab_size, dict(info.special_ids))
+    return TokenizerRecord(info.fingerprint, str(info.path), info.vocab_size, dict(info.special_ids),
+                           info.chat.record())

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.errors import TinyLMError, run_main, say_line  # noqa: E402
-from core.files import FolderLock  # noqa: E402
+from core.files import FolderLock, refuse_inputs  # noqa: E402
 from core.tokenizer import file_fingerprint  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from train import checkpoint, config, dist, loading  # noqa: E402
@@ -90,6 +90,9 @@ def run(cfg: RunConfig, info: dist.DistInfo) -> None:
     everything around it, train, report."""
     say = print if info.is_main else (lambda *a, **k: None)
     stage: Stage = STAGES[cfg.run.stage](options=cfg.stage)
+    inputs = [(f"--{k.replace('_', '-')}", getattr(cfg.run, k, None) or getattr(cfg.stage, k, None))
+              for k in ("data", "prompts", "eval_prompts", "init_from", "ref_from", "teacher")]
+    refuse_inputs(cfg.run.out, inputs, folder=True)  # a run folder never holds or replaces what it reads
     dataset = open_data(cfg, stage, say)
     with locked_run_folder(cfg.run.out, info):
         sources = resolve(cfg, dataset, say)
@@ -202,7 +205,7 @@ def run_record(cfg: RunConfig, model_cfg: ModelConfig, stage: Stage, meta: dict,
         base_record = base.source_record() if base is not None else None
     return Checkpoint(model={}, model_config=model_cfg, stage=stage.name,
                       tokenizer=TokenizerRecord(tok["fingerprint"], tok["path"], tok["vocab_size"],
-                                                tok.get("special_ids", {})),
+                                                tok.get("special_ids", {}), meta.get("chat_template")),
                       data=data, args=dict(cfg.record), lora=cfg.model.lora, base=base_record, init_from=init_from,
                       **stage.checkpoint_fields())
 
