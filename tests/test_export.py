@@ -1,6 +1,7 @@
 """bin/export: the transformers folder gives our logits, greedy tokens and chat rendering; the GGUF file
 holds llama.cpp's metadata / vocabulary and weights whose llama.cpp-style forward pass (adjacent-pair
-RoPE on the permuted q/k rows) gives our logits; MoE, LoRA and bad input are refused in one line."""
+RoPE on the permuted q/k rows) gives our logits; an MoE no class computes, LoRA and bad input are refused in
+one line."""
 
 from __future__ import annotations
 
@@ -294,11 +295,14 @@ def test_gguf_f16_and_q8_0(runs, tmp_path):
 
 # ---- refusals -----------------------------------------------------------------------------------------------
 
-def test_moe_is_refused(tmp_path):
-    make_checkpoint(tmp_path / "moe", num_experts=4)
-    for fmt in ("hf", "gguf"):
-        with pytest.raises(ExportError, match="mixture-of-experts.*Llama.*no MoE"):
+def test_moe_is_refused_where_the_format_has_no_matching_class(tmp_path):
+    """A shared expert with q/k norms: no transformers class; a shared expert: no llama.cpp class (the
+    exportable MoE shapes are tests/test_moe_interop.py's)."""
+    make_checkpoint(tmp_path / "moe", num_experts=4, qk_norm=True, head_dim=32)
+    for fmt, words in (("hf", "no transformers class has both"), ("gguf", "mixture-of-experts.*qwen2moe")):
+        with pytest.raises(ExportError, match=words) as e:
             export(load_model(tmp_path / "moe"), fmt, tmp_path / f"moe.{fmt}", "f32")
+        assert "field 'n_shared_experts'" in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / f"moe.{fmt}").exists()
 
 
