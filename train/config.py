@@ -190,6 +190,9 @@ class LoggingOptions(Options):
     wandb: str | None = option(None, "also log to Weights & Biases project PROJECT (default tinylm; needs wandb)",
                                metavar="PROJECT", nargs="?", const="tinylm")
     no_progress: bool = option(False, "no tqdm bar", action="store_true")
+    sample_every: int = option(0, "every N steps and at the end, log greedy answers to a few fixed prompts to "
+                               "metrics.jsonl (bin/report shows them); 0 = never (default {default})", metavar="N",
+                               kind=int, low=0)
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,8 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
                 "length token by token, and a sharded model needs every process in each forward; use DDP "
                 "(torchrun without --fsdp)")
     lora = LoRAOptions(**given(values, LoRAOptions))
+    if ns.fsdp and ns.sample_every:
+        p.error("--sample-every with --fsdp is not supported: one process cannot generate with a sharded model")
     if ns.fsdp and lora.lora_rank is not None:
         p.error("--fsdp with --lora-rank is not supported: an adapter run trains a small fraction of the weights; "
                 "run it with DDP (torchrun without --fsdp)")
@@ -332,5 +337,6 @@ def loop_config(config: RunConfig, stage: Stage, device: torch.device, resume: C
         grad_clip=o.grad_clip, dtype=dtype,
         compile=device.type == "cuda" if config.hardware.compile is None else config.hardware.compile,
         eval_every=log.eval_every, save_every=log.save_every, keep_last=log.keep_last, log_every=log.log_every,
+        sample_every=log.sample_every,
         stop_after=o.stop_after, progress=not log.no_progress, skip_nonfinite=o.skip_nonfinite,
         stop_on_divergence=o.stop_on_divergence, fsdp=fsdp)

@@ -44,7 +44,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,7 @@ class LoopConfig:
     skip_nonfinite: int  # non-finite steps that may be skipped (no update) before the run stops
     stop_on_divergence: bool  # a diverging loss (Divergence) stops the run instead of a warning
     fsdp: bool = False  # shard weights, gradients and optimizer states over the ranks (train/sharding.py)
+    sample_every: int = 0  # log greedy answers to fixed prompts every N steps (train/samples.py); 0 = never
 
     def lr_schedule(self) -> Schedule:
         return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr / self.optim.lr,
@@ -140,7 +141,7 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches, cfg: LoopConfig,
           info: DistInfo, out: Path, logger: MetricsLogger, template: Checkpoint,
-          resume: Checkpoint | None = None) -> TrainState:
+          resume: Checkpoint | None = None, sampler: Callable[[nn.Module], list[dict]] | None = None) -> TrainState:
     """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
 
     ``weights`` says which parameters train and what a checkpoint stores; ``template`` holds the run's
@@ -271,6 +272,9 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
                         logger.log(record)
                         bar.write(format_line(record, cfg.max_steps))
                     state.history.append(record)
+                if sampler is not None and cfg.sample_every > 0 and (state.step % cfg.sample_every == 0 or last) \
+                        and info.is_main:
+                    logger.log({"step": state.step, "samples": sampler(model)})
                 if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last or (
                         schedule.kind == "wsd" and state.step == schedule.decay_start):
                     state.supervised_seen = supervised_base + int(supervised_acc.item())

@@ -41,9 +41,10 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.chat_families import trained_family  # noqa: E402
 from core.errors import TinyLMError, run_main, say_line  # noqa: E402
 from core.files import FolderLock, refuse_inputs  # noqa: E402
-from core.tokenizer import file_fingerprint  # noqa: E402
+from core.tokenizer import file_fingerprint, load_tokenizer  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from train import checkpoint, config, dist, loading  # noqa: E402
 from train.batches import Batches  # noqa: E402
@@ -55,6 +56,7 @@ from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
 from train.options import UsageError  # noqa: E402
 from train.resume import Sources, resolve, supersede  # noqa: E402
+from train.samples import Sampler, make_sampler  # noqa: E402
 from train.stages import STAGES, Stage, StageContext  # noqa: E402
 from train.stages.grpo import GRPOOptions  # noqa: E402
 from train.weights import load_model_state  # noqa: E402
@@ -103,10 +105,18 @@ def run(cfg: RunConfig, info: dist.DistInfo) -> None:
         plan = build(cfg, info, stage, dataset, sources, say)
         started = time.perf_counter()
         state = train(plan.model, stage, plan.weights, plan.loader, plan.loop, info, cfg.run.out, plan.logger,
-                      plan.template, sources.resume)
+                      plan.template, sources.resume, sampler_for(cfg, stage, dataset.meta, info))
         plan.logger.close()
         if info.is_main:
             report(cfg, state, time.perf_counter() - started, plan.logger, say)
+
+
+def sampler_for(cfg: RunConfig, stage: Stage, meta: dict, info: dist.DistInfo) -> Sampler | None:
+    """``--sample-every``'s answers (train/samples.py), rendered with the data's tokenizer and chat family."""
+    if not cfg.logging.sample_every or not info.is_main:
+        return None
+    tok = load_tokenizer(meta["tokenizer"]["path"], trained_family(meta.get("chat_template")))
+    return make_sampler(tok, chat=stage.name != "pretrain")
 
 
 def open_data(cfg: RunConfig, stage: Stage, say: Callable[..., None]) -> PackedDataset:
