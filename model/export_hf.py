@@ -27,6 +27,7 @@ import torch
 from core.errors import TinyLMError
 from core.files import atomic_write_folder
 from model.config import ModelConfig
+from model.hf_config import hf_rope_fields
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -87,11 +88,9 @@ def _llama_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.initializer_range,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        "rope_theta": float(cfg.rope_theta),  # transformers 4.x reads this key (default 10000 otherwise)
+        **hf_rope_fields(cfg),  # rope_parameters (transformers 5), rope_theta / rope_scaling (4.x)
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

@@ -162,7 +162,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         opts = HarnessOptions(parse_tasks(args.lm_eval), args.lm_eval_include, args.num_fewshot, args.limit,
                               args.apply_chat_template, args.batch_size)
         manager = task_manager(opts)  # unknown tasks and a bad include folder fail before the model loads
-        loaded = load_model(args.ckpt, options=source_options(args.model, args.model_arg, args.tokenizer))
+        loaded = load_model(args.ckpt, options=source_options(args.model, args.model_arg, args.tokenizer,
+                                                                    getattr(args, "rope_scaling", None)))
         results = args.results or loaded.run_folder / "eval_results.jsonl"
         check_file_target(results, "results file")
         record, table = run_harness(loaded, opts, results, resolve_device(args.device), args.quiet, manager)
