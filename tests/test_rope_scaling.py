@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -317,10 +321,43 @@ def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("tool", ["chat", "serve", "eval"])
-def test_bad_rope_scaling_flag_is_one_line(tool, tmp_path):
-    for spec, named in (("ntk:4", "rope_type"), ("yarn:1", "factor"), ("yarn:nan", "factor")):
-        result = run_tool(tool, "--ckpt", str(tmp_path), "--rope-scaling", spec)
-        assert result.returncode == 2
-        lines = result.stderr.strip().splitlines()
-        assert "--rope-scaling" in lines[-1] and named in lines[-1] and "Traceback" not in result.stderr
+@pytest.mark.parametrize(("tool", "spec", "named"), [("chat", "ntk:4", "rope_type"), ("serve", "yarn:1", "factor"),
+                                                  ("eval", "yarn:nan", "factor")])
+def test_bad_rope_scaling_flag_is_one_line(tool, spec, named, tmp_path):
+    result = run_tool(tool, "--ckpt", str(tmp_path), "--rope-scaling", spec)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--rope-scaling" in last and f"rope_scaling.{named}" in last
+
+
+def test_serve_reports_the_scaling_it_runs(tmp_path):
+    """bin/serve --rope-scaling yarn:4 on a checkpoint with no data record: original = its context (1024)."""
+    from scripted import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "serve"), "--ckpt", str(ckpt), "--port", str(port),
+                             "--threads", "1", "--rope-scaling", "yarn:4,beta_fast=16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline, health = time.time() + 90, None
+        while health is None and time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                    health = json.loads(r.read())
+            except OSError:
+                time.sleep(0.2)
+        assert health is not None, "bin/serve did not answer /health"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+            model = json.loads(r.read())["data"][0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    expected = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 16.0,
+                "beta_slow": 1.0, "attention_factor": pytest.approx(0.1 * math.log(4) + 1), "truncate": True}
+    assert health["rope_scaling"] == expected and model["rope_scaling"] == expected
+    assert health["context"] == model["max_model_len"] == 4096
