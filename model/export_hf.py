@@ -57,7 +57,14 @@ class TokenizerFiles:
 
 
 def check_exportable(cfg: ModelConfig, fmt: str) -> None:
-    """Refuse what a Llama architecture cannot express (a mixture-of-experts model)."""
+    """Refuse what a Llama architecture cannot express (a mixture-of-experts model), and RoPE scaling in a
+    GGUF file (written as plain RoPE it would be a different model)."""
+    scaling = cfg.rope_scaling
+    if fmt == "gguf" and scaling is not None:
+        raise ExportError(
+            f"rope_scaling {scaling['rope_type']}:{scaling['factor']:g}: GGUF export writes plain RoPE only (llama.cpp "
+            f"scales at run time: --rope-scaling {scaling['rope_type']} --rope-scale {scaling['factor']:g} "
+            f"--yarn-orig-ctx {scaling['original_max_position_embeddings']}); export hf to keep the scaling")
     if cfg.is_moe:
         raise ExportError(
             f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "

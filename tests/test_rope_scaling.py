@@ -361,3 +361,13 @@ def test_serve_reports_the_scaling_it_runs(tmp_path):
                 "beta_slow": 1.0, "attention_factor": pytest.approx(0.1 * math.log(4) + 1), "truncate": True}
     assert health["rope_scaling"] == expected and model["rope_scaling"] == expected
     assert health["context"] == model["max_model_len"] == 4096
+
+
+def test_gguf_export_of_a_scaled_model_is_refused_in_one_line(folders, tmp_path):
+    from model.export_hf import ExportError
+
+    with pytest.raises(ExportError) as e:
+        export(load_model(folders["qwen3", "yarn-minimind"]), "gguf", tmp_path / "m.gguf", "f32")
+    text = str(e.value)
+    assert "\n" not in text and "rope_scaling yarn:4" in text and "plain RoPE" in text
+    assert not (tmp_path / "m.gguf").exists()
