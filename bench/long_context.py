@@ -2,7 +2,7 @@
 """Past the trained context: held-out loss by position bucket of a model trained at a short context, run on
 long documents with plain RoPE and with each RoPE scaling (``--rope-scaling`` at inference).
 
-    python bench/long_context.py                      # train 300 steps at 128, evaluate at 1024 (~5 min quiet)
+    python bench/long_context.py                      # train 300 steps at 128, evaluate at 1024
     python bench/long_context.py --steps 40 --rows 4  # a smoke run
 
 Data (``--data``, default ``../shared/data``): the English pretrain files' documents (``wiki_en_demo``,
