@@ -8,6 +8,13 @@ dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of
 renormalises the top-k routing weights to sum 1 when k > 1; ``norm_top1_prob`` also renormalises a single
 routed weight (to 1, as transformers' Qwen-MoE with ``norm_topk_prob`` and MiniMind-3-MoE do; off, a top-1
 weight stays the router probability, so the router learns from the LM loss).
+
+``rope_scaling`` (None: plain RoPE) stretches RoPE past the context a model was trained at, as transformers'
+``rope_parameters`` does: ``linear`` (positions divided by ``factor``), ``dynamic`` (NTK-aware base growing with
+the longest position run beyond ``original_max_position_embeddings``) or ``yarn`` (per-frequency blend of
+interpolation and extrapolation between ``beta_fast`` and ``beta_slow`` rotations, cos/sin scaled by
+``attention_factor``). :func:`normalize_rope_scaling` validates it: every value checked, defaults
+filled in, so two configs that compute the same function hold the same dict.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "initializer_range": (0.0, math.inf, True, False),
 }
 BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "norm_top1_prob", "qk_norm")
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+_YARN_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 class ConfigError(ValueError):
@@ -91,6 +101,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     qk_norm: bool = False  # Qwen3: RMSNorm over each q / k head before RoPE
+    rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; see normalize_rope_scaling
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -106,6 +117,7 @@ class ModelConfig:
     # ---- invariants -------------------------------------------------------------------------
     def _check_types(self) -> None:
         """Each field has its type (an int for a float field becomes a float; a bool is not a number)."""
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
         for name in INT_RANGES:
             value = getattr(self, name)
             if value is None and name in ("intermediate_size", "head_dim"):
@@ -238,6 +250,140 @@ class ModelConfig:
         return 6.0 * n + attn
 
 
+# ---- RoPE scaling ------------------------------------------------------------------------------------------
+
+def _rope_number(key: str, value: Any, low: float, low_open: bool = True) -> float:
+    """A finite number above ``low`` (``>=`` when not ``low_open``) for ``rope_scaling.<key>``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"rope_scaling.{key}", f"expected a number, got {_show(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (low_open and value == low):
+        raise ConfigError(f"rope_scaling.{key}", f"must be finite and {'>' if low_open else '>='} {low:g}, "
+                                                 f"got {value}")
+    return value
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (paper eq. 21): ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def normalize_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """The canonical ``rope_scaling`` dict of ``value`` (ConfigError naming ``rope_scaling.<key>`` otherwise).
+
+    Input: None, or a dict with ``rope_type`` (or transformers 4's ``type``) in :data:`ROPE_SCALING_TYPES`
+    (``default``: no scaling, None), ``factor`` > 1 and ``original_max_position_embeddings`` (the trained
+    context); yarn also takes ``beta_fast`` (32) > ``beta_slow`` (1), ``attention_factor`` (> 0; absent:
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are given, else ``mscale(factor)``,
+    transformers' rule) and ``truncate`` (true: correction range rounded outwards to whole dimensions).
+    Output: ``{"rope_type", "factor", "original_max_position_embeddings"}`` plus, for yarn, ``beta_fast``,
+    ``beta_slow``, ``attention_factor`` and ``truncate``, all resolved; normalising it again returns it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError("rope_scaling", f"expected an object or null, got {_show(value)}")
+    kind = value.get("rope_type", value.get("type"))
+    if "rope_type" in value and "type" in value and value["type"] != kind:
+        raise ConfigError("rope_scaling.type", f"{_show(value['type'])} contradicts rope_type {_show(kind)}")
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError("rope_scaling.rope_type", f"unknown type {_show(kind)}; tinylm implements "
+                                                    f"{', '.join(ROPE_SCALING_TYPES)}")
+    allowed = {"rope_type", "type", "factor", "original_max_position_embeddings"}
+    allowed |= set(_YARN_KEYS) if kind == "yarn" else set()
+    unknown = sorted(str(k) for k in set(value) - allowed)
+    if unknown:
+        raise ConfigError(f"rope_scaling.{unknown[0]}", f"not a field of {kind} scaling")
+    if "factor" not in value:
+        raise ConfigError("rope_scaling.factor", "missing")
+    factor = _rope_number("factor", value["factor"], 1.0)
+    original = value.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError("rope_scaling.original_max_position_embeddings", "missing (the context the model was "
+                                                                           "trained at)")
+    low, high = INT_RANGES["max_position_embeddings"]
+    if not isinstance(original, int) or isinstance(original, bool) or not low <= original <= high:
+        raise ConfigError("rope_scaling.original_max_position_embeddings",
+                          f"expected an integer in [{low}, {high}], got {_show(original)}")
+    out: dict[str, Any] = {"rope_type": kind, "factor": factor, "original_max_position_embeddings": original}
+    if kind != "yarn":
+        return out
+    beta_fast = _rope_number("beta_fast", value.get("beta_fast", 32.0), 0.0)
+    beta_slow = _rope_number("beta_slow", value.get("beta_slow", 1.0), 0.0)
+    if beta_fast <= beta_slow:
+        raise ConfigError("rope_scaling.beta_fast", f"must be > beta_slow {beta_slow:g}, got {beta_fast:g}")
+    if value.get("attention_factor") is not None:
+        attention = _rope_number("attention_factor", value["attention_factor"], 0.0)
+    else:
+        mscale = _rope_number("mscale", value["mscale"], 0.0) if value.get("mscale") else None
+        mscale_all = _rope_number("mscale_all_dim", value["mscale_all_dim"], 0.0) \
+            if value.get("mscale_all_dim") else None
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else yarn_mscale(factor))
+    truncate = value.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError("rope_scaling.truncate", f"expected true or false, got {_show(truncate)}")
+    out.update(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention, truncate=truncate)
+    return out
+
+
+_SPEC_KEYS = {"original": "original_max_position_embeddings"}
+
+
+def parse_rope_scaling(text: str) -> dict[str, Any] | None:
+    """A command-line ``rope_scaling``: ``none``, or ``TYPE:FACTOR[,KEY=VALUE...]`` (e.g. ``yarn:4``,
+    ``yarn:16,original=2048,attention_factor=1``; ``original`` abbreviates
+    ``original_max_position_embeddings``) as a raw dict for :func:`normalize_rope_scaling`, which the caller
+    completes (a missing original length) and checks. Malformed text: ConfigError naming ``rope_scaling``."""
+    text = text.strip()
+    if text.lower() in ("none", "default", "off"):
+        return None
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        raise ConfigError("rope_scaling", f"{_show(text)} is not TYPE:FACTOR (e.g. yarn:4) or none")
+    items = [item.strip() for item in rest.split(",")]
+    out: dict[str, Any] = {"rope_type": kind.strip().lower(), "factor": _spec_value("factor", items[0])}
+    for item in items[1:]:
+        key, sep, raw = item.partition("=")
+        key = _SPEC_KEYS.get(key.strip(), key.strip())
+        if not sep or not key:
+            raise ConfigError("rope_scaling", f"{_show(item)} is not KEY=VALUE")
+        out[key] = _spec_value(key, raw.strip())
+    return out
+
+
+def _spec_value(key: str, text: str) -> Any:
+    """A number (an int when written as one), or true/false, from the command line."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise ConfigError(f"rope_scaling.{key}", f"expected a number, got {_show(text)}") from None
+
+
+def with_rope_scaling(cfg: ModelConfig, scaling: dict[str, Any] | None, trained_context: int) -> ModelConfig:
+    """``cfg`` with its RoPE scaling replaced by ``scaling`` (None: plain RoPE) for inference.
+
+    A missing ``original_max_position_embeddings`` is the original length of ``cfg``'s own scaling, else
+    ``trained_context``; ``max_position_embeddings`` grows to ``original * factor`` when that is larger (the
+    context the scaling is meant for), capped at its range."""
+    if scaling is None:
+        return cfg.override({"rope_scaling": None})
+    scaling = dict(scaling)
+    if scaling.get("original_max_position_embeddings") is None:
+        own = cfg.rope_scaling["original_max_position_embeddings"] if cfg.rope_scaling else None
+        scaling["original_max_position_embeddings"] = own or trained_context
+    scaling = normalize_rope_scaling(scaling)
+    assert scaling is not None
+    longest = min(int(scaling["original_max_position_embeddings"] * scaling["factor"]),
+                  INT_RANGES["max_position_embeddings"][1])
+    return cfg.override({"rope_scaling": scaling,
+                         "max_position_embeddings": max(cfg.max_position_embeddings, longest)})
+
+
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(ModelConfig)
 
@@ -251,6 +397,8 @@ def _check_fields(values: dict[str, Any]) -> None:
 
 def _convert(name: str, text: str, kind: Any) -> Any:
     """Convert one command-line string to the annotated type of field ``name``."""
+    if name == "rope_scaling":
+        return parse_rope_scaling(text)
     args = typing.get_args(kind)
     if type(None) in args:  # Optional[X]
         if text.strip().lower() in ("none", "null", ""):

@@ -28,6 +28,7 @@ import torch
 from core.errors import TinyLMError
 from core.files import atomic_write_folder, check_output_folder
 from model.config import ModelConfig
+from model.hf_config import hf_rope_fields
 from model.moe_gguf import check_gguf_moe
 from model.moe_hf import MoeInteropError, architecture, fuse_experts, hf_moe_config
 
@@ -59,7 +60,14 @@ class TokenizerFiles:
 
 
 def check_exportable(cfg: ModelConfig, fmt: str) -> None:
-    """Refuse an MoE layout the format's MoE class does not compute (hf: model/moe_hf.py, gguf: model/moe_gguf.py)."""
+    """Refuse an MoE layout the format's MoE class does not compute (hf: model/moe_hf.py, gguf: model/moe_gguf.py),
+    and RoPE scaling in a GGUF file (written as plain RoPE it would be a different model)."""
+    scaling = cfg.rope_scaling
+    if fmt == "gguf" and scaling is not None:
+        raise ExportError(
+            f"rope_scaling {scaling['rope_type']}:{scaling['factor']:g}: GGUF export writes plain RoPE only (llama.cpp "
+            f"scales at run time: --rope-scaling {scaling['rope_type']} --rope-scale {scaling['factor']:g} "
+            f"--yarn-orig-ctx {scaling['original_max_position_embeddings']}); export hf to keep the scaling")
     if cfg.is_moe and fmt == "hf":
         try:
             architecture(cfg)
@@ -97,11 +105,9 @@ def _llama_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.initializer_range,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        "rope_theta": float(cfg.rope_theta),  # transformers 4.x reads this key (default 10000 otherwise)
+        **hf_rope_fields(cfg),  # rope_parameters (transformers 5), rope_theta / rope_scaling (4.x)
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

@@ -2,9 +2,11 @@
 :mod:`model.moe_hf` maps) as a :class:`ModelConfig`, strictly.
 
 Every field that changes the function the model computes is read, never guessed; a value tinylm does not
-implement (rope scaling, biases, sliding-window attention, another activation, a mixture-of-experts layout)
-is refused with :class:`UnsupportedConfig` naming the field. Fields that only concern training or other
-frameworks (``pretraining_tp``, ``attention_dropout``, ``use_cache``, token ids, ...) are ignored.
+implement (a RoPE type other than default / linear / dynamic / yarn, partial rotary, biases, sliding-window
+attention, another activation, a mixture-of-experts layout) is refused with :class:`UnsupportedConfig` naming
+the field. RoPE comes from transformers 5's ``rope_parameters`` (theta and scaling in one object) or 4.x's
+``rope_theta`` + ``rope_scaling``; :func:`hf_rope_fields` writes both spellings. Fields that only concern
+training or other frameworks (``pretraining_tp``, ``attention_dropout``, ``use_cache``, token ids, ...) are ignored.
 Defaults for absent fields are transformers' own (``LlamaConfig`` / ``Qwen3Config``).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import TinyLMError
-from model.config import ConfigError, ModelConfig
+from model.config import INT_RANGES, ConfigError, ModelConfig, normalize_rope_scaling
 from model.moe_hf import MOE_ARCHITECTURES, MoeInteropError, moe_values
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", **MOE_ARCHITECTURES}
@@ -40,19 +42,65 @@ def _arch(conf: dict[str, Any]) -> str:
     return kind
 
 
-def _rope_theta(conf: dict[str, Any]) -> Any:
-    """``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` (4.x); only plain RoPE."""
+def _rope(conf: dict[str, Any], max_positions: Any) -> tuple[Any, dict[str, Any] | None, Any]:
+    """(rope_theta, rope_scaling, max_position_embeddings) of ``conf``, as transformers reads them.
+
+    A scaled ``rope_parameters`` wins over ``rope_scaling``; an absent original length is
+    ``max_position_embeddings`` (transformers' rule; ``dynamic`` always uses it). ``max_position_embeddings``
+    grows to ``original * factor`` when that is larger: the context the scaling is meant for."""
     params = conf.get("rope_parameters")
-    for name, value in (("rope_parameters", params), ("rope_scaling", conf.get("rope_scaling"))):
+    theta = conf.get("rope_theta", 10000.0)
+    chosen, name = None, "rope_parameters"
+    for key, value in (("rope_parameters", params), ("rope_scaling", conf.get("rope_scaling"))):
         if value is None:
             continue
         if not isinstance(value, dict):
-            raise UnsupportedConfig(f"expected an object, got {value!r}", field=name)
-        kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
-            raise UnsupportedConfig(f"rope type {kind!r}: tinylm implements only plain RoPE ('default')",
-                                    field=name)
-    return (params or {}).get("rope_theta", conf.get("rope_theta", 10000.0))  # checked by ModelConfig
+            raise UnsupportedConfig(f"expected an object, got {value!r}"[:120], field=key)
+        if value.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedConfig(f"{value['partial_rotary_factor']!r}: tinylm rotates every dimension",
+                                    field=f"{key}.partial_rotary_factor")
+        if key == "rope_parameters":
+            theta = value.get("rope_theta", theta)
+        if chosen is None and value.get("rope_type", value.get("type", "default")) != "default":
+            chosen, name = value, key
+    if chosen is None:
+        return theta, None, max_positions
+    scaling = {k: v for k, v in chosen.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    dynamic = scaling.get("rope_type", scaling.get("type")) == "dynamic"  # its original is always this
+    if dynamic or scaling.get("original_max_position_embeddings") is None:
+        scaling["original_max_position_embeddings"] = max_positions
+    try:
+        scaling = normalize_rope_scaling(scaling)
+    except ConfigError as e:
+        raise UnsupportedConfig(e.message, field=name + e.field.removeprefix("rope_scaling")) from None
+    if scaling is not None and isinstance(max_positions, int) and not isinstance(max_positions, bool):
+        longest = min(int(scaling["original_max_position_embeddings"] * scaling["factor"]),
+                      INT_RANGES["max_position_embeddings"][1])
+        max_positions = max(max_positions, longest)
+    return theta, scaling, max_positions
+
+
+def hf_rope_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The RoPE fields of a transformers ``config.json`` for ``cfg``: ``rope_parameters`` (5.x) and
+    ``rope_theta`` / ``rope_scaling`` (4.x), plus ``max_position_embeddings`` (a ``dynamic`` original length
+    is transformers' ``max_position_embeddings``; a ``linear`` one is no part of the function and no
+    transformers field, so it reads back as ``max_position_embeddings``)."""
+    theta = float(cfg.rope_theta)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"max_position_embeddings": cfg.max_position_embeddings,
+                "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta}
+    hf = {"rope_type": scaling["rope_type"], "factor": scaling["factor"]}
+    positions = cfg.max_position_embeddings
+    if scaling["rope_type"] == "dynamic":
+        positions = scaling["original_max_position_embeddings"]
+    elif scaling["rope_type"] == "yarn":
+        hf.update({k: scaling[k] for k in ("original_max_position_embeddings", "beta_fast", "beta_slow",
+                                           "attention_factor")})
+        if not scaling["truncate"]:
+            hf["truncate"] = False
+    return {"max_position_embeddings": positions, "rope_parameters": {**hf, "rope_theta": theta},
+            "rope_theta": theta, "rope_scaling": hf}
 
 
 def _refuse_unsupported(conf: dict[str, Any], kind: str) -> None:
@@ -86,11 +134,11 @@ def config_from_hf(conf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(f"expected a positive integer, got {conf.get('intermediate_size')!r}",
                                 field="intermediate_size")  # tinylm would derive one: never guess
     values = {name: conf[name] for name in _REQUIRED}
+    theta, scaling, positions = _rope(conf, conf.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[kind]))
     values.update(
         num_key_value_heads=conf.get("num_key_value_heads", conf["num_attention_heads"]),
-        head_dim=conf.get("head_dim"),
-        max_position_embeddings=conf.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[kind]),
-        rope_theta=_rope_theta(conf), rms_norm_eps=conf.get("rms_norm_eps", 1e-6),
+        head_dim=conf.get("head_dim"), max_position_embeddings=positions, rope_scaling=scaling,
+        rope_theta=theta, rms_norm_eps=conf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=conf.get("tie_word_embeddings", False),
         initializer_range=conf.get("initializer_range", 0.02), qk_norm=kind in _QK_NORM_KINDS)
     if kind in MOE_ARCHITECTURES.values():

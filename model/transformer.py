@@ -5,9 +5,9 @@
                 x = x + dropout(mlp(.))                                  on post_attention_layernorm(x)
     logits = lm_head(norm(x)).float()
 
-RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE uses the
-rotate-half convention with cos/sin computed in fp32 for the ``position_ids`` of each forward, exactly as
-transformers does (no table sized by ``max_position_embeddings``). Generation passes a preallocated
+RMSNorm is computed in fp32 (fp64 for fp64) and cast back before the weight multiply; RoPE
+(``model/rope.py``, plain or scaled by ``rope_scaling``) uses the rotate-half convention with cos/sin computed
+in fp32 for the ``position_ids`` of each forward, exactly as transformers does. Generation passes a preallocated
 :class:`KVCache` (k/v written in place per layer) and, for left-padded batches, a key-padding
 ``attention_mask``; the training path (no cache, no attention_mask) is untouched by either. Attention is
 grouped-query, no biases anywhere. With ``num_experts > 0`` each ``mlp`` is a :class:`MoE` block
@@ -36,6 +36,7 @@ from model.attention import (
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.lean_autograd import norm_linear, rms_norm, swiglu_down
+from model.rope import RotaryEmbedding, apply_rope
 
 
 class ModelOutput(NamedTuple):
@@ -63,36 +64,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin [B or 1, 1, T, head_dim] of the positions asked for (frequencies repeated twice: rotate-half).
-
-    Computed per forward from the fp32 inverse frequencies (one buffer of head_dim / 2, non-persistent: not
-    in the state dict), so memory follows the positions actually run, never ``max_position_embeddings``;
-    each angle is one fp32 product ``position * inv_freq``, the same value a precomputed table holds.
-    """
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """position_ids [B or 1, T] -> cos, sin [B or 1, 1, T, head_dim] (broadcast over heads)."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return angles.cos(), angles.sin()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -233,7 +204,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.dropout = nn.Dropout(cfg.dropout)
 
 

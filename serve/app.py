@@ -175,13 +175,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "busy": engine.busy, "queued": engine.jobs.qsize(),
-                "served": engine.served, "cancelled": engine.cancelled}
+                "served": engine.served, "cancelled": engine.cancelled, "context": engine.context,
+                "rope_scaling": engine.model.config.rope_scaling}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "tinylm"}]}
+                                            "owned_by": "tinylm", "max_model_len": engine.context,
+                                            "rope_scaling": engine.model.config.rope_scaling}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -170,6 +170,7 @@ class HarnessCall:
     model: str | None = None  # the shape of a bare state dict (serve/source_args.py)
     model_arg: tuple[str, ...] = ()
     tokenizer: str | None = None
+    rope_scaling: Any = None  # --rope-scaling, parsed (serve/source_args.py)
 
 
 def run_call(call: HarnessCall) -> int:
@@ -182,7 +183,8 @@ def run_call(call: HarnessCall) -> int:
         opts = HarnessOptions(parse_tasks(call.tasks), call.include, call.num_fewshot, call.limit,
                               call.apply_chat_template, call.batch_size)
         manager = task_manager(opts)  # unknown tasks and a bad include folder fail before the model loads
-        loaded = load_model(call.ckpt, options=source_options(call.model, list(call.model_arg), call.tokenizer))
+        loaded = load_model(call.ckpt, options=source_options(call.model, list(call.model_arg), call.tokenizer,
+                                                              call.rope_scaling))
         results = call.results or loaded.run_folder / "eval_results.jsonl"
         check_file_target(results, "results file")
         record, table = run_harness(loaded, opts, results, resolve_device(call.device), call.quiet, manager)

@@ -37,10 +37,36 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer folder (tokenizer.json) to use instead of the source's own; a state dict needs it")
 
 
-def source_options(model: str | None, model_args: list[str], tokenizer: str | None) -> SourceOptions:
-    """The :class:`train.loading.SourceOptions` of ``--model``, ``--model-arg`` and ``--tokenizer`` (a bad
-    preset or override is one ToolError line naming it). No ``--model`` / ``--model-arg``: no shape, so a
-    bare state dict is refused."""
+ROPE_SCALING_HELP = ("stretch RoPE past the trained context: TYPE:FACTOR[,KEY=VALUE...] with TYPE linear, dynamic "
+                     "or yarn (e.g. yarn:4; keys original (default: the context the checkpoint was trained at), "
+                     "beta_fast, beta_slow, attention_factor), or none to remove the checkpoint's own; "
+                     "MiniMind-3's --inference_rope_scaling is yarn:16,original=2048,attention_factor=1")
+
+
+def rope_scaling_arg(text: str) -> str:
+    """argparse ``type`` of ``--rope-scaling``: the text, once its syntax and values are checked (the original
+    length may be left to the checkpoint)."""
+    from model.config import ConfigError, normalize_rope_scaling, parse_rope_scaling
+
+    try:
+        raw = parse_rope_scaling(text)
+        if raw is not None:
+            normalize_rope_scaling({"original_max_position_embeddings": 1, **raw})
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e.field}: {e.message}") from None
+    return text
+
+
+def add_rope_scaling_argument(p: argparse.ArgumentParser) -> None:
+    """Add ``--rope-scaling`` (see :data:`ROPE_SCALING_HELP`)."""
+    p.add_argument("--rope-scaling", type=rope_scaling_arg, metavar="TYPE:FACTOR", help=ROPE_SCALING_HELP)
+
+
+def source_options(model: str | None, model_args: list[str], tokenizer: str | None,
+                   rope_scaling: str | None = None) -> SourceOptions:
+    """The :class:`train.loading.SourceOptions` of ``--model``, ``--model-arg``, ``--tokenizer`` and
+    ``--rope-scaling`` (a bad preset or override is one ToolError line naming it). No ``--model`` /
+    ``--model-arg``: no shape, so a bare state dict is refused."""
     from model import ModelConfig
     from train.loading import SourceOptions
 
@@ -50,4 +76,4 @@ def source_options(model: str | None, model_args: list[str], tokenizer: str | No
             config = ModelConfig.from_preset(model or "small").override(model_args)
         except ValueError as e:
             raise ToolError(f"--model / --model-arg: {e}") from None
-    return SourceOptions(config, tokenizer)
+    return SourceOptions(config, tokenizer, rope_scaling)

@@ -149,8 +149,10 @@ def edit_config(folder: Path, dst: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize(("changes", "field", "words"), [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters", "linear"),
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling", "yarn"),
+    # linear / dynamic / yarn are read (tests/test_rope_scaling.py); other RoPE types and bad values are not
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "rope_parameters.rope_type",
+     "llama3"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5}}, "rope_scaling.factor", "> 1"),
     ({"attention_bias": True}, "attention_bias", "biases"),
     ({"mlp_bias": True}, "mlp_bias", "biases"),
     ({"hidden_act": "gelu"}, "hidden_act", "gelu"),

@@ -27,6 +27,7 @@ from core.chat_families import trained_family
 from core.files import atomic_write_bytes, make_dir
 from core.tokenizer import TokenizerError, TokenizerInfo, file_fingerprint, load_tokenizer
 from model import ModelConfig, TinyLM
+from model.config import ConfigError, parse_rope_scaling, with_rope_scaling
 from model.lora import apply_lora, load_lora_state_dict, merge_lora
 from train import checkpoint, foreign_weights
 from train.checkpoint import Checkpoint, TokenizerRecord, latest
@@ -48,10 +49,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 class SourceOptions:
     """What a foreign source may lack: ``config``, the shape of a bare state dict (a MiniMind ``.pth``, which
     holds no config: ``--model`` / ``--model-arg``), and ``tokenizer``, a tokenizer folder or file to use
-    instead of the source's own (``--tokenizer``)."""
+    instead of the source's own (``--tokenizer``). ``rope_scaling`` (``--rope-scaling``, for
+    :func:`load_model`): ``TYPE:FACTOR[,KEY=VALUE...]`` or ``none`` replacing the model's RoPE scaling
+    (:func:`with_rope_scaling`); None keeps it."""
 
     config: ModelConfig | None = None
     tokenizer: str | Path | None = None
+    rope_scaling: str | None = None
 
 
 def load(path: str | Path, resume: bool = False, options: SourceOptions | None = None) -> Checkpoint:
@@ -166,6 +170,21 @@ def merge_checkpoint(src: str | Path, out: str | Path, base_path: str | Path | N
         raise
 
 
+def trained_context(ckpt: Checkpoint) -> int:
+    """The context ``ckpt`` was trained at: its data record's ``seq_len``, else ``max_position_embeddings``."""
+    return ckpt.data.seq_len if ckpt.data is not None else ckpt.model_config.max_position_embeddings
+
+
+def rope_scaled(ckpt: Checkpoint, spec: str) -> Checkpoint:
+    """``ckpt`` with the RoPE scaling of ``spec`` (``--rope-scaling``: ``yarn:4``, ``none``, ...) in its
+    config; a missing original length is the context it was trained at (:func:`trained_context`)."""
+    try:
+        cfg = with_rope_scaling(ckpt.model_config, parse_rope_scaling(spec), trained_context(ckpt))
+    except ConfigError as e:
+        raise CheckpointError(f"--rope-scaling {spec!r}: {e.field}: {e.message}") from None
+    return dataclasses.replace(ckpt, model_config=cfg)
+
+
 # ---- its tokenizer --------------------------------------------------------------------------------------------
 
 def find_tokenizer(ckpt: Checkpoint) -> TokenizerInfo:
@@ -241,6 +260,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     mismatched tokenizer, weights that do not fit the config, a tokenizer larger than the model's vocabulary,
     an unusable device) is one CheckpointError line naming the file."""
     ckpt = load(path, options=options)
+    if options is not None and options.rope_scaling is not None:
+        ckpt = rope_scaled(ckpt, options.rope_scaling)
     info = find_tokenizer(ckpt)
     if info.vocab_size > ckpt.model_config.vocab_size:
         raise CheckpointError(f"tokenizer {info.path} has {info.vocab_size} ids but the model's vocab_size is "
