@@ -26,8 +26,10 @@ from tokenizers.models import BPE
 from torch import nn
 
 from core.completion import CONTENT, TOOL_CALL, CompletionParser, Event
+from core.detokenize import IncrementalDecoder
 from core.tokenizer import TokenizerInfo
 from model.generate import FINISH_LENGTH, FINISH_STOP, Generation
+from serve.token_logprobs import TokenLogprob, TokenNames, log_probs
 
 FINISH_TOOL_CALLS = "tool_calls"
 
@@ -51,6 +53,9 @@ class Sampling:
     tools: frozenset[str] = frozenset()  # names of the offered functions (empty: calls stay text)
     thinking: bool | None = None  # enable_thinking: the prompt opened (True) or closed (False) the reasoning
     prefill: tuple[int, ...] = ()  # ids of the completion's start already in the prompt (a forced call's start)
+    logprobs: int | None = None  # report each new token's log-probability and this many alternatives
+    echo: bool = False  # first send the prompt's text (and, with logprobs, its tokens' log-probabilities)
+    raw: bool = False  # plain text completion: no parser, special tokens decoded as their text
 
 
 @dataclass
@@ -61,9 +66,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    index: int = 0  # the request's choice this job generates (jobs of one request share ``events``)
 
     def send(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
 
     def send_parsed(self, events: list[Event]) -> None:
         for event in events:
@@ -140,6 +146,7 @@ class Engine:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.context = model.config.max_position_embeddings
         self.max_token_bytes = max_token_bytes(tokenizer.tokenizer)
+        self.names = TokenNames(tokenizer.tokenizer)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
         self.served = 0
@@ -174,29 +181,86 @@ class Engine:
         if job.cancelled.is_set():
             return False
         s = job.sampling
+        if s.echo:
+            job.send("echo", self._echo(s))
         generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(s.seed)
         gen = Generation(self.model, [s.prompt], max_new_tokens=s.max_tokens, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                          stop_ids=self.stop_ids, generator=generator)
-        parser = CompletionParser(self.tokenizer, s.tools, s.thinking, s.prefill)
+        text = RawText(self.tokenizer) if s.raw else CompletionParser(self.tokenizer, s.tools, s.thinking, s.prefill)
         stops = StopFilter(s.stop)
+        scored: list[TokenLogprob] = []  # entries not yet sent: they go just before the next events
         finish = None
         for (token,) in gen:
             if job.cancelled.is_set():
                 return False
-            events, hit = stops.push(parser.feed((token,)))
-            job.send_parsed(events)
+            if s.logprobs is not None and gen.step_logits is not None:
+                offset = text.chars if isinstance(text, RawText) else 0
+                scored.append(self.names.entry(log_probs(gen.step_logits[0]), token, s.logprobs, offset))
+            events, hit = stops.push(text.feed((token,)))
+            scored = self._send(job, events, scored)
             if hit:
                 finish = FINISH_STOP
                 break
         if finish is None:
-            events, hit = stops.push(parser.finish())
-            job.send_parsed(events if hit else events + stops.flush())
+            events, hit = stops.push(text.finish())
+            self._send(job, events if hit else events + stops.flush(), scored, flush=not hit)
             finish = FINISH_STOP if hit else gen.finish_reasons[0] or FINISH_LENGTH
-        if parser.calls and finish == FINISH_STOP:
+        if isinstance(text, CompletionParser) and text.calls and finish == FINISH_STOP:
             finish = FINISH_TOOL_CALLS
         usage = {"prompt_tokens": len(s.prompt), "completion_tokens": len(gen.tokens[0]),
                  "total_tokens": len(s.prompt) + len(gen.tokens[0])}
         job.send("done", (finish, usage))
         return True
 
+    @staticmethod
+    def _send(job: Job, events: list[Event], scored: list[TokenLogprob], flush: bool = False) -> list[TokenLogprob]:
+        """Send the pending log-probability entries (when events follow, or at the end) then the events;
+        returns the entries still pending."""
+        if scored and (events or flush):
+            job.send("logprobs", scored)
+            scored = []
+        job.send_parsed(events)
+        return scored
+
+    def _echo(self, s: Sampling) -> tuple[str, list[TokenLogprob]]:
+        """The prompt's text and, when ``s.logprobs`` is set, its entries: position i > 0 scored by
+        ``log_softmax`` of one forward's logits at i - 1 (the first token has no context: logprob None)."""
+        decoder = IncrementalDecoder(self.tokenizer.tokenizer, skip_special_tokens=False)
+        offsets, pieces = [], []
+        for token in s.prompt:
+            offsets.append(sum(map(len, pieces)))
+            pieces.append(decoder.push(token))
+        pieces.append(decoder.flush())
+        if s.logprobs is None:
+            return "".join(pieces), []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([s.prompt], dtype=torch.long, device=next(self.model.parameters()).device)
+                rows = log_probs(self.model(ids).logits[0])
+        finally:
+            self.model.train(was_training)
+        entries = [self.names.entry(rows[i - 1] if i else None, token, s.logprobs, offsets[i])
+                   for i, token in enumerate(s.prompt)]
+        return "".join(pieces), entries
+
+
+class RawText:
+    """Generated ids as plain text events (special tokens as their text), counting the characters sent."""
+
+    def __init__(self, tokenizer: TokenizerInfo) -> None:
+        self.decoder = IncrementalDecoder(tokenizer.tokenizer, skip_special_tokens=False)
+        self.chars = 0
+
+    def feed(self, ids: tuple[int, ...]) -> list[Event]:
+        text = "".join(self.decoder.push(i) for i in ids)
+        return self._event(text)
+
+    def finish(self) -> list[Event]:
+        return self._event(self.decoder.flush())
+
+    def _event(self, text: str) -> list[Event]:
+        self.chars += len(text)
+        return [Event(CONTENT, text)] if text else []
