@@ -1,9 +1,10 @@
 """OpenAI-compatible chat API and web chat page over one :class:`~serve.engine.Engine`: routes, SSE, answers.
 
-Routes: ``POST /v1/chat/completions`` (JSON or SSE streaming), ``GET /v1/models``, ``GET /health``,
-``GET /`` (the static chat page). With an API key, ``/v1/*`` requires ``Authorization: Bearer KEY``
-(compared as bytes in constant time: any header a client sends is a 401 or a pass, never a 500).
-Request validation lives in :mod:`serve.openai_request`, generation in :mod:`serve.engine`; this module
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE streaming),
+``GET /v1/models``, ``GET /health``, ``GET /`` (the static chat page). With an API key, ``/v1/*`` requires
+``Authorization: Bearer KEY`` (compared as bytes in constant time: any header a client sends is a 401 or a
+pass, never a 500). Request validation lives in :mod:`serve.openai_request` (chat) and
+:mod:`serve.completion_request` (text completions), generation in :mod:`serve.engine`; this module
 turns their results and errors into HTTP. Every error is an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -16,13 +17,17 @@ A request's life, and the invariant at each step (no client can stall the event 
 2. JSON parsing, validation and prompt tokenization run in a small thread pool (``PARSE_THREADS``),
    never on the event loop (``encode_batch`` releases the GIL, so the loop keeps running). A prompt that
    cannot fit the context by a byte count is refused before it is tokenized;
-3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for the engine's single generation
+3. the request's jobs (one per choice: ``n`` per prompt) are queued (bounded, FIFO; full: 503 with
+   ``Retry-After``, and the request's jobs already queued are cancelled) for the engine's single generation
    worker. A client that disconnects, streaming or not, cancels its job: a queued job is skipped, a
    running one stops at its next token (``/health`` counts them as ``cancelled``).
 
 Answers: the parsed events become ``reasoning_content``, ``content`` and ``tool_calls``; an answer with a
 call finishes ``"tool_calls"``; streamed, a call is one delta with its id, type and name, then one with its
-arguments, as OpenAI sends them.
+arguments, as OpenAI sends them. A text completion's ``text`` is the echoed prompt (with ``echo``) then the
+answer. Log-probabilities (chat ``logprobs``/``top_logprobs``, completions ``logprobs``) come from
+:mod:`serve.token_logprobs`; streamed, each chunk carries the entries of the tokens that produced it (the
+last ones ride on the finish chunk). Choices are streamed interleaved, each chunk naming its ``index``.
 """
 
 from __future__ import annotations

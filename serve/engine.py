@@ -1,15 +1,20 @@
 """The generation engine: one model, one worker thread, a bounded FIFO queue of validated jobs.
 
 Contract: :class:`Engine` takes :class:`Job` s (a validated :class:`Sampling` plus the asyncio loop and queue
-of the request that waits for it); :meth:`Engine.submit` queues one or raises :class:`QueueFull`. A single
-daemon thread owns the model and generates the jobs in order: the generated ids go to
+of the request that waits for it; the jobs of one request, one per choice, share that queue and are told
+apart by ``Job.index``); :meth:`Engine.submit` queues one or raises :class:`QueueFull`. A single daemon
+thread owns the model and generates the jobs in order: the generated ids go to
 :class:`~core.completion.CompletionParser` (told the request's offered tools, thinking switch and prefilled
-ids), whose events go through the ``stop`` strings filter (:class:`StopFilter`: text that could be the start
-of a stop string is held back until it is decided; at a stop string the answer ends there, finish
-``"stop"``); an answer that stops with a call finishes ``"tool_calls"``. The worker sends
-``("event", Event)`` for each event, then ``("done", (finish_reason, usage))`` or ``("error", message)``,
-to the job's queue with ``call_soon_threadsafe``. A job whose ``cancelled`` flag is set is skipped when
-queued and stops at its next token when running. Nothing here knows HTTP or JSON.
+ids) or, for a text completion (``raw``), to :class:`RawText` (plain decoded text); the events go through the
+``stop`` strings filter (:class:`StopFilter`: text that could be the start of a stop string is held back
+until it is decided; at a stop string the answer ends there, finish ``"stop"``); an answer that stops with a
+call finishes ``"tool_calls"``. The worker sends ``(index, kind, value)`` to the job's queue with
+``call_soon_threadsafe``: ``("echo", (prompt text, entries))`` first when ``echo`` is set (the entries, with
+``logprobs``, score every prompt token by one forward), ``("logprobs", entries)`` (with ``logprobs``: the
+new tokens' :class:`~serve.token_logprobs.TokenLogprob` s, sent just before the events they produced, so
+a stream can attach them to the next chunk), ``("event", Event)`` per event, then
+``("done", (finish_reason, usage))`` or ``("error", message)``. A job whose ``cancelled`` flag is set is
+skipped when queued and stops at its next token when running. Nothing here knows HTTP or JSON.
 """
 
 from __future__ import annotations
