@@ -244,7 +244,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "busy": engine.busy, "queued": engine.jobs.qsize(),
+        return {"status": "ok", "model": model_name, "busy": engine.busy, "running": engine.running,
+                "queued": engine.jobs.qsize(),
                 "served": engine.served, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")

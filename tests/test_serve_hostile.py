@@ -58,7 +58,7 @@ def endless_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = endless_checkpoint(tmp_path_factory.mktemp("endless"))
-    s = Server(ckpt, "--api-key", KEY, "--max-queue", "1", "--body-timeout", str(BODY_TIMEOUT))
+    s = Server(ckpt, "--api-key", KEY, "--max-queue", "1", "--max-batch", "1", "--body-timeout", str(BODY_TIMEOUT))
     try:
         yield s.wait()
     finally:
