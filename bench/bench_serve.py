@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench_serve.py                                 # small preset, 1/4/8/16 clients
     .venv/bin/python bench/bench_serve.py --clients 1,8 --tokens 64 --threads 2
 
-One server (random weights of preset --model, --threads torch threads, --max-batch rows) on 127.0.0.1.
+One server (random weights of preset --model, drawn wide so that answers are visible text; --threads torch
+threads; --max-batch rows) on 127.0.0.1.
 Per row of the table, C clients (threads, one HTTP connection each) send at the same moment one streaming
 chat request each (different short prompts, temperature 0, max_tokens --tokens, usage included); the table
 gives the aggregate completion tokens per second (all tokens / wall time from the first send to the last
@@ -136,7 +137,7 @@ def main() -> int:
     p.add_argument("--sequential", type=int, default=8, help="requests of the one-at-a-time row (0: none; 8)")
     args = p.parse_args()
     torch.manual_seed(0)
-    model = TinyLM(ModelConfig.from_preset(args.model))
+    model = TinyLM(ModelConfig.from_preset(args.model, initializer_range=0.3))  # wide weights: visible text
     tmp = tempfile.TemporaryDirectory(prefix="tinylm-bench-serve-")
     ckpt = Checkpoint.of(model, load_tokenizer()).save(tmp.name)
     port = free_port()
