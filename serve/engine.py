@@ -1,9 +1,16 @@
-"""The generation engine: one model, one worker thread, a bounded FIFO queue of validated jobs.
+"""The generation engine: one model, one worker thread, a bounded FIFO queue of validated jobs, continuous batching.
 
 Contract: :class:`Engine` takes :class:`Job` s (a validated :class:`Sampling` plus the asyncio loop and queue
 of the request that waits for it; the jobs of one request, one per choice, share that queue and are told
-apart by ``Job.index``); :meth:`Engine.submit` queues one or raises :class:`QueueFull`. A single daemon
-thread owns the model and generates the jobs in order: the generated ids go to
+apart by ``Job.index``); :meth:`Engine.submit` queues one or raises :class:`QueueFull` (``max_queue`` jobs
+wait already). A single daemon thread owns the model. For a :class:`~model.transformer.TinyLM` (and
+``max_batch`` > 1) it batches continuously: between decode steps it moves queued jobs into a
+:class:`~serve.batch_decode.DecodeBatch` (up to ``max_batch`` rows; each prefilled alone, its first token
+sampled at once), then steps every row by one token and retires the rows that finished; each row samples
+with its own settings and its own seeded uniforms (:func:`~model.generate.row_uniforms`), so its tokens
+depend on the batch only through floating-point effects (the policy in :mod:`serve.batch_decode`). Any
+other module, or ``max_batch`` 1, generates the jobs one at a time with :class:`~model.generate.Generation`.
+Per job, the generated ids go to
 :class:`~core.completion.CompletionParser` (told the request's offered tools, thinking switch and prefilled
 ids) or, for a text completion (``raw``), to :class:`RawText` (plain decoded text); the events go through the
 ``stop`` strings filter (:class:`StopFilter`: text that could be the start of a stop string is held back

@@ -397,6 +397,7 @@ def test_bad_checkpoint_is_one_line_exit_1(tmp_path):
                                              ("--max-body-bytes", "0"), ("--body-timeout", "inf"),
                                              ("--port", "70000"), ("--max-queue", "1e3"), ("--threads", "-1"),
                                              ("--threads", "1000000"), ("--log-level", "loud"),
+                                             ("--max-batch", "0"), ("--max-batch", "100000"),
                                              ("--max-tokens", "9" * 5000), ("--api-key", ""),
                                              ("--model-name", "a\udcff"), ("--host", "\udcfe")])
 def test_bad_limits_are_usage_errors(flag, value):
