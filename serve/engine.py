@@ -206,6 +206,8 @@ class Engine:
         rows: list[Row] = []
         while True:
             while len(rows) < self.max_batch:
+                if not rows:  # idle until a job comes
+                    self.running, self.busy = 0, False
                 try:
                     job = self.jobs.get(block=not rows)
                 except queue.Empty:
