@@ -57,7 +57,8 @@
 #   minimind2-small   pretrain_hq.jsonl (--parse-special) -> sft_mini_512.jsonl, preset small (26M), rows of
 #                     512, 256 rows per pretrain step, 32 rows per SFT step
 #   RECIPE_ROWS_PRETRAIN / RECIPE_ROWS_SFT (global rows per step), MICRO_BATCH [32] (rows per process and
-#   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above.
+#   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above; PRETRAIN_PACK_ARGS /
+#   SFT_PACK_ARGS are each stage's own pack.py flags (minimind3-mini's SFT: MiniMind's seeded augmentations).
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -85,6 +86,8 @@ case "$RECIPE" in
       SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_t2t_mini.jsonl}"
       TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizers/minimind3}"; MODEL="${MODEL:-minimind3}"
       SEQ_LEN="${SEQ_LEN:-768}"; RECIPE_ROWS_PRETRAIN="${RECIPE_ROWS_PRETRAIN:-128}"
+      # MiniMind's two SFT augmentations, seeded (pack.py --help): empty think blocks dropped, a system prompt added
+      SFT_PACK_ARGS="${SFT_PACK_ARGS---drop-empty-think 0.8 --add-system-prompt 0.2 --augment-seed 0}"
     else
       PRETRAIN_FILES="${PRETRAIN_FILES:-$MINIMIND_DATA/pretrain_hq.jsonl}"
       SFT_FILES="${SFT_FILES:-$MINIMIND_DATA/sft_mini_512.jsonl}"
@@ -178,7 +181,7 @@ else
   echo "using the shipped tokenizer $TOKENIZER_DIR (TRAIN_TOKENIZER=1 trains a new one)"
 fi
 
-HELDOUT_EVERY="${HELDOUT_EVERY:-50}"; HELDOUT="$OUT_DIR/data/heldout"
+HELDOUT_EVERY="${HELDOUT_EVERY:-50}"
 stage_files() { if [[ "$1" == pretrain ]]; then echo "$PRETRAIN_FILES"; else echo "$SFT_FILES"; fi; }
 # shellcheck disable=SC2206
 CLEAN="${CLEAN:-1}"; CLEAN_EXTRA=(${CLEAN_ARGS:-}); CLEANED="$OUT_DIR/data/clean"
@@ -189,21 +192,14 @@ clean_stage() {  # clean_stage STAGE: DATA_DIR/STAGE/*.jsonl -> CLEANED/STAGE/ST
   run "$PYTHON" preprocess/clean.py --stage "$1" --input "${inputs[@]}" --out "$out" \
     --report "$CLEANED/$1.report.json" "${CLEAN_EXTRA[@]}"
 }
-split_heldout() {  # split_heldout STAGE SRC: record k of each SRC/*.jsonl goes to HELDOUT/STAGE.jsonl when k % N == 0
-  local src dst="$OUT_DIR/data/train/$1"
-  [[ -f "$HELDOUT/$1.jsonl" ]] && return 0  # split once: the packed data records its inputs' mtimes
-  mkdir -p "$dst" "$HELDOUT"
-  rm -f "$HELDOUT/$1.part"; touch "$HELDOUT/$1.part"
-  for src in "$2"/*.jsonl; do
-    awk -v n="$HELDOUT_EVERY" -v out="$HELDOUT/$1.part" 'NR % n == 0 { print >> out; next } { print }' \
-      "$src" > "$dst/$(basename "$src")"
-  done
-  mv "$HELDOUT/$1.part" "$HELDOUT/$1.jsonl"
-}
-evaluate() {  # evaluate RUN STAGE: held-out loss / perplexity / bits per byte of OUT_DIR/RUN
-  if [[ "${SKIP_EVAL:-0}" == 1 || ! -s "$HELDOUT/$2.jsonl" ]]; then echo "eval skipped (SKIP_EVAL=1 or no held-out $2 data)"; return 0; fi
-  run "$PYTHON" bin/eval --ckpt "$OUT_DIR/$1" --data "$HELDOUT/$2.jsonl" --stage "$2" --seq-len "$SEQ_LEN" \
-    --overlong truncate --quiet
+evaluate() {  # evaluate RUN STAGE: held-out loss / perplexity / bits per byte of OUT_DIR/RUN on the held-out slice
+  if [[ "${SKIP_EVAL:-0}" == 1 || "$HELDOUT_EVERY" -le 0 ]]; then echo "eval skipped (SKIP_EVAL=1 or HELDOUT_EVERY=0)"; return 0; fi
+  local files
+  read -r -a files <<< "$(cat "$PACKED/$2.inputs")"
+  # shellcheck disable=SC2206  # the recorded patterns expand to the files pack.py read
+  files=( ${files[@]} )
+  run "$PYTHON" bin/eval --ckpt "$OUT_DIR/$1" --data "${files[@]}" --stage "$2" --seq-len "$SEQ_LEN" \
+    --overlong truncate --hold-out-every "$HELDOUT_EVERY" --quiet
 }
 
 step 2/5 "pack $DATA_DIR/{pretrain,sft} into $PACKED (rows of $SEQ_LEN tokens; CLEAN=$CLEAN)"
@@ -211,20 +207,22 @@ if [[ "${SKIP_PACK:-0}" == 1 ]]; then
   echo "skipped (SKIP_PACK=1)"
 else
   for stage in pretrain sft; do
-    INPUT="$(stage_files "$stage")"; SRC_DATA=""
+    INPUT="$(stage_files "$stage")"
     if [[ "$CLEAN" == 1 ]]; then
-      clean_stage "$stage"; SRC_DATA="$CLEANED"; INPUT="$CLEANED/$stage/*.jsonl"
+      clean_stage "$stage"; INPUT="$CLEANED/$stage/*.jsonl"
     fi
-    if [[ "$HELDOUT_EVERY" -gt 0 ]]; then
-      [[ -n "$SRC_DATA" ]] || { SRC_DATA="$OUT_DIR/data/raw"; mkdir -p "$SRC_DATA/$stage"
-        for f in $INPUT; do ln -sf "$(realpath "$f")" "$SRC_DATA/$stage/"; done; }
-      split_heldout "$stage" "$SRC_DATA/$stage"; INPUT="$OUT_DIR/data/train/$stage/*.jsonl"
-      echo "held out 1 record in $HELDOUT_EVERY of $SRC_DATA/$stage for bin/eval: $HELDOUT/$stage.jsonl"
+    HOLD=()
+    if [[ "$HELDOUT_EVERY" -gt 0 ]]; then  # pack leaves the slice out by line number; bin/eval reads only it
+      HOLD=(--hold-out-every "$HELDOUT_EVERY")
+      echo "held out: the record on every ${HELDOUT_EVERY}th line of each input, for bin/eval (no copy is made)"
     fi
-    STAGE_PACK=(); [[ "$stage" == pretrain ]] && read -r -a STAGE_PACK <<< "${PRETRAIN_PACK_ARGS:-}"
+    STAGE_PACK=()
+    if [[ "$stage" == pretrain ]]; then read -r -a STAGE_PACK <<< "${PRETRAIN_PACK_ARGS:-}"
+    else read -r -a STAGE_PACK <<< "${SFT_PACK_ARGS:-}"; fi
     read -r -a INPUTS <<< "$INPUT"  # words, not globs: pack.py expands the patterns itself
     run "$PYTHON" preprocess/pack.py --stage "$stage" --input "${INPUTS[@]}" --out "$PACKED/$stage" \
-      --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${STAGE_PACK[@]}" "${PACK_EXTRA[@]}"
+      --tokenizer "$TOKENIZER_DIR" --seq-len "$SEQ_LEN" "${HOLD[@]}" "${STAGE_PACK[@]}" "${PACK_EXTRA[@]}"
+    printf '%s\n' "$INPUT" > "$PACKED/$stage.inputs"  # what bin/eval reads the held-out slice from
   done
 fi
 

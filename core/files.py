@@ -7,7 +7,13 @@
   a read-only file system, no permission).
 - :class:`FolderLock` takes an exclusive ``fcntl.flock`` on ``<folder>/.lock``: a second process that
   wants the folder is refused at once with one line; the kernel drops the lock when its holder dies, so a
-  killed run leaves no stale lock.
+  killed run leaves no stale lock. Only the process that took it holds it: a forked child closes its
+  inherited copy at once, so a worker that outlives its parent cannot keep the folder locked.
+- Outputs never destroy inputs: :func:`refuse_inputs` refuses an output path that is one of the tool's
+  inputs (or, for an output folder, holds one), compared after resolving symlinks and ``..`` and by inode
+  (hard links); :func:`check_output_folder` lets a tool replace a folder only when it is missing, empty,
+  carries the tool's marker (:func:`mark_output_folder`) or holds nothing but the tool's own file names.
+  Each refusal is one :class:`OutputClash` line naming the path.
 Every OS failure becomes a :class:`~core.errors.TinyLMError` naming the path.
 """
 
@@ -21,13 +27,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from core.errors import TinyLMError
 
 LOCK_NAME = ".lock"
+MARKER_NAME = ".tinylm-output"  # names the tool that wrote an output folder (see check_output_folder)
 
 
 class FileWriteError(TinyLMError):
@@ -246,6 +253,147 @@ def is_temp_file(name: str) -> bool:
     return ".tmp." in name or name.endswith(".tmp")
 
 
+# ---- outputs never replace inputs -------------------------------------------------------------------------
+
+
+class OutputClash(FileWriteError):
+    """An output path that would replace or delete an input, or a folder holding files the tool did not write."""
+
+
+Named = tuple[str, "str | Path | None"]  # (the flag or role that names a path, the path; None: not given)
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """``a`` and ``b`` name the same file or folder: equal once symlinks and ``..`` are resolved, or the same
+    inode (a hard link, a bind mount)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """``path`` is ``folder`` or lies somewhere inside it (resolved; the folder also by inode)."""
+    resolved, top = Path(path).resolve(), Path(folder).resolve()
+    if resolved == top or top in resolved.parents:
+        return True
+    return any(same_path(parent, folder) for parent in [Path(path), *Path(path).resolve().parents]
+               if parent.exists())
+
+
+def refuse_inputs(out: str | Path, inputs: Iterable[Named], out_flag: str = "--out", folder: bool = False) -> Path:
+    """Refuse ``out`` (one OutputClash naming it) when it is one of ``inputs`` or, for an output ``folder``
+    that is replaced or filled, when an input lies inside it. Returns ``out`` as a Path."""
+    out = Path(out)
+    for flag, path in inputs:
+        if path is None or str(path) == "":
+            continue
+        clash = is_within(path, out) if folder else same_path(out, path)
+        if clash:
+            where = "is" if same_path(out, path) else "holds"
+            raise OutputClash(f"{out_flag} {where} the input {flag} {path}; an output never replaces an input: "
+                              "choose another path", path=out)
+    return out
+
+
+def refuse_same_outputs(outputs: Iterable[Named]) -> None:
+    """Refuse two outputs of one run that are the same file (the second would replace the first)."""
+    given = [(flag, Path(path)) for flag, path in outputs if path is not None]
+    for i, (flag, path) in enumerate(given):
+        for other_flag, other in given[:i]:
+            if same_path(path, other):
+                raise OutputClash(f"{flag} and {other_flag} are the same file; give each its own path", path=path)
+
+
+def check_output_folder(out: str | Path, tool: str, own: Callable[[str], bool] = lambda name: False,
+                        inputs: Iterable[Named] = (), out_flag: str = "--out") -> Path:
+    """The folder ``out`` may be written (and replaced) by ``tool``: no input is or lies in it, and it is
+    missing, empty, marked as ``tool``'s (:func:`mark_output_folder`), or holds only names ``own`` accepts
+    (the tool's exact file set; its lock and temp files always count as its own). Else one OutputClash."""
+    out = refuse_inputs(out, inputs, out_flag, folder=True)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise FileWriteError("the output folder is a file, not a folder", path=out)
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise FileWriteError(f"cannot read the {out_flag} folder ({os_reason(e)})", path=out) from None
+    if MARKER_NAME in names and written_by(out) == tool:
+        return out
+    foreign = [n for n in names if not (own(n) or n in (LOCK_NAME, MARKER_NAME) or is_temp_file(n))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputClash(f"{out_flag} holds files {tool} did not write ({shown}); choose a new or empty folder",
+                          path=out)
+    return out
+
+
+def written_by(folder: str | Path) -> str | None:
+    """The tool named by ``folder``'s marker, or None."""
+    try:
+        return (Path(folder) / MARKER_NAME).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def mark_output_folder(folder: str | Path, tool: str) -> None:
+    """Mark ``folder`` as written by ``tool``, so that a re-run of ``tool`` may replace it."""
+    atomic_write_text(Path(folder) / MARKER_NAME, tool + "\n")
+
+
+def publish_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Publish several finished temp files (``[(tmp, path), ...]``) as one output: either every ``path``
+    becomes its temp file, or (an OSError on the way) every ``path`` keeps its old contents and no temp
+    file is left. The old files are kept as hard links until all renames succeeded."""
+    backups: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    try:
+        for _, path in pairs:
+            refuse_special(path)
+        for _, path in pairs:
+            if path.exists():
+                backup = path.with_name(f"{path.name}.old.tmp.{os.getpid()}")
+                backup.unlink(missing_ok=True)
+                os.link(path, backup)
+                backups.append((backup, path))
+        for tmp, path in pairs:
+            publish(tmp, path)
+            done.append(path)
+    except BaseException:
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
+        restored = {path for _, path in backups}
+        for backup, path in backups:
+            with contextlib.suppress(OSError):
+                os.replace(backup, path)
+            backup.unlink(missing_ok=True)  # rename(2) between two links of one file does nothing
+        for path in done:
+            if path not in restored:
+                path.unlink(missing_ok=True)  # it did not exist before
+        raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
+
+
+_HELD_LOCKS: set[int] = set()  # the lock fds this process holds (closed in a forked child)
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock fds, so that only the parent holds the lock
+    (an flock belongs to the open file, which a fork shares; a child outliving its parent would keep it)."""
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class FolderLock:
     """An exclusive, non-blocking ``flock`` on ``folder/.lock`` held for the ``with`` block.
 
@@ -280,6 +428,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -292,6 +441,7 @@ class FolderLock:
                 if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
                     (self.folder / LOCK_NAME).unlink()
                     self.folder.rmdir()
+        _HELD_LOCKS.discard(self._fd)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

@@ -4,6 +4,11 @@ and encode rendered documents (:func:`encode_documents`, :func:`encode_chat`, :f
 The fingerprint is the sha256 of ``tokenizer.json``'s bytes: shards and checkpoints record it, and
 anything that mixes a dataset or model with a different tokenizer is refused by name.
 
+Chat format: the directory's chat template chooses the family that renders every chat encoded with this
+tokenizer (``TokenizerInfo.chat``, see ``core.chat_families``): tinylm's when there is none, the family a
+known template matches, or the family declared by the caller (``--chat-template``). A template of no known
+family is refused where a chat is rendered (:meth:`TokenizerInfo.require_chat`); pretraining never needs one.
+
 Literal encoding: ``TokenizerInfo.literal`` is a second ``tokenizers.Tokenizer``: the same
 ``tokenizer.json`` without its ``added_tokens``, so the added-vocabulary pre-split never runs and
 no added token, special or not, can match inside content. (``Tokenizer.encode_special_tokens = True``
@@ -22,12 +27,13 @@ import re
 import sys
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from core.chat_families import TINYLM, ChatFamily, ChatTemplateChoice, choose_family
 from core.chat_template import (
     CONTROL,
     ENDOFTEXT,
@@ -73,6 +79,14 @@ class TokenizerInfo:
     literal: Tokenizer  # the same tokenizer without its added tokens: content is always encoded by it
     added_pattern: re.Pattern  # matches any added-token string (special or not) in a text
     known_pieces: dict[Piece, list[int]]  # the template's constant pieces (control tokens, "\\n", ...) -> ids
+    chat: ChatTemplateChoice = ChatTemplateChoice(TINYLM)  # the family that renders chats, and why
+
+    @property
+    def chat_family(self) -> ChatFamily:
+        """The family chats are rendered with (refused in one line when the template is of no known family)."""
+        self.require_chat("a conversation")
+        assert self.chat.family is not None
+        return self.chat.family
 
     @property
     def has_reasoning_tags(self) -> bool:
@@ -107,11 +121,14 @@ class TokenizerInfo:
         return all(t in self.special_ids for t in CHAT_SPECIALS)
 
     def require_chat(self, what: str) -> None:
-        """Refuse, in one line, to render chats for ``what`` with a tokenizer that lacks the ChatML tokens."""
+        """Refuse, in one line, to render chats for ``what`` with a tokenizer that lacks the ChatML tokens or
+        whose chat template is of no known family (and none was declared)."""
         if not self.has_chat:
             missing = ", ".join(t for t in CHAT_SPECIALS if t not in self.special_ids)
             raise TokenizerError(f"{missing} not single ids in this tokenizer, so it cannot render chats ({what}); "
                                  "pretraining on it works", path=self.path)
+        if self.chat.family is None:
+            raise TokenizerError(f"{self.chat.problem} ({what})")
 
     def has_added_strings(self, text: str) -> bool:
         """Whether ``text`` contains an added-token string (which literal encoding keeps as text)."""
@@ -132,10 +149,12 @@ def file_fingerprint(file: str | Path) -> str | None:
     return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
 
 
-def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
+def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, chat_template: str | None = None) -> TokenizerInfo:
     """Load a tokenizer and check that ``<|endoftext|>`` is a single id; whether the ChatML tokens are is
-    :attr:`TokenizerInfo.has_chat` (checked by :meth:`TokenizerInfo.require_chat` where a chat is rendered)."""
+    :attr:`TokenizerInfo.has_chat` (checked by :meth:`TokenizerInfo.require_chat` where a chat is rendered).
+    ``chat_template``: the declared family (``--chat-template``), else the directory's template decides."""
     file = tokenizer_file(path)
+    chat = _choose(file, chat_template)
     data = file.read_bytes()
     try:
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
@@ -157,7 +176,21 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER) -> TokenizerInfo:
                                      *((t, TEXT, literal.encode(t, add_special_tokens=False).ids)
                                        for t in TEMPLATE_TEXTS)]}
     return TokenizerInfo(file, tokenizer, hashlib.sha256(data).hexdigest(),
-                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known)
+                         tokenizer.get_vocab_size(with_added_tokens=True), specials, literal, pattern, known, chat)
+
+
+def declare_chat_template(tok: TokenizerInfo, family: str | None) -> TokenizerInfo:
+    """``tok`` rendering chats as the declared ``family`` (``--chat-template``); ``tok`` itself when None."""
+    if family is None:
+        return tok
+    return replace(tok, chat=_choose(tok.path, family))
+
+
+def _choose(file: Path, declared: str | None) -> ChatTemplateChoice:
+    try:
+        return choose_family(file.parent, declared)
+    except ValueError as e:
+        raise TokenizerError(str(e), path=file) from None
 
 
 def _literal_tokenizer(file: Path, tokenizer: Tokenizer) -> tuple[Tokenizer, re.Pattern]:
@@ -273,19 +306,27 @@ def note_missing_tags(tok: TokenizerInfo) -> None:
         print(f"warning: {note}", file=sys.stderr)
 
 
+def chat_pieces(tok: TokenizerInfo, turns: list[dict], supervise: str = "all", add_generation_prompt: bool = False,
+                tools: list | None = None, enable_thinking: bool | None = None,
+                drop_empty_think: bool = False) -> list[Piece]:
+    """One conversation rendered by the tokenizer's chat family, with its structure tags (pack, encode_chat)."""
+    return render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags, tools, enable_thinking,
+                         tok.chat.family or tok.chat_family, drop_empty_think)
+
+
 def encode_chat(tok: TokenizerInfo, turns: list[dict], add_generation_prompt: bool = False,
                 supervise: str = "all", tag_weight: int = 1, tools: list | None = None,
                 enable_thinking: bool | None = None) -> Encoded:
-    """One conversation through the template and :func:`encode_documents` (the only way chats are encoded)."""
+    """One conversation through the tokenizer's chat family and :func:`encode_documents`."""
     tok.require_chat("a conversation")
     note_missing_tags(tok)
-    pieces = render_pieces(turns, add_generation_prompt, supervise, tok.structural_tags, tools, enable_thinking)
+    pieces = chat_pieces(tok, turns, supervise, add_generation_prompt, tools, enable_thinking)
     return encode_documents(tok, [pieces], tag_weight)
 
 
 def prompt_ids(tok: TokenizerInfo, turns: list[dict], tools: list | None = None,
                enable_thinking: bool | None = None) -> list[int]:
-    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` and the thinking switch
-    (``enable_thinking``, see core.chat_template) (serve, chat, eval)."""
+    """The ids of a generation prompt: ``turns`` then ``<|im_start|>assistant\\n`` and the family's text for
+    the thinking switch ``enable_thinking`` (MiniMind-3 calls it ``open_thinking``) (serve, chat, eval)."""
     return encode_chat(tok, turns, add_generation_prompt=True, supervise="none", tools=tools,
                        enable_thinking=enable_thinking).ids.tolist()

@@ -4,7 +4,10 @@ Field names follow transformers' ``LlamaConfig`` / ``Qwen3Config`` so that a con
 field. ``head_dim=None`` means ``hidden_size // num_attention_heads``; Qwen3 states it explicitly and it may
 differ (then q/k/v are ``heads * head_dim`` wide, not ``hidden_size``). ``qk_norm`` adds Qwen3's per-head
 RMSNorm on q and k (before RoPE). ``num_experts == 0`` means a
-dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of experts.
+dense SwiGLU MLP in every layer; ``num_experts > 0`` replaces it by a mixture of experts. ``norm_topk_prob``
+renormalises the top-k routing weights to sum 1 when k > 1; ``norm_top1_prob`` also renormalises a single
+routed weight (to 1, as transformers' Qwen-MoE with ``norm_topk_prob`` and MiniMind-3-MoE do; off, a top-1
+weight stays the router probability, so the router learns from the LM loss).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "dropout": (0.0, 1.0, True, False), "moe_aux_loss_coef": (0.0, math.inf, True, False),
     "initializer_range": (0.0, math.inf, True, False),
 }
-BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "qk_norm")
+BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "norm_top1_prob", "qk_norm")
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_aux_loss_coef: float = 0.01
     norm_topk_prob: bool = True
+    norm_top1_prob: bool = False  # with norm_topk_prob: renormalise top-1 too (its weight becomes 1)
     attn_backend: str = "auto"
     initializer_range: float = 0.02
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
@@ -135,6 +139,9 @@ class ModelConfig:
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], "
                                                      f"got {self.num_experts_per_tok}")
+        if self.norm_top1_prob and not self.norm_topk_prob:
+            raise ConfigError("norm_top1_prob", "true needs norm_topk_prob true (it extends top-k "
+                                                "renormalisation to k = 1)")
 
     def _check_ranges(self) -> None:
         """Every number within its range (``INT_RANGES``, ``FLOAT_RANGES``; floats finite)."""
@@ -303,3 +310,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_key_value_heads=4, intermediate_size=2432, tie_word_embeddings=True, rope_theta=1e6,
                       qk_norm=True, rms_norm_eps=1e-6, max_position_embeddings=32768),
 }
+# MiniMind-3-MoE: 4 routed experts of the dense width, top-1 renormalised (weight 1), no shared expert
+PRESETS["minimind3-moe"] = dict(PRESETS["minimind3"], num_experts=4, num_experts_per_tok=1, n_shared_experts=0,
+                                norm_topk_prob=True, norm_top1_prob=True, moe_aux_loss_coef=5e-4)

@@ -42,6 +42,8 @@ import torch
 from core.files import FileWriteError, make_dir, os_reason, publish, refuse_special, temp_path
 from model.config import ModelConfig
 from model.export_hf import ExportError, check_exportable
+from model.moe_gguf import ARCHITECTURE as MOE_ARCHITECTURE
+from model.moe_gguf import add_moe_metadata, split_moe_tensors
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
@@ -113,7 +115,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[tuple
     arch = gguf.MODEL_ARCH.QWEN3 if cfg.qk_norm else gguf.MODEL_ARCH.LLAMA
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     permute = not cfg.qk_norm  # llama: adjacent-pair RoPE; qwen3: NEOX, i.e. rotate-half as ours
-    out = []
+    state, out = split_moe_tensors(state, cfg) if cfg.is_moe else (state, [])  # qwen3moe: model/moe_gguf.py
     for name, tensor in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -130,7 +132,9 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[tuple
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """llama.cpp's architecture name for ``cfg``: ``qwen3`` with QK-norm, else ``llama``."""
+    """llama.cpp's architecture name for ``cfg``: ``qwen3moe`` for MoE, ``qwen3`` with QK-norm, else ``llama``."""
+    if cfg.is_moe:
+        return MOE_ARCHITECTURE
     return "qwen3" if cfg.qk_norm else "llama"
 
 
@@ -166,6 +170,8 @@ def export_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: GGUFVoc
         writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_file_type(int(file_type))
+        if cfg.is_moe:
+            add_moe_metadata(writer, cfg)
         if fmt == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

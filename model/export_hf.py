@@ -1,5 +1,6 @@
 """Write a TinyLM as a transformers ``LlamaForCausalLM`` directory (config, safetensors, tokenizer files); a
-model with ``qk_norm`` as ``Qwen3ForCausalLM`` (the same layout plus per-head ``q_norm`` / ``k_norm``).
+model with ``qk_norm`` as ``Qwen3ForCausalLM`` (the same layout plus per-head ``q_norm`` / ``k_norm``); a
+mixture-of-experts model as the Qwen-MoE class :mod:`model.moe_hf` maps it to (or refused naming the field).
 
 Our parameter names are transformers' names, so the weights go out unchanged:
 
@@ -25,8 +26,10 @@ from pathlib import Path
 import torch
 
 from core.errors import TinyLMError
-from core.files import atomic_write_folder
+from core.files import atomic_write_folder, check_output_folder
 from model.config import ModelConfig
+from model.moe_gguf import check_gguf_moe
+from model.moe_hf import MoeInteropError, architecture, fuse_experts, hf_moe_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,17 +59,24 @@ class TokenizerFiles:
 
 
 def check_exportable(cfg: ModelConfig, fmt: str) -> None:
-    """Refuse what a Llama architecture cannot express (a mixture-of-experts model)."""
-    if cfg.is_moe:
-        raise ExportError(
-            f"this is a mixture-of-experts model ({cfg.num_experts} experts, {cfg.n_shared_experts} shared): "
-            f"{fmt} export writes a dense Llama / Qwen3, which has no MoE layers (transformers' LlamaForCausalLM has "
-            "none; llama.cpp's Mixtral-style llama experts have no shared experts); export a dense model")
+    """Refuse an MoE layout the format's MoE class does not compute (hf: model/moe_hf.py, gguf: model/moe_gguf.py)."""
+    if cfg.is_moe and fmt == "hf":
+        try:
+            architecture(cfg)
+        except MoeInteropError as e:
+            raise ExportError(f"hf export: {e.message}", field=e.field) from None
+    elif cfg.is_moe:
+        try:
+            check_gguf_moe(cfg)
+        except MoeInteropError as e:
+            raise ExportError(f"{fmt} export of a mixture-of-experts model: {e.message}", field=e.field) from None
 
 
 def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
     """The ``config.json`` of a ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with ``qk_norm``) equal to ``cfg``."""
     conf = _llama_config(cfg, tok, dtype)
+    if cfg.is_moe:
+        return hf_moe_config(conf, cfg)
     if not cfg.qk_norm:
         return conf
     for llama_only in ("mlp_bias", "pretraining_tp"):
@@ -109,7 +119,7 @@ def _llama_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str) -> dict:
 def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -> dict[str, torch.Tensor]:
     """The tensors of ``model.safetensors``: contiguous copies in ``dtype``, no tied ``lm_head.weight``."""
     out = {}
-    for name, tensor in state.items():
+    for name, tensor in (fuse_experts(state, cfg) if cfg.is_moe else state).items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         out[name] = tensor.detach().to("cpu", DTYPES[dtype]).contiguous().clone()
@@ -118,9 +128,14 @@ def export_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -
     return out
 
 
+HF_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                      "chat_template.jinja", "tokenizer_config.json"})  # the folder's exact file set
+
+
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFiles, out: str | Path,
               dtype: str = "float32") -> Path:
-    """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``."""
+    """Write the transformers directory ``out`` (replacing an earlier export there); returns ``out``. A folder
+    holding any other file is refused (:func:`core.files.check_output_folder`), never replaced."""
     from safetensors.torch import save as safetensors_bytes
 
     check_exportable(cfg, "hf")
@@ -129,6 +144,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
+    check_output_folder(out, "bin/export", HF_FILES.__contains__)
     generation = {"bos_token_id": tok.token_ids.get(tok.bos_token) if tok.bos_token else None,
                   "eos_token_id": tok.eos_ids,
                   "pad_token_id": tok.token_ids.get(tok.pad_token) if tok.pad_token else None}
@@ -137,6 +153,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tok: TokenizerFi
              "tokenizer.json": tok.tokenizer_json.encode("utf-8"),
              "chat_template.jinja": tok.chat_template.encode("utf-8"),
              "tokenizer_config.json": _json(tokenizer_config(tok, cfg))}
+    assert set(files) == HF_FILES
     return atomic_write_folder(out, files, "export")
 
 

@@ -1,4 +1,5 @@
-"""A transformers ``config.json`` (LlamaForCausalLM, Qwen3ForCausalLM) as a :class:`ModelConfig`, strictly.
+"""A transformers ``config.json`` (LlamaForCausalLM, Qwen3ForCausalLM, and the Qwen2-MoE / Qwen3-MoE classes
+:mod:`model.moe_hf` maps) as a :class:`ModelConfig`, strictly.
 
 Every field that changes the function the model computes is read, never guessed; a value tinylm does not
 implement (rope scaling, biases, sliding-window attention, another activation, a mixture-of-experts layout)
@@ -13,9 +14,11 @@ from typing import Any
 
 from core.errors import TinyLMError
 from model.config import ConfigError, ModelConfig
+from model.moe_hf import MOE_ARCHITECTURES, MoeInteropError, moe_values
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen3": 32768}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", **MOE_ARCHITECTURES}
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen3": 32768, "qwen2_moe": 32768, "qwen3_moe": 32768}
+_QK_NORM_KINDS = ("qwen3", "qwen3_moe")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
@@ -52,7 +55,7 @@ def _rope_theta(conf: dict[str, Any]) -> Any:
     return (params or {}).get("rope_theta", conf.get("rope_theta", 10000.0))  # checked by ModelConfig
 
 
-def _refuse_unsupported(conf: dict[str, Any]) -> None:
+def _refuse_unsupported(conf: dict[str, Any], kind: str) -> None:
     if conf.get("hidden_act", "silu") != "silu":
         raise UnsupportedConfig(f"{conf['hidden_act']!r}: tinylm's MLP is SwiGLU (silu)", field="hidden_act")
     for name in ("attention_bias", "mlp_bias"):
@@ -63,7 +66,7 @@ def _refuse_unsupported(conf: dict[str, Any]) -> None:
     layers = conf.get("layer_types")
     if layers is not None and (not isinstance(layers, list) or any(t != "full_attention" for t in layers)):
         raise UnsupportedConfig("only 'full_attention' layers are supported", field="layer_types")
-    for name in _MOE_FIELDS:
+    for name in _MOE_FIELDS if kind not in MOE_ARCHITECTURES.values() else ():
         if conf.get(name):
             raise UnsupportedConfig(f"{conf[name]!r}: a mixture-of-experts layout tinylm does not implement",
                                     field=name)
@@ -74,7 +77,7 @@ def config_from_hf(conf: dict[str, Any]) -> ModelConfig:
     if not isinstance(conf, dict):
         raise UnsupportedConfig(f"expected a JSON object, got {type(conf).__name__}")
     kind = _arch(conf)
-    _refuse_unsupported(conf)
+    _refuse_unsupported(conf, kind)
     for name in _REQUIRED:
         if name not in conf:
             raise UnsupportedConfig("missing", field=name)
@@ -89,7 +92,12 @@ def config_from_hf(conf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=conf.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[kind]),
         rope_theta=_rope_theta(conf), rms_norm_eps=conf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=conf.get("tie_word_embeddings", False),
-        initializer_range=conf.get("initializer_range", 0.02), qk_norm=kind == "qwen3")
+        initializer_range=conf.get("initializer_range", 0.02), qk_norm=kind in _QK_NORM_KINDS)
+    if kind in MOE_ARCHITECTURES.values():
+        try:
+            values.update(moe_values(conf, kind))
+        except MoeInteropError as e:
+            raise UnsupportedConfig(e.message, field=e.field) from None
     try:  # every value's type, finiteness and range: ModelConfig's own checks, the same for every source
         return ModelConfig(**values)
     except ConfigError as e:

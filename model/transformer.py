@@ -160,8 +160,9 @@ class MoE(nn.Module):
     """Mixture of SwiGLU experts: y = sum_k w_k * expert_{i_k}(x) + shared_experts(x).
 
     Router ``gate``: p = softmax(gate(x)) in fp32; (w, i) = top-k of p; w is renormalised to sum 1
-    when ``norm_topk_prob`` and k > 1 (for k = 1 renormalising would make w == 1 and cut the router's
-    gradient). Because w multiplies the expert outputs the router learns from the LM loss itself.
+    when ``norm_topk_prob`` and k > 1, and for k = 1 too with ``norm_top1_prob`` (then w == 1 and the router
+    gets no gradient from the LM loss, as in transformers' Qwen-MoE and MiniMind-3-MoE). Otherwise w
+    multiplies the expert outputs, so the router learns from the LM loss itself.
     The ``n_shared_experts`` always-on experts are one SwiGLU of width n_shared * intermediate_size
     (the sum of n equal-width experts). Load-balance loss (Switch Transformer / MiniMind):
     ``coef * E * sum_e f_e * P_e`` with f_e the fraction of routed slots sent to expert e and P_e its
@@ -174,7 +175,7 @@ class MoE(nn.Module):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_experts
-        self.norm_topk = cfg.norm_topk_prob and self.top_k > 1
+        self.norm_topk = cfg.norm_topk_prob and (self.top_k > 1 or cfg.norm_top1_prob)
         self.aux_coef = cfg.moe_aux_loss_coef
         self.gate = nn.Linear(h, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(h, i) for _ in range(cfg.num_experts))

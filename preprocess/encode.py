@@ -3,9 +3,9 @@
 Rendering per stage (every piece of content is literal text: see core/chat_template.py):
 - pretrain: ``text`` then the ``<|endoftext|>`` id, every token weight 1; ``parse_special`` encodes
   added-token strings inside the text as their ids (corpora that embed ChatML on purpose);
-- sft / reason: ChatML (chat_template.render_pieces), weight 1 on assistant content and its closing
-  ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight`` to the reasoning tags that are
-  structure (inside supervised assistant content);
+- sft / reason: ChatML in the tokenizer's chat family (preprocess.augment.chat_documents), weight 1 on
+  assistant content and its closing ``<|im_end|>``, 0 elsewhere; reason additionally gives ``tag_weight``
+  to the reasoning tags that are structure (inside supervised assistant content);
 - dpo: two documents per record, chosen then rejected, weight 1 only on the final assistant turn.
 
 A *unit* is what packing must keep whole: one document, or a DPO (chosen, rejected) pair. Units longer
@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece, render_pieces
+from core.chat_template import CONTROL, ENDOFTEXT, PARSED, TEXT, Piece
 from core.tokenizer import Encoded, TextRefused, TokenizerInfo, encode_documents
+from preprocess.augment import Augment, chat_documents
 from preprocess.records import DEFAULT_MAX_RECORD_CHARS, Pair, RecordError, parse_record
 from preprocess.sources import Item
 
 PACKED_STAGES = ("sft", "reason", "dpo")
 OK, TRUNCATED = "ok", "truncated"
 DROPPED_OVERLONG, DROPPED_NO_LOSS = "dropped:overlong", "dropped:no_supervised_left"
+DROPPED_HELD_OUT, DROPPED_NOT_HELD_OUT = "dropped:held_out", "dropped:not_held_out"  # --hold-out-every
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class EncodeOptions:
     tag_weight: int = 10
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
     parse_special: bool = False  # pretrain: added-token strings in the text become their ids
+    augment: Augment = Augment()  # sft / reason / dpo: MiniMind's seeded augmentations (off by default)
+    hold_out_every: int = 0  # records on line k * N are the held-out slice (0: none)
+    held_out_only: bool = False  # keep only the held-out slice instead of everything but it
 
 
 @dataclass
@@ -59,13 +64,11 @@ class EncodedChunk:
     literal_specials: list[bool] = field(default_factory=list)  # per item: added-token strings kept as text
 
 
-def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tags: tuple[str, ...]) -> list[list[Piece]]:
+def _documents(record: str | list[dict] | Pair, opts: EncodeOptions, tok: TokenizerInfo,
+               item: Item) -> list[list[Piece]]:
     if opts.stage == "pretrain":
         return [[Piece(record, PARSED if opts.parse_special else TEXT, True), Piece(ENDOFTEXT, CONTROL, True)]]
-    if opts.stage == "dpo":
-        return [render_pieces(record.chosen, supervise="last", tags=tags),
-                render_pieces(record.rejected, supervise="last", tags=tags)]
-    return [render_pieces(record, supervise="all", tags=tags)]
+    return chat_documents(tok, record, opts.stage, opts.augment.choose(item.source, item.line))
 
 
 def _literal_specials(docs_of_item: list[list[list[Piece]]], tok: TokenizerInfo) -> list[bool]:
@@ -122,10 +125,14 @@ def _encode(items: list[Item], docs_of_item: list[list[list[Piece]]], chunk: Enc
 def encode_items(items: list[Item], opts: EncodeOptions, tok: TokenizerInfo) -> EncodedChunk:
     chunk = EncodedChunk(np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
     docs_of_item: list[list[list[Piece]]] = []
-    tags = tok.structural_tags
     for item in items:
+        if opts.hold_out_every and (item.line % opts.hold_out_every == 0) != opts.held_out_only:
+            docs_of_item.append([])  # the other side of the held-out split: counted, never parsed
+            chunk.outcomes.append(DROPPED_NOT_HELD_OUT if opts.held_out_only else DROPPED_HELD_OUT)
+            chunk.errors.append(None)
+            continue
         try:
-            docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts, tags))
+            docs_of_item.append(_documents(parse_record(item, opts.stage, opts.max_record_chars), opts, tok, item))
             chunk.outcomes.append(OK)
             chunk.errors.append(None)
         except RecordError as e:

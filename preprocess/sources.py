@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from core.errors import TinyLMError
 from core.files import os_reason
+from core.numbers import MAX_CHARS, check_number
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".parquet")
 
@@ -67,12 +68,17 @@ def split_number_suffix(arg: str, sep: str) -> tuple[str, float | None]:
         return arg, None
 
 
+MAX_WEIGHT = 1000  # a source repeated more often than this is a typo (``:1e20`` would never end)
+
+
 def _split_weight(arg: str) -> tuple[str, float]:
     head, weight = split_number_suffix(arg, ":")
     if weight is None:
         return arg, 1.0  # no weight, or a colon that is part of the path
-    if not weight > 0 or weight != weight or weight == float("inf"):
-        raise InputError(f"{arg}: the mixing weight must be a positive number, got {arg[len(head) + 1:]!r}")
+    problem = check_number(weight, float, low=0, high=MAX_WEIGHT, low_open=True)
+    if problem or len(arg) - len(head) - 1 > MAX_CHARS:
+        raise InputError(f"{arg}: the mixing weight must be a finite number > 0 and <= {MAX_WEIGHT}, got "
+                         f"{arg[len(head) + 1:][:MAX_CHARS]!r}")
     return head, weight
 
 

@@ -32,6 +32,7 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +49,8 @@ from core.chat_template import (  # noqa: E402
     STRUCTURE_TAGS,
 )
 from core.errors import TinyLMError, run_main  # noqa: E402
-from core.files import atomic_write_text, make_dir  # noqa: E402
+from core.files import FileWriteError, atomic_write_text, make_dir, refuse_inputs  # noqa: E402
+from core.numbers import non_negative_int, number, positive_int  # noqa: E402
 from preprocess.chat_fields import chat_texts  # noqa: E402
 from preprocess.records import RecordError, decode_payload, parse_conversation, parse_pair, parse_text  # noqa: E402
 from preprocess.sources import (  # noqa: E402
@@ -61,6 +63,7 @@ from preprocess.sources import (  # noqa: E402
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 HELDOUT_MAX_CHARS = 2_000_000  # held-out text kept in memory for the summary, at most
+OUTPUT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
@@ -206,8 +209,8 @@ def save(tok: Tokenizer, out_dir: Path, model_max_length: int) -> list[Path]:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja, each atomically (core.files)."""
     make_dir(out_dir, "tokenizer folder")
     config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2) + "\n"
-    files = {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": config,
-             "chat_template.jinja": CHAT_TEMPLATE}
+    texts = (tok.to_str(pretty=True), config, CHAT_TEMPLATE)
+    files = dict(zip(OUTPUT_FILES, texts, strict=True))
     for name, text in files.items():
         atomic_write_text(out_dir / name, text)
     return [out_dir / name for name in files]
@@ -243,7 +246,21 @@ def summary(tok: Tokenizer, corpus: Corpus, files: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """One training run, as the command line gives it (see :func:`parse_args` for each flag)."""
+
+    inputs: list[str]
+    out: Path
+    vocab_size: int = 6400
+    max_chars: int | None = None  # None: every training character
+    heldout_every: int = 100  # 0: none held out
+    model_max_length: int = 32768
+    skip_bad: bool = False
+
+
+def parse_args(argv: list[str] | None) -> TokenizerOptions:
+    d = TokenizerOptions([], Path())
     p = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (special tokens at ids 0..10).")
     p.add_argument(
         "--input",
@@ -254,39 +271,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="JSONL, .jsonl.zst or Parquet files / globs, optionally with a mixing weight",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--vocab-size", type=int, default=6400)
-    p.add_argument("--max-chars", type=int, default=None, help="stop after this many training characters")
+    p.add_argument("--vocab-size", type=number(int, low=MIN_VOCAB), default=d.vocab_size)
+    p.add_argument("--max-chars", type=positive_int, default=d.max_chars,
+                   help="stop after this many training characters")
     p.add_argument(
         "--heldout-every",
-        type=int,
-        default=100,
+        type=non_negative_int,
+        default=d.heldout_every,
         help="hold out 1 record in N for the chars/token summary (0: none)",
     )
-    p.add_argument("--model-max-length", type=int, default=32768, help="model_max_length in tokenizer_config")
+    p.add_argument("--model-max-length", type=positive_int, default=d.model_max_length,
+                   help="model_max_length in tokenizer_config")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
     args = p.parse_args(argv)
-    if args.vocab_size < MIN_VOCAB:
-        p.error(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    if args.max_chars is not None and args.max_chars <= 0:
-        p.error("--max-chars must be positive")
-    if args.heldout_every < 0:
-        p.error("--heldout-every must be 0 or more")
-    return args
+    return TokenizerOptions(args.input, args.out, args.vocab_size, args.max_chars, args.heldout_every,
+                            args.model_max_length, args.skip_bad)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_main("train_tokenizer.py", lambda: run(args))
+    options = parse_args(argv)
+    return run_main("train_tokenizer.py", lambda: run(options))
 
 
-def run(args: argparse.Namespace) -> None:
+def check_out(out: Path, specs: list[SourceSpec]) -> None:
+    """Before training: refuse an --out that is a file, or whose output files would replace an input."""
+    if out.exists() and not out.is_dir():
+        raise FileWriteError("the tokenizer folder is a file, not a folder", path=out)
+    inputs = [("--input", spec.path) for spec in specs]
+    for name in OUTPUT_FILES:
+        refuse_inputs(out / name, inputs, f"--out's {name}")
+
+
+def run(options: TokenizerOptions) -> None:
     """Read the inputs, train, check the special ids, write the files, print the summary."""
-    corpus = Corpus(parse_input_args(args.input), args.max_chars, args.heldout_every, args.skip_bad)
-    tok = train(corpus, args.vocab_size)
+    specs = parse_input_args(options.inputs)
+    check_out(options.out, specs)
+    corpus = Corpus(specs, options.max_chars, options.heldout_every, options.skip_bad)
+    tok = train(corpus, options.vocab_size)
     if corpus.chars == 0:
         raise TinyLMError("no training text in the inputs")
     check_special_ids(tok)
-    print(summary(tok, corpus, save(tok, args.out, args.model_max_length)))
+    print(summary(tok, corpus, save(tok, options.out, options.model_max_length)))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from train.loop import evaluate
 from train.metrics import token_byte_lengths
 from train.passk import PassConfig, pass_metrics, pass_sums
 from train.prompt_set import PromptSet, tokenize
+from train.reward_model import parse_spec, reward_models
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, RolloutConfig
 from train.stages import StageContext, build_stage
@@ -95,6 +96,12 @@ class DataOptions:
     ref: str | None = None  # dpo: the reference checkpoint
     max_record_chars: int = _RECORD_DEFAULTS.max_record_chars
     parse_special: bool = _RECORD_DEFAULTS.parse_special
+    chat_template: str | None = _RECORD_DEFAULTS.chat_template
+    drop_empty_think: float = _RECORD_DEFAULTS.drop_empty_think
+    add_system_prompt: float = _RECORD_DEFAULTS.add_system_prompt
+    augment_seed: int = _RECORD_DEFAULTS.augment_seed
+    hold_out_every: int = _RECORD_DEFAULTS.hold_out_every
+    held_out_only: bool = _RECORD_DEFAULTS.held_out_only
 
     def record_options(self) -> RecordOptions:
         return RecordOptions(**{f.name: getattr(self, f.name) for f in fields(RecordOptions)})
@@ -217,16 +224,22 @@ class RewardOptions:
     seed: int = RunOptions.seed  # train/run.py's default: the same samples as a run's --eval-prompts evaluation
     batch: int = GRPOOptions.prompts_per_step  # prompts per generation batch
     rollout_dtype: str = GRPOOptions.rollout_dtype  # the decode matmuls' precision
+    reward_models: tuple[str, ...] = ()  # --reward-model DIR[@W] (train/reward_model.py)
+    reward_norm: str = GRPOOptions.reward_norm
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.rollout_dtype not in ROLLOUT_DTYPES:
             raise ToolError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {self.rollout_dtype!r}")
+        for spec in self.reward_models:
+            parse_spec(spec)  # a folder that is not a reward model fails before the policy is loaded
 
 
 def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOptions, device: torch.device,
                    quiet: bool = False) -> dict[str, Any]:
     """pass@1 / pass@k (sampled), greedy pass@1 and mean reward of the prompts; the results record part."""
-    rewards = load_rewards(list(opts.specs))
+    rewards = load_rewards(list(opts.specs)) if opts.specs or not opts.reward_models else []
+    rewards += reward_models(opts.reward_models, device, opts.trust_remote_code, opts.reward_norm)
     k = opts.k or opts.samples
     if not 1 <= k <= opts.samples:
         raise ToolError(f"--pass-k {k} must be in [1, --samples {opts.samples}]")
@@ -245,7 +258,7 @@ def reward_metrics(loaded: LoadedModel, prompts_file: str | Path, opts: RewardOp
                          cfg, passing)
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    return {"prompts": str(prompts_file), "rewards": list(opts.specs), "samples": opts.samples,
+    return {"prompts": str(prompts_file), "rewards": [r.spec for r in rewards], "samples": opts.samples,
             "success_threshold": opts.threshold, "temperature": opts.temperature,
             "max_new_tokens": opts.max_new_tokens, "rollout_dtype": opts.rollout_dtype,
             "reward_metrics": pass_metrics(totals, k, prefix=""),

@@ -152,24 +152,44 @@ def _version() -> str | None:
         return None
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class HarnessCall:
+    """One ``bin/eval --lm-eval`` call: the checkpoint and how to read it, the harness's options as typed, where
+    results go."""
+
+    ckpt: str
+    tasks: str
+    include: str | None = None
+    num_fewshot: int | None = None
+    limit: int | float | None = None
+    apply_chat_template: bool = False
+    batch_size: int = 8
+    results: Path | None = None
+    device: str = "auto"
+    quiet: bool = False
+    model: str | None = None  # the shape of a bare state dict (serve/source_args.py)
+    model_arg: tuple[str, ...] = ()
+    tokenizer: str | None = None
+
+
+def run_call(call: HarnessCall) -> int:
     """``bin/eval``'s ``--lm-eval`` branch: check, load, evaluate, print the table; 1 on bad input."""
     from serve.evaluate import resolve_device
     from serve.source_args import source_options
     from train.loading import load_model
 
     try:
-        opts = HarnessOptions(parse_tasks(args.lm_eval), args.lm_eval_include, args.num_fewshot, args.limit,
-                              args.apply_chat_template, args.batch_size)
+        opts = HarnessOptions(parse_tasks(call.tasks), call.include, call.num_fewshot, call.limit,
+                              call.apply_chat_template, call.batch_size)
         manager = task_manager(opts)  # unknown tasks and a bad include folder fail before the model loads
-        loaded = load_model(args.ckpt, options=source_options(args.model, args.model_arg, args.tokenizer))
-        results = args.results or loaded.run_folder / "eval_results.jsonl"
+        loaded = load_model(call.ckpt, options=source_options(call.model, list(call.model_arg), call.tokenizer))
+        results = call.results or loaded.run_folder / "eval_results.jsonl"
         check_file_target(results, "results file")
-        record, table = run_harness(loaded, opts, results, resolve_device(args.device), args.quiet, manager)
+        record, table = run_harness(loaded, opts, results, resolve_device(call.device), call.quiet, manager)
     except TinyLMError as e:
         print(f"bin/eval: error: {e}", file=sys.stderr)
         return 1
-    if args.quiet:
+    if call.quiet:
         print(json.dumps(record, ensure_ascii=False))
         return 0
     print(f"{record['ckpt']} (step {record['step']})")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from core import chat_schema
+from core.chat_families import TINYLM, ChatFamily
 from core.chat_schema import API_SHAPES, SchemaError, given, parse_reasoning, parse_tool_calls
 from core.chat_template import CONTROL, TEXT, Piece, render_text
 from core.completion import CALL_CLOSE, CALL_OPEN
@@ -326,29 +327,40 @@ def parse_tool_choice(body: dict, tools: list[dict] | None) -> tuple[list[dict] 
     return tools, forced
 
 
+THINKING_SWITCHES = ("enable_thinking", "open_thinking")  # vLLM / Qwen3's name, MiniMind-3's name
+
+
 def parse_thinking(body: dict) -> bool | None:
-    """``chat_template_kwargs.enable_thinking`` (the vLLM convention): None = the model decides."""
+    """The thinking switch: ``enable_thinking`` (vLLM, Qwen3) or ``open_thinking`` (MiniMind-3), in
+    ``chat_template_kwargs`` or at the top level of the body; None = the template's default. Values given in
+    several places must agree."""
     kwargs = body.get("chat_template_kwargs")
-    if kwargs is None:
-        return None
-    if not isinstance(kwargs, dict):
+    if kwargs is not None and not isinstance(kwargs, dict):
         raise APIError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
-    for key in kwargs:
-        if key != "enable_thinking":
-            raise APIError(400, f"chat_template_kwargs.{key} is not supported (only enable_thinking)",
-                           f"chat_template_kwargs.{key}", "unsupported_parameter")
-    value = kwargs.get("enable_thinking")
-    if value is not None and not isinstance(value, bool):
-        raise APIError(400, f"chat_template_kwargs.enable_thinking must be a boolean, got {_show(value)}",
-                       "chat_template_kwargs.enable_thinking", "invalid_type")
-    return value
+    for key in kwargs or {}:
+        if key not in THINKING_SWITCHES:
+            raise APIError(400, f"chat_template_kwargs.{key} is not supported (only "
+                           f"{' and '.join(THINKING_SWITCHES)})", f"chat_template_kwargs.{key}",
+                           "unsupported_parameter")
+    found: dict[str, bool] = {}
+    for where, params in (("chat_template_kwargs.", kwargs or {}), ("", body)):
+        for key in THINKING_SWITCHES:
+            value = params.get(key)
+            if value is not None and not isinstance(value, bool):
+                raise APIError(400, f"{where}{key} must be a boolean, got {_show(value)}", f"{where}{key}",
+                               "invalid_type")
+            if value is not None:
+                found[where + key] = value
+    if len(set(found.values())) > 1:
+        raise APIError(400, f"{' and '.join(found)} disagree", next(iter(found)), "invalid_value")
+    return next(iter(found.values()), None)
 
 
-def forced_call_text(name: str) -> str:
+def forced_call_text(name: str, family: ChatFamily = TINYLM) -> str:
     """The start of a forced call: the template's rendering of a call cut before its JSON object
     (``<tool_call>\n``) or, for a named function, before its arguments."""
     call = {"type": "function", "function": {"name": name or "f", "arguments": {}}}
-    text = render_text([{"role": "assistant", "content": "", "tool_calls": [call]}])
+    text = render_text([{"role": "assistant", "content": "", "tool_calls": [call]}], family=family)
     start = text.index(CALL_OPEN)
     end = text.rindex("{}", start, text.index(CALL_CLOSE, start)) if name else text.index("{", start)
     return text[start:end]
@@ -497,7 +509,8 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> Parsed:
     if forced is not None and thinking:
         raise APIError(400, "a forced 'tool_choice' cannot be combined with chat_template_kwargs.enable_thinking="
                        "true (the call would start inside the reasoning)", "tool_choice", "invalid_value")
-    prefill = [] if forced is None else forced_call_ids(engine.tokenizer, forced_call_text(forced))
+    family = engine.tokenizer.chat_family
+    prefill = [] if forced is None else forced_call_ids(engine.tokenizer, forced_call_text(forced, family))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, 1)
     check_prompt_size(engine, turns)

@@ -16,8 +16,8 @@ from core.errors import TinyLMError
 if TYPE_CHECKING:
     from train.loading import SourceOptions
 
-CKPT_HELP = ("checkpoint file or run folder (its latest checkpoint), a transformers folder (Llama, Qwen3), or a "
-             "MiniMind .pth state dict with --model")
+CKPT_HELP = ("checkpoint file or run folder (its latest checkpoint), a transformers folder (Llama, Qwen3, "
+             "Qwen2/3-MoE), or a MiniMind .pth state dict with --model")
 
 
 class ToolError(TinyLMError):
@@ -30,7 +30,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights from elsewhere (a transformers folder needs none of these)")
     g.add_argument("--model", metavar="PRESET",
                    help="shape of a bare state dict (a MiniMind .pth holds no config): a preset, e.g. small "
-                        "(MiniMind2-small), base (MiniMind2), minimind3")
+                        "(MiniMind2-small), base (MiniMind2), minimind3, minimind3-moe (MiniMind-3-MoE)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of --model's config, repeatable (e.g. num_hidden_layers=16)")
     g.add_argument("--tokenizer", metavar="DIR",

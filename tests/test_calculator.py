@@ -1,10 +1,10 @@
-"""serve/calculator.py: the safe arithmetic evaluator (an AST walk, never eval) and its limits."""
+"""core/calculator.py: the safe arithmetic evaluator (an AST walk, never eval) and its limits."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve.calculator import MAX_BITS, CalculatorError, evaluate, format_number, run
+from core.calculator import MAX_BITS, CalculatorError, evaluate, format_number, run
 
 
 @pytest.mark.parametrize(("expression", "value"), [

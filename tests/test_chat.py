@@ -26,11 +26,11 @@ from scripted import (
     scripted_checkpoint,
 )
 
+from core import calculator
 from core.chat_template import render_text
 from core.detokenize import IncrementalDecoder
 from core.tokenizer import load_tokenizer, prompt_ids
 from model.generate import generate
-from serve import calculator
 from serve.options import resolve_device
 from train.loading import LoadedModel, load_model
 

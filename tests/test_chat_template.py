@@ -139,12 +139,13 @@ def tokenizers() -> list[Path]:
 @pytest.mark.parametrize("tok_dir", tokenizers(), ids=lambda p: p.name)
 def test_prompt_ids_parity_with_transformers(tok_dir: Path, name: str, thinking) -> None:
     """Prompts (supervise="none") encode token for token as transformers encodes the rendered chat, with the
-    shipped tokenizer and with MiniMind-3's (its own template replaced by ours; <answer> is text there)."""
+    shipped tokenizer and with MiniMind-3's (its own template replaced by ours, declared as with
+    ``--chat-template tinylm``; <answer> is text there)."""
     if tok_dir == MINIMIND3:
         needs_shared("reference_tokenizer", "minimind3", "tokenizer.json")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    info = load_tokenizer(tok_dir)
+    info = load_tokenizer(tok_dir, chat_template="tinylm")
     turns, tools = CASES[name]
     for gen in (False, True):
         ids = hf_render(hf, turns, tools, gen, thinking, tokenize=True, template=ct.CHAT_TEMPLATE)

@@ -1,6 +1,7 @@
 """bin/export: the transformers folder gives our logits, greedy tokens and chat rendering; the GGUF file
 holds llama.cpp's metadata / vocabulary and weights whose llama.cpp-style forward pass (adjacent-pair
-RoPE on the permuted q/k rows) gives our logits; MoE, LoRA and bad input are refused in one line."""
+RoPE on the permuted q/k rows) gives our logits; an MoE no class computes, LoRA and bad input are refused in
+one line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from core.chat_template import SPECIAL_TOKENS, STRUCTURE_TAGS, render_text
+from core.files import OutputClash
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from model.export_gguf import permute_rotary
@@ -26,6 +28,14 @@ from train.checkpoint import Checkpoint
 from train.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative name -> digest)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
 PY = sys.executable
 
@@ -107,10 +117,19 @@ def test_hf_export_matches_logits_generation_and_template(runs, kind, tmp_path):
 def test_hf_export_replaces_an_earlier_export(runs, tmp_path):
     out = tmp_path / "hf"
     export(load_model(runs["tied"]), "hf", out, "f16")
-    (out / "stray.txt").write_text("old")
     export(load_model(runs["untied"]), "hf", out, "bf16")
-    assert not (out / "stray.txt").exists()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_hf_export_never_deletes_a_file_it_did_not_write(runs, tmp_path):
+    """A folder holding anything but an earlier export's files is refused, and keeps every file."""
+    out = tmp_path / "hf"
+    export(load_model(runs["tied"]), "hf", out, "f16")
+    (out / "stray.txt").write_text("mine")
+    before = hashes(out)
+    with pytest.raises(OutputClash, match=r"--out holds files bin/export did not write \(stray.txt\)"):
+        export(load_model(runs["untied"]), "hf", out, "bf16")
+    assert hashes(out) == before
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------
@@ -276,11 +295,14 @@ def test_gguf_f16_and_q8_0(runs, tmp_path):
 
 # ---- refusals -----------------------------------------------------------------------------------------------
 
-def test_moe_is_refused(tmp_path):
-    make_checkpoint(tmp_path / "moe", num_experts=4)
-    for fmt in ("hf", "gguf"):
-        with pytest.raises(ExportError, match="mixture-of-experts.*Llama.*no MoE"):
+def test_moe_is_refused_where_the_format_has_no_matching_class(tmp_path):
+    """A shared expert with q/k norms: no transformers class; a shared expert: no llama.cpp class (the
+    exportable MoE shapes are tests/test_moe_interop.py's)."""
+    make_checkpoint(tmp_path / "moe", num_experts=4, qk_norm=True, head_dim=32)
+    for fmt, words in (("hf", "no transformers class has both"), ("gguf", "mixture-of-experts.*qwen2moe")):
+        with pytest.raises(ExportError, match=words) as e:
             export(load_model(tmp_path / "moe"), fmt, tmp_path / f"moe.{fmt}", "f32")
+        assert "field 'n_shared_experts'" in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / f"moe.{fmt}").exists()
 
 
@@ -329,3 +351,58 @@ def test_errors_are_one_line_and_leave_nothing(runs, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "t.gguf"]
     assert "FROM ./t.gguf" in (tmp_path / "Modelfile").read_text()
+
+
+def run_export(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, str(ROOT / "bin" / "export"), "--quiet", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("case", ["unrelated_folder", "run_folder", "gguf_is_checkpoint", "modelfile_is_input"])
+def test_export_never_replaces_an_input_or_a_foreign_folder(runs, tmp_path, case):
+    """bin/export onto a folder with an unrelated file, onto the run folder it exports, or a GGUF (or its
+    Modelfile) onto the checkpoint: exit 1, one line naming the path, no file changed."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["tied"], run)
+    ckpt = next(run.glob("ckpt_*.pt"))
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    fmt, out = {"unrelated_folder": ("hf", other), "run_folder": ("hf", run),
+                "gguf_is_checkpoint": ("gguf", ckpt), "modelfile_is_input": ("gguf", run / "m.gguf")}[case]
+    if case == "modelfile_is_input":
+        (run / "Modelfile").unlink(missing_ok=True)
+        (run / "Modelfile").hardlink_to(ckpt)  # the Modelfile beside --out is the checkpoint itself
+    before = hashes(tmp_path)
+    proc = run_export("--ckpt", ckpt if case == "modelfile_is_input" else run, "--format", fmt, "--out", out)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bin/export: error: ") and "Traceback" not in proc.stderr
+    assert str(out if case != "modelfile_is_input" else run / "Modelfile") in lines[0]
+    assert hashes(tmp_path) == before
+
+
+def test_gguf_and_modelfile_are_published_together(runs, tmp_path, monkeypatch):
+    """A failure while publishing the Modelfile leaves the earlier GGUF and Modelfile as they were."""
+    import os
+
+    import core.files
+
+    trained = load_model(runs["tied"])
+    out = tmp_path / "m.gguf"
+    export(trained, "gguf", out, "f32")
+    before = hashes(tmp_path)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "Modelfile" and ".old." not in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(core.files.os, "replace", failing)
+    with pytest.raises(core.files.FileWriteError, match="Modelfile: cannot write"):
+        export(trained, "gguf", out, "f16")
+    monkeypatch.undo()
+    assert hashes(tmp_path) == before

@@ -41,3 +41,31 @@ def test_a_second_holder_is_refused_in_one_line(tmp_path):
     file.write_text("")
     with pytest.raises(TinyLMError, match="not a folder"), FolderLock(file, "pack", create="output folder"):
         pass
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """The holder forks a child and dies without releasing: the folder is free at once, the child still alive."""
+    import os
+    import signal
+    import time
+
+    read, write = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # the holder: take the lock, start a long-lived child, die without releasing
+        os.close(read)
+        FolderLock(tmp_path, "pack").__enter__()
+        if os.fork() == 0:  # the child: it reports once it runs (after the fork hooks)
+            os.write(write, f"{os.getpid()}\n".encode())
+            time.sleep(30)
+            os._exit(0)
+        os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 32).decode())
+    os.close(read)
+    os.waitpid(holder, 0)
+    try:
+        os.kill(child, 0)  # still running
+        with FolderLock(tmp_path, "pack"):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)

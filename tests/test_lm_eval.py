@@ -190,15 +190,13 @@ def test_cli_bad_input_is_one_line_and_appends_nothing(model_pair, tmp_path, cas
 
 
 def test_missing_lm_eval_is_one_line_saying_how_to_install(model_pair, monkeypatch, capsys, tmp_path):
-    import argparse
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
-    args = argparse.Namespace(ckpt=model_pair[0].checkpoint.path, lm_eval="arc_easy", lm_eval_include=None,
-                              num_fewshot=None, limit=None, apply_chat_template=False, batch_size=8,
-                              results=tmp_path / "r.jsonl", device="cpu", quiet=False)
-    assert lm_eval_run.run_from_args(args) == 1
+    call = lm_eval_run.HarnessCall(str(model_pair[0].checkpoint.path), "arc_easy", results=tmp_path / "r.jsonl",
+                                   device="cpu")
+    assert lm_eval_run.run_call(call) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bin/setup --eval" in err[0] and "pip install 'lm-eval[hf]'" in err[0]
     assert not (tmp_path / "r.jsonl").exists()

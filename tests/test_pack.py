@@ -41,7 +41,7 @@ from pack_helpers import (
 import core.files
 from core.chat_template import render_text
 from core.files import FolderLock
-from preprocess import encode, pack, shards
+from preprocess import encode, pack, packer, parallel, shards
 from preprocess.records import parse_conversation
 from preprocess.sources import Item
 
@@ -99,18 +99,18 @@ def test_chunks_close_at_the_record_count_or_the_byte_size():
     sizes = [10, 20, 5, 5, 5, 5, 100]
     items = [Item("a.jsonl", n, b"x" * size) for n, size in enumerate(sizes, 1)]
     items += [Item("b.parquet", n, {"text": "y" * 100}) for n in range(1, 5)]  # rows count by number only
-    batches = list(pack.chunks(iter(items), 3, 25))
+    batches = list(parallel.chunks(iter(items), 3, 25))
     assert [len(b) for b in batches] == [2, 3, 2, 3, 1]
     assert [i for b in batches for i in b] == items
-    assert [len(b) for b in pack.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
+    assert [len(b) for b in parallel.chunks(iter(items), 3)] == [3, 3, 3, 2]  # clean.py's chunks: by number only
 
 
 def test_the_last_chunks_shrink_so_workers_end_together():
     items = [Item("a.jsonl", n, b"x") for n in range(1, 101)]
-    batches = list(pack.chunks(iter(items), 512, expected=100, parts=4))
+    batches = list(parallel.chunks(iter(items), 512, expected=100, parts=4))
     assert [len(b) for b in batches] == [25, 18, 14, 10, 8, 8, 8, 8, 1]  # a quarter of what is left, at least 8
     assert [i for b in batches for i in b] == items
-    wrong = list(pack.chunks(iter(items), 30, expected=40, parts=2))  # more items than expected: all still come
+    wrong = list(parallel.chunks(iter(items), 30, expected=40, parts=2))  # more items than expected: all still come
     assert [len(b) for b in wrong] == [20, 10, 8, 8, 8, 8, 8, 8, 8, 8, 6] and sum(map(len, wrong)) == 100
 
 
@@ -123,8 +123,8 @@ def test_output_identical_for_any_chunking(tmp_path, monkeypatch):
             "--shard-tokens", "30000", "--skip-bad"]
     assert pack.main([*args, "--out", str(tmp_path / "default"), "--workers", "1", "--quiet"]) == 0
     for name, per_chunk, size in (("one_each", 512, 1), ("seven", 7, 1 << 30)):
-        monkeypatch.setattr(pack, "CHUNK_RECORDS", per_chunk)
-        monkeypatch.setattr(pack, "CHUNK_BYTES", size)
+        monkeypatch.setattr(packer, "CHUNK_RECORDS", per_chunk)
+        monkeypatch.setattr(packer, "CHUNK_BYTES", size)
         assert pack.main([*args, "--out", str(tmp_path / name), "--workers", "1", "--quiet"]) == 0
         assert files_of(tmp_path / name) == files_of(tmp_path / "default")
     assert len(shards.read_meta(tmp_path / "default")["shards"]) > 2
@@ -249,7 +249,7 @@ def test_reference_tokenizer_has_no_reasoning_tags(tmp_path, shared_data):
 
 
 def test_workers_capped_at_usable_cores(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pack, "usable_cores", lambda: 1)
+    monkeypatch.setattr(packer, "usable_cores", lambda: 1)
     src = SAMPLE / "sft" / "kdconv_zh.jsonl"
     rc = pack.main(["--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "64"])
     out, err = capsys.readouterr()
@@ -265,8 +265,8 @@ def _encode_or_die(items):
 
 
 def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pack, "usable_cores", lambda: 2)
-    monkeypatch.setattr(pack, "encode_in_worker", _encode_or_die)
+    monkeypatch.setattr(packer, "usable_cores", lambda: 2)
+    monkeypatch.setattr(packer, "encode_in_worker", _encode_or_die)
     src = SAMPLE / "sft" / "alpaca_zh_demo.jsonl"  # 370 records (247 kB), twice: the first 128 KiB chunk is killed
     out = tmp_path / "o"
     rc = pack.main(["--stage", "sft", "--input", f"{src}:2", "--out", str(out), "--workers", "2", "--quiet"])

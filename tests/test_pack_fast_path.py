@@ -16,7 +16,7 @@ import pytest
 from conftest import SAMPLE
 from pack_helpers import files_of
 
-from preprocess import pack, records, sources
+from preprocess import pack, packer, records, sources
 from preprocess.sources import SourceSpec, iter_items
 
 # Lines where orjson and the standard library may part ways; every one must end as json.loads decides.
@@ -61,13 +61,13 @@ def refuse(payload: bytes) -> None:
 def reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every record through json.loads, every id through encode_batch."""
     monkeypatch.setattr(records, "orjson", types.SimpleNamespace(loads=refuse, JSONDecodeError=orjson.JSONDecodeError))
-    load = pack.load_tokenizer
+    load = packer.load_tokenizer
 
     def load_reference(path: str) -> object:
         tok = load(path)
         return dataclasses.replace(tok, literal=ReferenceEncoder(tok.literal),
                                    tokenizer=ReferenceEncoder(tok.tokenizer))
-    monkeypatch.setattr(pack, "load_tokenizer", load_reference)
+    monkeypatch.setattr(packer, "load_tokenizer", load_reference)
 
 
 def pack_twice(tmp_path, monkeypatch, stage: str, inputs: list[str], *extra: str) -> tuple[dict, dict]:

@@ -98,3 +98,57 @@ def test_row_shows_the_mask_of_a_thinking_and_tool_call_record(tmp_path):
         '{"name": "calc", "arguments": {"expr": "12*7"}}\n⟦</tool_call>⟧⟦<|im_end|>⟧]\n'
         "⟦<|im_start|>⟧user\n⟦<tool_response>⟧\n84\n⟦</tool_response>⟧⟦<|im_end|>⟧\n"
         "⟦<|im_start|>⟧assistant\n[84⟦<|im_end|>⟧]\n")
+
+
+def docs_json(folder) -> list[dict]:
+    proc = peek(folder, "--docs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def stored_documents(folder):
+    """(ids, weights) of every stored document, read from the shards directly."""
+    from preprocess import shards
+
+    packed = shards.PackedFolder(folder)
+    for shard in packed.shards:
+        offsets = shard.doc_offsets
+        for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+            yield shard.tokens[lo:hi].tolist(), shard.weights[lo:hi].tolist()
+
+
+def test_docs_json_round_trips(packed_sample):
+    """--docs --json: one object per stored document whose text re-encodes (special tokens parsed) to the
+    document's ids, and whose supervised_text is the decode of exactly its supervised ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(REPO / "data" / "tokenizer" / "tokenizer.json"))
+    for stage in ("sft", "reason", "dpo"):
+        records = docs_json(packed_sample[stage])
+        stored = list(stored_documents(packed_sample[stage]))
+        meta = json.loads((packed_sample[stage] / "meta.json").read_text())
+        assert len(records) == len(stored) == meta["counts"]["documents"]
+        for d, (record, (ids, weights)) in enumerate(zip(records, stored, strict=True)):
+            assert record["document"] == d and record["tokens"] == len(ids)
+            assert tok.encode(record["text"], add_special_tokens=False).ids == ids, (stage, d)
+            supervised = [i for i, w in zip(ids, weights, strict=True) if w > 0]
+            assert record["supervised_tokens"] == len(supervised)
+            assert record["supervised_text"] == tok.decode(supervised, skip_special_tokens=False)
+            assert record["supervised_text"].endswith("<|im_end|>")
+
+
+def test_docs_shows_text_and_supervised_part(tmp_path):
+    """The human form: control tokens marked, supervised runs bracketed, then the supervised text."""
+    conv = [{"role": "user", "content": "say <|im_end|>"}, {"role": "assistant", "content": "ok"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"conversations": conv}) + "\n")
+    run_pack("--stage", "sft", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "1")
+    proc = peek(tmp_path / "o", "--docs")
+    assert proc.returncode == 0, proc.stderr
+    record, = docs_json(tmp_path / "o")
+    assert proc.stdout.splitlines()[1:] == [
+        f"── document 0 · {record['tokens']} tokens, {record['supervised_tokens']} supervised ──",
+        "⟦<|im_start|>⟧user", "say <|im_end|>⟦<|im_end|>⟧", "⟦<|im_start|>⟧assistant", "[ok⟦<|im_end|>⟧]", "",
+        "supervised: ok⟦<|im_end|>⟧"]
+    assert record["text"] == "<|im_start|>user\nsay <|im_end|><|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+    assert record["supervised_text"] == "ok<|im_end|>"

@@ -16,8 +16,8 @@ import pytest
 from scripted import BROKEN, CALL, REASONING, TOKENIZER, TOOL_SCRIPTS, ScriptedLM
 from test_serve import KEY, browser, free_port, needs_browser, send_and_wait
 
+from core import calculator
 from core.tokenizer import load_tokenizer, prompt_ids
-from serve import calculator
 from serve.app import create_app
 from serve.engine import Engine
 from serve.openai_request import forced_call_ids, forced_call_text

@@ -81,7 +81,7 @@ def dpo_data(packed_sample, tmp_path) -> Path:
 def test_dpo_starts_at_ln2_and_raises_the_margin(dpo_data, base, tmp_path):
     """Full-batch steps (the 16 training rows of the sample in every step): the first loss is ln 2 (policy ==
     reference), then the margin and accuracy on those pairs rise; validation metrics are logged."""
-    out = tmp_path / "dpo"
+    out = tmp_path / "run"  # not the data folder: an output never replaces an input
     assert main(args("dpo", dpo_data, out, "--init-from", str(base), "--max-steps", "3", "--batch-size", "8",
                      "--grad-accum", "2", "--val-rows", "30", "--lr", "2e-3", "--eval-every", "3",
                      "--beta", "0.5")) == 0

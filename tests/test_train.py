@@ -334,3 +334,22 @@ def test_throughput_window_leaves_out_pauses(monkeypatch):
     got = speed.report(step=13, end=20, supervised_seen=700)  # a new window
     assert (got["tokens_per_s"], got["supervised_per_s"], got["step_time_s"]) == (25.0, 0.0, 4.0)
     assert got["eta_s"] == pytest.approx(6.0 / 3 * 7)
+
+
+def test_sample_every_logs_the_models_answers(data, pretrained, tmp_path):
+    """--sample-every N: greedy answers to the fixed prompts at steps N, 2N, ... and the last, equal to what the
+    saved model answers (same prompts, same renderer), in the shape bin/report reads."""
+    from core.tokenizer import load_tokenizer
+    from train.samples import PROMPTS, make_sampler
+
+    out = tmp_path / "sft"
+    assert main(args(data["sft"], out, "--max-steps", "3", "--init-from", str(pretrained), "--sample-every", "2",
+                     stage="sft")) == 0
+    logged = [r for r in read_metrics(out) if "samples" in r]
+    assert [r["step"] for r in logged] == [2, 3]
+    assert [s["prompt"] for s in logged[-1]["samples"]] == list(PROMPTS)
+    model = loading.dense_model(loading.load(out))
+    again = make_sampler(load_tokenizer(TOKENIZER), chat=True)(model)
+    assert again == logged[-1]["samples"]
+    assert main(args(data["sft"], tmp_path / "none", "--max-steps", "1", stage="sft")) == 0
+    assert not [r for r in read_metrics(tmp_path / "none") if "samples" in r]

@@ -92,6 +92,7 @@ class TokenizerRecord:
     path: str | None = None
     vocab_size: int | None = None
     special_ids: dict[str, int] = field(default_factory=dict)
+    chat_template: dict | None = None  # meta.json's chat_template: family, template_sha256, declared, augment
 
 
 @dataclass
@@ -151,8 +152,9 @@ class Checkpoint:
     @classmethod
     def of(cls, model: nn.Module, tokenizer: TokenizerInfo | None = None, **fields: Any) -> Checkpoint:
         """A checkpoint of ``model``'s weights and config (recording ``tokenizer``), e.g. for tests and benches."""
-        record = TokenizerRecord(tokenizer.fingerprint, str(tokenizer.path), tokenizer.vocab_size,
-                                 dict(tokenizer.special_ids)) if tokenizer is not None else None
+        record = None if tokenizer is None else TokenizerRecord(
+            tokenizer.fingerprint, str(tokenizer.path), tokenizer.vocab_size, dict(tokenizer.special_ids),
+            tokenizer.chat.record())
         return cls(model=model_state(model), model_config=unwrap(model).config, tokenizer=record, **fields)
 
     # ---- writing -------------------------------------------------------------------------------------------

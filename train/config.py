@@ -164,6 +164,10 @@ class HardwareOptions(Options):
                                          "back to the OS at once (costs page faults, so more time per step); "
                                          "default: on with --activation-checkpointing (both trade time for "
                                          "memory), off otherwise", action=argparse.BooleanOptionalAction)
+    fsdp: bool = option(False, "under torchrun: shard each block's weights, gradients and AdamW states over the "
+                        "processes (FSDP2) instead of a whole copy per process (DDP), for models whose training "
+                        "state does not fit one GPU; checkpoints are gathered into the ordinary format. Needs "
+                        "--optimizer adamw; not with --lora-rank or --stage grpo", action="store_true")
 
     @property
     def returns_memory(self) -> bool:
@@ -186,6 +190,9 @@ class LoggingOptions(Options):
     wandb: str | None = option(None, "also log to Weights & Biases project PROJECT (default tinylm; needs wandb)",
                                metavar="PROJECT", nargs="?", const="tinylm")
     no_progress: bool = option(False, "no tqdm bar", action="store_true")
+    sample_every: int = option(0, "every N steps and at the end, log greedy answers to a few fixed prompts to "
+                               "metrics.jsonl (bin/report shows them); 0 = never (default {default})", metavar="N",
+                               kind=int, low=0)
 
 
 @dataclass(frozen=True)
@@ -248,7 +255,16 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
         if getattr(ns, name) is not None and getattr(ns, name) % reuse:
             p.error(f"{flag_name(name)} must be a multiple of --rollout-reuse {reuse} (a checkpoint between two reuses "
                     "of one rollout batch could not be resumed exactly)")
+    if ns.fsdp and stage_cls.rollouts:
+        p.error(f"--fsdp with --stage {ns.stage} is not supported: each process generates rollouts of its own "
+                "length token by token, and a sharded model needs every process in each forward; use DDP "
+                "(torchrun without --fsdp)")
     lora = LoRAOptions(**given(values, LoRAOptions))
+    if ns.fsdp and ns.sample_every:
+        p.error("--sample-every with --fsdp is not supported: one process cannot generate with a sharded model")
+    if ns.fsdp and lora.lora_rank is not None:
+        p.error("--fsdp with --lora-rank is not supported: an adapter run trains a small fraction of the weights; "
+                "run it with DDP (torchrun without --fsdp)")
     if lora.lora_rank is None:
         for name in given(values, LoRAOptions):
             p.error(f"{flag_name(name)} needs --lora-rank")
@@ -298,6 +314,13 @@ def loop_config(config: RunConfig, stage: Stage, device: torch.device, resume: C
     record = (training.schedule or {}) if training is not None else {}
     optimizer = effective_optimizer(o.optimizer or (training.optimizer_name if training is not None
                                                     else defaults.OPTIMIZER[stage.name]), config.model.lora)
+    fsdp = config.hardware.fsdp
+    dtype = resolve_dtype(config.hardware.dtype, device)
+    if fsdp and dtype == "float16":
+        raise UsageError("--fsdp computes in bfloat16 or float32, not float16 (no sharded GradScaler): pass "
+                         "--dtype bf16 or fp32")
+    if fsdp and optimizer == "muon":
+        raise UsageError("--fsdp shards the hidden matrices that Muon orthogonalises whole: pass --optimizer adamw")
     row = defaults.lookup(stage.name, optimizer, config.model.model)
     lr = row.lr if o.lr is None else o.lr
     warmup = record.get("warmup_steps", max(1, int(row.warmup_frac * o.max_steps)))
@@ -311,8 +334,9 @@ def loop_config(config: RunConfig, stage: Stage, device: torch.device, resume: C
         warmup_steps=warmup if o.warmup_steps is None else o.warmup_steps,
         schedule=o.schedule or (recorded_kind(record) if training is not None else defaults.SCHEDULE),
         decay_frac=record.get("decay_frac", defaults.DECAY_FRAC) if o.decay_frac is None else o.decay_frac,
-        grad_clip=o.grad_clip, dtype=resolve_dtype(config.hardware.dtype, device),
+        grad_clip=o.grad_clip, dtype=dtype,
         compile=device.type == "cuda" if config.hardware.compile is None else config.hardware.compile,
         eval_every=log.eval_every, save_every=log.save_every, keep_last=log.keep_last, log_every=log.log_every,
+        sample_every=log.sample_every,
         stop_after=o.stop_after, progress=not log.no_progress, skip_nonfinite=o.skip_nonfinite,
-        stop_on_divergence=o.stop_on_divergence)
+        stop_on_divergence=o.stop_on_divergence, fsdp=fsdp)

@@ -6,6 +6,10 @@ on CPU; each process drives ``cuda:LOCAL_RANK`` on a GPU machine. Invariant: wit
 process group is created and every collective here is a no-op, so single-process code paths pay nothing.
 Each rank's random generators (torch, numpy, python, CUDA) are saved and restored by :func:`rng_state` /
 :func:`set_rng_state`, one entry per rank in a checkpoint, so a resumed run draws the same numbers.
+
+A rank that torchrun started (``TORCHELASTIC_RUN_ID`` is set) dies with its agent
+(:func:`core.procs.die_with_parent`): an agent killed with ``kill -9`` leaves no rank running and, since
+the ranks hold it, no run folder locked.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from core.procs import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by a torchrun agent: end with it
+        die_with_parent()
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

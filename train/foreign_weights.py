@@ -1,5 +1,6 @@
-"""Weights from elsewhere as a :class:`~train.checkpoint.Checkpoint`: a transformers folder (Llama, Qwen3) and a
-bare state dict of a given shape (MiniMind2 / minimind-3 ``.pth``: :func:`load_state_dict`).
+"""Weights from elsewhere as a :class:`~train.checkpoint.Checkpoint`: a transformers folder (Llama, Qwen3,
+Qwen2-MoE, Qwen3-MoE) and a bare state dict of a given shape (MiniMind2 / minimind-3 / MiniMind-3-MoE ``.pth``:
+:func:`load_state_dict`).
 
 A transformers folder is ``config.json`` + ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``), usually with ``tokenizer.json`` beside them. :func:`load_transformers`:
@@ -7,9 +8,10 @@ A transformers folder is ``config.json`` + ``model.safetensors`` (or shards list
 - reads the config with :func:`model.hf_config.config_from_hf` (anything tinylm cannot represent is refused
   naming the field);
 - reads every tensor and maps them strictly (dtypes and shapes checked against the config before any model
-  is built): tinylm's parameter names are transformers' names, so the
-  mapping is the identity, plus the tied head (a tied file has no ``lm_head.weight``; one that holds a
-  *different* head is refused). A missing, unexpected or mis-shaped tensor is one line naming it;
+  is built): tinylm's parameter names are transformers' names, so the mapping is the identity (MoE experts,
+  fused or per expert: :func:`model.moe_hf.unfuse_experts`), plus the tied head (a tied file has no
+  ``lm_head.weight``; one that holds a *different* head is refused). A missing, unexpected or mis-shaped
+  tensor is one line naming it;
 - records the folder's ``tokenizer.json`` (if any) as the checkpoint's tokenizer, so
   :func:`train.loading.find_tokenizer` and the dataset-tokenizer check treat it like a run's own.
 
@@ -30,6 +32,7 @@ from core.files import read_json
 from core.tokenizer import TokenizerError, load_tokenizer
 from model.config import ModelConfig
 from model.hf_config import UnsupportedConfig, config_from_hf
+from model.moe_hf import MoeInteropError, unfuse_experts
 from model.transformer import state_shapes
 from train.checkpoint import Checkpoint, TokenizerRecord
 from train.weights import CheckpointError, nonfinite_tensors, state_problems, tensor_problems
@@ -69,11 +72,10 @@ def load_state_dict(state: dict[str, Tensor], cfg: ModelConfig, path: Path,
     ``model.layers.N.self_attn.{q,k,v,o}_proj`` (+ ``q_norm`` / ``k_norm`` in minimind-3),
     ``model.layers.N.mlp.{gate,up,down}_proj``, the two layer norms, ``model.norm``, ``lm_head``), and its tied
     state dict holds ``lm_head.weight`` as a copy of the embedding; so the mapping is :func:`map_state`'s, and
-    every tensor's shape is checked against ``cfg``. MiniMind's MoE layout (several shared experts, router
-    without tinylm's top-1 semantics) is not mapped."""
-    if cfg.is_moe:
-        raise CheckpointError("MiniMind mixture-of-experts state dicts are not supported (only dense ones)",
-                              path=path, field="num_experts")
+    every tensor's shape is checked against ``cfg``. MiniMind-3-MoE's ``MOEFeedForward`` names its router
+    ``mlp.gate`` and its experts ``mlp.experts.E.{gate,up,down}_proj`` (tinylm's names; no shared expert) and
+    routes top-1 with the weight renormalised to 1: the ``minimind3-moe`` preset; a state dict saved from
+    transformers 5's Qwen3-MoE (fused experts) is read too."""
     state = map_state(state, cfg, path, "the --model / --model-arg shape")
     bad = nonfinite_tensors(state)
     if bad:
@@ -141,6 +143,11 @@ def map_state(state: dict[str, Tensor], cfg: ModelConfig, source: Path,
     if problems:
         raise CheckpointError(problems[0], path=source)
     out = dict(state)
+    if cfg.is_moe:
+        try:
+            out = unfuse_experts(out, cfg)
+        except MoeInteropError as e:
+            raise CheckpointError(e.message, path=source, field=e.field) from None
     if cfg.tie_word_embeddings:
         if HEAD in out and EMBED in out and not torch.equal(out[HEAD], out[EMBED]):
             raise CheckpointError(f"{HEAD} differs from {EMBED} but the config ties them", path=source,
@@ -163,4 +170,5 @@ def tokenizer_record(file: Path, source: Path) -> TokenizerRecord | None:
         info = load_tokenizer(file)
     except TokenizerError as e:
         raise CheckpointError(f"its tokenizer: {e}", path=source) from None
-    return TokenizerRecord(info.fingerprint, str(info.path), info.vocab_size, dict(info.special_ids))
+    return TokenizerRecord(info.fingerprint, str(info.path), info.vocab_size, dict(info.special_ids),
+                           info.chat.record())

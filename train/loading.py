@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from core.chat_families import trained_family
 from core.files import atomic_write_bytes, make_dir
 from core.tokenizer import TokenizerError, TokenizerInfo, file_fingerprint, load_tokenizer
 from model import ModelConfig, TinyLM
@@ -178,7 +179,7 @@ def find_tokenizer(ckpt: Checkpoint) -> TokenizerInfo:
         found = file_fingerprint(file)
         if found is not None and (not record.fingerprint or found == record.fingerprint):
             try:
-                return load_tokenizer(file)
+                return load_tokenizer(file, trained_family(record.chat_template))
             except TokenizerError as e:
                 raise CheckpointError(f"its tokenizer: {e}", path=ckpt.path) from None
     tried = ", ".join(str(c) for c in candidates)

@@ -1,4 +1,4 @@
-"""The training loop, for every stage: DDP, accumulation, compile, autocast, schedule, clipping,
+"""The training loop, for every stage: DDP or FSDP, accumulation, compile, autocast, schedule, clipping,
 evaluation, logging and exact checkpoint/resume. The stage (``train/stages/``) supplies the loss, the
 weights policy (``train/weights_policy.py``: all weights or LoRA adapters) what trains and what is saved.
 
@@ -9,7 +9,8 @@ One optimizer step s (0-based) on every rank:
   3. for each micro-batch: forward + ``stage.loss(.., StepNorm(N, accum * world))``, backward of
      ``loss * world`` (DDP averages gradients over ranks; the factor makes the result the *sum* of the
      ranks' contributions, i.e. the gradient of the single-process objective), DDP ``no_sync`` on all
-     but the last micro-batch;
+     but the last micro-batch (``fsdp``: the model is sharded by ``train/sharding.py`` instead, and each
+     micro-batch's gradients are reduce-scattered, averaged the same way, into the ranks' shards);
   4. unscale (fp16), clip the global grad norm; all-reduce the loss sums together with a "this rank's
      grad norm is non-finite" flag (the loop's only host sync of the step reads them), so every rank takes the same
      decision; optimizer step(s) (AdamW, or Muon + AdamW: ``train/optim.py``) at each part's peak LR x the
@@ -43,7 +44,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from tqdm import tqdm
 
 from core.dtypes import canonical as canonical_dtype
 from core.errors import TinyLMError
-from train import checkpoint, dist
+from train import checkpoint, dist, sharding
 from train.batches import Batches
 from train.checkpoint import Checkpoint, ResumeState
 from train.dist import DistInfo
@@ -101,6 +102,8 @@ class LoopConfig:
     progress: bool  # tqdm bar on rank 0 (shown only on a terminal)
     skip_nonfinite: int  # non-finite steps that may be skipped (no update) before the run stops
     stop_on_divergence: bool  # a diverging loss (Divergence) stops the run instead of a warning
+    fsdp: bool = False  # shard weights, gradients and optimizer states over the ranks (train/sharding.py)
+    sample_every: int = 0  # log greedy answers to fixed prompts every N steps (train/samples.py); 0 = never
 
     def lr_schedule(self) -> Schedule:
         return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr / self.optim.lr,
@@ -138,7 +141,7 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches, cfg: LoopConfig,
           info: DistInfo, out: Path, logger: MetricsLogger, template: Checkpoint,
-          resume: Checkpoint | None = None) -> TrainState:
+          resume: Checkpoint | None = None, sampler: Callable[[nn.Module], list[dict]] | None = None) -> TrainState:
     """Train ``model`` (unwrapped, already holding its initial or resumed weights) to ``cfg.max_steps``.
 
     ``weights`` says which parameters train and what a checkpoint stores; ``template`` holds the run's
@@ -150,16 +153,18 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
     model.train()
     for extra in stage.extra_models().values():
         extra.to(device).eval().requires_grad_(False)
+    if cfg.fsdp:
+        sharding.shard_model(model, cfg.dtype)  # before the optimizer: it holds the shards
     named = list(weights.trainable(model))
     params = [p for _, p in named if p.requires_grad]
     optimizer = build_optimizers(named, cfg.optim, device=device)
     schedule = cfg.lr_schedule()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    state = TrainState() if resume is None else restore(resume, optimizer, scaler, info)
+    state = TrainState() if resume is None else restore(resume, optimizer, scaler, info, model if cfg.fsdp else None)
 
     fwd = torch.compile(model) if cfg.compile else model
     ddp = None
-    if info.enabled:
+    if info.enabled and not cfg.fsdp:
         ddp = nn.parallel.DistributedDataParallel(
             fwd, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=stage.find_unused_parameters)
@@ -173,15 +178,18 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
     micro_total = cfg.grad_accum * info.world
 
     def save() -> None:
-        state_dict = weights.state(model)
+        state_dict = sharding.full_model_state(model) if cfg.fsdp else weights.state(model)
         bad = nonfinite_tensors(state_dict)  # same weights on every rank: all ranks stop together
+        if cfg.fsdp:
+            bad = dist.broadcast_object(bad)  # only rank 0 holds the gathered weights
         if bad:
             raise NonFiniteError(f"step {state.step}: non-finite weights after the update (nan/inf in "
                                  f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); no checkpoint written, "
                                  f"{last_good(out)}")
         rng = dist.gather_objects(dist.rng_state())
+        parts = {part: sharding.full_optimizer_state(model, opt) for part, opt in optimizer.parts.items()} \
+            if cfg.fsdp else optimizer.state_dict() if info.is_main else {}
         if info.is_main:
-            parts = optimizer.state_dict()
             training = ResumeState(parts.get("adamw", {"state": {}, "param_groups": []}), rng,
                                    schedule.state_dict(), scaler.state_dict() if scaler.is_enabled() else None,
                                    world=info.world, optimizer_name=optimizer.name, muon=parts.get("muon"))
@@ -223,6 +231,7 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
                 sums = vals if sums is None else sums + vals
             optimizer.unscale_(scaler)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = sharding.full_tensor(grad_norm)  # FSDP: the norm over every rank's shards
             grad_bad = torch.zeros(1, device=device) if scaler.is_enabled() else (~torch.isfinite(grad_norm)).float()
             reduced = dist.all_reduce_sum(torch.cat([sums, grad_bad.reshape(1).to(sums)]))
             sums = reduced[:-1]
@@ -263,6 +272,9 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
                         logger.log(record)
                         bar.write(format_line(record, cfg.max_steps))
                     state.history.append(record)
+                if sampler is not None and cfg.sample_every > 0 and (state.step % cfg.sample_every == 0 or last) \
+                        and info.is_main:
+                    logger.log({"step": state.step, "samples": sampler(model)})
                 if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last or (
                         schedule.kind == "wsd" and state.step == schedule.decay_start):
                     state.supervised_seen = supervised_base + int(supervised_acc.item())
@@ -273,11 +285,17 @@ def train(model: nn.Module, stage: Stage, weights: FullWeights, loader: Batches,
     return state
 
 
-def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradScaler,
-            info: DistInfo) -> TrainState:
-    """Optimizer(s), scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``)."""
+def restore(resume: Checkpoint, optimizer: Optimizers, scaler: torch.amp.GradScaler, info: DistInfo,
+            sharded: nn.Module | None = None) -> TrainState:
+    """Optimizer(s), scaler, counters and this rank's RNG streams from a checkpoint (``load(resume=True)``);
+    ``sharded``: the FSDP model whose optimizer shards are cut from the checkpoint's full states."""
     training = resume.training  # its optimizer is this run's (train/resume.py checked it)
-    optimizer.load_state_dict({"adamw": training.optimizer, "muon": training.muon})
+    states = {"adamw": training.optimizer, "muon": training.muon}
+    if sharded is None:
+        optimizer.load_state_dict(states)
+    else:
+        for part, opt in optimizer.parts.items():
+            sharding.load_optimizer_state(sharded, opt, states[part])
     if training.scaler:
         scaler.load_state_dict(training.scaler)
     rngs = training.rng

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from core.tokenizer import TokenizerInfo
 from train.prompt_set import PromptSet
 from train.rewards import Reward, score
-from train.rollout import RolloutConfig, generate, reward_inputs, sample_seed
+from train.rollout import RolloutConfig, generate, reward_inputs, sample_seed, tool_rollouts, trajectory_inputs
 
 EVAL_BATCH = 1 << 40  # the rollout-batch key of evaluation samples: the same seeds at every evaluation
 
@@ -43,6 +43,16 @@ class PassConfig:
     threshold: float
 
 
+def _totals(model: nn.Module, prompts: PromptSet, rows: list[int], tok: TokenizerInfo, rewards: list[Reward],
+            cfg: RolloutConfig, seeds: list[int] | None, stop: int) -> list[float]:
+    """Total rewards of one completion per row (``seeds`` None: greedy), multi-turn with ``cfg.tools``."""
+    if cfg.tools is not None:
+        trajectories = tool_rollouts(model, prompts, rows, tok, seeds, cfg, stop)
+        return score(rewards, *trajectory_inputs(prompts, rows, trajectories))[0]
+    done = generate(model, [prompts.ids[i] for i in rows], seeds, cfg, stop, greedy=seeds is None)
+    return score(rewards, *reward_inputs(prompts, rows, tok, done))[0]
+
+
 def pass_sums(model: nn.Module, prompts: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
               rewards: list[Reward], cfg: RolloutConfig, passing: PassConfig) -> dict[str, Tensor]:
     """Sums over prompts ``indices``: sampled pass@1 and pass@k, greedy pass@1, mean sampled reward, prompts."""
@@ -50,10 +60,8 @@ def pass_sums(model: nn.Module, prompts: PromptSet, indices: Sequence[int], tok:
     n = passing.samples
     rows = [i for i in indices for _ in range(n)]
     seeds = [sample_seed(cfg.seed, EVAL_BATCH, i, j) for i in indices for j in range(n)]
-    sampled = generate(model, [prompts.ids[i] for i in rows], seeds, cfg, stop)
-    totals, _ = score(rewards, *reward_inputs(prompts, rows, tok, sampled))
-    greedy = generate(model, [prompts.ids[i] for i in indices], None, cfg, stop, greedy=True)
-    greedy_totals, _ = score(rewards, *reward_inputs(prompts, list(indices), tok, greedy))
+    totals = _totals(model, prompts, rows, tok, rewards, cfg, seeds, stop)
+    greedy_totals = _totals(model, prompts, list(indices), tok, rewards, cfg, None, stop)
     pass1 = passk = 0.0
     for g in range(len(indices)):
         c = sum(t >= passing.threshold for t in totals[g * n:(g + 1) * n])

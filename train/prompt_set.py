@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.chat_template import tools_of
 from core.tokenizer import TextRefused, TokenizerInfo, prompt_ids
 from preprocess.prompts import Prompt, read_prompts
 from preprocess.records import RecordError
@@ -34,17 +35,24 @@ def check_columns(prompt: Prompt) -> None:
                                       f"functions' own {name!r} argument; rename it", name), prompt)
 
 
-def tokenize(prompt: Prompt, tok: TokenizerInfo, context: int) -> list[int]:
-    """The generation-prompt ids of ``prompt`` (``core.tokenizer.prompt_ids``); RecordError naming ``file:line``
-    when the tokenizer refuses its text or it leaves no room for a completion in ``context`` positions."""
+def tokenize(prompt: Prompt, tok: TokenizerInfo, context: int, tools: list | None = None) -> list[int]:
+    """The generation-prompt ids of ``prompt`` (``core.tokenizer.prompt_ids``; ``tools``: listed when the
+    prompt lists none); RecordError naming ``file:line`` when the tokenizer refuses its text or it leaves no
+    room for a completion in ``context`` positions."""
     try:
-        ids = prompt_ids(tok, prompt.turns)
+        ids = prompt_ids(tok, prompt.turns, tools=None if tools_of(prompt.turns) else tools)
     except TextRefused as e:
         raise located(RecordError("bad_unicode", e.message), prompt) from None
     if len(ids) >= context:
         raise located(RecordError("too_long", f"the prompt has {len(ids)} tokens, no room for a completion in the "
                                   f"model's context of {context}"), prompt)
     return ids
+
+
+def function_names(tools: list | tuple) -> tuple[str, ...]:
+    """The names of OpenAI-shaped (``{"function": {"name": ...}}``) or flat (``{"name": ...}``) definitions."""
+    return tuple(str((t.get("function") or t)["name"]) for t in tools if isinstance(t, dict)
+                 and isinstance(t.get("function") or t, dict) and "name" in (t.get("function") or t))
 
 
 class PromptSet:
@@ -59,6 +67,7 @@ class PromptSet:
         for prompt in self.prompts:
             check_columns(prompt)
         self.ids: list[list[int]] = []
+        self.names: list[tuple[str, ...]] = []  # per prompt: the function names it offers
         self.tokenizer: dict[str, Any] | None = None
         self.seq_len = 0
 
@@ -71,11 +80,15 @@ class PromptSet:
         """The tokenizer record (``TrainingData.meta``) once :meth:`attach` ran, else ``{}``."""
         return {} if self.tokenizer is None else {"tokenizer": self.tokenizer}
 
-    def attach(self, tok: TokenizerInfo, max_new_tokens: int, max_positions: int) -> None:
-        """Tokenize every prompt with the chat template (:func:`tokenize`) and record the tokenizer;
-        ``seq_len`` = longest prompt + ``max_new_tokens``, at most ``max_positions`` (the widest rollout row)."""
+    def attach(self, tok: TokenizerInfo, max_new_tokens: int, max_positions: int,
+               default_tools: list | None = None) -> None:
+        """Tokenize every prompt with the chat template (:func:`tokenize`; ``default_tools``: OpenAI function
+        definitions offered to the prompts that list none) and record the tokenizer and each prompt's
+        offered names; ``seq_len`` = longest prompt + ``max_new_tokens``, at most ``max_positions`` (the
+        widest rollout row)."""
         tok.require_chat(f"the prompts of {self.folder}")
-        self.ids = [tokenize(p, tok, max_positions) for p in self.prompts]
+        self.ids = [tokenize(p, tok, max_positions, default_tools) for p in self.prompts]
+        self.names = [function_names(tools_of(p.turns) or default_tools or ()) for p in self.prompts]
         self.tokenizer = {"fingerprint": tok.fingerprint, "path": str(tok.path), "vocab_size": tok.vocab_size,
                           "special_ids": dict(tok.special_ids)}
         self.seq_len = min(max(len(i) for i in self.ids) + max_new_tokens, max_positions)

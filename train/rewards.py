@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import ground_truth
 from core.errors import TinyLMError
 from preprocess.sources import split_number_suffix
 
@@ -104,7 +105,54 @@ def length(prompts: list, completions: list, **_: Any) -> list[float]:
     return out
 
 
-BUILTINS: dict[str, RewardFn] = {"gsm8k": gsm8k, "format": format_reward, "length": length}
+def _final_answer(completion: Any) -> str:
+    """The final answer of a trajectory: the last message's content when it is an assistant turn without
+    calls (a plain string is its own answer); "" when the rollout ended calling or cut (unfinished)."""
+    if isinstance(completion, str):
+        return completion
+    last = completion[-1] if completion else None
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        return ""
+    content = last.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def tool_answer(prompts: list, completions: list, gt: list | None = None, **_: Any) -> list[float | None]:
+    """1.0 when every value of the ``gt`` column (a string / number or a list of them, MiniMind's
+    ``agent_rl`` records) is in the final answer (``core.ground_truth``: MiniMind's ``validate_gt_in_text``, as
+    ``bin/eval --tool-eval`` scores), else 0.0; a row whose gt is None does not apply."""
+    if gt is None:
+        raise RewardError("needs a 'gt' column (the ground truth of each prompt record)")
+    out: list[float | None] = []
+    for i, (completion, value) in enumerate(zip(completions, gt, strict=True)):
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            wanted = ground_truth.values(value)
+        except ground_truth.GroundTruthError as e:
+            raise RewardError(f"the gt of completion {i}: {e}") from None
+        out.append(1.0 if ground_truth.found(_final_answer(completion), wanted) == set(wanted) else 0.0)
+    return out
+
+
+def tool_format(prompts: list, completions: list, **_: Any) -> list[float | None]:
+    """The fraction of call attempts that are well-formed calls to offered tools (parsed into
+    ``tool_calls``; a ``<tool_call>`` block left in the content is malformed); a trajectory without any
+    attempt (or a plain string) does not apply."""
+    out: list[float | None] = []
+    for completion in completions:
+        attempts = calls = 0
+        for m in completion if isinstance(completion, list) else ():
+            if isinstance(m, dict) and m.get("role") == "assistant":
+                calls += len(m.get("tool_calls") or ())
+                attempts += len(m.get("tool_calls") or ()) + str(m.get("content") or "").count("<tool_call>")
+        out.append(calls / attempts if attempts else None)
+    return out
+
+
+BUILTINS: dict[str, RewardFn] = {"gsm8k": gsm8k, "format": format_reward, "length": length,
+                                 "tool_answer": tool_answer, "tool_format": tool_format}
 
 
 # ---- specs -------------------------------------------------------------------------------------------------
@@ -129,46 +177,47 @@ def split_weight(spec: str) -> tuple[str, float]:
     return head, weight
 
 
-def load_function(target: str) -> RewardFn:
-    """A built-in, ``module:function`` or ``file.py:function``, loaded; RewardError names what is missing."""
-    if target in BUILTINS:
+def load_function(target: str, flag: str = "--reward") -> RewardFn:
+    """A built-in, ``module:function`` or ``file.py:function``, loaded; RewardError names ``flag`` and what is
+    missing (``--tools`` loads its executor here too, built-ins excepted)."""
+    if flag == "--reward" and target in BUILTINS:
         return BUILTINS[target]
     module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
-        raise RewardError(f"--reward {target}: not a built-in ({', '.join(BUILTINS)}) nor module:function / "
+        raise RewardError(f"{flag} {target}: not a built-in ({', '.join(BUILTINS)}) nor module:function / "
                           "path/to/file.py:function")
-    module = _load_module(module_name, target)
+    module = _load_module(module_name, target, flag)
     try:
         fn = getattr(module, attr, None)
         usable = callable(fn)
     except Exception as e:  # noqa: BLE001  (a module __getattr__ of the user's that raises)
-        raise RewardError(f"--reward {target}: reading {module_name}.{attr} raised {_said(e)}") from None
+        raise RewardError(f"{flag} {target}: reading {module_name}.{attr} raised {_said(e)}") from None
     if fn is None:
-        raise RewardError(f"--reward {target}: {module_name} has no function {attr!r}")
+        raise RewardError(f"{flag} {target}: {module_name} has no function {attr!r}")
     if not usable:
-        raise RewardError(f"--reward {target}: {module_name}.{attr} is not callable")
+        raise RewardError(f"{flag} {target}: {module_name}.{attr} is not callable")
     return fn
 
 
-def _load_module(name: str, target: str) -> Any:
+def _load_module(name: str, target: str, flag: str) -> Any:
     """A ``.py`` file (loaded under a private name) or an importable dotted module."""
     if name.endswith(".py") or "/" in name or "\\" in name:
         path = Path(name)
         if not path.is_file():
-            raise RewardError(f"--reward {target}: no such file {path}")
+            raise RewardError(f"{flag} {target}: no such file {path}")
         spec = importlib.util.spec_from_file_location(f"tinylm_reward_{path.stem}", path)
         if spec is None or spec.loader is None:
-            raise RewardError(f"--reward {target}: {path} is not a Python file (.py)")
+            raise RewardError(f"{flag} {target}: {path} is not a Python file (.py)")
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's file: any failure is theirs, said in one line)
-            raise RewardError(f"--reward {target}: loading {path} failed ({_said(e)})") from None
+            raise RewardError(f"{flag} {target}: loading {path} failed ({_said(e)})") from None
         return module
     try:
         return importlib.import_module(name)
     except (Exception, SystemExit) as e:  # noqa: BLE001  (ImportError, or the module's own error on import)
-        raise RewardError(f"--reward {target}: cannot import {name} ({_said(e)})") from None
+        raise RewardError(f"{flag} {target}: cannot import {name} ({_said(e)})") from None
 
 
 def _function_name(fn: RewardFn, fallback: str) -> str:

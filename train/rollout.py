@@ -18,6 +18,15 @@ completion token (its closing ``<|im_end|>`` included), 0 elsewhere, and 0 on th
 truncated completion under ``--mask-truncated``. Rewards see the completion text decoded without the
 chat control tokens (``<think>`` / ``<answer>`` tags kept).
 
+Tools (``--tools``, ``RolloutConfig.tools``). A rollout is multi-turn (``train/agentic.py``): the calls it
+makes to its prompt's offered tools run, their results go back as tool turns, generation continues, up to
+``--max-tool-rounds`` rounds. Its row is prompt + everything after it (model turns, tool turns, generation
+prompts; at most ``--max-new-tokens`` ids); ``weights`` are 1 on the model's own tokens only (each turn's
+closing ``<|im_end|>`` included): tool results are context, never supervised. Rewards see the trajectory's
+messages (assistant and tool turns) as the completion; ``completion_len`` counts the model's tokens and
+``tool_rounds`` the rounds of calls run. Seeds: round 0 of a sample uses its sample seed, round r its
+``train.agentic.round_seed``, so a trajectory depends only on (model, prompt, seed, tools).
+
 Advantages (group-relative): ``A_ij = r_ij - mean_j r_ij``, divided by ``std_j r_ij + 1e-4`` (unbiased
 std, TRL's convention) under ``--scale-rewards group``; a group whose rewards are all equal (std 0) has A = 0 for
 all its samples, so it gives no policy gradient, and it is counted in ``frac_reward_zero_std``.
@@ -38,6 +47,7 @@ from torch import Tensor, nn
 from core.tokenizer import TokenizerInfo
 from model.generate import FINISH_LENGTH, Generation
 from train import dist
+from train.agentic import Sampling, ToolConfig, Trajectory, roll_out
 from train.data import Batch, Split, splitmix64
 from train.prompt_set import PromptSet
 from train.rewards import Reward, score
@@ -75,6 +85,7 @@ class RolloutConfig:
     mask_truncated: bool
     seed: int
     matmul_dtype: torch.dtype | None  # Generation(matmul_dtype=...): None = the model's precision
+    tools: ToolConfig | None = None  # --tools: multi-turn rollouts with tool execution (train/agentic.py)
 
     @property
     def samples(self) -> int:
@@ -129,6 +140,23 @@ def completion_rows(prompts: Sequence[Sequence[int]], done: Completions, stop_id
     return Batch(ids, targets, weights)
 
 
+def trajectory_rows(prompts: Sequence[Sequence[int]], trajectories: Sequence[Trajectory],
+                    mask_truncated: bool) -> Batch:
+    """The training rows of prompts + multi-turn trajectories: ``weights[t] = 1`` where ``targets[t]`` is one
+    of the model's own tokens (``Trajectory.learn``), 0 on the prompt, tool turns and padding, and 0 on the
+    whole row of a truncated trajectory under ``--mask-truncated``."""
+    width = max(len(p) + len(t.tokens) for p, t in zip(prompts, trajectories, strict=True))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    weights = torch.zeros(len(prompts), width, dtype=torch.float32)
+    for i, (p, t) in enumerate(zip(prompts, trajectories, strict=True)):
+        ids[i, :len(p) + len(t.tokens)] = torch.tensor(list(p) + t.tokens, dtype=torch.long)
+        if not (t.truncated and mask_truncated):
+            weights[i, len(p) - 1:len(p) - 1 + len(t.tokens)] = torch.tensor(t.learn, dtype=torch.float32)
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    return Batch(ids, targets, weights)
+
+
 def group_advantages(rewards: Tensor, scale: str) -> tuple[Tensor, Tensor, Tensor]:
     """Rewards [groups, G] -> (advantages [groups, G], per-group std [groups], zero-std flag [groups])."""
     mean = rewards.mean(dim=1, keepdim=True)
@@ -155,9 +183,32 @@ def reward_inputs(prompt_set: PromptSet, indices: Sequence[int], tok: TokenizerI
     return prompts, completions, columns
 
 
+def sampling_of(cfg: RolloutConfig, stop_id: int, greedy: bool = False) -> Sampling:
+    return Sampling(cfg.max_new_tokens, 0.0 if greedy else cfg.temperature, cfg.top_k, cfg.matmul_dtype, stop_id)
+
+
+def tool_rollouts(model: nn.Module, prompt_set: PromptSet, indices: Sequence[int], tok: TokenizerInfo,
+                  seeds: Sequence[int] | None, cfg: RolloutConfig, stop_id: int) -> list[Trajectory]:
+    """Multi-turn rollouts (``train.agentic.roll_out``) of prompts ``indices``; ``seeds`` None: greedy."""
+    assert cfg.tools is not None
+    return roll_out(model, tok, [prompt_set.ids[i] for i in indices], [prompt_set.names[i] for i in indices],
+                    seeds, sampling_of(cfg, stop_id, greedy=seeds is None), cfg.tools)
+
+
+def trajectory_inputs(prompt_set: PromptSet, indices: Sequence[int],
+                      trajectories: Sequence[Trajectory]) -> tuple[list, list, dict[str, list]]:
+    """TRL's (prompts, completions, columns) where each completion is the trajectory's messages (assistant
+    and tool turns, in order)."""
+    prompts = [prompt_set.prompts[i].turns for i in indices]
+    keys = sorted({k for i in set(indices) for k in prompt_set.prompts[i].columns})
+    columns = {k: [prompt_set.prompts[i].columns.get(k) for i in indices] for k in keys}
+    return prompts, [t.messages for t in trajectories], columns
+
+
 # ---- the loop's batches -------------------------------------------------------------------------------------
 
 STAT_SUMS = ("reward", "reward_std", "frac_reward_zero_std", "completion_len", "truncated_frac", "tokens")
+TOOL_SUMS = ("tool_rounds",)  # with --tools: rounds of calls run per completion
 
 
 @dataclass
@@ -182,6 +233,7 @@ class RolloutLoader:
         self.model, self.tok, self.rewards, self.cfg, self.annotate = model, tok, rewards, cfg, annotate
         self.eval_set = eval_set
         self.stop_id = tok.special_ids["<|im_end|>"]
+        self.sums = STAT_SUMS + (TOOL_SUMS if cfg.tools is not None else ())
         self._stats: dict[str, float] = {}
         self._rollout_s = 0.0
 
@@ -224,7 +276,7 @@ class RolloutLoader:
         cfg, per = self.cfg, self.micro_prompts(accum)
         first = b * cfg.prompts_per_step
         order = self.split.train_rows(np.arange(first, first + cfg.prompts_per_step), cfg.seed)
-        out, stats = [], {k: 0.0 for k in STAT_SUMS}
+        out, stats = [], {k: 0.0 for k in self.sums}
         stats.update({"len_max": 0.0, "names": {r.name: [0.0, 0.0] for r in self.rewards}})
         for m in range(accum):
             lo = (m * self.world + self.rank) * per
@@ -237,20 +289,29 @@ class RolloutLoader:
     def _micro_batch(self, indices: list[int], seeds: list[int], stats: dict[str, Any]) -> RolloutBatch:
         """Generate, score, compute advantages, annotate (old / reference log-probs) one micro-batch."""
         cfg, ids = self.cfg, [self.prompts.ids[i] for i in indices]
-        done = generate(self.model, ids, seeds, cfg, self.stop_id)
-        totals, each = score(self.rewards, *reward_inputs(self.prompts, indices, self.tok, done))
+        if cfg.tools is None:
+            done = generate(self.model, ids, seeds, cfg, self.stop_id)
+            totals, each = score(self.rewards, *reward_inputs(self.prompts, indices, self.tok, done))
+            rows = completion_rows(ids, done, self.stop_id, cfg.mask_truncated)
+            lengths = [len(t) + (not cut) for t, cut in zip(done.tokens, done.truncated, strict=True)]
+            truncated, generated = done.truncated, [len(t) for t in done.tokens]
+        else:
+            trajectories = tool_rollouts(self.model, self.prompts, indices, self.tok, seeds, cfg, self.stop_id)
+            totals, each = score(self.rewards, *trajectory_inputs(self.prompts, indices, trajectories))
+            rows = trajectory_rows(ids, trajectories, cfg.mask_truncated)
+            lengths = [sum(t.learn) for t in trajectories]  # the model's own tokens
+            truncated, generated = [t.truncated for t in trajectories], [t.generated for t in trajectories]
+            stats["tool_rounds"] += sum(t.rounds for t in trajectories)
         rewards = torch.tensor(totals, dtype=torch.float32).view(-1, cfg.group_size)
         adv, std, zero = group_advantages(rewards, cfg.scale_rewards)
-        rows = completion_rows(ids, done, self.stop_id, cfg.mask_truncated)
         batch = RolloutBatch(rows.input_ids, rows.targets, rows.weights, advantages=adv.reshape(-1))
         self.annotate(batch)
-        lengths = [len(t) + (not cut) for t, cut in zip(done.tokens, done.truncated, strict=True)]
         stats["reward"] += sum(totals)
         stats["reward_std"] += float(std.sum()) * cfg.group_size  # per sample: a group's std, G times
         stats["frac_reward_zero_std"] += float(zero.sum()) * cfg.group_size
         stats["completion_len"] += sum(lengths)
-        stats["truncated_frac"] += sum(done.truncated)
-        stats["tokens"] += sum(len(t) for t in done.tokens)
+        stats["truncated_frac"] += sum(truncated)
+        stats["tokens"] += sum(generated)
         stats["len_max"] = max(stats["len_max"], max(lengths))
         for name, values in each.items():
             ok = [v for v in values if not math.isnan(v)]
@@ -261,14 +322,14 @@ class RolloutLoader:
     def _global_stats(self, local: dict[str, Any], rollout_s: float) -> dict[str, float]:
         """Means over all the step's completions (one all-reduce of the sums, one of the maxima)."""
         names = list(local["names"])
-        sums = torch.tensor([*(local[k] for k in STAT_SUMS), *(v for n in names for v in local["names"][n])],
+        sums = torch.tensor([*(local[k] for k in self.sums), *(v for n in names for v in local["names"][n])],
                             dtype=torch.float64)
         dist.all_reduce_sum(sums)
         peaks = dist.all_reduce_max(torch.tensor([local["len_max"], rollout_s], dtype=torch.float64))
-        total = dict(zip(STAT_SUMS, sums[:len(STAT_SUMS)].tolist(), strict=True))
+        total = dict(zip(self.sums, sums[:len(self.sums)].tolist(), strict=True))
         n = float(self.cfg.samples)
-        out = {k: total[k] / n for k in STAT_SUMS if k != "tokens"}
-        rest = sums[len(STAT_SUMS):].tolist()
+        out = {k: total[k] / n for k in self.sums if k != "tokens"}
+        rest = sums[len(self.sums):].tolist()
         for i, name in enumerate(names):
             value, count = rest[2 * i], rest[2 * i + 1]
             out[f"reward/{name}"] = value / count if count else math.nan

@@ -4,6 +4,7 @@
   python train/run.py --stage pretrain --data data/packed/pretrain --out out/pretrain --model small
   python train/run.py --stage sft --data data/packed/sft --out out/sft --init-from out/pretrain
   torchrun --nproc_per_node 2 train/run.py --stage pretrain ...      (DDP; multi-node: torchrun's flags)
+  torchrun --nproc_per_node 8 train/run.py --stage sft --fsdp --optimizer adamw ...   (sharded: FSDP2)
   python train/run.py ... --resume       (continue from the latest checkpoint in --out, exactly)
   python train/run.py --stage dpo --data data/packed/dpo --out out/dpo --init-from out/sft --beta 0.1
   python train/run.py --stage reason --data data/packed/reason --out out/reason --init-from out/sft
@@ -40,9 +41,10 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.chat_families import trained_family  # noqa: E402
 from core.errors import TinyLMError, run_main, say_line  # noqa: E402
-from core.files import FolderLock  # noqa: E402
-from core.tokenizer import file_fingerprint  # noqa: E402
+from core.files import FolderLock, refuse_inputs  # noqa: E402
+from core.tokenizer import file_fingerprint, load_tokenizer  # noqa: E402
 from model import ModelConfig, TinyLM  # noqa: E402
 from train import checkpoint, config, dist, loading  # noqa: E402
 from train.batches import Batches  # noqa: E402
@@ -54,6 +56,7 @@ from train.memory import return_freed_memory  # noqa: E402
 from train.metrics import MetricsLogger, plot_losses, token_byte_lengths  # noqa: E402
 from train.options import UsageError  # noqa: E402
 from train.resume import Sources, resolve, supersede  # noqa: E402
+from train.samples import Sampler, make_sampler  # noqa: E402
 from train.stages import STAGES, Stage, StageContext  # noqa: E402
 from train.stages.grpo import GRPOOptions  # noqa: E402
 from train.weights import load_model_state  # noqa: E402
@@ -90,6 +93,9 @@ def run(cfg: RunConfig, info: dist.DistInfo) -> None:
     everything around it, train, report."""
     say = print if info.is_main else (lambda *a, **k: None)
     stage: Stage = STAGES[cfg.run.stage](options=cfg.stage)
+    inputs = [(f"--{k.replace('_', '-')}", getattr(cfg.run, k, None) or getattr(cfg.stage, k, None))
+              for k in ("data", "prompts", "eval_prompts", "init_from", "ref_from", "teacher")]
+    refuse_inputs(cfg.run.out, inputs, folder=True)  # a run folder never holds or replaces what it reads
     dataset = open_data(cfg, stage, say)
     with locked_run_folder(cfg.run.out, info):
         sources = resolve(cfg, dataset, say)
@@ -99,10 +105,18 @@ def run(cfg: RunConfig, info: dist.DistInfo) -> None:
         plan = build(cfg, info, stage, dataset, sources, say)
         started = time.perf_counter()
         state = train(plan.model, stage, plan.weights, plan.loader, plan.loop, info, cfg.run.out, plan.logger,
-                      plan.template, sources.resume)
+                      plan.template, sources.resume, sampler_for(cfg, stage, dataset.meta, info))
         plan.logger.close()
         if info.is_main:
             report(cfg, state, time.perf_counter() - started, plan.logger, say)
+
+
+def sampler_for(cfg: RunConfig, stage: Stage, meta: dict, info: dist.DistInfo) -> Sampler | None:
+    """``--sample-every``'s answers (train/samples.py), rendered with the data's tokenizer and chat family."""
+    if not cfg.logging.sample_every or not info.is_main:
+        return None
+    tok = load_tokenizer(meta["tokenizer"]["path"], trained_family(meta.get("chat_template")))
+    return make_sampler(tok, chat=stage.name != "pretrain")
 
 
 def open_data(cfg: RunConfig, stage: Stage, say: Callable[..., None]) -> PackedDataset:
@@ -202,7 +216,7 @@ def run_record(cfg: RunConfig, model_cfg: ModelConfig, stage: Stage, meta: dict,
         base_record = base.source_record() if base is not None else None
     return Checkpoint(model={}, model_config=model_cfg, stage=stage.name,
                       tokenizer=TokenizerRecord(tok["fingerprint"], tok["path"], tok["vocab_size"],
-                                                tok.get("special_ids", {})),
+                                                tok.get("special_ids", {}), meta.get("chat_template")),
                       data=data, args=dict(cfg.record), lora=cfg.model.lora, base=base_record, init_from=init_from,
                       **stage.checkpoint_fields())
 
@@ -236,6 +250,9 @@ def say_summary(cfg: RunConfig, info: dist.DistInfo, stage: Stage, model: TinyLM
     lora_note = " (LoRA adapters: AdamW)" if lora is not None and cfg.optim.optimizer == "muon" else ""
     wsd = f", decay over the last {loop.decay_frac:g}" if loop.schedule == "wsd" else ""
     say(f"optimizer {optim.name}{muon}{lora_note} | schedule {loop.schedule}{wsd}")
+    if cfg.hardware.fsdp:
+        say(f"fsdp: each of {info.world} processes holds 1/{info.world} of the weights, gradients and AdamW states "
+            "(FSDP2, block by block); checkpoints are gathered on rank 0")
     if cfg.hardware.activation_checkpointing:
         say("activation checkpointing: each block's activations are recomputed in backward"
             + ("; freed memory goes back to the OS (--no-release-memory to keep glibc's heap)"
@@ -320,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.hardware.returns_memory:
         return_freed_memory()
     info = dist.setup(cfg.hardware.device)
+    if cfg.hardware.fsdp and not info.enabled:
+        say_line("train/run.py: error: --fsdp shards the model over torchrun's processes: launch with torchrun "
+                 "--nproc_per_node N (N >= 2), or drop --fsdp")
+        return 1
     agreed: list[TrainingStopped] = []
 
     def body() -> int | None:

@@ -25,7 +25,7 @@ clipped term is the active one: rho outside the range in the direction A pushes;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,21 +34,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core import tools as builtin_tools
 from core.dtypes import canonical as canonical_dtype
 from core.dtypes import dtype_flag
 from core.dtypes import metavar as dtype_metavar
 from model.head import chunked, head_logits
 from train import loading
+from train.agentic import BUILTIN, ToolConfig, load_executor
 from train.checkpoint import Checkpoint, SourceRecord
 from train.data import Split
 from train.options import OptionError, Options, option
 from train.passk import PassConfig, pass_metrics, pass_sums
 from train.prompt_set import PromptSet
+from train.reward_model import NORMS, RewardModel, parse_spec, reward_models
 from train.rewards import load_rewards
 from train.rollout import ROLLOUT_DTYPES, EvalChunk, RolloutBatch, RolloutConfig, RolloutLoader
 from train.stages.base import Stage, StageContext, StageError, StepNorm, Supervised, supervised_forward
 from train.weights import state_fingerprint, unwrap
 
+TIME_LIMIT_S = builtin_tools.TIME_LIMIT_S
 LOSSES = ("dapo", "dr_grpo", "grpo", "cispo")
 SCALES = ("group", "none")
 
@@ -60,8 +64,9 @@ class GRPOOptions(Options):
 
 
     reward: tuple[str, ...] = option((), "reward function, repeatable (weights sum): gsm8k, format, length, "
-                                     "module:function or path/to/file.py:function in TRL's convention f(prompts, "
-                                     "completions, **columns)", metavar="SPEC[@W]", action="append")
+                                     "tool_answer, tool_format, module:function or path/to/file.py:function in "
+                                     "TRL's convention f(prompts, completions, **columns)", metavar="SPEC[@W]",
+                                     action="append")
     group_size: int = option(8, "samples per prompt (default {default})", metavar="G", kind=int, low=2)
     prompts_per_step: int = option(8, "prompts per optimizer step, all ranks (default {default}); a multiple of "
                                    "--grad-accum x processes", metavar="P", kind=int, low=1)
@@ -91,9 +96,28 @@ class GRPOOptions(Options):
     success_threshold: float = option(1.0, "a sample succeeds when its total reward >= R (default {default})",
                                       metavar="R", kind=float)
 
+    reward_model: tuple[str, ...] = option((), "a transformers sequence-classification reward model folder scoring "
+                                           "(prompt, completion) with its own chat template, repeatable (weights "
+                                           "sum with --reward)", metavar="DIR[@W]", action="append")
+    reward_norm: str = option("none", "reward-model scores as they are (none, default) or through a sigmoid "
+                              "(sigmoid: into (0, 1))", choices=NORMS)
+    trust_remote_code: bool = option(False, "let a --reward-model folder run its own code (e.g. "
+                                     "InternLM2-1.8B-Reward)", action="store_true")
+    tools: str | None = option(None, "run the tool calls of the rollouts and continue them: builtin (core/tools.py; "
+                               "offered to prompts that list no tools) or module:function / path/to/file.py:function "
+                               "(f(name, arguments) -> str or dict); default: a rollout ends at its first answer",
+                               metavar="SPEC")
+    max_tool_rounds: int = option(3, "rounds of tool calls a rollout may run with --tools (default {default})",
+                                  metavar="N", kind=int, low=1, high=100)
+    tool_time_limit: float = option(TIME_LIMIT_S, "seconds one tool call may run before its result is an error "
+                                    "(default {default})", metavar="S", kind=float, low=0, low_open=True)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "reward", tuple(self.reward))
+        object.__setattr__(self, "reward_model", tuple(self.reward_model))
+        if self.reward_norm not in NORMS:
+            raise OptionError(f"--reward-norm is one of {', '.join(NORMS)}, got {self.reward_norm!r}")
         dtype = canonical_dtype(self.rollout_dtype)
         if dtype not in ROLLOUT_DTYPES:
             raise OptionError(f"--rollout-dtype is one of {', '.join(ROLLOUT_DTYPES)}, got {self.rollout_dtype}")
@@ -118,7 +142,7 @@ class GRPOOptions(Options):
     def record(self) -> dict[str, Any]:
         """What every checkpoint of the run records (``stage_options``; a resumed run must match it)."""
         values = self.values()
-        return {**values, "reward": list(self.reward),
+        return {**values, "reward": list(self.reward), "reward_model": list(self.reward_model),
                 "eval_prompts": None if self.eval_prompts is None else str(self.eval_prompts)}
 
 
@@ -157,12 +181,15 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
     def __init__(self, byte_lengths: Tensor | None = None, options: GRPOOptions | None = None, **values: Any):
         super().__init__(byte_lengths, options, **values)
         o: GRPOOptions = self.options  # type: ignore[assignment]
-        self.rewards = load_rewards(list(o.reward))
+        self.rewards = load_rewards(list(o.reward)) if o.reward or not o.reward_model else []
+        self.reward_model_specs = [parse_spec(spec) for spec in o.reward_model]  # checked before any loading
         self.eps, self.eps_high = o.epsilon, o.clip_high
         self.kl_coef, self.loss_type = o.kl_coef, o.loss
         self.temperature = o.rollout_temperature
         self.eval_path = o.eval_prompts
         self.pass_cfg = o.pass_config()
+        self.tools = None if o.tools is None else ToolConfig(load_executor(o.tools, o.tool_time_limit),
+                                                             o.max_tool_rounds)
         self.model: nn.Module | None = None
         self.ref_model: nn.Module | None = None
         self.reference: SourceRecord | None = None
@@ -182,12 +209,13 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
         """Tokenize the prompts (and evaluation prompts) with the tokenizer of the model being trained."""
         self.tok = loading.find_tokenizer(source)
         limit = source.model_config.max_position_embeddings
-        dataset.attach(self.tok, self.options.max_new_tokens, limit)
+        offered = builtin_tools.tools_schema(builtin_tools.BUILTIN) if self.options.tools == BUILTIN else None
+        dataset.attach(self.tok, self.options.max_new_tokens, limit, offered)
         if self.eval_set is not None:
-            self.eval_set.attach(self.tok, self.options.max_new_tokens, limit)
+            self.eval_set.attach(self.tok, self.options.max_new_tokens, limit, offered)
 
     def rollout_config(self, seed: int) -> RolloutConfig:
-        return self.options.rollout_config(seed)
+        return replace(self.options.rollout_config(seed), tools=self.tools)
 
     def loader(self, split: Split[PromptSet], micro_batch: int, rank: int, world: int, seed: int,
                pin_memory: bool) -> RolloutLoader:
@@ -206,6 +234,10 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
             self.check_same_options(ctx.resume)
         if self.kl_coef > 0:
             self._load_reference(ctx)
+        if self.reward_model_specs and not any(isinstance(r.fn, RewardModel) for r in self.rewards):
+            device = next(ctx.model.parameters()).device  # once per process, on the run's device
+            self.rewards += reward_models(self.options.reward_model, device, self.options.trust_remote_code,
+                                          self.options.reward_norm)
         o = self.options
         ctx.say(f"grpo: {o.prompts_per_step} prompts x {o.group_size} samples per step, loss "
                 f"{self.loss_type}, rewards {', '.join(f'{r.name}@{r.weight:g}' for r in self.rewards)}, kl_coef "
@@ -240,7 +272,8 @@ class GRPOStage(Stage[RolloutBatch, EvalChunk]):
 
     def checkpoint_fields(self) -> dict[str, Any]:
         return {"reference": self.reference,
-                "stage_options": {**self.options.record(), "reward": [r.spec for r in self.rewards]}}
+                "stage_options": {**self.options.record(), "reward": [r.spec for r in self.rewards
+                                                                       if not isinstance(r.fn, RewardModel)]}}
 
     @torch.no_grad()
     def annotate(self, batch: RolloutBatch) -> None:

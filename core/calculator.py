@@ -1,10 +1,13 @@
-"""A safe arithmetic calculator: the built-in tool of ``bin/chat --tools calculator``.
+"""A safe arithmetic calculator: the evaluator behind the built-in tools ``calculate_math`` and ``calculator``
+(``core/tools.py``).
 
-:func:`evaluate` parses the expression with ``ast.parse(mode="eval")`` and walks the tree itself; only
-number literals (int, float), parentheses, unary ``+ -`` and binary ``+ - * / // % **`` are accepted, every
-other node (names, calls, attributes, subscripts, comparisons, strings, ...) is refused. Nothing is ever
-passed to ``eval``/``exec``. Limits keep every step cheap: the expression is at most ``MAX_CHARS``
-characters, integers stay under ``MAX_BITS`` bits (checked *before* a ``*`` or ``**`` is computed:
+:func:`evaluate` first rewrites the notations people and models write (:func:`normalize`: ``×`` ``÷`` ``^``
+``−`` ``²`` ``³``, full-width characters such as ``（）＋`` by NFKC, a trailing ``=`` or ``?``), then parses
+the expression with ``ast.parse(mode="eval")`` and walks the tree itself; only number literals (int,
+float), parentheses, unary ``+ -``, binary ``+ - * / // % **`` and ``sqrt(x)`` (also ``math.sqrt(x)``) are
+accepted, every other node (names, other calls, attributes, subscripts, comparisons, strings, ...) is
+refused. Nothing is ever passed to ``eval``/``exec``. Limits keep every step cheap: the expression is at
+most ``MAX_CHARS`` characters, integers stay under ``MAX_BITS`` bits (checked *before* a ``*`` or ``**`` is computed:
 a product's size is bounded by the sum of its factors' sizes, a power's by base bits x
 exponent), exponents are at most ``MAX_EXPONENT`` in magnitude, and float overflow (of a result or of a
 literal such as ``1e999``), division by zero and non-finite results are errors. Every refusal is a
@@ -17,6 +20,7 @@ import ast
 import json
 import math
 import operator
+import unicodedata
 from collections.abc import Callable
 
 from core.errors import TinyLMError
@@ -43,6 +47,38 @@ TOOL = {"type": "function", "function": {
 
 class CalculatorError(TinyLMError):
     pass
+
+
+# applied before NFKC (which would turn ² into a plain 2), then NFKC, then _AFTER_NFKC
+_BEFORE_NFKC = (("²", "**2"), ("³", "**3"))
+_AFTER_NFKC = (("×", "*"), ("✕", "*"), ("·", "*"), ("÷", "/"), ("^", "**"), ("−", "-"), ("–", "-"), ("—", "-"))
+
+
+def normalize(expression: str) -> str:
+    """``expression`` in Python's arithmetic notation: MiniMind's replacements (``^`` -> ``**``, ``×`` -> ``*``,
+    ``÷`` -> ``/``, ``−`` -> ``-``, ``²`` -> ``**2``, ``³`` -> ``**3``, full-width parentheses), full-width
+    digits and operators by NFKC, and a trailing ``=`` / ``?`` dropped ("12*3=")."""
+    for old, new in _BEFORE_NFKC:
+        expression = expression.replace(old, new)
+    expression = unicodedata.normalize("NFKC", expression)
+    for old, new in _AFTER_NFKC:
+        expression = expression.replace(old, new)
+    return expression.strip().rstrip("=?").strip()
+
+
+def _is_sqrt(func: ast.expr) -> bool:
+    return (isinstance(func, ast.Name) and func.id == "sqrt") or (
+        isinstance(func, ast.Attribute) and func.attr == "sqrt" and isinstance(func.value, ast.Name)
+        and func.value.id == "math")
+
+
+def _sqrt(x: Number) -> float:
+    if x < 0:
+        raise CalculatorError("the result is not a real number")
+    try:
+        return math.sqrt(x)
+    except OverflowError:
+        raise CalculatorError("the result is too large") from None
 
 
 def _bits(x: Number) -> int:
@@ -88,15 +124,19 @@ def _eval(node: ast.AST) -> Number:
         return _UNARY[type(node.op)](_eval(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         return _apply(type(node.op), _eval(node.left), _eval(node.right))
-    raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {type(node).__name__}")
+    if isinstance(node, ast.Call) and _is_sqrt(node.func) and len(node.args) == 1 and not node.keywords:
+        return _sqrt(_eval(node.args[0]))
+    raise CalculatorError(f"only numbers, + - * / // % **, sqrt() and parentheses are allowed, "
+                          f"not {type(node).__name__}")
 
 
 def evaluate(expression: str) -> Number:
-    """The value of an arithmetic ``expression`` (CalculatorError with one line when refused)."""
+    """The value of an arithmetic ``expression`` after :func:`normalize` (CalculatorError with one line when
+    refused)."""
     if len(expression) > MAX_CHARS:
         raise CalculatorError(f"the expression is longer than {MAX_CHARS} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(normalize(expression), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise CalculatorError(f"not an arithmetic expression: {expression!r}") from None
     return _eval(tree.body)
