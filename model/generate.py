@@ -101,6 +101,8 @@ class Generation:
     dtype; the prefill runs in the model's dtype): faster, but the tokens are no longer those of the
     model's own precision.
 
+    While iterating, ``step_logits`` holds the model's logits [B, V] (before repetition penalty and
+    sampling) of the step just yielded.
     After the iteration ``tokens[i]`` holds row i's new ids and ``finish_reasons[i]`` is "stop" or "length".
     An all-None step is never yielded. The model is put in eval mode for the duration.
     """
@@ -138,6 +140,7 @@ class Generation:
         self.budget = min(max_new_tokens, limit - longest)
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons: list[str | None] = [None] * len(self.prompts)
+        self.step_logits: Tensor | None = None  # [B, V] logits the latest yielded ids were sampled from
 
     def __iter__(self) -> Iterator[list[int | None]]:
         with self._decoding():
@@ -219,6 +222,7 @@ class Generation:
                        last_only=True).logits[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(self.budget):
+            self.step_logits = logits
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
             nxt = sample_next(logits, self.temperature, self.top_k, self.top_p,
                               uniform=None if uniforms is None else uniforms[:, step])

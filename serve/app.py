@@ -1,9 +1,10 @@
 """OpenAI-compatible chat API and web chat page over one :class:`~serve.engine.Engine`: routes, SSE, answers.
 
-Routes: ``POST /v1/chat/completions`` (JSON or SSE streaming), ``GET /v1/models``, ``GET /health``,
-``GET /`` (the static chat page). With an API key, ``/v1/*`` requires ``Authorization: Bearer KEY``
-(compared as bytes in constant time: any header a client sends is a 401 or a pass, never a 500).
-Request validation lives in :mod:`serve.openai_request`, generation in :mod:`serve.engine`; this module
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE streaming),
+``GET /v1/models``, ``GET /health``, ``GET /`` (the static chat page). With an API key, ``/v1/*`` requires
+``Authorization: Bearer KEY`` (compared as bytes in constant time: any header a client sends is a 401 or a
+pass, never a 500). Request validation lives in :mod:`serve.openai_request` (chat) and
+:mod:`serve.completion_request` (text completions), generation in :mod:`serve.engine`; this module
 turns their results and errors into HTTP. Every error is an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -16,13 +17,17 @@ A request's life, and the invariant at each step (no client can stall the event 
 2. JSON parsing, validation and prompt tokenization run in a small thread pool (``PARSE_THREADS``),
    never on the event loop (``encode_batch`` releases the GIL, so the loop keeps running). A prompt that
    cannot fit the context by a byte count is refused before it is tokenized;
-3. the job is queued (bounded, FIFO; full: 503 with ``Retry-After``) for the engine's single generation
+3. the request's jobs (one per choice: ``n`` per prompt) are queued (bounded, FIFO; full: 503 with
+   ``Retry-After``, and the request's jobs already queued are cancelled) for the engine's single generation
    worker. A client that disconnects, streaming or not, cancels its job: a queued job is skipped, a
    running one stops at its next token (``/health`` counts them as ``cancelled``).
 
 Answers: the parsed events become ``reasoning_content``, ``content`` and ``tool_calls``; an answer with a
 call finishes ``"tool_calls"``; streamed, a call is one delta with its id, type and name, then one with its
-arguments, as OpenAI sends them.
+arguments, as OpenAI sends them. A text completion's ``text`` is the echoed prompt (with ``echo``) then the
+answer. Log-probabilities (chat ``logprobs``/``top_logprobs``, completions ``logprobs``) come from
+:mod:`serve.token_logprobs`; streamed, each chunk carries the entries of the tokens that produced it (the
+last ones ride on the finish chunk). Choices are streamed interleaved, each chunk naming its ``index``.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from core.completion import CONTENT, REASONING, TOOL_CALL, Event
+from serve.completion_request import validate_completion
 from serve.engine import Engine, Job, QueueFull, Sampling
-from serve.openai_request import APIError, parse_body, validate
+from serve.openai_request import APIError, Parsed, parse_body, validate
+from serve.token_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -58,11 +66,14 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def submit(engine: Engine, job: Job) -> None:
-    """Queue ``job``; a full queue is a 503 with ``Retry-After``."""
+def submit(engine: Engine, jobs: list[Job]) -> None:
+    """Queue every job of a request; a full queue is a 503 with ``Retry-After`` (the jobs already queued are
+    cancelled, so the worker skips them)."""
     try:
-        engine.submit(job)
+        for job in jobs:
+            engine.submit(job)
     except QueueFull:
+        cancel(jobs)
         raise APIError(503, "the server is busy (generation queue full); retry later", code="server_busy",
                        kind="server_error", headers={"Retry-After": "1"}) from None
 
@@ -95,6 +106,62 @@ def event_deltas(event: Event, index: int) -> list[dict]:
     head = {"index": index, "id": call_id(), "type": "function", "function": {"name": event.call.name,
                                                                               "arguments": ""}}
     return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": event.call.arguments}}]}]
+
+
+def sse_data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def streaming(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled.set()
+
+
+@dataclass
+class Result:
+    """What one choice's job sent: parsed events, log-probability entries, the echoed prompt, the end."""
+
+    index: int
+    sampling: Sampling
+    events: list[Event] = field(default_factory=list)
+    scored: list[TokenLogprob] = field(default_factory=list)
+    echo_text: str = ""
+    echo_scored: list[TokenLogprob] = field(default_factory=list)
+    finish: str = ""
+    usage: dict = field(default_factory=dict)
+
+    def take(self, kind: str, value: Any) -> bool:
+        """Record one message of the job; True when it was the last ("done")."""
+        if kind == "event":
+            self.events.append(value)
+        elif kind == "logprobs":
+            self.scored += value
+        elif kind == "echo":
+            self.echo_text, self.echo_scored = value
+        elif kind == "done":
+            self.finish, self.usage = value
+            return True
+        return False
+
+
+def total_usage(parsed: Parsed, results: list[Result]) -> dict:
+    """Usage of a request: each prompt counted once, every choice's answer tokens."""
+    return usage_of(parsed.prompt_tokens, sum(r.usage.get("completion_tokens", 0) for r in results))
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    """Two completions ``logprobs`` objects as one (the echoed prompt's, then the answer's)."""
+    return {key: first[key] + second[key] for key in first}
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
@@ -165,8 +232,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    def prepare(raw: bytes) -> tuple[Sampling, bool, bool]:
+    def prepare_chat(raw: bytes) -> Parsed:
         return validate(engine, parse_body(raw), default_max_tokens)
+
+    def prepare_completion(raw: bytes) -> Parsed:
+        return validate_completion(engine, parse_body(raw))
 
     @app.get("/")
     async def index() -> FileResponse:
@@ -174,9 +244,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "busy": engine.busy, "queued": engine.jobs.qsize(),
-                "served": engine.served, "cancelled": engine.cancelled, "context": engine.context,
-                "rope_scaling": engine.model.config.rope_scaling}
+        return {"status": "ok", "model": model_name, "busy": engine.busy, "running": engine.running,
+                "queued": engine.jobs.qsize(), "served": engine.served, "cancelled": engine.cancelled,
+                "context": engine.context, "rope_scaling": engine.model.config.rope_scaling}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -185,84 +255,160 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                                             "owned_by": "tinylm", "max_model_len": engine.context,
                                             "rope_scaling": engine.model.config.rope_scaling}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def start(request: Request, prepare: Callable[[bytes], Parsed]) -> tuple[Parsed, list[Job]]:
+        """Read, validate and queue a request's jobs (one per choice)."""
         check_key(request)
         raw = await read_body(request, max_body_bytes, body_timeout)
         loop = asyncio.get_running_loop()
-        sampling, stream, include_usage = await loop.run_in_executor(parsers, prepare, raw)
-        job = Job(sampling, loop, asyncio.Queue())
-        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
-        now = int(time.time())
-        submit(engine, job)
-        if stream:
-            return StreamingResponse(sse(job, completion_id, now, include_usage, request),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        message, finish, usage = await collect(job, request)
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage})
+        parsed = await loop.run_in_executor(parsers, prepare, raw)
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = [Job(sampling, loop, events, index=i) for i, sampling in enumerate(parsed.choices())]
+        submit(engine, jobs)
+        return parsed, jobs
 
-    async def collect(job: Job, request: Request) -> tuple[dict, str, dict]:
-        """(message, finish reason, usage) of a non-streaming job; the job is cancelled if the client goes."""
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        parsed, jobs = await start(request, prepare_chat)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name,
+                "system_fingerprint": None}
+        if parsed.stream:
+            return streaming(chat_sse(jobs, head, parsed, request))
+        results = await collect(jobs, request)
+        choices = [{"index": r.index, "message": answer_message(r.events),
+                    "logprobs": chat_logprobs(r.scored) if r.sampling.logprobs is not None else None,
+                    "finish_reason": r.finish} for r in results]
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                             "usage": total_usage(parsed, results)})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        parsed, jobs = await start(request, prepare_completion)
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "system_fingerprint": None}
+        if parsed.stream:
+            return streaming(completion_sse(jobs, head, parsed, request))
+        results = await collect(jobs, request)
+        choices = []
+        for r in results:
+            text = "".join(e.text for e in r.events)
+            logprobs = None
+            if r.sampling.logprobs is not None:
+                logprobs = join_logprobs(completion_logprobs(r.echo_scored),
+                                         completion_logprobs(r.scored, len(r.echo_text)))
+            choices.append({"index": r.index, "text": r.echo_text + text, "logprobs": logprobs,
+                            "finish_reason": r.finish})
+        return JSONResponse({**head, "choices": choices, "usage": total_usage(parsed, results)})
+
+    async def collect(jobs: list[Job], request: Request) -> list[Result]:
+        """Every choice's result; the jobs are cancelled if the client goes."""
         gone = asyncio.ensure_future(until_disconnected(request))
-        events: list[Event] = []
+        results = [Result(job.index, job.sampling) for job in jobs]
+        waiting = len(jobs)
         try:
-            while True:
-                event = asyncio.ensure_future(job.events.get())
+            while waiting:
+                event = asyncio.ensure_future(jobs[0].events.get())
                 await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not event.done():
                     event.cancel()
                     raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
-                kind, value = event.result()
-                if kind == "event":
-                    events.append(value)
-                elif kind == "error":
+                index, kind, value = event.result()
+                if kind == "error":
                     raise APIError(500, value, kind="server_error")
-                else:
-                    return answer_message(events), *value
+                waiting -= results[index].take(kind, value)
+            return results
         finally:
             gone.cancel()
-            job.cancelled.set()
+            cancel(jobs)
 
-    async def sse(job: Job, completion_id: str, now: int, include_usage: bool,
-                  request: Request) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
-            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                       "system_fingerprint": None,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                       if choices else [], "usage": usage}
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    async def messages(jobs: list[Job], request: Request) -> AsyncIterator[tuple[int, str, Any]]:
+        """The jobs' messages until each is done (or one failed); stops quietly when the client goes."""
+        waiting = len(jobs)
+        while waiting:
+            try:
+                index, kind, value = await asyncio.wait_for(jobs[0].events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            yield index, kind, value
+            if kind == "error":
+                return
+            waiting -= kind == "done"
 
-        calls = 0
+    def error_chunk(message: str) -> str:
+        return sse_data({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+    async def chat_sse(jobs: list[Job], head: dict, parsed: Parsed, request: Request) -> AsyncIterator[str]:
+        def chunk(index: int, delta: dict, finish: str | None = None, usage: dict | None = None,
+                  logprobs: dict | None = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse_data({**head, "object": "chat.completion.chunk", "choices": [choice], "usage": usage})
+
+        calls = [0] * len(jobs)
+        pending: list[list[TokenLogprob]] = [[] for _ in jobs]
+        completion_tokens = 0
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if kind == "event":
-                    for delta in event_deltas(value, calls):
-                        yield chunk(delta)
-                    calls += value.kind == TOOL_CALL
+            for job in jobs:
+                yield chunk(job.index, {"role": "assistant", "content": ""})
+            async for index, kind, value in messages(jobs, request):
+                if kind == "logprobs":
+                    pending[index] += value
+                elif kind == "event":
+                    for delta in event_deltas(value, calls[index]):
+                        scored, pending[index] = pending[index], []
+                        yield chunk(index, delta, logprobs=chat_logprobs(scored) if scored else None)
+                    calls[index] += value.kind == TOOL_CALL
                 elif kind == "error":
-                    body = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield error_chunk(value)
                     break
                 else:
                     finish, usage = value
-                    yield chunk({}, finish, usage)
-                    if include_usage:
-                        yield chunk({}, usage=usage, choices=False)
-                    break
-            yield "data: [DONE]\n\n"
+                    completion_tokens += usage["completion_tokens"]
+                    scored, pending[index] = pending[index], []
+                    yield chunk(index, {}, finish, usage, chat_logprobs(scored) if scored else None)
+            else:
+                if parsed.include_usage:
+                    usage = usage_of(parsed.prompt_tokens, completion_tokens)
+                    yield sse_data({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # client gone or done: the worker drops the job at its next token
+            cancel(jobs)  # client gone or done: the worker drops the jobs at their next token
+
+    async def completion_sse(jobs: list[Job], head: dict, parsed: Parsed, request: Request) -> AsyncIterator[str]:
+        def chunk(index: int, text: str, scored: list[TokenLogprob] | None, finish: str | None = None,
+                  usage: dict | None = None) -> str:
+            logprobs = completion_logprobs(scored, shift[index]) if scored is not None else None
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return sse_data({**head, "choices": [choice], "usage": usage})
+
+        wants = [job.sampling.logprobs is not None for job in jobs]
+        shift = [0] * len(jobs)  # characters of echoed prompt before the generated text
+        pending: list[list[TokenLogprob]] = [[] for _ in jobs]
+        completion_tokens = 0
+        try:
+            async for index, kind, value in messages(jobs, request):
+                if kind == "echo":
+                    text, scored = value
+                    yield chunk(index, text, scored if wants[index] else None)
+                    shift[index] = len(text)
+                elif kind == "logprobs":
+                    pending[index] += value
+                elif kind == "event":
+                    scored, pending[index] = pending[index], []
+                    yield chunk(index, value.text, scored if wants[index] else None)
+                elif kind == "error":
+                    yield error_chunk(value)
+                    break
+                else:
+                    finish, usage = value
+                    completion_tokens += usage["completion_tokens"]
+                    scored, pending[index] = pending[index], []
+                    yield chunk(index, "", scored if wants[index] else None, finish, usage)
+            else:
+                if parsed.include_usage:
+                    yield sse_data({**head, "choices": [], "usage": usage_of(parsed.prompt_tokens, completion_tokens)})
+                yield "data: [DONE]\n\n"
+        finally:
+            cancel(jobs)
 
     return app

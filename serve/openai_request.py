@@ -27,7 +27,7 @@ import json
 import math
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from core import chat_schema
@@ -45,6 +45,8 @@ MAX_INT_DIGITS = 40  # longer integer literals are refused without converting th
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop string (the filter's hold-back is O(length) per token)
 MAX_TOOLS = 128  # function definitions per request (OpenAI's limit)
+MAX_CHOICES = 16  # choices per request (n times the prompts): each is one generation
+MAX_TOP_LOGPROBS = 20  # chat completions' top_logprobs (OpenAI's limit)
 SEED_LIMIT = 1 << 63  # seeds are in [0, 2^63)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -170,7 +172,9 @@ def _integer(body: dict, name: str, low: int | None = None, high: int | None = N
 
 
 def _flag(body: dict, name: str, param: str | None = None) -> bool:
-    value = body.get(name, False)
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         param = param or name
         raise APIError(400, f"'{param}' must be a boolean, got {_show(value)}", param, "invalid_type")
@@ -386,7 +390,7 @@ def parse_stop(body: dict) -> list[str]:
 
 
 # Request fields for features this server does not implement, with the values that ask for nothing.
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+UNSUPPORTED = {"logit_bias": (None, {}),
                "functions": (None, []), "function_call": (None, "none", "auto"),
                "response_format": (None, {"type": "text"}),
                "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
@@ -431,14 +435,24 @@ def encode_prompt(engine: Engine, turns: list[dict], tools: list[dict] | None = 
         raise APIError(400, f"the tokenizer refused the messages ({reason})", "messages", "invalid_value") from None
 
 
-def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampling, bool, bool]:
-    """(sampling settings, stream?, include_usage?) of a parsed body, or an APIError naming the param."""
-    turns = parse_messages(body)
-    check_tool_answers(turns)
-    n = _integer(body, "n")
-    if n not in (None, 1):
-        raise APIError(400, f"only n=1 is supported, got n={_show(n)}", "n", "invalid_value")
-    refuse_unsupported(body)
+@dataclass(frozen=True)
+class Options:
+    """The sampling and streaming fields that chat and text completions share."""
+
+    n: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    top_k: int | None
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def parse_options(body: dict) -> Options:
+    """The shared fields (``n`` in [1, MAX_CHOICES]), each checked against OpenAI's schema."""
+    n = _integer(body, "n", 1, MAX_CHOICES)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
@@ -449,7 +463,47 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
         raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _flag(options, "include_usage", "stream_options.include_usage")
     seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
-    stop = parse_stop(body)
+    return Options(n or 1, temperature, top_p, repetition_penalty, top_k or None, seed, parse_stop(body), stream,
+                   include_usage)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A validated request: one :class:`Sampling` per prompt, each generated ``n`` times (choice index
+    ``prompt * n + i`` with seed ``seed + i``)."""
+
+    prompts: list[Sampling]
+    n: int
+    stream: bool
+    include_usage: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Usage's prompt tokens: each prompt once, however many choices it has."""
+        return sum(len(s.prompt) for s in self.prompts)
+
+    def choices(self) -> list[Sampling]:
+        """The Sampling of every choice, in index order."""
+        return [replace(s, seed=(s.seed + i) % SEED_LIMIT) for s in self.prompts for i in range(self.n)]
+
+
+def parse_chat_logprobs(body: dict) -> int | None:
+    """``logprobs`` (bool) and ``top_logprobs`` (0..MAX_TOP_LOGPROBS, only with logprobs): the number of
+    alternatives to report per token, or None for no log-probabilities."""
+    wanted = _flag(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return (top or 0) if wanted else None
+
+
+def validate(engine: Engine, body: dict, default_max_tokens: int) -> Parsed:
+    """The validated chat request of a parsed body, or an APIError naming the param."""
+    turns = parse_messages(body)
+    check_tool_answers(turns)
+    refuse_unsupported(body)
+    o = parse_options(body)
+    logprobs = parse_chat_logprobs(body)
     tools, forced = parse_tool_choice(body, parse_tools(body))
     thinking = parse_thinking(body)
     if forced is not None and thinking:
@@ -465,13 +519,19 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> tuple[Sampl
     if room < 1:
         raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
                        "tokens, so nothing is left for the answer", "messages", "context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, room)
-    elif max_tokens > room:
-        raise APIError(400, f"'{name}' is {max_tokens}, but the prompt uses {len(prompt)} of the "
-                       f"{engine.context}-token context: at most {room} tokens are left", name,
-                       "context_length_exceeded")
-    sampling = Sampling(prompt, max_tokens, temperature, top_p, top_k or None, repetition_penalty, stop,
-                        secrets.randbits(63) if seed is None else seed,
-                        frozenset(t["function"]["name"] for t in tools or ()), thinking, tuple(prefill))
-    return sampling, stream, include_usage
+    max_tokens = answer_budget(max_tokens, default_max_tokens, room, len(prompt), engine.context, name)
+    sampling = Sampling(prompt, max_tokens, o.temperature, o.top_p, o.top_k, o.repetition_penalty, o.stop,
+                        secrets.randbits(63) if o.seed is None else o.seed,
+                        frozenset(t["function"]["name"] for t in tools or ()), thinking, tuple(prefill), logprobs)
+    return Parsed([sampling], o.n, o.stream, o.include_usage)
+
+
+def answer_budget(asked: int | None, default: int, room: int, prompt: int, context: int, name: str) -> int:
+    """The answer's token budget: ``asked`` when it fits the ``room`` the prompt leaves, else a 400 on
+    ``name``; without a limit, ``default`` capped by the room."""
+    if asked is None:
+        return min(default, room)
+    if asked > room:
+        raise APIError(400, f"'{name}' is {asked}, but the prompt uses {prompt} of the {context}-token context: "
+                       f"at most {room} tokens are left", name, "context_length_exceeded")
+    return asked

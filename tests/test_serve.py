@@ -190,7 +190,7 @@ LONG = "hello world " * 600  # > 1024 tokens: over the tiny model's context
     ({"messages": HI, "max_tokens": 5000}, "max_tokens", "context_length_exceeded"),
     ({"messages": HI, "max_completion_tokens": 2.5}, "max_completion_tokens", "invalid_type"),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages", "context_length_exceeded"),
-    ({"messages": HI, "n": 2}, "n", "invalid_value"),
+    ({"messages": HI, "n": 17}, "n", "invalid_value"),
     ({"messages": HI, "temperature": "hot"}, "temperature", "invalid_type"),
     ({"messages": HI, "temperature": 3}, "temperature", "invalid_value"),
     ({"messages": HI, "top_p": 0}, "top_p", "invalid_value"),

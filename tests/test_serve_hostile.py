@@ -58,7 +58,7 @@ def endless_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = endless_checkpoint(tmp_path_factory.mktemp("endless"))
-    s = Server(ckpt, "--api-key", KEY, "--max-queue", "1", "--body-timeout", str(BODY_TIMEOUT))
+    s = Server(ckpt, "--api-key", KEY, "--max-queue", "1", "--max-batch", "1", "--body-timeout", str(BODY_TIMEOUT))
     try:
         yield s.wait()
     finally:
@@ -208,7 +208,8 @@ def raw_body(**fields: str) -> str:
     (raw_body(stream_options='{"include_usage": "yes"}'), "stream_options.include_usage", "invalid_type"),
     (raw_body(stop=json.dumps("s" * 257)), "stop", "invalid_value"),
     (raw_body(stop=json.dumps(["a"] * 10_000)), "stop", "invalid_value"),
-    (raw_body(logprobs="true"), "logprobs", "unsupported_parameter"),
+    (raw_body(logprobs="3"), "logprobs", "invalid_type"),
+    (raw_body(logprobs="true", top_logprobs="21"), "top_logprobs", "invalid_value"),
     (raw_body(functions='[{"name": "f"}]'), "functions", "unsupported_parameter"),
     (raw_body(tools='[{"type": "function", "function": {"name": "f", "parameters": {"x": NaN}}}]'),
      "tools[0].function.parameters.x", "invalid_value"),
@@ -396,6 +397,7 @@ def test_bad_checkpoint_is_one_line_exit_1(tmp_path):
                                              ("--max-body-bytes", "0"), ("--body-timeout", "inf"),
                                              ("--port", "70000"), ("--max-queue", "1e3"), ("--threads", "-1"),
                                              ("--threads", "1000000"), ("--log-level", "loud"),
+                                             ("--max-batch", "0"), ("--max-batch", "100000"),
                                              ("--max-tokens", "9" * 5000), ("--api-key", ""),
                                              ("--model-name", "a\udcff"), ("--host", "\udcfe")])
 def test_bad_limits_are_usage_errors(flag, value):
