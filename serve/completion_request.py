@@ -24,10 +24,10 @@ from serve.openai_request import (
     Parsed,
     _flag,
     _integer,
-    _number,
     _show,
     answer_budget,
     parse_options,
+    refuse_penalties_and_check_model,
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -92,12 +92,7 @@ def refuse_unsupported_completion(body: dict) -> None:
     for name in ("suffix", "logit_bias"):
         if body.get(name) not in (None, "", {}):
             raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise APIError(400, f"'{name}' is not supported (use 'repetition_penalty')", name,
-                           "unsupported_parameter")
-    if not isinstance(body.get("model", ""), str):
-        raise APIError(400, f"'model' must be a string, got {_show(body['model'])}", "model", "invalid_type")
+    refuse_penalties_and_check_model(body)
 
 
 def validate_completion(engine: Engine, body: dict) -> Parsed:

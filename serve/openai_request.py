@@ -403,6 +403,12 @@ def refuse_unsupported(body: dict) -> None:
         if not any(value == h and type(value) is type(h) for h in harmless):
             raise APIError(400, f"'{name}' is not supported by this server, got {_show(value)}", name,
                            "unsupported_parameter")
+    refuse_penalties_and_check_model(body)
+
+
+def refuse_penalties_and_check_model(body: dict) -> None:
+    """400 for OpenAI's presence/frequency penalties (tinylm has repetition_penalty) and a non-string model
+    (both endpoints)."""
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise APIError(400, f"'{name}' is not supported (use 'repetition_penalty')", name,

@@ -22,7 +22,6 @@ last. Missing optional parts (packed data moved away, no evaluation, no samples)
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ from preprocess.shards import read_meta
 from serve.evaluate import RESULTS_FILE
 from train import checkpoint, loading
 from train.checkpoint import Checkpoint
-from train.metrics import METRICS_FILE, read_metrics
+from train.metrics import METRICS_FILE, loss_png, read_metrics
 
 MARKER = "<!-- written by bin/report -->"
 RUN_FILES = re.compile(r"^(ckpt_\d+\.pt|pre_decay\.pt|metrics\.jsonl|eval_results\.jsonl|loss\.png|\.lock)$")
@@ -216,36 +215,6 @@ def fenced(text: str) -> list[str]:
 
 
 # ---- pictures -------------------------------------------------------------------------------------------------
-
-def loss_png(records: list[dict[str, Any]], title: str) -> bytes | None:
-    """Train loss (line) and validation loss (markers) against step as PNG bytes; None without either, or
-    without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float)) and "step" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
-    if not train and not val:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png")
-    plt.close(fig)
-    return image.getvalue()
-
 
 def picture_names(runs: list[Run], out: Path) -> list[Path]:
     """``<out stem>-<run folder name>.png`` beside the Markdown, numbered when two runs share a name."""

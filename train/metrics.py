@@ -186,35 +186,43 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_losses(out: Path) -> Path | None:
-    """Write ``out/loss.png`` (train loss, and validation loss when present); None without matplotlib."""
+def loss_png(records: list[dict[str, Any]], title: str) -> bytes | None:
+    """Train loss (line) and validation loss (markers) against step as PNG bytes; None without either, or
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = read_metrics(out / METRICS_FILE)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float)) and "step" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3)
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / supervised token)")
-    ax.set_title(out.name)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out / PLOT_FILE
     image = io.BytesIO()
     fig.savefig(image, format="png")
     plt.close(fig)
-    atomic_write_bytes(path, [image.getvalue()])
+    return image.getvalue()
+
+
+def plot_losses(out: Path) -> Path | None:
+    """Write ``out/loss.png`` (:func:`loss_png` of the run's metrics); None without a loss or matplotlib."""
+    png = loss_png(read_metrics(out / METRICS_FILE), out.name)
+    if png is None:
+        return None
+    path = out / PLOT_FILE
+    atomic_write_bytes(path, [png])
     return path
 
 
