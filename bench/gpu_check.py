@@ -12,6 +12,8 @@ Checks, each one row of the table (status ok / FAIL / skip, a value, a note):
   bf16, dense-mask SDPA on CPU in fp32) against each document run alone: max |diff| under a tolerance;
 - ``train:<preset>:<rows>``: compiled bf16 AdamW steps (eager fp32 on CPU), tokens/s and MFU
   (``6N + 12LHQT`` FLOPs per token over the device's dense bf16 peak, see ``train.metrics.PEAK_FLOPS``);
+- ``train:<moe preset>:packed``: the same for a mixture-of-experts model; ``yarn_decode``: batched KV-cache
+  decode of a YaRN-scaled model past its original context (tokens/s);
 - ``ddp``: 2 processes of ``train/run.py`` under torchrun (NCCL) equal 1 process with doubled accumulation;
   skipped on one GPU (said so); gloo on CPU;
 - ``recipe:*``: ``RECIPE=minimind3-mini bash train.sh`` for ``--recipe-steps`` on a slice of realistic data
@@ -164,6 +166,31 @@ def train_row(device: torch.device, preset: str, batch: int, seq: int, packed: b
             f"{cfg.num_params() / 1e6:.1f}M params, {batch}x{seq}, {mode}, warm-up {warm:.0f} s")
 
 
+def yarn_decode_row(device: torch.device, preset: str, original: int, factor: int, new_tokens: int) -> Row:
+    """Batched KV-cache decode of a YaRN-scaled model past its original context: tokens/s of the decode."""
+    from model.config import parse_rope_scaling, with_rope_scaling
+    from model.generate import Generation
+
+    cuda = device.type == "cuda"
+    cfg = with_rope_scaling(ModelConfig.from_preset(preset), parse_rope_scaling(f"yarn:{factor}"), original)
+    torch.manual_seed(0)
+    model = TinyLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
+    prompt_len = original * factor - new_tokens  # the decode runs past the original context
+    prompts = torch.randint(0, cfg.vocab_size, (4, prompt_len)).tolist()
+    name = f"yarn_decode:{preset}"
+    try:
+        start = time.perf_counter()
+        tokens = Generation(model, prompts, max_new_tokens=new_tokens).run()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    except RuntimeError as e:
+        return (name, "FAIL", "-", " ".join(str(e).split())[:120])
+    made = sum(len(t) for t in tokens)
+    return (name, "ok", f"{made / seconds:,.0f} tok/s", f"4 rows, prompt {prompt_len} + {new_tokens} new tokens, "
+            f"yarn x{factor} over an original {original} (prefill included)")
+
+
 def ddp_row(device: torch.device, timeout: int) -> Row:
     """torchrun 2 processes vs 1 process with doubled accumulation on the packed pretrain sample."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -241,9 +268,13 @@ def main() -> int:
         rows.append(train_row(device, "small", 32, 1024, packed=False, steps=20, compile_model=True))
         rows.append(train_row(device, "small", 32, 1024, packed=True, steps=20, compile_model=True))
         rows.append(train_row(device, "base", 16, 1024, packed=False, steps=20, compile_model=True))
+        rows.append(train_row(device, "small-moe", 16, 1024, packed=True, steps=20, compile_model=True))
+        rows.append(yarn_decode_row(device, "small", 1024, 4, 256))
     else:
         rows.append(train_row(device, "tiny", 4, 128, packed=False, steps=3, compile_model=False))
         rows.append(train_row(device, "tiny", 4, 128, packed=True, steps=3, compile_model=False))
+        rows.append(train_row(device, "tiny-moe", 4, 128, packed=True, steps=3, compile_model=False))
+        rows.append(yarn_decode_row(device, "tiny", 64, 4, 16))
     if not args.quick:
         rows.append(ddp_row(device, timeout=300))
     if not args.no_recipe:

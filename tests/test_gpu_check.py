@@ -20,6 +20,8 @@ def test_gpu_check_runs_in_cpu_mode(tmp_path):
     assert rows["packed_parity"]["status"] == "ok"
     assert {rows[k]["status"] for k in ("train:tiny:plain", "train:tiny:packed")} == {"ok"}
     assert "tok/s" in rows["train:tiny:packed"]["value"]
+    assert rows["train:tiny-moe:packed"]["status"] == "ok" and "tok/s" in rows["train:tiny-moe:packed"]["value"]
+    assert rows["yarn_decode:tiny"]["status"] == "ok" and "yarn x4" in rows["yarn_decode:tiny"]["note"]
     assert proc.stdout.splitlines()[0].startswith("| check")
     # the minimind3-mini recipe at toy scale: both stages ran, their loss curves and the final link exist
     assert {rows[k]["status"] for k in ("recipe:pretrain", "recipe:sft", "recipe:final")} == {"ok"}
