@@ -59,6 +59,14 @@
 #   RECIPE_ROWS_PRETRAIN / RECIPE_ROWS_SFT (global rows per step), MICRO_BATCH [32] (rows per process and
 #   micro-step), PRETRAIN_STEPS / SFT_STEPS (a number wins over EPOCHS) as above; PRETRAIN_PACK_ARGS /
 #   SFT_PACK_ARGS are each stage's own pack.py flags (minimind3-mini's SFT: MiniMind's seeded augmentations).
+#   calculator        a model that calls a tool, from scratch on 2 CPU cores: preprocess/make_calculator.py writes
+#                     a synthetic arithmetic tool-use corpus (Chinese and English, calculate_math with 1-3 tools
+#                     offered) into OUT_DIR/calculator/data, SFT from scratch on it (rows of 1024), bin/eval
+#                     --tool-eval on the held-out questions, GRPO with the calculator_call reward, the tool eval
+#                     again; final -> grpo (GRPO=0: sft). CALC_SEED [0] (corpus and model init), CALC_TRAIN [6000]
+#                     conversations, CALC_HELDOUT [200], CALC_SFT_STEPS [100; smoke 3], CALC_GRPO_STEPS [20;
+#                     smoke 1], CALC_MODEL_ARGS [hidden_size=128 num_hidden_layers=4], CALC_SFT_LR [0.003],
+#                     CALC_GRPO_LR [1e-4], TOKENIZER_DIR [data/tokenizer], SFT_ARGS / GRPO_ARGS as above
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -103,12 +111,18 @@ case "$RECIPE" in
       [[ -f "$f" ]] || { echo "train.sh: RECIPE=$RECIPE needs $f (download it first: README, \"Train on MiniMind's data on a GPU\"; or set MINIMIND_DATA)" >&2; exit 2; }
     done
     ;;
-  *) echo "train.sh: unknown RECIPE '$RECIPE' (known: minimind3-mini, minimind2-small)" >&2; exit 2 ;;
+  calculator) ;;  # its own steps, below
+  *) echo "train.sh: unknown RECIPE '$RECIPE' (known: minimind3-mini, minimind2-small, calculator)" >&2; exit 2 ;;
 esac
 
 if [[ -z "${PYTHON:-}" ]]; then
   bin/setup  # idempotent: creates .venv and installs requirements.txt the first time only
   PYTHON="$ROOT/.venv/bin/python"
+fi
+if [[ "$RECIPE" == calculator ]]; then
+  OUT_DIR="${OUT_DIR:-$([[ "$SMOKE" == 1 ]] && echo out/smoke || echo out)}/calculator" PYTHON="$PYTHON" SMOKE="$SMOKE" \
+    bash "$ROOT/recipes/calculator.sh"
+  exit $?
 fi
 DATA_DIR="${DATA_DIR:-data/sample}"
 TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizer}"
