@@ -21,7 +21,8 @@ def _train_sh(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProces
 def test_an_unknown_recipe_is_one_line(tmp_path):
     proc = _train_sh({"RECIPE": "minimind9"}, tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "train.sh: unknown RECIPE 'minimind9' (known: minimind3-mini, minimind2-small)"
+    assert proc.stderr.strip() == ("train.sh: unknown RECIPE 'minimind9' "
+                                   "(known: minimind3-mini, minimind2-small, calculator)")
     assert not (tmp_path / "out").exists()
 
 

@@ -5,12 +5,13 @@ AdamW parameter groups: weight decay applies to parameters with ``ndim >= 2`` th
 other 1-D tensor get none. Only parameters with ``requires_grad`` are handed over, so a stage that
 freezes weights (LoRA) simply returns fewer of them.
 
-Muon (``torch.optim.Muon``: momentum, then a Newton-Schulz orthogonalisation of the update, as in
-modded-nanogpt and nanochat) takes the 2-D hidden matrices: the attention and MLP (and MoE expert)
-projections inside ``model.layers``. AdamW keeps the embeddings, the output head, norms, biases, the
-MoE router and LoRA adapters: a rank-r adapter factor is not a hidden matrix whose update should have
-all singular values ~1 (its product B A is what acts on activations; B starts at zero), so LoRA runs
-are AdamW whatever ``--optimizer`` says, and the run says so.
+Muon (:class:`DeviceMuon`: ``torch.optim.Muon``'s momentum, then a Newton-Schulz orthogonalisation of the
+update, as in modded-nanogpt and nanochat, run in :func:`newton_schulz_dtype` of the device: bfloat16 where
+the hardware has it, float32 on CPU, which only emulates bfloat16 matrix products) takes the 2-D hidden
+matrices: the attention and MLP (and MoE expert) projections inside ``model.layers``. AdamW keeps the
+embeddings, the output head, norms, biases, the MoE router and LoRA adapters: a rank-r adapter factor is
+not a hidden matrix whose update should have all singular values ~1 (its product B A is what acts on
+activations; B starts at zero), so LoRA runs are AdamW whatever ``--optimizer`` says, and the run says so.
 
 Every group has a peak LR (``--lr`` for AdamW, ``--muon-lr`` for Muon); :meth:`Optimizers.set_lr` sets each
 to ``peak * multiplier`` with the schedule's multiplier (``train/schedule.py``). DDP averages gradients
@@ -21,6 +22,7 @@ on every rank, and the ranks' weights stay identical.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +130,68 @@ class Optimizers:
             opt.load_state_dict(states[part])
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz products on ``device``: bfloat16 on CUDA with bfloat16 support
+    (torch.optim.Muon's choice), float32 elsewhere (CPUs emulate bfloat16 matrix products)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of a 2-D ``grad``, computed in ``dtype``:
+    X = G / ||G|| (transposed when tall), then ``steps`` times X <- a X + (b A + c A A) X with A = X X^T."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class DeviceMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` (same groups, state and update) whose Newton-Schulz runs in ``ns_dtype``."""
+
+    def __init__(self, params: Iterable[nn.Parameter], ns_dtype: torch.dtype = torch.bfloat16, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Muon's single-tensor update: Nesterov momentum, orthogonalised, decoupled weight decay, LR scaled
+        by sqrt(max(1, rows / cols)) (``adjust_lr_fn`` None / "original") or 0.2 sqrt(max(rows, cols))."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, decay = float(group["lr"]), group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                rows, cols = p.shape[:2]
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                else:
+                    scale = math.sqrt(max(1, rows / cols))
+                p.mul_(1 - lr * decay)
+                p.add_(update, alpha=-lr * scale)
+        return loss
+
+
 def build_optimizers(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
                      device: torch.device | None = None) -> Optimizers:
     """AdamW over everything (``adamw``), or Muon over the hidden matrices + AdamW over the rest (``muon``)."""
@@ -138,8 +202,9 @@ def build_optimizers(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig
     if cfg.name == "muon":
         hidden, named = split_for_muon(named)
         if hidden:
-            parts["muon"] = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                             weight_decay=cfg.muon_weight_decay)
+            parts["muon"] = DeviceMuon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                       weight_decay=cfg.muon_weight_decay,
+                                       ns_dtype=newton_schulz_dtype(device or hidden[0].device))
     if any(p.requires_grad for _, p in named):
         parts["adamw"] = build_adamw(named, cfg.lr, cfg.weight_decay, device=device)
     if not parts:

@@ -17,9 +17,11 @@ naming the function.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import itertools
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -28,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from core import ground_truth
+from core.calculator import CalculatorError, evaluate
+from core.chat_template import tools_of
+from core.completion import TOOL_CALL, parse_completion
 from core.errors import TinyLMError
+from core.tokenizer import TokenizerInfo, load_tokenizer
 from preprocess.sources import split_number_suffix
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -151,8 +157,63 @@ def tool_format(prompts: list, completions: list, **_: Any) -> list[float | None
     return out
 
 
+CALL_BONUS = 0.1  # a well-formed calculator call, whatever its value
+CALCULATOR_TOOLS = ("calculate_math", "calculator")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> TokenizerInfo:
+    return load_tokenizer(path)
+
+
+def _offered(prompt: Any) -> list[str]:
+    """The names of the functions a prompt offers (its turns' ``tools``, OpenAI's wrapped or flat shape)."""
+    listed = tools_of(prompt) if isinstance(prompt, list) else None
+    return [(t.get("function") or t).get("name", "") for t in listed or () if isinstance(t, dict)]
+
+
+def calculator_call(prompts: list, completions: list, gt: list | None = None, completion_ids: list | None = None,
+                    tokenizer: list | None = None, **_: Any) -> list[float | None]:
+    """The calculator recipe's verifiable reward, from the generated ids (``completion_ids``, TRL's name; the
+    ``tokenizer`` column: its tokenizer.json) read by ``core.completion.parse_completion`` with the prompt's
+    offered tools: 1.0 when the first call is to ``calculate_math`` (or ``calculator``) and its
+    ``expression`` evaluates (``core/calculator.py``) to the ground truth ``gt`` (its first value, a
+    number), plus :data:`CALL_BONUS` for any well-formed call; 0.0 without a call; None (does not apply)
+    without a numeric gt or without ids."""
+    out: list[float | None] = []
+    for i, prompt in enumerate(prompts):
+        truth = gt[i] if gt is not None else None
+        truth = truth[0] if isinstance(truth, list) and truth else truth
+        try:
+            want = float(str(truth).replace(",", ""))
+        except ValueError:
+            want = math.nan
+        if not math.isfinite(want) or completion_ids is None or tokenizer is None:
+            out.append(None)
+            continue
+        events = parse_completion(_tokenizer(tokenizer[i]), completion_ids[i], tools=_offered(prompt))
+        calls = [e.call for e in events if e.kind == TOOL_CALL]
+        if not calls:
+            out.append(0.0)
+            continue
+        value = CALL_BONUS
+        try:
+            expression = json.loads(calls[0].arguments).get("expression")
+        except (ValueError, AttributeError):
+            expression = None
+        if calls[0].name in CALCULATOR_TOOLS and isinstance(expression, str):
+            try:
+                got = evaluate(expression)
+            except CalculatorError:
+                got = math.nan
+            value += 1.0 if math.isclose(got, want, rel_tol=0, abs_tol=1e-6) else 0.0
+        out.append(value)
+    return out
+
+
 BUILTINS: dict[str, RewardFn] = {"gsm8k": gsm8k, "format": format_reward, "length": length,
-                                 "tool_answer": tool_answer, "tool_format": tool_format}
+                                 "tool_answer": tool_answer, "tool_format": tool_format,
+                                 "calculator_call": calculator_call}
 
 
 # ---- specs -------------------------------------------------------------------------------------------------

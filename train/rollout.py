@@ -180,6 +180,8 @@ def reward_inputs(prompt_set: PromptSet, indices: Sequence[int], tok: TokenizerI
     completions = [[{"role": "assistant", "content": decode(tok, t)}] for t in done.tokens]
     keys = sorted({k for i in set(indices) for k in prompt_set.prompts[i].columns})
     columns = {k: [prompt_set.prompts[i].columns.get(k) for i in indices] for k in keys}
+    columns["completion_ids"] = [[int(i) for i in t] for t in done.tokens]  # TRL's keyword: the generated ids
+    columns["tokenizer"] = [str(tok.path)] * len(done.tokens)  # their tokenizer.json (calculator_call parses ids)
     return prompts, completions, columns
 
 
