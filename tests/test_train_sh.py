@@ -93,13 +93,22 @@ def test_sft_logs_a_validation_loss(smoke):
 
 
 def test_clean_runs_first_and_the_held_out_slice_comes_from_its_output(smoke):
-    """CLEAN=1 (default): clean.py writes each stage's records and report; the held-out records are among them."""
+    """CLEAN=1 (default): clean.py writes each stage's records and report; pack leaves out the record on every
+    50th line of that output (no copy of the data is made) and bin/eval scores exactly those records."""
     out, _ = smoke
     for stage in ("pretrain", "sft"):
         cleaned = (out / "data" / "clean" / stage / f"{stage}.jsonl").read_text().splitlines()
         report = json.loads((out / "data" / "clean" / f"{stage}.report.json").read_text())
         assert report["counts"]["written"] == len(cleaned) > 0
-        assert set((out / "data" / "heldout" / f"{stage}.jsonl").read_text().splitlines()) <= set(cleaned)
+        meta = shards.read_meta(out / "packed" / stage)
+        held = len(cleaned) // 50
+        assert meta["options"]["hold_out_every"] == 50 and meta["counts"]["dropped"].get("held_out") == held > 0
+        assert [Path(s["path"]).resolve() for s in meta["sources"]] == \
+            [(out / "data" / "clean" / stage / f"{stage}.jsonl").resolve()]
+        scored = json.loads((out / stage / "eval_results.jsonl").read_text().splitlines()[-1])
+        assert scored["records"]["records_read"] == len(cleaned)
+        assert scored["records"]["dropped"] == {"not_held_out": len(cleaned) - held}
+    assert not (out / "data" / "heldout").exists() and not (out / "data" / "train").exists()
 
 
 def test_a_rerun_resumes_and_skip_chat_skips_the_answer(rerun):
@@ -146,8 +155,11 @@ def test_clean_0_packs_the_raw_files(tmp_path):
                                 "SKIP_SFT": "1", "SKIP_CHAT": "1", "PACK_ARGS": "--quiet"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "clean.py" not in proc.stdout and not (out / "data" / "clean").exists()
-    raw = set((ROOT / "data" / "sample" / "sft" / "oasst1_zh.jsonl").read_text().splitlines())
-    assert raw & set((out / "data" / "heldout" / "sft.jsonl").read_text().splitlines())
+    meta = shards.read_meta(out / "packed" / "sft")
+    raw = sorted((ROOT / "data" / "sample" / "sft").glob("*.jsonl"))
+    assert sorted(Path(s["path"]).resolve() for s in meta["sources"]) == [f.resolve() for f in raw]
+    assert meta["counts"]["dropped"]["held_out"] == sum(len(f.read_text().splitlines()) // 50 for f in raw)
+    assert not (out / "data").exists()  # the held-out slice is left out by line number, never copied
 
 
 def test_help_and_bad_argument():
