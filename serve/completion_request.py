@@ -22,12 +22,12 @@ from serve.openai_request import (
     MAX_CHOICES,
     APIError,
     Parsed,
-    _flag,
-    _integer,
-    _show,
     answer_budget,
+    flag_field,
+    integer_field,
     parse_options,
     refuse_penalties_and_check_model,
+    show_value,
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -76,8 +76,8 @@ def parse_prompts(engine: Engine, body: dict) -> list[list[int]]:
             raise APIError(400, f"'{where[i]}' is empty", where[i], "invalid_value")
         bad = next((x for x in p if not 0 <= x < vocab), None)
         if bad is not None:
-            raise APIError(400, f"'{where[i]}' holds the token id {_show(bad)}, outside this model's vocabulary of "
-                           f"{vocab}", where[i], "invalid_value")
+            raise APIError(400, f"'{where[i]}' holds the token id {show_value(bad)}, outside this model's "
+                           f"vocabulary of {vocab}", where[i], "invalid_value")
         if len(p) > engine.context:
             raise APIError(400, f"'{where[i]}' is {len(p)} tokens; this model's context is {engine.context} tokens",
                            where[i], "context_length_exceeded")
@@ -86,7 +86,7 @@ def parse_prompts(engine: Engine, body: dict) -> list[list[int]]:
 
 def refuse_unsupported_completion(body: dict) -> None:
     """400 for the completion fields this server does not implement (when they ask for something)."""
-    best_of = _integer(body, "best_of", 1, MAX_CHOICES)
+    best_of = integer_field(body, "best_of", 1, MAX_CHOICES)
     if best_of not in (None, 1):
         raise APIError(400, "'best_of' is not supported (only 1)", "best_of", "unsupported_parameter")
     for name in ("suffix", "logit_bias"):
@@ -99,9 +99,9 @@ def validate_completion(engine: Engine, body: dict) -> Parsed:
     """The validated text-completion request of a parsed body, or an APIError naming the param."""
     refuse_unsupported_completion(body)
     o = parse_options(body)
-    logprobs = _integer(body, "logprobs", 0, MAX_LOGPROBS)
-    echo = _flag(body, "echo")
-    asked = _integer(body, "max_tokens", 0)
+    logprobs = integer_field(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = flag_field(body, "echo")
+    asked = integer_field(body, "max_tokens", 0)
     prompts = parse_prompts(engine, body)
     if len(prompts) * o.n > MAX_CHOICES:
         raise APIError(400, f"n={o.n} for {len(prompts)} prompts asks for {len(prompts) * o.n} choices; at most "

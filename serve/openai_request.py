@@ -137,7 +137,7 @@ def parse_body(raw: bytes) -> dict:
 
 # ---- request validation ------------------------------------------------------------------------------------
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A short, safe rendering of a client's value for an error message."""
     if isinstance(value, dict):
         return "an object"
@@ -147,37 +147,37 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:37]}..."
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def number_field(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number, got {_show(value)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be a number, got {show_value(value)}", name, "invalid_type")
     if value < low or (low_open and value == low) or value > high:
         span = f"{'(' if low_open else '['}{low}, {high}]"
-        raise APIError(400, f"'{name}' must be in {span}, got {_show(value)}", name, "invalid_value")
+        raise APIError(400, f"'{name}' must be in {span}, got {show_value(value)}", name, "invalid_value")
     return float(value)
 
 
-def _integer(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
+def integer_field(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {_show(value)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be an integer, got {show_value(value)}", name, "invalid_type")
     if (low is not None and value < low) or (high is not None and value > high):
         span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise APIError(400, f"'{name}' must be in {span}, got {_show(value)}", name, "invalid_value")
+        raise APIError(400, f"'{name}' must be in {span}, got {show_value(value)}", name, "invalid_value")
     return value
 
 
-def _flag(body: dict, name: str, param: str | None = None) -> bool:
+def flag_field(body: dict, name: str, param: str | None = None) -> bool:
     value = body.get(name)
     if value is None:
         return False
     if not isinstance(value, bool):
         param = param or name
-        raise APIError(400, f"'{param}' must be a boolean, got {_show(value)}", param, "invalid_type")
+        raise APIError(400, f"'{param}' must be a boolean, got {show_value(value)}", param, "invalid_type")
     return value
 
 
@@ -211,7 +211,7 @@ def parse_messages(body: dict) -> list[dict]:
             raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = m.get("role")
         if not (isinstance(role, str) and role in ROLES):
-            raise APIError(400, f"messages[{i}].role {_show(role)} is not supported; use one of "
+            raise APIError(400, f"messages[{i}].role {show_value(role)} is not supported; use one of "
                            "system, developer, user, assistant, tool", f"messages[{i}].role", "invalid_value")
         turn = {"role": ROLES[role], "content": _content(m, i)}
         if role == "assistant":
@@ -228,7 +228,8 @@ def _optional_string(message: dict, name: str, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, str):
-        raise APIError(400, f"{where}.{name} must be a string, got {_show(value)}", f"{where}.{name}", "invalid_type")
+        raise APIError(400, f"{where}.{name} must be a string, got {show_value(value)}", f"{where}.{name}",
+                       "invalid_type")
     return {name: value}
 
 
@@ -282,8 +283,8 @@ def check_tool_answers(turns: list[dict]) -> None:
         elif answered in open_calls:
             open_calls.remove(answered)
         else:
-            raise APIError(400, f"{where}.tool_call_id {_show(answered)} is not the id of an unanswered call of the "
-                           "preceding assistant message", f"{where}.tool_call_id", "invalid_value")
+            raise APIError(400, f"{where}.tool_call_id {show_value(answered)} is not the id of an unanswered call of "
+                           "the preceding assistant message", f"{where}.tool_call_id", "invalid_value")
 
 
 def parse_tools(body: dict) -> list[dict] | None:
@@ -322,7 +323,7 @@ def parse_tool_choice(body: dict, tools: list[dict] | None) -> tuple[list[dict] 
         raise APIError(400, "'tool_choice' asks for a tool call but the request has no 'tools'", "tool_choice",
                        "invalid_value")
     if forced and forced not in {t["function"]["name"] for t in tools}:
-        raise APIError(400, f"'tool_choice' names the function {_show(forced)}, which is not in 'tools'",
+        raise APIError(400, f"'tool_choice' names the function {show_value(forced)}, which is not in 'tools'",
                        "tool_choice", "invalid_value")
     return tools, forced
 
@@ -347,7 +348,7 @@ def parse_thinking(body: dict) -> bool | None:
         for key in THINKING_SWITCHES:
             value = params.get(key)
             if value is not None and not isinstance(value, bool):
-                raise APIError(400, f"{where}{key} must be a boolean, got {_show(value)}", f"{where}{key}",
+                raise APIError(400, f"{where}{key} must be a boolean, got {show_value(value)}", f"{where}{key}",
                                "invalid_type")
             if value is not None:
                 found[where + key] = value
@@ -401,7 +402,7 @@ def refuse_unsupported(body: dict) -> None:
     for name, harmless in UNSUPPORTED.items():
         value = body.get(name)
         if not any(value == h and type(value) is type(h) for h in harmless):
-            raise APIError(400, f"'{name}' is not supported by this server, got {_show(value)}", name,
+            raise APIError(400, f"'{name}' is not supported by this server, got {show_value(value)}", name,
                            "unsupported_parameter")
     refuse_penalties_and_check_model(body)
 
@@ -410,11 +411,11 @@ def refuse_penalties_and_check_model(body: dict) -> None:
     """400 for OpenAI's presence/frequency penalties (tinylm has repetition_penalty) and a non-string model
     (both endpoints)."""
     for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+        if number_field(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise APIError(400, f"'{name}' is not supported (use 'repetition_penalty')", name,
                            "unsupported_parameter")
     if not isinstance(body.get("model", ""), str):
-        raise APIError(400, f"'model' must be a string, got {_show(body['model'])}", "model", "invalid_type")
+        raise APIError(400, f"'model' must be a string, got {show_value(body['model'])}", "model", "invalid_type")
 
 
 def check_prompt_size(engine: Engine, turns: list[dict]) -> None:
@@ -458,17 +459,17 @@ class Options:
 
 def parse_options(body: dict) -> Options:
     """The shared fields (``n`` in [1, MAX_CHOICES]), each checked against OpenAI's schema."""
-    n = _integer(body, "n", 1, MAX_CHOICES)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
-    top_k = _integer(body, "top_k", 0)
-    stream = _flag(body, "stream")
+    n = integer_field(body, "n", 1, MAX_CHOICES)
+    temperature = number_field(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = number_field(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    repetition_penalty = number_field(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
+    top_k = integer_field(body, "top_k", 0)
+    stream = flag_field(body, "stream")
     options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = _flag(options, "include_usage", "stream_options.include_usage")
-    seed = _integer(body, "seed", 0, SEED_LIMIT - 1)
+    include_usage = flag_field(options, "include_usage", "stream_options.include_usage")
+    seed = integer_field(body, "seed", 0, SEED_LIMIT - 1)
     return Options(n or 1, temperature, top_p, repetition_penalty, top_k or None, seed, parse_stop(body), stream,
                    include_usage)
 
@@ -496,8 +497,8 @@ class Parsed:
 def parse_chat_logprobs(body: dict) -> int | None:
     """``logprobs`` (bool) and ``top_logprobs`` (0..MAX_TOP_LOGPROBS, only with logprobs): the number of
     alternatives to report per token, or None for no log-probabilities."""
-    wanted = _flag(body, "logprobs")
-    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    wanted = flag_field(body, "logprobs")
+    top = integer_field(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not wanted:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     return (top or 0) if wanted else None
@@ -518,7 +519,7 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> Parsed:
     family = engine.tokenizer.chat_family
     prefill = [] if forced is None else forced_call_ids(engine.tokenizer, forced_call_text(forced, family))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, 1)
+    max_tokens = integer_field(body, name, 1)
     check_prompt_size(engine, turns)
     prompt = encode_prompt(engine, turns, tools, thinking) + prefill
     room = engine.context - len(prompt)

@@ -22,7 +22,6 @@ last. Missing optional parts (packed data moved away, no evaluation, no samples)
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -34,12 +33,12 @@ from typing import Any
 import torch
 
 from core.errors import TinyLMError
-from core.files import atomic_write_bytes, atomic_write_text, check_file_target, os_reason, read_json
+from core.files import atomic_write_bytes, atomic_write_text, check_file_target, read_json
 from preprocess.shards import read_meta
 from serve.evaluate import RESULTS_FILE
 from train import checkpoint, loading
 from train.checkpoint import Checkpoint
-from train.metrics import METRICS_FILE, loss_png, read_metrics
+from train.metrics import METRICS_FILE, loss_png, read_jsonl, read_metrics
 
 MARKER = "<!-- written by bin/report -->"
 RUN_FILES = re.compile(r"^(ckpt_\d+\.pt|pre_decay\.pt|metrics\.jsonl|eval_results\.jsonl|loss\.png|\.lock)$")
@@ -77,26 +76,11 @@ def is_run_folder(path: Path) -> bool:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The records of an ``eval_results.jsonl`` (written a whole line at a time); [] when absent."""
+    """The records of an ``eval_results.jsonl`` (written a whole line at a time, so every line must be a JSON
+    object); [] when absent."""
     if not path.exists():
         return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = os_reason(e) if isinstance(e, OSError) else str(e)
-        raise ReportError(f"cannot read the evaluation results ({reason})", path=path) from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            raise ReportError("not a JSON object (a corrupt results line)", path=path, line=n)
-        out.append(record)
-    return out
+    return read_jsonl(path, "results", unfinished_last_line=False)
 
 
 def read_run(folder: str | Path, clean_reports: Iterable[Path] = ()) -> Run:

@@ -144,3 +144,23 @@ def test_a_report_inside_a_run_folder_can_be_rewritten(chain, capsys):
     assert (chain / "pretrain" / "report-pretrain.png").read_bytes().startswith(PNG)
     for path in (out, chain / "pretrain" / "report-pretrain.png"):
         path.unlink()
+
+
+def test_results_and_metrics_share_one_reader_that_differs_only_on_an_unfinished_last_line(tmp_path):
+    """metrics.jsonl is appended while a run may be killed: its unfinished last line is left out. eval_results
+    is written a whole line at a time: the same tail there is a corrupt line, named by file and line."""
+    from core.errors import TinyLMError
+    from serve.report import read_results
+    from train.metrics import read_metrics
+
+    tail = '{"step": 1, "loss": 2.0}\n\n{"step": 2, "lo'
+    (tmp_path / "metrics.jsonl").write_text(tail, encoding="utf-8")
+    (tmp_path / RESULTS_FILE).write_text(tail, encoding="utf-8")
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    with pytest.raises(TinyLMError) as info:
+        read_results(tmp_path / RESULTS_FILE)
+    assert str(info.value) == f"{tmp_path / RESULTS_FILE}:3: not a JSON object (a corrupt results line)"
+    assert read_results(tmp_path / "absent.jsonl") == []
+    (tmp_path / RESULTS_FILE).write_bytes(b'{"a": 1}\n\xff\n')
+    with pytest.raises(TinyLMError, match=r"cannot read the results \(.*utf-8"):
+        read_results(tmp_path / RESULTS_FILE)

@@ -159,16 +159,18 @@ def _line_step(line: str) -> int | None:
         return None
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (or of a run folder's). An unfinished last line (a killed run) is left
-    out; any other line that is not a JSON object is a TinyLMError naming file and line."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
+def read_jsonl(path: Path, what: str, unfinished_last_line: bool) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, one per non-blank line; ``what`` names the records in errors.
+
+    With ``unfinished_last_line`` a last line that is not JSON and has no newline after it (the line being
+    written when its writer was killed) is left out; every other line that is not a JSON object is a
+    TinyLMError naming file and line (``not a JSON object (a corrupt <what> line)``). An unreadable file
+    (or bytes that are not UTF-8) is a TinyLMError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise TinyLMError(f"cannot read the metrics ({e})", path=path) from None
+        reason = os_reason(e) if isinstance(e, OSError) else str(e)
+        raise TinyLMError(f"cannot read the {what} ({reason})", path=path) from None
     lines = text.split("\n")
     out = []
     for n, line in enumerate(lines, 1):
@@ -177,13 +179,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):  # no newline after it: the line being written when the run was killed
+            if unfinished_last_line and n == len(lines):
                 break
             record = None
         if not isinstance(record, dict):
-            raise TinyLMError("not a JSON object (a corrupt metrics line)", path=path, line=n)
+            raise TinyLMError(f"not a JSON object (a corrupt {what} line)", path=path, line=n)
         out.append(record)
     return out
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of a run folder's). An unfinished last line (a killed run) is left
+    out; any other line that is not a JSON object is a TinyLMError naming file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return read_jsonl(path, "metrics", unfinished_last_line=True)
 
 
 def loss_png(records: list[dict[str, Any]], title: str) -> bytes | None:
