@@ -1,7 +1,8 @@
 """OpenAI-compatible chat API and web chat page over one :class:`~serve.engine.Engine`: routes, SSE, answers.
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE streaming),
-``GET /v1/models``, ``GET /health``, ``GET /`` (the static chat page). With an API key, ``/v1/*`` requires
+``GET /v1/models``, ``GET /v1/tools`` (the built-in tools this server runs, ``bin/serve --tools``; empty when
+none), ``GET /health``, ``GET /`` (the static chat page). With an API key, ``/v1/*`` requires
 ``Authorization: Bearer KEY`` (compared as bytes in constant time: any header a client sends is a 401 or a
 pass, never a 500). Request validation lives in :mod:`serve.openai_request` (chat) and
 :mod:`serve.completion_request` (text completions), generation in :mod:`serve.engine`; this module
@@ -28,6 +29,13 @@ arguments, as OpenAI sends them. A text completion's ``text`` is the echoed prom
 answer. Log-probabilities (chat ``logprobs``/``top_logprobs``, completions ``logprobs``) come from
 :mod:`serve.token_logprobs`; streamed, each chunk carries the entries of the tokens that produced it (the
 last ones ride on the finish chunk). Choices are streamed interleaved, each chunk naming its ``index``.
+
+Server-side tools (:mod:`serve.tool_rounds`): a chat request with the tinylm field ``"run_tools": true`` on a
+server started with ``--tools`` has its calls run here and its answer continued, round after round. Its
+non-streamed choice carries ``messages`` (every assistant and tool message it added, in order) beside
+``message`` (the last assistant one); streamed, each assistant message opens with a ``{"role": "assistant"}``
+delta and each run call's result is one delta ``{"role": "tool", "tool_call_id", "name", "content"}``. A
+request without the field is answered exactly as OpenAI does.
 """
 
 from __future__ import annotations
@@ -49,11 +57,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from core.completion import CONTENT, REASONING, TOOL_CALL, Event
+from core.completion import TOOL_CALL, Event
+from serve.answers import answer_message, event_deltas
 from serve.completion_request import validate_completion
 from serve.engine import Engine, Job, QueueFull, Sampling
 from serve.openai_request import APIError, Parsed, parse_body, validate
 from serve.token_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
+from serve.tool_rounds import ServerTools, check_run_tools, run_rounds
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -79,34 +89,6 @@ def submit(engine: Engine, jobs: list[Job]) -> None:
 
 
 # ---- answers ------------------------------------------------------------------------------------------------
-
-def call_id() -> str:
-    return f"call_{secrets.token_hex(12)}"
-
-
-def answer_message(events: list[Event]) -> dict:
-    """The non-streamed ``message``: content (null when the answer is only calls), ``reasoning_content`` when
-    the model reasoned, ``tool_calls`` when it called."""
-    text = {kind: "".join(e.text for e in events if e.kind == kind) for kind in (REASONING, CONTENT)}
-    calls = [{"id": call_id(), "type": "function", "function": {"name": e.call.name, "arguments": e.call.arguments}}
-             for e in events if e.kind == TOOL_CALL]
-    message: dict[str, Any] = {"role": "assistant", "content": text[CONTENT] or (None if calls else "")}
-    if text[REASONING]:
-        message["reasoning_content"] = text[REASONING]
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def event_deltas(event: Event, index: int) -> list[dict]:
-    """The stream deltas of one parsed event; a call (the ``index``-th) is sent as OpenAI does: a first delta
-    with its id, type, name and empty arguments, then one with the arguments."""
-    if event.kind != TOOL_CALL:
-        return [{"reasoning_content" if event.kind == REASONING else "content": event.text}]
-    head = {"index": index, "id": call_id(), "type": "function", "function": {"name": event.call.name,
-                                                                              "arguments": ""}}
-    return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": event.call.arguments}}]}]
-
 
 def sse_data(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -198,9 +180,11 @@ async def until_disconnected(request: Request) -> None:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 512,
-               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT,
+               tools: ServerTools | None = None) -> FastAPI:
     """The FastAPI app over ``engine``; ``default_max_tokens`` caps answers when the request sets no limit;
-    request bodies over ``max_body_bytes`` are 413, bodies not in after ``body_timeout`` seconds 408."""
+    request bodies over ``max_body_bytes`` are 413, bodies not in after ``body_timeout`` seconds 408;
+    ``tools``: the built-in tools a ``run_tools`` request may have run here (None: no tools are run)."""
     app = FastAPI(title="tinylm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     key = None if api_key is None else api_key.encode("utf-8")
@@ -233,7 +217,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                            code="invalid_api_key")
 
     def prepare_chat(raw: bytes) -> Parsed:
-        return validate(engine, parse_body(raw), default_max_tokens)
+        body = parse_body(raw)
+        return check_run_tools(body, validate(engine, body, default_max_tokens), tools)
 
     def prepare_completion(raw: bytes) -> Parsed:
         return validate_completion(engine, parse_body(raw))
@@ -255,22 +240,37 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                                             "owned_by": "tinylm", "max_model_len": engine.context,
                                             "rope_scaling": engine.model.config.rope_scaling}]}
 
-    async def start(request: Request, prepare: Callable[[bytes], Parsed]) -> tuple[Parsed, list[Job]]:
-        """Read, validate and queue a request's jobs (one per choice)."""
+    @app.get("/v1/tools")
+    async def tool_listing(request: Request) -> dict:
+        check_key(request)
+        return tools.listing() if tools else {"object": "list", "data": [], "max_rounds": 0}
+
+    async def read(request: Request, prepare: Callable[[bytes], Parsed]) -> Parsed:
+        """Read and validate a request (off the event loop)."""
         check_key(request)
         raw = await read_body(request, max_body_bytes, body_timeout)
-        loop = asyncio.get_running_loop()
-        parsed = await loop.run_in_executor(parsers, prepare, raw)
-        events: asyncio.Queue = asyncio.Queue()
-        jobs = [Job(sampling, loop, events, index=i) for i, sampling in enumerate(parsed.choices())]
+        return await asyncio.get_running_loop().run_in_executor(parsers, prepare, raw)
+
+    def queue_jobs(parsed: Parsed, prompts: list[Sampling] | None = None) -> list[Job]:
+        """Queue the jobs of a request's choices (or of ``prompts``), sharing one event queue."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = [Job(sampling, loop, events, index=i) for i, sampling in enumerate(prompts or parsed.choices())]
         submit(engine, jobs)
-        return parsed, jobs
+        return jobs
+
+    async def start(request: Request, prepare: Callable[[bytes], Parsed]) -> tuple[Parsed, list[Job]]:
+        """Read, validate and queue a request's jobs (one per choice)."""
+        parsed = await read(request, prepare)
+        return parsed, queue_jobs(parsed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        parsed, jobs = await start(request, prepare_chat)
+        parsed = await read(request, prepare_chat)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name,
                 "system_fingerprint": None}
+        if parsed.run_tools:
+            return await tool_rounds_answer(parsed, head, request)
+        jobs = queue_jobs(parsed)
         if parsed.stream:
             return streaming(chat_sse(jobs, head, parsed, request))
         results = await collect(jobs, request)
@@ -298,6 +298,72 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             choices.append({"index": r.index, "text": r.echo_text + text, "logprobs": logprobs,
                             "finish_reason": r.finish})
         return JSONResponse({**head, "choices": choices, "usage": total_usage(parsed, results)})
+
+    async def tool_rounds_answer(parsed: Parsed, head: dict, request: Request) -> Response:
+        """A ``run_tools`` request (serve/tool_rounds.py): its first job is queued now (a full queue is this
+        request's 503), the later rounds' as the rounds go."""
+        assert tools is not None
+        first = queue_jobs(parsed)
+        loop = asyncio.get_running_loop()
+
+        def start_round(sampling: Sampling) -> Job:
+            return first.pop() if first else queue_jobs(parsed, [sampling])[0]
+
+        async def relay(job: Job) -> AsyncIterator[tuple[int, str, Any]]:
+            async for message in messages([job], request):
+                yield message
+
+        rounds = run_rounds(engine, parsed, tools, start_round, relay,
+                            lambda fn, *args: loop.run_in_executor(parsers, fn, *args))
+        if parsed.stream:
+            return streaming(tool_rounds_sse(rounds, head, parsed))
+        try:
+            async for kind, value in rounds:
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    finish, usage, added = value
+                    final = next(m for m in reversed(added) if m["role"] == "assistant")
+                    choice = {"index": 0, "message": final, "messages": added, "logprobs": None,
+                              "finish_reason": finish}
+                    return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
+        finally:
+            await rounds.aclose()
+        raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
+
+    async def tool_rounds_sse(rounds: AsyncIterator[tuple[str, Any]], head: dict,
+                              parsed: Parsed) -> AsyncIterator[str]:
+        """The rounds as one stream: each assistant message opens with a ``role`` delta, each run call's
+        result is a delta ``{"role": "tool", "tool_call_id", "name", "content"}``; one finish chunk at the end."""
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return sse_data({**head, "object": "chat.completion.chunk", "choices": [choice], "usage": usage})
+
+        calls = 0
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, value in rounds:
+                if kind == "event":
+                    event, id = value
+                    for delta in event_deltas(event, calls, id):
+                        yield chunk(delta)
+                    calls += event.kind == TOOL_CALL
+                elif kind == "tool":
+                    yield chunk(value)
+                elif kind == "round":
+                    calls = 0
+                    yield chunk({"role": "assistant", "content": ""})
+                elif kind == "error":
+                    yield error_chunk(value.message)
+                    return
+                else:
+                    finish, usage, _ = value
+                    yield chunk({}, finish, usage)
+                    if parsed.include_usage:
+                        yield sse_data({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                    yield "data: [DONE]\n\n"
+        finally:
+            await rounds.aclose()
 
     async def collect(jobs: list[Job], request: Request) -> list[Result]:
         """Every choice's result; the jobs are cancelled if the client goes."""

@@ -475,14 +475,30 @@ def parse_options(body: dict) -> Options:
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """What a chat request's prompt was rendered from (the server-side tool rounds render the next one):
+    the turns, the tools rendered (after ``tool_choice``), the thinking switch, and the answer budget asked
+    (``max_tokens`` or ``max_completion_tokens``, None: ``default_max_tokens``)."""
+
+    turns: list[dict]
+    tools: list[dict] | None
+    thinking: bool | None
+    asked: int | None
+    default_max_tokens: int
+
+
+@dataclass(frozen=True)
 class Parsed:
     """A validated request: one :class:`Sampling` per prompt, each generated ``n`` times (choice index
-    ``prompt * n + i`` with seed ``seed + i``)."""
+    ``prompt * n + i`` with seed ``seed + i``). A chat request also keeps its :class:`Conversation`;
+    ``run_tools`` is set by :func:`serve.tool_rounds.check_run_tools`."""
 
     prompts: list[Sampling]
     n: int
     stream: bool
     include_usage: bool
+    conversation: Conversation | None = None
+    run_tools: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -519,18 +535,19 @@ def validate(engine: Engine, body: dict, default_max_tokens: int) -> Parsed:
     family = engine.tokenizer.chat_family
     prefill = [] if forced is None else forced_call_ids(engine.tokenizer, forced_call_text(forced, family))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = integer_field(body, name, 1)
+    asked = integer_field(body, name, 1)
     check_prompt_size(engine, turns)
     prompt = encode_prompt(engine, turns, tools, thinking) + prefill
     room = engine.context - len(prompt)
     if room < 1:
         raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {engine.context} "
                        "tokens, so nothing is left for the answer", "messages", "context_length_exceeded")
-    max_tokens = answer_budget(max_tokens, default_max_tokens, room, len(prompt), engine.context, name)
+    max_tokens = answer_budget(asked, default_max_tokens, room, len(prompt), engine.context, name)
     sampling = Sampling(prompt, max_tokens, o.temperature, o.top_p, o.top_k, o.repetition_penalty, o.stop,
                         secrets.randbits(63) if o.seed is None else o.seed,
                         frozenset(t["function"]["name"] for t in tools or ()), thinking, tuple(prefill), logprobs)
-    return Parsed([sampling], o.n, o.stream, o.include_usage)
+    return Parsed([sampling], o.n, o.stream, o.include_usage,
+                  Conversation(turns, tools, thinking, asked, default_max_tokens))
 
 
 def answer_budget(asked: int | None, default: int, room: int, prompt: int, context: int, name: str) -> int:

@@ -21,6 +21,7 @@ from core.tokenizer import load_tokenizer, prompt_ids
 from serve.app import create_app
 from serve.engine import Engine
 from serve.openai_request import forced_call_ids, forced_call_text
+from serve.tool_rounds import ServerTools
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -30,13 +31,16 @@ TOOLS = [calculator.TOOL]
 
 
 class InProcessServer:
-    def __init__(self, scripts: list[tuple[str, str]] = TOOL_SCRIPTS, literal: bool = False) -> None:
+    """``serve.app.create_app`` over a ScriptedLM under uvicorn in a thread; ``tools``: the tools it runs."""
+
+    def __init__(self, scripts: list[tuple[str, str]] = TOOL_SCRIPTS, literal: bool = False,
+                 tools: ServerTools | None = None) -> None:
         self.info = load_tokenizer(TOKENIZER)
         self.model = ScriptedLM(self.info, scripts, literal)
         self.engine = Engine(self.model, self.info, self.info.stop_ids)
         self.port = free_port()
-        config = uvicorn.Config(create_app(self.engine, "scripted", api_key=KEY), host="127.0.0.1", port=self.port,
-                                log_level="warning")
+        config = uvicorn.Config(create_app(self.engine, "scripted", api_key=KEY, tools=tools), host="127.0.0.1",
+                                port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -45,10 +49,12 @@ class InProcessServer:
             assert time.time() < deadline, "uvicorn did not start"
             time.sleep(0.05)
 
-    def post(self, body: dict) -> tuple[int, bytes]:
+    def post(self, body: dict | None, path: str = "/v1/chat/completions", key: str | None = KEY) -> tuple[int, bytes]:
+        """(status, body) of a POST of ``body`` as JSON (a GET when ``body`` is None)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        conn.request("GET" if body is None else "POST", path, body=None if body is None else json.dumps(body),
+                     headers=headers)
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
