@@ -15,9 +15,10 @@ One bin/serve (--max-batch 16, --threads torch threads) on 127.0.0.1 gets --prom
 second pass is the control (alone against alone must agree exactly). Then, per --concurrency C, the prompts
 go in groups of C requests sent at the same moment, so they are decoded in one batch (joining at token
 boundaries as they arrive). A batched answer "differs" when its token sequence is not the alone one; the table
-gives how many differ, the earliest and median first differing position (generated tokens before it), and,
-at each first difference, the gap between the alone run's two most likely tokens (log-probability): a small
-gap means a near-tie that rounding can flip. Numbers depend on the machine, its kernels and its load.
+gives how many differ, the earliest and median first differing position (generated tokens before it), at
+each first difference the gap between the alone run's two most likely tokens (log-probability: a small gap
+is a near-tie that rounding can flip), and the largest change of a chosen token's log-probability while the
+answers still agree (the size of the floating-point effect). Numbers depend on the machine and its kernels.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +62,8 @@ def train_smoke(out: Path) -> Path:
     return out / "sft"
 
 
-def answer(port: int, question: str, tokens: int) -> list[tuple[str, float]]:
-    """The greedy answer's tokens as (token bytes, top-1 minus top-2 log-probability)."""
+def answer(port: int, question: str, tokens: int) -> list[tuple[str, float, float]]:
+    """The greedy answer's tokens as (token bytes, top-1 minus top-2 log-probability, its log-probability)."""
     body = json.dumps({"messages": [{"role": "user", "content": question}], "temperature": 0,
                        "max_tokens": tokens, "logprobs": True, "top_logprobs": 2})
     conn = http.client.HTTPConnection(HOST, port, timeout=600)
@@ -71,7 +73,7 @@ def answer(port: int, question: str, tokens: int) -> list[tuple[str, float]]:
     out = []
     for entry in reply["choices"][0]["logprobs"]["content"]:
         top = [t["logprob"] for t in entry["top_logprobs"]]
-        out.append((bytes(entry["bytes"]).hex(), top[0] - top[1] if len(top) > 1 else float("inf")))
+        out.append((bytes(entry["bytes"]).hex(), top[0] - top[1] if len(top) > 1 else float("inf"), entry["logprob"]))
     return out
 
 
@@ -92,22 +94,34 @@ def together(port: int, questions: list[str], tokens: int) -> list[list[tuple[st
     return results
 
 
-def compare(alone: list, other: list) -> tuple[int, list[int], list[float], int]:
-    """(answers that differ, first differing positions, alone top-2 gaps there, tokens compared)."""
-    positions, gaps, compared = [], [], 0
+@dataclass
+class Agreement:
+    differ: int = 0  # answers whose tokens are not the alone ones
+    positions: list[int] = field(default_factory=list)  # first differing position of each
+    gaps: list[float] = field(default_factory=list)  # the alone top-2 gap at each first difference
+    drift: float = 0.0  # largest |logprob(alone) - logprob(other)| of a token where the answers still agree
+    tokens: int = 0  # tokens compared
+
+
+def compare(alone: list, other: list) -> Agreement:
+    out = Agreement()
     for a, b in zip(alone, other, strict=True):
-        compared += max(len(a), len(b))
+        out.tokens += max(len(a), len(b))
         first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x[0] != y[0]),
                      None if len(a) == len(b) else min(len(a), len(b)))
+        same = min(len(a), len(b)) if first is None else first
+        out.drift = max([out.drift, *(abs(a[i][2] - b[i][2]) for i in range(same))])
         if first is not None:
-            positions.append(first)
-            gaps.append(a[first][1] if first < len(a) else float("nan"))
-    return len(positions), positions, gaps, compared
+            out.differ += 1
+            out.positions.append(first)
+            out.gaps.append(a[first][1] if first < len(a) else float("nan"))
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint file or run folder to serve (default: train train.sh --smoke's)")
+    p.add_argument("--work", help="folder for that training run (default: a temporary one; reuse: --ckpt WORK/sft)")
     p.add_argument("--prompts", type=int, default=32, help=f"chat prompts (at most {len(QUESTIONS)}; default 32)")
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per answer (default 64)")
     p.add_argument("--concurrency", default="4,16", help="batched group sizes (default 4,16)")
@@ -116,7 +130,7 @@ def main() -> int:
     questions = QUESTIONS[:args.prompts]
     tmp = tempfile.TemporaryDirectory(prefix="tinylm-agreement-")
     started = time.perf_counter()
-    ckpt = Path(args.ckpt) if args.ckpt else train_smoke(Path(tmp.name))
+    ckpt = Path(args.ckpt) if args.ckpt else train_smoke(Path(args.work or tmp.name))
     trained = time.perf_counter() - started
     port = free_port()
     proc = start_server(ckpt, port, args.threads, 16)
@@ -137,13 +151,16 @@ def main() -> int:
     origin = f" (trained here in {trained:.0f} s)" if not args.ckpt else ""
     print(f"bin/serve on {ckpt}{origin}, "
           f"{len(questions)} prompts, greedy, max_tokens {args.tokens}, {args.threads} torch threads, --max-batch 16")
-    print(f"| {'against alone':<14} | {'differ':>9} | {'first diff. min / median':>24} | "
-          f"{'top-2 gap there, median':>23} | {'tokens':>6} |")
-    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 26}|{'-' * 25}|{'-' * 8}|")
-    for name, (differ, positions, gaps, compared) in rows:
-        where = f"{min(positions)} / {statistics.median(positions):g}" if positions else "-"
-        gap = f"{statistics.median(gaps):.4f}" if gaps else "-"
-        print(f"| {name:<14} | {f'{differ}/{len(questions)}':>9} | {where:>24} | {gap:>23} | {compared:>6} |")
+    closest = min(gap for a in alone for _, gap, _ in a)
+    print(f"smallest top-2 log-probability gap of any alone token: {closest:.2e}")
+    print(f"| {'against alone':<14} | {'differ':>7} | {'first diff. min / median':>24} | "
+          f"{'top-2 gap there, median':>23} | {'max |d logprob| agreeing':>24} | {'tokens':>6} |")
+    print(f"|{'-' * 16}|{'-' * 9}|{'-' * 26}|{'-' * 25}|{'-' * 26}|{'-' * 8}|")
+    for name, r in rows:
+        where = f"{min(r.positions)} / {statistics.median(r.positions):g}" if r.positions else "-"
+        gap = f"{statistics.median(r.gaps):.2e}" if r.gaps else "-"
+        print(f"| {name:<14} | {f'{r.differ}/{len(questions)}':>7} | {where:>24} | {gap:>23} | {r.drift:>24.2e} | "
+              f"{r.tokens:>6} |")
     return 0
 
 
