@@ -21,6 +21,7 @@ from test_serve_tools import InProcessServer
 
 from core import tools as builtin_tools
 from core.tokenizer import prompt_ids
+from serve.openai_request import forced_call_ids, forced_call_text
 from serve.tool_rounds import ServerTools
 
 openai = pytest.importorskip("openai")
@@ -39,6 +40,7 @@ SCRIPTS = [  # first needle in the prompt wins
     ("what time", "Let me look. " + call("get_current_time", {})),
     ("run a shell", call("shell", {"command": "ls"})),
     ("divide by zero", call("calculate_math", {"expression": "1/0"})),
+    ("assistant\n<tool_call>\n", call("calculate_math", {"expression": "128*74"})[len("<tool_call>\n"):]),  # forced
     ("", call("calculate_math", {"expression": "128*74"})),
 ]
 CALC = builtin_tools.tools_schema(["calculate_math"])
@@ -105,6 +107,22 @@ def test_the_server_runs_the_call_appends_the_result_and_continues(server):
     client_history = [*QUESTION, first, {"role": "tool", "tool_call_id": made["id"], "content": '{"result": "9472"}'}]
     assert prompts[1] == prompt_ids(server.info, client_history, tools=CALC)
     assert body["usage"]["prompt_tokens"] == len(prompts[0]) + len(prompts[1])
+
+
+def test_a_forced_tool_choice_holds_for_the_first_round_only(server):
+    """tool_choice "required" prefills the first prompt with the call's start; the next round is "auto" (no
+    prefill), rendered like the history a client would send."""
+    before = len(server.model.prompts)
+    status, body = run_tools(server, QUESTION, tool_choice="required")
+    assert status == 200, body
+    first, tool, final = body["choices"][0]["messages"]
+    assert first["tool_calls"][0]["function"]["arguments"] == '{"expression": "128*74"}'
+    assert final["content"] == ANSWER
+    prompts = server.model.prompts[before:]
+    prefill = forced_call_ids(server.info, forced_call_text("", server.info.chat_family))
+    assert prompts[0] == prompt_ids(server.info, QUESTION, tools=CALC) + prefill
+    history = [*QUESTION, first, {"role": "tool", "tool_call_id": tool["tool_call_id"], "content": tool["content"]}]
+    assert prompts[1] == prompt_ids(server.info, history, tools=CALC)
 
 
 def test_streamed_rounds_carry_the_same_messages(server):
