@@ -13,7 +13,8 @@ drawn order.
 Held out: an operand triple whose hash falls in bucket 0 of :data:`HELDOUT_BUCKETS` (:func:`is_heldout`) and
 the last sentence of every family are used only by the held-out questions, so no held-out question (its
 numbers, or its sentence) is seen in training. :func:`write_corpus` writes ``sft/calculator.jsonl`` (SFT
-records: tools, user, assistant call, tool result, answer), ``heldout.jsonl`` (``bin/eval --tool-eval``
+conversations: the tools, then per question the user turn, the assistant's call, the tool's result and the
+answer; ``--questions-per-conversation`` adds follow-up questions), ``heldout.jsonl`` (``bin/eval --tool-eval``
 records with ``gt``) and ``grpo.jsonl`` (RL prompts with ``gt``, training sentences and numbers). The
 training files depend on ``seed`` only; the held-out file on ``heldout_seed`` only.
 """
@@ -143,17 +144,32 @@ def result_of(q: Question) -> str:
     return tools.execute(CALCULATOR, {"expression": q.expression})["result"]
 
 
-def sft_record(q: Question, rng: random.Random) -> dict:
-    """The training conversation: the call, the tool's result turn, the answer stating the number."""
-    arguments = json.dumps({"expression": q.expression}, ensure_ascii=False)
-    answer = rng.choice(ANSWERS[q.lang]).format(r=result_of(q), e=q.expression)
-    return {"tools": tools.tools_schema(q.offered), "conversations": [
-        {"role": "user", "content": q.text},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": CALCULATOR, "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": "call_0", "name": CALCULATOR,
-         "content": tools.run_call(CALCULATOR, arguments)},
-        {"role": "assistant", "content": answer}]}
+def sft_record(questions: list[Question], rng: random.Random) -> dict:
+    """The training conversation: for each question in turn (follow-ups share the first one's tools), the
+    call, the tool's result turn and the answer stating the number."""
+    turns: list[dict] = []
+    for i, q in enumerate(questions):
+        call_id = f"call_{i}"
+        arguments = json.dumps({"expression": q.expression}, ensure_ascii=False)
+        answer = rng.choice(ANSWERS[q.lang]).format(r=result_of(q), e=q.expression)
+        turns += [
+            {"role": "user", "content": q.text},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": CALCULATOR, "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": call_id, "name": CALCULATOR,
+             "content": tools.run_call(CALCULATOR, arguments)},
+            {"role": "assistant", "content": answer}]
+    return {"tools": tools.tools_schema(questions[0].offered), "conversations": turns}
+
+
+def conversations(questions: list[Question], most: int, rng: random.Random) -> list[list[Question]]:
+    """``questions`` in order, cut into conversations of 1 to ``most`` questions (sizes drawn from ``rng``)."""
+    out, i = [], 0
+    while i < len(questions):
+        size = rng.randint(1, most)
+        out.append(questions[i:i + size])
+        i += size
+    return out
 
 
 def prompt_record(q: Question) -> dict:
@@ -177,12 +193,16 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def write_corpus(out: Path, train: int, heldout: int, grpo: int, seed: int = 0, heldout_seed: int = 0) -> dict:
-    """The three files under ``out`` (module docstring); returns their record counts."""
+def write_corpus(out: Path, train: int, heldout: int, grpo: int, seed: int = 0, heldout_seed: int = 0,
+                 questions_per_conversation: int = 1) -> dict:
+    """The three files under ``out`` (module docstring); returns their record counts. ``train`` counts
+    questions; a training conversation holds 1 to ``questions_per_conversation`` of them (follow-up questions
+    share the first one's tools and system turn, so the long tool definitions are read once per conversation)."""
     answer_rng = random.Random(f"answers:{seed}")
     train_qs = draw(f"train:{seed}", train + grpo, heldout=False)
+    grouped = conversations(train_qs[:train], questions_per_conversation, random.Random(f"follow-ups:{seed}"))
     files = {
-        out / "sft" / "calculator.jsonl": [sft_record(q, answer_rng) for q in train_qs[:train]],
+        out / "sft" / "calculator.jsonl": [sft_record(qs, answer_rng) for qs in grouped],
         out / "grpo.jsonl": [prompt_record(q) for q in train_qs[train:]],
         out / "heldout.jsonl": [prompt_record(q) for q in draw(f"heldout:{heldout_seed}", heldout, heldout=True)],
     }
@@ -196,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make_calculator.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (sft/calculator.jsonl, heldout.jsonl, "
                    "grpo.jsonl)")
-    p.add_argument("--train", type=number(int, 1, 10 ** 7), default=20000, help="SFT conversations (default 20000)")
+    p.add_argument("--train", type=number(int, 1, 10 ** 7), default=20000,
+                   help="questions in the SFT conversations (default 20000)")
+    p.add_argument("--questions-per-conversation", type=number(int, 1, 16), default=1, metavar="N",
+                   help="a training conversation holds 1 to N questions (drawn; default 1)")
     p.add_argument("--heldout", type=number(int, 1, 10 ** 6), default=200,
                    help="held-out tool-eval questions (default 200)")
     p.add_argument("--grpo", type=number(int, 0, 10 ** 6), default=2000, help="GRPO prompts (default 2000)")
@@ -207,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
-        counts = write_corpus(args.out, args.train, args.heldout, args.grpo, args.seed, args.heldout_seed)
+        counts = write_corpus(args.out, args.train, args.heldout, args.grpo, args.seed, args.heldout_seed,
+                              args.questions_per_conversation)
         if not args.quiet:
             print("\n".join(f"{n} records -> {path}" for path, n in counts.items()))
     return run_main("make_calculator.py", body)
