@@ -13,9 +13,10 @@ training text, so no merge is spent on pieces of them. ``<|endoftext|>``, ``<|im
 are plain added tokens, still single ids, that such a decode keeps visible.
 
 The output folder holds ``tokenizer.json`` (the ``tokenizers`` file: no normalizer, ByteLevel
-pre-tokenizer and decoder, no post-processor, so encoding adds nothing and decoding gives the exact
-bytes back), ``tokenizer_config.json`` and ``chat_template.jinja`` for ``transformers.AutoTokenizer``
-(transformers 5 reads the ``.jinja`` file first, older versions the config key; both hold CHAT_TEMPLATE).
+pre-tokenizer (after a digit split with ``--split-digits``) and decoder, no post-processor, so encoding adds
+nothing and decoding gives the exact bytes back), ``tokenizer_config.json`` and ``chat_template.jinja`` for
+``transformers.AutoTokenizer`` (transformers 5 reads the ``.jinja`` file first, older versions the config
+key; both hold CHAT_TEMPLATE).
 
 Records whose (file name, line) hash falls in one of ``--heldout-every`` buckets are kept out of
 training and used for the chars-per-token summary. Every problem is one ``train_tokenizer.py: error:``
@@ -150,17 +151,21 @@ class Corpus:
                     return
 
 
-def new_tokenizer() -> Tokenizer:
-    """An empty byte-level BPE: GPT-2 split regex, no prefix space, no normalizer, no post-processor."""
+def new_tokenizer(split_digits: bool = False) -> Tokenizer:
+    """An empty byte-level BPE: GPT-2 split regex, no prefix space, no normalizer, no post-processor.
+    ``split_digits`` first cuts every digit into its own piece (LLaMA's and Qwen's convention), so a number
+    is the same ids wherever it stands (after a space, a quote or a letter) and no merge joins digits."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train(corpus: Corpus, vocab_size: int) -> Tokenizer:
+def train(corpus: Corpus, vocab_size: int, split_digits: bool = False) -> Tokenizer:
     """Train on the corpus stream; special tokens take ids 0..len(SPECIAL_TOKENS)-1 in order."""
-    tok = new_tokenizer()
+    tok = new_tokenizer(split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -257,6 +262,7 @@ class TokenizerOptions:
     heldout_every: int = 100  # 0: none held out
     model_max_length: int = 32768
     skip_bad: bool = False
+    split_digits: bool = False
 
 
 def parse_args(argv: list[str] | None) -> TokenizerOptions:
@@ -283,9 +289,12 @@ def parse_args(argv: list[str] | None) -> TokenizerOptions:
     p.add_argument("--model-max-length", type=positive_int, default=d.model_max_length,
                    help="model_max_length in tokenizer_config")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--split-digits", action="store_true",
+                   help="every digit its own token, the same ids wherever a number stands (LLaMA, Qwen); "
+                   "default: GPT-2's split, where ' 6778' and '6778' tokenize differently")
     args = p.parse_args(argv)
     return TokenizerOptions(args.input, args.out, args.vocab_size, args.max_chars, args.heldout_every,
-                            args.model_max_length, args.skip_bad)
+                            args.model_max_length, args.skip_bad, args.split_digits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +316,7 @@ def run(options: TokenizerOptions) -> None:
     specs = parse_input_args(options.inputs)
     check_out(options.out, specs)
     corpus = Corpus(specs, options.max_chars, options.heldout_every, options.skip_bad)
-    tok = train(corpus, options.vocab_size)
+    tok = train(corpus, options.vocab_size, options.split_digits)
     if corpus.chars == 0:
         raise TinyLMError("no training text in the inputs")
     check_special_ids(tok)

@@ -391,6 +391,25 @@ def test_max_chars_caps_the_training_text(small_slice: Path, tmp_path: Path) -> 
     assert "5,000 characters" in result.stdout
 
 
+def test_split_digits_gives_a_number_the_same_ids_wherever_it_stands(small_slice: Path, tmp_path: Path) -> None:
+    """--split-digits: one id per digit, the same ids after a space, a quote or a letter (GPT-2's split
+    makes ' 6778' and '6778' different pieces); decoding stays exact and transformers loads the folder."""
+    result = run_trainer("--input", f"{small_slice}/*.jsonl", "--out", tmp_path, "--vocab-size", "400",
+                         "--split-digits")
+    assert result.returncode == 0, result.stderr
+    info = load_tokenizer(tmp_path)
+    digits = [info.tokenizer.token_to_id(d) for d in "0123456789"]
+    for text in ("What's 6778 times 7569?", '{"expression": "6778*7569"}', "6778乘以7569", "x6778y7569"):
+        ids = info.tokenizer.encode(text, add_special_tokens=False).ids
+        assert [i for i in ids if i in digits] == [digits[int(c)] for c in "67787569"], text
+        assert info.tokenizer.decode(ids, skip_special_tokens=False) == text
+    plain = load_tokenizer(SHIPPED).tokenizer
+    assert plain.encode(" 6778").ids[1:] != plain.encode("6778").ids  # what the flag is for
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf("pay 1234 now", add_special_tokens=False)["input_ids"] == info.tokenizer.encode("pay 1234 now").ids
+
+
 def test_zst_and_weighted_inputs(small_slice: Path, tmp_path: Path) -> None:
     zstandard = pytest.importorskip("zstandard")
     src = small_slice / "sft__alpaca_zh_demo.jsonl"
