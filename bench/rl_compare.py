@@ -18,9 +18,10 @@ steps at its end.
 Tools: ``--tools-steps`` N (default 3; 0: none) steps of each stage with ``--tools builtin`` on calculator
 questions (``preprocess/make_calculator.py``, 8 per step, group 4, --tools-new-tokens) from --tools-ckpt
 (default: a synthetic tiny model that calls ``random_number`` after every generation prompt, so every rollout
-runs tools; a real SFT model of a few steps rarely calls one), and the same run without tools: the rollouts' generated tokens per second (``rollout_tokens_per_s``,
-the model's own sampled ids over the rollout wall time, tool execution and the re-prefill of each continuation
-included) and the tool rounds run per completion. Measured on a shared machine: the tables say so.
+runs tools; a real SFT model of a few steps rarely calls one), and the same run without tools: the rollouts'
+generated tokens per second (``rollout_tokens_per_s``: the model's own sampled ids over the rollout wall time,
+tool execution, the re-prefill of each continuation and the stage's rollout-time forward passes included) and
+the tool rounds run per completion. Measured on a shared machine: the tables say so.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def task_tables(args: argparse.Namespace, todo: list[tuple[str, str, list[str]]]
 def caller(folder: Path) -> Path:
     """tests/test_agentic.py's synthetic tiny model that calls ``random_number`` after every generation prompt."""
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from core.tokenizer import load_tokenizer
     from test_agentic import caller_checkpoint
+
+    from core.tokenizer import load_tokenizer
     caller_checkpoint(folder, load_tokenizer(ROOT / "data" / "tokenizer"))
     return folder
 
@@ -161,7 +163,8 @@ def tool_table(args: argparse.Namespace, folder: Path) -> None:
     print(f"\nrollout tokens/s with tool execution ({name}, calculator questions, 8 x 4 samples, <= "
           f"{args.tools_new_tokens} new tokens, T 1.5, {args.tools_steps} steps; measured under load on a shared "
           "2-core CPU)")
-    print("| stage | tools | rollout tokens/s | tool rounds / completion | model tokens / completion | rollout s / step |")
+    print("| stage | tools | rollout tokens/s | tool rounds / completion | model tokens / completion | "
+          "rollout s / step |")
     print("|---|---|---:|---:|---:|---:|")
     for stage in ("grpo", "ppo"):
         for tools in ((), ("--tools", "builtin", "--max-tool-rounds", "2")):
