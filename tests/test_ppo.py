@@ -191,6 +191,7 @@ def test_ddp_two_processes_match_one_with_doubled_accumulation(prompts, init, tm
 @pytest.mark.parametrize("extra, drop, message", [
     (("--gamma", "1.5"), None, "argument --gamma: must be"),
     (("--lam", "nan"), None, "argument --lam:"),
+    (("--score-norm", "group"), None, "argument --score-norm: invalid choice"),
     ((), "--prompts", "--stage ppo trains on rollouts of --prompts FILE.jsonl"),
     (("--loss", "grpo"), None, "--loss applies to --stage grpo only, not --stage ppo"),
     (("--lora-rank", "4"), None, "--lora-rank with --stage ppo is not supported"),

@@ -7,7 +7,10 @@ checkpoint stores it) maps the final hidden state h_t to V(h_t). At rollout time
 eval mode, no gradient) every micro-batch gets its old log-probs ``old_t``, its old values ``v_t`` and, with
 ``--kl-coef`` > 0, the frozen ``--init-from`` reference's log-probs ``ref_t``. Then, per completion i, over
 its supervised positions t_1 < ... < t_n in order (the model's own tokens; a tool rollout's tool turns are
-environment steps, skipped), with ``score_i`` its total reward (:func:`token_rewards`, :func:`gae`)::
+environment steps, skipped), with ``score_i`` its total reward, standardised (``(s - mean) / sqrt(var + 1e-8)``)
+over the rollout batch of all ranks under ``--score-norm batch`` (the default: the returns then start at the
+zero-initialised value head's scale, and ``--value-clip`` means the same in any reward's units), as it is under
+``none`` (:func:`token_rewards`, :func:`gae`)::
 
     r_k = -kl_coef * (old_k - ref_k)  +  [k = n] * score_i        (per-token KL penalty, reward at the last token)
     delta_k = r_k + gamma * v_{k+1} - v_k,    v_{n+1} = 0
@@ -39,13 +42,14 @@ import torch
 from torch import Tensor
 
 from train import dist
-from train.options import option
+from train.options import OptionError, option
 from train.rollout import RolloutBatch
 from train.stages.base import StageContext, StageError, StepNorm, Supervised, supervised_forward
 from train.stages.rl import RLOptions, RolloutStage, token_entropy, token_logps
 from train.value_head import ValueHead, attach_value_head
 
 WHITEN_EPS = 1e-8  # TRL's masked_whiten
+SCORE_NORMS = ("batch", "none")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,14 @@ class PPOOptions(RLOptions):
     vf_coef: float = option(0.1, "ppo: weight of the value loss (default {default})", kind=float, low=0)
     value_clip: float = option(0.2, "ppo: values move at most this far from their rollout-time values in the "
                                "clipped value loss (default {default})", kind=float, low=0, low_open=True)
+    score_norm: str = option("batch", "ppo: the completions' rewards as they are (none) or standardised over the "
+                             "rollout batch before GAE (batch, default: the value head starts at the returns' scale)",
+                             choices=SCORE_NORMS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score_norm not in SCORE_NORMS:
+            raise OptionError(f"--score-norm is one of {', '.join(SCORE_NORMS)}, got {self.score_norm!r}")
 
 
 @dataclass(kw_only=True)
@@ -99,6 +111,22 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         carry = torch.where(here, a, carry)
         next_v = torch.where(here, values[:, t], next_v)
     return adv, torch.where(on, adv + values, 0.0)
+
+
+def moments(sums: Tensor) -> tuple[float, float]:
+    """(mean, sqrt(unbiased var + 1e-8)) from float64 [sum, sum of squares, count], summed over all ranks."""
+    total, squares, n = dist.all_reduce_sum(sums).tolist()
+    mean = total / max(n, 1.0)
+    return mean, (max(squares - n * mean * mean, 0.0) / max(n - 1.0, 1.0) + WHITEN_EPS) ** 0.5
+
+
+def global_moments(parts: list[Tensor]) -> tuple[float, float]:
+    """:func:`moments` of the values of ``parts`` (tensors) over every rank."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x in parts:
+        x = x.double()
+        sums += torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+    return moments(sums)
 
 
 def ppo_token_loss(logp: Tensor, values: Tensor, batch: PPOBatch, eps: float, eps_high: float, value_clip: float,
@@ -161,20 +189,19 @@ class PPOStage(RolloutStage):
 
     def prepare(self, micro: list[PPOBatch]) -> None:
         """Per-token rewards and GAE per micro-batch, then the advantages whitened over the whole rollout batch."""
-        sums = torch.zeros(3, dtype=torch.float64)
+        if self.options.score_norm == "batch":
+            mean, std = global_moments([b.scores for b in micro])
+            scores = [(b.scores - mean) / std for b in micro]
+        else:
+            scores = [b.scores for b in micro]
         raw = []
-        for b in micro:
-            rewards = token_rewards(b.scores, b.weights, b.old_token_logps, b.ref_token_logps, self.kl_coef)
+        for b, score in zip(micro, scores, strict=True):
+            rewards = token_rewards(score, b.weights, b.old_token_logps, b.ref_token_logps, self.kl_coef)
             adv, b.returns = gae(rewards, b.old_values, b.weights, self.gamma, self.lam)
-            on = b.weights > 0
-            a = adv[on].double()
-            sums += torch.stack([a.sum(), (a * a).sum(), torch.tensor(float(a.numel()), dtype=torch.float64)])
             raw.append(adv)
-        total, squares, n = dist.all_reduce_sum(sums).tolist()
-        mean = total / max(n, 1.0)
-        var = max(squares - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+        mean, std = global_moments([adv[b.weights > 0] for b, adv in zip(micro, raw, strict=True)])
         for b, adv in zip(micro, raw, strict=True):
-            b.token_advantages = torch.where(b.weights > 0, (adv - mean) / (var + WHITEN_EPS) ** 0.5, 0.0)
+            b.token_advantages = torch.where(b.weights > 0, (adv - mean) / std, 0.0)
 
     # ---- objective ---------------------------------------------------------------------------------------------
     def objective(self, sup: Supervised, batch: PPOBatch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
