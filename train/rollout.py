@@ -73,7 +73,8 @@ model's precision."""
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How rollouts are drawn and turned into advantages (built by ``GRPOOptions.rollout_config``)."""
+    """How rollouts are drawn and turned into advantages (built by ``RLOptions.rollout_config``,
+    ``train/stages/rl.py``)."""
 
     group_size: int
     prompts_per_step: int

@@ -56,7 +56,7 @@ SCORE_NORMS = ("batch", "none")
 class PPOOptions(RLOptions):
     """The --stage ppo flags: the RL flags (``train/stages/rl.py``) and GAE and the value loss."""
 
-    title = "PPO (--stage ppo; also the reinforcement learning flags above, but --loss and --scale-rewards)"
+    title = "PPO (--stage ppo; it also takes the reinforcement learning flags above except --loss, --scale-rewards)"
 
     gamma: float = option(1.0, "ppo: discount per completion token in GAE (default {default})", kind=float, low=0,
                           high=1)
