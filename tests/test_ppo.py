@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_grpo import QUESTIONS, as_supervised, log_softmax_at, write_prompts
 
 from core.tokenizer import load_tokenizer
@@ -137,8 +138,15 @@ def test_toy_task_reward_rises_and_the_checkpoint_holds_the_policy_alone(prompts
     assert {k: tuple(v.shape) for k, v in ckpt.value_head.items()} == {"proj.weight": (1, 64), "proj.bias": (1,)}
     assert ckpt.value_head["proj.weight"].abs().sum() > 0  # the head trained
     assert set(ckpt.model) == set(TinyLM(ckpt.model_config).state_dict())  # exactly the policy's tensors
-    model = loading.load_model(out).model  # what bin/chat, bin/serve and bin/export build
+    model = loading.load_model(out).model  # what bin/chat and bin/serve build
     assert not hasattr(model, "value_head")
+    exported = tmp_path / "hf"
+    proc = subprocess.run([PY, str(ROOT / "bin" / "export"), "--ckpt", str(out), "--format", "hf", "--out",
+                           str(exported), "--quiet"], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not any("value" in k for k in names)
     sft = tmp_path / "sft_from_ppo"  # --init-from a PPO checkpoint: a plain policy for any stage
     assert main(["--stage", "grpo", "--prompts", str(prompts), "--init-from", str(out), "--out", str(sft),
                  "--reward", f"{REWARDS}:digits", "--group-size", "2", "--prompts-per-step", "1",
