@@ -21,6 +21,9 @@ Versions. ``tinylm-checkpoint-1`` (flat: optimizer / rng / ... at the top, ``dpo
 read and converted; version 2 groups the resume state in ``training`` and the stage's hyper-parameters in
 ``stage_options``. A field added later gets a default, so older files keep loading.
 
+A PPO run's value head (``train/value_head.py``) is a submodule of the policy while it trains; :meth:`save`
+stores its tensors in the ``value_head`` field, never in ``model``, so ``model`` is always the policy alone.
+
 Other sources (transformers folders, bare state dicts) and building models from a checkpoint live in
 ``train/loading.py``.
 """
@@ -48,6 +51,7 @@ from model import ModelConfig
 from model.config import ConfigError
 from model.lora import LoRAConfig
 from model.transformer import state_shapes
+from train.value_head import split_value_head, value_head_shapes
 from train.weights import (
     CheckpointError,
     model_state,
@@ -147,6 +151,7 @@ class Checkpoint:
     teacher: SourceRecord | None = None  # distillation
     stage_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"beta": 0.1}
     merged_from: dict[str, Any] | None = None
+    value_head: dict[str, Tensor] | None = None  # PPO: its value head (train/value_head.py), never part of ``model``
     path: str = field(default="", metadata={"stored": False})
 
     @classmethod
@@ -169,10 +174,14 @@ class Checkpoint:
         if bad:
             raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (nan/inf in "
                                   f"{short_list(bad)})", path=path)
+        plain = _to_plain(self)
+        plain["model"], head = split_value_head(self.model)  # an attached PPO value head is stored on its own
+        if head:
+            plain["value_head"] = head
         with atomic_open(path) as f:
             writer = _Writer(f)
             try:
-                torch.save({"format": FORMAT, **_to_plain(self)}, writer)
+                torch.save({"format": FORMAT, **plain}, writer)
             except RuntimeError:
                 if writer.error is not None:  # torch's zip writer hides the OSError of a full disk
                     raise writer.error from None
@@ -322,6 +331,13 @@ def parse(payload: Any, path: str, resume: bool) -> Checkpoint:
         what = "the adapter does not fit its model_config and lora" if ckpt.lora else \
             "the weights do not fit its model_config"
         raise CheckpointError(f"{what}: " + "; ".join(problems), path=path, field="model")
+    if ckpt.value_head is not None:
+        head, hidden = ckpt.value_head, ckpt.model_config.hidden_size
+        problems = ["holds other values than tensors"] if not all(isinstance(v, Tensor) for v in head.values()) \
+            else tensor_problems(head) or state_problems(value_head_shapes(hidden), head)
+        if problems or nonfinite_tensors(head):
+            raise CheckpointError("not a value head of this model: " + "; ".join(problems or ["non-finite weights"]),
+                                  path=path, field="value_head")
     if resume:
         _check_resume_state(ckpt)
     bad = nonfinite_tensors(model)

@@ -35,16 +35,16 @@ DEFAULT_MODEL = "small"
 STAGE_HELP = ("pretrain: next-token loss on document windows; sft: loss on assistant tokens of packed conversations; "
               "reason: sft on <think>/<answer> data, tag tokens up-weighted by the mask; dpo: preference loss on "
               "(chosen, rejected) pairs; distill: CE + KL to a --teacher; grpo: RL on the model's own rollouts of "
-              "--prompts, scored by --reward functions")
+              "--prompts, scored by --reward functions; ppo: the same rollouts, with a value head and GAE")
 
 
 @dataclass(frozen=True)
 class RunOptions(Options):
     stage: str = option("", STAGE_HELP, choices=tuple(sorted(STAGES)), required=True)
     data: Path | None = option(None, "packed dataset folder (preprocess/pack.py --stage STAGE --out DIR); every "
-                               "stage but grpo", metavar="DIR", type=Path)
-    prompts: Path | None = option(None, "--stage grpo: prompt records ({conversations: [...]} ending with a user "
-                                  "turn, or any chat / reasoning record: a final assistant turn becomes the "
+                               "stage but grpo / ppo", metavar="DIR", type=Path)
+    prompts: Path | None = option(None, "--stage grpo / ppo: prompt records ({conversations: [...]} ending with a "
+                                  "user turn, or any chat / reasoning record: a final assistant turn becomes the "
                                   "'reference' column)", metavar="FILE.jsonl", type=Path)
     out: Path = option(Path(), "run folder (checkpoints, metrics)", metavar="DIR", type=Path, required=True)
     resume: bool = option(False, "continue from the latest checkpoint in --out (starts fresh if there is none)",
@@ -167,7 +167,7 @@ class HardwareOptions(Options):
     fsdp: bool = option(False, "under torchrun: shard each block's weights, gradients and AdamW states over the "
                         "processes (FSDP2) instead of a whole copy per process (DDP), for models whose training "
                         "state does not fit one GPU; checkpoints are gathered into the ordinary format. Needs "
-                        "--optimizer adamw; not with --lora-rank or --stage grpo", action="store_true")
+                        "--optimizer adamw; not with --lora-rank or --stage grpo / ppo", action="store_true")
 
     @property
     def returns_memory(self) -> bool:
@@ -221,9 +221,12 @@ def parser(description: str) -> argparse.ArgumentParser:
                                        "same table; preset '*' is any other --model):\n" + defaults.table_text())
     for title, cls, names in GROUPS:
         add_flags(p.add_argument_group(title), cls, names=names)
+    added: set[str] = set()  # a flag several stages take (the RL flags of grpo and ppo) is added once
     for stage in STAGES.values():
-        if dataclasses.fields(stage.Options):
-            add_flags(p.add_argument_group(stage.Options.title), stage.Options)
+        own = tuple(f.name for f in dataclasses.fields(stage.Options) if f.name not in added)
+        if own:
+            add_flags(p.add_argument_group(stage.Options.title), stage.Options, names=own)
+            added.update(own)
     add_flags(p.add_argument_group("LoRA (any stage)"), LoRAOptions)
     add_flags(p.add_argument_group("hardware"), HardwareOptions)
     add_flags(p.add_argument_group("evaluation, checkpoints, logging"), LoggingOptions)
@@ -243,7 +246,7 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
     if stage_cls.rollouts and (ns.prompts is None or ns.data is not None):
         p.error(f"--stage {ns.stage} trains on rollouts of --prompts FILE.jsonl (and takes no --data)")
     if not stage_cls.rollouts and (ns.data is None or ns.prompts is not None):
-        p.error(f"--stage {ns.stage} reads --data DIR (--prompts is for --stage grpo)")
+        p.error(f"--stage {ns.stage} reads --data DIR (--prompts is for the RL stages: grpo, ppo)")
     takes = {name: {f.name for f in dataclasses.fields(cls.Options)} for name, cls in STAGES.items()}
     for other in STAGES.values():
         for flag in given(values, other.Options):
@@ -265,6 +268,9 @@ def _configure(p: argparse.ArgumentParser, ns: argparse.Namespace) -> RunConfig:
     if ns.fsdp and lora.lora_rank is not None:
         p.error("--fsdp with --lora-rank is not supported: an adapter run trains a small fraction of the weights; "
                 "run it with DDP (torchrun without --fsdp)")
+    if lora.lora_rank is not None and ns.stage == "ppo":
+        p.error("--lora-rank with --stage ppo is not supported: the value head trains beside the policy's weights "
+                "and is saved with them; train all weights")
     if lora.lora_rank is None:
         for name in given(values, LoRAOptions):
             p.error(f"{flag_name(name)} needs --lora-rank")

@@ -31,7 +31,7 @@ class Row:
 # the default --optimizer of each stage. Pretraining: Muon, chosen by bench/learning.py at equal wall-clock;
 # fine-tuning stages keep AdamW (the sweep: SFT on Muon was behind).
 OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "reason": "adamw", "dpo": "adamw", "distill": "adamw",
-             "grpo": "adamw"}
+             "grpo": "adamw", "ppo": "adamw"}
 SCHEDULE = "cosine"
 DECAY_FRAC = 0.2  # wsd: the fraction of --max-steps that decays
 
@@ -48,6 +48,8 @@ TABLE: dict[tuple[str, str, str], Row] = {
     ("distill", "muon", "*"): Row(2e-4, 0.01),
     ("grpo", "adamw", "*"): Row(1e-5, 4e-4),  # on-policy RL: small steps, as dpo
     ("grpo", "muon", "*"): Row(1e-5, 4e-4),
+    ("ppo", "adamw", "*"): Row(1e-5, 4e-4),  # as grpo
+    ("ppo", "muon", "*"): Row(1e-5, 4e-4),
     ("pretrain", "adamw", "train.sh"): Row(2e-3, 0.02, measured="sweep: best of lr 1e-3 / 2e-3 / 4e-3"),
     ("pretrain", "muon", "train.sh"): Row(2e-3, 0.02, measured="sweep: best of muon_lr 0.02 / 0.04"),
     ("sft", "adamw", "train.sh"): Row(2e-3, 0.01, measured="sweep: best of lr 1e-3 / 2e-3 (and of muon)"),

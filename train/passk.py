@@ -36,7 +36,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @dataclass(frozen=True)
 class PassConfig:
     """pass@k evaluation: samples per prompt (n), k <= n, and the total reward that counts as a success
-    (built by ``GRPOOptions.pass_config``)."""
+    (built by ``RLOptions.pass_config``)."""
 
     samples: int
     k: int

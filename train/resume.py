@@ -51,8 +51,8 @@ def resolve(config: RunConfig, dataset: PackedDataset, say: Callable[..., None])
         return Sources(resume=resume, base=base, superseded=later)
     if run.init_from is None:
         if run.prompts is not None:
-            raise UsageError("--stage grpo improves a trained model: give it with --init-from CKPT (e.g. the reason "
-                             "or sft run)")
+            raise UsageError(f"--stage {config.run.stage} improves a trained model: give it with --init-from CKPT "
+                             "(e.g. the reason or sft run)")
         if lora is not None:
             raise UsageError("--lora-rank trains adapters on a frozen base: give it with --init-from CKPT")
         return Sources()

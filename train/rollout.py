@@ -73,7 +73,8 @@ model's precision."""
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How rollouts are drawn and turned into advantages (built by ``GRPOOptions.rollout_config``)."""
+    """How rollouts are drawn and turned into advantages (built by ``RLOptions.rollout_config``,
+    ``train/stages/rl.py``)."""
 
     group_size: int
     prompts_per_step: int
@@ -98,9 +99,11 @@ class RolloutBatch(Batch):
     """A micro-batch of rollouts: rows of prompt + completion (module docstring, "Rows"; plain causal attention,
     no ``doc_ids`` / ``position_ids``) with per-row ``advantages`` [B] and, when the loss needs them, per-token
     log-probs [B, T] of the completions: ``old_token_logps`` under the policy that drew them (``--rollout-reuse``
-    > 1) and ``ref_token_logps`` under the frozen reference (a KL term)."""
+    > 1) and ``ref_token_logps`` under the frozen reference (a KL term). A stage that needs more per row
+    subclasses it (``RolloutLoader(batch_type=...)``)."""
 
     advantages: Tensor
+    scores: Tensor | None = None  # [B] each row's total reward (the sum of the weighted reward functions)
     old_token_logps: Tensor | None = None
     ref_token_logps: Tensor | None = None
 
@@ -224,16 +227,19 @@ class RolloutLoader:
     """The loop's batches (``train.batches.Batches``) for the RL stage: each step's micro-batches are this
     rank's rollouts, generated when the step is taken, by the current policy (module docstring); evaluation
     batches are chunks of the evaluation prompts. :meth:`step_metrics` gives the step's global rollout
-    statistics (all-reduced once per rollout batch)."""
+    statistics (all-reduced once per rollout batch). ``annotate`` sees each micro-batch once it is scored;
+    ``prepare`` (optional) sees this rank's micro-batches of each rollout batch once all are annotated, on every
+    rank at the same moment, so it may use collectives."""
 
     shown = ("reward",)
 
     def __init__(self, split: Split[PromptSet], model: nn.Module, tok: TokenizerInfo, rewards: list[Reward],
                  cfg: RolloutConfig, rank: int, world: int, annotate: Callable[[RolloutBatch], None],
-                 eval_set: PromptSet | None = None) -> None:
+                 eval_set: PromptSet | None = None, batch_type: type[RolloutBatch] = RolloutBatch,
+                 prepare: Callable[[list[RolloutBatch]], None] | None = None) -> None:
         self.split, self.prompts, self.rank, self.world = split, split.dataset, rank, world
         self.model, self.tok, self.rewards, self.cfg, self.annotate = model, tok, rewards, cfg, annotate
-        self.eval_set = eval_set
+        self.eval_set, self.batch_type, self.prepare = eval_set, batch_type, prepare
         self.stop_id = tok.special_ids["<|im_end|>"]
         self.sums = STAT_SUMS + (TOOL_SUMS if cfg.tools is not None else ())
         self._stats: dict[str, float] = {}
@@ -286,6 +292,8 @@ class RolloutLoader:
             indices = [int(order[p]) for p in positions for _ in range(cfg.group_size)]
             seeds = [sample_seed(cfg.seed, b, p, j) for p in positions for j in range(cfg.group_size)]
             out.append(self._micro_batch(indices, seeds, stats))
+        if self.prepare is not None:
+            self.prepare(out)
         return out, stats
 
     def _micro_batch(self, indices: list[int], seeds: list[int], stats: dict[str, Any]) -> RolloutBatch:
@@ -306,7 +314,8 @@ class RolloutLoader:
             stats["tool_rounds"] += sum(t.rounds for t in trajectories)
         rewards = torch.tensor(totals, dtype=torch.float32).view(-1, cfg.group_size)
         adv, std, zero = group_advantages(rewards, cfg.scale_rewards)
-        batch = RolloutBatch(rows.input_ids, rows.targets, rows.weights, advantages=adv.reshape(-1))
+        batch = self.batch_type(rows.input_ids, rows.targets, rows.weights, advantages=adv.reshape(-1),
+                                scores=rewards.reshape(-1))
         self.annotate(batch)
         stats["reward"] += sum(totals)
         stats["reward_std"] += float(std.sum()) * cfg.group_size  # per sample: a group's std, G times

@@ -12,6 +12,7 @@
   python train/run.py --stage sft --data data/packed/lora --out out/lora --init-from out/sft --lora-rank 8 --merge
   python train/run.py --stage grpo --prompts data/sample/reasoning/gsm8k_en_think.jsonl --out out/grpo \
       --init-from out/reason --reward gsm8k --reward format@0.5     (RL on the model's own rollouts; no --data)
+  python train/run.py --stage ppo --prompts ... --out out/ppo --init-from out/sft --reward ...   (PPO: value head, GAE)
 
 A run folder receives ckpt_<step>.pt (atomic, the last --keep-last kept), metrics.jsonl (one JSON
 object per logged step / evaluation), loss.png (when matplotlib is installed) and a copy of the
@@ -58,7 +59,7 @@ from train.options import UsageError  # noqa: E402
 from train.resume import Sources, resolve, supersede  # noqa: E402
 from train.samples import Sampler, make_sampler  # noqa: E402
 from train.stages import STAGES, Stage, StageContext  # noqa: E402
-from train.stages.grpo import GRPOOptions  # noqa: E402
+from train.stages.rl import RLOptions  # noqa: E402
 from train.weights import load_model_state  # noqa: E402
 from train.weights_policy import FullWeights, weights_for  # noqa: E402
 
@@ -231,7 +232,7 @@ def say_summary(cfg: RunConfig, info: dist.DistInfo, stage: Stage, model: TinyLM
         say(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {','.join(lora.targets)}: "
             f"{n_adapter:,} trainable params ({100 * n_adapter / model.num_params():.2f}%), base "
             f"{sources.base.path} frozen")
-    if isinstance(cfg.stage, GRPOOptions):
+    if isinstance(cfg.stage, RLOptions):
         group = cfg.stage.group_size
         say(f"prompts: {data.rows:,}; {data.global_batch // group} prompts x {group} samples = {data.global_batch} "
             f"completions/step in {accum} micro-batch(es) x {info.world} proc; rows up to {data.seq_len} "
