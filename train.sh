@@ -61,12 +61,17 @@
 #   SFT_PACK_ARGS are each stage's own pack.py flags (minimind3-mini's SFT: MiniMind's seeded augmentations).
 #   calculator        a model that calls a tool, from scratch on 2 CPU cores: preprocess/make_calculator.py writes
 #                     a synthetic arithmetic tool-use corpus (Chinese and English, calculate_math with 1-3 tools
-#                     offered) into OUT_DIR/calculator/data, SFT from scratch on it (rows of 1024), bin/eval
-#                     --tool-eval on the held-out questions, GRPO with the calculator_call reward, the tool eval
-#                     again; final -> grpo (GRPO=0: sft). CALC_SEED [0] (corpus and model init), CALC_TRAIN [6000]
-#                     conversations, CALC_HELDOUT [200], CALC_SFT_STEPS [100; smoke 3], CALC_GRPO_STEPS [20;
-#                     smoke 1], CALC_MODEL_ARGS [hidden_size=128 num_hidden_layers=4], CALC_SFT_LR [0.003],
-#                     CALC_GRPO_LR [1e-4], TOKENIZER_DIR [data/tokenizer], SFT_ARGS / GRPO_ARGS as above
+#                     offered, 1-4 questions per conversation) and short plain-text worked examples into
+#                     OUT_DIR/calculator/data; a tokenizer with --split-digits is trained on it (unless
+#                     TOKENIZER_DIR is given); pretraining on the short texts (rows of 256) teaches copying
+#                     numbers cheaply, SFT on the tool conversations (rows of 1024) teaches the calls; bin/eval
+#                     --tool-eval on the held-out questions, GRPO with the tools run in the rollouts (tool_answer
+#                     + tool_format rewards), the tool eval again; final -> grpo (GRPO=0: sft). CALC_SEED [0]
+#                     (corpus and model init), CALC_TRAIN [24000] questions, CALC_PRETRAIN [40000] texts,
+#                     CALC_HELDOUT [200], CALC_PRETRAIN_STEPS [400; smoke 2], CALC_SFT_STEPS [800; smoke 3],
+#                     CALC_GRPO_STEPS [20; smoke 1], CALC_MODEL_ARGS [hidden_size=128 num_hidden_layers=4],
+#                     CALC_SFT_LR [0.003], CALC_GRPO_LR [1e-4], TOKENIZER_DIR [trained], PRETRAIN_ARGS /
+#                     SFT_ARGS / GRPO_ARGS as above
 #
 # Re-running continues where it stopped: packing skips finished shards and both training runs are
 # started with --resume (a finished run just reports itself). Use a new OUT_DIR for a different setup.
@@ -122,49 +127,66 @@ fi
 run() { printf '$ %s\n' "$*"; "$@"; }
 if [[ "$RECIPE" == calculator ]]; then
   OUT_DIR="${OUT_DIR:-$([[ "$SMOKE" == 1 ]] && echo out/smoke || echo out)}/calculator"
-calculator_recipe() {  # RECIPE=calculator (header): corpus -> pack -> SFT from scratch -> tool eval -> GRPO -> tool eval
+calculator_recipe() {  # RECIPE=calculator (header): corpus -> tokenizer -> pretrain -> SFT -> tool eval -> GRPO -> tool eval
 calc_step() { printf '\n\033[1m== [calculator] %s\033[0m\n' "$1"; }
-TOKENIZER_DIR="${TOKENIZER_DIR:-data/tokenizer}"; CALC_SEED="${CALC_SEED:-0}"; GRPO="${GRPO:-1}"
+CALC_SEED="${CALC_SEED:-0}"; GRPO="${GRPO:-1}"
 if [[ "$SMOKE" == 1 ]]; then
-  CALC_TRAIN="${CALC_TRAIN:-200}"; CALC_HELDOUT="${CALC_HELDOUT:-4}"; CALC_GRPO_PROMPTS=16
-  CALC_SFT_STEPS="${CALC_SFT_STEPS:-3}"; CALC_GRPO_STEPS="${CALC_GRPO_STEPS:-1}"
-  CALC_MODEL_ARGS="${CALC_MODEL_ARGS-}"; BATCH=2; GROUP=(--group-size 2 --prompts-per-step 2); NEW=24
+  CALC_TRAIN="${CALC_TRAIN:-200}"; CALC_PRETRAIN="${CALC_PRETRAIN:-200}"; CALC_HELDOUT="${CALC_HELDOUT:-4}"
+  CALC_GRPO_PROMPTS=16; CALC_PRETRAIN_STEPS="${CALC_PRETRAIN_STEPS:-2}"; CALC_SFT_STEPS="${CALC_SFT_STEPS:-3}"
+  CALC_GRPO_STEPS="${CALC_GRPO_STEPS:-1}"; CALC_MODEL_ARGS="${CALC_MODEL_ARGS-}"; BATCH=2; PRE_BATCH=2
+  GROUP=(--group-size 2 --prompts-per-step 2); NEW=48
 else
-  CALC_TRAIN="${CALC_TRAIN:-6000}"; CALC_HELDOUT="${CALC_HELDOUT:-200}"; CALC_GRPO_PROMPTS=2000
-  CALC_SFT_STEPS="${CALC_SFT_STEPS:-100}"; CALC_GRPO_STEPS="${CALC_GRPO_STEPS:-20}"
-  CALC_MODEL_ARGS="${CALC_MODEL_ARGS-hidden_size=128 num_hidden_layers=4}"; BATCH=4
-  GROUP=(--group-size 8 --prompts-per-step 4); NEW=48
+  CALC_TRAIN="${CALC_TRAIN:-24000}"; CALC_PRETRAIN="${CALC_PRETRAIN:-40000}"; CALC_HELDOUT="${CALC_HELDOUT:-200}"
+  CALC_GRPO_PROMPTS=2000; CALC_PRETRAIN_STEPS="${CALC_PRETRAIN_STEPS:-400}"; CALC_SFT_STEPS="${CALC_SFT_STEPS:-800}"
+  CALC_GRPO_STEPS="${CALC_GRPO_STEPS:-20}"; CALC_MODEL_ARGS="${CALC_MODEL_ARGS-hidden_size=128 num_hidden_layers=4}"
+  BATCH=4; PRE_BATCH=16; GROUP=(--group-size 8 --prompts-per-step 4); NEW=96  # the call, its result, the answer
 fi
 MODEL_FLAGS=(--model tiny --model-arg max_position_embeddings=1024)  # three tool rounds with two tools fit
 for kv in $CALC_MODEL_ARGS; do MODEL_FLAGS+=(--model-arg "$kv"); done
 # shellcheck disable=SC2206  # word splitting of the *_ARGS variables is intended
-SFT_EXTRA=(${SFT_ARGS:-}); GRPO_EXTRA=(${GRPO_ARGS:-})
+PRETRAIN_EXTRA=(${PRETRAIN_ARGS:-}); SFT_EXTRA=(${SFT_ARGS:-}); GRPO_EXTRA=(${GRPO_ARGS:-})
 DATA="$OUT_DIR/data"; HELDOUT="$DATA/heldout.jsonl"
 START=$SECONDS
 mkdir -p "$OUT_DIR"
 
-calc_step "corpus: $CALC_TRAIN conversations (seed $CALC_SEED), $CALC_HELDOUT held-out questions -> $DATA"
+calc_step "corpus: $CALC_TRAIN questions in conversations of 1-4 (seed $CALC_SEED), $CALC_PRETRAIN short texts, $CALC_HELDOUT held-out questions -> $DATA"
 [[ -f "$HELDOUT" ]] && echo "already written: $DATA" || run "$PYTHON" preprocess/make_calculator.py --out "$DATA" \
-  --train "$CALC_TRAIN" --heldout "$CALC_HELDOUT" --grpo "$CALC_GRPO_PROMPTS" --seed "$CALC_SEED"
+  --train "$CALC_TRAIN" --questions-per-conversation 4 --pretrain "$CALC_PRETRAIN" --heldout "$CALC_HELDOUT" \
+  --grpo "$CALC_GRPO_PROMPTS" --seed "$CALC_SEED"
 
-calc_step "pack $DATA/sft into rows of 1024 tokens"
+if [[ -z "${TOKENIZER_DIR:-}" ]]; then  # a tokenizer of its own: every digit one id, wherever the number stands
+  TOKENIZER_DIR="$OUT_DIR/tokenizer"
+  calc_step "tokenizer: byte-level BPE with --split-digits on $DATA/sft -> $TOKENIZER_DIR"
+  [[ -f "$TOKENIZER_DIR/tokenizer.json" ]] && echo "already trained: $TOKENIZER_DIR" || run "$PYTHON" \
+    preprocess/train_tokenizer.py --input "$DATA/sft/*.jsonl" --out "$TOKENIZER_DIR" --vocab-size 1024 --split-digits
+fi
+
+calc_step "pack $DATA/pretrain into rows of 256 tokens, $DATA/sft into rows of 1024"
+run "$PYTHON" preprocess/pack.py --stage pretrain --input "$DATA/pretrain/*.jsonl" --out "$OUT_DIR/packed/pretrain" \
+  --tokenizer "$TOKENIZER_DIR" --seq-len 256 --quiet
 run "$PYTHON" preprocess/pack.py --stage sft --input "$DATA/sft/*.jsonl" --out "$OUT_DIR/packed/sft" \
   --tokenizer "$TOKENIZER_DIR" --seq-len 1024 --quiet
 
-calc_step "SFT from scratch for $CALC_SFT_STEPS steps -> $OUT_DIR/sft"
-run "$PYTHON" train/run.py --stage sft --data "$OUT_DIR/packed/sft" --out "$OUT_DIR/sft" --resume "${MODEL_FLAGS[@]}" \
-  --seed "$CALC_SEED" --max-steps "$CALC_SFT_STEPS" --batch-size "$BATCH" --grad-accum 1 --optimizer adamw \
-  --lr "${CALC_SFT_LR:-0.003}" --schedule cosine --log-every 10 --eval-every 1000 --save-every 50 --val-rows 8 \
-  "${SFT_EXTRA[@]}"
+calc_step "pretrain from scratch on the short texts for $CALC_PRETRAIN_STEPS steps -> $OUT_DIR/pretrain"
+run "$PYTHON" train/run.py --stage pretrain --data "$OUT_DIR/packed/pretrain" --out "$OUT_DIR/pretrain" --resume \
+  "${MODEL_FLAGS[@]}" --seed "$CALC_SEED" --max-steps "$CALC_PRETRAIN_STEPS" --batch-size "$PRE_BATCH" --grad-accum 1 \
+  --optimizer muon --lr 0.003 --log-every 50 --eval-every 100000 --save-every 200 --val-rows 8 "${PRETRAIN_EXTRA[@]}"
+
+calc_step "SFT on the tool conversations for $CALC_SFT_STEPS steps -> $OUT_DIR/sft"
+run "$PYTHON" train/run.py --stage sft --data "$OUT_DIR/packed/sft" --out "$OUT_DIR/sft" --resume \
+  --init-from "$OUT_DIR/pretrain" --seed "$CALC_SEED" --max-steps "$CALC_SFT_STEPS" --batch-size "$BATCH" \
+  --grad-accum 1 --optimizer muon --lr "${CALC_SFT_LR:-0.003}" --schedule cosine --log-every 50 --eval-every 100000 \
+  --save-every 200 --val-rows 8 "${SFT_EXTRA[@]}"
 tool_eval() {  # tool_eval RUN: the held-out questions, appended to RUN/eval_results.jsonl
   run "$PYTHON" bin/eval --ckpt "$OUT_DIR/$1" --tool-eval "$HELDOUT" --max-new-tokens 64 --quiet
 }
 tool_eval sft
 FINAL=sft
 if [[ "$GRPO" == 1 ]]; then
-  calc_step "GRPO (calculator_call reward) from $OUT_DIR/sft for $CALC_GRPO_STEPS steps -> $OUT_DIR/grpo"
+  calc_step "GRPO with the tools run in the rollouts (tool_answer + tool_format rewards) from $OUT_DIR/sft for $CALC_GRPO_STEPS steps -> $OUT_DIR/grpo"
   run "$PYTHON" train/run.py --stage grpo --prompts "$DATA/grpo.jsonl" --out "$OUT_DIR/grpo" --resume \
-    --init-from "$OUT_DIR/sft" --seed "$CALC_SEED" --reward calculator_call "${GROUP[@]}" --max-new-tokens "$NEW" \
+    --init-from "$OUT_DIR/sft" --seed "$CALC_SEED" --tools builtin --max-tool-rounds 2 \
+    --reward tool_answer --reward tool_format@0.1 "${GROUP[@]}" --max-new-tokens "$NEW" \
     --max-steps "$CALC_GRPO_STEPS" --grad-accum 1 --log-every 1 --save-every 10 --lr "${CALC_GRPO_LR:-1e-4}" \
     "${GRPO_EXTRA[@]}"
   tool_eval grpo

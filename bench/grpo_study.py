@@ -48,9 +48,9 @@ def shorter(prompts: list, completions: list, **_: Any) -> list[float]:
     return [-len(c[0]["content"]) / CHARS for c in completions]
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="the SFT model to start from (see above)")
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """The length task's settings, shared with bench/rl_compare.py: the SFT model, prompts and run shape."""
+    p.add_argument("--ckpt", required=True, help="the SFT model to start from")
     p.add_argument("--prompts", default=str(ROOT / "data" / "sample" / "sft" / "alpaca_zh_demo.jsonl"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", default="1e-3")
@@ -58,6 +58,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=1337)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(p)
     p.add_argument("--arms", default=",".join(f"{loss}/{scale}" for loss in LOSSES for scale in SCALES),
                    help="LOSS/SCALE pairs, comma-separated (default: all); empty for none")
     p.add_argument("--arm", action="append", default=[], metavar="LABEL=FLAGS",

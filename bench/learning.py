@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work folder (default /tmp/tinylm_learning_<mode>)")
     args = p.parse_args(argv)
     if args.step_cost:
-        rows = [r for preset in ("train.sh", "small") for r in step_cost(preset, 512, 8)]
+        rows = [r for preset, seq_len in (("train.sh", 128), ("train.sh", 512), ("small", 512))
+                for r in step_cost(preset, seq_len, 8)]
         print(table(["preset", "batch", "optimizer", "fwd+bwd s", "optimizer step s", "step / fwd+bwd"], rows))
         return 0
     mode = SWEEP if args.sweep else QUICK if args.quick else FULL

@@ -40,18 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 5
 STUDY = ROOT / "bench" / "grpo_study.py"  # its shorter() is the reward
+sys.path.insert(0, str(ROOT / "bench"))
+
+from grpo_study import add_task_args  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="the SFT model to start from")
-    p.add_argument("--prompts", default=str(ROOT / "data" / "sample" / "sft" / "alpaca_zh_demo.jsonl"))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", default="1e-3")
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1337)
+    add_task_args(p)
     p.add_argument("--arms", default="grpo,ppo", help="stages run with their defaults, comma-separated")
     p.add_argument("--arm", action="append", default=[], metavar="LABEL=STAGE FLAGS",
                    help="an extra arm: its label, stage and train/run.py flags (repeatable)")

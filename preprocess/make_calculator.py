@@ -172,6 +172,15 @@ def conversations(questions: list[Question], most: int, rng: random.Random) -> l
     return out
 
 
+def pretrain_record(q: Question, rng: random.Random) -> dict:
+    """A short plain-text record for the pretraining step: the question, the expression with its result and
+    the answer, so every number is written again nearby (cheap rows in which a model learns to copy numbers,
+    before SFT asks it to do so across the long tool definitions)."""
+    result = result_of(q)
+    answer = rng.choice(ANSWERS[q.lang]).format(r=result, e=q.expression)
+    return {"text": f"{q.text}\n{q.expression} = {result}\n{answer}"}
+
+
 def prompt_record(q: Question) -> dict:
     """A ``--tool-eval`` / GRPO prompt record: the question, the offered tools and the ground truth."""
     return {"conversations": [{"role": "user", "content": q.text}], "tools": tools.tools_schema(q.offered),
@@ -194,18 +203,22 @@ def _jsonl(records: list[dict]) -> str:
 
 
 def write_corpus(out: Path, train: int, heldout: int, grpo: int, seed: int = 0, heldout_seed: int = 0,
-                 questions_per_conversation: int = 1) -> dict:
+                 questions_per_conversation: int = 1, pretrain: int = 0) -> dict:
     """The three files under ``out`` (module docstring); returns their record counts. ``train`` counts
     questions; a training conversation holds 1 to ``questions_per_conversation`` of them (follow-up questions
     share the first one's tools and system turn, so the long tool definitions are read once per conversation)."""
     answer_rng = random.Random(f"answers:{seed}")
     train_qs = draw(f"train:{seed}", train + grpo, heldout=False)
     grouped = conversations(train_qs[:train], questions_per_conversation, random.Random(f"follow-ups:{seed}"))
+    pretrain_rng = random.Random(f"pretrain:{seed}")
     files = {
         out / "sft" / "calculator.jsonl": [sft_record(qs, answer_rng) for qs in grouped],
         out / "grpo.jsonl": [prompt_record(q) for q in train_qs[train:]],
         out / "heldout.jsonl": [prompt_record(q) for q in draw(f"heldout:{heldout_seed}", heldout, heldout=True)],
     }
+    if pretrain:
+        files[out / "pretrain" / "calculator.jsonl"] = [
+            pretrain_record(q, pretrain_rng) for q in draw(f"pretrain:{seed}", pretrain, heldout=False)]
     for path, records in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _jsonl(records))
@@ -223,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=number(int, 1, 10 ** 6), default=200,
                    help="held-out tool-eval questions (default 200)")
     p.add_argument("--grpo", type=number(int, 0, 10 ** 6), default=2000, help="GRPO prompts (default 2000)")
+    p.add_argument("--pretrain", type=number(int, 0, 10 ** 7), default=0, metavar="N",
+                   help="also write pretrain/calculator.jsonl: N short plain-text records (question, expression = "
+                   "result, answer; training numbers and sentences only; default 0: none)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), default=0, help="seed of the training files")
     p.add_argument("--heldout-seed", type=number(int, 0, 2 ** 63 - 1), default=0,
                    help="seed of the held-out file (default 0: the same questions for every training seed)")
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         counts = write_corpus(args.out, args.train, args.heldout, args.grpo, args.seed, args.heldout_seed,
-                              args.questions_per_conversation)
+                              args.questions_per_conversation, args.pretrain)
         if not args.quiet:
             print("\n".join(f"{n} records -> {path}" for path, n in counts.items()))
     return run_main("make_calculator.py", body)

@@ -91,6 +91,39 @@ def test_a_training_conversation_calls_calculate_math_and_states_the_tools_resul
         assert json.loads(result["content"])["result"] in answer["content"]
 
 
+def test_follow_up_questions_share_the_first_ones_tools_and_every_question_is_used(tmp_path):
+    counts = mc.write_corpus(tmp_path, train=300, heldout=5, grpo=0, seed=4, questions_per_conversation=4)
+    records = _lines(tmp_path / "sft/calculator.jsonl")
+    assert counts[str(tmp_path / "sft/calculator.jsonl")] == len(records) < 300
+    sizes = [len(r["conversations"]) // 4 for r in records]
+    assert sum(sizes) == 300 and set(sizes) == {1, 2, 3, 4}
+    mc.write_corpus(tmp_path / "one", train=300, heldout=5, grpo=0, seed=4)
+    single = _lines(tmp_path / "one" / "sft/calculator.jsonl")
+    assert not (tmp_path / "one" / "pretrain").exists()  # no pretrain texts unless asked
+    asked = [t["content"] for r in records for t in r["conversations"] if t["role"] == "user"]
+    assert asked == [r["conversations"][0]["content"] for r in single]  # the same questions, grouped
+    for record in records:
+        turns = record["conversations"]
+        for i in range(0, len(turns), 4):
+            user, call, result, answer = turns[i:i + 4]
+            assert [t["role"] for t in (user, call, result, answer)] == ["user", "assistant", "tool", "assistant"]
+            assert call["tool_calls"][0]["id"] == result["tool_call_id"] == f"call_{i // 4}"
+            assert json.loads(result["content"])["result"] in answer["content"]
+
+
+def test_pretrain_texts_write_each_number_again_and_hold_no_held_out_question(tmp_path):
+    mc.write_corpus(tmp_path, train=10, heldout=50, grpo=0, seed=2, pretrain=400)
+    texts = [r["text"] for r in _lines(tmp_path / "pretrain/calculator.jsonl")]
+    assert len(texts) == 400 == len(set(texts))
+    heldout = {r["conversations"][0]["content"] for r in _lines(tmp_path / "heldout.jsonl")}
+    for text in texts:
+        question, worked, answer = text.split("\n")
+        expression, result = worked.split(" = ")
+        assert question not in heldout
+        assert result == tools.execute("calculate_math", {"expression": expression})["result"]
+        assert result in answer and result.lstrip("-").isdigit()  # exact integer arithmetic
+
+
 def test_held_out_questions_never_appear_in_training(corpus):
     train = _lines(corpus / "sft/calculator.jsonl") + _lines(corpus / "grpo.jsonl")
     train_texts = {r["conversations"][0]["content"] for r in train}
@@ -152,4 +185,4 @@ def test_the_recipe_runs_end_to_end_in_smoke_mode(tmp_path):
         assert results[-1]["kind"] == "tool-eval" and results[-1]["metrics"]["cases"] == 4
     assert loading.load(out / "final").model_config.max_position_embeddings >= 1024  # three tool rounds fit
     grpo_metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert any("reward/calculator_call" in m for m in grpo_metrics)
+    assert any("reward/tool_answer" in m and "reward/tool_format" in m for m in grpo_metrics)  # tools ran in rollouts
