@@ -62,9 +62,9 @@ def prompts(tmp_path_factory) -> Path:
     return write_prompts(tmp_path_factory.mktemp("prompts") / "toy.jsonl", records)
 
 
-def rl_args(prompts: Path, init: Path, out: Path, *extra: str) -> list[str]:
+def rl_args(prompts: Path, init: Path, out: Path, *extra: str, stage: str = "grpo") -> list[str]:
     """A tiny CPU RL run: 4 prompts x 8 samples of <= 8 tokens per step, the digits toy reward."""
-    return ["--stage", "grpo", "--prompts", str(prompts), "--init-from", str(init), "--out", str(out),
+    return ["--stage", stage, "--prompts", str(prompts), "--init-from", str(init), "--out", str(out),
             "--reward", f"{REWARDS}:digits", "--group-size", "8", "--prompts-per-step", "4", "--max-new-tokens", "8",
             "--grad-accum", "1", "--lr", "3e-2", "--min-lr", "3e-2", "--warmup-steps", "0", "--log-every", "1",
             "--save-every", "0", "--no-progress", *extra]

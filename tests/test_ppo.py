@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_grpo import QUESTIONS, as_supervised, log_softmax_at, write_prompts
+from test_grpo import QUESTIONS, as_supervised, log_softmax_at, rl_args, steps_of, write_prompts
 
 from core.tokenizer import load_tokenizer
 from model import ModelConfig, TinyLM
 from train import checkpoint, loading
 from train.checkpoint import Checkpoint
-from train.metrics import read_metrics
 from train.run import main
 from train.stages import PPOStage, StepNorm
 from train.stages.ppo import PPOBatch, gae, token_rewards
@@ -48,15 +47,8 @@ def prompts(tmp_path_factory) -> Path:
 
 
 def ppo_args(prompts: Path, init: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny CPU PPO run: 4 prompts x 8 samples of <= 8 tokens per step, the digits toy reward."""
-    return ["--stage", "ppo", "--prompts", str(prompts), "--init-from", str(init), "--out", str(out),
-            "--reward", f"{REWARDS}:digits", "--group-size", "8", "--prompts-per-step", "4", "--max-new-tokens", "8",
-            "--grad-accum", "1", "--lr", "3e-2", "--min-lr", "3e-2", "--warmup-steps", "0", "--log-every", "1",
-            "--save-every", "0", "--no-progress", *extra]
-
-
-def steps_of(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    """test_grpo's tiny CPU RL run, as PPO."""
+    return rl_args(prompts, init, out, *extra, stage="ppo")
 
 
 # ---- GAE and the loss, by hand ------------------------------------------------------------------------------
