@@ -144,6 +144,11 @@ def result_of(q: Question) -> str:
     return tools.execute(CALCULATOR, {"expression": q.expression})["result"]
 
 
+def answer_text(q: Question, rng: random.Random) -> str:
+    """The final answer stating the number, in one of the question language's :data:`ANSWERS` forms."""
+    return rng.choice(ANSWERS[q.lang]).format(r=result_of(q), e=q.expression)
+
+
 def sft_record(questions: list[Question], rng: random.Random) -> dict:
     """The training conversation: for each question in turn (follow-ups share the first one's tools), the
     call, the tool's result turn and the answer stating the number."""
@@ -151,7 +156,7 @@ def sft_record(questions: list[Question], rng: random.Random) -> dict:
     for i, q in enumerate(questions):
         call_id = f"call_{i}"
         arguments = json.dumps({"expression": q.expression}, ensure_ascii=False)
-        answer = rng.choice(ANSWERS[q.lang]).format(r=result_of(q), e=q.expression)
+        answer = answer_text(q, rng)
         turns += [
             {"role": "user", "content": q.text},
             {"role": "assistant", "content": "", "tool_calls": [
@@ -176,9 +181,7 @@ def pretrain_record(q: Question, rng: random.Random) -> dict:
     """A short plain-text record for the pretraining step: the question, the expression with its result and
     the answer, so every number is written again nearby (cheap rows in which a model learns to copy numbers,
     before SFT asks it to do so across the long tool definitions)."""
-    result = result_of(q)
-    answer = rng.choice(ANSWERS[q.lang]).format(r=result, e=q.expression)
-    return {"text": f"{q.text}\n{q.expression} = {result}\n{answer}"}
+    return {"text": f"{q.text}\n{q.expression} = {result_of(q)}\n{answer_text(q, rng)}"}
 
 
 def prompt_record(q: Question) -> dict:
@@ -204,7 +207,8 @@ def _jsonl(records: list[dict]) -> str:
 
 def write_corpus(out: Path, train: int, heldout: int, grpo: int, seed: int = 0, heldout_seed: int = 0,
                  questions_per_conversation: int = 1, pretrain: int = 0) -> dict:
-    """The three files under ``out`` (module docstring); returns their record counts. ``train`` counts
+    """The files under ``out`` (module docstring; ``pretrain/calculator.jsonl`` too when ``pretrain`` > 0);
+    returns their record counts. ``train`` counts
     questions; a training conversation holds 1 to ``questions_per_conversation`` of them (follow-up questions
     share the first one's tools and system turn, so the long tool definitions are read once per conversation)."""
     answer_rng = random.Random(f"answers:{seed}")
